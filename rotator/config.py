@@ -1,0 +1,339 @@
+"""One validated settings object from a TOML file plus `ROTATOR_<SECTION>__<KEY>` overrides.
+
+Credentials never sit in the file: a `*_env` key names the environment variable that holds one, a
+`*_file` key a file. Loading checks that each named credential is there, so a bad deployment stops
+at start with the file, the key and the reason instead of at the first rotation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from rotator.domain import Environment, Severity
+from rotator.errors import ConfigError, ConfigProblem, PermanentError
+from rotator.policy import Policy, RotationWindow
+
+DEFAULT_PATH = "rotator.toml"
+EVENTS = (
+    "rotation.succeeded",
+    "rotation.failed",
+    "rotation.secret_at_risk",
+    "rotation.recovered",
+    "key.due_soon",
+    "key.overdue",
+    "drift.detected",
+)
+
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+_EXCLUDE_RE = re.compile(r"^[^/\s]+/[^/\s]+$")
+
+
+class Section(BaseModel):
+    """Every section refuses keys it does not know, so a typo is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeyServiceConfig(Section):
+    kind: Literal["http", "emulator"] = Field(
+        "http", description="`http`: the API of keyservice-api.md; `emulator`: in-process."
+    )
+    url: HttpUrl = Field(HttpUrl("http://127.0.0.1:8400"), description="Base URL (http kind).")
+    token_env: EnvName | None = Field(
+        "ROTATOR_KEYSERVICE_TOKEN", description="Variable holding the management token."
+    )
+    token_file: Path | None = Field(None, description="File holding the management token.")
+    clients: list[str] | None = Field(
+        None, description="Client IDs to manage; omitted: every Client ID the token manages."
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Per-request time-out, seconds.")
+    max_attempts: int = Field(5, ge=1, le=20, description="Tries per call on transient errors.")
+    retry_max_wait_s: float = Field(
+        30.0, ge=0, description="Longest wait between tries, also the cap on `Retry-After`."
+    )
+    per_page: int = Field(100, ge=1, le=100, description="Keys fetched per page while listing.")
+    seed: Path | None = Field(None, description="Seed file for the emulator kind.")
+
+
+class PolicyConfig(Section):
+    max_age_days: int = Field(90, gt=0, description="A key is due when its age >= this.")
+    warn_before_days: int = Field(14, ge=0, description="Due soon this many days before due.")
+    environments: list[Environment] = Field(
+        [Environment.PRODUCTION], description="Environments in scope; others are left alone."
+    )
+    mode: Literal["audit", "enforce"] = Field(
+        "audit", description="`audit`: scheduled runs only report; `enforce`: they rotate."
+    )
+    exclude: list[str] = Field(
+        [], description="`client_id/key_id` or `client_id/*` never rotated by the schedule."
+    )
+    window: str | None = Field(
+        None, description="Scheduled rotations only inside e.g. `Mon-Fri 09:00-17:00 Europe/Paris`."
+    )
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude_shape(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not _EXCLUDE_RE.match(pattern):
+                raise ValueError(f"{pattern!r} is not 'client_id/key_id' or 'client_id/*'")
+        return patterns
+
+    @field_validator("window")
+    @classmethod
+    def _window_parses(cls, text: str | None) -> str | None:
+        if text is not None:
+            RotationWindow.parse(text)
+        return text
+
+    @model_validator(mode="after")
+    def _warn_below_max(self) -> PolicyConfig:
+        if self.warn_before_days >= self.max_age_days:
+            raise ValueError(
+                f"warn_before_days ({self.warn_before_days}) must be below "
+                f"max_age_days ({self.max_age_days})"
+            )
+        return self
+
+    def to_policy(self) -> Policy:
+        return Policy(
+            max_age_days=self.max_age_days,
+            warn_before_days=self.warn_before_days,
+            environments=frozenset(self.environments),
+            exclude=tuple(self.exclude),
+        )
+
+    def rotation_window(self) -> RotationWindow | None:
+        return RotationWindow.parse(self.window) if self.window else None
+
+
+class StateConfig(Section):
+    redis_url: AnyUrl = Field(
+        AnyUrl("redis://127.0.0.1:6379/0"), description="Locks, attempt records, history."
+    )
+    namespace: str = Field("rotator", pattern=r"^[A-Za-z0-9_.:-]+$", description="Key prefix.")
+    lock_ttl_s: int = Field(60, ge=5, description="Lease of a per-key lock; renewed while working.")
+    history_max: int = Field(1000, ge=10, description="Entries kept in the audit history.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: AnyUrl) -> AnyUrl:
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"scheme {url.scheme!r} is not redis://, rediss:// or unix://")
+        return url
+
+
+class CeleryConfig(Section):
+    broker_url: AnyUrl = Field(AnyUrl("redis://127.0.0.1:6379/1"), description="Celery broker.")
+    result_backend: AnyUrl | None = Field(None, description="Optional result backend.")
+    scan_every_s: int = Field(3600, ge=1, description="Beat: seconds between scans.")
+    recover_every_s: int = Field(300, ge=1, description="Beat: seconds between recovery sweeps.")
+    reconcile_every_s: int = Field(86_400, ge=60, description="Beat: seconds between reconciles.")
+    warn_every_s: int = Field(86_400, ge=60, description="Beat: seconds between due-soon sweeps.")
+    visibility_timeout_s: int = Field(
+        3600, ge=60, description="Redis broker: redeliver an unacknowledged task after this."
+    )
+    result_expires_s: int = Field(86_400, ge=60, description="Results kept this long.")
+    concurrency: int = Field(2, ge=1, le=64, description="Worker processes of `rotator worker`.")
+
+
+class EngineConfig(Section):
+    sink_retry_s: float = Field(
+        300.0, gt=0, description="Keep retrying transient sink failures this long before at-risk."
+    )
+    verify: bool = Field(True, description="Check the new secret with the key service's token call.")
+    fingerprint_key_env: EnvName | None = Field(
+        "ROTATOR_FINGERPRINT_KEY", description="Variable holding the fingerprint HMAC key."
+    )
+    fingerprint_key_file: Path | None = Field(None, description="File holding that key.")
+
+
+class SinkConfig(BaseModel):
+    """A sink entry: `kind` picks the sink; its other keys are checked by that sink's model."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AlertConfig(Section):
+    url: str = Field(description="An Apprise URL, or `webhook+https://…` for a signed webhook.")
+    events: list[str] | None = Field(None, description="Events to send; omitted: every event.")
+    min_severity: Literal["info", "warning", "error", "critical"] = Field(
+        "info", description="Send only events at least this severe."
+    )
+    secret_env: EnvName | None = Field(None, description="Signed webhook: the HMAC key variable.")
+    dedupe_window_s: int = Field(
+        86_400, ge=0, description="The same event for the same key is not repeated within this."
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, events: list[str] | None) -> list[str] | None:
+        for name in events or []:
+            if name not in EVENTS:
+                raise ValueError(f"unknown event {name!r}; known: {', '.join(EVENTS)}")
+        return events
+
+    @property
+    def severity(self) -> Severity:
+        return Severity[self.min_severity.upper()]
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Environment variables override the file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ROTATOR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    keyservice: KeyServiceConfig = KeyServiceConfig()
+    policy: PolicyConfig = PolicyConfig()
+    state: StateConfig = StateConfig()
+    celery: CeleryConfig = CeleryConfig()
+    engine: EngineConfig = EngineConfig()
+    sinks: list[SinkConfig] = Field(default_factory=list)
+    alerts: list[AlertConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init arguments; environment variables win over it.
+        return (env_settings, init_settings)
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """`--config FILE`, else `$ROTATOR_CONFIG`, else `./rotator.toml`."""
+    return Path(explicit or os.environ.get("ROTATOR_CONFIG") or DEFAULT_PATH)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read, validate and check a configuration; raise `ConfigError` listing every problem."""
+    file = config_path(path)
+    env = os.environ if environ is None else environ
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(str(file), "-", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem(str(file), "-", f"cannot read: {exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem(str(file), "-", f"not valid TOML: {exc}")]) from None
+    return settings_from_mapping(data, source=str(file), environ=env)
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any], *, source: str = "<settings>", environ: Mapping[str, str] | None = None
+) -> Settings:
+    env = os.environ if environ is None else environ
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(
+            [ConfigProblem(source, _dotted(e["loc"]), _reason(e)) for e in exc.errors()]
+        ) from None
+    problems = list(_semantic_problems(settings, source, env))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list[ConfigProblem]:
+    """What a field-by-field check cannot see: credentials present, sinks valid for their kind."""
+    from rotator.sinks import registry  # the registry imports sink modules only when asked
+
+    problems: list[ConfigProblem] = []
+
+    def need(key: str, env_name: str | None, file: Path | None, what: str) -> None:
+        if file is not None:
+            if not file.is_file():
+                problems.append(ConfigProblem(source, key.replace("_env", "_file"), f"{what} file {str(file)!r} does not exist"))
+        elif env_name is None:
+            problems.append(ConfigProblem(source, key, f"{what}: name an environment variable or a file"))
+        elif not env.get(env_name):
+            problems.append(ConfigProblem(source, key, f"{what}: environment variable {env_name} is not set"))
+
+    if s.keyservice.kind == "http":
+        need("keyservice.token_env", s.keyservice.token_env, s.keyservice.token_file, "management token")
+    elif s.keyservice.seed is not None and not s.keyservice.seed.is_file():
+        problems.append(ConfigProblem(source, "keyservice.seed", f"seed file {str(s.keyservice.seed)!r} does not exist"))
+    need("engine.fingerprint_key_env", s.engine.fingerprint_key_env, s.engine.fingerprint_key_file, "fingerprint key")
+    if not s.sinks:
+        problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
+    for index, sink in enumerate(s.sinks):
+        for key, reason in registry.check(sink.kind, sink.options, env):
+            problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))
+    for index, alert in enumerate(s.alerts):
+        if alert.secret_env and not env.get(alert.secret_env):
+            problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", f"environment variable {alert.secret_env} is not set"))
+        if alert.url.startswith("webhook+") and not alert.secret_env:
+            problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", "a signed webhook needs secret_env"))
+    return problems
+
+
+def read_credential(env_name: str | None, file: Path | None, what: str) -> str:
+    """The value of a credential named by a `*_env` or `*_file` key, stripped of a newline."""
+    if file is not None:
+        value = file.read_text(encoding="utf-8").strip()
+    elif env_name is not None:
+        value = os.environ.get(env_name, "")
+    else:
+        value = ""
+    if not value:
+        source = str(file) if file is not None else f"${env_name}"
+        raise PermanentError(f"{what} is empty or missing ({source})")
+    return value
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "-"
+
+
+def _reason(error: Any) -> str:
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    value = error.get("input")
+    if isinstance(value, str | int | float | bool) and kind != "value_error":
+        return f"{message} (got {value!r})"
+    return message

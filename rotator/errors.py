@@ -1,0 +1,77 @@
+"""One error tree for the whole project.
+
+Callers decide what to retry by class alone: a `TransientError` may succeed if tried again, a
+`PermanentError` will not. Messages name the operation (method and path, sink and location) and
+never carry a secret or a credential.
+"""
+
+from __future__ import annotations
+
+
+class RotatorError(Exception):
+    """Root of every error rotator raises on purpose."""
+
+
+class TransientError(RotatorError):
+    """Safe to retry: a time-out, a dropped connection, a 5xx, throttling, a sealed Vault."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(RotatorError):
+    """Retrying the same call will not help: a person or a config change must act."""
+
+
+class ConfigError(PermanentError):
+    """The configuration cannot be used; `problems` lists every reason found."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+class ConfigProblem:
+    """One problem in a configuration file: where it is and why it is wrong."""
+
+    __slots__ = ("file", "key", "reason")
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        self.file = file
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"ConfigProblem({self.file!r}, {self.key!r}, {self.reason!r})"
+
+
+class AuthenticationError(PermanentError):
+    """A credential was refused (401/403)."""
+
+
+class ForbiddenError(PermanentError):
+    """The credential is valid but may not do this (403)."""
+
+
+class NotFoundError(PermanentError):
+    """The thing asked for does not exist (or no longer exists)."""
+
+
+class ConflictError(PermanentError):
+    """The request conflicts with the current state (409, a revoke of the auto-generated key)."""
+
+
+class ProtocolError(PermanentError):
+    """A peer answered with something that is not what its contract promises."""
+
+
+class StaleWriteError(PermanentError):
+    """A sink already holds a newer rotation than the one being written."""
+
+
+class WriteConflictError(TransientError):
+    """Someone wrote between our read and our write (check-and-set); read again and retry."""

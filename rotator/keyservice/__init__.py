@@ -1,0 +1,23 @@
+"""Key-service adapters: the HTTP contract of keyservice-api.md and its emulator."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rotator.config import KeyServiceConfig, read_credential
+
+if TYPE_CHECKING:
+    from rotator.protocols import KeyService
+
+
+def build_keyservice(config: KeyServiceConfig) -> KeyService:
+    """The adapter a config asks for. `emulator` serves a seeded emulator inside this process."""
+    from rotator.keyservice.http import HttpKeyService
+
+    if config.kind == "emulator":
+        from rotator.keyservice.emulator_http import start_in_process
+
+        server = start_in_process(config.seed)
+        return HttpKeyService.from_config(config, url=server.url, token=server.emulator.token)
+    token = read_credential(config.token_env, config.token_file, "keyservice management token")
+    return HttpKeyService.from_config(config, url=str(config.url), token=token)

@@ -1,0 +1,333 @@
+"""Serves an `Emulator` over real HTTP, with fault injection and a control surface.
+
+Routes follow keyservice-api.md. The control surface, under `/_emulator/`, needs the same
+management token: `GET ledger`, `POST faults` / `DELETE faults`, `POST clock` (`{"offset_s"}`),
+`POST latency` (`{"latency_s"}`), `POST seed` (the seed document).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from rotator.keyservice.emulator import (
+    IDEMPOTENCY_KEY_RE,
+    ApiError,
+    Emulator,
+    Fault,
+    StoredResponse,
+)
+
+PREFIX = "/v2.01"
+_ERROR_TYPES = {400: "param_error", 401: "unauthorized", 403: "forbidden_ressource",
+                404: "ressource_not_found", 409: "conflict", 429: "rate_limit"}
+
+Route = tuple[str, re.Pattern[str], str]
+_ROUTES: list[Route] = [
+    ("GET", re.compile(r"^/v2\.01/clients$"), "clients"),
+    ("GET", re.compile(r"^/v2\.01/(?P<c>[^/]+)/apikeys$"), "list_keys"),
+    ("POST", re.compile(r"^/v2\.01/(?P<c>[^/]+)/apikeys$"), "create"),
+    ("GET", re.compile(r"^/v2\.01/(?P<c>[^/]+)/apikeys/(?P<k>[^/]+)$"), "get"),
+    ("DELETE", re.compile(r"^/v2\.01/(?P<c>[^/]+)/apikeys/(?P<k>[^/]+)$"), "revoke"),
+    ("POST", re.compile(r"^/v2\.01/(?P<c>[^/]+)/apikeys/(?P<k>[^/]+)/reset$"), "reset"),
+    ("GET", re.compile(r"^/v2\.01/(?P<c>[^/]+)/apikeys/(?P<k>[^/]+)/secret$"), "secret"),
+    ("GET", re.compile(r"^/v2\.01/(?P<c>[^/]+)/responses/(?P<i>[^/]+)$"), "responses"),
+    ("POST", re.compile(r"^/v2\.01/oauth/token$"), "token"),
+]
+
+
+class _Answer:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Answer:
+    return _Answer(status, json.dumps(payload, separators=(",", ":")).encode(), headers)
+
+
+def _error(emulator: Emulator, err: ApiError, headers: dict[str, str] | None = None) -> _Answer:
+    body: dict[str, Any] = {"Id": str(uuid.uuid4()), "Type": err.kind, "Message": err.message,
+                            "Date": emulator.now()}
+    if err.errors:
+        body["errors"] = err.errors
+    return _json(err.status, body, headers)
+
+
+class EmulatorHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: EmulatorServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read their own output
+        pass
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    # ---------------------------------------------------------------------------------------
+    def _handle(self, method: str) -> None:
+        emulator = self.server.emulator
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        url = urlsplit(self.path)
+        path = url.path
+        if emulator.latency_s:
+            time.sleep(emulator.latency_s)
+        if path.startswith("/_emulator/"):
+            self._send(self._control(method, path, raw))
+            return
+        fault = emulator.take_fault(method, path)
+        if fault is not None:
+            if fault.delay_s:
+                time.sleep(fault.delay_s)
+            if fault.drop == "before":
+                self._drop()
+                return
+            if fault.status is not None:
+                headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
+                kind = _ERROR_TYPES.get(fault.status, "internal_error")
+                self._send(_error(emulator, ApiError(fault.status, kind, "injected fault"), headers))
+                return
+            if fault.body is not None:
+                self._send(_Answer(200, fault.body.encode(), {"Content-Type": "application/json"}))
+                return
+        answer = self._dispatch(method, path, url.query, raw)
+        if fault is not None and fault.drop == "after":
+            self._drop()
+            return
+        self._send(answer)
+
+    def _dispatch(self, method: str, path: str, query: str, raw: bytes) -> _Answer:
+        emulator = self.server.emulator
+        try:
+            for route_method, pattern, name in _ROUTES:
+                match = pattern.match(path)
+                if match and route_method == method:
+                    break
+            else:
+                raise ApiError(404, "ressource_not_found", f"no route for {method} {path}")
+            if name == "token":
+                return self._token(raw)
+            self._require_token()
+            params = match.groupdict()
+            key = self.headers.get("Idempotency-Key")
+            if method == "POST" and key is not None:
+                return self._idempotent(params["c"], key, method, path, lambda: self._run(name, params, query, raw, key))
+            return self._run(name, params, query, raw, None)
+        except ApiError as err:
+            return _error(emulator, err)
+
+    def _idempotent(self, client_id: str, key: str, method: str, path: str,
+                    run: Callable[[], _Answer]) -> _Answer:
+        emulator = self.server.emulator
+        if not IDEMPOTENCY_KEY_RE.match(key):
+            raise ApiError(400, "param_error", "Idempotency-Key must be 16-36 of [A-Za-z0-9-]",
+                           {"Idempotency-Key": "invalid"})
+        stored = emulator.stored(client_id, key)
+        if stored is not None:
+            if (stored.method, stored.path) != (method, path):
+                raise ApiError(409, "conflict", "Idempotency-Key already used for another request")
+            return _Answer(stored.status, stored.body, {"Content-Type": stored.content_type})
+        answer = run()
+        if answer.status < 500:
+            emulator.store(client_id, key, StoredResponse(method, path, answer.status, answer.body,
+                                                          "application/json", emulator.now()))
+        return answer
+
+    def _run(self, name: str, p: dict[str, str], query: str, raw: bytes, key: str | None) -> _Answer:
+        emulator = self.server.emulator
+        if name == "clients":
+            page, per_page = _paging(query)
+            rows, total = emulator.clients_page(page, per_page)
+            return _json(200, rows, _page_headers(total, per_page))
+        if name == "list_keys":
+            page, per_page = _paging(query)
+            rows, total = emulator.keys_page(p["c"], page, per_page)
+            return _json(200, rows, _page_headers(total, per_page))
+        if name == "get":
+            return _json(200, emulator.get_key(p["c"], p["k"]))
+        if name == "create":
+            return _json(200, emulator.create_key(p["c"], _body(raw)))
+        if name == "reset":
+            return _json(200, emulator.reset_key(p["c"], p["k"], key))
+        if name == "revoke":
+            emulator.revoke_key(p["c"], p["k"])
+            return _Answer(204, b"")
+        if name == "secret":
+            return _json(200, emulator.read_secret(p["c"], p["k"]))
+        if name == "responses":
+            stored = emulator.stored(p["c"], p["i"])
+            if stored is None:
+                raise ApiError(404, "ressource_not_found", "no stored response for that key")
+            return _json(200, {
+                "StatusCode": stored.status, "ContentLength": len(stored.body),
+                "ContentType": stored.content_type, "Date": stored.date,
+                "RequestURL": stored.path, "Resource": json.loads(stored.body or b"null"),
+            })
+        raise AssertionError(name)
+
+    def _token(self, raw: bytes) -> _Answer:
+        emulator = self.server.emulator
+        header = self.headers.get("Authorization", "")
+        form = parse_qs(raw.decode("utf-8", "replace"))
+        if form.get("grant_type") != ["client_credentials"]:
+            raise ApiError(400, "param_error", "grant_type must be client_credentials")
+        if not header.startswith("Basic "):
+            raise ApiError(401, "unauthorized", "Basic authentication required")
+        try:
+            client_id, _, secret = base64.b64decode(header[6:]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(401, "unauthorized", "malformed Basic credentials") from None
+        if not emulator.check_secret(client_id, secret):
+            raise ApiError(401, "unauthorized", "invalid client credentials")
+        return _json(200, {"access_token": secrets.token_urlsafe(24), "token_type": "bearer",
+                           "expires_in": 3600})
+
+    def _require_token(self) -> None:
+        expected = f"Bearer {self.server.emulator.token}"
+        if not secrets.compare_digest(self.headers.get("Authorization", ""), expected):
+            raise ApiError(401, "unauthorized", "missing or wrong management token")
+
+    def _control(self, method: str, path: str, raw: bytes) -> _Answer:
+        emulator = self.server.emulator
+        try:
+            self._require_token()
+            action = path.removeprefix("/_emulator/")
+            if (method, action) == ("GET", "ledger"):
+                return _json(200, [asdict(e) for e in emulator.ledger])
+            if (method, action) == ("DELETE", "ledger"):
+                emulator.clear_ledger()
+                return _Answer(204, b"")
+            if (method, action) == ("POST", "faults"):
+                emulator.add_fault(Fault.from_json(_body(raw)))
+                return _Answer(204, b"")
+            if (method, action) == ("DELETE", "faults"):
+                emulator.clear_faults()
+                return _Answer(204, b"")
+            if (method, action) == ("POST", "clock"):
+                emulator.clock_offset_s = float(_body(raw).get("offset_s", 0))
+                return _json(200, {"now": emulator.now()})
+            if (method, action) == ("POST", "latency"):
+                emulator.latency_s = float(_body(raw).get("latency_s", 0))
+                return _Answer(204, b"")
+            if (method, action) == ("POST", "seed"):
+                emulator.load_seed(_body(raw))
+                return _Answer(204, b"")
+            raise ApiError(404, "ressource_not_found", f"no control action {method} {action}")
+        except (ValueError, TypeError) as exc:
+            return _error(emulator, ApiError(400, "param_error", str(exc)))
+        except ApiError as err:
+            return _error(emulator, err)
+
+    def _send(self, answer: _Answer) -> None:
+        self.send_response(answer.status, HTTPStatus(answer.status).phrase)
+        if answer.body:
+            self.send_header("Content-Type", answer.headers.pop("Content-Type", "application/json"))
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        self.wfile.write(answer.body)
+
+    def _drop(self) -> None:
+        """Close the connection without a byte of answer, as a crash or a cut cable would."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _paging(query: str) -> tuple[int, int]:
+    params = parse_qs(query)
+    try:
+        page = int(params.get("page", ["1"])[0])
+        per_page = int(params.get("per_page", ["10"])[0])
+    except ValueError:
+        raise ApiError(400, "param_error", "page and per_page must be integers") from None
+    if page < 1 or not 1 <= per_page <= 100:
+        raise ApiError(400, "param_error", "page starts at 1; per_page is 1..100",
+                       {"per_page": "1..100"})
+    return page, per_page
+
+
+def _page_headers(total: int, per_page: int) -> dict[str, str]:
+    return {"X-Number-Of-Pages": str(-(-total // per_page)), "X-Number-Of-Items": str(total)}
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise ApiError(400, "param_error", "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "param_error", "body must be a JSON object")
+    return body
+
+
+class EmulatorServer(ThreadingHTTPServer):
+    """A real HTTP server for an `Emulator`; `start()` serves it from a daemon thread."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, emulator: Emulator, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__((host, port), EmulatorHandler)
+        self.emulator = emulator
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> EmulatorServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> EmulatorServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_in_process(seed: Path | None) -> EmulatorServer:
+    """An emulator for `kind = "emulator"`: seeded, on a free loopback port, in this process."""
+    emulator = Emulator(token=secrets.token_urlsafe(16))
+    if seed is not None:
+        emulator.load_seed_file(seed)
+    return EmulatorServer(emulator).start()

@@ -1,0 +1,54 @@
+"""Structured logging with structlog: JSON lines for machines, readable lines for people.
+
+A processor drops any value that is a `Secret`, as a last guard: secrets are never passed to a
+logger on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from rotator.domain import Secret
+
+
+def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for name, value in list(event.items()):
+        if isinstance(value, Secret):
+            event[name] = "[redacted]"
+    return event
+
+
+def configure(level: str | None = None, json_lines: bool | None = None) -> None:
+    """Route structlog and stdlib logging to stderr at `level` (default `$ROTATOR_LOG_LEVEL`)."""
+    name = (level or os.environ.get("ROTATOR_LOG_LEVEL") or "INFO").upper()
+    numeric = logging.getLevelName(name)
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    if json_lines is None:
+        json_lines = os.environ.get("ROTATOR_LOG_FORMAT", "").lower() == "json" or not sys.stderr.isatty()
+    renderer: Any = (structlog.processors.JSONRenderer() if json_lines
+                     else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _drop_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+
+
+def get(name: str = "rotator") -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,47 @@
+"""Walk every key in scope and say what the policy makes of it. Streams; holds one page."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from rotator.domain import ApiKey, KeyState
+from rotator.policy import Policy, age_days, classify, due_at
+from rotator.protocols import KeyService
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRow:
+    key: ApiKey
+    state: KeyState
+    age_days: float
+    due_at: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "client_id": self.key.client_id,
+            "key_id": self.key.key_id,
+            "alias": self.key.alias,
+            "environment": self.key.environment.value,
+            "age_days": round(self.age_days, 2),
+            "state": self.state.value,
+            "due_at": self.due_at,
+        }
+
+
+def client_ids(service: KeyService, configured: Iterable[str] | None) -> Iterator[str]:
+    """The configured Client IDs, else every one the token manages."""
+    if configured is not None:
+        yield from configured
+    else:
+        for client in service.list_clients():
+            yield client.client_id
+
+
+def scan(
+    service: KeyService, policy: Policy, now: float, clients: Iterable[str] | None = None
+) -> Iterator[ScanRow]:
+    for client_id in client_ids(service, clients):
+        for key in service.list_keys(client_id):
+            yield ScanRow(key, classify(key, now, policy), age_days(key, now), due_at(key, policy))

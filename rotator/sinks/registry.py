@@ -1,0 +1,69 @@
+"""`kind` -> sink class, resolved lazily; help and validation come from this one table."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Mapping
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import ValidationError
+
+from rotator.errors import PermanentError
+from rotator.fingerprint import Fingerprinter
+from rotator.protocols import SecretSink
+
+ENTRY_POINT_GROUP = "rotator.sinks"
+BUILTIN: dict[str, str] = {
+    "vault": "rotator.sinks.vault:VaultSink",
+    "aws": "rotator.sinks.aws:AwsSecretsManagerSink",
+    "file": "rotator.sinks.file:EncryptedFileSink",
+    "memory": "rotator.sinks.memory:MemorySink",
+}
+
+
+@cache
+def kinds() -> dict[str, str]:
+    """Every known kind and where its class lives; built-ins win over plugins of the same name."""
+    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {**found, **BUILTIN}
+
+
+def resolve(kind: str) -> Any:
+    """The sink class for `kind`, with a "did you mean" for a typo."""
+    table = kinds()
+    target = table.get(kind)
+    if target is None:
+        close = difflib.get_close_matches(kind, table, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PermanentError(f"unknown sink kind {kind!r} (known: {', '.join(sorted(table))}){hint}")
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def check(kind: str, options: Mapping[str, Any], env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Every problem with one sink entry, as (key, reason)."""
+    try:
+        cls = resolve(kind)
+    except PermanentError as exc:
+        return [("kind", str(exc))]
+    except ImportError as exc:
+        return [("kind", f"sink {kind!r} cannot be imported: {exc}")]
+    try:
+        config = cls.Config(**options)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(p) for p in error["loc"]) or "-"
+            reason = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            problems.append((key, str(reason).removeprefix("Value error, ")))
+        return problems
+    return list(config.credential_problems(env))
+
+
+def build(kind: str, options: Mapping[str, Any], fingerprint: Fingerprinter) -> SecretSink:
+    cls = resolve(kind)
+    sink: SecretSink = cls(cls.Config(**options), fingerprint)
+    return sink

@@ -1,0 +1,53 @@
+"""Fixtures shared by the suite: a real emulator over HTTP, a client for it, a private Redis."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.keyservice.http import HttpKeyService
+from rotator.sinks.memory import MemorySink
+
+TOKEN = "test-management-token"
+FP_KEY = "test-fingerprint-key-0123456789"
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    emu = Emulator(token=TOKEN)
+    yield emu
+
+
+@pytest.fixture
+def emulator_server(emulator: Emulator) -> Iterator[EmulatorServer]:
+    with EmulatorServer(emulator) as server:
+        yield server
+
+
+@pytest.fixture
+def keyservice(emulator_server: EmulatorServer) -> Iterator[HttpKeyService]:
+    with HttpKeyService(emulator_server.url, TOKEN, timeout_s=2, max_attempts=4,
+                        retry_initial_s=0.01, retry_max_wait_s=0.2) as service:
+        yield service
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memory_sinks() -> Iterator[None]:
+    MemorySink.reset_all()
+    yield
+    MemorySink.reset_all()
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Credentials every config in the tests names."""
+    monkeypatch.setenv("ROTATOR_KEYSERVICE_TOKEN", TOKEN)
+    monkeypatch.setenv("ROTATOR_FINGERPRINT_KEY", FP_KEY)
+    for name in list(os.environ):
+        if name.startswith("ROTATOR_") and "__" in name:
+            monkeypatch.delenv(name)
+    return monkeypatch
