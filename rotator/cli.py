@@ -16,6 +16,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rotator import logs
@@ -30,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 ConfigOption = Annotated[
     Path | None,
@@ -40,7 +41,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON documen
 
 
 def fail(message: str, code: int) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -49,7 +50,7 @@ def settings_or_exit(config: Path | None) -> Settings:
         return load_settings(config)
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(f"[red]config error:[/red] {problem}", highlight=False, markup=True)
+            err.print(f"[red]config error:[/red] {escape(str(problem))}")
         raise typer.Exit(2) from None
 
 
@@ -60,7 +61,7 @@ def errors_exit() -> Iterator[None]:
         yield
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(f"[red]config error:[/red] {problem}", highlight=False)
+            err.print(f"[red]config error:[/red] {escape(str(problem))}")
         raise typer.Exit(2) from None
     except RotatorError as exc:
         fail(str(exc), 1)
@@ -89,7 +90,7 @@ def check_config(
                 err.print(f"[green]ok[/green]   {name}", highlight=False)
             else:
                 failures += 1
-                err.print(f"[red]fail[/red] {name}: {problem}", highlight=False)
+                err.print(f"[red]fail[/red] {escape(name)}: {escape(problem)}")
         if failures:
             raise typer.Exit(1)
     err.print(f"[green]{config_path(config)} is valid[/green]", highlight=False)
@@ -166,3 +167,6 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+if __name__ == "__main__":
+    main()

@@ -278,7 +278,8 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     def need(key: str, env_name: str | None, file: Path | None, what: str) -> None:
         if file is not None:
             if not file.is_file():
-                problems.append(ConfigProblem(source, key.replace("_env", "_file"), f"{what} file {str(file)!r} does not exist"))
+                file_key = key.replace("_env", "_file")
+                problems.append(ConfigProblem(source, file_key, f"{what} file {str(file)!r} does not exist"))
         elif env_name is None:
             problems.append(ConfigProblem(source, key, f"{what}: name an environment variable or a file"))
         elif not env.get(env_name):
@@ -287,7 +288,8 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     if s.keyservice.kind == "http":
         need("keyservice.token_env", s.keyservice.token_env, s.keyservice.token_file, "management token")
     elif s.keyservice.seed is not None and not s.keyservice.seed.is_file():
-        problems.append(ConfigProblem(source, "keyservice.seed", f"seed file {str(s.keyservice.seed)!r} does not exist"))
+        seed = str(s.keyservice.seed)
+        problems.append(ConfigProblem(source, "keyservice.seed", f"seed file {seed!r} does not exist"))
     need("engine.fingerprint_key_env", s.engine.fingerprint_key_env, s.engine.fingerprint_key_file, "fingerprint key")
     if not s.sinks:
         problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
@@ -296,7 +298,8 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
             problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))
     for index, alert in enumerate(s.alerts):
         if alert.secret_env and not env.get(alert.secret_env):
-            problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", f"environment variable {alert.secret_env} is not set"))
+            reason = f"environment variable {alert.secret_env} is not set"
+            problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", reason))
         if alert.url.startswith("webhook+") and not alert.secret_env:
             problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", "a signed webhook needs secret_env"))
     return problems

@@ -56,9 +56,13 @@ class ClientInfo:
     environment: Environment
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ApiKey:
-    """A key as the key service describes it (never with its secret)."""
+    """A key as the key service describes it (never with its secret).
+
+    Treated as immutable; not `frozen` only because a scan builds one per key and a frozen
+    dataclass costs several times more to construct.
+    """
 
     client_id: str
     key_id: str

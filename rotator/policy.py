@@ -72,11 +72,12 @@ def classify(key: ApiKey, now: float, policy: Policy) -> KeyState:
     """The one state `rotator scan` shows for a key."""
     if not in_scope(key, policy):
         return KeyState.OUT_OF_SCOPE
-    if is_excluded(key.ref, policy.exclude):
+    if policy.exclude and is_excluded(key.ref, policy.exclude):
         return KeyState.EXCLUDED
-    if is_due(key, now, policy):
+    age = now - key.born_at
+    if age >= policy.max_age_days * DAY:
         return KeyState.DUE
-    if is_due_soon(key, now, policy):
+    if age >= (policy.max_age_days - policy.warn_before_days) * DAY:
         return KeyState.DUE_SOON
     return KeyState.OK
 

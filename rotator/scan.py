@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from rotator.domain import ApiKey, KeyState
-from rotator.policy import Policy, age_days, classify, due_at
+from rotator.policy import DAY, Policy, classify, due_at
 from rotator.protocols import KeyService
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScanRow:
     key: ApiKey
     state: KeyState
@@ -44,4 +44,4 @@ def scan(
 ) -> Iterator[ScanRow]:
     for client_id in client_ids(service, clients):
         for key in service.list_keys(client_id):
-            yield ScanRow(key, classify(key, now, policy), age_days(key, now), due_at(key, policy))
+            yield ScanRow(key, classify(key, now, policy), (now - key.born_at) / DAY, due_at(key, policy))

@@ -8,6 +8,7 @@ management token: `GET ledger`, `POST faults` / `DELETE faults`, `POST clock` (`
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import secrets
@@ -72,6 +73,7 @@ def _error(emulator: Emulator, err: ApiError, headers: dict[str, str] | None = N
 
 class EmulatorHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # one answer, one segment: no 40 ms delayed-ACK stalls
     server: EmulatorServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read their own output
@@ -125,9 +127,10 @@ class EmulatorHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str, path: str, query: str, raw: bytes) -> _Answer:
         emulator = self.server.emulator
         try:
-            for route_method, pattern, name in _ROUTES:
+            for route_method, pattern, route in _ROUTES:
                 match = pattern.match(path)
                 if match and route_method == method:
+                    name = route
                     break
             else:
                 raise ApiError(404, "ressource_not_found", f"no route for {method} {path}")
@@ -137,7 +140,9 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             params = match.groupdict()
             key = self.headers.get("Idempotency-Key")
             if method == "POST" and key is not None:
-                return self._idempotent(params["c"], key, method, path, lambda: self._run(name, params, query, raw, key))
+                return self._idempotent(
+                    params["c"], key, method, path, lambda: self._run(name, params, query, raw, key)
+                )
             return self._run(name, params, query, raw, None)
         except ApiError as err:
             return _error(emulator, err)
@@ -257,10 +262,8 @@ class EmulatorHandler(BaseHTTPRequestHandler):
     def _drop(self) -> None:
         """Close the connection without a byte of answer, as a crash or a cut cable would."""
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 def _paging(query: str) -> tuple[int, int]:
@@ -308,7 +311,9 @@ class EmulatorServer(ThreadingHTTPServer):
         return f"http://{host!s}:{port}"
 
     def start(self) -> EmulatorServer:
-        self._thread = threading.Thread(target=self.serve_forever, name="emulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="emulator", daemon=True
+        )
         self._thread.start()
         return self
 

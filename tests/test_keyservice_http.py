@@ -1,0 +1,229 @@
+"""The HTTP adapter against the emulator over real HTTP, with injected faults."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from rotator.domain import Environment, Scope, Secret
+from rotator.errors import (
+    AuthenticationError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    ProtocolError,
+    TransientError,
+)
+from rotator.keyservice.emulator import AUTO_ALIAS, Emulator, Fault
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.keyservice.http import HttpKeyService
+
+IDEM = "attempt-0000000000000001"
+
+
+def seed(emulator: Emulator, keys: int = 3, env: str = "PRODUCTION", client: str = "acme") -> list[str]:
+    """A client with its auto-generated key first, then `keys` more; returns every key id."""
+    auto = emulator.add_client(client, "Acme", env, created_at=emulator.now() - 1000)
+    made = [emulator.add_key(client, f"k{i}", created_at=emulator.now() - 900 + i).id for i in range(keys)]
+    return [*auto.keys, *made]
+
+
+def test_pagination_streams_three_pages(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """25 keys at 10 a page arrive in order over 3 pages, each requested once."""
+    seed(emulator, keys=24)
+    keyservice.per_page = 10
+    keys = list(keyservice.list_keys("acme"))
+    assert len(keys) == 25
+    assert keys[0].alias == AUTO_ALIAS and keys[0].is_auto_generated
+    assert [k.created_at for k in keys] == sorted(k.created_at for k in keys)
+    assert len({k.key_id for k in keys}) == 25
+
+
+def test_pagination_is_lazy(emulator: Emulator, emulator_server: EmulatorServer) -> None:
+    """Only the pages the caller consumes are fetched."""
+    seed(emulator, keys=29)
+    requests: list[str] = []
+    transport = httpx.HTTPTransport()
+
+    class Counting(httpx.BaseTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            requests.append(str(request.url))
+            return transport.handle_request(request)
+
+    with HttpKeyService(emulator_server.url, emulator.token, per_page=10, transport=Counting()) as ks:
+        it = ks.list_keys("acme")
+        [next(it) for _ in range(10)]
+        assert len(requests) == 1
+        list(it)
+        assert len(requests) == 3
+
+
+def test_rate_limit_then_success(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """A 429 with Retry-After is waited out and the call succeeds."""
+    seed(emulator, keys=0)
+    emulator.add_fault(Fault(method="GET", path="/apikeys$", status=429, retry_after=0, times=2))
+    assert len(list(keyservice.list_keys("acme"))) == 1
+
+
+def test_dropped_reset_answer_is_replayed_not_reset_again(
+    emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """The reset commits, the answer is lost; the retry with the same key gets the same secret."""
+    key_id = seed(emulator, keys=1)[1]
+    emulator.add_fault(Fault(method="POST", path="/reset$", drop="after"))
+    issued = keyservice.reset_key("acme", key_id, IDEM)
+    assert len(emulator.ledger) == 1
+    assert issued.secret.reveal() == emulator.current_secret("acme", key_id)
+    assert keyservice.verify_secret("acme", issued.secret)
+
+
+def test_repeated_idempotency_key_gives_the_same_answer(
+    emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """Two resets with one Idempotency-Key run once; GET /responses/{key} returns it too."""
+    key_id = seed(emulator, keys=1)[1]
+    first = keyservice.reset_key("acme", key_id, IDEM)
+    second = keyservice.reset_key("acme", key_id, IDEM)
+    replayed = keyservice.replay("acme", IDEM)
+    assert len(emulator.ledger) == 1
+    assert first.secret == second.secret
+    assert replayed is not None and replayed.secret == first.secret
+    assert keyservice.replay("acme", "never-used-key-000000") is None
+
+
+def test_idempotency_key_on_another_path_conflicts(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """The same key on another path gets 409 conflict."""
+    ids = seed(emulator, keys=2)
+    keyservice.reset_key("acme", ids[1], IDEM)
+    with pytest.raises(ConflictError, match="409"):
+        keyservice.reset_key("acme", ids[2], IDEM)
+
+
+def test_replay_expires_after_24_hours(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """Past 24 h the stored answer is gone: replay says None."""
+    key_id = seed(emulator, keys=1)[1]
+    keyservice.reset_key("acme", key_id, IDEM)
+    emulator.clock_offset_s = 24 * 3600 + 1
+    assert keyservice.replay("acme", IDEM) is None
+
+
+def test_server_errors_exhausted_raise_transient_error_naming_path(
+    emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """Every try answered 500: a TransientError with the method and path, after max_attempts."""
+    key_id = seed(emulator, keys=1)[1]
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=500, times=-1))
+    with pytest.raises(TransientError) as info:
+        keyservice.reset_key("acme", key_id, IDEM)
+    assert f"POST /v2.01/acme/apikeys/{key_id}/reset" in str(info.value)
+    assert "gave up after 4 attempts" in str(info.value)
+    assert emulator.ledger == []
+
+
+def test_timeout_is_transient(emulator: Emulator, emulator_server: EmulatorServer) -> None:
+    """A hang longer than the time-out becomes a TransientError naming the path."""
+    seed(emulator, keys=0)
+    emulator.add_fault(Fault(method="GET", path="/apikeys$", delay_s=1.0, times=-1))
+    with HttpKeyService(emulator_server.url, emulator.token, timeout_s=0.2, max_attempts=2,
+                        retry_initial_s=0.01) as ks, pytest.raises(TransientError, match="no answer within"):
+        list(ks.list_keys("acme"))
+
+
+def test_malformed_json_is_a_clear_protocol_error(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """A 200 that is not JSON: a ProtocolError naming path and size, not the body."""
+    key_id = seed(emulator, keys=1)[1]
+    emulator.add_fault(Fault(method="GET", path=f"/apikeys/{key_id}$", body='{"Id": "x", "Secret": "leak'))
+    with pytest.raises(ProtocolError) as info:
+        keyservice.get_key("acme", key_id)
+    assert "not valid JSON" in str(info.value) and f"/apikeys/{key_id}" in str(info.value)
+    assert "leak" not in str(info.value)
+
+
+def test_json_missing_fields_is_a_protocol_error(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """JSON of the wrong shape names the missing field."""
+    key_id = seed(emulator, keys=1)[1]
+    emulator.add_fault(Fault(method="GET", path=f"/apikeys/{key_id}$", body='{"Id": "x"}'))
+    with pytest.raises(ProtocolError, match="'ClientId'"):
+        keyservice.get_key("acme", key_id)
+
+
+def test_wrong_management_token_is_permanent(emulator: Emulator, emulator_server: EmulatorServer) -> None:
+    """401 is an AuthenticationError, not retried, and the token is not in the message."""
+    seed(emulator, keys=0)
+    with HttpKeyService(emulator_server.url, "wrong-token-value", max_attempts=3) as ks, \
+            pytest.raises(AuthenticationError) as info:
+        list(ks.list_clients())
+    assert "401" in str(info.value) and "wrong-token-value" not in str(info.value)
+
+
+def test_missing_key_is_not_found(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """An unknown key is a NotFoundError."""
+    seed(emulator, keys=0)
+    with pytest.raises(NotFoundError):
+        keyservice.get_key("acme", "key_nope")
+
+
+def test_production_secret_shown_once_sandbox_readable(
+    emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """A production secret cannot be read again (403); a sandbox one can."""
+    prod = seed(emulator, keys=1)[1]
+    sbx = seed(emulator, keys=1, env="SANDBOX", client="acme-sbx")[1]
+    with pytest.raises(ForbiddenError):
+        keyservice.read_sandbox_secret("acme", prod)
+    secret = keyservice.read_sandbox_secret("acme-sbx", sbx)
+    assert secret.reveal() == emulator.current_secret("acme-sbx", sbx)
+
+
+def test_create_revoke_and_auto_generated_key(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """A created key works and can be revoked; the auto-generated key cannot be revoked."""
+    seed(emulator, keys=0)
+    issued = keyservice.create_key("acme", "payments", (Scope("Payins", True, False),),
+                                   "create-000000000000001")
+    assert issued.key.scopes == (Scope("Payins", True, False),)
+    assert issued.key.environment is Environment.PRODUCTION
+    assert keyservice.verify_secret("acme", issued.secret)
+    keyservice.revoke_key("acme", issued.key.key_id)
+    assert not keyservice.verify_secret("acme", issued.secret)
+    auto = next(iter(keyservice.list_keys("acme")))
+    with pytest.raises(ConflictError, match="409"):
+        keyservice.revoke_key("acme", auto.key_id)
+
+
+def test_old_secret_stops_working_after_reset(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """Reset kills the previous secret at once; the new one authenticates."""
+    key_id = seed(emulator, keys=1)[1]
+    old = Secret(emulator.current_secret("acme", key_id))
+    new = keyservice.reset_key("acme", key_id, IDEM)
+    assert not keyservice.verify_secret("acme", old)
+    assert keyservice.verify_secret("acme", new.secret)
+    assert new.key.last_reset_at == emulator.now() or new.key.last_reset_at is not None
+
+
+def test_control_surface_over_http(emulator: Emulator, emulator_server: EmulatorServer) -> None:
+    """Faults, clock and ledger can be driven over HTTP with the management token."""
+    key_id = seed(emulator, keys=1)[1]
+    headers = {"Authorization": f"Bearer {emulator.token}"}
+    with httpx.Client(base_url=emulator_server.url, headers=headers) as http:
+        assert http.post("/_emulator/faults", json={"method": "GET", "path": "/clients$",
+                                                    "status": 503}).status_code == 204
+        assert http.get("/v2.01/clients").status_code == 503
+        assert http.get("/v2.01/clients").status_code == 200
+        http.post(f"/v2.01/acme/apikeys/{key_id}/reset")
+        assert [e["key_id"] for e in http.get("/_emulator/ledger").json()] == [key_id]
+        now = http.post("/_emulator/clock", json={"offset_s": 3600}).json()["now"]
+        assert now == emulator.now()
+        assert http.get("/_emulator/ledger", headers={"Authorization": "Bearer x"}).status_code == 401
+
+
+def test_error_body_follows_the_contract(emulator: Emulator, emulator_server: EmulatorServer) -> None:
+    """Errors carry Id, Type, Message and Date; bad paging is a param_error."""
+    seed(emulator, keys=0)
+    with httpx.Client(base_url=emulator_server.url,
+                      headers={"Authorization": f"Bearer {emulator.token}"}) as http:
+        answer = http.get("/v2.01/acme/apikeys", params={"per_page": 101})
+        body = answer.json()
+        assert answer.status_code == 400 and body["Type"] == "param_error"
+        assert set(body) >= {"Id", "Type", "Message", "Date"}
+        page = http.get("/v2.01/acme/apikeys", params={"page": 5})
+        assert page.json() == [] and page.headers["X-Number-Of-Items"] == "1"
