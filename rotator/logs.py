@@ -16,6 +16,8 @@ import structlog
 
 from rotator.domain import Secret
 
+CHATTY_CLIENTS = ("botocore", "boto3", "s3transfer", "urllib3", "hvac", "httpcore", "httpx")
+
 
 def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name, value in list(event.items()):
@@ -48,6 +50,9 @@ def configure(level: str | None = None, json_lines: bool | None = None) -> None:
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    # These clients log request bodies at DEBUG (botocore prints SecretString): never below INFO.
+    for name in CHATTY_CLIENTS:
+        logging.getLogger(name).setLevel(max(numeric, logging.INFO))
 
 
 def get(name: str = "rotator") -> Any:

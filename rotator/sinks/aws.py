@@ -1,0 +1,195 @@
+"""AWS Secrets Manager, with boto3.
+
+A secret per key, created on first use (with a KMS key, tags and a description), then a new
+version per rotation with `ClientRequestToken` derived from the attempt id, so a retried write is
+a no-op. AWS moves AWSCURRENT to the new version and AWSPREVIOUS to the old one; reads always
+name AWSCURRENT. Tags carry the attempt id and fingerprint, never the secret.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import boto3
+import botocore.exceptions as bx
+from botocore.config import Config as BotoConfig
+from pydantic import Field, HttpUrl, field_validator
+
+from rotator.domain import ApiKey, KeyRef, utc_iso
+from rotator.errors import (
+    ForbiddenError,
+    NotFoundError,
+    PermanentError,
+    RotatorError,
+    TransientError,
+    WriteConflictError,
+)
+from rotator.fingerprint import Fingerprinter
+from rotator.protocols import SecretRecord, StoredState
+from rotator.sinks.base import SinkSettings, check_template, encode, refuse_if_stale, render, state_from_document
+
+TRANSIENT_CODES = frozenset({
+    "ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
+    "InternalServiceError", "InternalFailure", "ServiceUnavailable", "RequestTimeout",
+    "RequestTimeoutException",
+})
+DENIED_CODES = frozenset({"AccessDeniedException", "AccessDenied", "UnrecognizedClientException",
+                          "InvalidSignatureException", "ExpiredTokenException"})
+KMS_CODES = frozenset({"EncryptionFailure", "DecryptionFailure", "KMSAccessDeniedException",
+                       "KMSDisabledException", "KMSInvalidStateException", "KMSNotFoundException"})
+
+
+class AwsSecretsManagerSink:
+    kind: ClassVar[str] = "aws"
+    transient_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError, bx.ConnectionClosedError,
+    )
+
+    class Config(SinkSettings):
+        region: str = Field(description="AWS region, e.g. eu-west-1.")
+        profile: str | None = Field(None, description="Named profile from the shared AWS config.")
+        endpoint_url: HttpUrl | None = Field(None, description="Another endpoint (a local one, a VPC endpoint).")
+        name: str = Field("rotator/{client_id}/{key_id}", description="Secret name template.")
+        kms_key_id: str | None = Field(None, description="KMS key for new secrets; default: aws/secretsmanager.")
+        description: str = Field("API key rotated by rotator", description="Description of new secrets.")
+        tags: dict[str, str] = Field({}, description="Extra tags on new secrets.")
+        timeout_s: float = Field(10.0, gt=0, description="Connect and read time-out.")
+
+        _check_name = field_validator("name")(check_template)
+
+    def __init__(self, config: Config, fingerprint: Fingerprinter) -> None:
+        self.config = config
+        self._fingerprint = fingerprint
+        session = boto3.session.Session(profile_name=config.profile, region_name=config.region)
+        self._client: Any = session.client(
+            "secretsmanager",
+            endpoint_url=str(config.endpoint_url) if config.endpoint_url else None,
+            config=BotoConfig(retries={"max_attempts": 2, "mode": "standard"},
+                              connect_timeout=config.timeout_s, read_timeout=config.timeout_s),
+        )
+
+    def describe(self, ref: KeyRef | None = None) -> str:
+        return f"aws:{self.config.region}/{self.config.name}" + (f" [{ref}]" if ref else "")
+
+    def write(self, record: SecretRecord) -> StoredState:
+        name = render(self.config.name, record.key)
+        where = f"aws write {name}"
+        token = client_request_token(record.attempt_id)
+        tags = [
+            {"Key": "rotator:attempt_id", "Value": record.attempt_id},
+            {"Key": "rotator:fingerprint", "Value": record.fingerprint},
+            {"Key": "rotator:key_reset_at", "Value": str(record.key_reset_at)},
+            {"Key": "rotator:rotated_at", "Value": utc_iso(record.rotated_at)},
+        ]
+        try:
+            current = self._read(name, "AWSCURRENT", where)
+            if refuse_if_stale(current, record, where):
+                assert current is not None
+                return current
+            if current is None and not self._exists(name):
+                args: dict[str, Any] = {
+                    "Name": name, "SecretString": encode(record), "ClientRequestToken": token,
+                    "Description": self.config.description,
+                    "Tags": [*({"Key": k, "Value": v} for k, v in self.config.tags.items()), *tags],
+                }
+                if self.config.kms_key_id:
+                    args["KmsKeyId"] = self.config.kms_key_id
+                answer = self._client.create_secret(**args)
+            else:
+                answer = self._client.put_secret_value(SecretId=name, SecretString=encode(record),
+                                                       ClientRequestToken=token)
+                self._client.tag_resource(SecretId=name, Tags=tags)
+        except bx.ClientError as exc:
+            if _code(exc) == "ResourceExistsException":
+                raise WriteConflictError(f"{where}: created by someone else meanwhile") from None
+            raise _mapped(exc, where) from None
+        except self.transient_errors as exc:
+            raise TransientError(f"{where}: {type(exc).__name__}") from None
+        return StoredState(record.fingerprint, record.attempt_id, utc_iso(record.rotated_at),
+                           record.key_reset_at, answer.get("VersionId"))
+
+    def read_state(self, key: ApiKey) -> StoredState | None:
+        return self._read_stage(key, "AWSCURRENT")
+
+    def read_previous(self, key: ApiKey) -> StoredState | None:
+        return self._read_stage(key, "AWSPREVIOUS")
+
+    def _read_stage(self, key: ApiKey, stage: str) -> StoredState | None:
+        name = render(self.config.name, key)
+        state: StoredState | None = self._guarded(lambda: self._read(name, stage, f"aws read {name}"),
+                                                  f"aws read {name}")
+        return state
+
+    def read_document(self, key: ApiKey, stage: str = "AWSCURRENT") -> dict[str, Any]:
+        """The stored JSON (for tests and operators; it holds the secret)."""
+        name = render(self.config.name, key)
+        answer = self._client.get_secret_value(SecretId=name, VersionStage=stage)
+        data: dict[str, Any] = json.loads(answer["SecretString"])
+        return data
+
+    def metadata(self, key: ApiKey) -> dict[str, Any]:
+        name = render(self.config.name, key)
+        described: dict[str, Any] = self._guarded(lambda: self._client.describe_secret(SecretId=name),
+                                                  f"aws describe {name}")
+        return described
+
+    def ping(self) -> None:
+        self._guarded(lambda: self._client.list_secrets(MaxResults=1), "aws list_secrets")
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _read(self, name: str, stage: str, where: str) -> StoredState | None:
+        try:
+            answer = self._client.get_secret_value(SecretId=name, VersionStage=stage)
+        except bx.ClientError as exc:
+            if _code(exc) == "ResourceNotFoundException":
+                return None
+            raise
+        try:
+            doc = json.loads(answer["SecretString"])
+        except (KeyError, ValueError):
+            raise PermanentError(f"{where}: the stored value is not JSON") from None
+        return state_from_document(doc, self._fingerprint, where, version=answer.get("VersionId"))
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self._client.describe_secret(SecretId=name)
+        except bx.ClientError as exc:
+            if _code(exc) == "ResourceNotFoundException":
+                return False
+            raise
+        return True
+
+    def _guarded(self, call: Any, where: str) -> Any:
+        try:
+            return call()
+        except bx.ClientError as exc:
+            raise _mapped(exc, where) from None
+        except self.transient_errors as exc:
+            raise TransientError(f"{where}: {type(exc).__name__}") from None
+
+
+def client_request_token(attempt_id: str) -> str:
+    """A deterministic idempotency token (32-64 characters) for one attempt."""
+    token = f"rotator-{attempt_id}"
+    return token if len(token) >= 32 else token.ljust(32, "0")
+
+
+def _code(exc: bx.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _mapped(exc: bx.ClientError, where: str) -> RotatorError:
+    code = _code(exc)
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code in TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+        return TransientError(f"{where}: {code or status}")
+    if code in KMS_CODES:
+        return PermanentError(f"{where}: KMS refused ({code}); check kms_key_id and the key policy")
+    if code in DENIED_CODES:
+        return ForbiddenError(f"{where}: access denied ({code}); see the IAM policy in the README")
+    if code == "ResourceNotFoundException":
+        return NotFoundError(f"{where}: not found")
+    return PermanentError(f"{where}: {code or status}")

@@ -1,0 +1,236 @@
+"""HashiCorp Vault KV v2, with hvac.
+
+Writes use check-and-set on the version read just before, so a writer that lost a race fails
+instead of overwriting. The attempt id, fingerprint, key reset date and rotation time go into the
+secret's `custom_metadata` (strings only); the secret goes only into the versioned data.
+`max_versions` >= 2 keeps the previous secret readable while applications switch over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import hvac
+import hvac.exceptions as hx
+import requests
+from pydantic import Field, HttpUrl, field_validator
+
+from rotator.config import read_credential
+from rotator.domain import ApiKey, KeyRef, utc_iso
+from rotator.errors import (
+    AuthenticationError,
+    ForbiddenError,
+    NotFoundError,
+    PermanentError,
+    RotatorError,
+    TransientError,
+    WriteConflictError,
+)
+from rotator.fingerprint import Fingerprinter
+from rotator.protocols import SecretRecord, StoredState
+from rotator.sinks.base import (
+    SinkSettings,
+    check_template,
+    document,
+    refuse_if_stale,
+    render,
+    state_from_document,
+)
+
+K8S_JWT = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+class VaultSink:
+    kind: ClassVar[str] = "vault"
+    transient_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        hx.VaultDown, hx.InternalServerError, hx.BadGateway, hx.RateLimitExceeded,
+        requests.ConnectionError, requests.Timeout,
+    )
+
+    class Config(SinkSettings):
+        url: HttpUrl = Field(description="Vault address.")
+        mount: str = Field("secret", description="KV v2 mount point.")
+        path: str = Field("rotator/{client_id}/{key_id}", description="Secret path template.")
+        auth: Literal["token", "approle", "kubernetes"] = Field("token", description="Login method.")
+        token_env: str | None = Field("VAULT_TOKEN", description="Variable with the token (token auth).")
+        token_file: Path | None = Field(None, description="File with the token (token auth).")
+        role_id_env: str | None = Field(None, description="AppRole: variable with the role id.")
+        role_id_file: Path | None = Field(None, description="AppRole: file with the role id.")
+        secret_id_env: str | None = Field(None, description="AppRole: variable with the secret id.")
+        secret_id_file: Path | None = Field(None, description="AppRole: file with the secret id.")
+        approle_mount: str = Field("approle", description="AppRole auth mount.")
+        kubernetes_role: str | None = Field(None, description="Kubernetes auth role.")
+        kubernetes_jwt_file: Path = Field(K8S_JWT, description="Service-account token file.")
+        kubernetes_mount: str = Field("kubernetes", description="Kubernetes auth mount.")
+        namespace: str | None = Field(None, description="Vault Enterprise namespace.")
+        ca_bundle: Path | None = Field(None, description="CA bundle to verify Vault's certificate.")
+        max_versions: int = Field(10, ge=2, description="Versions kept; >= 2 keeps the previous secret.")
+        timeout_s: float = Field(10.0, gt=0, description="Per-request time-out.")
+
+        _check_path = field_validator("path")(check_template)
+
+        def credential_problems(self, env: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+            needed = {"token": ("token_env",), "approle": ("role_id_env", "secret_id_env"),
+                      "kubernetes": ()}[self.auth]
+            for name in needed:
+                twin = getattr(self, name[:-4] + "_file")
+                value = getattr(self, name)
+                if twin is None and not value:
+                    yield name, f"auth = {self.auth!r} needs {name} or {name[:-4]}_file"
+            for name, reason in super().credential_problems(env):
+                if name in needed or name.replace("_file", "_env") in needed:
+                    yield name, reason
+            if self.auth == "kubernetes":
+                if not self.kubernetes_role:
+                    yield "kubernetes_role", "auth = 'kubernetes' needs kubernetes_role"
+                if not self.kubernetes_jwt_file.is_file():
+                    yield "kubernetes_jwt_file", f"{self.kubernetes_jwt_file} does not exist"
+
+    def __init__(self, config: Config, fingerprint: Fingerprinter) -> None:
+        self.config = config
+        self._fingerprint = fingerprint
+        self._client: hvac.Client | None = None
+
+    # --- SecretSink ------------------------------------------------------------------------
+    def describe(self, ref: KeyRef | None = None) -> str:
+        return f"vault:{self.config.mount}/{self.config.path}" + (f" [{ref}]" if ref else "")
+
+    def write(self, record: SecretRecord) -> StoredState:
+        path = render(self.config.path, record.key)
+        where = f"vault write {self.config.mount}/{path}"
+        with self._errors(where):
+            kv = self._kv()
+            meta = self._metadata(path)
+            current_version = int(meta["current_version"]) if meta else 0
+            current = self._read(path, current_version, where) if current_version else None
+            if not refuse_if_stale(current, record, where):
+                answer = kv.create_or_update_secret(
+                    path=path, secret=document(record), cas=current_version, mount_point=self.config.mount
+                )
+                current_version = int(answer["data"]["version"])
+            custom = {
+                "attempt_id": record.attempt_id,
+                "fingerprint": record.fingerprint,
+                "key_reset_at": str(record.key_reset_at),
+                "rotated_at": utc_iso(record.rotated_at),
+            }
+            wanted_versions = self.config.max_versions
+            if not meta or meta.get("custom_metadata") != custom or meta.get("max_versions") != wanted_versions:
+                # update_metadata replaces the whole map and would reset delete_version_after: keep it.
+                kv.update_metadata(
+                    path=path, max_versions=self.config.max_versions, custom_metadata=custom,
+                    delete_version_after=(meta or {}).get("delete_version_after") or "0s",
+                    mount_point=self.config.mount,
+                )
+            return StoredState(record.fingerprint, record.attempt_id, custom["rotated_at"],
+                               record.key_reset_at, str(current_version))
+
+    def read_state(self, key: ApiKey) -> StoredState | None:
+        path = render(self.config.path, key)
+        where = f"vault read {self.config.mount}/{path}"
+        with self._errors(where):
+            meta = self._metadata(path)
+            if not meta or not meta.get("current_version"):
+                return None
+            return self._read(path, int(meta["current_version"]), where)
+
+    def read_version(self, key: ApiKey, version: int) -> dict[str, Any]:
+        """One stored document (for tests and operators; it holds the secret)."""
+        path = render(self.config.path, key)
+        with self._errors(f"vault read {self.config.mount}/{path}"):
+            answer = self._kv().read_secret_version(path=path, version=version, mount_point=self.config.mount,
+                                                    raise_on_deleted_version=True)
+            data: dict[str, Any] = answer["data"]["data"]
+            return data
+
+    def metadata(self, key: ApiKey) -> dict[str, Any] | None:
+        path = render(self.config.path, key)
+        with self._errors(f"vault metadata {self.config.mount}/{path}"):
+            return self._metadata(path)
+
+    def ping(self) -> None:
+        with self._errors("vault token lookup"):
+            self._client_or_login().auth.token.lookup_self()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.adapter.close()
+            self._client = None
+
+    # --- internals ---------------------------------------------------------------------------
+    def _kv(self) -> Any:
+        return self._client_or_login().secrets.kv.v2
+
+    def _metadata(self, path: str) -> dict[str, Any] | None:
+        try:
+            answer = self._kv().read_secret_metadata(path=path, mount_point=self.config.mount)
+        except hx.InvalidPath:
+            return None
+        data: dict[str, Any] = answer["data"]
+        return data
+
+    def _read(self, path: str, version: int, where: str) -> StoredState:
+        answer = self._kv().read_secret_version(path=path, version=version, mount_point=self.config.mount,
+                                                raise_on_deleted_version=True)
+        return state_from_document(answer["data"]["data"], self._fingerprint, where, version=str(version))
+
+    def _client_or_login(self) -> hvac.Client:
+        if self._client is not None:
+            return self._client
+        c = self.config
+        verify: bool | str = str(c.ca_bundle) if c.ca_bundle else True
+        client = hvac.Client(url=str(c.url).rstrip("/"), namespace=c.namespace, verify=verify, timeout=c.timeout_s)
+        if c.auth == "token":
+            client.token = read_credential(c.token_env, c.token_file, "vault token")
+        elif c.auth == "approle":
+            client.auth.approle.login(
+                role_id=read_credential(c.role_id_env, c.role_id_file, "vault role id"),
+                secret_id=read_credential(c.secret_id_env, c.secret_id_file, "vault secret id"),
+                mount_point=c.approle_mount,
+            )
+        else:
+            client.auth.kubernetes.login(
+                role=c.kubernetes_role, jwt=c.kubernetes_jwt_file.read_text().strip(), mount_point=c.kubernetes_mount
+            )
+        self._client = client
+        return client
+
+    def _errors(self, where: str) -> contextlib.AbstractContextManager[None]:
+        return _vault_errors(self, where)
+
+
+@contextlib.contextmanager
+def _vault_errors(sink: VaultSink, where: str) -> Iterator[None]:
+    """Map hvac and requests errors to the project's tree, in one place."""
+    try:
+        yield
+    except RotatorError:
+        raise
+    except hx.VaultError as exc:
+        first = ""
+        if exc.errors:
+            first = str(exc.errors[0] if isinstance(exc.errors, list) else exc.errors).strip()[:160]
+        raise _mapped(sink, exc, first, where) from None
+    except (requests.RequestException, OSError) as exc:
+        raise TransientError(f"{where}: {type(exc).__name__}") from None
+
+
+def _mapped(sink: VaultSink, exc: hx.VaultError, first: str, where: str) -> RotatorError:
+    detail = f" ({first})" if first else ""
+    if isinstance(exc, hx.InvalidRequest) and "check-and-set" in first:
+        return WriteConflictError(f"{where}: another writer got there first{detail}")
+    if isinstance(exc, hx.Forbidden | hx.Unauthorized):
+        sink.close()  # a fresh login may help next time (an expired token)
+        return ForbiddenError(f"{where}: permission denied")
+    if isinstance(exc, hx.VaultDown):
+        return TransientError(f"{where}: Vault is unavailable or sealed{detail}")
+    if isinstance(exc, VaultSink.transient_errors):
+        return TransientError(f"{where}: {type(exc).__name__}{detail}")
+    if isinstance(exc, hx.InvalidPath):
+        return NotFoundError(f"{where}: path or mount not found")
+    if isinstance(exc, hx.InvalidRequest) and "invalid role" in first:
+        return AuthenticationError(f"{where}: AppRole login refused")
+    return PermanentError(f"{where}: {type(exc).__name__}{detail}")
