@@ -137,3 +137,20 @@ def slug(text: str) -> str:
 
 def utc_iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """Written before the reset; its `attempt_id` is the reset's Idempotency-Key."""
+
+    client_id: str
+    key_id: str
+    attempt_id: str
+    trigger: str
+    started_at: float
+    phase: str = "resetting"  # then "storing" once the key service answered
+    reset_at: int | None = None
+
+    @property
+    def ref(self) -> KeyRef:
+        return KeyRef(self.client_id, self.key_id)

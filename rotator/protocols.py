@@ -7,10 +7,11 @@ these and on nothing concrete.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from rotator.domain import ApiKey, ClientInfo, IssuedKey, KeyRef, Scope, Secret
+from rotator.domain import ApiKey, AttemptRecord, ClientInfo, IssuedKey, KeyRef, Scope, Secret
 
 
 @runtime_checkable
@@ -143,3 +144,27 @@ class Notifier(Protocol):
     """Delivers one event to one channel; raises TransientError when a retry may help."""
 
     def send(self, event: Event) -> None: ...
+
+
+class LeaseLike(Protocol):
+    def kept_alive(self) -> AbstractContextManager[Any]: ...
+
+
+class StateStore(Protocol):
+    """Durable attempt records, leases and history (Redis in production)."""
+
+    def acquire(self, name: str, ttl_s: float) -> LeaseLike | None: ...
+
+    def once(self, name: str, ttl_s: int) -> bool: ...
+
+    def save_attempt(self, attempt: AttemptRecord) -> None: ...
+
+    def get_attempt(self, ref: KeyRef) -> AttemptRecord | None: ...
+
+    def delete_attempt(self, attempt: AttemptRecord) -> None: ...
+
+    def attempts(self) -> list[AttemptRecord]: ...
+
+    def record(self, entry: dict[str, Any]) -> None: ...
+
+    def last_rotation(self, ref: KeyRef) -> dict[str, Any] | None: ...

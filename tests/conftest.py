@@ -51,3 +51,24 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         if name.startswith("ROTATOR_") and "__" in name:
             monkeypatch.delenv(name)
     return monkeypatch
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A private redis-server on a free port for the whole run."""
+    from rotator.embedded import PrivateRedis
+
+    with PrivateRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+def state(redis_server: str) -> Iterator[object]:
+    import uuid
+
+    from rotator.state import RedisState
+
+    store = RedisState.from_url(redis_server + "/0", namespace=f"t-{uuid.uuid4().hex[:8]}")
+    yield store
+    for key in store.client.scan_iter(f"{store.ns}:*"):
+        store.client.delete(key)
