@@ -7,6 +7,7 @@ stdout carries one JSON document and nothing else; progress and messages go to s
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -160,6 +161,169 @@ def emulator(
         pass
     finally:
         server.server_close()
+
+
+def _use_config(config: Path | None) -> Settings:
+    """Validate, then export the path so Celery's config module reads the same file."""
+    settings = settings_or_exit(config)
+    os.environ["ROTATOR_CONFIG"] = str(config_path(config).resolve())
+    return settings
+
+
+@app.command()
+def rotate(
+    config: ConfigOption = None,
+    all_due: Annotated[bool, typer.Option("--all-due", help="Every due key in scope.")] = False,
+    client_id: Annotated[str | None, typer.Option("--client-id", help="One key: its Client ID.")] = None,
+    key_id: Annotated[str | None, typer.Option("--key-id", help="One key: its id.")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Rotate now; without it only the plan is shown.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rotate even a key that is not due.")] = False,
+    enqueue: Annotated[bool, typer.Option("--enqueue", help="Hand the rotations to the Celery workers.")] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Why: kept in the audit history.")] = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Rotate due keys or one key by hand: a plan by default, --apply to act."""
+    if all_due == bool(client_id and key_id) or (client_id is None) != (key_id is None):
+        fail("give --all-due, or both --client-id and --key-id", 2)
+    settings = _use_config(config)
+    from rotator.domain import KeyRef
+    from rotator.runtime import build_engine
+
+    with errors_exit():
+        engine = build_engine(settings)
+        refs = ([k.ref for k in engine.due_keys()] if all_due else [KeyRef(str(client_id), str(key_id))])
+        if not apply:
+            plan = [{"client_id": r.client_id, "key_id": r.key_id, "action": "rotate"} for r in refs]
+            if as_json:
+                print(json.dumps({"applied": False, "plan": plan}, indent=2))
+            else:
+                for r in refs:
+                    out.print(f"would rotate {escape(str(r))}")
+                err.print(f"{len(refs)} key(s); nothing changed (add --apply to rotate)")
+            return
+        if enqueue:
+            from rotator.tasks import rotate_key
+
+            now = time.time()
+            ids = [rotate_key.delay(r.client_id, r.key_id, "manual", now, force).id for r in refs]
+            engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
+                                 "keys": [str(r) for r in refs], "reason": reason})
+            if as_json:
+                print(json.dumps({"applied": True, "enqueued": ids}, indent=2))
+            else:
+                err.print(f"{len(ids)} rotation(s) sent to the workers")
+            return
+        results = []
+        for r in refs:
+            with err.status(f"rotating {r}…"):
+                results.append(engine.rotate(r, trigger="manual", force=force, reason=reason))
+        engine.close()
+    if as_json:
+        print(json.dumps({"applied": True, "results": [r.to_dict() for r in results]}, indent=2))
+    else:
+        for res in results:
+            colour = "green" if res.ok else "red"
+            out.print(f"[{colour}]{res.status}[/{colour}] {escape(res.client_id)}/{escape(res.key_id)} "
+                      f"{escape(res.reason)}")
+    if not all(r.status in ("succeeded", "recovered") or (r.status == "skipped" and not force) for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(config: ConfigOption = None, as_json: JsonOption = False,
+           history: Annotated[int, typer.Option("--history", help="Also show the last N audit entries.")] = 0) -> None:
+    """Per key: last rotation, in-flight attempts, next due date; and drift."""
+    settings = settings_or_exit(config)
+    from rotator.domain import utc_iso
+    from rotator.runtime import build_engine
+    from rotator.scan import scan as run_scan
+
+    with errors_exit():
+        engine = build_engine(settings)
+        attempts = {str(a.ref): a for a in engine.state.attempts()}
+        rows = []
+        for row in run_scan(engine.keyservice, engine.policy, time.time(), settings.keyservice.clients):
+            last = engine.state.last_rotation(row.key.ref)
+            rows.append({**row.to_dict(), "next_due": utc_iso(row.due_at),
+                         "last_rotation": last, "in_flight": str(row.key.ref) in attempts})
+        drift = [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
+                 for d in engine.drift()]
+        entries = engine.state.history(history) if history else []
+    if as_json:
+        print(json.dumps({"keys": rows, "in_flight": [a.attempt_id for a in attempts.values()],
+                          "drift": drift, "history": entries}, indent=2))
+        return
+    table = Table("key", "state", "age_days", "next_due", "last rotation", "in flight")
+    for r in rows:
+        last = r["last_rotation"]
+        text = f"{last['status']} ({last['trigger']}) {utc_iso(last['time'])}" if last else "-"
+        table.add_row(f"{r['client_id']}/{r['key_id']}", r["state"], f"{r['age_days']:.1f}", r["next_due"],
+                      escape(text), "yes" if r["in_flight"] else "")
+    out.print(table)
+    for d in drift:
+        err.print(f"[red]drift[/red] {escape(d['client_id'])}/{escape(d['key_id'])} {escape(d['sink'])}: "
+                  f"{escape(d['reason'])}")
+    for e in entries:
+        out.print(escape(json.dumps(e, sort_keys=True)))
+
+
+@app.command()
+def reconcile(config: ConfigOption = None,
+              repair: Annotated[bool, typer.Option("--repair", help="Recover attempts and re-rotate drift.")] = False,
+              as_json: JsonOption = False) -> None:
+    """Compare the key service with every sink; --repair fixes what drifted."""
+    settings = settings_or_exit(config)
+    from rotator.runtime import build_engine
+
+    with errors_exit():
+        engine = build_engine(settings)
+        drift = engine.drift()
+        repaired = []
+        if repair:
+            repaired = [r.to_dict() for r in engine.recover_all()]
+            for ref in {d.key.ref for d in drift}:
+                repaired.append(engine.rotate(ref, trigger="reconcile", force=True).to_dict())
+    report = {"drift": [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink,
+                         "reason": d.reason} for d in drift], "repaired": repaired}
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        for d in report["drift"]:
+            where = f"{d['client_id']}/{d['key_id']} {d['sink']}"
+            out.print(f"drift {escape(where)}: {escape(d['reason'])}")
+        err.print(f"{len(drift)} drifted; {len(repaired)} repaired")
+    if drift and not (repair and all(r["status"] in ("succeeded", "recovered", "skipped") for r in repaired)):
+        raise typer.Exit(1)
+
+
+def _celery(argv: list[str]) -> None:
+    from rotator.tasks import app as celery_app
+
+    celery_app.worker_main(argv) if argv[0] == "worker" else celery_app.start(argv)
+
+
+@app.command()
+def run(config: ConfigOption = None,
+        loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+    """A Celery worker with beat on the configured broker (one machine). Ctrl-C stops all of it."""
+    settings = _use_config(config)
+    _celery(["worker", "--beat", "--loglevel", loglevel, "--concurrency", str(settings.celery.concurrency)])
+
+
+@app.command()
+def worker(config: ConfigOption = None, loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+           concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None) -> None:
+    """A Celery worker (run many)."""
+    settings = _use_config(config)
+    _celery(["worker", "--loglevel", loglevel, "--concurrency", str(concurrency or settings.celery.concurrency)])
+
+
+@app.command()
+def beat(config: ConfigOption = None,
+         loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+    """Celery beat (run one; a second one is harmless: scans are claimed once per interval)."""
+    _use_config(config)
+    _celery(["beat", "--loglevel", loglevel])
 
 
 def main() -> None:

@@ -156,7 +156,7 @@ class Engine:
                                            f"stored rotation is from {utc_iso(stored.key_reset_at)}, "
                                            f"key was reset at {utc_iso(key.born_at)}"))
         for d in found:
-            self._event("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
+            self.emit("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
         return found
 
     def close(self) -> None:
@@ -219,7 +219,7 @@ class Engine:
                                     f"{self.sink_retry_s:g}s; the attempt is kept for recovery",
                                     attempt.attempt_id, attempt.trigger, statuses, timings)
             why = "; ".join(f"{k}: {v}" for k, v in failed.items())
-            self._event("rotation.secret_at_risk", issued.key, attempt, why)
+            self.emit("rotation.secret_at_risk", issued.key, attempt, why)
             self._history(result)
             return result
         problems = self._verify(record)
@@ -231,12 +231,12 @@ class Engine:
         if problems:
             result = RotationResult(attempt.client_id, attempt.key_id, "failed", "; ".join(problems),
                                     attempt.attempt_id, attempt.trigger, statuses, timings)
-            self._event("rotation.failed", issued.key, attempt, result.reason)
+            self.emit("rotation.failed", issued.key, attempt, result.reason)
         else:
             status = "recovered" if success_event == "rotation.recovered" else "succeeded"
             result = RotationResult(attempt.client_id, attempt.key_id, status, "", attempt.attempt_id,
                                     attempt.trigger, statuses, timings)
-            self._event(success_event, issued.key, attempt)
+            self.emit(success_event, issued.key, attempt)
         self._history(result)
         return result
 
@@ -298,7 +298,7 @@ class Engine:
             return None  # the reset never ran
         # The secret of that attempt is gone (replay expired) or dead (reset again since): start afresh.
         why = "replay expired" if issued is None else "the key was reset again after that attempt"
-        self._event("rotation.secret_at_risk", key, attempt, f"recovery: {why}; resetting afresh")
+        self.emit("rotation.secret_at_risk", key, attempt, f"recovery: {why}; resetting afresh")
         return self._rotate_locked(ref, "recovery", True, None, why)
 
     # --- helpers -----------------------------------------------------------------------------
@@ -314,14 +314,14 @@ class Engine:
 
     def _failed(self, key: ApiKey, attempt: AttemptRecord, reason: str) -> RotationResult:
         result = RotationResult(key.client_id, key.key_id, "failed", reason, attempt.attempt_id, attempt.trigger)
-        self._event("rotation.failed", key, attempt, reason)
+        self.emit("rotation.failed", key, attempt, reason)
         self._history(result)
         return result
 
     def _history(self, result: RotationResult) -> None:
         self.state.record({"kind": "rotation", "time": self.clock(), "actor": self.actor, **result.to_dict()})
 
-    def _event(self, name: str, key: ApiKey, attempt: AttemptRecord | None = None, error: str | None = None) -> None:
+    def emit(self, name: str, key: ApiKey, attempt: AttemptRecord | None = None, error: str | None = None) -> None:
         event = Event(name, SEVERITY[name], key.client_id, key.key_id, key.alias, key.environment.value,
                       round(age_days(key, self.clock()), 2), attempt.attempt_id if attempt else None,
                       sanitize(error), self.clock())

@@ -26,6 +26,10 @@ def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+def _stderr_logger(*_: Any) -> Any:
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure(level: str | None = None, json_lines: bool | None = None) -> None:
     """Route structlog and stdlib logging to stderr at `level` (default `$ROTATOR_LOG_LEVEL`)."""
     name = (level or os.environ.get("ROTATOR_LOG_LEVEL") or "INFO").upper()
@@ -46,7 +50,7 @@ def configure(level: str | None = None, json_lines: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_stderr_logger,  # resolved per call: follows a redirected stderr
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")

@@ -1,0 +1,43 @@
+"""Celery settings, read once from rotator's own configuration (`$ROTATOR_CONFIG`).
+
+JSON only, late acknowledgement, a redelivery timeout longer than the longest rotation, one task
+prefetched per process. Task arguments are ids and trigger names; results are `RotationResult`
+dicts: neither ever holds a secret.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from rotator.config import load_settings
+
+_settings = load_settings()
+_c = _settings.celery
+
+broker_url = str(_c.broker_url)
+result_backend = str(_c.result_backend) if _c.result_backend else None
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+task_track_started = True
+result_expires = _c.result_expires_s
+result_extended = False
+broker_transport_options = {"visibility_timeout": _c.visibility_timeout_s}
+result_backend_transport_options = {"visibility_timeout": _c.visibility_timeout_s}
+broker_connection_retry_on_startup = True
+worker_hijack_root_logger = False
+worker_concurrency = _c.concurrency
+task_default_queue = "rotator"
+timezone = "UTC"
+enable_utc = True
+beat_schedule_filename = str(Path(tempfile.gettempdir()) / f"rotator-beat-{_settings.state.namespace}")
+beat_schedule = {
+    "scan": {"task": "rotator.scan", "schedule": float(_c.scan_every_s)},
+    "recover": {"task": "rotator.recover", "schedule": float(_c.recover_every_s)},
+    "reconcile": {"task": "rotator.reconcile", "schedule": float(_c.reconcile_every_s)},
+    "warn_due_soon": {"task": "rotator.warn_due_soon", "schedule": float(_c.warn_every_s)},
+}
