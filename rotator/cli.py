@@ -320,10 +320,11 @@ def worker(config: ConfigOption = None, loglevel: Annotated[str, typer.Option(he
 
 @app.command()
 def beat(config: ConfigOption = None,
-         loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+         loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+         schedule: Annotated[Path | None, typer.Option(help="Beat's schedule file.")] = None) -> None:
     """Celery beat (run one; a second one is harmless: scans are claimed once per interval)."""
     _use_config(config)
-    _celery(["beat", "--loglevel", loglevel])
+    _celery(["beat", "--loglevel", loglevel, *(["--schedule", str(schedule)] if schedule else [])])
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from rotator.protocols import Event, EventPublisher, KeyService, SecretRecord, S
 from rotator.scan import client_ids
 
 log = logs.get("rotator.engine")
+LOCKED = "another rotation of this key is running"
 
 
 @dataclass
@@ -99,8 +100,7 @@ class Engine:
         """Rotate one key once, however many triggers fire for it."""
         lease = self.state.acquire(f"key:{ref}", self.lock_ttl_s)
         if lease is None:
-            return RotationResult(ref.client_id, ref.key_id, "skipped", "another rotation of this key is running",
-                                  trigger=trigger)
+            return RotationResult(ref.client_id, ref.key_id, "skipped", LOCKED, trigger=trigger)
         with lease.kept_alive():
             try:
                 return self._rotate_locked(ref, trigger, force, triggered_at, reason)
@@ -112,8 +112,10 @@ class Engine:
         results = []
         for attempt in self.state.attempts():
             lease = self.state.acquire(f"key:{attempt.ref}", self.lock_ttl_s)
-            if lease is None:
-                continue  # its owner is alive and working on it
+            if lease is None:  # its owner is working on it, or died and its lease has not expired yet
+                results.append(RotationResult(attempt.client_id, attempt.key_id, "skipped", LOCKED,
+                                              attempt.attempt_id, attempt.trigger))
+                continue
             with lease.kept_alive():
                 current = self.state.get_attempt(attempt.ref)
                 if current is None:

@@ -11,7 +11,7 @@ from celery import Celery, signals
 from rotator import logs
 from rotator.config import load_settings
 from rotator.domain import KeyRef, KeyState
-from rotator.engine import Engine
+from rotator.engine import LOCKED, Engine
 from rotator.policy import classify
 from rotator.scan import scan as scan_keys
 
@@ -64,9 +64,15 @@ def scan() -> dict[str, Any]:
     return {"queued": queued, "counts": counts, "mode": settings.policy.mode}
 
 
-@app.task(name="rotator.recover")
-def recover() -> list[dict[str, Any]]:
-    return [r.to_dict() for r in engine().recover_all()]
+@app.task(name="rotator.recover", bind=True, max_retries=20)
+def recover(self: Any) -> list[dict[str, Any]]:
+    """Finish left-over attempts. One still leased (say, by a worker killed a moment ago) is
+    tried again once that lease can have expired."""
+    eng = engine()
+    results = eng.recover_all()
+    if any(r.reason == LOCKED for r in results):
+        raise self.retry(countdown=eng.lock_ttl_s)
+    return [r.to_dict() for r in results]
 
 
 @app.task(name="rotator.reconcile")

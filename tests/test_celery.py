@@ -1,0 +1,262 @@
+"""Real Celery workers and beats against a private Redis, the emulator and Vault over HTTP.
+
+Every test ends by checking the emulator's ledger and every sink: each due key reset exactly
+once, every sink holding the secret the key service accepts now.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from cryptography.fernet import Fernet
+
+from rotator.domain import ApiKey
+from rotator.fingerprint import Fingerprinter
+from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.keyservice.http import HttpKeyService
+from rotator.sinks import registry
+from tests.conftest import FP_KEY, TOKEN
+from tests.vault_server import VaultTestServer
+
+pytestmark = pytest.mark.slow
+FP = Fingerprinter(FP_KEY)
+DAY = 86_400
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Cluster:
+    """A config file and the processes started for one test; everything they print is kept."""
+
+    def __init__(self, tmp: Path, redis_url: str, emulator_url: str, vault_url: str, vault_token: str,
+                 mode: str = "enforce") -> None:
+        self.tmp = tmp
+        self.vault_url = vault_url
+        self.broker_url = f"{redis_url}/1"
+        self.db = redis.Redis.from_url(redis_url)
+        self.db.flushall()
+        self.env = {**os.environ, "ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": FP_KEY,
+                    "ROTATOR_FILE_KEY": Fernet.generate_key().decode(), "VAULT_TOKEN": vault_token,
+                    "ROTATOR_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1"}
+        self.config = tmp / "rotator.toml"
+        self.config.write_text(f"""
+[keyservice]
+url = "{emulator_url}"
+max_attempts = 3
+retry_max_wait_s = 0.5
+[policy]
+mode = "{mode}"
+[state]
+redis_url = "{redis_url}/0"
+lock_ttl_s = 10
+[celery]
+broker_url = "{redis_url}/1"
+result_backend = "{redis_url}/2"
+scan_every_s = 2
+recover_every_s = 3600
+visibility_timeout_s = 60
+concurrency = 2
+[engine]
+sink_retry_s = 30
+[[sinks]]
+kind = "file"
+dir = "{tmp / 'secrets'}"
+[[sinks]]
+kind = "vault"
+url = "{vault_url}"
+""")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.outputs: list[Path] = []
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"proc-{len(self.procs)}.log"
+        self.outputs.append(log)
+        proc = subprocess.Popen([sys.executable, "-m", "rotator.cli", *args, "--config", str(self.config)],
+                                env=self.env, cwd=self.tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self) -> subprocess.Popen[bytes]:
+        proc = self.start("worker", "--loglevel", "DEBUG")
+        wait_for(lambda: b" ready." in self.outputs[-1].read_bytes(), 30, "worker ready")
+        return proc
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "rotator.cli", *args, "--config", str(self.config)],
+                                env=self.env, cwd=self.tmp, capture_output=True, text=True, timeout=60)
+        self.outputs.append(self.tmp / f"cli-{uuid.uuid4().hex}.log")
+        self.outputs[-1].write_text(result.stdout + result.stderr)
+        return result
+
+    def sinks(self) -> list[Any]:
+        os.environ.update({k: self.env[k] for k in ("ROTATOR_FILE_KEY", "VAULT_TOKEN")})
+        return [registry.build("file", {"dir": str(self.tmp / "secrets")}, FP),
+                registry.build("vault", {"url": self.vault_url}, FP)]
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+    def everything_written(self) -> str:
+        """Every log line, CLI output and Redis key and value the run produced."""
+        parts = [p.read_text(errors="replace") for p in self.outputs if p.exists()]
+        for db in (0, 1, 2):
+            conn = self.db.connection_pool.connection_kwargs
+            r = redis.Redis(host=conn["host"], port=conn["port"], db=db)
+            for key in r.scan_iter("*"):
+                parts.append(repr(key))
+                parts.append(repr(r.dump(key)))
+        return "\n".join(parts)
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def vault() -> Iterator[VaultTestServer]:
+    with VaultTestServer() as server:
+        yield server
+
+
+@pytest.fixture
+def world(tmp_path: Path, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
+          vault: VaultTestServer) -> Iterator[tuple[Cluster, dict[str, str]]]:
+    now = emulator.now()
+    c = emulator.add_client("acme-prod", "Acme", created_at=now - 400 * DAY)
+    due = [next(iter(c.keys)), emulator.add_key("acme-prod", "payouts", created_at=now - 95 * DAY).id]
+    emulator.add_key("acme-prod", "reports", created_at=now - 10 * DAY)
+    cluster = Cluster(tmp_path, redis_server, emulator_server.url, vault.url, vault.root_token)
+    yield cluster, {"due1": due[0], "due2": due[1]}
+    cluster.stop()
+
+
+def settled(cluster: Cluster, emulator: Emulator, keyservice: HttpKeyService, key_ids: list[str]) -> bool:
+    """Every sink holds, for each key, the secret the key service accepts now."""
+    for key_id in key_ids:
+        key: ApiKey = keyservice.get_key("acme-prod", key_id)
+        want = FP(emulator.current_secret("acme-prod", key_id))
+        for sink in cluster.sinks():
+            state = sink.read_state(key)
+            if state is None or state.fingerprint != want:
+                return False
+    return True
+
+
+def reset_counts(emulator: Emulator) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in emulator.ledger:
+        counts[entry.key_id] = counts.get(entry.key_id, 0) + 1
+    return counts
+
+
+def test_worker_killed_after_reset_recovers_by_replay(
+    world: tuple[Cluster, dict[str, str]], emulator: Emulator, keyservice: HttpKeyService, vault: VaultTestServer
+) -> None:
+    """Fault 2: SIGKILL after the reset, before any sink write; a new worker replays the same secret."""
+    cluster, keys = world
+    vault.state.hold_writes.clear()  # Vault writes hang: the worker is caught with the secret in memory
+    first = cluster.worker()
+    result = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", keys["due1"], "--apply", "--enqueue")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: len(emulator.ledger) == 1, 30, "the reset")
+    wait_for(lambda: ("POST", f"secret/data/rotator/acme-prod/{keys['due1']}") in vault.state.requests, 30,
+             "the vault write")
+    cluster.kill(first)
+    assert cluster.db.smembers(b"rotator:attempts") == {f"acme-prod/{keys['due1']}".encode()}
+    vault.state.hold_writes.set()
+    cluster.worker()
+    wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due1"]]), 60, "recovery")
+    assert reset_counts(emulator) == {keys["due1"]: 1}
+    wait_for(lambda: not cluster.db.smembers(b"rotator:attempts"), 10, "attempt cleared")
+
+
+def test_two_beats_and_a_manual_apply_rotate_each_key_once(
+    world: tuple[Cluster, dict[str, str]], emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """Fault 4: two beats and `rotate --all-due --apply` together: each due key reset once."""
+    cluster, keys = world
+    cluster.worker()
+    cluster.start("beat", "--schedule", str(cluster.tmp / "beat-a"))
+    cluster.start("beat", "--schedule", str(cluster.tmp / "beat-b"))
+    manual = cluster.cli("rotate", "--all-due", "--apply", "--json")
+    assert manual.returncode in (0, 1), manual.stderr
+    wait_for(lambda: settled(cluster, emulator, keyservice, list(keys.values())), 60, "both keys stored")
+    time.sleep(4)  # two more beat intervals: nothing is rotated again
+    assert reset_counts(emulator) == {keys["due1"]: 1, keys["due2"]: 1}
+    assert settled(cluster, emulator, keyservice, list(keys.values()))
+
+
+def test_redelivered_message_rotates_once_and_nothing_leaks(
+    world: tuple[Cluster, dict[str, str]], emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """Faults 5 and 7: the same message twice rotates once; at DEBUG with results on, no secret anywhere."""
+    cluster, keys = world
+    cluster.worker()
+    from celery import Celery
+
+    app = Celery(broker=cluster.broker_url)
+    app.conf.task_default_queue = "rotator"
+    task_id = str(uuid.uuid4())
+    triggered = time.time()
+    for _ in range(2):
+        app.send_task("rotator.rotate_key", args=["acme-prod", keys["due1"], "schedule", triggered], task_id=task_id)
+    wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due1"]]), 60, "rotation")
+    time.sleep(1)
+    assert reset_counts(emulator) == {keys["due1"]: 1}
+    status = cluster.cli("status", "--json", "--history", "10")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert any(r["key_id"] == keys["due1"] and r["last_rotation"]["status"] == "succeeded" for r in report["keys"])
+    assert report["drift"] == []
+    secret = emulator.current_secret("acme-prod", keys["due1"])
+    written = cluster.everything_written()
+    assert "rotation.succeeded" in written and keys["due1"] in written  # the logs are really there
+    assert secret not in written
+
+
+def test_audit_mode_and_plans_change_nothing(
+    tmp_path: Path, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer, vault: VaultTestServer
+) -> None:
+    """Fault 8: audit mode scans report overdue keys; a plan without --apply resets nothing."""
+    now = emulator.now()
+    emulator.add_client("acme-prod", "Acme", created_at=now - 400 * DAY)
+    cluster = Cluster(tmp_path, redis_server, emulator_server.url, vault.url, vault.root_token, mode="audit")
+    try:
+        cluster.worker()
+        cluster.start("beat", "--schedule", str(tmp_path / "beat"))
+        plan = cluster.cli("rotate", "--all-due", "--json")
+        assert plan.returncode == 0 and json.loads(plan.stdout)["applied"] is False
+        wait_for(lambda: b"key.overdue" in b"".join(p.read_bytes() for p in cluster.outputs if p.exists()), 30,
+                 "an overdue report")
+        assert emulator.ledger == []
+    finally:
+        cluster.stop()
