@@ -327,6 +327,20 @@ def beat(config: ConfigOption = None,
     _celery(["beat", "--loglevel", loglevel, *(["--schedule", str(schedule)] if schedule else [])])
 
 
+@app.command()
+def demo(
+    home: Annotated[Path, typer.Option(help="Where the demo keeps its config, keys and secrets.")] = Path(
+        ".rotator-demo"),
+    port: Annotated[int, typer.Option(help="Emulator port (0: any free port).")] = 0,
+    duration: Annotated[float | None, typer.Option("--for", help="Stop after this many seconds.")] = None,
+    plain: Annotated[bool, typer.Option("--plain", help="Log lines instead of a live table.")] = False,
+) -> None:
+    """The real worker and beat on embedded defaults: private Redis, emulator, encrypted files."""
+    from rotator.demo.run import main as run_demo
+
+    raise typer.Exit(run_demo(home.resolve(), port, duration, plain or not out.is_terminal))
+
+
 def main() -> None:
     try:
         app()

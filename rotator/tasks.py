@@ -71,7 +71,7 @@ def recover(self: Any) -> list[dict[str, Any]]:
     eng = engine()
     results = eng.recover_all()
     if any(r.reason == LOCKED for r in results):
-        raise self.retry(countdown=eng.lock_ttl_s)
+        raise self.retry(countdown=max(1.0, eng.lock_ttl_s / 3))
     return [r.to_dict() for r in results]
 
 

@@ -194,9 +194,12 @@ def test_worker_killed_after_reset_recovers_by_replay(
     assert cluster.db.smembers(b"rotator:attempts") == {f"acme-prod/{keys['due1']}".encode()}
     vault.state.hold_writes.set()
     cluster.worker()
-    wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due1"]]), 60, "recovery")
+    wait_for(lambda: not cluster.db.smembers(b"rotator:attempts"), 90, "recovery to finish the attempt")
+    assert settled(cluster, emulator, keyservice, [keys["due1"]])
     assert reset_counts(emulator) == {keys["due1"]: 1}
-    wait_for(lambda: not cluster.db.smembers(b"rotator:attempts"), 10, "attempt cleared")
+    history = [json.loads(x) for x in cluster.db.lrange("rotator:history", 0, -1)]
+    assert [h["status"] for h in history if h["kind"] == "rotation"] == ["recovered"]
+    assert [h["action"] for h in history if h["kind"] == "manual"] == ["enqueue"]
 
 
 def test_two_beats_and_a_manual_apply_rotate_each_key_once(

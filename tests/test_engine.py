@@ -267,3 +267,24 @@ def test_secret_canary_in_process(
     assert secret not in blob
     assert repr(Secret(secret)) == "Secret('**********')"
     logs.configure("WARNING")
+
+
+def test_key_becomes_due_after_two_simulated_days(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState
+) -> None:
+    """A key created 89 days ago is not due today and is due two days later (only the decision is frozen)."""
+    from freezegun import freeze_time
+
+    from rotator.scan import scan
+
+    start = time.time()
+    emulator.add_client("acme", created_at=int(start - 89 * DAY))
+    engine, _ = make_engine(keyservice, state, [memory()])
+    with freeze_time(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start))):
+        today = time.time()
+    with freeze_time(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start + 2 * DAY))):
+        later = time.time()
+    assert [r.state.value for r in scan(keyservice, engine.policy, today)] == ["due_soon"]
+    assert [r.state.value for r in scan(keyservice, engine.policy, later)] == ["due"]
+    assert engine.due_keys(today) == []
+    assert [k.alias for k in engine.due_keys(later)] == ["Auto-generated key"]

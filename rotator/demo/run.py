@@ -1,0 +1,169 @@
+"""`rotator demo`: the real worker and beat on embedded defaults, with nothing installed or running.
+
+A private Redis, the key-service emulator seeded with `seed.json`, the encrypted file sink,
+`enforce` mode and a 10-second scan. Credentials are generated into `.rotator-demo/` (mode 0600)
+and the config there names them by file, so `rotator status --config .rotator-demo/rotator.toml`
+works from another terminal. Ctrl-C stops every process it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from rotator.config import load_settings
+from rotator.embedded import PrivateRedis
+from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.policy import classify
+from rotator.runtime import build_state
+from rotator.scan import scan
+
+SEED = Path(__file__).with_name("seed.json")
+
+
+def _secret_file(path: Path, value: str) -> Path:
+    path.write_text(value)
+    path.chmod(0o600)
+    return path
+
+
+def write_config(home: Path, redis_url: str, emulator_url: str) -> Path:
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = _secret_file(home / "keyservice.token", secrets.token_urlsafe(24))
+    fp_key = _secret_file(home / "fingerprint.key", secrets.token_urlsafe(32))
+    file_key = home / "file.key"
+    if not file_key.exists():  # keep the key across runs so earlier files stay readable
+        _secret_file(file_key, Fernet.generate_key().decode())
+    config = home / "rotator.toml"
+    config.write_text(f"""# Written by `rotator demo`; see examples/ for production files.
+[keyservice]
+kind = "http"
+url = "{emulator_url}"
+token_file = "{token}"
+
+[policy]
+max_age_days = 90
+warn_before_days = 14
+mode = "enforce"
+
+[state]
+redis_url = "{redis_url}/0"
+
+[celery]
+broker_url = "{redis_url}/1"
+scan_every_s = 10
+concurrency = 2
+
+[engine]
+fingerprint_key_file = "{fp_key}"
+sink_retry_s = 30
+
+[[sinks]]
+kind = "file"
+dir = "{home / 'secrets'}"
+key_file = "{file_key}"
+""")
+    return config
+
+
+def _table(config: Path, started: float) -> Table:
+    settings = load_settings(config)
+    from rotator.keyservice import build_keyservice
+
+    service = build_keyservice(settings.keyservice)
+    state = build_state(settings)
+    table = Table(title=f"rotator demo · {int(time.time() - started)}s · Ctrl-C stops everything")
+    for col in ("client_id", "alias", "env", "age (days)", "state", "last rotation"):
+        table.add_column(col)
+    colours = {"due": "red", "due_soon": "yellow", "ok": "green"}
+    try:
+        for row in scan(service, settings.policy.to_policy(), time.time()):
+            last = state.last_rotation(row.key.ref)
+            text = f"{last['status']} ({last['trigger']})" if last else ""
+            st = classify(row.key, time.time(), settings.policy.to_policy()).value
+            c = colours.get(st, "dim")
+            table.add_row(row.key.client_id, row.key.alias, row.key.environment.value[:4],
+                          f"{row.age_days:.1f}", f"[{c}]{st}[/{c}]", text)
+    finally:
+        service.close()
+    return table
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def services(home: Path, port: int) -> Iterator[tuple[Path, PrivateRedis, EmulatorServer]]:
+    emulator = Emulator(token="unused")
+    emulator.load_seed_file(SEED)
+    with PrivateRedis() as redis_server, EmulatorServer(emulator, port=port) as server:
+        config = write_config(home, redis_server.url, server.url)
+        emulator.token = (home / "keyservice.token").read_text()
+        yield config, redis_server, server
+
+
+def main(home: Path, port: int, duration: float | None, plain: bool) -> int:
+    console = Console()
+    started = time.time()
+    with services(home, port) as (config, _redis, server):
+        log = (home / "worker.log").open("wb")
+        env = {**os.environ, "ROTATOR_CONFIG": str(config), "ROTATOR_LOG_FORMAT": "json"}
+        worker = subprocess.Popen([sys.executable, "-m", "rotator.cli", "run", "--config", str(config)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        console.print(f"key-service emulator: {server.url} · worker log: {home / 'worker.log'}")
+        console.print(f"in another terminal: rotator status --config {config}")
+        interrupted = False
+        try:
+            deadline = None if duration is None else started + duration
+            seen: set[str] = set()
+            if plain:
+                while deadline is None or time.time() < deadline:
+                    state = build_state(load_settings(config))
+                    for entry in reversed(state.history(50)):
+                        mark = f"{entry.get('attempt_id')}:{entry.get('status')}"
+                        if mark not in seen:
+                            seen.add(mark)
+                            console.print(f"{entry['status']:>9} {entry['client_id']}/{entry['key_id']} "
+                                          f"trigger={entry['trigger']} sinks={entry['sinks']}", highlight=False)
+                    if worker.poll() is not None:
+                        break
+                    time.sleep(1)
+            else:
+                with Live(_table(config, started), console=console, refresh_per_second=1) as live:
+                    while deadline is None or time.time() < deadline:
+                        time.sleep(1)
+                        live.update(_table(config, started))
+                        if worker.poll() is not None:
+                            break
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            _stop(worker)
+            log.close()
+        if worker.returncode not in (0, -signal.SIGTERM, None) and not interrupted and duration is None:
+            console.print(f"[red]the worker exited with {worker.returncode}; see {home / 'worker.log'}[/red]")
+            return 1
+        console.print("stopped: worker, beat, Redis and the emulator")
+    return 0

@@ -1,0 +1,54 @@
+"""The newcomer path: `rotator demo` rotates the seeded due keys and leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rotator.keyservice.emulator import Emulator
+from rotator.policy import Policy
+from rotator.scan import scan
+
+pytestmark = pytest.mark.slow
+SEED = Path(__file__).resolve().parents[1] / "rotator" / "demo" / "seed.json"
+
+
+def test_demo_rotates_due_keys_and_stops_cleanly(tmp_path: Path) -> None:
+    """Within 60 s the demo rotates every due production key; afterwards no process or port is left."""
+    home = tmp_path / "demo"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "rotator.cli", "demo", "--for", "35", "--plain",
+                             "--home", str(home)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 60
+    succeeded = [line for line in result.stdout.splitlines() if line.strip().startswith("succeeded")]
+    assert len(succeeded) == 3, result.stdout  # the seed has three due production keys
+    assert "stopped: worker, beat, Redis and the emulator" in result.stdout
+    redis_url = next(line for line in (home / "rotator.toml").read_text().splitlines() if "redis_url" in line)
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass
+    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+    files = list((home / "secrets").rglob("*.secret"))
+    assert len(files) == 3 and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+
+
+def test_demo_seed_has_every_state() -> None:
+    """The demo seed shows due, due-soon and young keys, the Auto-generated key and a sandbox."""
+    emulator = Emulator()
+    emulator.load_seed(json.loads(SEED.read_text()))
+    from rotator.keyservice.emulator_http import EmulatorServer
+    from rotator.keyservice.http import HttpKeyService
+
+    with EmulatorServer(emulator) as server, HttpKeyService(server.url, emulator.token) as service:
+        rows = list(scan(service, Policy(), time.time()))
+    states = [r.state.value for r in rows]
+    assert states.count("due") == 3 and "due_soon" in states and "ok" in states and "out_of_scope" in states
+    assert any(r.key.is_auto_generated and r.state.value == "due" for r in rows)
