@@ -202,10 +202,13 @@ def rotate(
                 err.print(f"{len(refs)} key(s); nothing changed (add --apply to rotate)")
             return
         if enqueue:
+            from rotator.tasks import app as celery_app
             from rotator.tasks import rotate_key
 
             now = time.time()
-            ids = [rotate_key.delay(r.client_id, r.key_id, "manual", now, force).id for r in refs]
+            with celery_app.producer_or_acquire() as producer:  # one connection for every message
+                ids = [rotate_key.apply_async((r.client_id, r.key_id, "manual", now, force), producer=producer).id
+                       for r in refs]
             engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
                                  "keys": [str(r) for r in refs], "reason": reason})
             if as_json:
