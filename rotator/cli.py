@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from rich.table import Table
 from rotator import logs
 from rotator.config import Settings, config_path, load_settings
 from rotator.errors import ConfigError, RotatorError
+
+if TYPE_CHECKING:
+    from rotator.engine import Engine
 
 app = typer.Typer(
     name="rotator",
@@ -163,6 +166,17 @@ def emulator(
         server.server_close()
 
 
+def _engine(settings: Settings) -> Engine:
+    """An engine for a command run by a person: its events reach the alert channels via the workers."""
+    from rotator.runtime import build_engine
+
+    if settings.alerts:
+        from rotator.tasks import CeleryPublisher
+
+        return build_engine(settings, publisher=CeleryPublisher())
+    return build_engine(settings)
+
+
 def _use_config(config: Path | None) -> Settings:
     """Validate, then export the path so Celery's config module reads the same file."""
     settings = settings_or_exit(config)
@@ -187,10 +201,9 @@ def rotate(
         fail("give --all-due, or both --client-id and --key-id", 2)
     settings = _use_config(config)
     from rotator.domain import KeyRef
-    from rotator.runtime import build_engine
 
     with errors_exit():
-        engine = build_engine(settings)
+        engine = _engine(settings)
         refs = ([k.ref for k in engine.due_keys()] if all_due else [KeyRef(str(client_id), str(key_id))])
         if not apply:
             plan = [{"client_id": r.client_id, "key_id": r.key_id, "action": "rotate"} for r in refs]
@@ -207,8 +220,8 @@ def rotate(
 
             now = time.time()
             with celery_app.producer_or_acquire() as producer:  # one connection for every message
-                ids = [rotate_key.apply_async((r.client_id, r.key_id, "manual", now, force), producer=producer).id
-                       for r in refs]
+                ids = [rotate_key.apply_async((r.client_id, r.key_id, "manual", now, force, reason, engine.actor),
+                                              producer=producer).id for r in refs]
             engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
                                  "keys": [str(r) for r in refs], "reason": reason})
             if as_json:
@@ -234,15 +247,15 @@ def rotate(
 
 @app.command()
 def status(config: ConfigOption = None, as_json: JsonOption = False,
-           history: Annotated[int, typer.Option("--history", help="Also show the last N audit entries.")] = 0) -> None:
+           history: Annotated[bool, typer.Option("--history", help="Also show the audit history.")] = False,
+           limit: Annotated[int, typer.Option(help="History entries to show.")] = 50) -> None:
     """Per key: last rotation, in-flight attempts, next due date; and drift."""
-    settings = settings_or_exit(config)
+    settings = _use_config(config)
     from rotator.domain import utc_iso
-    from rotator.runtime import build_engine
     from rotator.scan import scan as run_scan
 
     with errors_exit():
-        engine = build_engine(settings)
+        engine = _engine(settings)
         attempts = {str(a.ref): a for a in engine.state.attempts()}
         rows = []
         for row in run_scan(engine.keyservice, engine.policy, time.time(), settings.keyservice.clients):
@@ -251,7 +264,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
                          "last_rotation": last, "in_flight": str(row.key.ref) in attempts})
         drift = [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
                  for d in engine.drift()]
-        entries = engine.state.history(history) if history else []
+        entries = engine.state.history(limit) if history else []
     if as_json:
         print(json.dumps({"keys": rows, "in_flight": [a.attempt_id for a in attempts.values()],
                           "drift": drift, "history": entries}, indent=2))
@@ -266,8 +279,16 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
     for d in drift:
         err.print(f"[red]drift[/red] {escape(d['client_id'])}/{escape(d['key_id'])} {escape(d['sink'])}: "
                   f"{escape(d['reason'])}")
-    for e in entries:
-        out.print(escape(json.dumps(e, sort_keys=True)))
+    if entries:
+        audit = Table("time", "actor", "kind", "key", "trigger", "result", "note / sinks")
+        for e in entries:
+            keys = f"{e.get('client_id')}/{e.get('key_id')}" if e.get("client_id") else ", ".join(e.get("keys", []))
+            sinks = ", ".join(f"{k}: {v}" for k, v in (e.get("sinks") or {}).items())
+            detail = e.get("note") or e.get("reason") or sinks
+            audit.add_row(utc_iso(e["time"]), escape(str(e.get("actor", ""))), e.get("kind", ""), escape(keys),
+                          escape(str(e.get("trigger", e.get("action", "")))), escape(str(e.get("status", ""))),
+                          escape(detail))
+        out.print(audit)
 
 
 @app.command()
@@ -275,17 +296,16 @@ def reconcile(config: ConfigOption = None,
               repair: Annotated[bool, typer.Option("--repair", help="Recover attempts and re-rotate drift.")] = False,
               as_json: JsonOption = False) -> None:
     """Compare the key service with every sink; --repair fixes what drifted."""
-    settings = settings_or_exit(config)
-    from rotator.runtime import build_engine
-
+    settings = _use_config(config)
     with errors_exit():
-        engine = build_engine(settings)
+        engine = _engine(settings)
         drift = engine.drift()
         repaired = []
         if repair:
             repaired = [r.to_dict() for r in engine.recover_all()]
             for ref in {d.key.ref for d in drift}:
-                repaired.append(engine.rotate(ref, trigger="reconcile", force=True).to_dict())
+                repaired.append(engine.rotate(ref, trigger="reconcile", force=True, reason="reconcile --repair")
+                                .to_dict())
     report = {"drift": [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink,
                          "reason": d.reason} for d in drift], "repaired": repaired}
     if as_json:
@@ -315,9 +335,15 @@ def run(config: ConfigOption = None,
 
 @app.command()
 def worker(config: ConfigOption = None, loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
-           concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None) -> None:
+           concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
+           metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+           ) -> None:
     """A Celery worker (run many)."""
     settings = _use_config(config)
+    if metrics_port is not None:
+        from rotator.metrics import serve
+
+        serve(settings, metrics_port)
     _celery(["worker", "--loglevel", loglevel, "--concurrency", str(concurrency or settings.celery.concurrency)])
 
 
@@ -328,6 +354,22 @@ def beat(config: ConfigOption = None,
     """Celery beat (run one; a second one is harmless: scans are claimed once per interval)."""
     _use_config(config)
     _celery(["beat", "--loglevel", loglevel, *(["--schedule", str(schedule)] if schedule else [])])
+
+
+@app.command()
+def metrics(config: ConfigOption = None, port: Annotated[int, typer.Option(help="Port to listen on.")] = 9464,
+            host: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0") -> None:
+    """Serve Prometheus metrics (key ages, next due dates, rotations, secrets at risk)."""
+    settings = _use_config(config)
+    from rotator.metrics import serve
+
+    serve(settings, port, host)
+    err.print(f"metrics on http://{host}:{port}/metrics (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

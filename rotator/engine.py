@@ -24,7 +24,7 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
 from rotator import logs
-from rotator.domain import ApiKey, AttemptRecord, IssuedKey, KeyRef, utc_iso
+from rotator.domain import ApiKey, AttemptRecord, IssuedKey, KeyRef, KeyState, utc_iso
 from rotator.errors import NotFoundError, PermanentError, RotatorError, TransientError
 from rotator.events import SEVERITY, sanitize
 from rotator.fingerprint import Fingerprinter
@@ -48,6 +48,7 @@ class RotationResult:
     trigger: str = ""
     sinks: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    note: str = ""  # the operator's --reason, kept in the audit history
 
     @property
     def ok(self) -> bool:
@@ -56,7 +57,7 @@ class RotationResult:
     def to_dict(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "key_id": self.key_id, "status": self.status,
                 "reason": self.reason, "attempt_id": self.attempt_id, "trigger": self.trigger,
-                "sinks": dict(self.sinks), "timings": dict(self.timings)}
+                "sinks": dict(self.sinks), "timings": dict(self.timings), "note": self.note}
 
 
 @dataclass
@@ -96,8 +97,9 @@ class Engine:
 
     # --- public ------------------------------------------------------------------------------
     def rotate(self, ref: KeyRef, *, trigger: str, force: bool = False,
-               triggered_at: float | None = None, reason: str = "") -> RotationResult:
+               triggered_at: float | None = None, reason: str = "", actor: str | None = None) -> RotationResult:
         """Rotate one key once, however many triggers fire for it."""
+        self._note, self._actor = reason, actor or self.actor
         lease = self.state.acquire(f"key:{ref}", self.lock_ttl_s)
         if lease is None:
             return RotationResult(ref.client_id, ref.key_id, "skipped", LOCKED, trigger=trigger)
@@ -129,7 +131,6 @@ class Engine:
         return results
 
     def due_keys(self, now: float | None = None) -> list[ApiKey]:
-        from rotator.domain import KeyState
         from rotator.policy import classify
 
         moment = self.clock() if now is None else now
@@ -160,6 +161,24 @@ class Engine:
         for d in found:
             self.emit("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
         return found
+
+    def warn(self, now: float) -> dict[str, int]:
+        """`key.due_soon` for keys in the warning period; `key.overdue` for keys past due and not
+        rotated (audit mode, excluded, outside the window, failing)."""
+        from rotator.policy import classify, in_scope
+
+        counts = {"due_soon": 0, "overdue": 0}
+        for cid in client_ids(self.keyservice, self._clients):
+            for key in self.keyservice.list_keys(cid):
+                state = classify(key, now, self.policy)
+                if state is KeyState.DUE_SOON:
+                    self.emit("key.due_soon", key)
+                    counts["due_soon"] += 1
+                elif in_scope(key, self.policy) and is_due(key, now, self.policy):
+                    why = "excluded by policy" if state is KeyState.EXCLUDED else "due and not rotated yet"
+                    self.emit("key.overdue", key, error=why)
+                    counts["overdue"] += 1
+        return counts
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -337,8 +356,15 @@ class Engine:
         self._history(result)
         return result
 
+    _note = ""
+    _actor = ""
+
     def _history(self, result: RotationResult) -> None:
-        self.state.record({"kind": "rotation", "time": self.clock(), "actor": self.actor, **result.to_dict()})
+        result.note = result.note or self._note
+        self.state.record({"kind": "rotation", "time": self.clock(), "actor": self._actor or self.actor,
+                           **result.to_dict()})
+        log.info("rotation.finished", **{k: v for k, v in result.to_dict().items() if k != "timings"},
+                 actor=self._actor or self.actor)
 
     def emit(self, name: str, key: ApiKey, attempt: AttemptRecord | None = None, error: str | None = None) -> None:
         event = Event(name, SEVERITY[name], key.client_id, key.key_id, key.alias, key.environment.value,

@@ -18,6 +18,7 @@ import redis
 
 from rotator.domain import AttemptRecord, KeyRef
 
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, float("inf"))
 _EXTEND = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
@@ -129,7 +130,29 @@ class RedisState:
         pipe.ltrim(self._k("history"), 0, self.history_max - 1)
         if entry.get("client_id") and entry.get("key_id") and entry.get("kind") == "rotation":
             pipe.set(self._k("last", f"{entry['client_id']}/{entry['key_id']}"), text)
+            pipe.hincrby(self._k("metrics", "rotations"), str(entry.get("status")), 1)
+            seconds = (entry.get("timings") or {}).get("total_s")
+            if isinstance(seconds, int | float):
+                for bound in DURATION_BUCKETS:
+                    if seconds <= bound:
+                        pipe.hincrby(self._k("metrics", "duration"), f"le:{bound}", 1)
+                pipe.hincrby(self._k("metrics", "duration"), "count", 1)
+                pipe.hincrbyfloat(self._k("metrics", "duration"), "sum", float(seconds))
         pipe.execute()
+
+    def metrics(self) -> dict[str, Any]:
+        """Shared counters every worker process adds to (so a scrape sees all of them)."""
+        pipe = self.client.pipeline()
+        pipe.hgetall(self._k("metrics", "rotations"))
+        pipe.hgetall(self._k("metrics", "duration"))
+        pipe.get(self._k("last_scan"))
+        rotations, duration, last_scan = pipe.execute()
+        return {"rotations": {str(k): int(v) for k, v in rotations.items()},
+                "duration": {str(k): float(v) for k, v in duration.items()},
+                "last_scan": float(last_scan) if last_scan else None}
+
+    def mark_scan(self, when: float) -> None:
+        self.client.set(self._k("last_scan"), when)
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.client.lrange(self._k("history"), 0, limit - 1)]

@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
 from celery import Celery, signals
 
 from rotator import logs
-from rotator.config import load_settings
+from rotator.alerts.dispatch import event_from_dict, first_time, routes
+from rotator.config import Settings, load_settings
 from rotator.domain import KeyRef, KeyState
 from rotator.engine import LOCKED, Engine
-from rotator.policy import classify
+from rotator.errors import RotatorError, TransientError
+from rotator.events import LogPublisher
+from rotator.protocols import Event
 from rotator.scan import scan as scan_keys
 
 app = Celery("rotator")
 app.config_from_object("rotator.celeryconf")
 log = logs.get("rotator.tasks")
+# Publishing an alert must never hold up a rotation: a broker hiccup gets two quick tries.
+_QUICK = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
+
+@cache
+def settings() -> Settings:
+    return load_settings()
+
+
+class CeleryPublisher:
+    """Logs every event and hands each channel's copy to the `notify` task."""
+
+    def __init__(self) -> None:
+        self._log = LogPublisher()
+        self._routes = routes(settings())
+
+    def publish(self, event: Event) -> None:
+        self._log.publish(event)
+        for route in self._routes:
+            if route.wants(event):
+                notify.apply_async((route.index, event.to_dict()), retry=True, retry_policy=_QUICK)
 
 
 @cache
@@ -25,49 +50,49 @@ def engine() -> Engine:
     """One engine per worker process, built after the fork."""
     from rotator.runtime import build_engine
 
-    return build_engine(load_settings(), actor="celery")
+    return build_engine(settings(), publisher=CeleryPublisher(), actor="celery")
 
 
-@app.task(name="rotator.rotate_key", bind=True, acks_late=True, max_retries=0)
-def rotate_key(self: Any, client_id: str, key_id: str, trigger: str = "manual",
-               triggered_at: float | None = None, force: bool = False) -> dict[str, Any]:
-    result = engine().rotate(KeyRef(client_id, key_id), trigger=trigger, force=force, triggered_at=triggered_at)
-    log.info("rotation.result", **{k: v for k, v in result.to_dict().items() if k != "sinks"})
+@app.task(name="rotator.rotate_key", acks_late=True, max_retries=0)
+def rotate_key(client_id: str, key_id: str, trigger: str = "manual", triggered_at: float | None = None,
+               force: bool = False, reason: str = "", actor: str = "") -> dict[str, Any]:
+    result = engine().rotate(KeyRef(client_id, key_id), trigger=trigger, force=force, triggered_at=triggered_at,
+                             reason=reason, actor=actor or None)
     return result.to_dict()
 
 
 @app.task(name="rotator.scan")
 def scan() -> dict[str, Any]:
-    """On the beat: fan out one rotate_key per due key. Runs once per interval however many beats fire."""
-    settings = load_settings()
+    """On the beat: one rotate_key per due key; claimed once per interval however many beats fire."""
+    s = settings()
     eng = engine()
     now = time.time()
-    slot = int(now // settings.celery.scan_every_s)
-    if not eng.state.once(f"scan:{slot}", settings.celery.scan_every_s):
+    slot = int(now // s.celery.scan_every_s)
+    if not eng.state.once(f"scan:{slot}", s.celery.scan_every_s):
         return {"skipped": "another beat already scanned in this interval"}
-    window = settings.policy.rotation_window()
-    enforce = settings.policy.mode == "enforce"
+    window = s.policy.rotation_window()
+    inside = window is None or window.contains(datetime.fromtimestamp(now, UTC))
+    enforce = s.policy.mode == "enforce"
     counts: dict[str, int] = {}
     queued = 0
-    for row in scan_keys(eng.keyservice, eng.policy, now, settings.keyservice.clients):
+    for row in scan_keys(eng.keyservice, eng.policy, now, s.keyservice.clients):
         counts[row.state.value] = counts.get(row.state.value, 0) + 1
         if row.state is not KeyState.DUE:
             continue
-        from datetime import UTC, datetime
-
-        if enforce and (window is None or window.contains(datetime.fromtimestamp(now, UTC))):
+        if enforce and inside:
             rotate_key.delay(row.key.client_id, row.key.key_id, "schedule", now)
             queued += 1
-        else:
+        else:  # reported, not rotated; alert channels de-duplicate it to one a day
             eng.emit("key.overdue", row.key, error="audit mode" if not enforce else "outside the rotation window")
-    eng.state.client.set(f"{eng.state.ns}:last_scan", now)  # type: ignore[attr-defined]
-    return {"queued": queued, "counts": counts, "mode": settings.policy.mode}
+    eng.state.mark_scan(now)  # type: ignore[attr-defined]
+    log.info("scan.finished", queued=queued, mode=s.policy.mode, inside_window=inside, **counts)
+    return {"queued": queued, "counts": counts, "mode": s.policy.mode, "inside_window": inside}
 
 
 @app.task(name="rotator.recover", bind=True, max_retries=20)
 def recover(self: Any) -> list[dict[str, Any]]:
-    """Finish left-over attempts. One still leased (say, by a worker killed a moment ago) is
-    tried again once that lease can have expired."""
+    """Finish left-over attempts. One still leased (by a worker killed a moment ago, say) is tried
+    again once that lease can have expired."""
     eng = engine()
     results = eng.recover_all()
     if any(r.reason == LOCKED for r in results):
@@ -83,15 +108,27 @@ def reconcile() -> list[dict[str, str]]:
 
 @app.task(name="rotator.warn_due_soon")
 def warn_due_soon() -> dict[str, int]:
-    eng = engine()
-    now = time.time()
-    sent = 0
-    for cid in eng._clients or [c.client_id for c in eng.keyservice.list_clients()]:
-        for key in eng.keyservice.list_keys(cid):
-            if classify(key, now, eng.policy) is KeyState.DUE_SOON:
-                eng.emit("key.due_soon", key)
-                sent += 1
-    return {"due_soon": sent}
+    """Daily: `key.due_soon` inside the warning period, `key.overdue` for keys past due."""
+    return engine().warn(time.time())
+
+
+@app.task(name="rotator.notify", bind=True, max_retries=10, acks_late=True)
+def notify(self: Any, route_index: int, event: dict[str, Any]) -> str:
+    """Deliver one event to one channel; retried with back-off while the receiver is down."""
+    route = routes(settings())[route_index]
+    ev = event_from_dict(event)
+    if self.request.retries == 0 and not first_time(route, ev, engine().state):
+        return "duplicate"
+    try:
+        route.notifier().send(ev)
+    except TransientError as exc:
+        log.warning("alert.retrying", channel=route_index, event_name=ev.name, error=str(exc),
+                    retries=self.request.retries)
+        raise self.retry(countdown=min(300, 2 ** self.request.retries)) from None
+    except RotatorError as exc:
+        log.error("alert.failed", channel=route_index, event_name=ev.name, error=str(exc))
+        return "failed"
+    return "sent"
 
 
 @signals.worker_ready.connect

@@ -235,7 +235,7 @@ def test_redelivered_message_rotates_once_and_nothing_leaks(
     wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due1"]]), 60, "rotation")
     time.sleep(1)
     assert reset_counts(emulator) == {keys["due1"]: 1}
-    status = cluster.cli("status", "--json", "--history", "10")
+    status = cluster.cli("status", "--json", "--history", "--limit", "10")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert any(r["key_id"] == keys["due1"] and r["last_rotation"]["status"] == "succeeded" for r in report["keys"])

@@ -1,0 +1,1 @@
+"""Alerts: events from the engine, fanned out to the `[[alerts]]` channels of the config."""

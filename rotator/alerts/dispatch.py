@@ -1,0 +1,69 @@
+"""Which channel gets which event, de-duplication, and delivery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rotator import logs
+from rotator.config import AlertConfig, Settings, read_credential
+from rotator.domain import Severity
+from rotator.protocols import Event, Notifier, StateStore
+
+log = logs.get("rotator.alerts")
+
+
+@dataclass(frozen=True)
+class Route:
+    index: int
+    config: AlertConfig
+
+    def wants(self, event: Event) -> bool:
+        if self.config.events is not None and event.name not in self.config.events:
+            return False
+        return Severity[event.severity.upper()] >= self.config.severity
+
+    def notifier(self) -> Notifier:
+        if self.config.url.startswith("webhook+"):
+            from rotator.alerts.webhook import SignedWebhook
+
+            return SignedWebhook(self.config.url, read_credential(self.config.secret_env, None, "webhook secret"))
+        from rotator.alerts.apprise_notifier import AppriseNotifier
+
+        return AppriseNotifier(self.config.url)
+
+    def dedupe_key(self, event: Event) -> str:
+        return f"alert:{self.index}:{event.name}:{event.client_id}/{event.key_id}:{event.attempt_id or '-'}"
+
+
+def routes(settings: Settings) -> list[Route]:
+    return [Route(i, a) for i, a in enumerate(settings.alerts)]
+
+
+def first_time(route: Route, event: Event, state: StateStore) -> bool:
+    """True unless this event for this key already went to this channel within its window."""
+    if route.config.dedupe_window_s == 0:
+        return True
+    return state.once(route.dedupe_key(event), route.config.dedupe_window_s)
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    return Event(data["event"], data["severity"], data["client_id"], data["key_id"], data.get("alias", ""),
+                 data.get("environment", ""), data.get("age_days"), data.get("attempt_id"), data.get("error"),
+                 data.get("time", 0.0), data.get("details") or None)
+
+
+class DirectPublisher:
+    """Delivers in the calling thread (tests, and one-shot CLI runs); errors are logged, not raised."""
+
+    def __init__(self, settings: Settings, state: StateStore) -> None:
+        self.routes = routes(settings)
+        self.state = state
+
+    def publish(self, event: Event) -> None:
+        for route in self.routes:
+            if route.wants(event) and first_time(route, event, self.state):
+                try:
+                    route.notifier().send(event)
+                except Exception as exc:
+                    log.error("alert.failed", channel=route.index, event_name=event.name, error=str(exc))

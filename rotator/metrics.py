@@ -1,0 +1,85 @@
+"""Prometheus metrics, computed at scrape time from Redis and the key service.
+
+Counters live in Redis, so one endpoint reports every worker process, however many there are.
+The key ages come from a scan cached for `cache_s` seconds so scrapes do not load the key service.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from rotator.config import Settings
+from rotator.scan import ScanRow, scan
+from rotator.state import DURATION_BUCKETS, RedisState
+
+LABELS = ["client_id", "key_id", "alias", "environment"]
+
+
+class RotatorCollector:
+    def __init__(self, settings: Settings, state: RedisState, cache_s: float = 30.0) -> None:
+        self.settings = settings
+        self.state = state
+        self.cache_s = cache_s
+        self._rows: list[ScanRow] = []
+        self._rows_at = 0.0
+        self._lock = threading.Lock()
+
+    def _scan(self) -> list[ScanRow]:
+        with self._lock:
+            if time.monotonic() - self._rows_at > self.cache_s:
+                from rotator.keyservice import build_keyservice
+
+                service = build_keyservice(self.settings.keyservice)
+                try:
+                    self._rows = list(scan(service, self.settings.policy.to_policy(), time.time(),
+                                           self.settings.keyservice.clients))
+                finally:
+                    service.close()
+                self._rows_at = time.monotonic()
+            return self._rows
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.time()
+        age = GaugeMetricFamily("rotator_key_age_seconds", "Age of the key's current secret.", labels=LABELS)
+        due = GaugeMetricFamily("rotator_key_next_due_timestamp_seconds", "When the key becomes due.",
+                                labels=LABELS)
+        for row in self._scan():
+            if row.state.value == "out_of_scope":
+                continue
+            labels = [row.key.client_id, row.key.key_id, row.key.alias, row.key.environment.value]
+            age.add_metric(labels, now - row.key.born_at)
+            due.add_metric(labels, row.due_at)
+        yield age
+        yield due
+        m: dict[str, Any] = self.state.metrics()
+        rotations = CounterMetricFamily("rotator_rotations", "Rotations by result.", labels=["result"])
+        for result in ("succeeded", "recovered", "skipped", "failed", "at_risk"):
+            rotations.add_metric([result], m["rotations"].get(result, 0))
+        yield rotations
+        d = m["duration"]
+        buckets = [(("+Inf" if b == float("inf") else str(b)), d.get(f"le:{b}", 0.0)) for b in DURATION_BUCKETS]
+        yield HistogramMetricFamily("rotator_rotation_duration_seconds", "Time from reset to verified.",
+                                    buckets=buckets, sum_value=d.get("sum", 0.0))
+        at_risk = sum(1 for a in self.state.attempts()
+                      if a.phase == "storing" or now - a.started_at > 2 * self.settings.state.lock_ttl_s)
+        yield GaugeMetricFamily("rotator_secrets_at_risk", "Reset secrets not yet stored in every sink.",
+                                value=at_risk)
+        last = GaugeMetricFamily("rotator_last_scan_timestamp_seconds", "When the last scheduled scan ran.")
+        if m["last_scan"] is not None:
+            last.add_metric([], m["last_scan"])
+        yield last
+
+
+def serve(settings: Settings, port: int, host: str = "0.0.0.0") -> Any:
+    """Start the endpoint in a background thread; returns the server."""
+    from rotator.runtime import build_state
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RotatorCollector(settings, build_state(settings)))
+    return start_http_server(port, addr=host, registry=registry)
