@@ -76,10 +76,10 @@ class RotatorCollector:
         yield last
 
 
-def serve(settings: Settings, port: int, host: str = "0.0.0.0") -> Any:
+def serve(settings: Settings, port: int, host: str = "0.0.0.0", cache_s: float = 30.0) -> Any:
     """Start the endpoint in a background thread; returns the server."""
     from rotator.runtime import build_state
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RotatorCollector(settings, build_state(settings)))
+    registry.register(RotatorCollector(settings, build_state(settings), cache_s))
     return start_http_server(port, addr=host, registry=registry)

@@ -40,7 +40,7 @@ class Cluster:
     """A config file and the processes started for one test; everything they print is kept."""
 
     def __init__(self, tmp: Path, redis_url: str, emulator_url: str, vault_url: str, vault_token: str,
-                 mode: str = "enforce") -> None:
+                 mode: str = "enforce", extra: str = "") -> None:
         self.tmp = tmp
         self.vault_url = vault_url
         self.broker_url = f"{redis_url}/1"
@@ -48,7 +48,7 @@ class Cluster:
         self.db.flushall()
         self.env = {**os.environ, "ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": FP_KEY,
                     "ROTATOR_FILE_KEY": Fernet.generate_key().decode(), "VAULT_TOKEN": vault_token,
-                    "ROTATOR_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1"}
+                    "ROTATOR_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1", "HOOK_SECRET": "hook-secret-1"}
         self.config = tmp / "rotator.toml"
         self.config.write_text(f"""
 [keyservice]
@@ -75,6 +75,7 @@ dir = "{tmp / 'secrets'}"
 [[sinks]]
 kind = "vault"
 url = "{vault_url}"
+{extra}
 """)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.outputs: list[Path] = []
@@ -263,3 +264,37 @@ def test_audit_mode_and_plans_change_nothing(
         assert emulator.ledger == []
     finally:
         cluster.stop()
+
+
+def test_broken_alert_receiver_neither_slows_nor_loses_the_alert(
+    tmp_path: Path, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer, vault: VaultTestServer,
+    keyservice: HttpKeyService,
+) -> None:
+    """A receiver that hangs and answers 500 leaves the rotation fast; the worker retries until delivered."""
+    from rotator.alerts.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+    from tests.receiver import Receiver
+
+    now = emulator.now()
+    key_id = next(iter(emulator.add_client("acme-prod", created_at=now - 400 * DAY).keys))
+    with Receiver() as receiver:
+        receiver.answers = [500, 500]
+        receiver.hang_s = 1.5
+        cluster = Cluster(tmp_path, redis_server, emulator_server.url, vault.url, vault.root_token, extra=f"""
+[[alerts]]
+url = "webhook+{receiver.url}/hook"
+secret_env = "HOOK_SECRET"
+events = ["rotation.succeeded"]
+""")
+        try:
+            cluster.worker()
+            result = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", key_id, "--apply", "--json")
+            assert result.returncode == 0, result.stderr
+            rotation = json.loads(result.stdout)["results"][0]
+            assert rotation["status"] == "succeeded" and rotation["timings"]["total_s"] < 1.0
+            got = receiver.wait_for(1, timeout=60)[0]
+            assert got.json()["event"] == "rotation.succeeded" and got.json()["key_id"] == key_id
+            assert verify_signature("hook-secret-1", got.headers[TIMESTAMP_HEADER], got.body, got.headers[SIGNATURE_HEADER])
+            assert receiver.answers == []  # both failures were really retried through
+            assert emulator.current_secret("acme-prod", key_id).encode() not in got.body
+        finally:
+            cluster.stop()
