@@ -372,6 +372,14 @@ def metrics(config: ConfigOption = None, port: Annotated[int, typer.Option(help=
         pass
 
 
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown), generated from the settings models."""
+    from rotator.reference import render
+
+    print(render(), end="")
+
+
 @app.command()
 def demo(
     home: Annotated[Path, typer.Option(help="Where the demo keeps its config, keys and secrets.")] = Path(

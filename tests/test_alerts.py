@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from rotator.alerts.apprise_notifier import AppriseNotifier
 from rotator.alerts.dispatch import DirectPublisher
 from rotator.alerts.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignedWebhook, verify_signature
 from rotator.config import settings_from_mapping
-from rotator.domain import AttemptRecord, KeyRef
+from rotator.domain import KeyRef
 from rotator.embedded import free_port
 from rotator.engine import Engine
 from rotator.errors import TransientError
