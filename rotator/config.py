@@ -293,6 +293,11 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     need("engine.fingerprint_key_env", s.engine.fingerprint_key_env, s.engine.fingerprint_key_file, "fingerprint key")
     if not s.sinks:
         problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
+    longest = longest_rotation_s(s)
+    if s.celery.visibility_timeout_s <= longest:
+        problems.append(ConfigProblem(source, "celery.visibility_timeout_s", (
+            f"must be longer than the longest rotation (about {longest:.0f}s: engine.sink_retry_s plus "
+            "the key-service calls), or a running rotation is delivered twice")))
     for index, sink in enumerate(s.sinks):
         for key, reason in registry.check(sink.kind, sink.options, env):
             problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))
@@ -303,6 +308,13 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         if alert.url.startswith("webhook+") and not alert.secret_env:
             problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", "a signed webhook needs secret_env"))
     return problems
+
+
+def longest_rotation_s(s: Settings) -> float:
+    """An upper bound of one rotation: three key-service calls with every retry, plus the sink bound."""
+    ks = s.keyservice
+    calls = 3 * ks.max_attempts * (ks.timeout_s + ks.retry_max_wait_s)
+    return calls + s.engine.sink_retry_s
 
 
 def read_credential(env_name: str | None, file: Path | None, what: str) -> str:

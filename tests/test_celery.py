@@ -65,7 +65,7 @@ broker_url = "{redis_url}/1"
 result_backend = "{redis_url}/2"
 scan_every_s = 2
 recover_every_s = 3600
-visibility_timeout_s = 60
+visibility_timeout_s = 600
 concurrency = 2
 [engine]
 sink_retry_s = 30

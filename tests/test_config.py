@@ -80,6 +80,7 @@ BROKEN = [
     ("sink bad template", VALID.replace('dir = "./secrets"', 'dir = "./secrets"\npath = "{tenant}/{key_id}"'), "sinks[0].path", "may only use"),
     ("unknown event", VALID.replace('events = ["rotation.failed"]', 'events = ["rotation.exploded"]'), "alerts[0].events", "unknown event 'rotation.exploded'"),
     ("redis scheme", VALID.replace('redis_url = "redis://127.0.0.1:6379/0"', 'redis_url = "http://127.0.0.1:6379/0"'), "state.redis_url", "scheme 'http'"),
+    ("visibility too short", VALID.replace("[state]", "[celery]\nvisibility_timeout_s = 300\n[state]"), "celery.visibility_timeout_s", "longer than the longest rotation"),
     ("inline credential", VALID.replace('token_env = "ROTATOR_KEYSERVICE_TOKEN"', 'token = "s3cr3t"'), "keyservice.token", "unknown key"),
 ]
 

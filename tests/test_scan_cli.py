@@ -93,3 +93,15 @@ def test_scan_unreachable_service_exits_1(tmp_path: Path, env: pytest.MonkeyPatc
     assert result.exit_code == 1
     assert "GET /v2.01/clients: connection failed" in result.stderr
     assert result.stdout == ""
+
+
+def test_in_process_emulator_kind(tmp_path: Path, env: pytest.MonkeyPatch) -> None:
+    """`kind = "emulator"` serves a seeded emulator inside the process; scan reads it."""
+    seed = tmp_path / "seed.json"
+    seed.write_text(json.dumps(SEED))
+    path = tmp_path / "rotator.toml"
+    path.write_text(f'[keyservice]\nkind = "emulator"\nseed = "{seed}"\n[[sinks]]\nkind = "memory"\n')
+    result = runner.invoke(app, ["scan", "--json", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert {r["key_id"] for r in json.loads(result.stdout)} == {
+        "key_auto", "key_soon", "key_young", "key_legacy", "key_sbx"}
