@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -309,6 +310,12 @@ class EmulatorServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host!s}:{port}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a time-out, a test's dropped connection) is routine here."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
 
     def start(self) -> EmulatorServer:
         self._thread = threading.Thread(
