@@ -14,6 +14,7 @@ critical event. No Celery, HTTP or Redis here: only the protocols.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -94,12 +95,13 @@ class Engine:
         self.clock = clock
         self.actor = actor
         self._pool = ThreadPoolExecutor(max_workers=max(2, len(sinks)), thread_name_prefix="sink")
+        self._context = threading.local()  # who asked and why, for the rotation running in this thread
 
     # --- public ------------------------------------------------------------------------------
     def rotate(self, ref: KeyRef, *, trigger: str, force: bool = False,
                triggered_at: float | None = None, reason: str = "", actor: str | None = None) -> RotationResult:
         """Rotate one key once, however many triggers fire for it."""
-        self._note, self._actor = reason, actor or self.actor
+        self._context.note, self._context.actor, self._context.entered = reason, actor or self.actor, time.monotonic()
         lease = self.state.acquire(f"key:{ref}", self.lock_ttl_s)
         if lease is None:
             return RotationResult(ref.client_id, ref.key_id, "skipped", LOCKED, trigger=trigger)
@@ -199,7 +201,7 @@ class Engine:
         attempt = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), trigger, self.clock())
         self.state.save_attempt(attempt)  # durable before the reset: the crash-safety hinge
         log.info("rotation.started", client_id=ref.client_id, key_id=ref.key_id, attempt_id=attempt.attempt_id,
-                 trigger=trigger, actor=self.actor, reason=reason)
+                 trigger=trigger, actor=getattr(self._context, "actor", self.actor), note=reason)
         started = time.monotonic()
         try:
             issued = self.keyservice.reset_key(ref.client_id, ref.key_id, attempt.attempt_id)
@@ -356,15 +358,14 @@ class Engine:
         self._history(result)
         return result
 
-    _note = ""
-    _actor = ""
-
     def _history(self, result: RotationResult) -> None:
-        result.note = result.note or self._note
-        self.state.record({"kind": "rotation", "time": self.clock(), "actor": self._actor or self.actor,
-                           **result.to_dict()})
-        log.info("rotation.finished", **{k: v for k, v in result.to_dict().items() if k != "timings"},
-                 actor=self._actor or self.actor)
+        call = self._context
+        result.note = result.note or getattr(call, "note", "")
+        actor = getattr(call, "actor", "") or self.actor
+        if hasattr(call, "entered"):
+            result.timings["engine_s"] = round(time.monotonic() - call.entered, 4)
+        self.state.record({"kind": "rotation", "time": self.clock(), "actor": actor, **result.to_dict()})
+        log.info("rotation.finished", **{k: v for k, v in result.to_dict().items() if k != "timings"}, actor=actor)
 
     def emit(self, name: str, key: ApiKey, attempt: AttemptRecord | None = None, error: str | None = None) -> None:
         event = Event(name, SEVERITY[name], key.client_id, key.key_id, key.alias, key.environment.value,
