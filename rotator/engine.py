@@ -29,7 +29,7 @@ from rotator.domain import ApiKey, AttemptRecord, IssuedKey, KeyRef, KeyState, u
 from rotator.errors import NotFoundError, PermanentError, RotatorError, TransientError
 from rotator.events import SEVERITY, sanitize
 from rotator.fingerprint import Fingerprinter
-from rotator.policy import Policy, age_days, is_due
+from rotator.policy import Policy, age_days, classify, in_scope, is_due
 from rotator.protocols import Event, EventPublisher, KeyService, SecretRecord, SecretSink, StateStore
 from rotator.scan import client_ids
 
@@ -80,6 +80,7 @@ class Engine:
         self, keyservice: KeyService, sinks: list[SecretSink], state: StateStore, publisher: EventPublisher,
         fingerprint: Fingerprinter, policy: Policy, *, sink_retry_s: float = 300.0, verify: bool = True,
         lock_ttl_s: float = 60.0, clock: Callable[[], float] = time.time, actor: str = "",
+        clients: list[str] | None = None,
     ) -> None:
         if not sinks:
             raise PermanentError("at least one sink is needed")
@@ -94,6 +95,7 @@ class Engine:
         self.lock_ttl_s = lock_ttl_s
         self.clock = clock
         self.actor = actor
+        self.clients = clients  # None: every Client ID the key service lists
         self._pool = ThreadPoolExecutor(max_workers=max(2, len(sinks)), thread_name_prefix="sink")
         self._context = threading.local()  # who asked and why, for the rotation running in this thread
 
@@ -113,6 +115,7 @@ class Engine:
 
     def recover_all(self) -> list[RotationResult]:
         """Finish every attempt a crash or an outage left behind."""
+        self._context.note, self._context.actor, self._context.entered = "recovery", self.actor, time.monotonic()
         results = []
         for attempt in self.state.attempts():
             lease = self.state.acquire(f"key:{attempt.ref}", self.lock_ttl_s)
@@ -133,26 +136,24 @@ class Engine:
         return results
 
     def due_keys(self, now: float | None = None) -> list[ApiKey]:
-        from rotator.policy import classify
-
         moment = self.clock() if now is None else now
-        return [key for cid in client_ids(self.keyservice, self._clients)
+        return [key for cid in client_ids(self.keyservice, self.clients)
                 for key in self.keyservice.list_keys(cid) if classify(key, moment, self.policy) is KeyState.DUE]
-
-    _clients: list[str] | None = None
 
     def drift(self) -> list[Drift]:
         """Sinks that hold a secret older than the key's last reset (consumers hold a dead secret)."""
-        from rotator.policy import in_scope
-
         found = []
-        for cid in client_ids(self.keyservice, self._clients):
+        for cid in client_ids(self.keyservice, self.clients):
             for key in self.keyservice.list_keys(cid):
                 if not in_scope(key, self.policy):
                     continue
                 rotated_by_us = self.state.last_rotation(key.ref) is not None
                 for sink in self.sinks:
-                    stored = sink.read_state(key)
+                    try:
+                        stored = sink.read_state(key)
+                    except RotatorError as exc:  # unknown is not drift: say so, and do not re-rotate
+                        log.warning("drift.unreadable", sink=sink.describe(key.ref), error=str(exc))
+                        continue
                     if stored is None:
                         if rotated_by_us:
                             found.append(Drift(key, sink.describe(key.ref), "no secret stored"))
@@ -167,10 +168,8 @@ class Engine:
     def warn(self, now: float) -> dict[str, int]:
         """`key.due_soon` for keys in the warning period; `key.overdue` for keys past due and not
         rotated (audit mode, excluded, outside the window, failing)."""
-        from rotator.policy import classify, in_scope
-
         counts = {"due_soon": 0, "overdue": 0}
-        for cid in client_ids(self.keyservice, self._clients):
+        for cid in client_ids(self.keyservice, self.clients):
             for key in self.keyservice.list_keys(cid):
                 state = classify(key, now, self.policy)
                 if state is KeyState.DUE_SOON:

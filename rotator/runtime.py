@@ -24,9 +24,8 @@ def build_engine(settings: Settings, publisher: EventPublisher | None = None, ac
         build_keyservice(settings.keyservice), build_sinks(settings, fingerprint), build_state(settings),
         publisher or LogPublisher(), fingerprint, settings.policy.to_policy(),
         sink_retry_s=settings.engine.sink_retry_s, verify=settings.engine.verify,
-        lock_ttl_s=settings.state.lock_ttl_s, actor=actor or _whoami(),
+        lock_ttl_s=settings.state.lock_ttl_s, actor=actor or _whoami(), clients=settings.keyservice.clients,
     )
-    engine._clients = settings.keyservice.clients
     return engine
 
 
