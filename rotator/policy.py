@@ -70,16 +70,29 @@ def in_scope(key: ApiKey, policy: Policy) -> bool:
 
 def classify(key: ApiKey, now: float, policy: Policy) -> KeyState:
     """The one state `rotator scan` shows for a key."""
-    if not in_scope(key, policy):
-        return KeyState.OUT_OF_SCOPE
-    if policy.exclude and is_excluded(key.ref, policy.exclude):
-        return KeyState.EXCLUDED
-    age = now - key.born_at
-    if age >= policy.max_age_days * DAY:
-        return KeyState.DUE
-    if age >= (policy.max_age_days - policy.warn_before_days) * DAY:
-        return KeyState.DUE_SOON
-    return KeyState.OK
+    return assess(key, now, policy)[0]
+
+
+def assess(key: ApiKey, now: float, policy: Policy) -> tuple[KeyState, float, int]:
+    """State, age in seconds and due time of a key, computed once.
+
+    A scan calls this for every key, so it reads each field once instead of going through the
+    small helpers above; `classify` and the helpers must keep agreeing with it (tests pin both).
+    """
+    born = key.last_reset_at if key.last_reset_at is not None else key.created_at
+    age = now - born
+    max_age = policy.max_age_days * DAY
+    if key.environment not in policy.environments or key.status != "ACTIVE":
+        state = KeyState.OUT_OF_SCOPE
+    elif policy.exclude and is_excluded(key.ref, policy.exclude):
+        state = KeyState.EXCLUDED
+    elif age >= max_age:
+        state = KeyState.DUE
+    elif age >= max_age - policy.warn_before_days * DAY:
+        state = KeyState.DUE_SOON
+    else:
+        state = KeyState.OK
+    return state, age, born + max_age
 
 
 # --- rotation window -------------------------------------------------------------------------

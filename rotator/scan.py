@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rotator.domain import ApiKey, KeyState
-from rotator.policy import DAY, Policy, classify, due_at
+from rotator.policy import DAY, Policy, assess
 from rotator.protocols import KeyService
 
 
@@ -44,4 +44,5 @@ def scan(
 ) -> Iterator[ScanRow]:
     for client_id in client_ids(service, clients):
         for key in service.list_keys(client_id):
-            yield ScanRow(key, classify(key, now, policy), (now - key.born_at) / DAY, due_at(key, policy))
+            state, age, due = assess(key, now, policy)
+            yield ScanRow(key, state, age / DAY, due)

@@ -132,3 +132,28 @@ def test_window_wraps_weekday_ranges() -> None:
     """`Sat-Mon` covers Saturday, Sunday and Monday."""
     window = RotationWindow.parse("Sat-Mon 00:00-24:00 UTC")
     assert window.weekdays == frozenset({5, 6, 0})
+
+
+@pytest.mark.parametrize("age_days_", [0, 1, 75.99, 76, 89.999, 90, 91, 400])
+@pytest.mark.parametrize("env", list(Environment))
+@pytest.mark.parametrize("excluded", [False, True])
+def test_assess_agrees_with_the_small_helpers(age_days_: float, env: Environment, excluded: bool) -> None:
+    """The scan's one-pass `assess` gives what is_due, is_due_soon, in_scope and is_excluded say."""
+    from rotator.policy import assess, due_at, in_scope
+
+    now = ts("2026-06-01T00:00:00")
+    k = key(now - 900 * DAY, reset=now - age_days_ * DAY, env=env)
+    policy = Policy(exclude=("acme/k1",) if excluded else ())
+    state, age, due = assess(k, now, policy)
+    if not in_scope(k, policy):
+        expected = KeyState.OUT_OF_SCOPE
+    elif is_excluded(k.ref, policy.exclude):
+        expected = KeyState.EXCLUDED
+    elif is_due(k, now, policy):
+        expected = KeyState.DUE
+    elif is_due_soon(k, now, policy):
+        expected = KeyState.DUE_SOON
+    else:
+        expected = KeyState.OK
+    assert state is expected
+    assert age == pytest.approx(age_days(k, now) * DAY) and due == due_at(k, policy)
