@@ -30,6 +30,14 @@ ROUND_TRIPS = 3  # get the key, reset it, prove the new secret (oauth/token)
 LATENCY = 0.020
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--keys", type=int, default=1000)
@@ -79,12 +87,15 @@ dir = "{home / 'secrets'}"
             db = redis.Redis.from_url(private.url + "/0")
             db.delete("rotator:history")
             started = time.perf_counter()
+            cpu_before = cpu_times()
             subprocess.run([sys.executable, "-m", "rotator.cli", "rotate", "--all-due", "--apply", "--enqueue",
                             "--config", str(config)], env=env, check=True, capture_output=True)
             enqueued = time.perf_counter() - started
             while db.llen("rotator:history") < args.keys + 1:  # + the enqueue audit entry
                 time.sleep(0.05)
             wall = time.perf_counter() - started
+            cpu_after = cpu_times()
+            cpu_busy = (cpu_after[0] - cpu_before[0]) / max(1, cpu_after[1] - cpu_before[1])
             entries = [json.loads(x) for x in db.lrange("rotator:history", 0, -1)]
             rotations = [e for e in entries if e.get("kind") == "rotation"]
             ok = sum(1 for e in rotations if e["status"] == "succeeded")
@@ -95,7 +106,8 @@ dir = "{home / 'secrets'}"
             busy = sum(e["timings"]["engine_s"] for e in rotations) / (args.processes * wall)
             print(f"{ok}/{args.keys} rotations succeeded with {args.processes} worker processes; "
                   f"enqueue took {enqueued:.2f}s; median rotation {per_rotation * 1000:.1f} ms in the engine "
-                  f"(lease to history); processes busy in the engine {busy:.0%} of the wall time")
+                  f"(lease to history); processes busy in the engine {busy:.0%} of the wall time; "
+                  f"machine CPU {cpu_busy:.0%} busy ({os.cpu_count()} cores)")
             print(f"wall {wall:.2f}s (includes listing the keys and enqueueing) | ideal {ideal:.2f}s | "
                   f"ratio {wall / ideal:.3f} (goal <= 1.2)")
             print(f"secret window median {window * 1000:.2f} ms | sink write median {sink_time * 1000:.2f} ms | "

@@ -305,9 +305,23 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         if alert.secret_env and not env.get(alert.secret_env):
             reason = f"environment variable {alert.secret_env} is not set"
             problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", reason))
-        if alert.url.startswith("webhook+") and not alert.secret_env:
-            problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", "a signed webhook needs secret_env"))
+        key = f"alerts[{index}]"
+        if alert.url.startswith("webhook+"):
+            if not alert.secret_env:
+                problems.append(ConfigProblem(source, f"{key}.secret_env", "a signed webhook needs secret_env"))
+            if not alert.url.removeprefix("webhook+").startswith(("http://", "https://")):
+                problems.append(ConfigProblem(source, f"{key}.url", "a signed webhook is webhook+http(s)://…"))
+        elif not _apprise_understands(alert.url):
+            scheme = alert.url.partition("://")[0]
+            problems.append(ConfigProblem(source, f"{key}.url",
+                                          f"Apprise does not understand a {scheme!r}:// URL (or its form)"))
     return problems
+
+
+def _apprise_understands(url: str) -> bool:
+    import apprise  # only configs with alerts pay for the import
+
+    return apprise.Apprise.instantiate(url, suppress_exceptions=True) is not None
 
 
 def longest_rotation_s(s: Settings) -> float:

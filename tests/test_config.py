@@ -81,6 +81,8 @@ BROKEN = [
     ("unknown event", VALID.replace('events = ["rotation.failed"]', 'events = ["rotation.exploded"]'), "alerts[0].events", "unknown event 'rotation.exploded'"),
     ("redis scheme", VALID.replace('redis_url = "redis://127.0.0.1:6379/0"', 'redis_url = "http://127.0.0.1:6379/0"'), "state.redis_url", "scheme 'http'"),
     ("visibility too short", VALID.replace("[state]", "[celery]\nvisibility_timeout_s = 300\n[state]"), "celery.visibility_timeout_s", "longer than the longest rotation"),
+    ("bad alert url", VALID.replace('url = "json://127.0.0.1:9000/hook"', 'url = "slak://x/y"'), "alerts[0].url", "Apprise does not understand a 'slak'"),
+    ("webhook not http", VALID.replace('url = "json://127.0.0.1:9000/hook"', 'url = "webhook+ftp://x"\nsecret_env = "ROTATOR_FILE_KEY"'), "alerts[0].url", "webhook+http(s)"),
     ("inline credential", VALID.replace('token_env = "ROTATOR_KEYSERVICE_TOKEN"', 'token = "s3cr3t"'), "keyservice.token", "unknown key"),
 ]
 
