@@ -205,6 +205,8 @@ def rotate(
     with errors_exit():
         engine = _engine(settings)
         refs = ([k.ref for k in engine.due_keys()] if all_due else [KeyRef(str(client_id), str(key_id))])
+        if not refs:
+            err.print("no key is due")
         if not apply:
             plan = [{"client_id": r.client_id, "key_id": r.key_id, "action": "rotate"} for r in refs]
             if as_json:
