@@ -171,13 +171,15 @@ def test_replay_expired_resets_afresh_with_critical_event(
 def test_vault_outage_shorter_than_bound_completes(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str], vault: VaultTestServer
 ) -> None:
-    """Fault 3: Vault answers 503 for a while, then recovers; the rotation completes, no at-risk."""
+    """Fault 3: Vault answers 503 for 20 s, then recovers; with a 60 s bound the rotation completes, no at-risk."""
     sink = vault_sink(vault)
-    engine, events = make_engine(keyservice, state, [sink], sink_retry_s=20)
+    engine, events = make_engine(keyservice, state, [sink], sink_retry_s=60)
     vault.state.sealed = True
-    threading.Timer(2.0, lambda: setattr(vault.state, "sealed", False)).start()
+    threading.Timer(20.0, lambda: setattr(vault.state, "sealed", False)).start()
     result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
     assert result.status == "succeeded", result.reason
+    assert result.timings["secret_window_s"] >= 20
+    assert sum(1 for method, path in vault.state.requests if method == "GET") > 3  # it kept retrying
     assert "rotation.secret_at_risk" not in events.names()
     assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
 
