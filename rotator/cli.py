@@ -204,7 +204,25 @@ def rotate(
 
     with errors_exit():
         engine = _engine(settings)
-        refs = ([k.ref for k in engine.due_keys()] if all_due else [KeyRef(str(client_id), str(key_id))])
+        wanted = (k.ref for k in engine.due_keys()) if all_due else iter([KeyRef(str(client_id), str(key_id))])
+        if apply and enqueue:
+            from rotator.tasks import app as celery_app
+            from rotator.tasks import rotate_key
+
+            now = time.time()
+            sent: list[tuple[str, str]] = []
+            with celery_app.producer_or_acquire() as producer:  # one connection; sent while pages arrive
+                for r in wanted:
+                    args = (r.client_id, r.key_id, "manual", now, force, reason, engine.actor)
+                    sent.append((str(r), rotate_key.apply_async(args, producer=producer).id))
+            engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
+                                 "keys": [k for k, _ in sent], "reason": reason})
+            if as_json:
+                print(json.dumps({"applied": True, "enqueued": [i for _, i in sent]}, indent=2))
+            else:
+                err.print(f"{len(sent)} rotation(s) sent to the workers")
+            return
+        refs = list(wanted)
         if not refs:
             err.print("no key is due")
         if not apply:
@@ -215,21 +233,6 @@ def rotate(
                 for r in refs:
                     out.print(f"would rotate {escape(str(r))}")
                 err.print(f"{len(refs)} key(s); nothing changed (add --apply to rotate)")
-            return
-        if enqueue:
-            from rotator.tasks import app as celery_app
-            from rotator.tasks import rotate_key
-
-            now = time.time()
-            with celery_app.producer_or_acquire() as producer:  # one connection for every message
-                ids = [rotate_key.apply_async((r.client_id, r.key_id, "manual", now, force, reason, engine.actor),
-                                              producer=producer).id for r in refs]
-            engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
-                                 "keys": [str(r) for r in refs], "reason": reason})
-            if as_json:
-                print(json.dumps({"applied": True, "enqueued": ids}, indent=2))
-            else:
-                err.print(f"{len(ids)} rotation(s) sent to the workers")
             return
         results = []
         for r in refs:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,10 +135,13 @@ class Engine:
                     results.append(outcome.result)
         return results
 
-    def due_keys(self, now: float | None = None) -> list[ApiKey]:
+    def due_keys(self, now: float | None = None) -> Iterator[ApiKey]:
+        """Due keys in scope, yielded as the pages arrive."""
         moment = self.clock() if now is None else now
-        return [key for cid in client_ids(self.keyservice, self.clients)
-                for key in self.keyservice.list_keys(cid) if classify(key, moment, self.policy) is KeyState.DUE]
+        for cid in client_ids(self.keyservice, self.clients):
+            for key in self.keyservice.list_keys(cid):
+                if classify(key, moment, self.policy) is KeyState.DUE:
+                    yield key
 
     def drift(self) -> list[Drift]:
         """Sinks that hold a secret older than the key's last reset (consumers hold a dead secret)."""

@@ -288,5 +288,5 @@ def test_key_becomes_due_after_two_simulated_days(
         later = time.time()
     assert [r.state.value for r in scan(keyservice, engine.policy, today)] == ["due_soon"]
     assert [r.state.value for r in scan(keyservice, engine.policy, later)] == ["due"]
-    assert engine.due_keys(today) == []
+    assert list(engine.due_keys(today)) == []
     assert [k.alias for k in engine.due_keys(later)] == ["Auto-generated key"]
