@@ -8,7 +8,6 @@ import redis
 
 from rotator.config import Settings
 from rotator.errors import RotatorError
-from rotator.fingerprint import Fingerprinter
 
 
 def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
@@ -32,7 +31,7 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
             yield name, None
         except redis.RedisError as exc:
             yield name, type(exc).__name__ + ": " + str(exc).split(" ")[0]
-    from rotator.engine_factory import build_sinks
+    from rotator.runtime import build_sinks
 
     try:
         sinks = build_sinks(settings)
@@ -48,5 +47,3 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
         finally:
             sink.close()
 
-
-__all__ = ["Fingerprinter", "ping_all"]

@@ -5,13 +5,26 @@ from __future__ import annotations
 import getpass
 import os
 
-from rotator.config import Settings
+from rotator.config import Settings, read_credential
 from rotator.engine import Engine
-from rotator.engine_factory import build_fingerprinter, build_sinks
 from rotator.events import LogPublisher
+from rotator.fingerprint import Fingerprinter
 from rotator.keyservice import build_keyservice
-from rotator.protocols import EventPublisher
+from rotator.protocols import EventPublisher, SecretSink
+from rotator.sinks import registry
 from rotator.state import RedisState
+
+
+def build_fingerprinter(settings: Settings) -> Fingerprinter:
+    engine = settings.engine
+    return Fingerprinter(
+        read_credential(engine.fingerprint_key_env, engine.fingerprint_key_file, "fingerprint key")
+    )
+
+
+def build_sinks(settings: Settings, fingerprint: Fingerprinter | None = None) -> list[SecretSink]:
+    fp = fingerprint or build_fingerprinter(settings)
+    return [registry.build(s.kind, s.options, fp) for s in settings.sinks]
 
 
 def build_state(settings: Settings) -> RedisState:
