@@ -26,7 +26,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from rotator import logs
 from rotator.domain import ApiKey, AttemptRecord, IssuedKey, KeyRef, KeyState, utc_iso
-from rotator.errors import NotFoundError, PermanentError, RotatorError, TransientError
+from rotator.errors import NotFoundError, PermanentError, RotatorError, TransientError, UnansweredError
 from rotator.events import SEVERITY, sanitize
 from rotator.fingerprint import Fingerprinter
 from rotator.policy import Policy, age_days, classify, in_scope, is_due
@@ -96,7 +96,8 @@ class Engine:
         self.clock = clock
         self.actor = actor
         self.clients = clients  # None: every Client ID the key service lists
-        self._pool = ThreadPoolExecutor(max_workers=max(2, len(sinks)), thread_name_prefix="sink")
+        # One thread per sink plus one for the token check, so no sink write waits for a free thread.
+        self._pool = ThreadPoolExecutor(max_workers=len(sinks) + 1, thread_name_prefix="sink")
         self._context = threading.local()  # who asked and why, for the rotation running in this thread
 
     # --- public ------------------------------------------------------------------------------
@@ -222,6 +223,10 @@ class Engine:
             # Unknown outcome: the attempt record stays, recovery replays it later.
             raise _Outcome(self._failed(key, attempt, f"reset failed: {exc}; outcome unknown, will replay")) from None
         if issued is None:
+            if isinstance(exc, UnansweredError):
+                # A request that went unanswered may still commit after this look: the record stays,
+                # and recovery clears it once the key shows no reset since the attempt began.
+                raise _Outcome(self._failed(key, attempt, f"reset failed: {exc}; not reset so far, will check again"))
             self.state.delete_attempt(attempt)
             raise _Outcome(self._failed(key, attempt, f"reset failed: {exc}; the key was not reset"))
         return issued

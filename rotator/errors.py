@@ -20,6 +20,10 @@ class TransientError(RotatorError):
         self.retry_after = retry_after
 
 
+class UnansweredError(TransientError):
+    """No answer came back (a time-out, a dropped connection): the request may still have run."""
+
+
 class PermanentError(RotatorError):
     """Retrying the same call will not help: a person or a config change must act."""
 

@@ -290,3 +290,39 @@ def test_key_becomes_due_after_two_simulated_days(
     assert [r.state.value for r in scan(keyservice, engine.policy, later)] == ["due"]
     assert list(engine.due_keys(today)) == []
     assert [k.alias for k in engine.due_keys(later)] == ["Auto-generated key"]
+
+
+def test_reset_that_commits_after_the_time_out_is_not_lost(
+    emulator: Emulator, emulator_server: Any, state: RedisState, seeded: dict[str, str]
+) -> None:
+    """The reset times out, replay finds nothing yet, then the key service commits: recovery stores it."""
+    sink = memory()
+    slow = HttpKeyService(emulator_server.url, emulator.token, timeout_s=0.3, max_attempts=1)
+    engine, events = make_engine(slow, state, [sink])
+    emulator.add_fault(Fault(method="POST", path="/reset$", delay_s=1.0))
+    result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
+    assert result.status == "failed" and "will check again" in result.reason
+    assert len(state.attempts()) == 1  # kept: the request may still run
+    deadline = time.monotonic() + 5
+    while not emulator.ledger and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(emulator.ledger) == 1  # the late commit happened
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
+    assert holds_current(sink, emulator, "acme", seeded["due"], slow)
+    assert events.names() == ["rotation.failed", "rotation.recovered"]
+    assert state.attempts() == []
+
+
+def test_reset_refused_by_a_5xx_clears_the_record_once_replay_says_so(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
+) -> None:
+    """An answered 5xx plus an empty replay is conclusive: no record is kept."""
+    from rotator.errors import TransientError, UnansweredError
+
+    engine, _ = make_engine(keyservice, state, [memory()])
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=503, times=10))
+    with pytest.raises(TransientError) as info:
+        keyservice.reset_key("acme", seeded["due"], "probe-0000000000000001")
+    assert not isinstance(info.value, UnansweredError)
+    assert engine.rotate(KeyRef("acme", seeded["due"]), trigger="test").status == "failed"
+    assert state.attempts() == [] and emulator.ledger == []

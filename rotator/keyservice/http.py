@@ -24,6 +24,7 @@ from rotator.errors import (
     PermanentError,
     ProtocolError,
     TransientError,
+    UnansweredError,
 )
 
 API = "/v2.01"
@@ -157,14 +158,18 @@ class HttpKeyService:
             wait=self._wait,
             reraise=True,
         )
+        in_doubt = False  # once a try went unanswered, the call may have run whatever came later
         try:
             for attempt in retrying:
                 with attempt:
-                    return self._send(method, path, expect, auth or self._auth, kwargs)
+                    try:
+                        return self._send(method, path, expect, auth or self._auth, kwargs)
+                    except UnansweredError:
+                        in_doubt = True
+                        raise
         except TransientError as exc:
-            raise TransientError(
-                f"{exc} (gave up after {self._max_attempts} attempts)", retry_after=exc.retry_after
-            ) from None
+            error = UnansweredError if in_doubt else TransientError
+            raise error(f"{exc} (gave up after {self._max_attempts} attempts)", retry_after=exc.retry_after) from None
         raise AssertionError("unreachable")
 
     def _send(self, method: str, path: str, expect: tuple[int, ...], auth: httpx.Auth,
@@ -173,9 +178,9 @@ class HttpKeyService:
         try:
             response = self._client.request(method, path, auth=auth, **kwargs)
         except httpx.TimeoutException:
-            raise TransientError(f"{where}: no answer within {self._timeout_s:g}s") from None
+            raise UnansweredError(f"{where}: no answer within {self._timeout_s:g}s") from None
         except httpx.TransportError as exc:
-            raise TransientError(f"{where}: connection failed ({type(exc).__name__})") from None
+            raise UnansweredError(f"{where}: connection failed ({type(exc).__name__})") from None
         if response.status_code in expect:
             return response
         raise _status_error(where, response)
