@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -204,7 +204,15 @@ def rotate(
 
     with errors_exit():
         engine = _engine(settings)
-        wanted = (k.ref for k in engine.due_keys()) if all_due else iter([KeyRef(str(client_id), str(key_id))])
+        wanted: Iterator[tuple[KeyRef, str | None]]
+        if all_due:
+            wanted = ((k.ref, str(k.generation)) for k in engine.due_keys())
+        else:
+            one = KeyRef(str(client_id), str(key_id))
+            # The generation this command saw travels with it: a redelivered message for a key
+            # rotated since is skipped, even with --force.
+            wanted = iter([(one, str(engine.keyservice.get_key(one.client_id, one.key_id).generation)
+                            if enqueue and apply else None)])
         if apply and enqueue:
             from rotator.tasks import app as celery_app
             from rotator.tasks import rotate_key
@@ -212,8 +220,8 @@ def rotate(
             now = time.time()
             sent: list[tuple[str, str]] = []
             with celery_app.producer_or_acquire() as producer:  # one connection; sent while pages arrive
-                for r in wanted:
-                    args = (r.client_id, r.key_id, "manual", now, force, reason, engine.actor)
+                for r, generation in wanted:
+                    args = (r.client_id, r.key_id, "manual", generation, force, reason, engine.actor)
                     sent.append((str(r), rotate_key.apply_async(args, producer=producer).id))
             engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
                                  "keys": [k for k, _ in sent], "reason": reason})
@@ -226,18 +234,18 @@ def rotate(
         if not refs:
             err.print("no key is due")
         if not apply:
-            plan = [{"client_id": r.client_id, "key_id": r.key_id, "action": "rotate"} for r in refs]
+            plan = [{"client_id": r.client_id, "key_id": r.key_id, "action": "rotate"} for r, _ in refs]
             if as_json:
                 print(json.dumps({"applied": False, "plan": plan}, indent=2))
             else:
-                for r in refs:
+                for r, _ in refs:
                     out.print(f"would rotate {escape(str(r))}")
                 err.print(f"{len(refs)} key(s); nothing changed (add --apply to rotate)")
             return
         results = []
-        for r in refs:
-            with err.status(f"rotating {r}…"):
-                results.append(engine.rotate(r, trigger="manual", force=force, reason=reason))
+        for r, generation in refs:
+            with err.status(f"rotating {escape(str(r))}…"):
+                results.append(engine.rotate(r, trigger="manual", force=force, generation=generation, reason=reason))
         engine.close()
     if as_json:
         print(json.dumps({"applied": True, "results": [r.to_dict() for r in results]}, indent=2))
@@ -246,6 +254,8 @@ def rotate(
             colour = "green" if res.ok else "red"
             out.print(f"[{colour}]{res.status}[/{colour}] {escape(res.client_id)}/{escape(res.key_id)} "
                       f"{escape(res.reason)}")
+    # Exit 0 only if every rotation finished and verified; a key behind a lease, in doubt or at
+    # risk is not finished. A forced key that was skipped was not rotated either.
     if not all(r.status in ("succeeded", "recovered") or (r.status == "skipped" and not force) for r in results):
         raise typer.Exit(1)
 
@@ -300,27 +310,36 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
 def reconcile(config: ConfigOption = None,
               repair: Annotated[bool, typer.Option("--repair", help="Recover attempts and re-rotate drift.")] = False,
               as_json: JsonOption = False) -> None:
-    """Compare the key service with every sink; --repair fixes what drifted."""
+    """Compare the key service with every sink; --repair fixes what drifted.
+
+    Exit 0 only when nothing drifted, or --repair left nothing unrepaired (behind a lease, in
+    doubt, at risk, failed)."""
     settings = _use_config(config)
     with errors_exit():
         engine = _engine(settings)
-        drift = engine.drift()
-        repaired = []
         if repair:
-            repaired = [r.to_dict() for r in engine.recover_all()]
-            for ref in {d.key.ref for d in drift}:
-                repaired.append(engine.rotate(ref, trigger="reconcile", force=True, reason="reconcile --repair")
-                                .to_dict())
-    report = {"drift": [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink,
-                         "reason": d.reason} for d in drift], "repaired": repaired}
+            drift, results = engine.repair()
+        else:
+            drift, results = engine.drift(), []
+    repaired = [r.to_dict() for r in results]
+    fixed = [r for r in repaired if r["status"] in ("succeeded", "recovered")]
+    left = [r for r in repaired if not r["ok"]]
+    report: dict[str, Any] = {"drift": [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink,
+                         "reason": d.reason} for d in drift], "repaired": repaired,
+              "unrepaired": len(left)}
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         for d in report["drift"]:
             where = f"{d['client_id']}/{d['key_id']} {d['sink']}"
             out.print(f"drift {escape(where)}: {escape(d['reason'])}")
-        err.print(f"{len(drift)} drifted; {len(repaired)} repaired")
-    if drift and not (repair and all(r["status"] in ("succeeded", "recovered", "skipped") for r in repaired)):
+        for r in left:
+            out.print(f"[red]{r['status']}[/red] {escape(r['client_id'])}/{escape(r['key_id'])}: {escape(r['reason'])}")
+        summary = f"{len(drift)} drifted"
+        if repair:
+            summary += f"; {len(fixed)} repaired; {len(left)} left unrepaired"
+        err.print(summary)
+    if left or (drift and not repair):
         raise typer.Exit(1)
 
 

@@ -83,6 +83,31 @@ class ApiKey:
         """When the current secret was issued: the last reset, else the creation."""
         return self.last_reset_at if self.last_reset_at is not None else self.created_at
 
+    @property
+    def generation(self) -> Generation:
+        """Which secret the key holds now, in the key service's own dates."""
+        return Generation(self.created_at, self.born_at)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Generation:
+    """One secret's lifetime of a key, named by the key service's dates only (never this host's clock).
+
+    A reset moves `born_at` forward. Two generations compare by those dates; `str` is the form that
+    travels in task arguments and attempt records (`"<CreationDate>:<born_at>"`).
+    """
+
+    created_at: int
+    born_at: int
+
+    def __str__(self) -> str:
+        return f"{self.created_at}:{self.born_at}"
+
+    @classmethod
+    def parse(cls, text: str) -> Generation:
+        created, _, born = text.partition(":")
+        return cls(int(created), int(born))
+
 
 class Secret:
     """A secret value that refuses to be printed.
@@ -127,6 +152,22 @@ class IssuedKey:
     secret: Secret = field(repr=False)
 
 
+class Replay(enum.StrEnum):
+    """What the key service's stored answer for an Idempotency-Key says."""
+
+    ANSWER = "answer"  # a stored 200 for the asked key and path
+    REFUSED = "refused"  # a stored 4xx: the call did not run
+    EMPTY = "empty"  # nothing stored (not yet, never, or expired)
+    UNKNOWN = "unknown"  # the replay failed, or its answer proves nothing (a 5xx, another key)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayAnswer:
+    kind: Replay
+    issued: IssuedKey | None = field(default=None, repr=False)
+    reason: str = ""
+
+
 _SLUG_RE: Final = re.compile(r"[^a-z0-9]+")
 
 
@@ -141,16 +182,41 @@ def utc_iso(ts: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
-    """Written before the reset; its `attempt_id` is the reset's Idempotency-Key."""
+    """The durable record of one attempt, written (fenced by the key's lease) before the reset.
+
+    `idempotency_key` is derived from the key and the `generation` being replaced (see
+    `rotator.protocol`), so every actor rotating that generation sends the same one; `attempt_id`
+    names this actor's record, so only its writer can delete it. Times are the state store's
+    clock (one clock for every worker); causality is judged with the key service's dates only.
+    """
 
     client_id: str
     key_id: str
     attempt_id: str
+    idempotency_key: str
+    generation: str  # the Generation being replaced, as str(); "" for a record of the first protocol
+    epoch: int
     trigger: str
     started_at: float
-    phase: str = "resetting"  # then "storing" once the key service answered
-    reset_at: int | None = None
+    phase: str = "resetting"  # see rotator.protocol.Phase
+    since: float = 0.0  # when this phase began (state clock): the in-doubt horizon counts from here
+    issued_generation: str | None = None  # the generation the answer named, once one came
+    fingerprint: str | None = None
 
     @property
     def ref(self) -> KeyRef:
         return KeyRef(self.client_id, self.key_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttemptRecord:
+        """Read a stored record; one of the first protocol (its attempt id was the Idempotency-Key)
+        is read as in doubt with an unknown generation."""
+        if "idempotency_key" not in data:
+            return cls(str(data["client_id"]), str(data["key_id"]), str(data["attempt_id"]),
+                       str(data["attempt_id"]), "", 0, str(data.get("trigger", "")),
+                       float(data.get("started_at", 0.0)), "in_doubt", float(data.get("started_at", 0.0)))
+        known = {name: data[name] for name in cls.__slots__ if name in data}
+        return cls(**known)

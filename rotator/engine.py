@@ -1,49 +1,63 @@
-"""The rotation protocol: never lose the one-time secret.
+"""One rotation per key generation, over the attempt protocol (`rotator.protocol`).
 
-1. Take the key's lease; recover any earlier attempt first; re-read the key; skip it if not due.
-2. Write the attempt record *before* the reset; its id is the reset's Idempotency-Key.
-3. Reset, then at once write every sink (bounded in-process retries). The secret lives only in
-   this process's memory meanwhile.
-4. Verify: the secret authenticates, and every sink reads back its fingerprint.
-5. Record history, clear the attempt record, publish the event.
-
-A crash anywhere leaves an attempt record; `recover` replays the reset with the same key (the same
-secret comes back) and stores it. Only when replay is impossible is the key reset afresh, with a
-critical event. No Celery, HTTP or Redis here: only the protocols.
+Scheduled, manual and recovery paths all go through `rotate`: take the key's lease, settle any
+earlier attempt first, re-read the key (skip it if the trigger's generation is gone, or if it is
+not due), prepare every sink, write the fenced attempt record, reset with the generation's
+Idempotency-Key, write every sink, verify, clear. No Celery, HTTP or Redis here: only protocols.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
-
 from rotator import logs
-from rotator.domain import ApiKey, AttemptRecord, IssuedKey, KeyRef, KeyState, utc_iso
-from rotator.errors import NotFoundError, PermanentError, RotatorError, TransientError, UnansweredError
+from rotator.domain import ApiKey, AttemptRecord, Generation, IssuedKey, KeyRef, KeyState, Replay, utc_iso
+from rotator.errors import InDoubtError, NotFoundError, PermanentError, RefusedError, RotatorError, TransientError
 from rotator.events import SEVERITY, sanitize
 from rotator.fingerprint import Fingerprinter
-from rotator.policy import Policy, age_days, classify, in_scope, is_due
+from rotator.policy import Policy, RotationWindow, age_days, classify, in_scope, is_due
+from rotator.protocol import (
+    DEFAULT_HORIZON_S,
+    MAX_EPOCHS,
+    Phase,
+    ProtocolViolation,
+    Step,
+    advance,
+    idempotency_key,
+    judge,
+)
 from rotator.protocols import Event, EventPublisher, KeyService, SecretRecord, SecretSink, StateStore
 from rotator.scan import client_ids
+from rotator.state import LeaseLostError
 
 log = logs.get("rotator.engine")
 LOCKED = "another rotation of this key is running"
+OK_STATUSES = ("succeeded", "recovered", "skipped")
+# Replays are kept 24 h; look for one only for keys reset within twice that (a cost filter, with
+# room for clock skew; no causality is decided with it).
+REPLAY_LOOKBACK_S = 2 * 86_400
 
 
 @dataclass
 class RotationResult:
-    """What happened to one key; safe to log, return from a task and store (no secret)."""
+    """What happened to one key; safe to log, return from a task and store (no secret).
+
+    `status`: succeeded | recovered | skipped (nothing to do) | busy (behind another actor's lease)
+    | in_doubt (a reset may have run; recovery settles it) | at_risk (a secret is not in every
+    sink; recovery finishes it) | failed."""
 
     client_id: str
     key_id: str
-    status: str  # succeeded | recovered | skipped | failed | at_risk
+    status: str
     reason: str = ""
     attempt_id: str | None = None
     trigger: str = ""
@@ -53,10 +67,10 @@ class RotationResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("succeeded", "recovered", "skipped")
+        return self.status in OK_STATUSES
 
     def to_dict(self) -> dict[str, Any]:
-        return {"client_id": self.client_id, "key_id": self.key_id, "status": self.status,
+        return {"client_id": self.client_id, "key_id": self.key_id, "status": self.status, "ok": self.ok,
                 "reason": self.reason, "attempt_id": self.attempt_id, "trigger": self.trigger,
                 "sinks": dict(self.sinks), "timings": dict(self.timings), "note": self.note}
 
@@ -75,12 +89,38 @@ class _Outcome(Exception):
         self.result = result
 
 
+@dataclass(frozen=True)
+class _Again:
+    """An earlier attempt was settled without a stored secret: go on to a fresh reset."""
+
+    force: bool  # the secret of that attempt is lost: reset whether due or not
+
+
+class _Inline(Executor):
+    """Runs submitted work at once in the caller's thread (deterministic simulations)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        from concurrent.futures import Future
+
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+INLINE = _Inline()
+
+
 class Engine:
     def __init__(
         self, keyservice: KeyService, sinks: list[SecretSink], state: StateStore, publisher: EventPublisher,
         fingerprint: Fingerprinter, policy: Policy, *, sink_retry_s: float = 300.0, verify: bool = True,
         lock_ttl_s: float = 60.0, clock: Callable[[], float] = time.time, actor: str = "",
-        clients: list[str] | None = None,
+        clients: list[str] | None = None, horizon_s: float = DEFAULT_HORIZON_S,
+        window: RotationWindow | None = None, executor: Executor | None = None,
+        sleep: Callable[[float], None] = time.sleep, monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if not sinks:
             raise PermanentError("at least one sink is needed")
@@ -96,45 +136,43 @@ class Engine:
         self.clock = clock
         self.actor = actor
         self.clients = clients  # None: every Client ID the key service lists
+        self.horizon_s = horizon_s
+        self.window = window
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self._ik_mac = fingerprint.derive(b"idempotency-key")
         # One thread per sink plus one for the token check, so no sink write waits for a free thread.
-        self._pool = ThreadPoolExecutor(max_workers=len(sinks) + 1, thread_name_prefix="sink")
+        self._pool = executor or ThreadPoolExecutor(max_workers=len(sinks) + 1, thread_name_prefix="sink")
         self._context = threading.local()  # who asked and why, for the rotation running in this thread
 
     # --- public ------------------------------------------------------------------------------
-    def rotate(self, ref: KeyRef, *, trigger: str, force: bool = False,
-               triggered_at: float | None = None, reason: str = "", actor: str | None = None) -> RotationResult:
-        """Rotate one key once, however many triggers fire for it."""
-        self._context.note, self._context.actor, self._context.entered = reason, actor or self.actor, time.monotonic()
-        lease = self.state.acquire(f"key:{ref}", self.lock_ttl_s)
-        if lease is None:
-            return RotationResult(ref.client_id, ref.key_id, "skipped", LOCKED, trigger=trigger)
-        with lease.kept_alive():
-            try:
-                return self._rotate_locked(ref, trigger, force, triggered_at, reason)
-            except _Outcome as outcome:
-                return outcome.result
+    def rotate(self, ref: KeyRef, *, trigger: str, force: bool = False, generation: str | None = None,
+               reason: str = "", actor: str | None = None) -> RotationResult:
+        """Rotate one key once, however many triggers fire for it.
+
+        `generation` is the key's generation the trigger saw (`str(key.generation)`): if the key
+        has moved on since, this trigger is already served and nothing is reset."""
+        self._begin(reason, actor)
+        return self._leased(ref, trigger, lambda lease: self._rotate_locked(ref, lease, trigger, force, generation))
 
     def recover_all(self) -> list[RotationResult]:
-        """Finish every attempt a crash or an outage left behind."""
-        self._context.note, self._context.actor, self._context.entered = "recovery", self.actor, time.monotonic()
+        """Settle every attempt a crash, an outage or a lost answer left behind."""
+        self._begin("recovery", None)
         results = []
         for attempt in self.state.attempts():
-            lease = self.state.acquire(f"key:{attempt.ref}", self.lock_ttl_s)
-            if lease is None:  # its owner is working on it, or died and its lease has not expired yet
-                results.append(RotationResult(attempt.client_id, attempt.key_id, "skipped", LOCKED,
-                                              attempt.attempt_id, attempt.trigger))
-                continue
-            with lease.kept_alive():
-                current = self.state.get_attempt(attempt.ref)
-                if current is None:
-                    continue
-                try:
-                    results.append(self._recover(current) or RotationResult(
-                        current.client_id, current.key_id, "skipped", "the reset never ran; record cleared",
-                        attempt_id=current.attempt_id, trigger=current.trigger))
-                except _Outcome as outcome:
-                    results.append(outcome.result)
+            results.append(self._leased(attempt.ref, attempt.trigger, partial(self._recover_locked, attempt.ref)))
         return results
+
+    def repair(self) -> tuple[list[Drift], list[RotationResult]]:
+        """`reconcile --repair`: settle attempts, then bring every drifted key's sinks up to date,
+        by replaying the reset that produced its generation when that is possible (no second
+        reset, even without any state in Redis) and by a fresh reset only when it is not."""
+        results = self.recover_all()
+        drift = self.drift()
+        for ref in dict.fromkeys(d.key.ref for d in drift):
+            self._begin("reconcile --repair", None)
+            results.append(self._leased(ref, "reconcile", partial(self._repair_locked, ref)))
+        return drift, results
 
     def due_keys(self, now: float | None = None) -> Iterator[ApiKey]:
         """Due keys in scope, yielded as the pages arrive."""
@@ -145,26 +183,13 @@ class Engine:
                     yield key
 
     def drift(self) -> list[Drift]:
-        """Sinks that hold a secret older than the key's last reset (consumers hold a dead secret)."""
+        """Sinks that do not hold the key's current secret (consumers hold a dead one), and keys
+        whose current secret rotator issued but no sink holds (found by replay, without Redis)."""
         found = []
         for cid in client_ids(self.keyservice, self.clients):
             for key in self.keyservice.list_keys(cid):
-                if not in_scope(key, self.policy):
-                    continue
-                rotated_by_us = self.state.last_rotation(key.ref) is not None
-                for sink in self.sinks:
-                    try:
-                        stored = sink.read_state(key)
-                    except RotatorError as exc:  # unknown is not drift: say so, and do not re-rotate
-                        log.warning("drift.unreadable", sink=sink.describe(key.ref), error=str(exc))
-                        continue
-                    if stored is None:
-                        if rotated_by_us:
-                            found.append(Drift(key, sink.describe(key.ref), "no secret stored"))
-                    elif stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
-                        found.append(Drift(key, sink.describe(key.ref),
-                                           f"stored rotation is from {utc_iso(stored.key_reset_at)}, "
-                                           f"key was reset at {utc_iso(key.born_at)}"))
+                if in_scope(key, self.policy):
+                    found.extend(self._drift_of(key))
         for d in found:
             self.emit("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
         return found
@@ -186,127 +211,297 @@ class Engine:
         return counts
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        if isinstance(self._pool, ThreadPoolExecutor):
+            self._pool.shutdown(wait=False)
 
-    # --- the protocol ------------------------------------------------------------------------
-    def _rotate_locked(self, ref: KeyRef, trigger: str, force: bool, triggered_at: float | None,
-                       reason: str) -> RotationResult:
+    # --- under the key's lease -----------------------------------------------------------------
+    def _leased(self, ref: KeyRef, trigger: str, work: Callable[[Any], RotationResult]) -> RotationResult:
+        lease = self.state.acquire(f"key:{ref}", self.lock_ttl_s)
+        if lease is None:
+            return RotationResult(ref.client_id, ref.key_id, "busy", LOCKED, trigger=trigger)
+        with lease.kept_alive():
+            try:
+                return work(lease)
+            except _Outcome as outcome:
+                return outcome.result
+            except LeaseLostError as exc:
+                log.error("rotation.lease_lost", client_id=ref.client_id, key_id=ref.key_id, error=str(exc))
+                return RotationResult(ref.client_id, ref.key_id, "busy",
+                                      f"{exc}; stopped before the next step, the new holder goes on", trigger=trigger)
+
+    def _rotate_locked(self, ref: KeyRef, lease: Any, trigger: str, force: bool,
+                       generation: str | None) -> RotationResult:
         pending = self.state.get_attempt(ref)
         if pending is not None:
-            recovered = self._recover(pending)
-            if recovered is not None and (recovered.status != "recovered" or not force):
-                return recovered
-        key = self._call(ref, trigger, None, lambda: self.keyservice.get_key(ref.client_id, ref.key_id))
-        if triggered_at is not None and key.last_reset_at is not None and key.last_reset_at >= triggered_at:
-            return RotationResult(ref.client_id, ref.key_id, "skipped", "rotated since the trigger", trigger=trigger)
+            settled = self._settle(pending, lease)
+            if isinstance(settled, RotationResult):
+                return settled
+            force = force or settled.force
+            generation = None if settled.force else generation
+        key = self._get_key(ref, trigger)
+        if generation is not None and str(key.generation) != generation:
+            return self._skipped(key, trigger, "rotated since the trigger")
         if not force and not is_due(key, self.clock(), self.policy):
-            return RotationResult(ref.client_id, ref.key_id, "skipped", "not due", trigger=trigger)
-        attempt = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), trigger, self.clock())
-        self.state.save_attempt(attempt)  # durable before the reset: the crash-safety hinge
-        log.info("rotation.started", client_id=ref.client_id, key_id=ref.key_id, attempt_id=attempt.attempt_id,
-                 trigger=trigger, actor=getattr(self._context, "actor", self.actor), note=reason)
-        started = time.monotonic()
+            return self._skipped(key, trigger, "not due")
+        if trigger == "schedule" and self.window is not None and not self.window.contains(
+                datetime.fromtimestamp(self.clock(), UTC)):
+            return self._skipped(key, trigger, "outside the rotation window")
+        return self._reset(key, lease, trigger)
+
+    def _recover_locked(self, ref: KeyRef, lease: Any) -> RotationResult:
+        pending = self.state.get_attempt(ref)
+        if pending is None:
+            return RotationResult(ref.client_id, ref.key_id, "skipped", "settled meanwhile")
+        settled = self._settle(pending, lease)
+        if isinstance(settled, RotationResult):
+            return settled
+        if settled.force:
+            return self._reset(self._get_key(ref, "recovery"), lease, "recovery")
+        return self._rotate_locked(ref, lease, pending.trigger, False, None)
+
+    def _repair_locked(self, ref: KeyRef, lease: Any) -> RotationResult:
+        if self.state.get_attempt(ref) is not None:
+            return self._recover_locked(ref, lease)
+        key = self._get_key(ref, "reconcile")
+        found = self._replay_lost(key)
+        if found is not None:
+            issued, ik = found
+            now = self.state.now()
+            record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), ik, "", 0, "reconcile", now,
+                                   Phase.STORING.value, now, str(issued.key.generation))
+            self.state.save_attempt(record, lease)
+            return self._store(issued, record, lease, "rotation.recovered", prepared=None)
+        if not self._drift_of(key):
+            return self._skipped(key, "reconcile", "no drift any more")
+        self.emit("rotation.secret_at_risk", key, None,
+                  "no sink holds the key's current secret and its reset cannot be replayed; resetting afresh")
+        return self._reset(key, lease, "reconcile")
+
+    # --- the protocol's steps ------------------------------------------------------------------
+    def _reset(self, key: ApiKey, lease: Any, trigger: str) -> RotationResult:
+        ref = key.ref
+        prepared = self._prepare_sinks(key, trigger)
+        generation = str(key.generation)
+        epoch = self.state.epoch(ref, generation)
+        now = self.state.now()
+        record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()),
+                               idempotency_key(self._ik_mac, ref, key.generation, epoch), generation, epoch,
+                               trigger, now, advance(Phase.IDLE, Step.START).to.value, now)
+        lease.check()
+        self.state.save_attempt(record, lease)  # durable and fenced before the reset: the hinge
+        log.info("rotation.started", client_id=ref.client_id, key_id=ref.key_id, attempt_id=record.attempt_id,
+                 idempotency_key=record.idempotency_key, generation=generation, trigger=trigger,
+                 actor=self._actor(), note=getattr(self._context, "note", ""))
+        started = self._monotonic()
         try:
-            issued = self.keyservice.reset_key(ref.client_id, ref.key_id, attempt.attempt_id)
-        except TransientError as exc:
-            # The reset may or may not have run: ask for the stored answer before giving up.
-            issued = self._replay_after_failed_reset(attempt, key, exc)
+            lease.check()
+            issued = self.keyservice.reset_key(ref.client_id, ref.key_id, record.idempotency_key)
+        except RefusedError as exc:
+            self._refused(record, lease)
+            return self._failed(key, record, f"reset refused, nothing was reset: {exc}")
+        except (InDoubtError, TransientError) as exc:
+            return self._doubt(key, record, lease, str(exc))
+        except RotatorError as exc:  # anything else the adapter raised: the reset may have run
+            return self._doubt(key, record, lease, f"{type(exc).__name__}: {exc}")
+        advance(Phase.RESETTING, Step.ANSWERED)
+        return self._store(issued, record, lease, "rotation.succeeded", prepared, started, before=key)
+
+    def _doubt(self, key: ApiKey, record: AttemptRecord, lease: Any, why: str) -> RotationResult:
+        """The reset may have run: the record says so durably, then one replay may settle it now."""
+        record = replace(record, phase=advance(Phase.RESETTING, Step.NO_ANSWER).to.value, since=self.state.now())
+        self.state.save_attempt(record, lease)
+        log.warning("rotation.in_doubt", client_id=key.client_id, key_id=key.key_id,
+                    idempotency_key=record.idempotency_key, error=why)
+        settled = self._settle(record, lease, why, success_event="rotation.succeeded")
+        if isinstance(settled, RotationResult):
+            return settled
+        if settled.force:
+            return self._failed(key, record, f"reset failed ({why}) and the key was reset by another since; "
+                                             "the next trigger resets it afresh")
+        return self._failed(key, record, f"reset failed ({why}); the stored answer says it did not run")
+
+    def _settle(self, record: AttemptRecord, lease: Any, why: str = "",
+                success_event: str = "rotation.recovered") -> RotationResult | _Again:
+        """Decide an earlier attempt by replay and the key's generation (protocol.judge)."""
+        ref = record.ref
+        try:
+            key = self.keyservice.get_key(ref.client_id, ref.key_id)
+        except NotFoundError:
+            self.state.delete_attempt(record, lease)
+            return self._result(ref, record, "failed", "the key no longer exists; attempt record cleared")
         except RotatorError as exc:
-            self.state.delete_attempt(attempt)  # refused (4xx): nothing was reset
-            return self._failed(key, attempt, f"reset refused: {exc}")
-        return self._store_and_verify(key, issued, attempt, started, "rotation.succeeded")
-
-    def _replay_after_failed_reset(self, attempt: AttemptRecord, key: ApiKey, exc: TransientError) -> IssuedKey:
+            return self._unsettled(record, f"cannot read the key: {exc}")
+        phase = Phase(record.phase)
+        if phase is Phase.RESETTING:  # its actor died mid-call: in doubt from now on
+            phase = advance(phase, Step.NO_ANSWER).to
+            record = replace(record, phase=phase.value, since=self.state.now())
+            self.state.save_attempt(record, lease)
+        replay = self.keyservice.replay(ref.client_id, ref.key_id, record.idempotency_key)
+        answered = replay.issued.key.generation if replay.issued is not None else None
+        replaced = Generation.parse(record.generation) if record.generation else None
+        step = judge(phase, replaced, key.generation, replay.kind, answered,
+                     self.state.now() - record.since, self.horizon_s)
         try:
-            issued = self.keyservice.replay(attempt.client_id, attempt.attempt_id)
-        except RotatorError:
-            # Unknown outcome: the attempt record stays, recovery replays it later.
-            raise _Outcome(self._failed(key, attempt, f"reset failed: {exc}; outcome unknown, will replay")) from None
-        if issued is None:
-            if isinstance(exc, UnansweredError):
-                # A request that went unanswered may still commit after this look: the record stays,
-                # and recovery clears it once the key shows no reset since the attempt began.
-                raise _Outcome(self._failed(key, attempt, f"reset failed: {exc}; not reset so far, will check again"))
-            self.state.delete_attempt(attempt)
-            raise _Outcome(self._failed(key, attempt, f"reset failed: {exc}; the key was not reset"))
-        return issued
+            advance(phase, step)
+        except ProtocolViolation as exc:
+            self.emit("rotation.secret_at_risk", key, record, f"the key service contradicts itself: {exc}")
+            return self._unsettled(record, f"protocol violation ({exc}); the record is kept for a person")
+        if step is Step.ANSWERED and replay.issued is not None:
+            return self._store(replay.issued, record, lease, success_event, prepared=None)
+        if step is Step.NO_ANSWER:
+            detail = replay.reason or "nothing stored yet"
+            return self._unsettled(record, "; ".join(filter(None, [why, f"replay: {detail}"])))
+        if step is Step.REFUSED:
+            self._refused(record, lease)
+            log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run (refused)")
+            return _Again(force=False)
+        if step is Step.NOT_RUN:
+            self.state.delete_attempt(record, lease)  # the same Idempotency-Key is derived next
+            log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run")
+            return _Again(force=False)
+        # LOST: the reset ran and its answer cannot be had. Say so before touching any state.
+        why_lost = ("the key was reset again after that attempt" if replay.kind is Replay.ANSWER
+                    else "the reset ran but its answer cannot be replayed")
+        self.emit("rotation.secret_at_risk", key, record, f"{why_lost}; resetting afresh")
+        self.state.delete_attempt(record, lease)
+        return _Again(force=True)
 
-    def _store_and_verify(self, before: ApiKey, issued: IssuedKey, attempt: AttemptRecord, started: float,
-                          success_event: str) -> RotationResult:
-        reset_answered = time.monotonic()
-        record = SecretRecord(issued.key, issued.secret, attempt.attempt_id, self.fingerprint(issued.secret),
-                              self.clock())
-        # The token check needs no sink: it runs while the sinks are written, off the critical path.
-        token_check = self._pool.submit(self._check_token, record) if self.verify else None
-        outcomes = self._write_everywhere(record)
-        stored_at = time.monotonic()
+    def _refused(self, record: AttemptRecord, lease: Any) -> None:
+        """A conclusive 4xx: the next try of this generation needs a new Idempotency-Key."""
+        advance(Phase.IN_DOUBT, Step.REFUSED)
+        if record.generation:
+            self.state.set_epoch(record.ref, record.generation, record.epoch + 1, lease)
+        self.state.delete_attempt(record, lease)
+
+    def _store(self, issued: IssuedKey, record: AttemptRecord, lease: Any, success_event: str,
+               prepared: dict[int, object] | None, started: float | None = None,
+               before: ApiKey | None = None) -> RotationResult:
+        """Write every sink, verify, and only then clear the record."""
+        answered_at = self._monotonic()
+        started = answered_at if started is None else started
+        # Byte-identical for every write of this generation: the Idempotency-Key names the attempt
+        # and the key service's reset date is the rotation time.
+        secret = SecretRecord(issued.key, issued.secret, record.idempotency_key, self.fingerprint(issued.secret),
+                              float(issued.key.born_at))
+        token_check = self._pool.submit(self._check_token, secret) if self.verify else None
+        lease.check()
+        outcomes = self._write_everywhere(secret, prepared or {})
+        stored_at = self._monotonic()
         statuses = {name: status for name, (status, _) in outcomes.items()}
-        timings = {"reset_s": round(reset_answered - started, 4),
-                   "secret_window_s": round(stored_at - reset_answered, 6),
+        timings = {"reset_s": round(answered_at - started, 4),
+                   "secret_window_s": round(stored_at - answered_at, 6),
                    "slowest_sink_write_s": round(max(d for _, d in outcomes.values()), 6)}
-        problems = token_check.result() if token_check is not None else []
         failed = {name: s for name, s in statuses.items() if s != "ok"}
+        failed.update(self._read_back(secret, skip=failed))
         if failed:
-            self.state.save_attempt(AttemptRecord(attempt.client_id, attempt.key_id, attempt.attempt_id,
-                                                  attempt.trigger, attempt.started_at, "storing", issued.key.born_at))
-            result = RotationResult(attempt.client_id, attempt.key_id, "at_risk",
-                                    f"not stored in {len(failed)} of {len(statuses)} sinks within "
-                                    f"{self.sink_retry_s:g}s; the attempt is kept for recovery",
-                                    attempt.attempt_id, attempt.trigger, statuses, timings)
             why = "; ".join(f"{k}: {v}" for k, v in failed.items())
-            self.emit("rotation.secret_at_risk", issued.key, attempt, why)
-            self._history(result)
-            return result
-        problems += self._read_back(record)
-        timings["verify_s"] = round(time.monotonic() - stored_at, 4)
-        timings["total_s"] = round(time.monotonic() - started, 4)
-        if (issued.key.alias, issued.key.scopes) != (before.alias, before.scopes):
+            self.emit("rotation.secret_at_risk", issued.key, record, why)  # first: no state write can swallow it
+            at_risk = RotationResult(record.client_id, record.key_id, "at_risk",
+                                     f"not stored in {len(failed)} of {len(statuses)} sinks ({why}); "
+                                     "the attempt is kept and recovery replays it",
+                                     record.attempt_id, record.trigger, statuses, timings)
+            try:
+                self.state.save_attempt(replace(record, phase=advance(Phase.STORING, Step.NOT_STORED).to.value,
+                                                issued_generation=str(issued.key.generation),
+                                                fingerprint=secret.fingerprint), lease)
+            except Exception as exc:  # the earlier record (resetting/in doubt) still leads recovery to a replay
+                log.error("attempt.update_failed", client_id=record.client_id, key_id=record.key_id,
+                          error_type=type(exc).__name__)
+            self._history(at_risk)
+            return at_risk
+        problems = token_check.result() if token_check is not None else []
+        self._annotate(secret)
+        timings["verify_s"] = round(self._monotonic() - stored_at, 4)
+        timings["total_s"] = round(self._monotonic() - started, 4)
+        if before is not None and (issued.key.alias, issued.key.scopes) != (before.alias, before.scopes):
             problems.append("the key service changed the key's alias or scopes on reset")
-        self.state.delete_attempt(attempt)
+        advance(Phase.STORING, Step.STORED)
+        self.state.delete_attempt(record, lease)
         if problems:
-            result = RotationResult(attempt.client_id, attempt.key_id, "failed", "; ".join(problems),
-                                    attempt.attempt_id, attempt.trigger, statuses, timings)
-            self.emit("rotation.failed", issued.key, attempt, result.reason)
+            result = RotationResult(record.client_id, record.key_id, "failed", "; ".join(problems),
+                                    record.attempt_id, record.trigger, statuses, timings)
+            self.emit("rotation.failed", issued.key, record, result.reason)
         else:
             status = "recovered" if success_event == "rotation.recovered" else "succeeded"
-            result = RotationResult(attempt.client_id, attempt.key_id, status, "", attempt.attempt_id,
-                                    attempt.trigger, statuses, timings)
-            self.emit(success_event, issued.key, attempt)
+            result = RotationResult(record.client_id, record.key_id, status, "", record.attempt_id,
+                                    record.trigger, statuses, timings)
+            self.emit(success_event, issued.key, record)
         self._history(result)
         return result
 
-    def _write_everywhere(self, record: SecretRecord) -> dict[str, tuple[str, float]]:
+    # --- sinks ---------------------------------------------------------------------------------
+    def _prepare_sinks(self, key: ApiKey, trigger: str) -> dict[int, object]:
+        """Every sink must be able to take the write before the key is reset."""
+        prepared: dict[int, object] = {}
+        for index, sink in enumerate(self.sinks):
+            try:
+                prepared[index] = sink.prepare(key)
+            except RotatorError as exc:
+                raise _Outcome(self._failed(key, None, f"{sink.describe(key.ref)} is not ready ({exc}); "
+                                                       "the key was not reset", trigger=trigger)) from None
+            except Exception as exc:
+                raise _Outcome(self._failed(key, None, f"{sink.describe(key.ref)} is not ready "
+                                                       f"({type(exc).__name__}); the key was not reset",
+                                            trigger=trigger)) from None
+        return prepared
+
+    def _write_everywhere(self, record: SecretRecord, prepared: dict[int, object]) -> dict[str, tuple[str, float]]:
         """Write every sink at once, each retried on transient errors until the bound.
 
-        Returns each sink's status and the time its own write took. One sink is written in this
-        thread: handing it to the pool would only lengthen the time the secret is in flight."""
+        One sink is written in this thread: handing it to the pool would only lengthen the time the
+        secret is in flight."""
         if len(self.sinks) == 1:
-            return {self.sinks[0].describe(record.ref): self._write_one(self.sinks[0], record)}
-        futures = {sink.describe(record.ref): self._pool.submit(self._write_one, sink, record) for sink in self.sinks}
+            return {self.sinks[0].describe(record.ref): self._write_one(self.sinks[0], record, prepared.get(0))}
+        futures = {sink.describe(record.ref): self._pool.submit(self._write_one, sink, record, prepared.get(i))
+                   for i, sink in enumerate(self.sinks)}
         return {name: future.result() for name, future in futures.items()}
 
-    def _write_one(self, sink: SecretSink, record: SecretRecord) -> tuple[str, float]:
-        started = time.monotonic()
-        status = self._write_with_retries(sink, record)
-        return status, time.monotonic() - started
+    def _write_one(self, sink: SecretSink, record: SecretRecord, prepared: object) -> tuple[str, float]:
+        started = self._monotonic()
+        deadline = started + self.sink_retry_s
+        delay = 0.2
+        while True:
+            try:
+                sink.write(record, prepared)
+                return "ok", self._monotonic() - started
+            except TransientError as exc:
+                if self._monotonic() + delay > deadline:
+                    return self._write_failed(sink, record, str(exc)), self._monotonic() - started
+                log.info("sink.write_retry", sink=sink.describe(record.ref), error=str(exc))
+            except RotatorError as exc:
+                return self._write_failed(sink, record, str(exc)), self._monotonic() - started
+            except Exception as exc:  # a sink bug must not lose the secret for the other sinks
+                log.error("sink.write_crashed", sink=sink.describe(record.ref), error_type=type(exc).__name__)
+                return f"failed: {type(exc).__name__}", self._monotonic() - started
+            self._sleep(delay * random.uniform(1.0, 1.5))
+            delay = min(delay * 2, max(0.5, min(15.0, self.sink_retry_s / 4)))
 
-    def _write_with_retries(self, sink: SecretSink, record: SecretRecord) -> str:
-        retrying = Retrying(retry=retry_if_exception_type(TransientError), stop=stop_after_delay(self.sink_retry_s),
-                            wait=wait_exponential(multiplier=0.2, max=max(0.5, min(15.0, self.sink_retry_s / 4)))
-                            + wait_random(0, 0.2),
-                            reraise=True)
-        try:
-            for attempt in retrying:
-                with attempt:
-                    sink.write(record)
-        except RotatorError as exc:
-            log.warning("sink.write_failed", sink=sink.describe(record.ref), attempt_id=record.attempt_id,
-                        error=str(exc))
-            return f"failed: {exc}"
-        except Exception as exc:  # a sink bug must not lose the secret for the other sinks
-            log.error("sink.write_crashed", sink=sink.describe(record.ref), error_type=type(exc).__name__)
-            return f"failed: {type(exc).__name__}"
-        return "ok"
+    def _write_failed(self, sink: SecretSink, record: SecretRecord, error: str) -> str:
+        log.warning("sink.write_failed", sink=sink.describe(record.ref), attempt_id=record.attempt_id, error=error)
+        return f"failed: {error}"
+
+    def _read_back(self, record: SecretRecord, skip: dict[str, str]) -> dict[str, str]:
+        problems = {}
+        for sink in self.sinks:
+            name = sink.describe(record.ref)
+            if name in skip:
+                continue
+            try:
+                stored = sink.read_state(record.key)
+            except RotatorError as exc:
+                problems[name] = f"read-back failed: {exc}"
+                continue
+            if stored is None or stored.fingerprint != record.fingerprint:
+                problems[name] = "read-back fingerprint differs"
+        return problems
+
+    def _annotate(self, record: SecretRecord) -> None:
+        for sink in self.sinks:
+            try:
+                sink.annotate(record)
+            except Exception as exc:  # metadata only: the secret is stored and read back
+                log.warning("sink.annotate_failed", sink=sink.describe(record.ref), error_type=type(exc).__name__,
+                            error=str(exc) if isinstance(exc, RotatorError) else "")
 
     def _check_token(self, record: SecretRecord) -> list[str]:
         try:
@@ -316,63 +511,105 @@ class Engine:
             return [f"could not check the new secret: {exc}"]
         return []
 
-    def _read_back(self, record: SecretRecord) -> list[str]:
-        problems = []
+    # --- drift and recovery without Redis ------------------------------------------------------
+    def _drift_of(self, key: ApiKey) -> list[Drift]:
+        found, empty = [], []
         for sink in self.sinks:
             try:
-                stored = sink.read_state(record.key)
-            except RotatorError as exc:
-                problems.append(f"{sink.describe(record.ref)}: read-back failed: {exc}")
+                stored = sink.read_state(key)
+            except RotatorError as exc:  # unknown is not drift: say so, and do not re-rotate
+                log.warning("drift.unreadable", sink=sink.describe(key.ref), error=str(exc))
+                return []
+            if stored is None:
+                empty.append(sink.describe(key.ref))
+            elif stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
+                found.append(Drift(key, sink.describe(key.ref),
+                                   f"stored rotation is from {utc_iso(stored.key_reset_at)}, "
+                                   f"key was reset at {utc_iso(key.born_at)}"))
+        # Empty sinks are drift once rotator rotated the key, or when the reset that produced the
+        # current generation was rotator's (its answer is still replayable: Redis may have lost all).
+        recent = key.last_reset_at is not None and self.clock() - key.last_reset_at < REPLAY_LOOKBACK_S
+        if empty and (found or self.state.last_rotation(key.ref) is not None
+                      or (recent and self._replay_lost(key) is not None)):
+            found.extend(Drift(key, name, "no secret stored") for name in empty)
+        return found
+
+    def _replay_lost(self, key: ApiKey) -> tuple[IssuedKey, str] | None:
+        """The stored answer of the reset that produced the key's current generation, found from
+        what the sinks say the previous generation was (or the key's creation), or None."""
+        candidates = {Generation(key.created_at, key.created_at)}
+        for sink in self.sinks:
+            try:
+                stored = sink.read_state(key)
+            except RotatorError:
                 continue
-            if stored is None or stored.fingerprint != record.fingerprint:
-                problems.append(f"{sink.describe(record.ref)}: read-back fingerprint differs")
-        return problems
+            if stored is not None and stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
+                candidates.add(Generation(key.created_at, stored.key_reset_at))
+        if key.last_reset_at is None:
+            return None
+        for previous in sorted(candidates, reverse=True):
+            for epoch in range(MAX_EPOCHS):
+                ik = idempotency_key(self._ik_mac, key.ref, previous, epoch)
+                answer = self.keyservice.replay(key.client_id, key.key_id, ik)
+                if answer.kind is Replay.ANSWER and answer.issued is not None:
+                    if answer.issued.key.generation == key.generation:
+                        return answer.issued, ik
+                    break
+                if answer.kind is not Replay.REFUSED:
+                    break
+        return None
 
-    def _recover(self, attempt: AttemptRecord) -> RotationResult | None:
-        """Finish an earlier attempt by replay; None when there was nothing to finish."""
-        log.warning("rotation.recovering", client_id=attempt.client_id, key_id=attempt.key_id,
-                    attempt_id=attempt.attempt_id, phase=attempt.phase)
-        ref = attempt.ref
-        key = self._call(ref, attempt.trigger, attempt, lambda: self.keyservice.get_key(ref.client_id, ref.key_id))
+    # --- helpers -------------------------------------------------------------------------------
+    def _begin(self, note: str, actor: str | None) -> None:
+        self._context.note, self._context.actor, self._context.entered = note, actor or self.actor, time.monotonic()
+
+    def _actor(self) -> str:
+        return getattr(self._context, "actor", "") or self.actor
+
+    def _get_key(self, ref: KeyRef, trigger: str) -> ApiKey:
         try:
-            issued = self.keyservice.replay(ref.client_id, attempt.attempt_id)
+            return self.keyservice.get_key(ref.client_id, ref.key_id)
         except RotatorError as exc:
-            raise _Outcome(self._failed(key, attempt, f"recovery: replay failed: {exc}")) from None
-        if issued is not None and issued.key.born_at == key.born_at:
-            return self._store_and_verify(key, issued, attempt, time.monotonic(), "rotation.recovered")
-        self.state.delete_attempt(attempt)
-        if issued is None and key.born_at < attempt.started_at:
-            return None  # the reset never ran
-        # The secret of that attempt is gone (replay expired) or dead (reset again since): start afresh.
-        why = "replay expired" if issued is None else "the key was reset again after that attempt"
-        self.emit("rotation.secret_at_risk", key, attempt, f"recovery: {why}; resetting afresh")
-        return self._rotate_locked(ref, "recovery", True, None, why)
+            result = RotationResult(ref.client_id, ref.key_id, "failed", str(exc), trigger=trigger)
+            self._history(result)
+            raise _Outcome(result) from None
 
-    # --- helpers -----------------------------------------------------------------------------
-    def _call(self, ref: KeyRef, trigger: str, attempt: AttemptRecord | None, fn: Callable[[], ApiKey]) -> ApiKey:
-        try:
-            return fn()
-        except NotFoundError as exc:
-            if attempt is not None:
-                self.state.delete_attempt(attempt)
-            raise _Outcome(RotationResult(ref.client_id, ref.key_id, "failed", str(exc), trigger=trigger)) from None
-        except RotatorError as exc:
-            raise _Outcome(RotationResult(ref.client_id, ref.key_id, "failed", str(exc), trigger=trigger)) from None
+    def _skipped(self, key: ApiKey, trigger: str, reason: str) -> RotationResult:
+        return RotationResult(key.client_id, key.key_id, "skipped", reason, trigger=trigger)
 
-    def _failed(self, key: ApiKey, attempt: AttemptRecord, reason: str) -> RotationResult:
-        result = RotationResult(key.client_id, key.key_id, "failed", reason, attempt.attempt_id, attempt.trigger)
-        self.emit("rotation.failed", key, attempt, reason)
+    def _unsettled(self, record: AttemptRecord, reason: str) -> RotationResult:
+        status = "at_risk" if record.phase == Phase.STORING.value else "in_doubt"
+        text = (f"attempt {record.attempt_id} ({record.phase}): {reason}; "
+                "the record is kept and nothing is reset until it is settled")
+        result = self._result(record.ref, record, status, text)
+        log.warning("rotation.unsettled", client_id=record.client_id, key_id=record.key_id, status=status,
+                    reason=text)
+        return result
+
+    def _result(self, ref: KeyRef, record: AttemptRecord, status: str, reason: str) -> RotationResult:
+        result = RotationResult(ref.client_id, ref.key_id, status, reason, record.attempt_id, record.trigger)
+        self._history(result)
+        return result
+
+    def _failed(self, key: ApiKey, record: AttemptRecord | None, reason: str, status: str = "failed",
+                trigger: str = "") -> RotationResult:
+        result = RotationResult(key.client_id, key.key_id, status, reason,
+                                record.attempt_id if record else None, record.trigger if record else trigger)
+        self.emit("rotation.failed", key, record, reason)
         self._history(result)
         return result
 
     def _history(self, result: RotationResult) -> None:
         call = self._context
         result.note = result.note or getattr(call, "note", "")
-        actor = getattr(call, "actor", "") or self.actor
         if hasattr(call, "entered"):
             result.timings["engine_s"] = round(time.monotonic() - call.entered, 4)
-        self.state.record({"kind": "rotation", "time": self.clock(), "actor": actor, **result.to_dict()})
-        log.info("rotation.finished", **{k: v for k, v in result.to_dict().items() if k != "timings"}, actor=actor)
+        try:
+            self.state.record({"kind": "rotation", "time": self.clock(), "actor": self._actor(), **result.to_dict()})
+        except Exception as exc:  # history is for people; it must not undo a rotation's outcome
+            log.error("history.write_failed", error_type=type(exc).__name__)
+        log.info("rotation.finished", **{k: v for k, v in result.to_dict().items() if k != "timings"},
+                 actor=self._actor())
 
     def emit(self, name: str, key: ApiKey, attempt: AttemptRecord | None = None, error: str | None = None) -> None:
         event = Event(name, SEVERITY[name], key.client_id, key.key_id, key.alias, key.environment.value,

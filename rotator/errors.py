@@ -11,6 +11,8 @@ from __future__ import annotations
 class RotatorError(Exception):
     """Root of every error rotator raises on purpose."""
 
+    status: int | None = None  # the HTTP status behind it, where there was one
+
 
 class TransientError(RotatorError):
     """Safe to retry: a time-out, a dropped connection, a 5xx, throttling, a sealed Vault."""
@@ -22,6 +24,31 @@ class TransientError(RotatorError):
 
 class UnansweredError(TransientError):
     """No answer came back (a time-out, a dropped connection): the request may still have run."""
+
+
+class ServerError(TransientError):
+    """A 5xx. Proves nothing about a write: a proxy may answer it while the origin commits."""
+
+
+class BusyError(TransientError):
+    """A 409 with Retry-After: the same Idempotency-Key is still running; repeat it."""
+
+
+class ThrottledError(TransientError):
+    """A 429: the call did not run; retry later."""
+
+
+class InDoubtError(TransientError):
+    """A write whose outcome is unknown (no answer, a 5xx, a cut or unusable answer): it may have
+    run. Only a replay of its Idempotency-Key or the key's generation can settle it."""
+
+
+class RefusedError(RotatorError):
+    """The key service answered a write with a 4xx: it did not run."""
+
+    def __init__(self, message: str, *, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PermanentError(RotatorError):

@@ -28,5 +28,9 @@ class Fingerprinter:
         digest = hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()
         return PREFIX + digest[:32]
 
+    def derive(self, label: bytes) -> bytes:
+        """A separate key for another purpose (the reset Idempotency-Keys), from the same secret."""
+        return hmac.new(self._key, b"rotator-derive\x00" + label, hashlib.sha256).digest()
+
     def __repr__(self) -> str:
         return "Fingerprinter(key=***)"

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from rotator.domain import ApiKey, AttemptRecord, ClientInfo, IssuedKey, KeyRef, Scope, Secret
+from rotator.domain import ApiKey, AttemptRecord, ClientInfo, IssuedKey, KeyRef, ReplayAnswer, Scope, Secret
 
 
 @runtime_checkable
@@ -27,11 +27,14 @@ class KeyService(Protocol):
     def get_key(self, client_id: str, key_id: str) -> ApiKey: ...
 
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
-        """Reset once; a retry with the same `idempotency_key` returns the same secret."""
+        """Reset once; a retry with the same `idempotency_key` returns the same secret.
+
+        Returns only an answer that names this key. Raises `RefusedError` when the service proved
+        the reset did not run (a 4xx) and `InDoubtError` for every other failure."""
         ...
 
-    def replay(self, client_id: str, idempotency_key: str) -> IssuedKey | None:
-        """The stored answer of an earlier create/reset, or None once it has expired."""
+    def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
+        """The stored answer of the reset of this key sent with `idempotency_key`; never raises."""
         ...
 
     def create_key(
@@ -89,8 +92,20 @@ class SecretSink(Protocol):
         """A printable location, e.g. `vault:secret/rotator/acme/key_1`; never a credential."""
         ...
 
-    def write(self, record: SecretRecord) -> StoredState:
-        """Store the secret; a retry of the same attempt that is already stored is a no-op."""
+    def prepare(self, key: ApiKey) -> object:
+        """Before the reset: reach the sink, check the right to write, read what the write needs
+        (Vault's CAS version, whether the AWS secret exists). Raise a RotatorError if the sink
+        cannot take a write now: the key is then not reset. The result goes to `write`."""
+        ...
+
+    def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
+        """Store the secret, in as few round trips as `prepared` allows; a retry of the same
+        attempt that is already stored is a no-op. Writes of one attempt are byte-identical."""
+        ...
+
+    def annotate(self, record: SecretRecord) -> None:
+        """After every sink holds the secret: metadata that is not on the critical path (Vault
+        custom metadata, AWS tags). Failures are reported, not fatal."""
         ...
 
     def read_state(self, key: ApiKey) -> StoredState | None:
@@ -147,23 +162,42 @@ class Notifier(Protocol):
 
 
 class LeaseLike(Protocol):
+    lost: bool
+
     def kept_alive(self) -> AbstractContextManager[Any]: ...
+
+    def check(self) -> None:
+        """Raise `LeaseLostError` once the lease is known to be lost."""
+        ...
 
 
 class StateStore(Protocol):
-    """Durable attempt records, leases and history (Redis in production)."""
+    """Durable attempt records, fenced leases and history (Redis in production).
 
-    def acquire(self, name: str, ttl_s: float) -> LeaseLike | None: ...
+    Every write of an attempt record or epoch is conditional on the caller's lease (one atomic
+    check-and-write) and raises `LeaseLostError` otherwise."""
+
+    def now(self) -> float:
+        """The store's clock, shared by every worker."""
+        ...
+
+    def acquire(self, name: str, ttl_s: float) -> Any: ...
 
     def once(self, name: str, ttl_s: int) -> bool: ...
 
-    def save_attempt(self, attempt: AttemptRecord) -> None: ...
+    def seen(self, name: str) -> bool: ...
+
+    def save_attempt(self, attempt: AttemptRecord, lease: Any) -> None: ...
 
     def get_attempt(self, ref: KeyRef) -> AttemptRecord | None: ...
 
-    def delete_attempt(self, attempt: AttemptRecord) -> None: ...
+    def delete_attempt(self, attempt: AttemptRecord, lease: Any) -> None: ...
 
     def attempts(self) -> list[AttemptRecord]: ...
+
+    def epoch(self, ref: KeyRef, generation: str) -> int: ...
+
+    def set_epoch(self, ref: KeyRef, generation: str, epoch: int, lease: Any) -> None: ...
 
     def record(self, entry: dict[str, Any]) -> None: ...
 

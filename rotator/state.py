@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
+import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from rotator.domain import AttemptRecord, KeyRef
+from rotator.errors import RotatorError
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, float("inf"))
 _EXTEND = """
@@ -27,10 +30,62 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+_TAKE_OVER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end
+return 0
+"""
+# Fenced writes: KEYS = lock, attempt, attempt set; ARGV = token, ref, record json / attempt id.
+_SAVE_FENCED = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[2], ARGV[3])
+redis.call('sadd', KEYS[3], ARGV[2])
+return 1
+"""
+_DELETE_FENCED = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+local raw = redis.call('get', KEYS[2])
+if raw and cjson.decode(raw)['attempt_id'] ~= ARGV[3] then return 2 end
+redis.call('del', KEYS[2])
+redis.call('srem', KEYS[3], ARGV[2])
+return 1
+"""
+_SET_FENCED = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+EPOCH_TTL_S = 2 * 86_400  # longer than the key service keeps a stored answer (24 h)
+
+
+class LeaseLostError(RotatorError):
+    """The key's lease expired or was taken over: stop before the next side effect."""
+
+
+def owner_identity() -> str:
+    """`host:pid:start` of this process: lets a lease held by a dead process on this host be taken over."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True only when the owner provably ran on this host and that process is gone."""
+    host, pid_text, start, *_ = [*owner.split(":"), "", "", ""]
+    if host != socket.gethostname() or not pid_text.isdigit() or start in ("", "?"):
+        return False
+    return _start_ticks(int(pid_text)) != start  # gone, or the pid was reused by another process
 
 
 class Lease:
-    """A lock with an owner token: extended while work goes on, released only by its owner."""
+    """A lock with an owner token: extended while work goes on, released only by its owner.
+
+    A failed extension marks it lost; `check()` then raises, so the holder stops before its next
+    side effect (and every fenced write refuses anyway)."""
 
     def __init__(self, client: redis.Redis, name: str, token: str, ttl_ms: int) -> None:
         self._client = client
@@ -38,9 +93,17 @@ class Lease:
         self.token = token
         self.ttl_ms = ttl_ms
         self._stop = threading.Event()
+        self.lost = False
 
     def extend(self) -> bool:
-        return bool(self._client.eval(_EXTEND, 1, self.name, self.token, self.ttl_ms))
+        ok = bool(self._client.eval(_EXTEND, 1, self.name, self.token, self.ttl_ms))
+        if not ok:
+            self.lost = True
+        return ok
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLostError(f"lease {self.name} was lost")
 
     def release(self) -> bool:
         self._stop.set()
@@ -51,7 +114,7 @@ class Lease:
         """Extend every third of the TTL in a thread until the block ends, then release."""
 
         def beat() -> None:
-            while not self._stop.wait(self.ttl_ms / 3000):
+            while not self._stop.wait(self.ttl_ms / 3000) and not self.lost:
                 with contextlib.suppress(redis.RedisError):
                     self.extend()
 
@@ -80,12 +143,22 @@ class RedisState:
     def _k(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
 
+    def now(self) -> float:
+        """Redis's clock: one clock for every worker (in-doubt horizons, record times)."""
+        seconds, micros = self.client.time()
+        return float(seconds) + micros / 1e6
+
     # --- leases ------------------------------------------------------------------------------
     def acquire(self, name: str, ttl_s: float) -> Lease | None:
+        """The lease, or None while a live owner holds it. A lease whose owner process is provably
+        dead (same host, process gone) is taken over at once instead of waiting out its TTL."""
         key = self._k("lock", name)
-        token = secrets.token_hex(16)
+        token = f"{owner_identity()}:{secrets.token_hex(8)}"
         ttl_ms = int(ttl_s * 1000)
         if self.client.set(key, token, nx=True, px=ttl_ms):
+            return Lease(self.client, key, token, ttl_ms)
+        held = self.client.get(key)
+        if held and _owner_is_dead(str(held)) and self.client.eval(_TAKE_OVER, 1, key, held, token, ttl_ms):
             return Lease(self.client, key, token, ttl_ms)
         return None
 
@@ -93,24 +166,33 @@ class RedisState:
         """True the first time `name` is claimed within `ttl_s` (one beat, one alert)."""
         return bool(self.client.set(self._k("once", name), "1", nx=True, ex=max(1, ttl_s)))
 
-    # --- attempt records -------------------------------------------------------------------
-    def save_attempt(self, attempt: AttemptRecord) -> None:
-        ref = f"{attempt.client_id}/{attempt.key_id}"
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self._k("attempt", ref), json.dumps(asdict(attempt)))
-        pipe.sadd(self._k("attempts"), ref)
-        pipe.execute()
+    def seen(self, name: str) -> bool:
+        """Whether `name` was claimed with `once` and has not expired (claims nothing)."""
+        return bool(self.client.exists(self._k("once", name)))
+
+    # --- attempt records (every write fenced by the key's lease) -----------------------------
+    def save_attempt(self, attempt: AttemptRecord, lease: Lease) -> None:
+        ref = str(attempt.ref)
+        done = self.client.eval(_SAVE_FENCED, 3, lease.name, self._k("attempt", ref), self._k("attempts"),
+                                lease.token, ref, json.dumps(attempt.to_dict()))
+        if not done:
+            lease.lost = True
+            raise LeaseLostError(f"lease of {ref} lost: attempt record not written")
 
     def get_attempt(self, ref: KeyRef) -> AttemptRecord | None:
         raw = self.client.get(self._k("attempt", str(ref)))
-        return AttemptRecord(**json.loads(raw)) if raw else None
+        return AttemptRecord.from_dict(json.loads(raw)) if raw else None
 
-    def delete_attempt(self, attempt: AttemptRecord) -> None:
-        ref = f"{attempt.client_id}/{attempt.key_id}"
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self._k("attempt", ref))
-        pipe.srem(self._k("attempts"), ref)
-        pipe.execute()
+    def delete_attempt(self, attempt: AttemptRecord, lease: Lease) -> None:
+        """Delete the record only if it still is this attempt's and the lease is still ours."""
+        ref = str(attempt.ref)
+        done = self.client.eval(_DELETE_FENCED, 3, lease.name, self._k("attempt", ref), self._k("attempts"),
+                                lease.token, ref, attempt.attempt_id)
+        if done == 0:
+            lease.lost = True
+            raise LeaseLostError(f"lease of {ref} lost: attempt record not deleted")
+        if done == 2:
+            raise LeaseLostError(f"the attempt record of {ref} belongs to another attempt; not deleted")
 
     def attempts(self) -> list[AttemptRecord]:
         out = []
@@ -120,6 +202,21 @@ class RedisState:
             if found:
                 out.append(found)
         return out
+
+    def epoch(self, ref: KeyRef, generation: str) -> int:
+        """How many conclusive refusals this generation of the key has had (0 when unknown)."""
+        raw = self.client.get(self._k("epoch", str(ref)))
+        if not raw:
+            return 0
+        stored_generation, _, epoch = str(raw).rpartition("/")
+        return int(epoch) if stored_generation == generation and epoch.isdigit() else 0
+
+    def set_epoch(self, ref: KeyRef, generation: str, epoch: int, lease: Lease) -> None:
+        done = self.client.eval(_SET_FENCED, 2, lease.name, self._k("epoch", str(ref)), lease.token,
+                                f"{generation}/{epoch}", EPOCH_TTL_S)
+        if not done:
+            lease.lost = True
+            raise LeaseLostError(f"lease of {ref} lost: epoch not written")
 
     # --- history -----------------------------------------------------------------------------
     def record(self, entry: dict[str, Any]) -> None:

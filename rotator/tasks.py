@@ -10,10 +10,10 @@ from typing import Any
 from celery import Celery, signals
 
 from rotator import logs
-from rotator.alerts.dispatch import event_from_dict, first_time, routes
+from rotator.alerts.dispatch import already_sent, event_from_dict, mark_sent, routes
 from rotator.config import Settings, load_settings
 from rotator.domain import KeyRef, KeyState
-from rotator.engine import LOCKED, Engine
+from rotator.engine import Engine
 from rotator.errors import RotatorError, TransientError
 from rotator.events import LogPublisher
 from rotator.protocols import Event
@@ -53,11 +53,18 @@ def engine() -> Engine:
     return build_engine(settings(), publisher=CeleryPublisher(), actor="celery")
 
 
-@app.task(name="rotator.rotate_key", acks_late=True, max_retries=0)
-def rotate_key(client_id: str, key_id: str, trigger: str = "manual", triggered_at: float | None = None,
+@app.task(name="rotator.rotate_key", bind=True, acks_late=True, max_retries=30)
+def rotate_key(self: Any, client_id: str, key_id: str, trigger: str = "manual", generation: Any = None,
                force: bool = False, reason: str = "", actor: str = "") -> dict[str, Any]:
-    result = engine().rotate(KeyRef(client_id, key_id), trigger=trigger, force=force, triggered_at=triggered_at,
-                             reason=reason, actor=actor or None)
+    """`generation` is the key's generation the trigger saw: a redelivered or duplicate message for
+    a key rotated since is skipped. A key behind another actor's lease (a live duplicate, or a
+    worker that died a moment ago) is tried again once that lease can have ended, never dropped."""
+    eng = engine()
+    seen = generation if isinstance(generation, str) else None  # a message of the first protocol had a time
+    result = eng.rotate(KeyRef(client_id, key_id), trigger=trigger, force=force, generation=seen,
+                        reason=reason, actor=actor or None)
+    if result.status == "busy":
+        raise self.retry(countdown=max(1.0, eng.lock_ttl_s / 3))
     return result.to_dict()
 
 
@@ -80,7 +87,7 @@ def scan() -> dict[str, Any]:
         if row.state is not KeyState.DUE:
             continue
         if enforce and inside:
-            rotate_key.delay(row.key.client_id, row.key.key_id, "schedule", now)
+            rotate_key.delay(row.key.client_id, row.key.key_id, "schedule", str(row.key.generation))
             queued += 1
         else:  # reported, not rotated; alert channels de-duplicate it to one a day
             eng.emit("key.overdue", row.key, error="audit mode" if not enforce else "outside the rotation window")
@@ -91,12 +98,14 @@ def scan() -> dict[str, Any]:
 
 @app.task(name="rotator.recover", bind=True, max_retries=20)
 def recover(self: Any) -> list[dict[str, Any]]:
-    """Finish left-over attempts. One still leased (by a worker killed a moment ago, say) is tried
-    again once that lease can have expired."""
+    """Settle left-over attempts. One still leased (by a worker killed a moment ago, say) is tried
+    again once that lease can have expired; one still in doubt, once its horizon can have passed."""
     eng = engine()
     results = eng.recover_all()
-    if any(r.reason == LOCKED for r in results):
+    if any(r.status == "busy" for r in results):
         raise self.retry(countdown=max(1.0, eng.lock_ttl_s / 3))
+    if any(r.status == "in_doubt" for r in results):
+        raise self.retry(countdown=max(1.0, eng.horizon_s / 2))
     return [r.to_dict() for r in results]
 
 
@@ -117,10 +126,13 @@ def notify(self: Any, route_index: int, event: dict[str, Any]) -> str:
     """Deliver one event to one channel; retried with back-off while the receiver is down."""
     route = routes(settings())[route_index]
     ev = event_from_dict(event)
-    if self.request.retries == 0 and not first_time(route, ev, engine().state):
+    # The de-duplication slot is claimed only after a successful send: a worker killed between the
+    # two sends the event again (a duplicate), never drops it.
+    if already_sent(route, ev, engine().state):
         return "duplicate"
     try:
         route.notifier().send(ev)
+        mark_sent(route, ev, engine().state)
     except TransientError as exc:
         log.warning("alert.retrying", channel=route_index, event_name=ev.name, error=str(exc),
                     retries=self.request.retries)

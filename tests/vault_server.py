@@ -93,6 +93,9 @@ class VaultHandler(BaseHTTPRequestHandler):
             return self._errors(403, ["permission denied"])
         if path == "auth/token/lookup-self":
             return self._send(200, {"policies": [policy], "ttl": 0})
+        if path == "sys/capabilities-self" and method == "POST":
+            caps = ["create", "read", "update", "delete", "list"] if policy == "write" else ["read", "list"]
+            return self._send(200, {**{p: caps for p in body.get("paths", [])}, "capabilities": caps}, raw=True)
         prefix, _, rest = path.partition("/")
         kind, _, secret_path = rest.partition("/")
         if prefix != state.mount or kind not in ("data", "metadata") or not secret_path:

@@ -47,6 +47,16 @@ def first_time(route: Route, event: Event, state: StateStore) -> bool:
     return state.once(route.dedupe_key(event), route.config.dedupe_window_s)
 
 
+def already_sent(route: Route, event: Event, state: StateStore) -> bool:
+    """Whether this event for this key already reached this channel within its window."""
+    return route.config.dedupe_window_s != 0 and state.seen(route.dedupe_key(event))
+
+
+def mark_sent(route: Route, event: Event, state: StateStore) -> None:
+    if route.config.dedupe_window_s != 0:
+        state.once(route.dedupe_key(event), route.config.dedupe_window_s)
+
+
 def event_from_dict(data: dict[str, Any]) -> Event:
     return Event(data["event"], data["severity"], data["client_id"], data["key_id"], data.get("alias", ""),
                  data.get("environment", ""), data.get("age_days"), data.get("attempt_id"), data.get("error"),

@@ -102,8 +102,9 @@ class Fault:
 
     `drop="before"` closes the connection without running the call; `drop="after"` runs it (the
     reset commits) and then closes the connection without answering. `status` answers with an
-    error instead of running; `body` answers 200 with that raw text. `times` counts matches
-    (-1: forever).
+    error instead of running; `body` answers 200 with that raw text. With `commit_after_s`, the
+    reply (`status`, or else a cut connection) comes at once and the call runs that much later, as
+    behind a gateway that gave up while the origin went on. `times` counts matches (-1: forever).
     """
 
     method: str = "*"
@@ -113,6 +114,7 @@ class Fault:
     delay_s: float = 0.0
     drop: str | None = None
     body: str | None = None
+    commit_after_s: float | None = None
     times: int = 1
     _pattern: re.Pattern[str] | None = None
 
@@ -123,7 +125,7 @@ class Fault:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fault:
-        allowed = {"method", "path", "status", "retry_after", "delay_s", "drop", "body", "times"}
+        allowed = {"method", "path", "status", "retry_after", "delay_s", "drop", "body", "commit_after_s", "times"}
         unknown = set(data) - allowed
         if unknown:
             raise ApiError(400, "param_error", f"unknown fault fields: {sorted(unknown)}")
@@ -146,6 +148,7 @@ class Emulator:
         self._stored: dict[tuple[str, str], StoredResponse] = {}
         self._faults: list[Fault] = []
         self._ledger: list[LedgerEntry] = []
+        self._running: dict[tuple[str, str], threading.Event] = {}
 
     # --- time, faults, ledger -----------------------------------------------------------
     def now(self) -> int:
@@ -325,6 +328,23 @@ class Emulator:
                 del self._stored[(client_id, key)]
                 return None
             return entry
+
+    def begin_call(self, client_id: str, key: str, wait_s: float = 30.0) -> bool:
+        """True for the one call that may run under this Idempotency-Key now; a later one waits
+        for it (up to `wait_s`) and gets False."""
+        with self._lock:
+            running = self._running.get((client_id, key))
+            if running is None:
+                self._running[(client_id, key)] = threading.Event()
+                return True
+        running.wait(wait_s)
+        return False
+
+    def end_call(self, client_id: str, key: str) -> None:
+        with self._lock:
+            done = self._running.pop((client_id, key), None)
+        if done is not None:
+            done.set()
 
     def store(self, client_id: str, key: str, response: StoredResponse) -> None:
         with self._lock:

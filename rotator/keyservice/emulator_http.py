@@ -105,6 +105,18 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             self._send(self._control(method, path, raw))
             return
         fault = emulator.take_fault(method, path)
+        if fault is not None and fault.commit_after_s is not None:
+            # A gateway that gives up (an error status, or a cut connection) while the origin goes
+            # on and commits later: the call runs, and its answer is stored, after the reply.
+            if fault.status is not None:
+                kind = _ERROR_TYPES.get(fault.status, "internal_error")
+                self._send(_error(emulator, ApiError(fault.status, kind, "injected gateway fault")))
+                self.close_connection = True
+            else:
+                self._drop()
+            time.sleep(fault.commit_after_s)
+            self._dispatch(method, path, url.query, raw)
+            return
         if fault is not None:
             if fault.delay_s:
                 time.sleep(fault.delay_s)
@@ -154,16 +166,25 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if not IDEMPOTENCY_KEY_RE.match(key):
             raise ApiError(400, "param_error", "Idempotency-Key must be 16-36 of [A-Za-z0-9-]",
                            {"Idempotency-Key": "invalid"})
-        stored = emulator.stored(client_id, key)
-        if stored is not None:
-            if (stored.method, stored.path) != (method, path):
-                raise ApiError(409, "conflict", "Idempotency-Key already used for another request")
-            return _Answer(stored.status, stored.body, {"Content-Type": stored.content_type})
-        answer = run()
-        if answer.status < 500:
-            emulator.store(client_id, key, StoredResponse(method, path, answer.status, answer.body,
-                                                          "application/json", emulator.now()))
-        return answer
+        # One call per key runs; a call arriving meanwhile waits for it (then gets its stored answer).
+        first = emulator.begin_call(client_id, key)
+        try:
+            stored = emulator.stored(client_id, key)
+            if stored is not None:
+                if (stored.method, stored.path) != (method, path):
+                    raise ApiError(409, "conflict", "Idempotency-Key already used for another request")
+                return _Answer(stored.status, stored.body, {"Content-Type": stored.content_type})
+            if not first:
+                return _error(emulator, ApiError(409, "conflict", "a call with this Idempotency-Key is running"),
+                              {"Retry-After": "1"})
+            answer = run()
+            if answer.status < 500:
+                emulator.store(client_id, key, StoredResponse(method, path, answer.status, answer.body,
+                                                              "application/json", emulator.now()))
+            return answer
+        finally:
+            if first:
+                emulator.end_call(client_id, key)
 
     def _run(self, name: str, p: dict[str, str], query: str, raw: bytes, key: str | None) -> _Answer:
         emulator = self.server.emulator

@@ -15,19 +15,26 @@ import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from rotator.config import KeyServiceConfig
-from rotator.domain import ApiKey, ClientInfo, Environment, IssuedKey, Scope, Secret
+from rotator.domain import ApiKey, ClientInfo, Environment, IssuedKey, Replay, ReplayAnswer, Scope, Secret
 from rotator.errors import (
     AuthenticationError,
+    BusyError,
     ConflictError,
     ForbiddenError,
+    InDoubtError,
     NotFoundError,
     PermanentError,
     ProtocolError,
+    RefusedError,
+    RotatorError,
+    ServerError,
+    ThrottledError,
     TransientError,
     UnansweredError,
 )
 
 API = "/v2.01"
+MAX_SECRET_LEN = 4096
 
 
 class _Bearer(httpx.Auth):
@@ -89,22 +96,35 @@ class HttpKeyService:
         return parse_key(self._json("GET", path), f"GET {path}")
 
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
+        """Reset once. Raises `RefusedError` only when the service proved it did not run (a 4xx);
+        anything else that is not a usable answer for this key is `InDoubtError`."""
         path = f"{API}/{client_id}/apikeys/{key_id}/reset"
-        body = self._json("POST", path, headers={"Idempotency-Key": idempotency_key})
-        return _issued(body, f"POST {path}")
+        return self._write_once("POST", path, client_id, key_id, headers={"Idempotency-Key": idempotency_key})
 
-    def replay(self, client_id: str, idempotency_key: str) -> IssuedKey | None:
+    def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
+        """The stored answer of the reset sent with `idempotency_key`, judged for this key and path."""
         path = f"{API}/{client_id}/responses/{idempotency_key}"
+        where = f"GET {path}"
         try:
             stored = self._json("GET", path)
         except NotFoundError:
-            return None
-        where = f"GET {path}"
-        if not isinstance(stored, dict) or "StatusCode" not in stored:
-            raise ProtocolError(f"{where}: answer has no StatusCode")
-        if stored["StatusCode"] != 200:
-            raise PermanentError(f"{where}: the stored call had failed with {stored['StatusCode']}")
-        return _issued(stored.get("Resource"), where)
+            return ReplayAnswer(Replay.EMPTY)
+        except RotatorError as exc:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay failed: {exc}")
+        status = stored.get("StatusCode") if isinstance(stored, dict) else None
+        if type(status) is not int:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: answer has no integer StatusCode")
+        wanted = f"{API}/{client_id}/apikeys/{key_id}/reset"
+        if stored.get("RequestURL") not in (None, wanted):
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored answer is for another request")
+        if 400 <= status < 500 and status != 409:
+            return ReplayAnswer(Replay.REFUSED, reason=f"the stored call had failed with {status}")
+        if status != 200:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored call answered {status}")
+        try:
+            return ReplayAnswer(Replay.ANSWER, _issued_for(stored.get("Resource"), where, client_id, key_id))
+        except ProtocolError as exc:
+            return ReplayAnswer(Replay.UNKNOWN, reason=str(exc))
 
     def create_key(
         self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str
@@ -150,6 +170,21 @@ class HttpKeyService:
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return _decode(self._request(method, path, **kwargs), f"{method} {path}")
 
+    def _write_once(self, method: str, path: str, client_id: str, key_id: str, **kwargs: Any) -> IssuedKey:
+        where = f"{method} {path}"
+        try:
+            response = self._request(method, path, **kwargs)
+        except InDoubtError:
+            raise
+        except (PermanentError, ThrottledError) as exc:
+            raise RefusedError(str(exc), status=exc.status or 400) from None
+        except RotatorError as exc:
+            raise InDoubtError(str(exc)) from None
+        try:
+            return _issued_for(_decode(response, where), where, client_id, key_id)
+        except ProtocolError as exc:  # a 200 that is no usable answer: it ran, the answer is not in hand
+            raise InDoubtError(f"{exc}; the call may have run") from None
+
     def _request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,),
                  auth: httpx.Auth | None = None, **kwargs: Any) -> httpx.Response:
         retrying = Retrying(
@@ -158,18 +193,22 @@ class HttpKeyService:
             wait=self._wait,
             reraise=True,
         )
-        in_doubt = False  # once a try went unanswered, the call may have run whatever came later
+        in_doubt = False  # once a try proved nothing (no answer, a 5xx), the call may have run
         try:
             for attempt in retrying:
                 with attempt:
                     try:
                         return self._send(method, path, expect, auth or self._auth, kwargs)
-                    except UnansweredError:
+                    except (UnansweredError, ServerError, BusyError):
                         in_doubt = True
                         raise
-        except TransientError as exc:
-            error = UnansweredError if in_doubt else TransientError
-            raise error(f"{exc} (gave up after {self._max_attempts} attempts)", retry_after=exc.retry_after) from None
+        except RotatorError as exc:
+            if in_doubt:
+                raise InDoubtError(f"{exc} (after {self._max_attempts} attempts; outcome unknown)") from None
+            if isinstance(exc, TransientError):
+                raise type(exc)(f"{exc} (gave up after {self._max_attempts} attempts)",
+                                retry_after=exc.retry_after) from None
+            raise
         raise AssertionError("unreachable")
 
     def _send(self, method: str, path: str, expect: tuple[int, ...], auth: httpx.Auth,
@@ -205,10 +244,16 @@ def _status_error(where: str, response: httpx.Response) -> Exception:
     except ValueError:
         pass
     text = f"{where}: {status}" + (f" {kind}" if kind else "") + (f": {message}" if message else "")
-    if status == 429 or status >= 500:
-        return TransientError(text, retry_after=_retry_after(response))
-    return {401: AuthenticationError, 403: ForbiddenError, 404: NotFoundError,
-            409: ConflictError}.get(status, PermanentError)(text)
+    if status >= 500:
+        return ServerError(text, retry_after=_retry_after(response))
+    if status == 429:
+        return ThrottledError(text, retry_after=_retry_after(response))
+    if status == 409 and response.headers.get("Retry-After") is not None:
+        return BusyError(text, retry_after=_retry_after(response))
+    error = {401: AuthenticationError, 403: ForbiddenError, 404: NotFoundError,
+             409: ConflictError}.get(status, PermanentError)(text)
+    error.status = status
+    return error
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -293,7 +338,25 @@ def _issued(body: Any, where: str) -> IssuedKey:
     secret = body.get("Secret")
     if not isinstance(secret, str) or not secret:
         raise ProtocolError(f"{where}: answer has no Secret")
+    if len(secret) > MAX_SECRET_LEN or not secret.isprintable() or not _encodable(secret):
+        raise ProtocolError(f"{where}: the Secret is not printable UTF-8 text of at most {MAX_SECRET_LEN} characters")
     return IssuedKey(key, Secret(secret))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate; the exception would carry the text, so drop it
+        return False
+    return True
+
+
+def _issued_for(body: Any, where: str, client_id: str, key_id: str) -> IssuedKey:
+    """An answer that must name the key that was asked for (never store a secret under another)."""
+    issued = _issued(body, where)
+    if (issued.key.client_id, issued.key.key_id) != (client_id, key_id):
+        raise ProtocolError(f"{where}: the answer names another key than the one asked for")
+    return issued
 
 
 def _str(row: dict[str, Any], name: str, where: str) -> str:

@@ -9,6 +9,7 @@ name AWSCURRENT. Tags carry the attempt id and fingerprint, never the secret.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import boto3
@@ -72,26 +73,34 @@ class AwsSecretsManagerSink:
     def describe(self, ref: KeyRef | None = None) -> str:
         return f"aws:{self.config.region}/{self.config.name}" + (f" [{ref}]" if ref else "")
 
-    def write(self, record: SecretRecord) -> StoredState:
+    def prepare(self, key: ApiKey) -> _Prepared:
+        """Reach Secrets Manager with these credentials and learn whether the secret exists."""
+        name = render(self.config.name, key)
+        where = f"aws prepare {name}"
+        current: StoredState | None = self._guarded(lambda: self._read(name, "AWSCURRENT", where), where)
+        exists = current is not None or bool(self._guarded(lambda: self._exists(name), where))
+        return _Prepared(name, exists, current)
+
+    def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
+        """One call: `PutSecretValue`, or `CreateSecret` for a new one; the token makes a retry a no-op."""
         name = render(self.config.name, record.key)
         where = f"aws write {name}"
         token = client_request_token(record.attempt_id)
-        tags = [
-            {"Key": "rotator:attempt_id", "Value": record.attempt_id},
-            {"Key": "rotator:fingerprint", "Value": record.fingerprint},
-            {"Key": "rotator:key_reset_at", "Value": str(record.key_reset_at)},
-            {"Key": "rotator:rotated_at", "Value": utc_iso(record.rotated_at)},
-        ]
         try:
-            current = self._read(name, "AWSCURRENT", where)
+            if isinstance(prepared, _Prepared) and prepared.name == name and not prepared.used:
+                prepared.used = True
+                current, exists = prepared.current, prepared.exists
+            else:
+                current = self._read(name, "AWSCURRENT", where)
+                exists = current is not None or self._exists(name)
             if refuse_if_stale(current, record, where):
                 assert current is not None
                 return current
-            if current is None and not self._exists(name):
+            if not exists:
                 args: dict[str, Any] = {
                     "Name": name, "SecretString": encode(record), "ClientRequestToken": token,
                     "Description": self.config.description,
-                    "Tags": [*({"Key": k, "Value": v} for k, v in self.config.tags.items()), *tags],
+                    "Tags": [*({"Key": k, "Value": v} for k, v in self.config.tags.items()), *_tags(record)],
                 }
                 if self.config.kms_key_id:
                     args["KmsKeyId"] = self.config.kms_key_id
@@ -99,7 +108,6 @@ class AwsSecretsManagerSink:
             else:
                 answer = self._client.put_secret_value(SecretId=name, SecretString=encode(record),
                                                        ClientRequestToken=token)
-                self._client.tag_resource(SecretId=name, Tags=tags)
         except bx.ClientError as exc:
             if _code(exc) == "ResourceExistsException":
                 raise WriteConflictError(f"{where}: created by someone else meanwhile") from None
@@ -108,6 +116,11 @@ class AwsSecretsManagerSink:
             raise TransientError(f"{where}: {type(exc).__name__}") from None
         return StoredState(record.fingerprint, record.attempt_id, utc_iso(record.rotated_at),
                            record.key_reset_at, answer.get("VersionId"))
+
+    def annotate(self, record: SecretRecord) -> None:
+        """Tags with the attempt and fingerprint, after the secret is safe."""
+        name = render(self.config.name, record.key)
+        self._guarded(lambda: self._client.tag_resource(SecretId=name, Tags=_tags(record)), f"aws tag {name}")
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         return self._read_stage(key, "AWSCURRENT")
@@ -169,6 +182,23 @@ class AwsSecretsManagerSink:
             raise _mapped(exc, where) from None
         except self.transient_errors as exc:
             raise TransientError(f"{where}: {type(exc).__name__}") from None
+
+
+@dataclass
+class _Prepared:
+    name: str
+    exists: bool
+    current: StoredState | None
+    used: bool = False
+
+
+def _tags(record: SecretRecord) -> list[dict[str, str]]:
+    return [
+        {"Key": "rotator:attempt_id", "Value": record.attempt_id},
+        {"Key": "rotator:fingerprint", "Value": record.fingerprint},
+        {"Key": "rotator:key_reset_at", "Value": str(record.key_reset_at)},
+        {"Key": "rotator:rotated_at", "Value": utc_iso(record.rotated_at)},
+    ]
 
 
 def client_request_token(attempt_id: str) -> str:

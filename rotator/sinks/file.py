@@ -65,7 +65,18 @@ class EncryptedFileSink:
     def _file(self, key: ApiKey) -> Path:
         return self.config.dir / render(self.config.path, key)
 
-    def write(self, record: SecretRecord) -> StoredState:
+    def prepare(self, key: ApiKey) -> None:
+        """The key's directory exists and takes a file (so the write after the reset can succeed)."""
+        directory = self._file(key).parent
+        where = f"prepare {directory}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise _classify(exc, where) from None
+
+    def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
         target = self._file(record.key)
         where = f"write {target}"
         current = self._read(target, where)
@@ -97,6 +108,9 @@ class EncryptedFileSink:
         if state is None or state.fingerprint != record.fingerprint:
             raise PermanentError(f"{where}: read-back does not match what was written")
         return state
+
+    def annotate(self, record: SecretRecord) -> None:
+        return None
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         target = self._file(key)

@@ -36,11 +36,17 @@ class MemorySink:
             self._store = _STORES.setdefault(config.name, {})
         self._lock = threading.Lock()
         self.fail_next: list[Exception] = []
+        self.fail_prepare: list[Exception] = []
 
     def describe(self, ref: KeyRef | None = None) -> str:
         return f"memory:{self.config.name}" + (f"/{ref}" if ref else "")
 
-    def write(self, record: SecretRecord) -> StoredState:
+    def prepare(self, key: ApiKey) -> None:
+        with self._lock:
+            if self.fail_prepare:
+                raise self.fail_prepare.pop(0)
+
+    def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
         where = f"write {self.describe(record.ref)}"
         with self._lock:
             if self.fail_next:
@@ -52,6 +58,9 @@ class MemorySink:
                 return current
             versions.append(encode(record))
             return self._state(versions, where) or _unreachable()
+
+    def annotate(self, record: SecretRecord) -> None:
+        return None
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         with self._lock:

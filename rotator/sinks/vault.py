@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -41,6 +42,16 @@ from rotator.sinks.base import (
 )
 
 K8S_JWT = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+@dataclass
+class _Prepared:
+    """What `prepare` read for one path: the CAS version the write after the reset builds on."""
+
+    path: str
+    version: int
+    current: StoredState | None
+    used: bool = False
 
 
 class VaultSink:
@@ -98,35 +109,60 @@ class VaultSink:
     def describe(self, ref: KeyRef | None = None) -> str:
         return f"vault:{self.config.mount}/{self.config.path}" + (f" [{ref}]" if ref else "")
 
-    def write(self, record: SecretRecord) -> StoredState:
+    def prepare(self, key: ApiKey) -> _Prepared:
+        """Log in, check the token may write the path, read its current version and state."""
+        path = render(self.config.path, key)
+        where = f"vault prepare {self.config.mount}/{path}"
+        with self._errors(where):
+            data_path = f"{self.config.mount}/data/{path}"
+            answer = self._client_or_login().sys.get_capabilities(paths=[data_path])
+            caps = (answer.get("data") or answer).get(data_path) or answer.get("capabilities") or []
+            if not {"create", "update", "root"} & set(caps):
+                raise ForbiddenError(f"{where}: the token may not write this path")
+            meta = self._metadata(path)
+            version = int(meta["current_version"]) if meta else 0
+            current = self._read(path, version, where) if version else None
+        return _Prepared(path, version, current)
+
+    def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
+        """One CAS write on the version `prepare` read; a lost race or a retry reads afresh."""
         path = render(self.config.path, record.key)
         where = f"vault write {self.config.mount}/{path}"
         with self._errors(where):
-            kv = self._kv()
-            meta = self._metadata(path)
-            current_version = int(meta["current_version"]) if meta else 0
-            current = self._read(path, current_version, where) if current_version else None
+            if isinstance(prepared, _Prepared) and prepared.path == path and not prepared.used:
+                prepared.used = True
+                version, current = prepared.version, prepared.current
+            else:
+                meta = self._metadata(path)
+                version = int(meta["current_version"]) if meta else 0
+                current = self._read(path, version, where) if version else None
             if not refuse_if_stale(current, record, where):
-                answer = kv.create_or_update_secret(
-                    path=path, secret=document(record), cas=current_version, mount_point=self.config.mount
+                answer = self._kv().create_or_update_secret(
+                    path=path, secret=document(record), cas=version, mount_point=self.config.mount
                 )
-                current_version = int(answer["data"]["version"])
+                version = int(answer["data"]["version"])
+            return StoredState(record.fingerprint, record.attempt_id, utc_iso(record.rotated_at),
+                               record.key_reset_at, str(version))
+
+    def annotate(self, record: SecretRecord) -> None:
+        """Custom metadata (attempt, fingerprint, dates) and max_versions, after the secret is safe."""
+        path = render(self.config.path, record.key)
+        with self._errors(f"vault metadata {self.config.mount}/{path}"):
+            meta = self._metadata(path)
             custom = {
                 "attempt_id": record.attempt_id,
                 "fingerprint": record.fingerprint,
                 "key_reset_at": str(record.key_reset_at),
                 "rotated_at": utc_iso(record.rotated_at),
             }
-            wanted_versions = self.config.max_versions
-            if not meta or meta.get("custom_metadata") != custom or meta.get("max_versions") != wanted_versions:
+            wanted = self.config.max_versions
+            if not meta or meta.get("custom_metadata") != custom or meta.get("max_versions") != wanted:
                 # update_metadata replaces the whole map and would reset delete_version_after: keep it.
-                kv.update_metadata(
+                self._kv().update_metadata(
                     path=path, max_versions=self.config.max_versions, custom_metadata=custom,
                     delete_version_after=(meta or {}).get("delete_version_after") or "0s",
                     mount_point=self.config.mount,
                 )
-            return StoredState(record.fingerprint, record.attempt_id, custom["rotated_at"],
-                               record.key_reset_at, str(current_version))
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         path = render(self.config.path, key)

@@ -1,0 +1,129 @@
+"""The attempt protocol: exactly one reset per key generation, and never a lost one-time secret.
+
+Everything that decides a transition lives here; there is no I/O (the engine does it), so tests
+drive it step by step. The rules:
+
+1. **One Idempotency-Key per generation.** A reset's key is a keyed hash of the key and the
+   generation it replaces (the key service's CreationDate and LastResetDate) plus an epoch that
+   advances only on a conclusive refusal. A redelivered message, a second beat, a recovering or a
+   paused worker, a manual run: every actor that rotates one generation sends the same key, and
+   the key service runs one reset and replays it to the others (for 24 h).
+2. **Durable before the side effect.** The attempt record is written, fenced by the key's lease,
+   before the reset. After the reset only the sink writes stand between the answer and safety.
+3. **An answer settles only what it proves.** A 200 naming the asked key is the secret; a 4xx
+   (429 included, not a 409 asking to retry) proves "did not run". No answer, any 5xx, a cut or
+   unparsable 200, or one naming another key: *in doubt*.
+4. **In doubt is settled by replay and the key's generation only.** A stored 200 is stored; a
+   stored 4xx means not run. Nothing stored: wait until the horizon (the origin's request
+   deadline) has passed since the doubt began; then an unchanged generation means not run (the
+   same key is sent again, so even a later commit collapses onto it), a changed one means the
+   secret is lost (critical event, reset afresh from the new generation).
+5. **The record ends only when every sink reads back the fingerprint** (or the token check proved
+   the issued secret dead), when the service proved "not run", or when the secret is proved lost.
+6. **Fenced.** Every record write and delete checks the lease; a lost lease aborts before the next
+   side effect.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Final
+
+from rotator.domain import Generation, KeyRef, Replay
+
+#: The contract's in-doubt horizon: the origin's own request deadline (60 s) plus slack for our
+#: request's time in flight. Judged on the state store's clock, shared by every worker.
+DEFAULT_HORIZON_S: Final = 90.0
+#: Epochs tried when looking for the answer of a reset whose record was lost.
+MAX_EPOCHS: Final = 8
+
+
+class Phase(enum.StrEnum):
+    IDLE = "idle"  # no record
+    RESETTING = "resetting"  # record written; the reset is on its way (found after a crash: in doubt)
+    IN_DOUBT = "in_doubt"  # the reset may or may not have run
+    STORING = "storing"  # the answer came; not every sink reads it back yet
+    DONE = "done"  # every sink reads back the fingerprint; record deleted
+
+
+class Step(enum.StrEnum):
+    """What the engine observed; the input of a transition."""
+
+    START = "start"  # the key is due (or forced) and every sink is prepared
+    ANSWERED = "answered"  # a reset or replay answered 200 for this key and generation
+    REFUSED = "refused"  # a 4xx from the service (or a stored one): the reset did not run
+    NO_ANSWER = "no_answer"  # time-out, 5xx, cut or unparsable 200, another key named, replay failed
+    NOT_RUN = "not_run"  # nothing stored, generation unchanged, horizon passed
+    LOST = "lost"  # nothing to replay, generation changed, horizon passed
+    STORED = "stored"  # every sink reads back the fingerprint, or the secret is proved dead
+    NOT_STORED = "not_stored"  # a sink failed or read back another fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    to: Phase
+    durable: str  # the state write (or event) that must succeed before the next side effect
+
+
+P, S = Phase, Step
+#: The whole protocol. A pair not listed is a protocol violation (the engine keeps the record and
+#: raises a critical event). docs/protocol.md draws its diagram from this table.
+TRANSITIONS: Final[dict[tuple[Phase, Step], Transition]] = {
+    (P.IDLE, S.START): Transition(P.RESETTING, "save record (idempotency key, generation, epoch)"),
+    (P.RESETTING, S.ANSWERED): Transition(P.STORING, "none: the sink writes come first"),
+    (P.RESETTING, S.REFUSED): Transition(P.IDLE, "advance the epoch, delete record"),
+    (P.RESETTING, S.NO_ANSWER): Transition(P.IN_DOUBT, "save record (in doubt since now)"),
+    (P.IN_DOUBT, S.ANSWERED): Transition(P.STORING, "none: the sink writes come first"),
+    (P.IN_DOUBT, S.REFUSED): Transition(P.IDLE, "advance the epoch, delete record"),
+    (P.IN_DOUBT, S.NO_ANSWER): Transition(P.IN_DOUBT, "none: the record stays"),
+    (P.IN_DOUBT, S.NOT_RUN): Transition(P.IDLE, "delete record (the same key is sent next)"),
+    (P.IN_DOUBT, S.LOST): Transition(P.IDLE, "critical event, then delete record"),
+    (P.STORING, S.STORED): Transition(P.DONE, "history, then delete record"),
+    (P.STORING, S.NOT_STORED): Transition(P.STORING, "critical event, then save record (storing)"),
+    (P.STORING, S.ANSWERED): Transition(P.STORING, "none: the sink writes come first"),
+    (P.STORING, S.NO_ANSWER): Transition(P.STORING, "none: the record stays"),
+    (P.STORING, S.LOST): Transition(P.IDLE, "critical event, then delete record"),
+}
+
+
+class ProtocolViolation(Exception):
+    """A step that the protocol does not allow in this phase."""
+
+
+def advance(phase: Phase, step: Step) -> Transition:
+    try:
+        return TRANSITIONS[(phase, step)]
+    except KeyError:
+        raise ProtocolViolation(f"{step.value} is not allowed while {phase.value}") from None
+
+
+def judge(phase: Phase, replaced: Generation | None, now: Generation, replay: Replay,
+          answered: Generation | None, waited_s: float, horizon_s: float) -> Step:
+    """Settle an attempt found in `phase` from the key's generation `now` and a replay.
+
+    `replaced` is the generation the attempt set out to replace (None for a record of the first
+    protocol); `answered` the generation a stored 200 names; `waited_s` the time since the doubt
+    began, on the state store's clock.
+    """
+    if replay is Replay.ANSWER and answered is not None:
+        if answered == now:
+            return Step.ANSWERED
+        # The key moved past the stored answer (reset again since): that secret is dead. A key
+        # that only lags behind the answer (a stale read) is waited for.
+        return Step.LOST if now > answered else Step.NO_ANSWER
+    if replay is Replay.REFUSED:
+        return Step.REFUSED
+    if replay is not Replay.EMPTY or waited_s < horizon_s:
+        return Step.NO_ANSWER
+    if phase is not Phase.STORING and replaced is not None and now == replaced:
+        return Step.NOT_RUN
+    return Step.LOST  # it ran (an answer came once, or the generation moved) and nothing is left
+
+
+def idempotency_key(mac: bytes, ref: KeyRef, replaced: Generation, epoch: int) -> str:
+    """The reset's Idempotency-Key: 35 characters of [a-z0-9-], keyed so nobody can predict it."""
+    message = f"rotator-reset-v2\x00{ref.client_id}\x00{ref.key_id}\x00{replaced}\x00{epoch}".encode()
+    return "r2-" + hmac.new(mac, message, hashlib.sha256).hexdigest()[:32]
