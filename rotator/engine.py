@@ -310,8 +310,7 @@ class Engine:
         """The reset may have run: the record says so durably, then one replay may settle it now."""
         record = replace(record, phase=advance(Phase.RESETTING, Step.NO_ANSWER).to.value, since=self.state.now())
         self.state.save_attempt(record, lease)
-        log.warning("rotation.in_doubt", client_id=key.client_id, key_id=key.key_id,
-                    idempotency_key=record.idempotency_key, error=why)
+        self.emit("rotation.in_doubt", key, record, why)
         settled = self._settle(record, lease, why, success_event="rotation.succeeded")
         if isinstance(settled, RotationResult):
             return settled

@@ -12,6 +12,7 @@ SEVERITY: Final = {
     "rotation.succeeded": "info",
     "rotation.failed": "error",
     "rotation.secret_at_risk": "critical",
+    "rotation.in_doubt": "error",
     "rotation.recovered": "warning",
     "key.due_soon": "warning",
     "key.overdue": "error",

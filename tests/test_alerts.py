@@ -126,7 +126,7 @@ def test_every_event_type_is_caused_and_received(
     engine, sink = engine_with_webhook(keyservice, state, receiver.url, monkeypatch)
 
     assert engine.rotate(KeyRef("acme", auto), trigger="test").status == "succeeded"      # rotation.succeeded
-    emulator.add_fault(Fault(method="POST", path=f"{failing}/reset$", status=500, times=10))
+    emulator.add_fault(Fault(method="POST", path=f"{failing}/reset$", status=403, times=10))
     assert engine.rotate(KeyRef("acme", failing), trigger="test").status == "failed"      # rotation.failed
     emulator.clear_faults()
     sink.fail_next = [TransientError("memory: injected outage")] * 50

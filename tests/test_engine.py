@@ -102,35 +102,56 @@ def test_dropped_reset_response(
     assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
 
 
-def test_every_reset_answers_500(
+def test_every_reset_answers_500_is_in_doubt_until_the_horizon_then_sent_again_with_the_same_key(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
 ) -> None:
-    """Fault 6: a clear failure, an event, nothing stored, the key unchanged, bounded tries."""
+    """A 5xx proves nothing: the record stays in doubt, nothing resets the key meanwhile; after the
+    horizon with the generation unchanged, the same Idempotency-Key is sent again: one reset."""
     sink = memory()
-    engine, events = make_engine(keyservice, state, [sink])
+    engine, events = make_engine(keyservice, state, [sink], horizon_s=0.5)
     before = keyservice.get_key("acme", seeded["due"])
     fault = Fault(method="POST", path="/reset$", status=500, times=100)
     emulator.add_fault(fault)
     result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
-    assert result.status == "failed" and "not reset" in result.reason
-    assert events.names() == ["rotation.failed"]
-    assert 100 - fault.times == 4  # max_attempts of the fixture's client
+    assert result.status == "in_doubt" and not result.ok, result.reason
+    assert 100 - fault.times == 4  # max_attempts of the fixture's client, all with one key
     assert emulator.ledger == [] and sink.read_state(before) is None
-    assert keyservice.get_key("acme", seeded["due"]) == before
-    assert state.attempts() == []
+    [record] = state.attempts()
+    assert record.phase == "in_doubt"
+    assert engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule").status == "in_doubt"
+    assert 100 - fault.times == 4  # a second trigger inside the horizon sends nothing
+    emulator.clear_faults()
+    time.sleep(0.6)
+    assert [r.status for r in engine.recover_all()] == ["succeeded"]
+    assert [e.idempotency_key for e in emulator.ledger] == [record.idempotency_key]
+    assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
+    assert state.attempts() == [] and "rotation.secret_at_risk" not in events.names()
+
+
+def plant(engine: Engine, state: RedisState, ref: KeyRef, keyservice: HttpKeyService, *, trigger: str = "schedule",
+          since: float | None = None) -> Any:
+    """The record a worker writes before its reset (as if it then died), with the engine's own key."""
+    from rotator.domain import AttemptRecord
+    from rotator.protocol import idempotency_key
+
+    key = keyservice.get_key(ref.client_id, ref.key_id)
+    now = state.now() if since is None else since
+    record = AttemptRecord(ref.client_id, ref.key_id, "crashed-worker-attempt", idempotency_key(
+        engine._ik_mac, ref, key.generation, 0), str(key.generation), 0, trigger, now, "resetting", now)
+    lease = state.acquire(f"key:{ref}", 5)
+    state.save_attempt(record, lease)
+    lease.release()
+    return record
 
 
 def test_crash_after_reset_before_store_is_recovered_by_replay(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
 ) -> None:
-    """Fault 2 (in-process form): record written, reset done, process gone; recovery replays it."""
-    from rotator.domain import AttemptRecord
-
+    """Record written, reset done, process gone; recovery replays it: one reset, the secret stored."""
     sink = memory()
     engine, events = make_engine(keyservice, state, [sink])
-    attempt = AttemptRecord("acme", seeded["due"], "a" * 8 + "-crash-attempt-0001", "schedule", time.time())
-    state.save_attempt(attempt)
-    keyservice.reset_key("acme", seeded["due"], attempt.attempt_id)  # the answer dies with the process
+    record = plant(engine, state, KeyRef("acme", seeded["due"]), keyservice)
+    keyservice.reset_key("acme", seeded["due"], record.idempotency_key)  # the answer dies with the process
     results = engine.recover_all()
     assert [r.status for r in results] == ["recovered"]
     assert len(emulator.ledger) == 1
@@ -138,15 +159,16 @@ def test_crash_after_reset_before_store_is_recovered_by_replay(
     assert events.names() == ["rotation.recovered"] and state.attempts() == []
 
 
-def test_attempt_whose_reset_never_ran_is_cleared(
+def test_attempt_whose_reset_never_ran_is_cleared_after_the_horizon(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
 ) -> None:
-    """A record with no reset behind it (crash before the call) is cleared; nothing is reset."""
-    from rotator.domain import AttemptRecord
-
-    engine, _ = make_engine(keyservice, state, [memory()])
-    state.save_attempt(AttemptRecord("acme", seeded["due"], "never-ran-attempt-0001", "schedule", time.time()))
-    assert [r.status for r in engine.recover_all()] == ["skipped"]
+    """A record with no reset behind it (a crash before the call) is in doubt until the horizon has
+    passed since it was found, then cleared; a key that is not due is not reset."""
+    engine, _ = make_engine(keyservice, state, [memory()], horizon_s=0.3)
+    plant(engine, state, KeyRef("acme", seeded["young"]), keyservice)
+    assert [r.status for r in engine.recover_all()] == ["in_doubt"]
+    time.sleep(0.4)
+    assert [(r.status, r.reason) for r in engine.recover_all()] == [("skipped", "not due")]
     assert emulator.ledger == [] and state.attempts() == []
 
 
@@ -154,12 +176,10 @@ def test_replay_expired_resets_afresh_with_critical_event(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
 ) -> None:
     """Past 24 h the lost secret cannot be replayed: a fresh reset and rotation.secret_at_risk."""
-    from rotator.domain import AttemptRecord
-
     sink = memory()
-    engine, events = make_engine(keyservice, state, [sink])
-    state.save_attempt(AttemptRecord("acme", seeded["due"], "expired-attempt-00001", "schedule", time.time() - 10))
-    keyservice.reset_key("acme", seeded["due"], "expired-attempt-00001")
+    engine, events = make_engine(keyservice, state, [sink], horizon_s=0.0)
+    record = plant(engine, state, KeyRef("acme", seeded["due"]), keyservice)
+    keyservice.reset_key("acme", seeded["due"], record.idempotency_key)
     emulator.clock_offset_s = 25 * 3600
     results = engine.recover_all()
     assert [r.status for r in results] == ["succeeded"]
@@ -168,14 +188,39 @@ def test_replay_expired_resets_afresh_with_critical_event(
     assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
 
 
+def seal_after_reset(keyservice: HttpKeyService, vault: VaultTestServer, unseal_after_s: float | None = None) -> None:
+    """Vault goes down right after the key service answered the reset (after the sinks were prepared)."""
+    reset = keyservice.reset_key
+
+    def then_seal(*args: Any) -> Any:
+        issued = reset(*args)
+        vault.state.sealed = True
+        if unseal_after_s is not None:
+            threading.Timer(unseal_after_s, lambda: setattr(vault.state, "sealed", False)).start()
+        return issued
+
+    keyservice.reset_key = then_seal  # type: ignore[method-assign]
+
+
+def test_a_sink_that_is_down_before_the_reset_means_no_reset(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str], vault: VaultTestServer
+) -> None:
+    """Sinks are prepared before the reset: a sealed Vault fails the rotation and the key keeps its secret."""
+    engine, events = make_engine(keyservice, state, [memory(), vault_sink(vault)])
+    vault.state.sealed = True
+    result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
+    assert result.status == "failed" and "not ready" in result.reason and "not reset" in result.reason
+    assert emulator.ledger == [] and state.attempts() == []
+    assert events.names() == ["rotation.failed"]
+
+
 def test_vault_outage_shorter_than_bound_completes(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str], vault: VaultTestServer
 ) -> None:
     """Fault 3: Vault answers 503 for 20 s, then recovers; with a 60 s bound the rotation completes, no at-risk."""
     sink = vault_sink(vault)
     engine, events = make_engine(keyservice, state, [sink], sink_retry_s=60)
-    vault.state.sealed = True
-    threading.Timer(20.0, lambda: setattr(vault.state, "sealed", False)).start()
+    seal_after_reset(keyservice, vault, unseal_after_s=20.0)
     result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
     assert result.status == "succeeded", result.reason
     assert result.timings["secret_window_s"] >= 20
@@ -190,7 +235,7 @@ def test_vault_outage_longer_than_bound_is_at_risk_then_recovered(
     """A bound shorter than the outage raises secret_at_risk, keeps the attempt; recovery stores it later."""
     sink = vault_sink(vault)
     engine, events = make_engine(keyservice, state, [sink], sink_retry_s=1)
-    vault.state.sealed = True
+    seal_after_reset(keyservice, vault)
     result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
     assert result.status == "at_risk"
     assert events.names() == ["rotation.secret_at_risk"]
@@ -208,10 +253,10 @@ def test_many_triggers_at_once_rotate_once(
     sink = memory()
     engine, _ = make_engine(keyservice, state, [sink])
     emulator.latency_s = 0.05
-    triggered = time.time()
+    seen = str(keyservice.get_key("acme", seeded["due"]).generation)
     results: list[str] = []
     threads = [threading.Thread(target=lambda t=t: results.append(
-        engine.rotate(KeyRef("acme", seeded["due"]), trigger=t, triggered_at=triggered).status))
+        engine.rotate(KeyRef("acme", seeded["due"]), trigger=t, generation=seen).status))
         for t in ("beat-1", "beat-2", "manual", "beat-1")]
     for t in threads:
         t.start()
@@ -227,11 +272,13 @@ def test_redelivered_trigger_is_skipped(
 ) -> None:
     """Fault 5 (in-process): the same trigger delivered twice rotates once."""
     engine, _ = make_engine(keyservice, state, [memory()])
-    emulator.clock_offset_s = -5  # the key service's reset stamps are not ahead of the trigger
-    triggered = time.time() - 10
-    first = engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule", triggered_at=triggered)
-    second = engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule", triggered_at=triggered)
-    assert (first.status, second.status) == ("succeeded", "skipped")
+    emulator.clock_offset_s = -5  # the key service's clock behind this host's does not matter
+    seen = str(keyservice.get_key("acme", seeded["due"]).generation)
+    first = engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule", generation=seen)
+    second = engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule", generation=seen)
+    forced = engine.rotate(KeyRef("acme", seeded["due"]), trigger="manual", force=True, generation=seen)
+    assert (first.status, second.status, forced.status) == ("succeeded", "skipped", "skipped")
+    assert second.reason == "rotated since the trigger"
     assert len(emulator.ledger) == 1
 
 
@@ -301,7 +348,7 @@ def test_reset_that_commits_after_the_time_out_is_not_lost(
     engine, events = make_engine(slow, state, [sink])
     emulator.add_fault(Fault(method="POST", path="/reset$", delay_s=1.0))
     result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
-    assert result.status == "failed" and "will check again" in result.reason
+    assert result.status == "in_doubt", result.reason
     assert len(state.attempts()) == 1  # kept: the request may still run
     deadline = time.monotonic() + 5
     while not emulator.ledger and time.monotonic() < deadline:
@@ -309,20 +356,20 @@ def test_reset_that_commits_after_the_time_out_is_not_lost(
     assert len(emulator.ledger) == 1  # the late commit happened
     assert [r.status for r in engine.recover_all()] == ["recovered"]
     assert holds_current(sink, emulator, "acme", seeded["due"], slow)
-    assert events.names() == ["rotation.failed", "rotation.recovered"]
+    assert events.names() == ["rotation.in_doubt", "rotation.recovered"]
     assert state.attempts() == []
 
 
-def test_reset_refused_by_a_5xx_clears_the_record_once_replay_says_so(
+def test_a_conclusive_refusal_advances_the_epoch(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
 ) -> None:
-    """An answered 5xx plus an empty replay is conclusive: no record is kept."""
-    from rotator.errors import TransientError, UnansweredError
-
+    """A 4xx proves the reset did not run: the record is cleared and the next try of the same
+    generation uses a new Idempotency-Key (a stored refusal would otherwise be replayed for 24 h)."""
     engine, _ = make_engine(keyservice, state, [memory()])
-    emulator.add_fault(Fault(method="POST", path="/reset$", status=503, times=10))
-    with pytest.raises(TransientError) as info:
-        keyservice.reset_key("acme", seeded["due"], "probe-0000000000000001")
-    assert not isinstance(info.value, UnansweredError)
-    assert engine.rotate(KeyRef("acme", seeded["due"]), trigger="test").status == "failed"
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=403))
+    first = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
+    assert first.status == "failed" and "refused" in first.reason
     assert state.attempts() == [] and emulator.ledger == []
+    assert engine.rotate(KeyRef("acme", seeded["due"]), trigger="test").status == "succeeded"
+    key = keyservice.get_key("acme", seeded["due"])
+    assert len(emulator.ledger) == 1 and emulator.ledger[0].at == key.born_at

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
-from rotator.domain import Environment, Scope, Secret
+from rotator.domain import Environment, Replay, Scope, Secret
 from rotator.errors import (
     AuthenticationError,
     ConflictError,
     ForbiddenError,
+    InDoubtError,
     NotFoundError,
     ProtocolError,
+    RefusedError,
     TransientError,
 )
 from rotator.keyservice.emulator import AUTO_ALIAS, Emulator, Fault
@@ -84,19 +88,22 @@ def test_repeated_idempotency_key_gives_the_same_answer(
     key_id = seed(emulator, keys=1)[1]
     first = keyservice.reset_key("acme", key_id, IDEM)
     second = keyservice.reset_key("acme", key_id, IDEM)
-    replayed = keyservice.replay("acme", IDEM)
+    replayed = keyservice.replay("acme", key_id, IDEM)
     assert len(emulator.ledger) == 1
     assert first.secret == second.secret
-    assert replayed is not None and replayed.secret == first.secret
-    assert keyservice.replay("acme", "never-used-key-000000") is None
+    assert replayed.kind is Replay.ANSWER and replayed.issued is not None and replayed.issued.secret == first.secret
+    assert keyservice.replay("acme", key_id, "never-used-key-000000").kind is Replay.EMPTY
 
 
 def test_idempotency_key_on_another_path_conflicts(emulator: Emulator, keyservice: HttpKeyService) -> None:
-    """The same key on another path gets 409 conflict."""
+    """The same key on another path gets 409 conflict: the reset did not run; replaying the key for
+    the other path is no answer for it."""
     ids = seed(emulator, keys=2)
     keyservice.reset_key("acme", ids[1], IDEM)
-    with pytest.raises(ConflictError, match="409"):
+    with pytest.raises(RefusedError, match="409") as info:
         keyservice.reset_key("acme", ids[2], IDEM)
+    assert info.value.status == 409 and len(emulator.ledger) == 1
+    assert keyservice.replay("acme", ids[2], IDEM).kind is Replay.UNKNOWN
 
 
 def test_replay_expires_after_24_hours(emulator: Emulator, keyservice: HttpKeyService) -> None:
@@ -104,19 +111,60 @@ def test_replay_expires_after_24_hours(emulator: Emulator, keyservice: HttpKeySe
     key_id = seed(emulator, keys=1)[1]
     keyservice.reset_key("acme", key_id, IDEM)
     emulator.clock_offset_s = 24 * 3600 + 1
-    assert keyservice.replay("acme", IDEM) is None
+    assert keyservice.replay("acme", key_id, IDEM).kind is Replay.EMPTY
 
 
-def test_server_errors_exhausted_raise_transient_error_naming_path(
+def test_server_errors_exhausted_leave_a_reset_in_doubt_naming_path(
     emulator: Emulator, keyservice: HttpKeyService
 ) -> None:
-    """Every try answered 500: a TransientError with the method and path, after max_attempts."""
+    """Every try answered 500: a 5xx proves nothing about a write, so the reset is in doubt (a
+    TransientError naming the method and path), after max_attempts with one key."""
     key_id = seed(emulator, keys=1)[1]
     emulator.add_fault(Fault(method="POST", path="/reset$", status=500, times=-1))
-    with pytest.raises(TransientError) as info:
+    with pytest.raises(InDoubtError) as info:
         keyservice.reset_key("acme", key_id, IDEM)
+    assert isinstance(info.value, TransientError)
     assert f"POST /v2.01/acme/apikeys/{key_id}/reset" in str(info.value)
-    assert "gave up after 4 attempts" in str(info.value)
+    assert "after 4 attempts; outcome unknown" in str(info.value)
+    assert emulator.ledger == []
+
+
+def test_a_gateway_5xx_while_the_origin_commits_is_in_doubt_and_replayable(
+    emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """A 504 from a gateway while the origin commits: in doubt, then the replay has the answer."""
+    key_id = seed(emulator, keys=1)[1]
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=504, commit_after_s=0.3))
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=502, times=10))
+    with pytest.raises(InDoubtError):
+        keyservice.reset_key("acme", key_id, IDEM)
+    deadline = time.monotonic() + 5
+    while not emulator.ledger and time.monotonic() < deadline:
+        time.sleep(0.05)
+    answer = keyservice.replay("acme", key_id, IDEM)
+    assert answer.kind is Replay.ANSWER and answer.issued is not None
+    assert answer.issued.secret.reveal() == emulator.current_secret("acme", key_id)
+    assert len(emulator.ledger) == 1
+
+
+def test_only_a_4xx_refuses_a_reset(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """403 and 429 prove the reset did not run (RefusedError); a 409 with Retry-After (the same key
+    still running) and a cut 200 do not (InDoubtError)."""
+    key_id = seed(emulator, keys=1)[1]
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=403))
+    with pytest.raises(RefusedError):
+        keyservice.reset_key("acme", key_id, "refused-key-0000000001")
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=429, retry_after=0, times=10))
+    with pytest.raises(RefusedError):
+        keyservice.reset_key("acme", key_id, "refused-key-0000000002")
+    emulator.clear_faults()
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=409, retry_after=0, times=10))
+    with pytest.raises(InDoubtError):
+        keyservice.reset_key("acme", key_id, "refused-key-0000000003")
+    emulator.clear_faults()
+    emulator.add_fault(Fault(method="POST", path="/reset$", body='{"Id": "cut'))
+    with pytest.raises(InDoubtError):
+        keyservice.reset_key("acme", key_id, "refused-key-0000000004")
     assert emulator.ledger == []
 
 

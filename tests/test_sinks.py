@@ -302,6 +302,7 @@ def test_vault_metadata_is_strings_and_keeps_delete_after(vault: VaultTestServer
     key = make_key()
     record = make_record(key)
     vault_sink.write(record)
+    vault_sink.annotate(record)
     kv = vault_sink._kv()
     path = f"rotator-test/{key.client_id}/auto-generated-key"
     kv.update_metadata(path=path, delete_version_after="720h", max_versions=10,
@@ -309,6 +310,7 @@ def test_vault_metadata_is_strings_and_keeps_delete_after(vault: VaultTestServer
     second_key = ApiKey(key.client_id, key.key_id, key.alias, key.environment, (), key.created_at, 1_760_000_000, True)
     second = make_record(second_key)
     vault_sink.write(second)
+    vault_sink.annotate(second)
     meta = vault_sink.metadata(second_key)
     assert meta["delete_version_after"] == "720h"
     assert meta["max_versions"] == 10
@@ -356,11 +358,13 @@ def test_aws_creates_with_tags_and_kms_then_versions(aws_proxy: FaultProxy) -> N
     key = make_key()
     record = make_record(key)
     sink.write(record)
+    sink.annotate(record)
     tags = {t["Key"]: t["Value"] for t in sink.metadata(key)["Tags"]}
     assert tags["team"] == "payments" and tags["rotator:attempt_id"] == record.attempt_id
     key2 = ApiKey(key.client_id, key.key_id, key.alias, key.environment, (), key.created_at, 1_760_000_000, True)
     second = make_record(key2)
     sink.write(second)
+    sink.annotate(second)
     stages = sorted(s for v in sink.metadata(key2)["VersionIdsToStages"].values() for s in v)
     assert stages == ["AWSCURRENT", "AWSPREVIOUS"]
     assert {t["Key"]: t["Value"] for t in sink.metadata(key2)["Tags"]}["rotator:fingerprint"] == second.fingerprint

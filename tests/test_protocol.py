@@ -1,0 +1,82 @@
+"""Properties of the attempt protocol's pure parts: the transition table, `judge` and the keys."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rotator.domain import Generation, KeyRef, Replay
+from rotator.protocol import TRANSITIONS, Phase, ProtocolViolation, Step, advance, idempotency_key, judge
+
+MAC = b"k" * 32
+phases = st.sampled_from(list(Phase))
+steps = st.sampled_from(list(Step))
+dates = st.integers(min_value=946_684_800, max_value=4_102_444_800)
+generations = st.builds(lambda c, d: Generation(c, c + d), dates, st.integers(min_value=0, max_value=10**8))
+waits = st.floats(min_value=0, max_value=10**6, allow_nan=False)
+replays = st.sampled_from(list(Replay))
+HORIZON = 90.0
+
+
+@given(phases, steps)
+def test_advance_follows_the_table_and_refuses_the_rest(phase: Phase, step: Step) -> None:
+    """Every listed pair moves as the table says; every other pair is a named protocol violation."""
+    if (phase, step) in TRANSITIONS:
+        assert advance(phase, step) is TRANSITIONS[(phase, step)]
+    else:
+        with pytest.raises(ProtocolViolation):
+            advance(phase, step)
+
+
+def test_nothing_leaves_done_and_only_storing_reaches_it() -> None:
+    """The record ends (DONE) only from STORING on STORED: only when every sink reads the secret back."""
+    assert not [pair for pair in TRANSITIONS if pair[0] is Phase.DONE]
+    assert [pair for pair, t in TRANSITIONS.items() if t.to is Phase.DONE] == [(Phase.STORING, Step.STORED)]
+
+
+def test_no_path_back_to_idle_keeps_an_answered_secret() -> None:
+    """Once an answer is in hand (STORING), the only way to IDLE is LOST (the secret is proved gone)."""
+    assert {step for (phase, step), t in TRANSITIONS.items() if phase is Phase.STORING and t.to is Phase.IDLE} == {
+        Step.LOST}
+
+
+@given(st.sampled_from([Phase.IN_DOUBT, Phase.STORING]), st.one_of(st.none(), generations), generations, replays,
+       st.one_of(st.none(), generations), waits)
+def test_judge_is_never_rash(phase: Phase, replaced: Generation | None, now: Generation, replay: Replay,
+                             answered: Generation | None, waited: float) -> None:
+    """"Not run" needs an empty replay, the horizon passed and the very generation the attempt set out
+    to replace; "lost" is never said inside the horizon unless the key moved past a stored answer."""
+    step = judge(phase, replaced, now, replay, answered if replay is Replay.ANSWER else None, waited, HORIZON)
+    if step is Step.NOT_RUN:
+        assert replay is Replay.EMPTY and waited >= HORIZON and replaced == now and phase is Phase.IN_DOUBT
+    if step is Step.LOST and waited < HORIZON:
+        assert replay is Replay.ANSWER and answered is not None and now > answered
+    if step is Step.ANSWERED:
+        assert replay is Replay.ANSWER and answered == now
+    if replay is Replay.UNKNOWN:
+        assert step is Step.NO_ANSWER
+    if replay is Replay.REFUSED:
+        assert step is Step.REFUSED
+
+
+@given(generations, waits)
+def test_a_stored_answer_for_the_current_generation_is_always_stored(now: Generation, waited: float) -> None:
+    """A replay that names the key's current generation is the live secret, whatever the time."""
+    assert judge(Phase.IN_DOUBT, None, now, Replay.ANSWER, now, waited, HORIZON) is Step.ANSWERED
+
+
+@given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40), generations,
+       st.integers(min_value=0, max_value=100))
+def test_idempotency_keys_fit_the_contract_and_name_one_generation(client: str, key: str, gen: Generation,
+                                                                   epoch: int) -> None:
+    """16..36 characters of [A-Za-z0-9-], the same for the same inputs, another for another generation or epoch."""
+    ref = KeyRef(client, key)
+    ik = idempotency_key(MAC, ref, gen, epoch)
+    assert re.fullmatch(r"[A-Za-z0-9-]{16,36}", ik)
+    assert ik == idempotency_key(MAC, ref, gen, epoch)
+    assert ik != idempotency_key(MAC, ref, Generation(gen.created_at, gen.born_at + 1), epoch)
+    assert ik != idempotency_key(MAC, ref, gen, epoch + 1)
+    assert ik != idempotency_key(b"another-installation-key-0000000", ref, gen, epoch)
