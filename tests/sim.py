@@ -239,20 +239,22 @@ class FakeKeyService:
             raise NotFoundError("no such key")
         return self._api_key(key_id)
 
-    def _run_reset(self, key_id: str, ik: str) -> IssuedKey:
-        """The origin runs the reset (once per Idempotency-Key) and stores its answer."""
+    def _run_reset(self, key_id: str, ik: str, seen: Generation) -> IssuedKey:
+        """The origin runs the reset (once per Idempotency-Key) and stores its answer. The ledger
+        names the generation the request was sent for, so two resets sent for one generation
+        count as two even when the second lands after the first (a late commit)."""
         if ik in self.stored:
             _, stored_key, status, answer = self.stored[ik]
             if status != 200 or answer is None:
                 raise RefusedError("stored refusal replayed", status=status)
             return answer
         key = self.keys[key_id]
-        replaced = key.generation
+        replaced = seen
         previous = key.last_reset_at if key.last_reset_at is not None else key.created_at
         key.last_reset_at = max(int(self.sim.now), previous + 1)
         key.secret = f"live-secret-{self.sim.seed}-{len(self.ledger)}-{self.sim.rng.randrange(10**9)}"
         self.ledger.append((key_id, replaced, ik))
-        self.sim.log(f"ks RESET {key_id} {replaced} -> {key.generation} ik={ik[:10]}")
+        self.sim.log(f"ks RESET {key_id} sent for {replaced} -> {key.generation} ik={ik[:10]}")
         answer = IssuedKey(self._api_key(key_id), Secret(key.secret))
         self.stored[ik] = (self.sim.now, key_id, 200, answer)
         return answer
@@ -260,6 +262,7 @@ class FakeKeyService:
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
         self.sim.point(f"ks reset {key_id} ik={idempotency_key[:10]}")
         ik = idempotency_key
+        seen = self.keys[key_id].generation
         if ik in self.pending:
             raise InDoubtError("409: a call with this key is running")
         roll = self.sim.rng.random() if self.faulty and self.sim.chaos else 1.0
@@ -275,11 +278,11 @@ class FakeKeyService:
             def commit() -> None:
                 self.pending.discard(ik)
                 with contextlib.suppress(RefusedError):
-                    self._run_reset(key_id, ik)
+                    self._run_reset(key_id, ik, seen)
 
             self.sim.at(self.sim.rng.uniform(0.5, 60.0), commit)
             raise InDoubtError("504 from the gateway while the origin goes on")
-        answer = self._run_reset(key_id, ik)
+        answer = self._run_reset(key_id, ik, seen)
         self.sim.point(f"ks reset answered {key_id}")
         if roll < 0.30:
             raise InDoubtError("no answer (time-out, or a cut or unparsable 200)")
