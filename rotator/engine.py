@@ -528,8 +528,9 @@ class Engine:
         # Empty sinks are drift once rotator rotated the key, or when the reset that produced the
         # current generation was rotator's (its answer is still replayable: Redis may have lost all).
         recent = key.last_reset_at is not None and self.clock() - key.last_reset_at < REPLAY_LOOKBACK_S
-        if empty and (found or self.state.last_rotation(key.ref) is not None
-                      or (recent and self._replay_lost(key) is not None)):
+        last = self.state.last_rotation(key.ref)
+        stored_before = last is not None and last.get("status") in ("succeeded", "recovered")
+        if empty and (found or stored_before or (recent and self._replay_lost(key) is not None)):
             found.extend(Drift(key, name, "no secret stored") for name in empty)
         return found
 

@@ -38,6 +38,7 @@ def build_engine(settings: Settings, publisher: EventPublisher | None = None, ac
         publisher or LogPublisher(), fingerprint, settings.policy.to_policy(),
         sink_retry_s=settings.engine.sink_retry_s, verify=settings.engine.verify,
         lock_ttl_s=settings.state.lock_ttl_s, actor=actor or _whoami(), clients=settings.keyservice.clients,
+        horizon_s=settings.engine.in_doubt_horizon_s, window=settings.policy.rotation_window(),
     )
     return engine
 

@@ -67,10 +67,15 @@ def owner_identity() -> str:
 
 
 def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks (with its pid, an identity no later process shares);
+    "" for a process that is gone or a zombie, "?" where /proc cannot tell."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return ""
     except (OSError, IndexError):
         return "?"
+    return "" if fields[0] in ("Z", "X") else fields[19]
 
 
 def _owner_is_dead(owner: str) -> bool:

@@ -230,9 +230,9 @@ def test_redelivered_message_rotates_once_and_nothing_leaks(
     app = Celery(broker=cluster.broker_url)
     app.conf.task_default_queue = "rotator"
     task_id = str(uuid.uuid4())
-    triggered = time.time()
+    seen = str(keyservice.get_key("acme-prod", keys["due1"]).generation)
     for _ in range(2):
-        app.send_task("rotator.rotate_key", args=["acme-prod", keys["due1"], "schedule", triggered], task_id=task_id)
+        app.send_task("rotator.rotate_key", args=["acme-prod", keys["due1"], "schedule", seen], task_id=task_id)
     wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due1"]]), 60, "rotation")
     time.sleep(1)
     assert reset_counts(emulator) == {keys["due1"]: 1}

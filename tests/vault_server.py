@@ -38,6 +38,7 @@ class VaultState:
         self.requests: list[tuple[str, str]] = []
         self.hold_writes = threading.Event()  # cleared: writes wait (to catch a crash mid-rotation)
         self.hold_writes.set()
+        self.fail_data_writes = 0  # the next N secret writes answer 503 (reads and logins still work)
 
     def issue_token(self, policy: str = "write") -> str:
         token = "hvs." + secrets.token_urlsafe(18)
@@ -107,6 +108,9 @@ class VaultHandler(BaseHTTPRequestHandler):
                 return self._read_data(secret_path, parse_qs(url.query))
             if kind == "data" and method == "POST":
                 state.hold_writes.wait(60)
+                if state.fail_data_writes:
+                    state.fail_data_writes -= 1
+                    return self._errors(503, ["injected: storage backend unavailable"])
                 return self._write_data(secret_path, body)
             if kind == "metadata" and method == "GET":
                 return self._read_metadata(secret_path)

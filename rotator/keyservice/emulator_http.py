@@ -110,7 +110,8 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             # on and commits later: the call runs, and its answer is stored, after the reply.
             if fault.status is not None:
                 kind = _ERROR_TYPES.get(fault.status, "internal_error")
-                self._send(_error(emulator, ApiError(fault.status, kind, "injected gateway fault")))
+                self._send(_error(emulator, ApiError(fault.status, kind, "injected gateway fault"),
+                                  {"Connection": "close"}))
                 self.close_connection = True
             else:
                 self._drop()
