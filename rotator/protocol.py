@@ -81,7 +81,7 @@ TRANSITIONS: Final[dict[tuple[Phase, Step], Transition]] = {
     (P.IN_DOUBT, S.NO_ANSWER): Transition(P.IN_DOUBT, "none: the record stays"),
     (P.IN_DOUBT, S.NOT_RUN): Transition(P.IDLE, "delete record (the same key is sent next)"),
     (P.IN_DOUBT, S.LOST): Transition(P.IDLE, "critical event, then delete record"),
-    (P.STORING, S.STORED): Transition(P.DONE, "history, then delete record"),
+    (P.STORING, S.STORED): Transition(P.DONE, "delete record (fenced), then history"),
     (P.STORING, S.NOT_STORED): Transition(P.STORING, "critical event, then save record (storing)"),
     (P.STORING, S.ANSWERED): Transition(P.STORING, "none: the sink writes come first"),
     (P.STORING, S.NO_ANSWER): Transition(P.STORING, "none: the record stays"),
@@ -127,3 +127,20 @@ def idempotency_key(mac: bytes, ref: KeyRef, replaced: Generation, epoch: int) -
     """The reset's Idempotency-Key: 35 characters of [a-z0-9-], keyed so nobody can predict it."""
     message = f"rotator-reset-v2\x00{ref.client_id}\x00{ref.key_id}\x00{replaced}\x00{epoch}".encode()
     return "r2-" + hmac.new(mac, message, hashlib.sha256).hexdigest()[:32]
+
+
+def diagram() -> str:
+    """The transition table as a Mermaid state diagram (docs/protocol.md embeds it verbatim)."""
+    lines = ["stateDiagram-v2", "    [*] --> idle"]
+    for (phase, step), transition in TRANSITIONS.items():
+        lines.append(f"    {phase.value} --> {transition.to.value}: {step.value}")
+    lines.append("    done --> [*]")
+    return "\n".join(lines)
+
+
+def table() -> str:
+    """The transition table as Markdown, with the durable write each transition needs."""
+    rows = ["| phase | step | next | durable before the next side effect |", "| --- | --- | --- | --- |"]
+    for (phase, step), transition in TRANSITIONS.items():
+        rows.append(f"| {phase.value} | {step.value} | {transition.to.value} | {transition.durable} |")
+    return "\n".join(rows)

@@ -80,3 +80,13 @@ def test_idempotency_keys_fit_the_contract_and_name_one_generation(client: str, 
     assert ik != idempotency_key(MAC, ref, Generation(gen.created_at, gen.born_at + 1), epoch)
     assert ik != idempotency_key(MAC, ref, gen, epoch + 1)
     assert ik != idempotency_key(b"another-installation-key-0000000", ref, gen, epoch)
+
+
+def test_the_protocol_document_shows_the_current_table() -> None:
+    """docs/protocol.md embeds the diagram and the table generated from TRANSITIONS."""
+    from pathlib import Path
+
+    from rotator.protocol import diagram, table
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    assert diagram() in text and table() in text
