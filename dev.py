@@ -55,7 +55,7 @@ def main() -> None:
         os.execv(BIN / "rotator", [str(BIN / "rotator"), "demo", *rest])
     elif command == "bench":
         ensure_env()
-        for name in rest or ["scan", "rotate"]:
+        for name in rest or ["scan", "rotate", "window"]:
             run(BIN / "python", f"benchmarks/{name}.py")
     else:
         print(__doc__)

@@ -276,12 +276,15 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
         for row in run_scan(engine.keyservice, engine.policy, time.time(), settings.keyservice.clients):
             last = engine.state.last_rotation(row.key.ref)
             rows.append({**row.to_dict(), "next_due": utc_iso(row.due_at),
-                         "last_rotation": last, "in_flight": str(row.key.ref) in attempts})
+                         "last_rotation": last,
+                         "in_flight": attempts[str(row.key.ref)].phase if str(row.key.ref) in attempts else None})
         drift = [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
                  for d in engine.drift()]
         entries = engine.state.history(limit) if history else []
     if as_json:
-        print(json.dumps({"keys": rows, "in_flight": [a.attempt_id for a in attempts.values()],
+        print(json.dumps({"keys": rows, "in_flight": [
+            {"client_id": a.client_id, "key_id": a.key_id, "attempt_id": a.attempt_id, "phase": a.phase,
+             "idempotency_key": a.idempotency_key, "trigger": a.trigger} for a in attempts.values()],
                           "drift": drift, "history": entries}, indent=2))
         return
     table = Table("key", "state", "age_days", "next_due", "last rotation", "in flight")
@@ -289,7 +292,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
         last = r["last_rotation"]
         text = f"{last['status']} ({last['trigger']}) {utc_iso(last['time'])}" if last else "-"
         table.add_row(f"{r['client_id']}/{r['key_id']}", r["state"], f"{r['age_days']:.1f}", r["next_due"],
-                      escape(text), "yes" if r["in_flight"] else "")
+                      escape(text), r["in_flight"] or "")
     out.print(table)
     for d in drift:
         err.print(f"[red]drift[/red] {escape(d['client_id'])}/{escape(d['key_id'])} {escape(d['sink'])}: "

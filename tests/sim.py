@@ -244,7 +244,7 @@ class FakeKeyService:
         names the generation the request was sent for, so two resets sent for one generation
         count as two even when the second lands after the first (a late commit)."""
         if ik in self.stored:
-            _, stored_key, status, answer = self.stored[ik]
+            _, _, status, answer = self.stored[ik]
             if status != 200 or answer is None:
                 raise RefusedError("stored refusal replayed", status=status)
             return answer

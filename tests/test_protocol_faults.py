@@ -192,8 +192,8 @@ def test_4_fenced_writes_refuse_a_lost_lease_and_a_dead_owner_is_taken_over(
     assert state.get_attempt(ref) == record
     new.release()
     # A process on this host takes a lease and dies without releasing it.
-    code = ("from rotator.state import RedisState; s = RedisState.from_url(%r, namespace=%r); "
-            "assert s.acquire('key:dead/owner', 600)" % (redis_server + "/0", state.ns))
+    code = (f"from rotator.state import RedisState; s = RedisState.from_url({redis_server + '/0'!r}, "
+            f"namespace={state.ns!r}); assert s.acquire('key:dead/owner', 600)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
     started = time.monotonic()
     assert state.acquire("key:dead/owner", 600) is not None

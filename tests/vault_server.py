@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 import uuid
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +40,7 @@ class VaultState:
         self.hold_writes = threading.Event()  # cleared: writes wait (to catch a crash mid-rotation)
         self.hold_writes.set()
         self.fail_data_writes = 0  # the next N secret writes answer 503 (reads and logins still work)
+        self.latency_s = 0.0  # added to every request (benchmarks: a network round trip)
 
     def issue_token(self, policy: str = "write") -> str:
         token = "hvs." + secrets.token_urlsafe(18)
@@ -76,6 +78,8 @@ class VaultHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path = url.path.removeprefix("/v1/")
         state.requests.append((method, path))
+        if state.latency_s:
+            time.sleep(state.latency_s)
         if path == "sys/health":
             return self._send(503 if state.sealed else 200, {"initialized": True, "sealed": state.sealed,
                                                             "standby": False, "version": "1.17.0-test"}, raw=True)
