@@ -22,19 +22,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rotator.domain import KeyRef  # noqa: E402
-from rotator.embedded import PrivateRedis  # noqa: E402
-from rotator.engine import Engine  # noqa: E402
-from rotator.events import CapturePublisher  # noqa: E402
-from rotator.fingerprint import Fingerprinter  # noqa: E402
-from rotator.keyservice.emulator import Emulator  # noqa: E402
-from rotator.keyservice.emulator_http import EmulatorServer  # noqa: E402
-from rotator.keyservice.http import HttpKeyService  # noqa: E402
-from rotator.policy import Policy  # noqa: E402
-from rotator.protocols import SecretRecord  # noqa: E402
-from rotator.sinks import registry  # noqa: E402
-from rotator.state import RedisState  # noqa: E402
-from tests.vault_server import VaultTestServer  # noqa: E402
+from rotator.domain import KeyRef
+from rotator.embedded import PrivateRedis
+from rotator.engine import Engine
+from rotator.events import CapturePublisher
+from rotator.fingerprint import Fingerprinter
+from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.keyservice.http import HttpKeyService
+from rotator.policy import Policy
+from rotator.protocols import SecretRecord
+from rotator.sinks import registry
+from rotator.state import RedisState
+from tests.vault_server import VaultTestServer
 
 FP = Fingerprinter("benchmark-fingerprint-key-0000")
 
