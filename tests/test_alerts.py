@@ -230,3 +230,44 @@ def test_metrics_during_and_after_a_run(
     assert all(s.value < 60 for s in after["rotator_key_age_seconds"])
     assert after["rotator_secrets_at_risk"][0].value == 0
     assert len(after["rotator_key_next_due_timestamp_seconds"]) == 5
+
+
+def test_a_worker_killed_mid_send_does_not_turn_the_redelivered_alert_into_a_duplicate(
+    state: RedisState, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The `notify` task claims its de-duplication slot only after the send succeeded: a worker
+    that dies while sending leaves the slot free, so the redelivered message is sent, and only a
+    delivery after a successful one is a duplicate."""
+    from types import SimpleNamespace
+
+    import rotator.tasks as tasks
+    from rotator.alerts.dispatch import Route
+
+    monkeypatch.setenv("HOOK_SECRET", HOOK_SECRET)
+    monkeypatch.setenv("ROTATOR_KEYSERVICE_TOKEN", "x")
+    monkeypatch.setenv("ROTATOR_FINGERPRINT_KEY", FP_KEY)
+    (tmp_path / "rotator.toml").write_text('[[sinks]]\nkind = "memory"\n')
+    monkeypatch.setenv("ROTATOR_CONFIG", str(tmp_path / "rotator.toml"))  # Celery's own settings
+    settings = settings_from_mapping({"sinks": [{"kind": "memory"}],
+                                      "alerts": [{"url": f"webhook+{receiver.url}/hook", "secret_env": "HOOK_SECRET"}]})
+    monkeypatch.setattr(tasks, "settings", lambda: settings)
+    monkeypatch.setattr(tasks, "engine", lambda: SimpleNamespace(state=state))
+
+    class Killed(BaseException):
+        pass
+
+    real = Route.notifier
+    dying = [True]
+
+    def notifier(self: Route) -> Any:
+        if dying and dying.pop():
+            return SimpleNamespace(send=lambda event: (_ for _ in ()).throw(Killed()))
+        return real(self)
+
+    monkeypatch.setattr(Route, "notifier", notifier)
+    event = Event("rotation.secret_at_risk", "critical", "acme", "k1", attempt_id="a1", time=time.time()).to_dict()
+    with pytest.raises(Killed):
+        tasks.notify(0, event)  # the worker dies inside the send
+    assert tasks.notify(0, event) == "sent"  # the redelivered message
+    assert tasks.notify(0, event) == "duplicate"
+    assert [r.json()["event"] for r in receiver.wait_for(1)] == ["rotation.secret_at_risk"]

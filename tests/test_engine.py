@@ -373,3 +373,21 @@ def test_a_conclusive_refusal_advances_the_epoch(
     assert engine.rotate(KeyRef("acme", seeded["due"]), trigger="test").status == "succeeded"
     key = keyservice.get_key("acme", seeded["due"])
     assert len(emulator.ledger) == 1 and emulator.ledger[0].at == key.born_at
+
+
+def test_a_record_of_the_first_protocol_is_recovered_by_replay(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
+) -> None:
+    """An attempt record written before the upgrade (its attempt id was the Idempotency-Key) is
+    settled by replaying that key: the secret is stored, nothing is reset again."""
+    ref = f"acme/{seeded['due']}"
+    old = {"client_id": "acme", "key_id": seeded["due"], "attempt_id": "first-protocol-attempt-01",
+           "trigger": "schedule", "started_at": time.time(), "phase": "resetting", "reset_at": None}
+    state.client.set(f"{state.ns}:attempt:{ref}", json.dumps(old))
+    state.client.sadd(f"{state.ns}:attempts", ref)
+    keyservice.reset_key("acme", seeded["due"], "first-protocol-attempt-01")
+    sink = memory()
+    engine, _ = make_engine(keyservice, state, [sink])
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
+    assert len(emulator.ledger) == 1 and state.attempts() == []
+    assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)

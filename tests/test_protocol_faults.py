@@ -316,3 +316,24 @@ def test_7_redis_lost_after_an_unstored_reset_is_repaired_by_replay(
     assert len(emulator.ledger) == resets
     assert settled(cluster, emulator, keyservice, [key_id])
     assert cluster.cli("reconcile").returncode == 0
+
+
+def test_4_a_message_for_a_key_behind_a_live_lease_is_retried_not_dropped(
+    cluster: Cluster, emulator: Emulator, keyservice: HttpKeyService, keys: dict[str, str], redis_server: str
+) -> None:
+    """A `rotate_key` that finds the key leased by another live actor is retried after the lease,
+    then does its work: the trigger is never dropped as "skipped"."""
+    cluster.worker()
+    holder = RedisState.from_url(redis_server + "/0").acquire(f"key:{CLIENT}/{keys['due1']}", 60)
+    assert holder is not None
+    from celery import Celery
+
+    app = Celery(broker=cluster.broker_url)
+    app.conf.task_default_queue = "rotator"
+    seen = str(keyservice.get_key(CLIENT, keys["due1"]).generation)
+    app.send_task("rotator.rotate_key", args=[CLIENT, keys["due1"], "schedule", seen])
+    time.sleep(3)
+    assert emulator.ledger == []
+    holder.release()
+    wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due1"]]), 30, "the retried rotation")
+    assert reset_counts(emulator) == {keys["due1"]: 1}
