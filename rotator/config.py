@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rotator.domain import Environment, Severity
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.policy import Policy, RotationWindow
+from rotator.safety import ID_RE, ID_RULE, excerpt
 
 DEFAULT_PATH = "rotator.toml"
 EVENTS = (
@@ -63,13 +64,26 @@ class KeyServiceConfig(Section):
     clients: list[str] | None = Field(
         None, description="Client IDs to manage; omitted: every Client ID the token manages."
     )
-    timeout_s: float = Field(10.0, gt=0, description="Per-request time-out, seconds.")
+    timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of one try, seconds: connect, headers and the whole body."
+    )
     max_attempts: int = Field(5, ge=1, le=20, description="Tries per call on transient errors.")
     retry_max_wait_s: float = Field(
         30.0, ge=0, description="Longest wait between tries, also the cap on `Retry-After`."
     )
     per_page: int = Field(100, ge=1, le=100, description="Keys fetched per page while listing.")
     seed: Path | None = Field(None, description="Seed file for the emulator kind.")
+    clock_skew_s: float = Field(
+        86_400, ge=0, description="A date from the key service may be this far ahead of this host's clock."
+    )
+
+    @field_validator("clients")
+    @classmethod
+    def _client_ids(cls, clients: list[str] | None) -> list[str] | None:
+        for client in clients or []:
+            if not ID_RE.fullmatch(client):
+                raise ValueError(f"{excerpt(client)} is not a Client ID ({ID_RULE})")
+        return clients
 
 
 class PolicyConfig(Section):

@@ -2,15 +2,26 @@
 
 Every transport or status error is mapped here, in one place, into the project's error tree.
 Messages carry the method and path; never a token, a secret or a response body (a reset's body
-holds the secret).
+holds the secret), and at most a short, escaped excerpt of any value the service sent.
+
+The key service is not trusted: every id it sends is checked against one strict rule (ids are
+data, never paths), every URL path segment is percent-encoded, every call has an overall deadline
+(connect, headers and the whole body), answers are size-capped after decompression, listings are
+capped in pages and refused when a page repeats, and dates must be sane Unix seconds.
 """
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Generator, Iterator
-from typing import Any
+import threading
+import time
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote
 
+import httpcore
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
@@ -32,9 +43,18 @@ from rotator.errors import (
     TransientError,
     UnansweredError,
 )
+from rotator.safety import ID_RE, ID_RULE, MAX_ALIAS_LEN, UNSAFE_TEXT_RE, excerpt, text_problem
 
 API = "/v2.01"
 MAX_SECRET_LEN = 4096
+MAX_BODY_BYTES: Final = 1 << 20  # one answer (one page), after decompression
+MAX_ERROR_BODY_BYTES: Final = 64 << 10  # an error answer: only its Type and Message are read
+MAX_PAGES: Final = 10_000
+MAX_COUNT_DIGITS: Final = 18
+MIN_DATE: Final = 946_684_800  # 2000-01-01T00:00:00Z
+DEFAULT_CLOCK_SKEW_S: Final = 86_400
+MAX_STATUS_LEN: Final = 64
+MAX_MESSAGE_EXCERPT: Final = 80
 
 
 class _Bearer(httpx.Auth):
@@ -46,16 +66,99 @@ class _Bearer(httpx.Auth):
         yield request
 
 
+# --- the overall deadline of one call ---------------------------------------------------------------
+# httpx's time-outs bound each socket operation, so a body trickled one byte at a time never times
+# out. The network backend below bounds every connect, read and write by what is left of the
+# calling thread's deadline instead (sync httpx does all I/O of a call in the calling thread).
+
+_DEADLINE = threading.local()
+
+
+def _left(timeout: float | None, error: type[Exception]) -> float | None:
+    deadline: float | None = getattr(_DEADLINE, "at", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0.001:
+        raise error("the call's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname,
+                                                     _left(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_tcp(host, port, _left(timeout, httpcore.ConnectTimeout),
+                                                       local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_unix_socket(path, _left(timeout, httpcore.ConnectTimeout),
+                                                               socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _DeadlineTransport(httpx.HTTPTransport):
+    """httpx's own transport (its request and error mapping) over the deadline-bound backend."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(), max_connections=20, max_keepalive_connections=10,
+            keepalive_expiry=5.0, network_backend=_DeadlineBackend(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A whole answer, read within the deadline and the size cap."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    truncated: bool = False  # an error answer larger than its cap: only its status is used
+
+
 class HttpKeyService:
-    """Speaks keyservice-api.md. Retries transient failures; a reset retry reuses its key."""
+    """Speaks keyservice-api.md. Retries transient failures; a reset retry reuses its key.
+
+    `timeout_s` is the deadline of one try (connect, headers and the whole body); a call makes at
+    most `max_attempts` tries."""
 
     def __init__(
         self, base_url: str, token: str, *, timeout_s: float = 10.0, max_attempts: int = 5,
         retry_max_wait_s: float = 30.0, retry_initial_s: float = 0.25, per_page: int = 100,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+        max_pages: int = MAX_PAGES, clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
     ) -> None:
         self._client = httpx.Client(
-            base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport,
+            base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport or _DeadlineTransport(),
             headers={"Accept": "application/json", "User-Agent": "rotator"},
         )
         self._auth = _Bearer(token)
@@ -64,11 +167,15 @@ class HttpKeyService:
         self._max_wait = retry_max_wait_s
         self._initial_wait = retry_initial_s
         self.per_page = per_page
+        self.max_body_bytes = max_body_bytes
+        self.max_pages = max_pages
+        self.clock_skew_s = clock_skew_s
 
     @classmethod
     def from_config(cls, config: KeyServiceConfig, *, url: str, token: str) -> HttpKeyService:
         return cls(url, token, timeout_s=config.timeout_s, max_attempts=config.max_attempts,
-                   retry_max_wait_s=config.retry_max_wait_s, per_page=config.per_page)
+                   retry_max_wait_s=config.retry_max_wait_s, per_page=config.per_page,
+                   clock_skew_s=config.clock_skew_s)
 
     def close(self) -> None:
         self._client.close()
@@ -81,29 +188,55 @@ class HttpKeyService:
 
     # --- the KeyService protocol ---------------------------------------------------------
     def list_clients(self) -> Iterator[ClientInfo]:
-        for row in self._pages(f"{API}/clients"):
-            where = f"GET {API}/clients"
-            yield ClientInfo(_str(row, "ClientId", where), _str(row, "Name", where),
-                             _env(row, where))
+        path = f"{API}/clients"
+        where = f"GET {path}"
+        for row in self._pages(path):
+            if not isinstance(row, dict):
+                raise ProtocolError(f"{where}: a client must be a JSON object")
+            name = row.get("Name")
+            problem = text_problem(name)
+            if problem is not None:
+                raise ProtocolError(f"{where}: field 'Name' {problem}")
+            yield ClientInfo(_id(row, "ClientId", where, echo=True), str(name), _env(row, where))
 
     def list_keys(self, client_id: str) -> Iterator[ApiKey]:
-        path = f"{API}/{client_id}/apikeys"
+        path = _path("GET", "{ClientId}/apikeys", ("client id", client_id), "apikeys")
+        where = f"GET {path}"
         for row in self._pages(path):
-            yield parse_key(row, f"GET {path}")
+            key = parse_key(row, where, latest=self._latest())
+            if key.client_id != client_id:
+                raise ProtocolError(f"{where}: a listed key names another Client ID "
+                                    f"({excerpt(key.client_id)})")
+            yield key
 
     def get_key(self, client_id: str, key_id: str) -> ApiKey:
-        path = f"{API}/{client_id}/apikeys/{key_id}"
-        return parse_key(self._json("GET", path), f"GET {path}")
+        path = _path("GET", "{ClientId}/apikeys/{KeyId}", ("client id", client_id), "apikeys", ("key id", key_id))
+        where = f"GET {path}"
+        key = parse_key(self._json("GET", path), where, latest=self._latest())
+        if (key.client_id, key.key_id) != (client_id, key_id):
+            raise ProtocolError(f"{where}: the answer names another key than the one asked for")
+        return key
 
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
-        """Reset once. Raises `RefusedError` only when the service proved it did not run (a 4xx);
-        anything else that is not a usable answer for this key is `InDoubtError`."""
-        path = f"{API}/{client_id}/apikeys/{key_id}/reset"
+        """Reset once. Raises `RefusedError` only when the service proved it did not run (a 4xx)
+        or nothing was sent; anything else that is not a usable answer for this key is `InDoubtError`."""
+        try:
+            path = _path("POST", "{ClientId}/apikeys/{KeyId}/reset", ("client id", client_id), "apikeys",
+                         ("key id", key_id), "reset")
+            _checked_id(idempotency_key, "Idempotency-Key", f"POST {path}")
+        except ProtocolError as exc:
+            raise RefusedError(f"{exc}; nothing was sent", status=None) from None
         return self._write_once("POST", path, client_id, key_id, headers={"Idempotency-Key": idempotency_key})
 
     def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
         """The stored answer of the reset sent with `idempotency_key`, judged for this key and path."""
-        path = f"{API}/{client_id}/responses/{idempotency_key}"
+        try:
+            wanted = _path("POST", "{ClientId}/apikeys/{KeyId}/reset", ("client id", client_id), "apikeys",
+                         ("key id", key_id), "reset")
+            path = _path("GET", "{ClientId}/responses/{IdempotencyKey}", ("client id", client_id), "responses",
+                         ("Idempotency-Key", idempotency_key))
+        except ProtocolError as exc:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay not sent: {exc}")
         where = f"GET {path}"
         try:
             stored = self._json("GET", path)
@@ -114,35 +247,50 @@ class HttpKeyService:
         status = stored.get("StatusCode") if isinstance(stored, dict) else None
         if type(status) is not int:
             return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: answer has no integer StatusCode")
-        wanted = f"{API}/{client_id}/apikeys/{key_id}/reset"
         if stored.get("RequestURL") not in (None, wanted):
             return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored answer is for another request")
         if 400 <= status < 500 and status != 409:
             return ReplayAnswer(Replay.REFUSED, reason=f"the stored call had failed with {status}")
         if status != 200:
-            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored call answered {status}")
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored call answered {excerpt(status)}")
         try:
-            return ReplayAnswer(Replay.ANSWER, _issued_for(stored.get("Resource"), where, client_id, key_id))
+            issued = _issued_for(stored.get("Resource"), where, client_id, key_id, self._latest())
+            return ReplayAnswer(Replay.ANSWER, issued)
         except ProtocolError as exc:
             return ReplayAnswer(Replay.UNKNOWN, reason=str(exc))
 
     def create_key(
         self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str
     ) -> IssuedKey:
-        path = f"{API}/{client_id}/apikeys"
+        path = _path("POST", "{ClientId}/apikeys", ("client id", client_id), "apikeys")
+        where = f"POST {path}"
+        problem = text_problem(alias)
+        if problem is not None:
+            raise ProtocolError(f"{where}: the alias {problem}")
+        _checked_id(idempotency_key, "Idempotency-Key", where)
         payload = {"Alias": alias, "Scopes": [
             {"Scope": s.name, "Read": s.read, "Write": s.write} for s in scopes]}
         body = self._json("POST", path, json=payload, headers={"Idempotency-Key": idempotency_key})
-        return _issued(body, f"POST {path}")
+        issued = _issued(body, where, self._latest())
+        if issued.key.client_id != client_id:
+            raise ProtocolError(f"{where}: the answer names another Client ID than the one asked for")
+        return issued
 
     def revoke_key(self, client_id: str, key_id: str) -> None:
-        self._request("DELETE", f"{API}/{client_id}/apikeys/{key_id}", expect=(204,))
+        path = _path("DELETE", "{ClientId}/apikeys/{KeyId}", ("client id", client_id), "apikeys", ("key id", key_id))
+        self._request("DELETE", path, expect=(204,))
 
     def read_sandbox_secret(self, client_id: str, key_id: str) -> Secret:
-        path = f"{API}/{client_id}/apikeys/{key_id}/secret"
-        return Secret(_str(self._json("GET", path), "Secret", f"GET {path}"))
+        path = _path("GET", "{ClientId}/apikeys/{KeyId}/secret", ("client id", client_id), "apikeys",
+                     ("key id", key_id), "secret")
+        where = f"GET {path}"
+        body = self._json("GET", path)
+        if not isinstance(body, dict):
+            raise ProtocolError(f"{where}: the answer must be a JSON object")
+        return _secret(body, where)
 
     def verify_secret(self, client_id: str, secret: Secret) -> bool:
+        _checked_id(client_id, "client id", f"POST {API}/oauth/token")
         try:
             self._request(
                 "POST", f"{API}/oauth/token", data={"grant_type": "client_credentials"},
@@ -153,18 +301,32 @@ class HttpKeyService:
         return True
 
     # --- transport ---------------------------------------------------------------------------
-    def _pages(self, path: str) -> Iterator[dict[str, Any]]:
-        """Yield rows page by page; only one page is ever held in memory."""
-        page = 1
+    def _latest(self) -> float:
+        """The latest date an answer may carry: now plus the allowed clock skew."""
+        return time.time() + self.clock_skew_s
+
+    def _pages(self, path: str) -> Iterator[Any]:
+        """Yield rows page by page; at most two pages are held (to refuse a repeated page)."""
+        where = f"GET {path}"
+        page, previous = 1, None
         while True:
-            response = self._request("GET", path, params={"page": page, "per_page": self.per_page})
-            rows = _decode(response, f"GET {path}")
+            if page > self.max_pages:
+                raise ProtocolError(f"{where}: more than {self.max_pages} pages; refusing to go on")
+            answer = self._request("GET", path, params={"page": page, "per_page": self.per_page})
+            rows = _decode(answer, where)
             if not isinstance(rows, list):
-                raise ProtocolError(f"GET {path}: expected a JSON array")
+                raise ProtocolError(f"{where}: expected a JSON array")
+            if len(rows) > self.per_page:
+                raise ProtocolError(f"{where}: page {page} has {len(rows)} rows, more than per_page={self.per_page}")
+            if rows and rows == previous:
+                raise ProtocolError(f"{where}: page {page} repeats page {page - 1} (a listing that never ends)")
+            pages = parse_count(answer.headers.get("X-Number-Of-Pages"), "X-Number-Of-Pages", where)
+            if pages is not None and pages > self.max_pages:
+                raise ProtocolError(f"{where}: X-Number-Of-Pages is {pages}, more than the cap of {self.max_pages}")
             yield from rows
-            pages = response.headers.get("X-Number-Of-Pages")
-            if not rows or (pages is not None and pages.isdigit() and page >= int(pages)):
+            if not rows or (pages is not None and page >= pages):
                 return
+            previous = rows
             page += 1
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -173,20 +335,22 @@ class HttpKeyService:
     def _write_once(self, method: str, path: str, client_id: str, key_id: str, **kwargs: Any) -> IssuedKey:
         where = f"{method} {path}"
         try:
-            response = self._request(method, path, **kwargs)
+            answer = self._request(method, path, **kwargs)
         except InDoubtError:
             raise
         except (PermanentError, ThrottledError) as exc:
-            raise RefusedError(str(exc), status=exc.status or 400) from None
+            if exc.status is not None and 400 <= exc.status < 500:
+                raise RefusedError(str(exc), status=exc.status) from None
+            raise InDoubtError(f"{exc}; the call may have run") from None  # a 3xx, a cut or oversized answer
         except RotatorError as exc:
             raise InDoubtError(str(exc)) from None
         try:
-            return _issued_for(_decode(response, where), where, client_id, key_id)
+            return _issued_for(_decode(answer, where), where, client_id, key_id, self._latest())
         except ProtocolError as exc:  # a 200 that is no usable answer: it ran, the answer is not in hand
             raise InDoubtError(f"{exc}; the call may have run") from None
 
     def _request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,),
-                 auth: httpx.Auth | None = None, **kwargs: Any) -> httpx.Response:
+                 auth: httpx.Auth | None = None, **kwargs: Any) -> _Answer:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_attempt(self._max_attempts),
@@ -206,23 +370,43 @@ class HttpKeyService:
             if in_doubt:
                 raise InDoubtError(f"{exc} (after {self._max_attempts} attempts; outcome unknown)") from None
             if isinstance(exc, TransientError):
-                raise type(exc)(f"{exc} (gave up after {self._max_attempts} attempts)",
-                                retry_after=exc.retry_after) from None
+                again = type(exc)(f"{exc} (gave up after {self._max_attempts} attempts)", retry_after=exc.retry_after)
+                again.status = exc.status
+                raise again from None
             raise
         raise AssertionError("unreachable")
 
     def _send(self, method: str, path: str, expect: tuple[int, ...], auth: httpx.Auth,
-              kwargs: dict[str, Any]) -> httpx.Response:
+              kwargs: dict[str, Any]) -> _Answer:
+        """One try, within the deadline: connect, send, read the headers and the capped body."""
         where = f"{method} {path}"
+        deadline = time.monotonic() + self._timeout_s
+        _DEADLINE.at = deadline
         try:
-            response = self._client.request(method, path, auth=auth, **kwargs)
+            request = self._client.build_request(method, path, **kwargs)
+            response = self._client.send(request, auth=auth, stream=True)
+            try:
+                wanted = response.status_code in expect
+                limit = self.max_body_bytes if wanted else MAX_ERROR_BODY_BYTES
+                body, truncated = _read_capped(response, limit, deadline)
+            finally:
+                response.close()
         except httpx.TimeoutException:
             raise UnansweredError(f"{where}: no answer within {self._timeout_s:g}s") from None
         except httpx.TransportError as exc:
             raise UnansweredError(f"{where}: connection failed ({type(exc).__name__})") from None
-        if response.status_code in expect:
-            return response
-        raise _status_error(where, response)
+        except httpx.DecodingError:
+            raise ProtocolError(f"{where}: the answer's Content-Encoding does not decode") from None
+        finally:
+            _DEADLINE.at = None
+        if time.monotonic() > deadline:
+            raise UnansweredError(f"{where}: no whole answer within {self._timeout_s:g}s")
+        answer = _Answer(response.status_code, response.headers, body, truncated)
+        if wanted:
+            if truncated:
+                raise ProtocolError(f"{where}: the answer is larger than {self.max_body_bytes} bytes")
+            return answer
+        raise _status_error(where, answer)
 
     def _wait(self, state: RetryCallState) -> float:
         outcome = state.outcome
@@ -233,45 +417,107 @@ class HttpKeyService:
         return float(min(self._max_wait, backoff) * random.uniform(0.5, 1.0))
 
 
-def _status_error(where: str, response: httpx.Response) -> Exception:
-    status = response.status_code
+def _read_capped(response: httpx.Response, limit: int, deadline: float) -> tuple[bytes, bool]:
+    """The decompressed body, read until `limit` bytes or the deadline; (body, truncated)."""
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in response.iter_bytes():
+        total += len(chunk)
+        if total > limit:
+            return b"", True
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout("the call's deadline has passed")
+    return b"".join(chunks), False
+
+
+def _path(method: str, template: str, *segments: str | tuple[str, str]) -> str:
+    """`/v2.01/<segments…>`: each `(field, value)` segment checked by the id rule, every segment
+    percent-encoded. `template` names the call in an error about a bad id (the id is not echoed
+    in a path, only as an escaped excerpt)."""
+    where = f"{method} {API}/{template}"
+    parts = []
+    for segment in segments:
+        if isinstance(segment, tuple):
+            field, value = segment
+            parts.append(_checked_id(value, field, where))
+        else:
+            parts.append(segment)
+    return API + "".join("/" + quote(part, safe="") for part in parts)
+
+
+def _checked_id(value: object, field: str, where: str) -> str:
+    if type(value) is not str or ID_RE.fullmatch(value) is None:
+        raise ProtocolError(f"{where}: {field} {excerpt(value)} is not an id ({ID_RULE})")
+    return value
+
+
+def parse_count(value: str | None, name: str, where: str) -> int | None:
+    """A count header (`X-Number-Of-Pages`): ASCII digits only, at most 18 of them."""
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > MAX_COUNT_DIGITS:
+        raise ProtocolError(f"{where}: header {name} is {excerpt(value)}, not a count")
+    return int(value)
+
+
+def _status_error(where: str, answer: _Answer) -> Exception:
+    status = answer.status
     kind, message = "", ""
-    try:
-        body = response.json()
+    if not answer.truncated:
+        try:
+            body = json.loads(answer.body)
+        except (ValueError, RecursionError):
+            body = None
         if isinstance(body, dict):
-            kind = str(body.get("Type", ""))[:40]
-            message = str(body.get("Message", ""))[:200]
-    except ValueError:
-        pass
+            raw_kind, raw_message = body.get("Type"), body.get("Message")
+            if isinstance(raw_kind, str) and raw_kind:
+                kind = raw_kind if ID_RE.fullmatch(raw_kind) and len(raw_kind) <= 40 else excerpt(raw_kind)
+            if isinstance(raw_message, str) and raw_message:
+                message = _message(raw_message)
     text = f"{where}: {status}" + (f" {kind}" if kind else "") + (f": {message}" if message else "")
+    transient: TransientError | None = None
     if status >= 500:
-        return ServerError(text, retry_after=_retry_after(response))
-    if status == 429:
-        return ThrottledError(text, retry_after=_retry_after(response))
-    if status == 409 and response.headers.get("Retry-After") is not None:
-        return BusyError(text, retry_after=_retry_after(response))
+        transient = ServerError(text, retry_after=_retry_after(answer))
+    elif status == 429:
+        transient = ThrottledError(text, retry_after=_retry_after(answer))
+    elif status == 409 and answer.headers.get("Retry-After") is not None:
+        transient = BusyError(text, retry_after=_retry_after(answer))
+    if transient is not None:
+        transient.status = status
+        return transient
     error = {401: AuthenticationError, 403: ForbiddenError, 404: NotFoundError,
              409: ConflictError}.get(status, PermanentError)(text)
     error.status = status
     return error
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
+def _message(text: str) -> str:
+    """An error Message as plain text if it is short and clean, else an escaped excerpt."""
+    if len(text) <= MAX_MESSAGE_EXCERPT and text.isprintable():
+        return text
+    return excerpt(text, MAX_MESSAGE_EXCERPT)
 
 
-def _decode(response: httpx.Response, where: str) -> Any:
+def _retry_after(answer: _Answer) -> float | None:
+    value = answer.headers.get("Retry-After", "")
+    if value.isascii() and value.isdigit() and len(value) <= 6:
+        return float(value)
+    return None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _decode(answer: _Answer, where: str) -> Any:
     try:
-        return response.json()
-    except ValueError:
-        kind = response.headers.get("Content-Type", "no content type")
+        return json.loads(answer.body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        kind = answer.headers.get("Content-Type", "no content type")
         raise ProtocolError(
-            f"{where}: answer is not valid JSON (status {response.status_code}, {kind}, "
-            f"{len(response.content)} bytes)"
+            f"{where}: answer is not valid JSON (status {answer.status}, {excerpt(kind)}, "
+            f"{len(answer.body)} bytes)"
         ) from None
 
 
@@ -279,22 +525,32 @@ _ENVIRONMENTS = {e.value: e for e in Environment}
 _SCOPE_CACHE: list[tuple[list[Any], tuple[Scope, ...]]] = []  # most recently used first
 
 
-def parse_key(row: Any, where: str) -> ApiKey:
-    """A key object of the contract, checked field by field.
+def parse_key(row: Any, where: str, *, latest: float | None = None, echo: bool = True) -> ApiKey:
+    """A key object of the contract, checked field by field: ids by the id rule, the alias as
+    free text, dates as Unix seconds between 2000-01-01 and `latest` (default: now plus a day).
 
-    This runs once per key in every scan, so the common case is one combined type check; only a
-    key that fails it goes through the slow path that names the bad field.
+    This runs once per key in every scan, so the common case is one combined check; only a key
+    that fails it goes through the slow path that names the bad field. With `echo=False` (an
+    answer that carries a secret) no message quotes any value of the answer.
     """
+    if latest is None:
+        latest = time.time() + DEFAULT_CLOCK_SKEW_S
     if isinstance(row, dict):
         client_id, key_id, alias = row.get("ClientId"), row.get("Id"), row.get("Alias")
         created, last = row.get("CreationDate"), row.get("LastResetDate")
-        environment = _ENVIRONMENTS.get(row.get("Environment"))  # type: ignore[arg-type]
+        status = row.get("Status", "ACTIVE")
+        env = row.get("Environment")
+        environment = _ENVIRONMENTS.get(env) if type(env) is str else None
         if (type(client_id) is str and type(key_id) is str and type(alias) is str
                 and type(created) is int and (last is None or type(last) is int)
-                and environment is not None):
+                and environment is not None and type(status) is str
+                and ID_RE.fullmatch(client_id) is not None and ID_RE.fullmatch(key_id) is not None
+                and len(alias) <= MAX_ALIAS_LEN and UNSAFE_TEXT_RE.search(alias) is None
+                and MIN_DATE <= created <= latest and (last is None or created <= last <= latest)
+                and len(status) <= MAX_STATUS_LEN and UNSAFE_TEXT_RE.search(status) is None):
             return ApiKey(client_id, key_id, alias, environment, _scopes(row.get("Scopes"), where),
-                          created, last, row.get("IsAutoGenerated") is True, str(row.get("Status", "ACTIVE")))
-    return _parse_key_slowly(row, where)
+                          created, last, row.get("IsAutoGenerated") is True, status)
+    return _parse_key_slowly(row, where, latest, echo)
 
 
 def _scopes(raw: Any, where: str) -> tuple[Scope, ...]:
@@ -307,40 +563,67 @@ def _scopes(raw: Any, where: str) -> tuple[Scope, ...]:
             if index:
                 _SCOPE_CACHE.insert(0, _SCOPE_CACHE.pop(index))
             return parsed
-    parsed = tuple(Scope(_str(s, "Scope", where), s.get("Read") is True, s.get("Write") is True)
-                   for s in raw if isinstance(s, dict))
+    scopes = []
+    for item in raw:
+        if not isinstance(item, dict):
+            continue
+        name = item.get("Scope")
+        problem = text_problem(name)
+        if problem is not None:
+            raise ProtocolError(f"{where}: a scope's field 'Scope' {problem}")
+        scopes.append(Scope(str(name), item.get("Read") is True, item.get("Write") is True))
+    parsed = tuple(scopes)
     _SCOPE_CACHE.insert(0, (raw, parsed))
     del _SCOPE_CACHE[32:]
     return parsed
 
 
-def _parse_key_slowly(row: Any, where: str) -> ApiKey:
+def _parse_key_slowly(row: Any, where: str, latest: float, echo: bool) -> ApiKey:
     if not isinstance(row, dict):
         raise ProtocolError(f"{where}: a key must be a JSON object")
+    client_id = _id(row, "ClientId", where, echo)
+    key_id = _id(row, "Id", where, echo)
+    alias = row.get("Alias")
+    problem = text_problem(alias)
+    if problem is not None:
+        raise ProtocolError(f"{where}: key field 'Alias' {problem}")
+    created = _date(row, "CreationDate", where, latest, echo)
     last = row.get("LastResetDate")
-    if last is not None and not isinstance(last, int):
-        raise ProtocolError(f"{where}: key field 'LastResetDate' must be an integer or null")
+    if last is not None:
+        last = _date(row, "LastResetDate", where, latest, echo)
+        if last < created:
+            raise ProtocolError(f"{where}: key field 'LastResetDate' is before its 'CreationDate'")
+    status = row.get("Status", "ACTIVE")
+    problem = text_problem(status, MAX_STATUS_LEN)
+    if problem is not None:
+        raise ProtocolError(f"{where}: key field 'Status' {problem}")
     return ApiKey(
-        client_id=_str(row, "ClientId", where),
-        key_id=_str(row, "Id", where),
-        alias=_str(row, "Alias", where),
+        client_id=client_id,
+        key_id=key_id,
+        alias=str(alias),
         environment=_env(row, where),
         scopes=_scopes(row.get("Scopes"), where),
-        created_at=_int(row, "CreationDate", where),
+        created_at=created,
         last_reset_at=last,
-        is_auto_generated=bool(row.get("IsAutoGenerated", False)),
-        status=str(row.get("Status", "ACTIVE")),
+        is_auto_generated=row.get("IsAutoGenerated") is True,
+        status=str(status),
     )
 
 
-def _issued(body: Any, where: str) -> IssuedKey:
-    key = parse_key(body, where)
+def _issued(body: Any, where: str, latest: float | None = None) -> IssuedKey:
+    """A create, reset or replayed answer: a key with its one-time Secret. No message quotes any
+    value of it (any field could hold the secret)."""
+    key = parse_key(body, where, latest=latest, echo=False)
+    return IssuedKey(key, _secret(body, where))
+
+
+def _secret(body: dict[str, Any], where: str) -> Secret:
     secret = body.get("Secret")
     if not isinstance(secret, str) or not secret:
         raise ProtocolError(f"{where}: answer has no Secret")
     if len(secret) > MAX_SECRET_LEN or not secret.isprintable() or not _encodable(secret):
         raise ProtocolError(f"{where}: the Secret is not printable UTF-8 text of at most {MAX_SECRET_LEN} characters")
-    return IssuedKey(key, Secret(secret))
+    return Secret(secret)
 
 
 def _encodable(text: str) -> bool:
@@ -351,31 +634,38 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _issued_for(body: Any, where: str, client_id: str, key_id: str) -> IssuedKey:
+def _issued_for(body: Any, where: str, client_id: str, key_id: str, latest: float | None = None) -> IssuedKey:
     """An answer that must name the key that was asked for (never store a secret under another)."""
-    issued = _issued(body, where)
+    issued = _issued(body, where, latest)
     if (issued.key.client_id, issued.key.key_id) != (client_id, key_id):
         raise ProtocolError(f"{where}: the answer names another key than the one asked for")
     return issued
 
 
-def _str(row: dict[str, Any], name: str, where: str) -> str:
+def _id(row: dict[str, Any], name: str, where: str, echo: bool) -> str:
     value = row.get(name)
-    if not isinstance(value, str):
+    if type(value) is not str:
         raise ProtocolError(f"{where}: field {name!r} missing or not a string")
+    if ID_RE.fullmatch(value) is None:
+        shown = f" ({excerpt(value)})" if echo else ""
+        raise ProtocolError(f"{where}: field {name!r} is not an id{shown}: {ID_RULE}")
     return value
 
 
-def _int(row: dict[str, Any], name: str, where: str) -> int:
+def _date(row: dict[str, Any], name: str, where: str, latest: float, echo: bool) -> int:
     value = row.get(name)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError(f"{where}: field {name!r} missing or not an integer")
+    if type(value) is not int:
+        raise ProtocolError(f"{where}: key field {name!r} missing or not an integer")
+    if not MIN_DATE <= value <= latest:
+        shown = f" ({excerpt(value)})" if echo else ""
+        raise ProtocolError(f"{where}: key field {name!r} is not a date in Unix seconds between 2000-01-01 "
+                            f"and now (plus the allowed clock skew){shown}")
     return value
 
 
 def _env(row: dict[str, Any], where: str) -> Environment:
-    value = row.get("Environment")
-    try:
-        return Environment(str(value))
-    except ValueError:
-        raise ProtocolError(f"{where}: field 'Environment' is {value!r}") from None
+    env = row.get("Environment")
+    environment = _ENVIRONMENTS.get(env) if type(env) is str else None
+    if environment is None:  # never quoted: a lying answer may put the secret here
+        raise ProtocolError(f"{where}: field 'Environment' must be 'PRODUCTION' or 'SANDBOX'")
+    return environment
