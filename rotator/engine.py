@@ -64,6 +64,7 @@ class RotationResult:
     sinks: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""  # the operator's --reason, kept in the audit history
+    generation: str = ""  # the key's generation this rotation replaced (the key service's dates)
 
     @property
     def ok(self) -> bool:
@@ -72,7 +73,8 @@ class RotationResult:
     def to_dict(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "key_id": self.key_id, "status": self.status, "ok": self.ok,
                 "reason": self.reason, "attempt_id": self.attempt_id, "trigger": self.trigger,
-                "sinks": dict(self.sinks), "timings": dict(self.timings), "note": self.note}
+                "sinks": dict(self.sinks), "timings": dict(self.timings), "note": self.note,
+                "generation": self.generation}
 
 
 @dataclass
@@ -243,10 +245,24 @@ class Engine:
             return self._skipped(key, trigger, "rotated since the trigger")
         if not force and not is_due(key, self.clock(), self.policy):
             return self._skipped(key, trigger, "not due")
+        if not force and self._rotated_already(key):
+            return self._skipped(key, trigger, "rotated by rotator, but the key service still shows the old reset "
+                                               "date (a protocol error of the key service); not reset again")
         if trigger == "schedule" and self.window is not None and not self.window.contains(
                 datetime.fromtimestamp(self.clock(), UTC)):
             return self._skipped(key, trigger, "outside the rotation window")
         return self._reset(key, lease, trigger)
+
+    def _rotated_already(self, key: ApiKey) -> bool:
+        """A verified rotation of this very generation stands in the history: the key service did
+        not move the key's dates. Its age then counts from that rotation, so no reset loop."""
+        last = self.state.last_rotation(key.ref)
+        if not last or last.get("generation") != str(key.generation) or last.get("status") not in OK_STATUSES:
+            return False
+        stored = last.get("sinks") or {}
+        when = last.get("time")
+        return (bool(stored) and all(v == "ok" for v in stored.values()) and isinstance(when, int | float)
+                and self.clock() - when < self.policy.max_age_days * 86_400)
 
     def _recover_locked(self, ref: KeyRef, lease: Any) -> RotationResult:
         pending = self.state.get_attempt(ref)
@@ -297,14 +313,25 @@ class Engine:
             lease.check()
             issued = self.keyservice.reset_key(ref.client_id, ref.key_id, record.idempotency_key)
         except RefusedError as exc:
-            self._refused(record, lease)
-            return self._failed(key, record, f"reset refused, nothing was reset: {exc}")
+            return self._refusal(key, record, lease, exc)
         except (InDoubtError, TransientError) as exc:
             return self._doubt(key, record, lease, str(exc))
         except RotatorError as exc:  # anything else the adapter raised: the reset may have run
             return self._doubt(key, record, lease, f"{type(exc).__name__}: {exc}")
         advance(Phase.RESETTING, Step.ANSWERED)
         return self._store(issued, record, lease, "rotation.succeeded", prepared, started, before=key)
+
+    def _refusal(self, key: ApiKey, record: AttemptRecord, lease: Any, exc: RefusedError) -> RotationResult:
+        """A 4xx proves that this request did not run, not that its Idempotency-Key never did:
+        another actor may have sent the same key (after a Redis restart, say). The key service's
+        store decides: a stored refusal burns the key (next epoch); a stored answer is stored;
+        nothing stored (a gateway's 4xx) leaves the attempt in doubt."""
+        answer = self.keyservice.replay(key.client_id, key.key_id, record.idempotency_key)
+        if answer.kind is Replay.REFUSED:
+            self._refused(record, lease)
+            return self._failed(key, record, f"reset refused, nothing was reset: {exc}")
+        return self._doubt(key, record, lease, f"reset refused ({exc}), but the key service stored no refusal "
+                                               "for its key: another call with it may have run")
 
     def _doubt(self, key: ApiKey, record: AttemptRecord, lease: Any, why: str) -> RotationResult:
         """The reset may have run: the record says so durably, then one replay may settle it now."""
@@ -414,17 +441,22 @@ class Engine:
         timings["total_s"] = round(self._monotonic() - started, 4)
         if before is not None and (issued.key.alias, issued.key.scopes) != (before.alias, before.scopes):
             problems.append("the key service changed the key's alias or scopes on reset")
+        stale_dates = bool(record.generation) and not issued.key.generation > Generation.parse(record.generation)
         advance(Phase.STORING, Step.STORED)
         self.state.delete_attempt(record, lease)
+        status = "recovered" if success_event == "rotation.recovered" else "succeeded"
         if problems:
-            result = RotationResult(record.client_id, record.key_id, "failed", "; ".join(problems),
-                                    record.attempt_id, record.trigger, statuses, timings)
-            self.emit("rotation.failed", issued.key, record, result.reason)
+            status = "failed"
+            self.emit("rotation.failed", issued.key, record, "; ".join(problems))
         else:
-            status = "recovered" if success_event == "rotation.recovered" else "succeeded"
-            result = RotationResult(record.client_id, record.key_id, status, "", record.attempt_id,
-                                    record.trigger, statuses, timings)
             self.emit(success_event, issued.key, record)
+        if stale_dates:
+            why = ("the key service answered the reset but did not move the key's LastResetDate; "
+                   "the key's age counts from this rotation, so it is not reset again")
+            self.emit("keyservice.protocol_error", issued.key, record, why)
+            problems.append(why)
+        result = RotationResult(record.client_id, record.key_id, status, "; ".join(problems), record.attempt_id,
+                                record.trigger, statuses, timings, generation=record.generation)
         self._history(result)
         return result
 
@@ -512,7 +544,7 @@ class Engine:
 
     # --- drift and recovery without Redis ------------------------------------------------------
     def _drift_of(self, key: ApiKey) -> list[Drift]:
-        found, empty = [], []
+        found, empty, current = [], [], False
         for sink in self.sinks:
             try:
                 stored = sink.read_state(key)
@@ -521,16 +553,19 @@ class Engine:
                 return []
             if stored is None:
                 empty.append(sink.describe(key.ref))
+            elif stored.key_reset_at == key.born_at:
+                current = True
             elif stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
                 found.append(Drift(key, sink.describe(key.ref),
                                    f"stored rotation is from {utc_iso(stored.key_reset_at)}, "
                                    f"key was reset at {utc_iso(key.born_at)}"))
-        # Empty sinks are drift once rotator rotated the key, or when the reset that produced the
-        # current generation was rotator's (its answer is still replayable: Redis may have lost all).
+        # Empty sinks are drift once rotator rotated the key (another sink holds a secret of it, or
+        # the history says so), or when the reset that produced the current generation was
+        # rotator's (its answer is still replayable: Redis may have lost all).
         recent = key.last_reset_at is not None and self.clock() - key.last_reset_at < REPLAY_LOOKBACK_S
         last = self.state.last_rotation(key.ref)
         stored_before = last is not None and last.get("status") in ("succeeded", "recovered")
-        if empty and (found or stored_before or (recent and self._replay_lost(key) is not None)):
+        if empty and (found or current or stored_before or (recent and self._replay_lost(key) is not None)):
             found.extend(Drift(key, name, "no secret stored") for name in empty)
         return found
 

@@ -17,6 +17,7 @@ SEVERITY: Final = {
     "key.due_soon": "warning",
     "key.overdue": "error",
     "drift.detected": "critical",
+    "keyservice.protocol_error": "error",
 }
 MAX_ERROR_LEN = 500
 

@@ -266,9 +266,12 @@ class FakeKeyService:
         if ik in self.pending:
             raise InDoubtError("409: a call with this key is running")
         roll = self.sim.rng.random() if self.faulty and self.sim.chaos else 1.0
-        if roll < 0.06:
-            if ik not in self.stored:
-                self.stored[ik] = (self.sim.now, key_id, 403, None)
+        if roll < 0.03:  # a gateway (rate limiter, WAF) refuses: the origin never sees it, stores nothing
+            raise RefusedError("429 from the gateway", status=429)
+        if ik in self.stored:  # the origin replays what it stored for this key, whatever else happens
+            return self._run_reset(key_id, ik, seen)
+        if roll < 0.06:  # the origin refuses, and stores the refusal under the key
+            self.stored[ik] = (self.sim.now, key_id, 403, None)
             raise RefusedError("403 forbidden", status=403)
         if roll < 0.12:
             raise InDoubtError("502 from the gateway; the origin never saw it")
@@ -321,7 +324,7 @@ class FakeKeyService:
 # --- sinks -------------------------------------------------------------------------------------
 class FakeSink:
     """A versioned store shared by every worker (like one Vault), with the real stale-writer rule;
-    it may be down, fail a write, or acknowledge a write and lose it."""
+    it may be down, fail a write, hang in one, or acknowledge a write and lose it."""
 
     kind = "fake"
     transient_errors: tuple[type[BaseException], ...] = ()
@@ -345,6 +348,9 @@ class FakeSink:
 
     def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
         self.sim.point(f"{self.name} write {record.key.key_id}")
+        if self._p(0.03):  # hangs, then goes on (the worker's heartbeat keeps its lease meanwhile)
+            self.sim.log(f"{self.name} HANGS")
+            self.sim.sleep(self.sim.rng.uniform(1.0, 30.0))
         if self._p(0.10):
             raise TransientError(f"{self.name}: 503")
         if self._p(0.02):

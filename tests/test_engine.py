@@ -391,3 +391,38 @@ def test_a_record_of_the_first_protocol_is_recovered_by_replay(
     assert [r.status for r in engine.recover_all()] == ["recovered"]
     assert len(emulator.ledger) == 1 and state.attempts() == []
     assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
+
+
+def test_a_reset_that_does_not_move_the_dates_is_not_reset_again(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
+) -> None:
+    """A key service that resets but keeps showing the old LastResetDate: the secret is stored and
+    verified, a protocol error is raised, and the next scan does not reset it again (no reset loop)."""
+    from dataclasses import replace as dc_replace
+
+    from rotator.domain import IssuedKey
+
+    frozen = keyservice.get_key("acme", seeded["due"])
+
+    class StaleDates:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(keyservice, name)
+
+        def get_key(self, client_id: str, key_id: str) -> Any:
+            key = keyservice.get_key(client_id, key_id)
+            return dc_replace(key, last_reset_at=frozen.last_reset_at) if key_id == frozen.key_id else key
+
+        def reset_key(self, client_id: str, key_id: str, ik: str) -> IssuedKey:
+            issued = keyservice.reset_key(client_id, key_id, ik)
+            return IssuedKey(dc_replace(issued.key, last_reset_at=frozen.last_reset_at), issued.secret)
+
+    sink = memory()
+    events = CapturePublisher()
+    engine = Engine(StaleDates(), [sink], state, events, FP, Policy())  # type: ignore[arg-type]
+    first = engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule")
+    assert first.status == "succeeded" and "did not move" in first.reason
+    assert events.names() == ["rotation.succeeded", "keyservice.protocol_error"]
+    assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
+    again = engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule")
+    assert again.status == "skipped" and "protocol error" in again.reason
+    assert len(emulator.ledger) == 1

@@ -127,7 +127,9 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             if fault.status is not None:
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
                 kind = _ERROR_TYPES.get(fault.status, "internal_error")
-                self._send(_error(emulator, ApiError(fault.status, kind, "injected fault"), headers))
+                answer = _error(emulator, ApiError(fault.status, kind, "injected fault"), headers)
+                self._store_refusal(method, path, answer)
+                self._send(answer)
                 return
             if fault.body is not None:
                 self._send(_Answer(200, fault.body.encode(), {"Content-Type": "application/json"}))
@@ -137,6 +139,19 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             self._drop()
             return
         self._send(answer)
+
+    def _store_refusal(self, method: str, path: str, answer: _Answer) -> None:
+        """An injected 4xx on an idempotent POST is the origin refusing it: stored under its key like
+        any answer below 500 (a 429 stands for a rate limiter in front, which stores nothing)."""
+        key = self.headers.get("Idempotency-Key")
+        parts = path.split("/")
+        if (method != "POST" or key is None or not IDEMPOTENCY_KEY_RE.match(key) or len(parts) < 3
+                or not 400 <= answer.status < 500 or answer.status == 429):
+            return
+        emulator = self.server.emulator
+        if emulator.stored(parts[2], key) is None:
+            emulator.store(parts[2], key, StoredResponse(method, path, answer.status, answer.body,
+                                                         "application/json", emulator.now()))
 
     def _dispatch(self, method: str, path: str, query: str, raw: bytes) -> _Answer:
         emulator = self.server.emulator
