@@ -77,7 +77,7 @@ class AwsSecretsManagerSink:
         """Reach Secrets Manager with these credentials and learn whether the secret exists."""
         name = render(self.config.name, key)
         where = f"aws prepare {name}"
-        current: StoredState | None = self._guarded(lambda: self._read(name, "AWSCURRENT", where), where)
+        current: StoredState | None = self._guarded(lambda: self._read(name, "AWSCURRENT", where, key), where)
         exists = current is not None or bool(self._guarded(lambda: self._exists(name), where))
         return _Prepared(name, exists, current)
 
@@ -91,7 +91,7 @@ class AwsSecretsManagerSink:
                 prepared.used = True
                 current, exists = prepared.current, prepared.exists
             else:
-                current = self._read(name, "AWSCURRENT", where)
+                current = self._read(name, "AWSCURRENT", where, record.key)
                 exists = current is not None or self._exists(name)
             if refuse_if_stale(current, record, where):
                 assert current is not None
@@ -130,7 +130,7 @@ class AwsSecretsManagerSink:
 
     def _read_stage(self, key: ApiKey, stage: str) -> StoredState | None:
         name = render(self.config.name, key)
-        state: StoredState | None = self._guarded(lambda: self._read(name, stage, f"aws read {name}"),
+        state: StoredState | None = self._guarded(lambda: self._read(name, stage, f"aws read {name}", key),
                                                   f"aws read {name}")
         return state
 
@@ -153,7 +153,7 @@ class AwsSecretsManagerSink:
     def close(self) -> None:
         self._client.close()
 
-    def _read(self, name: str, stage: str, where: str) -> StoredState | None:
+    def _read(self, name: str, stage: str, where: str, key: ApiKey) -> StoredState | None:
         try:
             answer = self._client.get_secret_value(SecretId=name, VersionStage=stage)
         except bx.ClientError as exc:
@@ -164,7 +164,7 @@ class AwsSecretsManagerSink:
             doc = json.loads(answer["SecretString"])
         except (KeyError, ValueError):
             raise PermanentError(f"{where}: the stored value is not JSON") from None
-        return state_from_document(doc, self._fingerprint, where, version=answer.get("VersionId"))
+        return state_from_document(doc, self._fingerprint, where, version=answer.get("VersionId"), key=key)
 
     def _exists(self, name: str) -> bool:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from rotator.domain import ApiKey, slug, utc_iso
-from rotator.errors import ProtocolError, StaleWriteError
+from rotator.errors import PermanentError, ProtocolError, StaleWriteError
 from rotator.protocols import SecretRecord, StoredState
+from rotator.safety import ID_RULE, UNSAFE_TEXT_RE, excerpt, is_id
 
 TEMPLATE_FIELDS = ("client_id", "key_id", "alias", "environment")
 
@@ -34,22 +36,70 @@ class SinkSettings(BaseModel):
                 yield (name, f"environment variable {value} is not set")
 
 
+MAX_SEGMENT_BYTES = 255
+MAX_PATH_BYTES = 1024
+_SAMPLE = {"client_id": "client", "key_id": "key", "alias": "alias", "environment": "production"}
+
+
 def render(template: str, key: ApiKey) -> str:
-    """Fill `{client_id}`, `{key_id}`, `{alias}` (slugged) and `{environment}`."""
-    return template.format(
+    """The one function every sink path goes through: fill `{client_id}`, `{key_id}`, `{alias}`
+    (slugged) and `{environment}`, then refuse what could leave the sink's place.
+
+    Ids must pass the id rule (so each fills exactly its own segment: no `/`, `..`, `%`, NUL); the
+    result must be relative, without empty, `.` or `..` segments, NUL or control characters, at most
+    255 bytes a segment and 1024 in all, and start with the template's literal prefix (so a key id
+    cannot steer `rotator/{client_id}/{key_id}` into another client's path or `auth/token/create`)."""
+    where = f"path template {template!r}"
+    for field, value in (("client_id", key.client_id), ("key_id", key.key_id)):
+        if not is_id(value):
+            raise PermanentError(f"{where}: {field} {excerpt(value)} is not an id ({ID_RULE}); "
+                                 "no path is built from it")
+    path = template.format(
         client_id=key.client_id, key_id=key.key_id, alias=slug(key.alias),
         environment=key.environment.value.lower(),
     )
+    problem = path_problem(path, template)
+    if problem is not None:
+        raise PermanentError(f"{where}: the path for {key.client_id}/{key.key_id} {problem}")
+    return path
+
+
+def path_problem(path: str, template: str) -> str | None:
+    """Why a rendered path is refused, or None."""
+    if UNSAFE_TEXT_RE.search(path):
+        return "contains NUL or control characters"
+    if path.startswith("/") or "\\" in path or (len(path) > 1 and path[1] == ":"):
+        return "is absolute (or uses backslashes)"
+    segments = path.split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        return "has an empty, '.' or '..' segment"
+    if any(len(s.encode()) > MAX_SEGMENT_BYTES for s in segments):
+        return f"has a segment longer than {MAX_SEGMENT_BYTES} bytes"
+    if len(path.encode()) > MAX_PATH_BYTES:
+        return f"is longer than {MAX_PATH_BYTES} bytes"
+    if not path.startswith(literal_prefix(template)) or posixpath.normpath(path) != path:
+        return "leaves the template's literal prefix"
+    return None
+
+
+def literal_prefix(template: str) -> str:
+    """The part of a template before its first field: `rotator/` of `rotator/{client_id}/{key_id}`."""
+    return template.split("{", 1)[0]
 
 
 def check_template(template: str) -> str:
     try:
-        template.format(**{f: "x" for f in TEMPLATE_FIELDS})
+        sample = template.format(**_SAMPLE)
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError(
             f"template {template!r} may only use {{client_id}}, {{key_id}}, {{alias}}, "
             f"{{environment}} ({type(exc).__name__}: {exc})"
         ) from None
+    problem = path_problem(sample, template)
+    if problem is not None:
+        raise ValueError(f"template {template!r}: a path built from it {problem}")
+    if "{key_id}" not in template and "{alias}" not in template:
+        raise ValueError(f"template {template!r} must use {{key_id}} or {{alias}}: one path per key")
     return template
 
 
@@ -72,10 +122,21 @@ def encode(record: SecretRecord) -> str:
     return json.dumps(document(record), separators=(",", ":"), sort_keys=True)
 
 
-def state_from_document(doc: Any, fingerprint: Any, where: str, version: str | None = None) -> StoredState:
-    """Read back a stored document as a `StoredState`; the secret is hashed, then dropped."""
+def state_from_document(doc: Any, fingerprint: Any, where: str, version: str | None = None,
+                        key: ApiKey | None = None) -> StoredState:
+    """Read back a stored document as a `StoredState`; the secret is hashed, then dropped.
+
+    With `key`, the document must be that key's: two keys whose paths render alike (aliases that
+    slug alike within one client) are an error, never an overwrite of one by the other."""
     if not isinstance(doc, dict) or not isinstance(doc.get("api_key"), str):
         raise ProtocolError(f"{where}: the stored value is not a rotator secret document")
+    if key is not None and "key_id" in doc and (doc.get("client_id"), doc.get("key_id")) != (
+            key.client_id, key.key_id):
+        raise PermanentError(
+            f"{where}: holds the secret of another key ({excerpt(doc.get('client_id'))}/"
+            f"{excerpt(doc.get('key_id'))}), not of {key.client_id}/{key.key_id}: two keys render to one "
+            "path (aliases that slug alike?); not overwritten. Put {key_id} in the path template"
+        )
     reset = doc.get("key_reset_at")
     return StoredState(
         fingerprint=fingerprint(doc["api_key"]),

@@ -3,6 +3,12 @@
 Fernet (AES-128-CBC + HMAC) from `cryptography` with a key from env or a file. Each write goes to
 a temporary file (mode 0600), is fsynced and renamed over the old one, so a reader sees the old or
 the new secret, never half of one; the previous version stays beside it as `*.prev`.
+
+The disk is not trusted either: the sink root must be a real directory (not a symlink) that only its
+owner can write to; every file operation is relative to a directory opened segment by segment with
+`O_NOFOLLOW` (created 0700), files are opened `O_NOFOLLOW | O_NONBLOCK` and must be regular files
+(a planted symlink or FIFO is refused, never followed or blocked on), and a path that would resolve
+outside the root is refused.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import contextlib
 import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,7 +30,9 @@ from rotator.domain import ApiKey, KeyRef
 from rotator.errors import PermanentError, ProtocolError, TransientError
 from rotator.fingerprint import Fingerprinter
 from rotator.protocols import SecretRecord, StoredState
+from rotator.safety import private_dir_problem
 from rotator.sinks.base import (
+    MAX_SEGMENT_BYTES,
     SinkSettings,
     check_template,
     encode,
@@ -31,6 +40,12 @@ from rotator.sinks.base import (
     render,
     state_from_document,
 )
+
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
+_READ = os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+MAX_FILE_BYTES = 1 << 20
 
 # Out of space or quota may clear; a read-only or forbidden place will not.
 _TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EINTR, errno.EBUSY}
@@ -63,48 +78,67 @@ class EncryptedFileSink:
         return f"file:{self.config.dir}" + (f"/{ref}" if ref else "")
 
     def _file(self, key: ApiKey) -> Path:
-        return self.config.dir / render(self.config.path, key)
+        """The key's file (through `render`), refused if it would resolve outside the sink root."""
+        relative = render(self.config.path, key)
+        if len(relative.rsplit("/", 1)[-1].encode()) > MAX_SEGMENT_BYTES - len(".prev"):
+            raise PermanentError(f"file sink: the file name for {key.ref} is too long")
+        target = self.config.dir / relative
+        root = self.config.dir.resolve()
+        if not target.resolve().is_relative_to(root):
+            raise PermanentError(f"file sink: the path for {key.ref} resolves outside {self.config.dir}; refused")
+        return target
 
     def prepare(self, key: ApiKey) -> None:
-        """The key's directory exists and takes a file (so the write after the reset can succeed)."""
-        directory = self._file(key).parent
-        where = f"prepare {directory}"
+        """The key's directory exists and takes a file, and the file there (if any) is this key's,
+        so the write after the reset can succeed."""
+        target = self._file(key)
+        where = f"prepare {target.parent}"
+        directory = self._directory(key, create=True, where=where)
+        assert directory is not None
         try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with tempfile.TemporaryFile(dir=directory):
-                pass
+            probe = f".tmp-probe-{secrets.token_hex(8)}"
+            os.close(os.open(probe, _CREATE, 0o600, dir_fd=directory))
+            os.unlink(probe, dir_fd=directory)
+            self._read_at(directory, target.name, f"read {target}", key)
         except OSError as exc:
             raise _classify(exc, where) from None
+        finally:
+            os.close(directory)
 
     def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
         target = self._file(record.key)
+        name = target.name
         where = f"write {target}"
-        current = self._read(target, where)
-        if refuse_if_stale(current, record, where):
-            assert current is not None
-            return current
-        data = self._fernet.encrypt(encode(record).encode())
+        directory = self._directory(record.key, create=True, where=where)
+        assert directory is not None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)  # created 0600
+            current = self._read_at(directory, name, where, record.key)
+            if refuse_if_stale(current, record, where):
+                assert current is not None
+                return current
+            data = self._fernet.encrypt(encode(record).encode())
+            tmp = f".tmp-{secrets.token_hex(8)}"
+            fd = os.open(tmp, _CREATE, 0o600, dir_fd=directory)
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-                if target.exists():
-                    prev = target.with_name(target.name + ".prev")
+                if current is not None:  # a regular file of this key: keep it as *.prev
+                    prev = name + ".prev"
                     with contextlib.suppress(FileNotFoundError):
-                        prev.unlink()
-                    os.link(target, prev)
-                os.replace(tmp, target)
+                        os.unlink(prev, dir_fd=directory)
+                    os.link(name, prev, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
+                os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
             finally:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            _fsync_dir(target.parent)
+                    os.unlink(tmp, dir_fd=directory)
+            os.fsync(directory)
+            state = self._read_at(directory, name, where, record.key)
         except OSError as exc:
             raise _classify(exc, where) from None
-        state = self._read(target, where)
+        finally:
+            os.close(directory)
         if state is None or state.fingerprint != record.fingerprint:
             raise PermanentError(f"{where}: read-back does not match what was written")
         return state
@@ -114,36 +148,118 @@ class EncryptedFileSink:
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         target = self._file(key)
-        return self._read(target, f"read {target}")
+        return self._read(key, target.name, f"read {target}")
 
     def read_previous(self, key: ApiKey) -> StoredState | None:
         target = self._file(key)
-        return self._read(target.with_name(target.name + ".prev"), f"read {target}.prev")
+        return self._read(key, target.name + ".prev", f"read {target}.prev")
 
     def ping(self) -> None:
         where = f"check {self.config.dir}"
+        root = self._root(create=True, where=where)
+        assert root is not None
         try:
-            self.config.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with tempfile.TemporaryFile(dir=self.config.dir):
-                pass
+            probe = f".tmp-probe-{secrets.token_hex(8)}"
+            os.close(os.open(probe, _CREATE, 0o600, dir_fd=root))
+            os.unlink(probe, dir_fd=root)
         except OSError as exc:
             raise _classify(exc, where) from None
+        finally:
+            os.close(root)
 
     def close(self) -> None:
         return None
 
-    def _read(self, path: Path, where: str) -> StoredState | None:
+    # --- every file operation is relative to a directory opened without following symlinks ------
+    def _root(self, *, create: bool, where: str) -> int | None:
+        """The sink root, opened; refused if it is a symlink, not a directory, writable by group or
+        others, or another user's. None when it does not exist and `create` is false."""
+        root = self.config.dir
         try:
-            token = path.read_bytes()
+            if create and not os.path.lexists(root):
+                root.mkdir(parents=True, mode=0o700)
+            info = os.lstat(root)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise _classify(exc, where) from None
+        if stat.S_ISREG(info.st_mode):
+            raise PermanentError(f"{where}: {os.strerror(errno.ENOTDIR)}")
+        problem = private_dir_problem(root)
+        if problem is not None:
+            raise PermanentError(f"{where}: the sink root {root} {problem}; refused")
+        try:
+            return os.open(root, _DIRECTORY)
+        except OSError as exc:
+            raise _classify(exc, where) from None
+
+    def _directory(self, key: ApiKey, *, create: bool, where: str) -> int | None:
+        """The key's directory under the root, walked one segment at a time with O_NOFOLLOW (a
+        planted symlink anywhere on the way is refused); created 0700 when `create`."""
+        parts = render(self.config.path, key).split("/")[:-1]
+        fd = self._root(create=create, where=where)
+        if fd is None:
+            return None
+        for part in parts:
+            try:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o700, dir_fd=fd)
+                child = os.open(part, _DIRECTORY, dir_fd=fd)
+            except FileNotFoundError:
+                os.close(fd)
+                return None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise PermanentError(f"{where}: {part!r} is a symlink or not a directory; refused") from None
+                raise _classify(exc, where) from None
+            os.close(fd)
+            fd = child
+            if os.fstat(fd).st_mode & 0o022:
+                os.close(fd)
+                raise PermanentError(f"{where}: directory {part!r} is writable by group or others; refused")
+        return fd
+
+    def _read(self, key: ApiKey, name: str, where: str) -> StoredState | None:
+        directory = self._directory(key, create=False, where=where)
+        if directory is None:
+            return None
+        try:
+            return self._read_at(directory, name, where, key)
+        except OSError as exc:
+            raise _classify(exc, where) from None
+        finally:
+            os.close(directory)
+
+    def _read_at(self, directory: int, name: str, where: str, key: ApiKey) -> StoredState | None:
+        """Read one file of `directory`: never through a symlink, never a FIFO or device (opened
+        non-blocking, checked to be a regular file before any read)."""
+        try:
+            fd = os.open(name, _READ, dir_fd=directory)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PermanentError(f"{where}: is a symlink; refused") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise PermanentError(f"{where}: not a regular file; refused")
+            if info.st_size > MAX_FILE_BYTES:
+                raise ProtocolError(f"{where}: larger than {MAX_FILE_BYTES} bytes; not a secret file")
+            chunks = []
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            token = b"".join(chunks)
+        finally:
+            os.close(fd)
         try:
             doc = json.loads(self._fernet.decrypt(token))
         except InvalidToken:
             raise ProtocolError(f"{where}: cannot decrypt (another key, or a damaged file)") from None
-        return state_from_document(doc, self._fingerprint, where, version=str(int(path.stat().st_mtime_ns)))
+        return state_from_document(doc, self._fingerprint, where, version=str(info.st_mtime_ns), key=key)
 
 
 def _classify(exc: OSError, where: str) -> Exception:
@@ -153,9 +269,3 @@ def _classify(exc: OSError, where: str) -> Exception:
     return PermanentError(f"{where}: {reason}")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -121,7 +121,7 @@ class VaultSink:
                 raise ForbiddenError(f"{where}: the token may not write this path")
             meta = self._metadata(path)
             version = int(meta["current_version"]) if meta else 0
-            current = self._read(path, version, where) if version else None
+            current = self._read(path, version, where, key) if version else None
         return _Prepared(path, version, current)
 
     def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
@@ -135,7 +135,7 @@ class VaultSink:
             else:
                 meta = self._metadata(path)
                 version = int(meta["current_version"]) if meta else 0
-                current = self._read(path, version, where) if version else None
+                current = self._read(path, version, where, record.key) if version else None
             if not refuse_if_stale(current, record, where):
                 answer = self._kv().create_or_update_secret(
                     path=path, secret=document(record), cas=version, mount_point=self.config.mount
@@ -171,7 +171,7 @@ class VaultSink:
             meta = self._metadata(path)
             if not meta or not meta.get("current_version"):
                 return None
-            return self._read(path, int(meta["current_version"]), where)
+            return self._read(path, int(meta["current_version"]), where, key)
 
     def read_version(self, key: ApiKey, version: int) -> dict[str, Any]:
         """One stored document (for tests and operators; it holds the secret)."""
@@ -208,10 +208,10 @@ class VaultSink:
         data: dict[str, Any] = answer["data"]
         return data
 
-    def _read(self, path: str, version: int, where: str) -> StoredState:
+    def _read(self, path: str, version: int, where: str, key: ApiKey) -> StoredState:
         answer = self._kv().read_secret_version(path=path, version=version, mount_point=self.config.mount,
                                                 raise_on_deleted_version=True)
-        return state_from_document(answer["data"]["data"], self._fingerprint, where, version=str(version))
+        return state_from_document(answer["data"]["data"], self._fingerprint, where, version=str(version), key=key)
 
     def _client_or_login(self) -> hvac.Client:
         if self._client is not None:
