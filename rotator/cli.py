@@ -2,6 +2,10 @@
 
 Exit codes: 0 success, 1 a rotation or check failed, 2 bad usage or configuration. With `--json`,
 stdout carries one JSON document and nothing else; progress and messages go to stderr.
+
+Every value that comes from outside (ids, aliases, reasons, sink names, errors) reaches a table or a
+line only through `show`: rich markup escaped, control characters (ESC, BEL, C0, C1, DEL) removed,
+emoji codes left alone. `--json` prints values exactly (JSON escapes controls itself).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from rich.table import Table
 from rotator import logs
 from rotator.config import Settings, config_path, load_settings
 from rotator.errors import ConfigError, RotatorError
+from rotator.safety import terminal_safe
 
 if TYPE_CHECKING:
     from rotator.engine import Engine
@@ -34,8 +39,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, emoji=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
 
 ConfigOption = Annotated[
     Path | None,
@@ -44,8 +49,13 @@ ConfigOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
+def show(value: object) -> str:
+    """A value from outside, safe in a rich table or line: no markup, no control characters."""
+    return escape(terminal_safe(value))
+
+
 def fail(message: str, code: int) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}")
+    err.print(f"[red]error:[/red] {show(message)}")
     raise typer.Exit(code)
 
 
@@ -54,7 +64,7 @@ def settings_or_exit(config: Path | None) -> Settings:
         return load_settings(config)
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(f"[red]config error:[/red] {escape(str(problem))}")
+            err.print(f"[red]config error:[/red] {show(problem)}")
         raise typer.Exit(2) from None
 
 
@@ -65,7 +75,7 @@ def errors_exit() -> Iterator[None]:
         yield
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(f"[red]config error:[/red] {escape(str(problem))}")
+            err.print(f"[red]config error:[/red] {show(problem)}")
         raise typer.Exit(2) from None
     except RotatorError as exc:
         fail(str(exc), 1)
@@ -91,13 +101,13 @@ def check_config(
         failures = 0
         for name, problem in ping_all(settings):
             if problem is None:
-                err.print(f"[green]ok[/green]   {name}", highlight=False)
+                err.print(f"[green]ok[/green]   {show(name)}", highlight=False)
             else:
                 failures += 1
-                err.print(f"[red]fail[/red] {escape(name)}: {escape(problem)}")
+                err.print(f"[red]fail[/red] {show(name)}: {show(problem)}")
         if failures:
             raise typer.Exit(1)
-    err.print(f"[green]{config_path(config)} is valid[/green]", highlight=False)
+    err.print(f"[green]{show(config_path(config))} is valid[/green]", highlight=False)
 
 
 @app.command()
@@ -129,8 +139,8 @@ def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     for r in rows:
         d = r.to_dict()
         colour = colours.get(d["state"], "dim")
-        table.add_row(d["client_id"], d["key_id"], d["alias"], d["environment"],
-                      f"{d['age_days']:.1f}", f"[{colour}]{d['state']}[/{colour}]")
+        table.add_row(show(d["client_id"]), show(d["key_id"]), show(d["alias"]), show(d["environment"]),
+                      f"{d['age_days']:.1f}", f"[{colour}]{show(d['state'])}[/{colour}]")
     out.print(table)
     counts: dict[str, int] = {}
     for r in rows:
@@ -239,12 +249,12 @@ def rotate(
                 print(json.dumps({"applied": False, "plan": plan}, indent=2))
             else:
                 for r, _ in refs:
-                    out.print(f"would rotate {escape(str(r))}")
+                    out.print(f"would rotate {show(r)}")
                 err.print(f"{len(refs)} key(s); nothing changed (add --apply to rotate)")
             return
         results = []
         for r, generation in refs:
-            with err.status(f"rotating {escape(str(r))}…"):
+            with err.status(f"rotating {show(r)}…"):
                 results.append(engine.rotate(r, trigger="manual", force=force, generation=generation, reason=reason))
         engine.close()
     if as_json:
@@ -252,8 +262,8 @@ def rotate(
     else:
         for res in results:
             colour = "green" if res.ok else "red"
-            out.print(f"[{colour}]{res.status}[/{colour}] {escape(res.client_id)}/{escape(res.key_id)} "
-                      f"{escape(res.reason)}")
+            out.print(f"[{colour}]{show(res.status)}[/{colour}] {show(res.client_id)}/{show(res.key_id)} "
+                      f"{show(res.reason)}")
     # Exit 0 only if every rotation finished and verified; a key behind a lease, in doubt or at
     # risk is not finished. A forced key that was skipped was not rotated either.
     if not all(r.status in ("succeeded", "recovered") or (r.status == "skipped" and not force) for r in results):
@@ -291,21 +301,20 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
     for r in rows:
         last = r["last_rotation"]
         text = f"{last['status']} ({last['trigger']}) {utc_iso(last['time'])}" if last else "-"
-        table.add_row(f"{r['client_id']}/{r['key_id']}", r["state"], f"{r['age_days']:.1f}", r["next_due"],
-                      escape(text), r["in_flight"] or "")
+        table.add_row(show(f"{r['client_id']}/{r['key_id']}"), show(r["state"]), f"{r['age_days']:.1f}",
+                      show(r["next_due"]), show(text), show(r["in_flight"] or ""))
     out.print(table)
     for d in drift:
-        err.print(f"[red]drift[/red] {escape(d['client_id'])}/{escape(d['key_id'])} {escape(d['sink'])}: "
-                  f"{escape(d['reason'])}")
+        err.print(f"[red]drift[/red] {show(d['client_id'])}/{show(d['key_id'])} {show(d['sink'])}: "
+                  f"{show(d['reason'])}")
     if entries:
         audit = Table("time", "actor", "kind", "key", "trigger", "result", "note / sinks")
         for e in entries:
             keys = f"{e.get('client_id')}/{e.get('key_id')}" if e.get("client_id") else ", ".join(e.get("keys", []))
             sinks = ", ".join(f"{k}: {v}" for k, v in (e.get("sinks") or {}).items())
             detail = e.get("note") or e.get("reason") or sinks
-            audit.add_row(utc_iso(e["time"]), escape(str(e.get("actor", ""))), e.get("kind", ""), escape(keys),
-                          escape(str(e.get("trigger", e.get("action", "")))), escape(str(e.get("status", ""))),
-                          escape(detail))
+            audit.add_row(show(utc_iso(e["time"])), show(e.get("actor", "")), show(e.get("kind", "")), show(keys),
+                          show(e.get("trigger", e.get("action", ""))), show(e.get("status", "")), show(detail))
         out.print(audit)
 
 
@@ -335,9 +344,9 @@ def reconcile(config: ConfigOption = None,
     else:
         for d in report["drift"]:
             where = f"{d['client_id']}/{d['key_id']} {d['sink']}"
-            out.print(f"drift {escape(where)}: {escape(d['reason'])}")
+            out.print(f"drift {show(where)}: {show(d['reason'])}")
         for r in left:
-            out.print(f"[red]{r['status']}[/red] {escape(r['client_id'])}/{escape(r['key_id'])}: {escape(r['reason'])}")
+            out.print(f"[red]{show(r['status'])}[/red] {show(r['client_id'])}/{show(r['key_id'])}: {show(r['reason'])}")
         summary = f"{len(drift)} drifted"
         if repair:
             summary += f"; {len(fixed)} repaired; {len(left)} left unrepaired"
