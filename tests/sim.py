@@ -210,6 +210,7 @@ class FakeKeyService:
         self.keys: dict[str, FakeKey] = {}
         self.stored: dict[str, tuple[float, str, int, IssuedKey | None]] = {}  # ik -> (date, key, status, answer)
         self.pending: set[str] = set()  # Idempotency-Keys whose call is running at the origin
+        self.issued: dict[str, tuple[float, str, int, IssuedKey | None]] = {}
         self.ledger: list[tuple[str, Generation, str]] = []  # (key id, generation replaced, ik)
         self.faulty = True
 
@@ -243,7 +244,7 @@ class FakeKeyService:
         """The origin runs the reset (once per Idempotency-Key) and stores its answer. The ledger
         names the generation the request was sent for, so two resets sent for one generation
         count as two even when the second lands after the first (a late commit)."""
-        if ik in self.stored:
+        if self._live(ik):
             _, _, status, answer = self.stored[ik]
             if status != 200 or answer is None:
                 raise RefusedError("stored refusal replayed", status=status)
@@ -257,7 +258,16 @@ class FakeKeyService:
         self.sim.log(f"ks RESET {key_id} sent for {replaced} -> {key.generation} ik={ik[:10]}")
         answer = IssuedKey(self._api_key(key_id), Secret(key.secret))
         self.stored[ik] = (self.sim.now, key_id, 200, answer)
+        self.issued[ik] = (self.sim.now, key_id, 200, answer)  # for the checks: never expires
         return answer
+
+    def _live(self, ik: str) -> bool:
+        """A stored answer within its 24 h; an expired one is forgotten (the key can run again)."""
+        found = self.stored.get(ik)
+        if found is not None and self.sim.now - found[0] >= REPLAY_TTL_S:
+            del self.stored[ik]
+            return False
+        return found is not None
 
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
         self.sim.point(f"ks reset {key_id} ik={idempotency_key[:10]}")
@@ -268,7 +278,7 @@ class FakeKeyService:
         roll = self.sim.rng.random() if self.faulty and self.sim.chaos else 1.0
         if roll < 0.03:  # a gateway (rate limiter, WAF) refuses: the origin never sees it, stores nothing
             raise RefusedError("429 from the gateway", status=429)
-        if ik in self.stored:  # the origin replays what it stored for this key, whatever else happens
+        if self._live(ik):  # the origin replays what it stored for this key, whatever else happens
             return self._run_reset(key_id, ik, seen)
         if roll < 0.06:  # the origin refuses, and stores the refusal under the key
             self.stored[ik] = (self.sim.now, key_id, 403, None)
@@ -295,9 +305,9 @@ class FakeKeyService:
         self.sim.point(f"ks replay {key_id} ik={idempotency_key[:10]}")
         if self._p(0.05):
             return ReplayAnswer(Replay.UNKNOWN, reason="replay: 503")
-        found = self.stored.get(idempotency_key)
-        if found is None or self.sim.now - found[0] >= REPLAY_TTL_S:
+        if not self._live(idempotency_key):
             return ReplayAnswer(Replay.EMPTY)
+        found = self.stored[idempotency_key]
         _, stored_key, status, answer = found
         if stored_key != key_id:
             return ReplayAnswer(Replay.UNKNOWN, reason="another request")
@@ -613,7 +623,7 @@ def unstored(sim: Sim) -> list[str]:
 
 def check_delete(sim: Sim, record: AttemptRecord) -> None:
     """No attempt record is deleted while the live secret its reset issued is in no sink."""
-    found = sim.service.stored.get(record.idempotency_key)
+    found = sim.service.issued.get(record.idempotency_key)
     if found is None or found[2] != 200 or found[3] is None:
         return
     if sim.now - found[0] >= REPLAY_TTL_S and "rotation.secret_at_risk" in [
