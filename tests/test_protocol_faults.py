@@ -72,9 +72,9 @@ def statuses(report: dict[str, Any]) -> list[str]:
 def test_1_an_unanswered_reset_that_commits_later_is_never_reset_again(
     cluster: Cluster, emulator: Emulator, keyservice: HttpKeyService, keys: dict[str, str]
 ) -> None:
-    """The answer is lost and the reset commits 6 s later: the next trigger and a repair run in
+    """The answer is lost and the reset commits 10 s later: the next trigger and a repair run in
     between find it in doubt and reset nothing; once it committed, the repair stores it. One reset."""
-    emulator.add_fault(Fault(method="POST", path="/reset$", commit_after_s=6.0))  # cut, commits later
+    emulator.add_fault(Fault(method="POST", path="/reset$", commit_after_s=10.0))  # cut, commits later
     emulator.add_fault(Fault(method="POST", path="/reset$", drop="before", times=20))  # retries cut too
     first = rotate(cluster, keys["due1"])
     assert first.returncode == 1 and json.loads(first.stdout)["results"][0]["status"] == "in_doubt"
@@ -83,7 +83,7 @@ def test_1_an_unanswered_reset_that_commits_later_is_never_reset_again(
     code, report = repair(cluster)
     assert code == 1 and report["unrepaired"] >= 1 and "in_doubt" in statuses(report)
     assert len(emulator.ledger) <= 1  # only the late commit itself, if it came already
-    wait_for(lambda: len(emulator.ledger) == 1, 10, "the late commit")
+    wait_for(lambda: len(emulator.ledger) == 1, 15, "the late commit")
     emulator.clear_faults()
     code, report = repair(cluster)
     assert code == 0, report
