@@ -95,15 +95,15 @@ def test_1_an_unanswered_reset_that_commits_later_is_never_reset_again(
 def test_2_a_gateway_5xx_while_the_origin_commits_loses_nothing(
     cluster: Cluster, emulator: Emulator, keyservice: HttpKeyService, keys: dict[str, str]
 ) -> None:
-    """A proxy answers 504 (then 502 to every retry) while the origin commits 6 s later: in doubt,
+    """A proxy answers 504 (then 502 to every retry) while the origin commits 8 s later: in doubt,
     not "not reset"; the repair stores the committed secret and never resets again."""
-    emulator.add_fault(Fault(method="POST", path="/reset$", status=504, commit_after_s=6.0))
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=504, commit_after_s=8.0))
     emulator.add_fault(Fault(method="POST", path="/reset$", status=502, times=20))
     first = rotate(cluster, keys["due1"])
     assert first.returncode == 1 and json.loads(first.stdout)["results"][0]["status"] == "in_doubt"
     code, report = repair(cluster)
     assert code == 1 and "in_doubt" in statuses(report)
-    wait_for(lambda: len(emulator.ledger) == 1, 12, "the origin's commit")
+    wait_for(lambda: len(emulator.ledger) == 1, 14, "the origin's commit")
     emulator.clear_faults()
     code, report = repair(cluster)
     assert code == 0 and "recovered" in statuses(report), report
