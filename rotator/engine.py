@@ -20,8 +20,16 @@ from functools import partial
 from typing import Any
 
 from rotator import logs
-from rotator.domain import ApiKey, AttemptRecord, Generation, IssuedKey, KeyRef, KeyState, Replay, utc_iso
-from rotator.errors import InDoubtError, NotFoundError, PermanentError, RefusedError, RotatorError, TransientError
+from rotator.domain import ApiKey, AttemptRecord, Environment, Generation, IssuedKey, KeyRef, KeyState, Replay, utc_iso
+from rotator.errors import (
+    InDoubtError,
+    NotFoundError,
+    PermanentError,
+    RefusedError,
+    RotatorError,
+    TransientError,
+    UnusableAnswerError,
+)
 from rotator.events import SEVERITY, sanitize
 from rotator.fingerprint import Fingerprinter
 from rotator.policy import Policy, RotationWindow, age_days, classify, in_scope, is_due
@@ -45,6 +53,7 @@ OK_STATUSES = ("succeeded", "recovered", "skipped")
 # Replays are kept 24 h; look for one only for keys reset within twice that (a cost filter, with
 # room for clock skew; no causality is decided with it).
 REPLAY_LOOKBACK_S = 2 * 86_400
+STUCK_S = 86_400  # an attempt unsettled this long raises a critical event on every sweep
 
 
 @dataclass
@@ -315,6 +324,8 @@ class Engine:
         except RefusedError as exc:
             return self._refusal(key, record, lease, exc)
         except (InDoubtError, TransientError) as exc:
+            if isinstance(exc, UnusableAnswerError):  # it ran and answered something unusable: loud
+                self.emit("keyservice.protocol_error", key, record, f"reset answer unusable: {exc}")
             return self._doubt(key, record, lease, str(exc))
         except RotatorError as exc:  # anything else the adapter raised: the reset may have run
             return self._doubt(key, record, lease, f"{type(exc).__name__}: {exc}")
@@ -614,6 +625,9 @@ class Engine:
 
     def _unsettled(self, record: AttemptRecord, reason: str) -> RotationResult:
         status = "at_risk" if record.phase == Phase.STORING.value else "in_doubt"
+        if self.state.now() - record.since > STUCK_S:  # a replay that never settles needs a person
+            key = ApiKey(record.client_id, record.key_id, "", Environment.PRODUCTION, (), 0, None)
+            self.emit("rotation.secret_at_risk", key, record, f"unsettled for over a day: {reason}")
         text = (f"attempt {record.attempt_id} ({record.phase}): {reason}; "
                 "the record is kept and nothing is reset until it is settled")
         result = self._result(record.ref, record, status, text)

@@ -43,6 +43,11 @@ class InDoubtError(TransientError):
     run. Only a replay of its Idempotency-Key or the key's generation can settle it."""
 
 
+class UnusableAnswerError(InDoubtError):
+    """A write answered 200 with something that is not a usable answer for the request (cut, not
+    JSON, another key named, a secret that is no text): it ran, the key service broke its contract."""
+
+
 class RefusedError(RotatorError):
     """The key service answered a write with a 4xx: it did not run."""
 

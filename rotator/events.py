@@ -17,7 +17,7 @@ SEVERITY: Final = {
     "key.due_soon": "warning",
     "key.overdue": "error",
     "drift.detected": "critical",
-    "keyservice.protocol_error": "error",
+    "keyservice.protocol_error": "critical",
 }
 MAX_ERROR_LEN = 500
 

@@ -42,6 +42,7 @@ from rotator.errors import (
     ThrottledError,
     TransientError,
     UnansweredError,
+    UnusableAnswerError,
 )
 from rotator.safety import ID_RE, ID_RULE, MAX_ALIAS_LEN, UNSAFE_TEXT_RE, excerpt, text_problem
 
@@ -347,7 +348,7 @@ class HttpKeyService:
         try:
             return _issued_for(_decode(answer, where), where, client_id, key_id, self._latest())
         except ProtocolError as exc:  # a 200 that is no usable answer: it ran, the answer is not in hand
-            raise InDoubtError(f"{exc}; the call may have run") from None
+            raise UnusableAnswerError(f"{exc}; the call may have run") from None
 
     def _request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,),
                  auth: httpx.Auth | None = None, **kwargs: Any) -> _Answer:
