@@ -7,10 +7,8 @@ dicts: neither ever holds a secret.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from rotator.config import load_settings
+from rotator.safety import private_state_dir
 
 _settings = load_settings()
 _c = _settings.celery
@@ -34,7 +32,9 @@ worker_concurrency = _c.concurrency
 task_default_queue = "rotator"
 timezone = "UTC"
 enable_utc = True
-beat_schedule_filename = str(Path(tempfile.gettempdir()) / f"rotator-beat-{_settings.state.namespace}")
+# Beat's schedule is a shelve (pickle): whoever can write it runs code in beat. It lives in a private
+# directory (0700, $XDG_STATE_HOME/rotator or ~/.local/state/rotator), never the shared temp dir.
+beat_schedule_filename = str(private_state_dir() / f"beat-schedule-{_settings.state.namespace}")
 beat_schedule = {
     "scan": {"task": "rotator.scan", "schedule": float(_c.scan_every_s)},
     "recover": {"task": "rotator.recover", "schedule": float(_c.recover_every_s)},

@@ -95,6 +95,10 @@ def check_config(
 ) -> None:
     """Validate the configuration file; report every problem with its key."""
     settings = settings_or_exit(config)
+    from rotator.config import config_warnings
+
+    for warning in config_warnings(settings, str(config_path(config))):
+        err.print(f"[yellow]warning:[/yellow] {show(warning)}")
     if ping:
         from rotator.health import ping_all
 
@@ -373,13 +377,14 @@ def run(config: ConfigOption = None,
 def worker(config: ConfigOption = None, loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
            concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
            metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+           metrics_host: Annotated[str, typer.Option(help="Address the metrics bind to.")] = "127.0.0.1",
            ) -> None:
     """A Celery worker (run many)."""
     settings = _use_config(config)
     if metrics_port is not None:
         from rotator.metrics import serve
 
-        serve(settings, metrics_port)
+        serve(settings, metrics_port, metrics_host)
     _celery(["worker", "--loglevel", loglevel, "--concurrency", str(concurrency or settings.celery.concurrency)])
 
 
@@ -389,12 +394,19 @@ def beat(config: ConfigOption = None,
          schedule: Annotated[Path | None, typer.Option(help="Beat's schedule file.")] = None) -> None:
     """Celery beat (run one; a second one is harmless: scans are claimed once per interval)."""
     _use_config(config)
+    if schedule is not None:
+        from rotator.safety import private_dir_problem
+
+        problem = private_dir_problem(schedule.resolve().parent)
+        if problem is not None:  # the schedule is a pickle: whoever writes it runs code in beat
+            fail(f"the directory of --schedule {schedule} {problem}", 2)
     _celery(["beat", "--loglevel", loglevel, *(["--schedule", str(schedule)] if schedule else [])])
 
 
 @app.command()
 def metrics(config: ConfigOption = None, port: Annotated[int, typer.Option(help="Port to listen on.")] = 9464,
-            host: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0") -> None:
+            host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = "127.0.0.1",
+            ) -> None:
     """Serve Prometheus metrics (key ages, next due dates, rotations, secrets at risk)."""
     settings = _use_config(config)
     from rotator.metrics import serve

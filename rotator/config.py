@@ -29,7 +29,15 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rotator.domain import Environment, Severity
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.policy import Policy, RotationWindow
-from rotator.safety import ID_RE, ID_RULE, excerpt
+from rotator.safety import (
+    ID_RE,
+    ID_RULE,
+    excerpt,
+    looks_like_secret,
+    redact_url,
+    url_has_credentials,
+    variable_named,
+)
 
 DEFAULT_PATH = "rotator.toml"
 EVENTS = (
@@ -275,7 +283,7 @@ def settings_from_mapping(
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(
-            [ConfigProblem(source, _dotted(e["loc"]), _reason(e)) for e in exc.errors()]
+            [ConfigProblem(source, _dotted(e["loc"]), _reason(e, _dotted(e["loc"]))) for e in exc.errors()]
         ) from None
     problems = list(_semantic_problems(settings, source, env))
     if problems:
@@ -297,7 +305,7 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         elif env_name is None:
             problems.append(ConfigProblem(source, key, f"{what}: name an environment variable or a file"))
         elif not env.get(env_name):
-            problems.append(ConfigProblem(source, key, f"{what}: environment variable {env_name} is not set"))
+            problems.append(ConfigProblem(source, key, f"{what}: {variable_named(env_name)} is not set"))
 
     if s.keyservice.kind == "http":
         need("keyservice.token_env", s.keyservice.token_env, s.keyservice.token_file, "management token")
@@ -317,7 +325,7 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
             problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))
     for index, alert in enumerate(s.alerts):
         if alert.secret_env and not env.get(alert.secret_env):
-            reason = f"environment variable {alert.secret_env} is not set"
+            reason = f"{variable_named(alert.secret_env)} is not set"
             problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", reason))
         key = f"alerts[{index}]"
         if alert.url.startswith("webhook+"):
@@ -330,6 +338,39 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
             problems.append(ConfigProblem(source, f"{key}.url",
                                           f"Apprise does not understand a {scheme!r}:// URL (or its form)"))
     return problems
+
+
+def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
+    """What `check-config` warns about without refusing the file: credentials inside URLs and `*_env`
+    values that look like a pasted secret rather than a variable name. No warning quotes the value."""
+    warnings: list[ConfigProblem] = []
+    urls: list[tuple[str, object]] = [
+        ("keyservice.url", s.keyservice.url), ("state.redis_url", s.state.redis_url),
+        ("celery.broker_url", s.celery.broker_url), ("celery.result_backend", s.celery.result_backend)]
+    names: list[tuple[str, object]] = [("keyservice.token_env", s.keyservice.token_env),
+                                       ("engine.fingerprint_key_env", s.engine.fingerprint_key_env)]
+    for index, sink in enumerate(s.sinks):
+        for name, value in sink.options.items():
+            if name.endswith("url"):
+                urls.append((f"sinks[{index}].{name}", value))
+            elif name.endswith("_env"):
+                names.append((f"sinks[{index}].{name}", value))
+    for index, alert in enumerate(s.alerts):
+        names.append((f"alerts[{index}].secret_env", alert.secret_env))
+        if alert.url.startswith("webhook+"):  # Apprise URLs carry their service's credentials by design
+            urls.append((f"alerts[{index}].url", alert.url.removeprefix("webhook+")))
+    for key, url in urls:
+        if url is not None and url_has_credentials(url):
+            warnings.append(ConfigProblem(source, key, (
+                f"the URL carries credentials ({redact_url(url)}): they show in process listings, shell "
+                "history and anything that prints the URL; prefer a *_env or *_file key where there is one, "
+                "and keep this file readable by its owner only")))
+    for key, env_name in names:
+        if isinstance(env_name, str) and looks_like_secret(env_name):
+            warnings.append(ConfigProblem(source, key, (
+                "does not look like an environment variable name (UPPER_CASE_WITH_UNDERSCORES): was a "
+                "secret pasted here? The value is not shown; name the variable that holds the secret")))
+    return warnings
 
 
 def _apprise_understands(url: str) -> bool:
@@ -369,7 +410,12 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return out or "-"
 
 
-def _reason(error: Any) -> str:
+_SENSITIVE_KEY_PARTS = ("_env", "_file", "token", "secret", "password", "key")
+
+
+def _reason(error: Any, key: str = "") -> str:
+    """A validation error's reason; it quotes the value only where the value cannot be a credential
+    (never for `*_env`, `*_file`, tokens, secrets, keys; URLs with their credentials redacted)."""
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         return "unknown key"
@@ -377,6 +423,11 @@ def _reason(error: Any) -> str:
         return "required key is missing"
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     value = error.get("input")
+    leaf = key.rsplit(".", 1)[-1].lower()
+    if any(part in leaf for part in _SENSITIVE_KEY_PARTS):
+        return message + " (the value is not shown)"
+    if isinstance(value, str) and "url" in leaf:
+        return f"{message} (got {excerpt(redact_url(value), 80)})"
     if isinstance(value, str | int | float | bool) and kind != "value_error":
-        return f"{message} (got {value!r})"
+        return f"{message} (got {excerpt(value, 80) if isinstance(value, str) else value!r})"
     return message

@@ -1,7 +1,8 @@
 """Structured logging with structlog: JSON lines for machines, readable lines for people.
 
 A processor drops any value that is a `Secret`, as a last guard: secrets are never passed to a
-logger on purpose.
+logger on purpose. Every URL in a log line, ours or a library's (httpx logs each request's URL at
+INFO), has its credentials redacted as `user:***@`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import structlog
 
 from rotator.domain import Secret
+from rotator.safety import redact_urls_in
 
 CHATTY_CLIENTS = ("botocore", "boto3", "s3transfer", "urllib3", "hvac", "httpcore", "httpx")
 
@@ -24,6 +26,29 @@ def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
         if isinstance(value, Secret):
             event[name] = "[redacted]"
     return event
+
+
+def _redact_urls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for name, value in list(event.items()):
+        if isinstance(value, str) and "@" in value:
+            event[name] = redact_urls_in(value)
+    return event
+
+
+class RedactUrls(logging.Filter):
+    """A stdlib logging filter: the record's message with every URL's credentials redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        if "@" in message:
+            record.msg, record.args = redact_urls_in(message), ()
+        return True
+
+
+_REDACT = RedactUrls()
 
 
 def _stderr_logger(*_: Any) -> Any:
@@ -47,6 +72,7 @@ def configure(level: str | None = None, json_lines: bool | None = None) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _drop_secrets,
             structlog.processors.format_exc_info,
+            _redact_urls,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -57,6 +83,11 @@ def configure(level: str | None = None, json_lines: bool | None = None) -> None:
     # These clients log request bodies at DEBUG (botocore prints SecretString): never below INFO.
     for name in CHATTY_CLIENTS:
         logging.getLogger(name).setLevel(max(numeric, logging.INFO))
+        if _REDACT not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_REDACT)
+    for handler in logging.getLogger().handlers:
+        if _REDACT not in handler.filters:
+            handler.addFilter(_REDACT)
 
 
 def get(name: str = "rotator") -> Any:

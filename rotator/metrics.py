@@ -76,8 +76,8 @@ class RotatorCollector:
         yield last
 
 
-def serve(settings: Settings, port: int, host: str = "0.0.0.0", cache_s: float = 30.0) -> Any:
-    """Start the endpoint in a background thread; returns the server."""
+def serve(settings: Settings, port: int, host: str = "127.0.0.1", cache_s: float = 30.0) -> Any:
+    """Start the endpoint in a background thread (on 127.0.0.1 unless told otherwise); returns the server."""
     from rotator.runtime import build_state
 
     registry = CollectorRegistry(auto_describe=False)

@@ -120,6 +120,14 @@ def looks_like_secret(name: str) -> bool:
     return len(name) >= 20 and _entropy(name) >= 4.3
 
 
+def variable_named(name: str) -> str:
+    """How a message names the variable of a `*_env` key: by name, unless the name looks like a
+    pasted secret (then it is not repeated)."""
+    if looks_like_secret(name):
+        return "the environment variable named there (the name looks like a secret, so it is not shown)"
+    return f"environment variable {name}"
+
+
 def _entropy(text: str) -> float:
     counts = Counter(text)
     return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())

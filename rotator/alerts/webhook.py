@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 
 import httpx
@@ -20,6 +21,9 @@ from rotator.protocols import Event
 SIGNATURE_HEADER = "X-Rotator-Signature"
 TIMESTAMP_HEADER = "X-Rotator-Timestamp"
 EVENT_HEADER = "X-Rotator-Event"
+MAX_TOLERANCE_S = 300
+# A plain integer: ASCII digits, no sign, no leading zero, no spaces or underscores (int() takes all those).
+_TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,11}")
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -28,13 +32,15 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 
 
 def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, *,
-                     tolerance_s: int = 300, now: float | None = None) -> bool:
-    """What a receiver runs: True only for a fresh timestamp and a matching signature."""
-    try:
-        ts = int(timestamp)
-    except ValueError:
+                     tolerance_s: int = MAX_TOLERANCE_S, now: float | None = None) -> bool:
+    """What a receiver runs: True only for a timestamp that is a plain integer (ASCII digits, no
+    sign, no leading zero) within ±`tolerance_s` (at most 300 s) of now, and a matching signature."""
+    if not isinstance(timestamp, str) or not _TIMESTAMP_RE.fullmatch(timestamp):
         return False
-    if abs((time.time() if now is None else now) - ts) > tolerance_s:
+    if not isinstance(signature, str) or not signature.isascii():
+        return False
+    ts = int(timestamp)
+    if abs((time.time() if now is None else now) - ts) > min(tolerance_s, MAX_TOLERANCE_S):
         return False
     return hmac.compare_digest(sign(secret, ts, body), signature)
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from rotator.domain import ApiKey, slug, utc_iso
 from rotator.errors import PermanentError, ProtocolError, StaleWriteError
 from rotator.protocols import SecretRecord, StoredState
-from rotator.safety import ID_RULE, UNSAFE_TEXT_RE, excerpt, is_id
+from rotator.safety import ID_RULE, UNSAFE_TEXT_RE, excerpt, is_id, variable_named
 
 TEMPLATE_FIELDS = ("client_id", "key_id", "alias", "environment")
 
@@ -33,7 +33,7 @@ class SinkSettings(BaseModel):
                 if not Path(file_twin).is_file():
                     yield (name[:-4] + "_file", f"file {str(file_twin)!r} does not exist")
             elif not env.get(value):
-                yield (name, f"environment variable {value} is not set")
+                yield (name, f"{variable_named(value)} is not set")
 
 
 MAX_SEGMENT_BYTES = 255
