@@ -25,17 +25,12 @@ from rotator.sinks import registry
 from rotator.sinks.memory import MemorySink
 from rotator.state import LeaseLostError, RedisState
 from tests.conftest import FP_KEY
-from tests.test_celery import Cluster, reset_counts, settled, wait_for
+from tests.test_celery import Cluster, reset_counts, settled, vault, wait_for
 from tests.vault_server import VaultTestServer
 
 pytestmark = pytest.mark.slow
+__all__ = ["vault"]  # the Vault test server fixture, shared with test_celery
 CLIENT = "acme-prod"
-
-
-@pytest.fixture
-def vault() -> Iterator[VaultTestServer]:
-    with VaultTestServer() as server:
-        yield server
 
 
 @pytest.fixture
