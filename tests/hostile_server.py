@@ -150,8 +150,8 @@ LIES = {
     "reset_traversal_id": "a reset answer names the key '../../outside'",
     "pages_forever": "X-Number-Of-Pages: 1000000000 and the same rows on every page",
     "pages_superscript": "X-Number-Of-Pages: ²",
-    "trickle_listing": "the listing's body comes one byte every 5 s",
-    "trickle_reset": "the reset's body comes one byte every 5 s",
+    "trickle_listing": "the listing's body comes one byte a second (each read within any per-read time-out)",
+    "trickle_reset": "the reset's body comes one byte a second",
     "huge_listing": "the listing is 50 MB",
     "gzip_bomb_listing": "the listing is 1 MB of gzip expanding to 1 GiB",
     "reset_cut": "the 200 reset answer is cut in half",
@@ -269,7 +269,7 @@ class LyingKeyService:
             return json_reply([], headers=headers)
         body = json.dumps(rows).encode()
         if self.lie == "trickle_listing":
-            return trickle(body, 5.0)
+            return trickle(body, 1.0)
         if self.lie == "huge_listing":
             return Reply(200, body[:-1] + b"," + b" " * (50 << 20) + b"]", {"Content-Type": "application/json"})
         if self.lie == "gzip_bomb_listing":
@@ -308,7 +308,7 @@ class LyingKeyService:
         if self.lie == "reset_not_json":
             return Reply(200, b"<html>upstream says hi</html>", {"Content-Type": "text/html"})
         if self.lie == "trickle_reset":
-            return trickle(body, 5.0)
+            return trickle(body, 1.0)
         return Reply(200, body, {"Content-Type": "application/json"})
 
     def _token(self, request: Request) -> Reply:
