@@ -298,7 +298,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
     if as_json:
         print(json.dumps({"keys": rows, "in_flight": [
             {"client_id": a.client_id, "key_id": a.key_id, "attempt_id": a.attempt_id, "phase": a.phase,
-             "idempotency_key": a.idempotency_key, "trigger": a.trigger} for a in attempts.values()],
+             "trigger": a.trigger} for a in attempts.values()],
                           "drift": drift, "history": entries}, indent=2))
         return
     table = Table("key", "state", "age_days", "next_due", "last rotation", "in flight")

@@ -42,6 +42,7 @@ from rotator.protocol import (
     advance,
     idempotency_key,
     judge,
+    public_name,
 )
 from rotator.protocols import Event, EventPublisher, KeyService, SecretRecord, SecretSink, StateStore
 from rotator.scan import client_ids
@@ -91,6 +92,13 @@ class Drift:
     key: ApiKey
     sink: str
     reason: str
+    certain: bool = True  # False: it could not be told (an unreadable sink, a failed replay)
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    found: tuple[IssuedKey, str] | None = None
+    unknown: str = ""
 
 
 class _Outcome(Exception):
@@ -238,7 +246,7 @@ class Engine:
             except LeaseLostError as exc:
                 log.error("rotation.lease_lost", client_id=ref.client_id, key_id=ref.key_id, error=str(exc))
                 return RotationResult(ref.client_id, ref.key_id, "busy",
-                                      f"{exc}; stopped before the next step, the new holder goes on", trigger=trigger)
+                                      f"{exc}; stopped there, the lease's new holder settles this key", trigger=trigger)
 
     def _rotate_locked(self, ref: KeyRef, lease: Any, trigger: str, force: bool,
                        generation: str | None) -> RotationResult:
@@ -288,16 +296,21 @@ class Engine:
         if self.state.get_attempt(ref) is not None:
             return self._recover_locked(ref, lease)
         key = self._get_key(ref, "reconcile")
-        found = self._replay_lost(key)
-        if found is not None:
-            issued, ik = found
+        lookup = self._replay_lost(key)
+        if lookup.found is not None:
+            issued, ik = lookup.found
             now = self.state.now()
             record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), ik, "", 0, "reconcile", now,
                                    Phase.STORING.value, now, str(issued.key.generation))
             self.state.save_attempt(record, lease)
             return self._store(issued, record, lease, "rotation.recovered", prepared=None)
-        if not self._drift_of(key):
+        drift = self._drift_of(key)
+        if not drift:
             return self._skipped(key, "reconcile", "no drift any more")
+        doubts = [f"{d.sink}: {d.reason}" for d in drift if not d.certain]
+        doubts += [lookup.unknown] if lookup.unknown else []
+        if doubts:  # a replay may still find the secret, or a sink cannot be read: never reset afresh on that
+            return self._failed(key, None, f"not repaired, not reset afresh: {'; '.join(doubts)}", trigger="reconcile")
         self.emit("rotation.secret_at_risk", key, None,
                   "no sink holds the key's current secret and its reset cannot be replayed; resetting afresh")
         return self._reset(key, lease, "reconcile")
@@ -305,18 +318,37 @@ class Engine:
     # --- the protocol's steps ------------------------------------------------------------------
     def _reset(self, key: ApiKey, lease: Any, trigger: str) -> RotationResult:
         ref = key.ref
-        prepared = self._prepare_sinks(key, trigger)
+        prepared = self._prepare_sinks(key)
+        if isinstance(prepared, str):
+            return self._failed(key, None, f"{prepared}; the key was not reset", trigger=trigger)
         generation = str(key.generation)
         epoch = self.state.epoch(ref, generation)
         now = self.state.now()
         record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()),
                                idempotency_key(self._ik_mac, ref, key.generation, epoch), generation, epoch,
                                trigger, now, advance(Phase.IDLE, Step.START).to.value, now)
+        return self._send(key, record, lease, prepared, "rotation.succeeded")
+
+    def _resend(self, key: ApiKey, record: AttemptRecord, lease: Any, success_event: str) -> RotationResult:
+        """Nothing ran within the horizon: send the same Idempotency-Key again at once, whatever the
+        due check or the window says (the rotation was started; a commit later than any horizon
+        collapses onto this key). A sink that cannot take the answer keeps the record in doubt."""
+        prepared = self._prepare_sinks(key)
+        if isinstance(prepared, str):
+            return self._unsettled(record, f"the reset did not run so far; {prepared}, so the same key is sent "
+                                           "once it is")
+        record = replace(record, phase=advance(Phase.IN_DOUBT, Step.NOT_RUN).to.value, since=self.state.now())
+        return self._send(key, record, lease, prepared, success_event)
+
+    def _send(self, key: ApiKey, record: AttemptRecord, lease: Any, prepared: dict[int, object],
+              success_event: str) -> RotationResult:
+        """Write the record (fenced), check the lease, reset with the record's key, classify the answer."""
+        ref = key.ref
         lease.check()
         self.state.save_attempt(record, lease)  # durable and fenced before the reset: the hinge
         log.info("rotation.started", client_id=ref.client_id, key_id=ref.key_id, attempt_id=record.attempt_id,
-                 idempotency_key=record.idempotency_key, generation=generation, trigger=trigger,
-                 actor=self._actor(), note=getattr(self._context, "note", ""))
+                 generation=record.generation, trigger=record.trigger, actor=self._actor(),
+                 note=getattr(self._context, "note", ""))
         started = self._monotonic()
         try:
             lease.check()
@@ -330,7 +362,7 @@ class Engine:
         except RotatorError as exc:  # anything else the adapter raised: the reset may have run
             return self._doubt(key, record, lease, f"{type(exc).__name__}: {exc}")
         advance(Phase.RESETTING, Step.ANSWERED)
-        return self._store(issued, record, lease, "rotation.succeeded", prepared, started, before=key)
+        return self._store(issued, record, lease, success_event, prepared, started, before=key)
 
     def _refusal(self, key: ApiKey, record: AttemptRecord, lease: Any, exc: RefusedError) -> RotationResult:
         """A 4xx proves that this request did not run, not that its Idempotency-Key never did:
@@ -349,7 +381,7 @@ class Engine:
         record = replace(record, phase=advance(Phase.RESETTING, Step.NO_ANSWER).to.value, since=self.state.now())
         self.state.save_attempt(record, lease)
         self.emit("rotation.in_doubt", key, record, why)
-        settled = self._settle(record, lease, why, success_event="rotation.succeeded")
+        settled = self._settle(record, lease, why, success_event="rotation.succeeded", resend=False)
         if isinstance(settled, RotationResult):
             return settled
         if settled.force:
@@ -357,8 +389,8 @@ class Engine:
                                              "the next trigger resets it afresh")
         return self._failed(key, record, f"reset failed ({why}); the stored answer says it did not run")
 
-    def _settle(self, record: AttemptRecord, lease: Any, why: str = "",
-                success_event: str = "rotation.recovered") -> RotationResult | _Again:
+    def _settle(self, record: AttemptRecord, lease: Any, why: str = "", success_event: str = "rotation.recovered",
+                resend: bool = True) -> RotationResult | _Again:
         """Decide an earlier attempt by replay and the key's generation (protocol.judge)."""
         ref = record.ref
         try:
@@ -392,15 +424,17 @@ class Engine:
             self._refused(record, lease)
             log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run (refused)")
             return _Again(force=False)
-        if step is Step.NOT_RUN:
-            self.state.delete_attempt(record, lease)  # the same Idempotency-Key is derived next
-            log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run")
-            return _Again(force=False)
+        if step is Step.NOT_RUN:  # the record is never dropped on this guess: the same key goes again
+            log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run; sent again")
+            if not resend:
+                return self._unsettled(record, "the reset did not run so far; the same key is sent again next")
+            return self._resend(key, record, lease, success_event)
         # LOST: the reset ran and its answer cannot be had. Say so before touching any state.
         why_lost = ("the key was reset again after that attempt" if replay.kind is Replay.ANSWER
                     else "the reset ran but its answer cannot be replayed")
         self.emit("rotation.secret_at_risk", key, record, f"{why_lost}; resetting afresh")
-        self.state.delete_attempt(record, lease)
+        # The record stays until the fresh attempt's record replaces it: a crash before that fresh
+        # reset leaves this verdict to be reached again, never a key nobody will reset.
         return _Again(force=True)
 
     def _refused(self, record: AttemptRecord, lease: Any) -> None:
@@ -416,10 +450,10 @@ class Engine:
         """Write every sink, verify, and only then clear the record."""
         answered_at = self._monotonic()
         started = answered_at if started is None else started
-        # Byte-identical for every write of this generation: the Idempotency-Key names the attempt
-        # and the key service's reset date is the rotation time.
-        secret = SecretRecord(issued.key, issued.secret, record.idempotency_key, self.fingerprint(issued.secret),
-                              float(issued.key.born_at))
+        # Byte-identical for every write of this generation: a name derived from the Idempotency-Key
+        # names the attempt, and the key service's reset date is the rotation time.
+        secret = SecretRecord(issued.key, issued.secret, public_name(record.idempotency_key),
+                              self.fingerprint(issued.secret), float(issued.key.born_at))
         token_check = self._pool.submit(self._check_token, secret) if self.verify else None
         lease.check()
         outcomes = self._write_everywhere(secret, prepared or {})
@@ -472,19 +506,17 @@ class Engine:
         return result
 
     # --- sinks ---------------------------------------------------------------------------------
-    def _prepare_sinks(self, key: ApiKey, trigger: str) -> dict[int, object]:
-        """Every sink must be able to take the write before the key is reset."""
+    def _prepare_sinks(self, key: ApiKey) -> dict[int, object] | str:
+        """Every sink must be able to take the write before the key is reset: what each prepared,
+        or why one is not ready."""
         prepared: dict[int, object] = {}
         for index, sink in enumerate(self.sinks):
             try:
                 prepared[index] = sink.prepare(key)
             except RotatorError as exc:
-                raise _Outcome(self._failed(key, None, f"{sink.describe(key.ref)} is not ready ({exc}); "
-                                                       "the key was not reset", trigger=trigger)) from None
+                return f"{sink.describe(key.ref)} is not ready ({exc})"
             except Exception as exc:
-                raise _Outcome(self._failed(key, None, f"{sink.describe(key.ref)} is not ready "
-                                                       f"({type(exc).__name__}); the key was not reset",
-                                            trigger=trigger)) from None
+                return f"{sink.describe(key.ref)} is not ready ({type(exc).__name__})"
         return prepared
 
     def _write_everywhere(self, record: SecretRecord, prepared: dict[int, object]) -> dict[str, tuple[str, float]]:
@@ -555,34 +587,47 @@ class Engine:
 
     # --- drift and recovery without Redis ------------------------------------------------------
     def _drift_of(self, key: ApiKey) -> list[Drift]:
+        """What each sink lacks; an entry that is not `certain` (a sink that cannot be read, a replay
+        that failed) is reported, and blocks a fresh reset, but is never acted on as drift."""
         found, empty, current = [], [], False
         for sink in self.sinks:
+            name = sink.describe(key.ref)
             try:
                 stored = sink.read_state(key)
-            except RotatorError as exc:  # unknown is not drift: say so, and do not re-rotate
-                log.warning("drift.unreadable", sink=sink.describe(key.ref), error=str(exc))
-                return []
+            except RotatorError as exc:
+                found.append(Drift(key, name, f"unreadable ({exc}); drift unknown", certain=False))
+                continue
             if stored is None:
-                empty.append(sink.describe(key.ref))
+                empty.append(name)
             elif stored.key_reset_at == key.born_at:
                 current = True
             elif stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
-                found.append(Drift(key, sink.describe(key.ref),
-                                   f"stored rotation is from {utc_iso(stored.key_reset_at)}, "
-                                   f"key was reset at {utc_iso(key.born_at)}"))
-        # Empty sinks are drift once rotator rotated the key (another sink holds a secret of it, or
-        # the history says so), or when the reset that produced the current generation was
-        # rotator's (its answer is still replayable: Redis may have lost all).
-        recent = key.last_reset_at is not None and self.clock() - key.last_reset_at < REPLAY_LOOKBACK_S
+                found.append(Drift(key, name, f"stored rotation is from {utc_iso(stored.key_reset_at)}, "
+                                              f"key was reset at {utc_iso(key.born_at)}"))
+        certain = [d for d in found if d.certain]
+        if not empty and len(certain) == len(found):
+            return found
+        # Whether rotator manages this key at all: a sink holds a secret of it, the history says
+        # so, or the reset that produced the current generation was rotator's (its answer is still
+        # replayable: Redis may have lost all). Only then are empty or unreadable sinks drift.
         last = self.state.last_rotation(key.ref)
-        stored_before = last is not None and last.get("status") in ("succeeded", "recovered")
-        if empty and (found or current or stored_before or (recent and self._replay_lost(key) is not None)):
-            found.extend(Drift(key, name, "no secret stored") for name in empty)
-        return found
+        managed = bool(certain) or current or (last is not None and last.get("status") in ("succeeded", "recovered"))
+        lookup = _Lookup()
+        recent = key.last_reset_at is not None and self.clock() - key.last_reset_at < REPLAY_LOOKBACK_S
+        if not managed and recent:
+            lookup = self._replay_lost(key)
+            managed = lookup.found is not None
+        if managed:
+            return found + [Drift(key, name, "no secret stored") for name in empty]
+        if lookup.unknown:
+            return found + [Drift(key, name, f"maybe no secret stored: {lookup.unknown}", certain=False)
+                            for name in empty]
+        return []
 
-    def _replay_lost(self, key: ApiKey) -> tuple[IssuedKey, str] | None:
+    def _replay_lost(self, key: ApiKey) -> _Lookup:
         """The stored answer of the reset that produced the key's current generation, found from
-        what the sinks say the previous generation was (or the key's creation), or None."""
+        what the sinks say the previous generation was (or the key's creation); `unknown` says why
+        it could not be told (a replay failed), which is never read as "not there"."""
         candidates = {Generation(key.created_at, key.created_at)}
         for sink in self.sinks:
             try:
@@ -592,18 +637,23 @@ class Engine:
             if stored is not None and stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
                 candidates.add(Generation(key.created_at, stored.key_reset_at))
         if key.last_reset_at is None:
-            return None
+            return _Lookup()
+        unknown = ""
         for previous in sorted(candidates, reverse=True):
             for epoch in range(MAX_EPOCHS):
                 ik = idempotency_key(self._ik_mac, key.ref, previous, epoch)
                 answer = self.keyservice.replay(key.client_id, key.key_id, ik)
                 if answer.kind is Replay.ANSWER and answer.issued is not None:
                     if answer.issued.key.generation == key.generation:
-                        return answer.issued, ik
+                        return _Lookup((answer.issued, ik))
                     break
+                if answer.kind is Replay.UNKNOWN:
+                    unknown = answer.reason or "a replay failed"
                 if answer.kind is not Replay.REFUSED:
                     break
-        return None
+            else:
+                unknown = unknown or f"{MAX_EPOCHS} refused epochs in a row"
+        return _Lookup(unknown=unknown)
 
     # --- helpers -------------------------------------------------------------------------------
     def _begin(self, note: str, actor: str | None) -> None:

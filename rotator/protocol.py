@@ -15,9 +15,10 @@ drive it step by step. The rules:
    unparsable 200, or one naming another key: *in doubt*.
 4. **In doubt is settled by replay and the key's generation only.** A stored 200 is stored; a
    stored 4xx means not run. Nothing stored: wait until the horizon (the origin's request
-   deadline) has passed since the doubt began; then an unchanged generation means not run (the
-   same key is sent again, so even a later commit collapses onto it), a changed one means the
-   secret is lost (critical event, reset afresh from the new generation).
+   deadline) has passed since the doubt began; then an unchanged generation means not run, and the
+   same key is sent again at once (the record is never dropped on that verdict, so even a commit
+   later than the horizon, or a horizon cut short by a clock, collapses onto it); a changed one
+   means the secret is lost (critical event, reset afresh from the new generation).
 5. **The record ends only when every sink reads back the fingerprint** (or the token check proved
    the issued secret dead), when the service proved "not run", or when the secret is proved lost.
 6. **Fenced.** Every record write and delete checks the lease; a lost lease aborts before the next
@@ -79,13 +80,13 @@ TRANSITIONS: Final[dict[tuple[Phase, Step], Transition]] = {
     (P.IN_DOUBT, S.ANSWERED): Transition(P.STORING, "none: the sink writes come first"),
     (P.IN_DOUBT, S.REFUSED): Transition(P.IDLE, "advance the epoch, delete record"),
     (P.IN_DOUBT, S.NO_ANSWER): Transition(P.IN_DOUBT, "none: the record stays"),
-    (P.IN_DOUBT, S.NOT_RUN): Transition(P.IDLE, "delete record (the same key is sent next)"),
-    (P.IN_DOUBT, S.LOST): Transition(P.IDLE, "critical event, then delete record"),
+    (P.IN_DOUBT, S.NOT_RUN): Transition(P.RESETTING, "save record (the same idempotency key), send it again"),
+    (P.IN_DOUBT, S.LOST): Transition(P.IDLE, "critical event; the record stays until a fresh attempt's replaces it"),
     (P.STORING, S.STORED): Transition(P.DONE, "delete record (fenced), then history"),
     (P.STORING, S.NOT_STORED): Transition(P.STORING, "critical event, then save record (storing)"),
     (P.STORING, S.ANSWERED): Transition(P.STORING, "none: the sink writes come first"),
     (P.STORING, S.NO_ANSWER): Transition(P.STORING, "none: the record stays"),
-    (P.STORING, S.LOST): Transition(P.IDLE, "critical event, then delete record"),
+    (P.STORING, S.LOST): Transition(P.IDLE, "critical event; the record stays until a fresh attempt's replaces it"),
 }
 
 
@@ -121,6 +122,12 @@ def judge(phase: Phase, replaced: Generation | None, now: Generation, replay: Re
     if phase is not Phase.STORING and replaced is not None and now == replaced:
         return Step.NOT_RUN
     return Step.LOST  # it ran (an answer came once, or the generation moved) and nothing is left
+
+
+def public_name(idempotency_key: str) -> str:
+    """What sinks, tags and documents name an attempt by. The Idempotency-Key itself reads the
+    stored answer (the live secret) for 24 hours, so it stays in Redis and is never published."""
+    return "a2-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
 
 
 def idempotency_key(mac: bytes, ref: KeyRef, replaced: Generation, epoch: int) -> str:

@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,19 @@ class LeaseLostError(RotatorError):
 
 
 def owner_identity() -> str:
-    """`host:pid:start` of this process: lets a lease held by a dead process on this host be taken over."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+    """`host:pid:start:machine` of this process: lets a lease held by a dead process on this very
+    machine and PID namespace be taken over (containers may share a host name and pid numbers)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}:{_machine()}"
+
+
+def _machine() -> str:
+    """This boot of this kernel and this PID namespace; "?" where it cannot be told."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return "?"
+    return f"{boot}.{namespace}"
 
 
 def _start_ticks(pid: int) -> str:
@@ -80,8 +92,9 @@ def _start_ticks(pid: int) -> str:
 
 def _owner_is_dead(owner: str) -> bool:
     """True only when the owner provably ran on this host and that process is gone."""
-    host, pid_text, start, *_ = [*owner.split(":"), "", "", ""]
-    if host != socket.gethostname() or not pid_text.isdigit() or start in ("", "?"):
+    host, pid_text, start, machine, *_ = [*owner.split(":"), "", "", "", ""]
+    if (host != socket.gethostname() or not pid_text.isdigit() or start in ("", "?")
+            or machine in ("", "?") or machine != _machine()):
         return False
     return _start_ticks(int(pid_text)) != start  # gone, or the pid was reused by another process
 
@@ -92,21 +105,31 @@ class Lease:
     A failed extension marks it lost; `check()` then raises, so the holder stops before its next
     side effect (and every fenced write refuses anyway)."""
 
-    def __init__(self, client: redis.Redis, name: str, token: str, ttl_ms: int) -> None:
+    def __init__(self, client: redis.Redis, name: str, token: str, ttl_ms: int, taken_at: float) -> None:
         self._client = client
         self.name = name
         self.token = token
         self.ttl_ms = ttl_ms
         self._stop = threading.Event()
         self.lost = False
+        # Ours for sure until then (this host's monotonic clock, counted from before the last
+        # successful SET or extension): a pause longer than that means Redis may have expired it.
+        self._valid_until = taken_at + ttl_ms / 1000
 
     def extend(self) -> bool:
+        asked_at = time.monotonic()
         ok = bool(self._client.eval(_EXTEND, 1, self.name, self.token, self.ttl_ms))
-        if not ok:
+        if ok:
+            self._valid_until = asked_at + self.ttl_ms / 1000
+        else:
             self.lost = True
         return ok
 
     def check(self) -> None:
+        """Raise unless the lease is surely still ours: not reported lost, and its last extension
+        recent enough (with a tenth of the TTL to spare) that Redis cannot have expired it."""
+        if not self.lost and time.monotonic() > self._valid_until - self.ttl_ms / 10_000:
+            self.lost = True
         if self.lost:
             raise LeaseLostError(f"lease {self.name} was lost")
 
@@ -160,11 +183,13 @@ class RedisState:
         key = self._k("lock", name)
         token = f"{owner_identity()}:{secrets.token_hex(8)}"
         ttl_ms = int(ttl_s * 1000)
+        asked_at = time.monotonic()
         if self.client.set(key, token, nx=True, px=ttl_ms):
-            return Lease(self.client, key, token, ttl_ms)
+            return Lease(self.client, key, token, ttl_ms, asked_at)
         held = self.client.get(key)
+        asked_at = time.monotonic()
         if held and _owner_is_dead(str(held)) and self.client.eval(_TAKE_OVER, 1, key, held, token, ttl_ms):
-            return Lease(self.client, key, token, ttl_ms)
+            return Lease(self.client, key, token, ttl_ms, asked_at)
         return None
 
     def once(self, name: str, ttl_s: int) -> bool:

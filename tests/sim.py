@@ -93,6 +93,7 @@ class Sim:
         self.service = FakeKeyService(self)
         self.sinks = [FakeSink(self, "vault"), FakeSink(self, "aws")]
         self.events = CapturePublisher()
+        self.durable = False  # Redis loses nothing in this run
 
     # -- time and faults
     def log(self, text: str) -> None:
@@ -211,6 +212,7 @@ class FakeKeyService:
         self.stored: dict[str, tuple[float, str, int, IssuedKey | None]] = {}  # ik -> (date, key, status, answer)
         self.pending: set[str] = set()  # Idempotency-Keys whose call is running at the origin
         self.issued: dict[str, tuple[float, str, int, IssuedKey | None]] = {}
+        self.previous: dict[str, tuple[int | None, float]] = {}  # key -> (LastResetDate before, when)
         self.ledger: list[tuple[str, Generation, str]] = []  # (key id, generation replaced, ik)
         self.faulty = True
 
@@ -238,6 +240,11 @@ class FakeKeyService:
             raise TransientError("get: 503")
         if key_id not in self.keys:
             raise NotFoundError("no such key")
+        previous = self.previous.get(key_id)
+        if previous is not None and self.sim.now - previous[1] < 5.0 and self._p(0.3):  # a lagging replica
+            self.sim.log(f"ks STALE READ of {key_id}")
+            k = self.keys[key_id]
+            return ApiKey("sim", key_id, f"alias {key_id}", Environment.PRODUCTION, (), k.created_at, previous[0])
         return self._api_key(key_id)
 
     def _run_reset(self, key_id: str, ik: str, seen: Generation) -> IssuedKey:
@@ -250,6 +257,7 @@ class FakeKeyService:
                 raise RefusedError("stored refusal replayed", status=status)
             return answer
         key = self.keys[key_id]
+        self.previous[key_id] = (key.last_reset_at, self.sim.now)
         replaced = seen
         previous = key.last_reset_at if key.last_reset_at is not None else key.created_at
         key.last_reset_at = max(int(self.sim.now), previous + 1)
@@ -456,6 +464,7 @@ class FakeState:
         self.marks: set[str] = set()
         self.faulty = True
         self.may_lose = True
+        self.clock_offset = 0.0
         self._tokens = itertools.count()
         self.on_delete: Callable[[AttemptRecord], None] = lambda record: None
 
@@ -473,8 +482,8 @@ class FakeState:
             return True
         return False
 
-    def now(self) -> float:
-        return self.sim.now
+    def now(self) -> float:  # Redis TIME: may jump ahead of the world (an NTP step, a failover)
+        return self.sim.now + self.clock_offset
 
     def acquire(self, name: str, ttl_s: float) -> FakeLease | None:
         self.sim.point(f"redis acquire {name}")
@@ -550,8 +559,9 @@ def engine_for(sim: Sim, actor: str) -> Engine:
                   executor=INLINE, sleep=sim.sleep, monotonic=lambda: sim.now)
 
 
-def run_seed(seed: int) -> Sim:
-    """One schedule: keys, triggers and faults all drawn from `seed`; raises Violation on a broken invariant."""
+def run_seed(seed: int, *, durable: bool = False) -> Sim:
+    """One schedule: keys, triggers and faults all drawn from `seed`; raises Violation on a broken
+    invariant. `durable`: Redis loses nothing, so the mid-run invariant is checked in every run."""
     sim = Sim(seed)
     rng = sim.rng
     keys = [f"k{i}" for i in range(rng.randint(1, 3))]
@@ -583,15 +593,22 @@ def run_seed(seed: int) -> Sim:
     # expire), not both: with no record and no replay left, nothing can tell rotator's lost reset
     # from a stranger's. (Keep Redis persistent, or recovery running: docs/protocol.md.)
     world = rng.random()
-    if world < 0.15:
+    if world < 0.15 and not durable:
         sim.at(rng.uniform(0, 30), sim.state.restart_empty)
-    elif world < 0.20:
+    elif world < 0.20 and not durable:
         sim.state.may_lose = False
         sim.at(rng.uniform(0, 30), lambda: setattr(sim, "now", sim.now + 25 * 3600))  # a day passes
+    if durable or 0.20 <= world < 0.45:  # Redis keeps everything: every unstored live secret is covered mid-run
+        sim.state.may_lose = False
+        sim.durable = True
+    if rng.random() < 0.15:  # Redis's clock jumps ahead (cuts the in-doubt horizon short)
+        sim.at(rng.uniform(0, 30), lambda: setattr(sim.state, "clock_offset", rng.uniform(60, 600)))
     sim.run()
     for worker in sim.workers:
         if worker.error is not None:
             raise Violation(f"seed {seed}: {worker.name} raised {type(worker.error).__name__}: {worker.error}")
+    if sim.durable:
+        covered_or_alarmed(sim)
 
     # Heal everything, let the horizon pass, and let recovery finish what is left.
     sim.chaos = False
@@ -608,6 +625,22 @@ def run_seed(seed: int) -> Sim:
             break
     check(sim)
     return sim
+
+
+def covered_or_alarmed(sim: Sim) -> None:
+    """Before any repair: a live secret that is not in every sink has its attempt record (naming
+    the key that issued it), or a critical event was raised for its key."""
+    for key_id, key in sim.service.keys.items():
+        ref = KeyRef("sim", key_id)
+        if key.last_reset_at is None or all(s.holds(ref, key.secret) for s in sim.sinks):
+            continue
+        issuers = {ik for ik, (_, kid, status, answer) in sim.service.issued.items()
+                   if kid == key_id and status == 200 and answer is not None and answer.secret.reveal() == key.secret}
+        record = sim.state.records.get(ref)
+        alarmed = any(e.name == "rotation.secret_at_risk" and e.key_id == key_id for e in sim.events.events)
+        if not (record is not None and record.idempotency_key in issuers) and not alarmed:
+            raise Violation(f"seed {sim.seed}: the live secret of {key_id} is not in every sink, and neither its "
+                            "attempt record nor a critical event says so")
 
 
 def unstored(sim: Sim) -> list[str]:

@@ -122,7 +122,7 @@ def test_every_reset_answers_500_is_in_doubt_until_the_horizon_then_sent_again_w
     assert 100 - fault.times == 4  # a second trigger inside the horizon sends nothing
     emulator.clear_faults()
     time.sleep(0.6)
-    assert [r.status for r in engine.recover_all()] == ["succeeded"]
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
     assert [e.idempotency_key for e in emulator.ledger] == [record.idempotency_key]
     assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
     assert state.attempts() == [] and "rotation.secret_at_risk" not in events.names()
@@ -159,17 +159,21 @@ def test_crash_after_reset_before_store_is_recovered_by_replay(
     assert events.names() == ["rotation.recovered"] and state.attempts() == []
 
 
-def test_attempt_whose_reset_never_ran_is_cleared_after_the_horizon(
+def test_attempt_whose_reset_never_ran_is_sent_again_with_the_same_key_after_the_horizon(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
 ) -> None:
-    """A record with no reset behind it (a crash before the call) is in doubt until the horizon has
-    passed since it was found, then cleared; a key that is not due is not reset."""
-    engine, _ = make_engine(keyservice, state, [memory()], horizon_s=0.3)
-    plant(engine, state, KeyRef("acme", seeded["young"]), keyservice)
+    """A record with no reset behind it (a crash before the call, here of a forced rotation of a
+    young key) is in doubt until the horizon has passed since it was found; then the same
+    Idempotency-Key is sent again at once (the record is never dropped on that verdict), so a
+    commit later than the horizon would collapse onto it: one reset."""
+    sink = memory()
+    engine, _ = make_engine(keyservice, state, [sink], horizon_s=0.3)
+    record = plant(engine, state, KeyRef("acme", seeded["young"]), keyservice, trigger="manual")
     assert [r.status for r in engine.recover_all()] == ["in_doubt"]
     time.sleep(0.4)
-    assert [(r.status, r.reason) for r in engine.recover_all()] == [("skipped", "not due")]
-    assert emulator.ledger == [] and state.attempts() == []
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
+    assert [e.idempotency_key for e in emulator.ledger] == [record.idempotency_key]
+    assert holds_current(sink, emulator, "acme", seeded["young"], keyservice) and state.attempts() == []
 
 
 def test_replay_expired_resets_afresh_with_critical_event(
@@ -448,7 +452,7 @@ def test_a_reset_answer_naming_another_key_is_never_stored_under_it(
     assert sink.read_state(keyservice.get_key("acme", seeded["due"])) is None
     assert [a.key_id for a in state.attempts()] == [seeded["due"]]
     time.sleep(0.4)
-    assert [r.status for r in engine.recover_all()] == ["succeeded"]
+    assert [r.status for r in engine.recover_all()] == ["recovered"]  # the same key sent again
     assert len(emulator.ledger) == 1 and emulator.ledger[0].key_id == seeded["due"]
     assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
     assert "stolen-looking-secret" not in json.dumps([e.to_dict() for e in events.events])

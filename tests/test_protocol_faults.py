@@ -162,6 +162,46 @@ def test_4_a_worker_that_lost_its_lease_stops_before_its_reset(
     assert state.attempts() == []
 
 
+def test_4_a_worker_frozen_between_its_record_and_its_reset_does_not_reset(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, keys: dict[str, str]
+) -> None:
+    """The whole process freezes (heartbeat too) right after its fenced record write, past its
+    lease; another worker takes the key and finds the record in doubt. The first, thawed, finds
+    its lease no longer surely its own (its last extension is older than the TTL) and does not send
+    its reset; after the horizon the other sends that same key: one reset."""
+    from rotator.fingerprint import Fingerprinter
+
+    fp = Fingerprinter(FP_KEY)
+    sink = registry.build("memory", {}, fp)
+    real_save = state.save_attempt
+    frozen_once: list[bool] = []
+
+    def save_then_freeze(attempt: Any, lease: Any) -> None:
+        real_save(attempt, lease)
+        if threading.current_thread().name == "first" and not frozen_once:
+            frozen_once.append(True)
+            lease._stop.set()  # the heartbeat freezes with the process
+            time.sleep(1.3)  # past the 1 s lease: Redis expires it
+            results.append(other.rotate(KeyRef(CLIENT, keys["due1"]), trigger="manual"))
+
+    state.save_attempt = save_then_freeze  # type: ignore[method-assign]
+    other = Engine(keyservice, [sink], RedisState(state.client, state.ns), CapturePublisher(), fp, Policy(),
+                   lock_ttl_s=1.0, horizon_s=0.5)
+    results: list[Any] = []
+    engine = Engine(keyservice, [sink], state, CapturePublisher(), fp, Policy(), lock_ttl_s=1.0)
+    first = threading.Thread(target=lambda: results.append(engine.rotate(KeyRef(CLIENT, keys["due1"]),
+                                                                         trigger="schedule")), name="first")
+    first.start()
+    first.join(30)
+    second, frozen = results
+    assert second.status == "in_doubt", second.reason  # the first may have sent: nothing resets meanwhile
+    assert frozen.status == "busy" and "lost" in frozen.reason
+    assert emulator.ledger == []  # the thawed worker did not send its reset
+    time.sleep(0.6)
+    assert [r.status for r in other.recover_all()] == ["recovered"]  # the same key, sent once
+    assert reset_counts(emulator) == {keys["due1"]: 1}
+
+
 def test_4_fenced_writes_refuse_a_lost_lease_and_a_dead_owner_is_taken_over(
     state: RedisState, redis_server: str
 ) -> None:
@@ -332,3 +372,51 @@ def test_4_a_message_for_a_key_behind_a_live_lease_is_retried_not_dropped(
     holder.release()
     wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due1"]]), 30, "the retried rotation")
     assert reset_counts(emulator) == {keys["due1"]: 1}
+
+
+@pytest.mark.parametrize("rotated_before", [False, True], ids=["first-rotation", "rotated-before"])
+def test_7_a_failing_replay_is_never_read_as_nothing_to_replay(
+    cluster: Cluster, emulator: Emulator, keyservice: HttpKeyService, vault: VaultTestServer, keys: dict[str, str],
+    rotated_before: bool,
+) -> None:
+    """Redis lost, and the replay endpoint answers 503 for a while: the repair says the key is left
+    unrepaired (exit 1) and neither reports "0 drifted" nor resets afresh; once replay works, it
+    stores the same secret. Still one reset per rotation."""
+    key_id = keys["due1"]
+    if rotated_before:
+        assert rotate(cluster, key_id).returncode == 0
+        emulator.clock_offset_s = 5
+    vault.state.fail_data_writes = 1000
+    assert rotate(cluster, key_id, *(["--force"] if rotated_before else [])).returncode == 1
+    cluster.db.flushall()
+    vault.state.fail_data_writes = 0
+    resets = len(emulator.ledger)
+    emulator.add_fault(Fault(method="GET", path="/responses/", status=503, times=6))
+    code, report = repair(cluster)
+    assert code == 1 and report["drift"] and report["unrepaired"] >= 1, report
+    assert len(emulator.ledger) == resets
+    emulator.clear_faults()
+    code, report = repair(cluster)
+    assert code == 0 and "recovered" in statuses(report), report
+    assert len(emulator.ledger) == resets
+    assert settled(cluster, emulator, keyservice, [key_id])
+
+
+def test_5_an_unreadable_sink_does_not_hide_the_drift_of_the_others(
+    cluster: Cluster, emulator: Emulator, keyservice: HttpKeyService, vault: VaultTestServer, keys: dict[str, str]
+) -> None:
+    """A key reset outside rotator leaves both sinks stale; with Vault unreadable, reconcile still
+    reports the file sink's drift and Vault as unknown, exits 1, and --repair resets nothing."""
+    key_id = keys["due1"]
+    assert rotate(cluster, key_id).returncode == 0
+    emulator.clock_offset_s = 5
+    keyservice.reset_key(CLIENT, key_id, "outside-reset-0000001")
+    vault.state.sealed = True
+    result = cluster.cli("reconcile", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 1
+    reasons = {d["sink"].split(":")[0]: d["reason"] for d in report["drift"]}
+    assert "stored rotation is from" in reasons["file"] and "unreadable" in reasons["vault"]
+    resets = len(emulator.ledger)
+    code, report = repair(cluster)
+    assert code == 1 and len(emulator.ledger) == resets

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from rotator import logs, protocol
+from rotator.engine import Engine
 from tests import sim
 
 SEEDS = int(os.environ.get("ROTATOR_SIM_SEEDS", "10000"))
@@ -38,10 +40,10 @@ def test_thousands_of_adversarial_schedules_keep_every_invariant() -> None:
     assert resets > SEEDS // 2 and in_doubt > SEEDS // 20  # the schedules did reset, and did get in doubt
 
 
-def first_violation(seeds: int, containing: str = "") -> str | None:
+def first_violation(seeds: int, containing: str = "", durable: bool = False) -> str | None:
     for seed in range(seeds):
         try:
-            sim.run_seed(seed)
+            sim.run_seed(seed, durable=durable)
         except sim.Violation as exc:
             if containing in str(exc):
                 return str(exc)
@@ -49,11 +51,21 @@ def first_violation(seeds: int, containing: str = "") -> str | None:
 
 
 def test_it_catches_an_in_doubt_reset_read_as_never_ran(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first engine's bug: "no stored answer yet" read as "did not run" (no horizon)."""
+    """The first engine's bug: "no stored answer yet" read as "did not run" (no horizon), and the
+    record cleared instead of the same key being sent again."""
     real = protocol.judge
     monkeypatch.setattr("rotator.engine.judge", lambda phase, replaced, now, replay, answered, waited, horizon:
                         real(phase, replaced, now, replay, answered, waited, 0.0))
-    assert first_violation(2000) is not None
+
+    def clear(self: Any, key: Any, record: Any, lease: Any, success_event: str) -> Any:
+        self.state.delete_attempt(record, lease)
+        return self._skipped(key, record.trigger, "the reset never ran; record cleared")
+
+    settle = Engine._settle
+    monkeypatch.setattr(Engine, "_resend", clear)
+    monkeypatch.setattr(Engine, "_settle", lambda self, record, lease, why="", success_event="rotation.recovered",
+                        resend=True: settle(self, record, lease, why, success_event, True))
+    assert first_violation(2000, "not in every sink", durable=True) is not None
 
 
 def test_it_catches_a_fresh_idempotency_key_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
