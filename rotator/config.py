@@ -44,10 +44,12 @@ EVENTS = (
     "rotation.succeeded",
     "rotation.failed",
     "rotation.secret_at_risk",
+    "rotation.in_doubt",
     "rotation.recovered",
     "key.due_soon",
     "key.overdue",
     "drift.detected",
+    "keyservice.protocol_error",
 )
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -181,6 +183,10 @@ class EngineConfig(Section):
         300.0, gt=0, description="Keep retrying transient sink failures this long before at-risk."
     )
     verify: bool = Field(True, description="Check the new secret with the key service's token call.")
+    in_doubt_horizon_s: float = Field(
+        90.0, ge=60, description=("A reset with no conclusive answer stays in doubt this long (the key service's own "
+                                  "request deadline, 60 s in the contract, plus time in flight) before an unchanged "
+                                  "key counts as not run and the same Idempotency-Key is sent again."))
     fingerprint_key_env: EnvName | None = Field(
         "ROTATOR_FINGERPRINT_KEY", description="Variable holding the fingerprint HMAC key."
     )
@@ -318,8 +324,9 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     longest = longest_rotation_s(s)
     if s.celery.visibility_timeout_s <= longest:
         problems.append(ConfigProblem(source, "celery.visibility_timeout_s", (
-            f"must be longer than the longest rotation (about {longest:.0f}s: engine.sink_retry_s plus "
-            "the key-service calls), or a running rotation is delivered twice")))
+            f"must be longer than the longest rotation (about {longest:.0f}s: recovering an earlier attempt "
+            "and a fresh one, each engine.sink_retry_s plus the key-service calls with their retries), "
+            "or a running rotation is delivered twice")))
     for index, sink in enumerate(s.sinks):
         for key, reason in registry.check(sink.kind, sink.options, env):
             problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))
@@ -380,10 +387,14 @@ def _apprise_understands(url: str) -> bool:
 
 
 def longest_rotation_s(s: Settings) -> float:
-    """An upper bound of one rotation: three key-service calls with every retry, plus the sink bound."""
+    """An upper bound of one `rotate_key` task: settling an earlier attempt (read, replay, store with
+    the sink bound, verify) and then a fresh one (read, reset, store, verify), every key-service call
+    with all its retries."""
     ks = s.keyservice
-    calls = 3 * ks.max_attempts * (ks.timeout_s + ks.retry_max_wait_s)
-    return calls + s.engine.sink_retry_s
+    call = ks.max_attempts * (ks.timeout_s + ks.retry_max_wait_s)
+    recovery = 3 * call + s.engine.sink_retry_s
+    fresh = 3 * call + s.engine.sink_retry_s
+    return recovery + fresh
 
 
 def read_credential(env_name: str | None, file: Path | None, what: str) -> str:
