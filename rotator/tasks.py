@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery, signals
+from celery.exceptions import Ignore, Reject, Retry
 
 from rotator import logs
 from rotator.alerts.dispatch import already_sent, event_from_dict, mark_sent, routes
@@ -18,6 +21,33 @@ from rotator.errors import RotatorError, TransientError
 from rotator.events import LogPublisher
 from rotator.protocols import Event
 from rotator.scan import scan as scan_keys
+
+T = TypeVar("T")
+
+
+class TaskFailed(RotatorError):
+    """What a failed task is stored and logged as: the error's class and, for rotator's own errors
+    (built without secrets), their message; never the text of any other exception, which may carry
+    a value a peer sent (a secret included)."""
+
+
+def contained(task: Callable[..., T]) -> Callable[..., T]:
+    """The one boundary between task code and Celery's result backend and logs."""
+
+    @functools.wraps(task)
+    def run(*args: Any, **kwargs: Any) -> T:
+        try:
+            return task(*args, **kwargs)
+        except (Retry, Ignore, Reject):
+            raise
+        except RotatorError as exc:
+            failure = TaskFailed(f"{type(exc).__name__}: {str(exc)[:500]}")
+        except Exception as exc:
+            failure = TaskFailed(f"{type(exc).__name__} (its message is withheld: it may carry a secret)")
+        raise failure  # outside the handler: no chained original in the stored traceback
+
+    return run
+
 
 app = Celery("rotator")
 app.config_from_object("rotator.celeryconf")
@@ -54,6 +84,7 @@ def engine() -> Engine:
 
 
 @app.task(name="rotator.rotate_key", bind=True, acks_late=True, max_retries=30)
+@contained
 def rotate_key(self: Any, client_id: str, key_id: str, trigger: str = "manual", generation: Any = None,
                force: bool = False, reason: str = "", actor: str = "") -> dict[str, Any]:
     """`generation` is the key's generation the trigger saw: a redelivered or duplicate message for
@@ -69,6 +100,7 @@ def rotate_key(self: Any, client_id: str, key_id: str, trigger: str = "manual", 
 
 
 @app.task(name="rotator.scan")
+@contained
 def scan() -> dict[str, Any]:
     """On the beat: one rotate_key per due key; claimed once per interval however many beats fire."""
     s = settings()
@@ -97,6 +129,7 @@ def scan() -> dict[str, Any]:
 
 
 @app.task(name="rotator.recover", bind=True, max_retries=20)
+@contained
 def recover(self: Any) -> list[dict[str, Any]]:
     """Settle left-over attempts. One still leased (by a worker killed a moment ago, say) is tried
     again once that lease can have expired; one still in doubt, once its horizon can have passed."""
@@ -110,18 +143,21 @@ def recover(self: Any) -> list[dict[str, Any]]:
 
 
 @app.task(name="rotator.reconcile")
+@contained
 def reconcile() -> list[dict[str, str]]:
     return [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
             for d in engine().drift()]
 
 
 @app.task(name="rotator.warn_due_soon")
+@contained
 def warn_due_soon() -> dict[str, int]:
     """Daily: `key.due_soon` inside the warning period, `key.overdue` for keys past due."""
     return engine().warn(time.time())
 
 
 @app.task(name="rotator.notify", bind=True, max_retries=10, acks_late=True)
+@contained
 def notify(self: Any, route_index: int, event: dict[str, Any]) -> str:
     """Deliver one event to one channel; retried with back-off while the receiver is down."""
     route = routes(settings())[route_index]
