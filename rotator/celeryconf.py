@@ -13,8 +13,8 @@ from rotator.safety import private_state_dir
 _settings = load_settings()
 _c = _settings.celery
 
-broker_url = str(_c.broker_url)
-result_backend = str(_c.result_backend) if _c.result_backend else None
+broker_url = _c.broker()
+result_backend = _c.backend()
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]

@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
     AnyUrl,
@@ -155,6 +156,12 @@ class StateConfig(Section):
     namespace: str = Field("rotator", pattern=r"^[A-Za-z0-9_.:-]+$", description="Key prefix.")
     lock_ttl_s: int = Field(60, ge=5, description="Lease of a per-key lock; renewed while working.")
     history_max: int = Field(1000, ge=10, description="Entries kept in the audit history.")
+    password_env: EnvName | None = Field(None, description="Variable holding Redis's password (not in the URL).")
+    password_file: Path | None = Field(None, description="File holding Redis's password.")
+
+    def url(self) -> str:
+        """`redis_url` with the password from `password_env`/`password_file` (never print it)."""
+        return url_with_password(str(self.redis_url), self.password_env, self.password_file)
 
     @field_validator("redis_url")
     @classmethod
@@ -167,6 +174,18 @@ class StateConfig(Section):
 class CeleryConfig(Section):
     broker_url: AnyUrl = Field(AnyUrl("redis://127.0.0.1:6379/1"), description="Celery broker.")
     result_backend: AnyUrl | None = Field(None, description="Optional result backend.")
+    password_env: EnvName | None = Field(
+        None, description="Variable holding the broker's (and a Redis result backend's) password.")
+    password_file: Path | None = Field(None, description="File holding that password.")
+
+    def broker(self) -> str:
+        """`broker_url` with the password from `password_env`/`password_file` (never print it)."""
+        return url_with_password(str(self.broker_url), self.password_env, self.password_file)
+
+    def backend(self) -> str | None:
+        if self.result_backend is None:
+            return None
+        return url_with_password(str(self.result_backend), self.password_env, self.password_file)
     scan_every_s: int = Field(3600, ge=1, description="Beat: seconds between scans.")
     recover_every_s: int = Field(300, ge=1, description="Beat: seconds between recovery sweeps.")
     reconcile_every_s: int = Field(86_400, ge=60, description="Beat: seconds between reconciles.")
@@ -319,6 +338,9 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         seed = str(s.keyservice.seed)
         problems.append(ConfigProblem(source, "keyservice.seed", f"seed file {seed!r} does not exist"))
     need("engine.fingerprint_key_env", s.engine.fingerprint_key_env, s.engine.fingerprint_key_file, "fingerprint key")
+    for section, config in (("state", s.state), ("celery", s.celery)):
+        if config.password_env is not None or config.password_file is not None:
+            need(f"{section}.password_env", config.password_env, config.password_file, "password")
     if not s.sinks:
         problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
     longest = longest_rotation_s(s)
@@ -355,7 +377,9 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
         ("keyservice.url", s.keyservice.url), ("state.redis_url", s.state.redis_url),
         ("celery.broker_url", s.celery.broker_url), ("celery.result_backend", s.celery.result_backend)]
     names: list[tuple[str, object]] = [("keyservice.token_env", s.keyservice.token_env),
-                                       ("engine.fingerprint_key_env", s.engine.fingerprint_key_env)]
+                                       ("engine.fingerprint_key_env", s.engine.fingerprint_key_env),
+                                       ("state.password_env", s.state.password_env),
+                                       ("celery.password_env", s.celery.password_env)]
     for index, sink in enumerate(s.sinks):
         for name, value in sink.options.items():
             if name.endswith("url"):
@@ -370,8 +394,8 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
         if url is not None and url_has_credentials(url):
             warnings.append(ConfigProblem(source, key, (
                 f"the URL carries credentials ({redact_url(url)}): they show in process listings, shell "
-                "history and anything that prints the URL; prefer a *_env or *_file key where there is one, "
-                "and keep this file readable by its owner only")))
+                "history and anything that prints the URL; prefer a *_env or *_file key (state and celery "
+                "have password_env/password_file), and keep this file readable by its owner only")))
     for key, env_name in names:
         if isinstance(env_name, str) and looks_like_secret(env_name):
             warnings.append(ConfigProblem(source, key, (
@@ -395,6 +419,18 @@ def longest_rotation_s(s: Settings) -> float:
     recovery = 3 * call + s.engine.sink_retry_s
     fresh = 3 * call + s.engine.sink_retry_s
     return recovery + fresh
+
+
+def url_with_password(url: str, env_name: str | None, file: Path | None) -> str:
+    """A redis:// or amqp:// URL with the password named by `env_name`/`file` put in (percent-encoded);
+    the URL unchanged when neither is given."""
+    if env_name is None and file is None:
+        return url
+    password = quote(read_credential(env_name, file, "password"), safe="")
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{password}@{host}"))
 
 
 def read_credential(env_name: str | None, file: Path | None, what: str) -> str:

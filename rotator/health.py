@@ -23,11 +23,12 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
         yield f"keyservice {settings.keyservice.kind}", None
     except RotatorError as exc:
         yield f"keyservice {settings.keyservice.kind}", str(exc)
-    for name, url in (("state redis", settings.state.redis_url), ("celery broker", settings.celery.broker_url)):
+    for name, url, full in (("state redis", settings.state.redis_url, settings.state.url),
+                            ("celery broker", settings.celery.broker_url, settings.celery.broker)):
         if url.scheme not in ("redis", "rediss", "unix"):
             continue
         try:
-            redis.Redis.from_url(str(url), socket_timeout=3, socket_connect_timeout=3).ping()
+            redis.Redis.from_url(full(), socket_timeout=3, socket_connect_timeout=3).ping()
             yield name, None
         except redis.RedisError as exc:
             yield name, type(exc).__name__ + ": " + str(exc).split(" ")[0]

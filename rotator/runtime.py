@@ -28,7 +28,7 @@ def build_sinks(settings: Settings, fingerprint: Fingerprinter | None = None) ->
 
 
 def build_state(settings: Settings) -> RedisState:
-    return RedisState.from_url(str(settings.state.redis_url), settings.state.namespace, settings.state.history_max)
+    return RedisState.from_url(settings.state.url(), settings.state.namespace, settings.state.history_max)
 
 
 def build_engine(settings: Settings, publisher: EventPublisher | None = None, actor: str | None = None) -> Engine:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -128,3 +129,41 @@ def test_config_path_from_environment(tmp_path: Path, file_key: None, env: pytes
     """Without --config the path comes from $ROTATOR_CONFIG."""
     env.setenv("ROTATOR_CONFIG", str(write(tmp_path, VALID)))
     assert load_settings().policy.window == "Mon-Fri 09:00-17:00 Europe/Paris"
+
+
+def test_redis_and_broker_passwords_come_from_env_or_file_never_the_url(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[state]` and `[celery]` take `password_env`/`password_file`: the URLs stay password-free, the
+    real Redis (requirepass) and the broker connection work, and a missing variable is a config
+    problem naming the key, without the value."""
+    import redis
+    from kombu import Connection
+
+    from rotator.config import settings_from_mapping
+    from rotator.embedded import PrivateRedis
+    from rotator.errors import ConfigError
+    from rotator.runtime import build_state
+
+    password = "pw with/odd:chars@and%"
+    with PrivateRedis() as server:
+        redis.Redis.from_url(server.url).config_set("requirepass", password)
+        (tmp_path / "broker-pw").write_text(password + "\n")
+        monkeypatch.setenv("REDIS_PW", password)
+        monkeypatch.setenv("ROTATOR_KEYSERVICE_TOKEN", "x")
+        monkeypatch.setenv("ROTATOR_FINGERPRINT_KEY", "f" * 20)
+        data = {"state": {"redis_url": server.url + "/0", "password_env": "REDIS_PW"},
+                "celery": {"broker_url": server.url + "/1", "password_file": str(tmp_path / "broker-pw")},
+                "sinks": [{"kind": "memory"}]}
+        settings = settings_from_mapping(data)
+        assert password not in str(settings.state.redis_url) + str(settings.celery.broker_url)
+        assert build_state(settings).client.ping()
+        with Connection(settings.celery.broker(), connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(str(settings.state.redis_url)).ping()
+        monkeypatch.delenv("REDIS_PW")
+        with pytest.raises(ConfigError) as info:
+            settings_from_mapping(data)
+        assert [p.key for p in info.value.problems] == ["state.password_env"]
+        assert password not in str(info.value)
