@@ -34,7 +34,11 @@ timezone = "UTC"
 enable_utc = True
 # Beat's schedule is a shelve (pickle): whoever can write it runs code in beat. It lives in a private
 # directory (0700, $XDG_STATE_HOME/rotator or ~/.local/state/rotator), never the shared temp dir.
-beat_schedule_filename = str(private_state_dir() / f"beat-schedule-{_settings.state.namespace}")
+try:
+    beat_schedule_filename = str(private_state_dir() / f"beat-schedule-{_settings.state.namespace}")
+except OSError as _exc:  # only beat needs it: workers start anyway, and `rotator beat` says why it cannot
+    beat_schedule_filename = ""
+    beat_schedule_problem = f"{type(_exc).__name__}: {_exc}"
 beat_schedule = {
     "scan": {"task": "rotator.scan", "schedule": float(_c.scan_every_s)},
     "recover": {"task": "rotator.recover", "schedule": float(_c.recover_every_s)},

@@ -370,7 +370,17 @@ def run(config: ConfigOption = None,
         loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
     """A Celery worker with beat on the configured broker (one machine). Ctrl-C stops all of it."""
     settings = _use_config(config)
+    _need_beat_schedule()
     _celery(["worker", "--beat", "--loglevel", loglevel, "--concurrency", str(settings.celery.concurrency)])
+
+
+def _need_beat_schedule() -> None:
+    """Beat keeps its schedule (a pickle) in a private directory; say so clearly when there is none."""
+    from rotator import celeryconf
+
+    if not celeryconf.beat_schedule_filename:
+        fail(f"no private state directory for beat's schedule ({getattr(celeryconf, 'beat_schedule_problem', '')});"
+             " set XDG_STATE_HOME to a directory only this user can write, or pass --schedule to beat", 2)
 
 
 @app.command()
@@ -400,6 +410,8 @@ def beat(config: ConfigOption = None,
         problem = private_dir_problem(schedule.resolve().parent)
         if problem is not None:  # the schedule is a pickle: whoever writes it runs code in beat
             fail(f"the directory of --schedule {schedule} {problem}", 2)
+    else:
+        _need_beat_schedule()
     _celery(["beat", "--loglevel", loglevel, *(["--schedule", str(schedule)] if schedule else [])])
 
 

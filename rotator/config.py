@@ -36,6 +36,7 @@ from rotator.safety import (
     excerpt,
     looks_like_secret,
     redact_url,
+    shown_path,
     url_has_credentials,
     variable_named,
 )
@@ -326,7 +327,7 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         if file is not None:
             if not file.is_file():
                 file_key = key.replace("_env", "_file")
-                problems.append(ConfigProblem(source, file_key, f"{what} file {str(file)!r} does not exist"))
+                problems.append(ConfigProblem(source, file_key, f"{what}: {shown_path(file)} does not exist"))
         elif env_name is None:
             problems.append(ConfigProblem(source, key, f"{what}: name an environment variable or a file"))
         elif not env.get(env_name):

@@ -263,23 +263,24 @@ class Engine:
         if not force and not is_due(key, self.clock(), self.policy):
             return self._skipped(key, trigger, "not due")
         if not force and self._rotated_already(key):
-            return self._skipped(key, trigger, "rotated by rotator, but the key service still shows the old reset "
-                                               "date (a protocol error of the key service); not reset again")
+            why = ("rotated by rotator, but the key service still shows the reset date it replaced (a protocol "
+                   "error of the key service); the key's age counts from that rotation, so it is not reset again")
+            self.emit("keyservice.protocol_error", key, None, why)
+            return self._skipped(key, trigger, why)
         if trigger == "schedule" and self.window is not None and not self.window.contains(
                 datetime.fromtimestamp(self.clock(), UTC)):
             return self._skipped(key, trigger, "outside the rotation window")
         return self._reset(key, lease, trigger)
 
     def _rotated_already(self, key: ApiKey) -> bool:
-        """A verified rotation of this very generation stands in the history: the key service did
-        not move the key's dates. Its age then counts from that rotation, so no reset loop."""
-        last = self.state.last_rotation(key.ref)
-        if not last or last.get("generation") != str(key.generation) or last.get("status") not in OK_STATUSES:
+        """rotator stored a rotation that replaced this very generation, and the key service still
+        shows it: its dates did not move. The key's age then counts from that rotation (kept in a
+        slot of its own, which later failures do not overwrite), so there is no reset loop."""
+        slot = self.state.stored_rotation(key.ref)
+        if not slot or slot.get("replaced") != str(key.generation):
             return False
-        stored = last.get("sinks") or {}
-        when = last.get("time")
-        return (bool(stored) and all(v == "ok" for v in stored.values()) and isinstance(when, int | float)
-                and self.clock() - when < self.policy.max_age_days * 86_400)
+        when = slot.get("time")
+        return isinstance(when, int | float) and self.clock() - when < self.policy.max_age_days * 86_400
 
     def _recover_locked(self, ref: KeyRef, lease: Any) -> RotationResult:
         pending = self.state.get_attempt(ref)
@@ -488,6 +489,8 @@ class Engine:
             problems.append("the key service changed the key's alias or scopes on reset")
         stale_dates = bool(record.generation) and not issued.key.generation > Generation.parse(record.generation)
         advance(Phase.STORING, Step.STORED)
+        if record.generation:
+            self.state.mark_stored_rotation(record.ref, record.generation, self.clock())
         self.state.delete_attempt(record, lease)
         status = "recovered" if success_event == "rotation.recovered" else "succeeded"
         if problems:

@@ -21,11 +21,17 @@ from urllib.parse import urlsplit, urlunsplit
 ID_RE: Final = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.-]{1,128}")
 ID_RULE: Final = "1 to 128 characters of A-Z a-z 0-9 _ . - (not '.' or '..')"
 #: Free text (aliases, names): no C0/C1 controls, DEL, line separators, bidi overrides, surrogates.
-UNSAFE_TEXT_RE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# Control characters, line and paragraph separators, bidi controls, invisible format characters
+# (zero-width space and joiner-less marks, BOM, word joiner, soft hyphen; the emoji ZWJ is kept) and
+# lone surrogates.
+_INVISIBLE: Final = "\u00ad\u061c\u200b\u200c\u200e\u200f\u2060-\u2064\ufeff"
+UNSAFE_TEXT_RE: Final = re.compile(
+    f"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069{_INVISIBLE}\ud800-\udfff]")
 MAX_ALIAS_LEN: Final = 200
 EXCERPT_LEN: Final = 40
 ENV_NAME_RE: Final = re.compile(r"[A-Z_][A-Z0-9_]*")
-_TERMINAL_UNSAFE_RE: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_TERMINAL_UNSAFE_RE: Final = re.compile(
+    f"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069{_INVISIBLE}]")
 _JSON_TYPES: Final = {dict: "an object", list: "an array", bool: "a boolean", type(None): "null",
                       float: "a number", int: "an integer", str: "a string"}
 
@@ -166,3 +172,14 @@ def private_state_dir(environ: Any = None) -> Path:
     if problem is not None:
         raise PermissionError(f"state directory {directory} {problem}")
     return directory
+
+
+def shown_path(path: Path) -> str:
+    """A credential file's path for a message: shown when it looks like a path (a directory part,
+    or a short plain file name), withheld when it may be a credential pasted where a file belongs."""
+    text = str(path)
+    plain_name = (len(text) <= 32 and _entropy(text) < 3.6
+                  and re.fullmatch(r"[A-Za-z][A-Za-z_-]*(\.[A-Za-z]{1,8})?", text) is not None)
+    if ("/" in text and not any(len(part) >= 20 for part in text.split("/"))) or plain_name:
+        return f"the file {excerpt(text)}"
+    return "the file named there (not shown: it does not look like a path, it may be a pasted credential)"

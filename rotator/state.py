@@ -267,6 +267,13 @@ class RedisState:
                 pipe.hincrbyfloat(self._k("metrics", "duration"), "sum", float(seconds))
         pipe.execute()
 
+    def mark_stored_rotation(self, ref: KeyRef, replaced: str, when: float) -> None:
+        self.client.set(self._k("stored", str(ref)), json.dumps({"replaced": replaced, "time": when}))
+
+    def stored_rotation(self, ref: KeyRef) -> dict[str, Any] | None:
+        raw = self.client.get(self._k("stored", str(ref)))
+        return json.loads(raw) if raw else None
+
     def metrics(self) -> dict[str, Any]:
         """Shared counters every worker process adds to (so a scrape sees all of them)."""
         pipe = self.client.pipeline()

@@ -146,6 +146,10 @@ CASES = [
     Case("reset_no_secret", 0, 1, 1, False, "no Secret"),
     Case("reset_surrogate_secret", 0, 1, 1, False, "not printable UTF-8"),
     Case("reset_secret_in_environment", 0, 1, 1, False, "'Environment' must be"),
+    Case("reset_secret_in_alias", 0, 1, 1, False, "repeats its Secret"),
+    Case("replay_secret_in_alias", 0, 1, 1, False, "repeats its Secret"),
+    Case("double_gzip_listing", 1, 1, 0, False, "Content-Encoding is not one of gzip or deflate"),
+    Case("pages_alternating", 1, 1, 0, False, "twice"),
     Case("dates_in_ms", 1, 1, 0, False, "'LastResetDate' is not a date"),
     Case("dates_huge", 1, 1, 0, False, "'LastResetDate' is not a date"),
     Case("alias_markup", 0, 0, 1, True),
@@ -202,3 +206,22 @@ def test_enqueue_with_a_listing_that_never_ends_sends_a_bounded_number_of_tasks(
         assert broker.llen("rotator") <= 2
         assert w.service.resets == []
     broker.flushdb()
+
+
+def test_a_key_service_that_keeps_showing_the_old_reset_date_gets_no_reset_loop(
+    tmp_path: Path, redis_server: str
+) -> None:
+    """The reset answers with a new LastResetDate, but gets and listings keep the old one, so the key
+    stays "due": the next runs raise keyservice.protocol_error and reset nothing, even after a failed
+    run in between (the verified rotation has its own slot, not the last history entry)."""
+    for w in world(tmp_path, redis_server, "get_keeps_old_dates"):
+        first = w.cli("rotate", "--all-due", "--apply")
+        assert first.code == 0, first.err[-2000:]
+        assert w.service.resets == ["key_due"]
+        second = w.cli("rotate", "--all-due", "--apply")
+        assert second.code == 0 and "protocol error" in second.out + second.err
+        forced_fail = w.cli("rotate", "--client-id", "acme", "--key-id", "nope_key", "--apply")
+        assert forced_fail.code == 1
+        third = w.cli("rotate", "--all-due", "--apply")
+        assert third.code == 0 and "keyservice.protocol_error" in third.err
+        assert w.service.resets == ["key_due"]

@@ -47,6 +47,7 @@ from rotator.errors import (
 from rotator.safety import ID_RE, ID_RULE, MAX_ALIAS_LEN, UNSAFE_TEXT_RE, excerpt, text_problem
 
 API = "/v2.01"
+_CODINGS = frozenset({"", "identity", "gzip", "deflate"})
 MAX_SECRET_LEN = 4096
 MAX_BODY_BYTES: Final = 1 << 20  # one answer (one page), after decompression
 MAX_ERROR_BODY_BYTES: Final = 64 << 10  # an error answer: only its Type and Message are read
@@ -160,7 +161,7 @@ class HttpKeyService:
     ) -> None:
         self._client = httpx.Client(
             base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport or _DeadlineTransport(),
-            headers={"Accept": "application/json", "User-Agent": "rotator"},
+            headers={"Accept": "application/json", "Accept-Encoding": "gzip, deflate", "User-Agent": "rotator"},
         )
         self._auth = _Bearer(token)
         self._timeout_s = timeout_s
@@ -191,6 +192,7 @@ class HttpKeyService:
     def list_clients(self) -> Iterator[ClientInfo]:
         path = f"{API}/clients"
         where = f"GET {path}"
+        seen: set[str] = set()
         for row in self._pages(path):
             if not isinstance(row, dict):
                 raise ProtocolError(f"{where}: a client must be a JSON object")
@@ -198,16 +200,25 @@ class HttpKeyService:
             problem = text_problem(name)
             if problem is not None:
                 raise ProtocolError(f"{where}: field 'Name' {problem}")
-            yield ClientInfo(_id(row, "ClientId", where, echo=True), str(name), _env(row, where))
+            client = ClientInfo(_id(row, "ClientId", where, echo=True), str(name), _env(row, where))
+            if client.client_id in seen:
+                raise ProtocolError(f"{where}: the listing names Client ID {excerpt(client.client_id)} twice")
+            seen.add(client.client_id)
+            yield client
 
     def list_keys(self, client_id: str) -> Iterator[ApiKey]:
         path = _path("GET", "{ClientId}/apikeys", ("client id", client_id), "apikeys")
         where = f"GET {path}"
+        seen: set[str] = set()  # a listing that repeats a key (in any order) would fan out endlessly
+        latest = self._latest()
         for row in self._pages(path):
-            key = parse_key(row, where, latest=self._latest())
+            key = parse_key(row, where, latest=latest)
             if key.client_id != client_id:
                 raise ProtocolError(f"{where}: a listed key names another Client ID "
                                     f"({excerpt(key.client_id)})")
+            if key.key_id in seen:
+                raise ProtocolError(f"{where}: the listing names key {excerpt(key.key_id)} twice")
+            seen.add(key.key_id)
             yield key
 
     def get_key(self, client_id: str, key_id: str) -> ApiKey:
@@ -387,6 +398,10 @@ class HttpKeyService:
             request = self._client.build_request(method, path, **kwargs)
             response = self._client.send(request, auth=auth, stream=True)
             try:
+                codings = [c.strip().lower() for c in response.headers.get("Content-Encoding", "").split(",")]
+                if len([c for c in codings if c not in ("", "identity")]) > 1 or not set(codings) <= _CODINGS:
+                    # Each layer multiplies what one network read expands to before the cap sees it.
+                    raise ProtocolError(f"{where}: the answer's Content-Encoding is not one of gzip or deflate")
                 wanted = response.status_code in expect
                 limit = self.max_body_bytes if wanted else MAX_ERROR_BODY_BYTES
                 body, truncated = _read_capped(response, limit, deadline)
@@ -615,7 +630,23 @@ def _issued(body: Any, where: str, latest: float | None = None) -> IssuedKey:
     """A create, reset or replayed answer: a key with its one-time Secret. No message quotes any
     value of it (any field could hold the secret)."""
     key = parse_key(body, where, latest=latest, echo=False)
-    return IssuedKey(key, _secret(body, where))
+    secret = _secret(body, where)
+    if _repeats(body, secret.reveal(), skip="Secret"):
+        raise ProtocolError(f"{where}: the answer repeats its Secret in another field")
+    return IssuedKey(key, secret)
+
+
+def _repeats(value: Any, secret: str, skip: str = "") -> bool:
+    """Whether the secret (or a long part of it) stands anywhere in `value` but the `skip` field:
+    such an answer would carry it into aliases, events and logs."""
+    probe = secret if len(secret) < 16 else secret[:16]
+    if isinstance(value, str):
+        return probe in value or (len(value) >= 8 and value in secret)
+    if isinstance(value, dict):
+        return any(_repeats(v, secret) or _repeats(k, secret) for k, v in value.items() if k != skip)
+    if isinstance(value, list):
+        return any(_repeats(v, secret) for v in value)
+    return False
 
 
 def _secret(body: dict[str, Any], where: str) -> Secret:

@@ -32,6 +32,7 @@ from rotator.errors import (
 )
 from rotator.fingerprint import Fingerprinter
 from rotator.protocols import SecretRecord, StoredState
+from rotator.safety import shown_path
 from rotator.sinks.base import (
     SinkSettings,
     check_template,
@@ -98,7 +99,7 @@ class VaultSink:
                 if not self.kubernetes_role:
                     yield "kubernetes_role", "auth = 'kubernetes' needs kubernetes_role"
                 if not self.kubernetes_jwt_file.is_file():
-                    yield "kubernetes_jwt_file", f"{self.kubernetes_jwt_file} does not exist"
+                    yield "kubernetes_jwt_file", f"{shown_path(self.kubernetes_jwt_file)} does not exist"
 
     def __init__(self, config: Config, fingerprint: Fingerprinter) -> None:
         self.config = config
