@@ -80,6 +80,8 @@ class KeyServiceConfig(Section):
         10.0, gt=0, description="Deadline of one try, seconds: connect, headers and the whole body."
     )
     max_attempts: int = Field(5, ge=1, le=20, description="Tries per call on transient errors.")
+    call_deadline_s: float = Field(
+        120.0, gt=0, description="Deadline of one whole call, every try and wait included; no retry starts after it.")
     retry_max_wait_s: float = Field(
         30.0, ge=0, description="Longest wait between tries, also the cap on `Retry-After`."
     )
@@ -416,7 +418,7 @@ def longest_rotation_s(s: Settings) -> float:
     the sink bound, verify) and then a fresh one (read, reset, store, verify), every key-service call
     with all its retries."""
     ks = s.keyservice
-    call = ks.max_attempts * (ks.timeout_s + ks.retry_max_wait_s)
+    call = min(ks.max_attempts * (ks.timeout_s + ks.retry_max_wait_s), ks.call_deadline_s + ks.timeout_s)
     recovery = 3 * call + s.engine.sink_retry_s
     fresh = 3 * call + s.engine.sink_retry_s
     return recovery + fresh

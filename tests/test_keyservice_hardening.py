@@ -409,3 +409,23 @@ def test_fuzz_listing_over_http(body: str, pages: str | None, status: int, retry
             assert len(str(exc)) < 400
             return
     assert all(valid(k) and k.client_id == "acme" for k in keys)
+
+
+def test_one_call_ends_by_its_deadline_whatever_the_retries(emulator: Any, emulator_server: Any) -> None:
+    """Slow 503s with long Retry-After: the whole call (every try and wait) ends near its deadline,
+    not after max_attempts x (time-out + wait)."""
+    import time as _time
+
+    from rotator.errors import TransientError
+    from rotator.keyservice.emulator import Fault
+    from rotator.keyservice.http import HttpKeyService
+    from tests.conftest import TOKEN as _TOKEN
+
+    emulator.add_client("acme")
+    emulator.add_fault(Fault(method="GET", path="/apikeys$", status=503, retry_after=30, delay_s=0.5, times=-1))
+    service = HttpKeyService(emulator_server.url, _TOKEN, timeout_s=1, max_attempts=5, retry_max_wait_s=30,
+                             call_deadline_s=2.0)
+    started = _time.monotonic()
+    with pytest.raises(TransientError):
+        list(service.list_keys("acme"))
+    assert _time.monotonic() - started < 4.0

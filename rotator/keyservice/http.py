@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import httpcore
 import httpx
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
 from rotator.config import KeyServiceConfig
 from rotator.domain import ApiKey, ClientInfo, Environment, IssuedKey, Replay, ReplayAnswer, Scope, Secret
@@ -157,7 +157,7 @@ class HttpKeyService:
         self, base_url: str, token: str, *, timeout_s: float = 10.0, max_attempts: int = 5,
         retry_max_wait_s: float = 30.0, retry_initial_s: float = 0.25, per_page: int = 100,
         transport: httpx.BaseTransport | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-        max_pages: int = MAX_PAGES, clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
+        max_pages: int = MAX_PAGES, clock_skew_s: float = DEFAULT_CLOCK_SKEW_S, call_deadline_s: float = 120.0,
     ) -> None:
         self._client = httpx.Client(
             base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport or _DeadlineTransport(),
@@ -166,6 +166,7 @@ class HttpKeyService:
         self._auth = _Bearer(token)
         self._timeout_s = timeout_s
         self._max_attempts = max_attempts
+        self._call_deadline_s = call_deadline_s  # every try and every wait of one call, together
         self._max_wait = retry_max_wait_s
         self._initial_wait = retry_initial_s
         self.per_page = per_page
@@ -177,7 +178,7 @@ class HttpKeyService:
     def from_config(cls, config: KeyServiceConfig, *, url: str, token: str) -> HttpKeyService:
         return cls(url, token, timeout_s=config.timeout_s, max_attempts=config.max_attempts,
                    retry_max_wait_s=config.retry_max_wait_s, per_page=config.per_page,
-                   clock_skew_s=config.clock_skew_s)
+                   clock_skew_s=config.clock_skew_s, call_deadline_s=config.call_deadline_s)
 
     def close(self) -> None:
         self._client.close()
@@ -365,7 +366,7 @@ class HttpKeyService:
                  auth: httpx.Auth | None = None, **kwargs: Any) -> _Answer:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
-            stop=stop_after_attempt(self._max_attempts),
+            stop=stop_after_attempt(self._max_attempts) | stop_after_delay(self._call_deadline_s),
             wait=self._wait,
             reraise=True,
         )
@@ -427,10 +428,12 @@ class HttpKeyService:
     def _wait(self, state: RetryCallState) -> float:
         outcome = state.outcome
         exc = outcome.exception() if outcome is not None else None
+        # Never wait past the call's deadline.
+        left = max(0.0, self._call_deadline_s - (state.seconds_since_start or 0.0))
         if isinstance(exc, TransientError) and exc.retry_after is not None:
-            return min(exc.retry_after, self._max_wait)
+            return min(exc.retry_after, self._max_wait, left)
         backoff = self._initial_wait * 2 ** (state.attempt_number - 1)
-        return float(min(self._max_wait, backoff) * random.uniform(0.5, 1.0))
+        return float(min(self._max_wait, backoff, left) * random.uniform(0.5, 1.0))
 
 
 def _read_capped(response: httpx.Response, limit: int, deadline: float) -> tuple[bytes, bool]:
