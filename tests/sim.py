@@ -460,6 +460,7 @@ class FakeState:
         self.records: dict[KeyRef, AttemptRecord] = {}
         self.epochs: dict[KeyRef, tuple[str, int]] = {}
         self.last: dict[KeyRef, dict[str, Any]] = {}
+        self.stored_slots: dict[KeyRef, dict[str, Any]] = {}
         self.entries: list[dict[str, Any]] = []
         self.marks: set[str] = set()
         self.faulty = True
@@ -474,6 +475,7 @@ class FakeState:
         self.records.clear()
         self.epochs.clear()
         self.last.clear()
+        self.stored_slots.clear()
         self.marks.clear()
 
     def _lose(self) -> bool:
@@ -547,6 +549,12 @@ class FakeState:
 
     def last_rotation(self, ref: KeyRef) -> dict[str, Any] | None:
         return self.last.get(ref)
+
+    def mark_stored_rotation(self, ref: KeyRef, replaced: str, when: float) -> None:
+        self.stored_slots[ref] = {"replaced": replaced, "time": when}
+
+    def stored_rotation(self, ref: KeyRef) -> dict[str, Any] | None:
+        return self.stored_slots.get(ref)
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         return self.entries[-limit:]
