@@ -136,7 +136,8 @@ def test_private_state_dir_is_created_0700_and_refused_when_others_can_write(tmp
 
 
 def test_beat_schedule_is_not_in_the_shared_temp_dir(tmp_path: Path, env: pytest.MonkeyPatch) -> None:
-    """celeryconf puts the schedule (a shelve: a pickle) in the private state directory."""
+    """celeryconf puts the schedule (a shelve: a pickle) in the private state directory; with a
+    directory others can write there is none, and `rotator beat` refuses to start with the reason."""
     config = write(tmp_path, "")
     environ = {**os.environ, "ROTATOR_CONFIG": str(config), "XDG_STATE_HOME": str(tmp_path / "xdg")}
     code = "import rotator.celeryconf as c; print(c.beat_schedule_filename)"
@@ -146,8 +147,13 @@ def test_beat_schedule_is_not_in_the_shared_temp_dir(tmp_path: Path, env: pytest
     assert path.parent == tmp_path / "xdg" / "rotator" and "/tmp/rotator-beat" not in str(path)
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     (tmp_path / "xdg" / "rotator").chmod(0o777)
-    result = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode != 0 and "writable by group or others" in result.stderr
+    result = subprocess.run([sys.executable, "-c", code + "; print(c.beat_schedule_problem)"], env=environ,
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.startswith("\n")  # workers still start: no schedule
+    assert "writable by group or others" in result.stdout
+    beat = subprocess.run([sys.executable, "-m", "rotator.cli", "beat", "--config", str(config)], env=environ,
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert beat.returncode == 2 and "writable by group or others" in beat.stderr  # beat refuses, clearly
 
 
 def test_beat_refuses_a_schedule_in_a_shared_directory(tmp_path: Path, env: pytest.MonkeyPatch) -> None:
