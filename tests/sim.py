@@ -569,8 +569,18 @@ def engine_for(sim: Sim, actor: str) -> Engine:
 
 def run_seed(seed: int, *, durable: bool = False) -> Sim:
     """One schedule: keys, triggers and faults all drawn from `seed`; raises Violation on a broken
-    invariant. `durable`: Redis loses nothing, so the mid-run invariant is checked in every run."""
+    invariant, carrying the run's event trace. `durable`: Redis loses nothing, so the mid-run
+    invariant is checked in every run."""
     sim = Sim(seed)
+    try:
+        return _run(sim, durable)
+    except Violation as exc:
+        exc.trace = sim.trace  # type: ignore[attr-defined]
+        raise
+
+
+def _run(sim: Sim, durable: bool) -> Sim:
+    seed = sim.seed
     rng = sim.rng
     keys = [f"k{i}" for i in range(rng.randint(1, 3))]
     for key_id in keys:

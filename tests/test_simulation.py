@@ -33,7 +33,12 @@ def test_thousands_of_adversarial_schedules_keep_every_invariant() -> None:
     started = time.monotonic()
     resets = in_doubt = 0
     for seed in range(SEEDS):
-        run = sim.run_seed(seed)
+        try:
+            run = sim.run_seed(seed)
+        except sim.Violation as exc:
+            trace = "\n".join(getattr(exc, "trace", [])[-120:])
+            pytest.fail(f"{exc}\n--- the last steps of seed {seed} ---\n{trace}\n"
+                        f"replay: python -m tests.sim --seed {seed} --trace")
         resets += len(run.service.ledger)
         in_doubt += sum(1 for e in run.events.events if e.name == "rotation.in_doubt")
     print(f"\n{SEEDS} seeds, {resets} resets, {in_doubt} in-doubt resets, {time.monotonic() - started:.1f}s")
