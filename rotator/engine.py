@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 from rotator import logs
-from rotator.domain import ApiKey, AttemptRecord, Environment, Generation, IssuedKey, KeyRef, KeyState, Replay, utc_iso
+from rotator.domain import ApiKey, AttemptRecord, Generation, IssuedKey, KeyRef, KeyState, Replay, utc_iso
 from rotator.errors import (
     InDoubtError,
     NotFoundError,
@@ -337,7 +337,7 @@ class Engine:
         prepared = self._prepare_sinks(key)
         if isinstance(prepared, str):
             return self._unsettled(record, f"the reset did not run so far; {prepared}, so the same key is sent "
-                                           "once it is")
+                                           "once it is", key)
         record = replace(record, phase=advance(Phase.IN_DOUBT, Step.NOT_RUN).to.value, since=self.state.now())
         return self._send(key, record, lease, prepared, success_event)
 
@@ -351,8 +351,8 @@ class Engine:
                  generation=record.generation, trigger=record.trigger, actor=self._actor(),
                  note=getattr(self._context, "note", ""))
         started = self._monotonic()
+        lease.check()  # outside the try: a lost lease is no answer of the key service
         try:
-            lease.check()
             issued = self.keyservice.reset_key(ref.client_id, ref.key_id, record.idempotency_key)
         except RefusedError as exc:
             return self._refusal(key, record, lease, exc)
@@ -415,12 +415,12 @@ class Engine:
             advance(phase, step)
         except ProtocolViolation as exc:
             self.emit("rotation.secret_at_risk", key, record, f"the key service contradicts itself: {exc}")
-            return self._unsettled(record, f"protocol violation ({exc}); the record is kept for a person")
+            return self._unsettled(record, f"protocol violation ({exc}); the record is kept for a person", key)
         if step is Step.ANSWERED and replay.issued is not None:
             return self._store(replay.issued, record, lease, success_event, prepared=None)
         if step is Step.NO_ANSWER:
             detail = replay.reason or "nothing stored yet"
-            return self._unsettled(record, "; ".join(filter(None, [why, f"replay: {detail}"])))
+            return self._unsettled(record, "; ".join(filter(None, [why, f"replay: {detail}"])), key)
         if step is Step.REFUSED:
             self._refused(record, lease)
             log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run (refused)")
@@ -428,7 +428,7 @@ class Engine:
         if step is Step.NOT_RUN:  # the record is never dropped on this guess: the same key goes again
             log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run; sent again")
             if not resend:
-                return self._unsettled(record, "the reset did not run so far; the same key is sent again next")
+                return self._unsettled(record, "the reset did not run so far; the same key is sent again next", key)
             return self._resend(key, record, lease, success_event)
         # LOST: the reset ran and its answer cannot be had. Say so before touching any state.
         why_lost = ("the key was reset again after that attempt" if replay.kind is Replay.ANSWER
@@ -489,7 +489,7 @@ class Engine:
             problems.append("the key service changed the key's alias or scopes on reset")
         stale_dates = bool(record.generation) and not issued.key.generation > Generation.parse(record.generation)
         advance(Phase.STORING, Step.STORED)
-        if record.generation:
+        if record.generation and not problems:  # a verified rotation: the key's age may count from it
             self.state.mark_stored_rotation(record.ref, record.generation, self.clock())
         self.state.delete_attempt(record, lease)
         status = "recovered" if success_event == "rotation.recovered" else "succeeded"
@@ -676,11 +676,13 @@ class Engine:
     def _skipped(self, key: ApiKey, trigger: str, reason: str) -> RotationResult:
         return RotationResult(key.client_id, key.key_id, "skipped", reason, trigger=trigger)
 
-    def _unsettled(self, record: AttemptRecord, reason: str) -> RotationResult:
+    def _unsettled(self, record: AttemptRecord, reason: str, key: ApiKey | None = None) -> RotationResult:
         status = "at_risk" if record.phase == Phase.STORING.value else "in_doubt"
         if self.state.now() - record.since > STUCK_S:  # a replay that never settles needs a person
-            key = ApiKey(record.client_id, record.key_id, "", Environment.PRODUCTION, (), 0, None)
-            self.emit("rotation.secret_at_risk", key, record, f"unsettled for over a day: {reason}")
+            if key is not None:
+                self.emit("rotation.secret_at_risk", key, record, f"unsettled for over a day: {reason}")
+            else:
+                log.error("rotation.stuck", client_id=record.client_id, key_id=record.key_id, reason=reason)
         text = (f"attempt {record.attempt_id} ({record.phase}): {reason}; "
                 "the record is kept and nothing is reset until it is settled")
         result = self._result(record.ref, record, status, text)
