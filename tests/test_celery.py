@@ -36,6 +36,18 @@ DAY = 86_400
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _group_running(pgid: int) -> bool:
+    """Whether any process of the group is still alive (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 class Cluster:
     """A config file and the processes started for one test; everything they print is kept."""
 
@@ -107,8 +119,11 @@ url = "{vault_url}"
                 registry.build("vault", {"url": self.vault_url}, FP)]
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker and its pool children, and return once none of them runs any more
+        (a child can outlive its parent's exit by a few scheduler ticks on a loaded machine)."""
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        wait_for(lambda: not _group_running(proc.pid), 10, "the worker's process group to die")
 
     def stop(self) -> None:
         for proc in self.procs:
