@@ -3,9 +3,10 @@
 Exit codes: 0 success, 1 a rotation or check failed, 2 bad usage or configuration. With `--json`,
 stdout carries one JSON document and nothing else; progress and messages go to stderr.
 
-Every value that comes from outside (ids, aliases, reasons, sink names, errors) reaches a table or a
-line only through `show`: rich markup escaped, control characters (ESC, BEL, C0, C1, DEL) removed,
-emoji codes left alone. `--json` prints values exactly (JSON escapes controls itself).
+Every value that comes from outside reaches a table or a line only through `rotator.console`
+(markup escaped, control characters removed; piped tables print whole values). `--json` prints
+values exactly (JSON escapes controls itself). A service that does not answer (Redis, the broker,
+the key service) is one line on stderr and exit 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from rotator import logs
 from rotator.config import Settings, config_path, load_settings
+from rotator.console import err, out, print_table, show, unreachable
 from rotator.errors import ConfigError, RotatorError
-from rotator.safety import terminal_safe
 
 if TYPE_CHECKING:
     from rotator.engine import Engine
@@ -39,19 +37,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True, emoji=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
-
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="Config file (default: $ROTATOR_CONFIG or ./rotator.toml)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-
-
-def show(value: object) -> str:
-    """A value from outside, safe in a rich table or line: no markup, no control characters."""
-    return escape(terminal_safe(value))
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -70,7 +60,8 @@ def settings_or_exit(config: Path | None) -> Settings:
 
 @contextmanager
 def errors_exit() -> Iterator[None]:
-    """A RotatorError becomes a one-line message and exit code 1 (2 for configuration)."""
+    """A RotatorError, or a service that does not answer, becomes one line and exit code 1 (2 for
+    configuration)."""
     try:
         yield
     except ConfigError as exc:
@@ -79,6 +70,11 @@ def errors_exit() -> Iterator[None]:
         raise typer.Exit(2) from None
     except RotatorError as exc:
         fail(str(exc), 1)
+    except Exception as exc:
+        down = unreachable(exc)
+        if down is None:
+            raise
+        fail(f"{down}; `rotator check-config --ping` checks every service", 1)
 
 
 @app.callback()
@@ -138,14 +134,10 @@ def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     if as_json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return
-    table = Table("client_id", "key_id", "alias", "environment", "age_days", "state")
     colours = {"due": "red", "due_soon": "yellow", "ok": "green"}
-    for r in rows:
-        d = r.to_dict()
-        colour = colours.get(d["state"], "dim")
-        table.add_row(show(d["client_id"]), show(d["key_id"]), show(d["alias"]), show(d["environment"]),
-                      f"{d['age_days']:.1f}", f"[{colour}]{show(d['state'])}[/{colour}]")
-    out.print(table)
+    print_table(("client_id", "key_id", "alias", "environment", "age_days", "state"), [
+        (r.key.client_id, r.key.key_id, r.key.alias, r.key.environment.value, f"{r.age_days:.1f}",
+         (r.state.value, colours.get(r.state.value, "dim"))) for r in rows])
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state.value] = counts.get(r.state.value, 0) + 1
@@ -205,72 +197,112 @@ def rotate(
     client_id: Annotated[str | None, typer.Option("--client-id", help="One key: its Client ID.")] = None,
     key_id: Annotated[str | None, typer.Option("--key-id", help="One key: its id.")] = None,
     apply: Annotated[bool, typer.Option("--apply", help="Rotate now; without it only the plan is shown.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Rotate even a key that is not due.")] = False,
-    enqueue: Annotated[bool, typer.Option("--enqueue", help="Hand the rotations to the Celery workers.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rotate a key that is not due yet.")] = False,
+    include_out_of_scope: Annotated[bool, typer.Option(
+        "--include-out-of-scope",
+        help="With --force: also a key the policy leaves alone (another environment, excluded).")] = False,
+    enqueue: Annotated[bool, typer.Option(
+        "--enqueue", help="With --apply: hand the rotations to the Celery workers instead of rotating here.")] = False,
     reason: Annotated[str, typer.Option("--reason", help="Why: kept in the audit history.")] = "",
     as_json: JsonOption = False,
 ) -> None:
-    """Rotate due keys or one key by hand: a plan by default, --apply to act."""
+    """Rotate due keys or one key by hand: a plan by default (what --apply would do), --apply to act.
+
+    Exit 1 when a key was refused (no such key, out of scope) or a rotation did not finish."""
     if all_due == bool(client_id and key_id) or (client_id is None) != (key_id is None):
         fail("give --all-due, or both --client-id and --key-id", 2)
+    if include_out_of_scope and not force:
+        fail("--include-out-of-scope goes with --force: an out-of-scope key is never due", 2)
     settings = _use_config(config)
-    from rotator.domain import KeyRef
+    from rotator.plan import plan_all_due, plan_one
 
     with errors_exit():
         engine = _engine(settings)
-        wanted: Iterator[tuple[KeyRef, str | None]]
         if all_due:
-            wanted = ((k.ref, str(k.generation)) for k in engine.due_keys())
+            steps = plan_all_due(engine)
         else:
-            one = KeyRef(str(client_id), str(key_id))
-            # The generation this command saw travels with it: a redelivered message for a key
-            # rotated since is skipped, even with --force.
-            wanted = iter([(one, str(engine.keyservice.get_key(one.client_id, one.key_id).generation)
-                            if enqueue and apply else None)])
+            steps = iter([plan_one(engine, str(client_id), str(key_id), force, include_out_of_scope)])
         if apply and enqueue:
-            from rotator.tasks import app as celery_app
-            from rotator.tasks import rotate_key
-
-            now = time.time()
-            sent: list[tuple[str, str]] = []
-            with celery_app.producer_or_acquire() as producer:  # one connection; sent while pages arrive
-                for r, generation in wanted:
-                    args = (r.client_id, r.key_id, "manual", generation, force, reason, engine.actor)
-                    sent.append((str(r), rotate_key.apply_async(args, producer=producer).id))
-            engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
-                                 "keys": [k for k, _ in sent], "reason": reason})
-            if as_json:
-                print(json.dumps({"applied": True, "enqueued": [i for _, i in sent]}, indent=2))
-            else:
-                err.print(f"{len(sent)} rotation(s) sent to the workers")
+            _enqueue(engine, steps, force, include_out_of_scope, reason, as_json)
             return
-        refs = list(wanted)
-        if not refs:
-            err.print("no key is due")
+        plan = list(steps)
         if not apply:
-            plan = [{"client_id": r.client_id, "key_id": r.key_id, "action": "rotate"} for r, _ in refs]
-            if as_json:
-                print(json.dumps({"applied": False, "plan": plan}, indent=2))
-            else:
-                for r, _ in refs:
-                    out.print(f"would rotate {show(r)}")
-                err.print(f"{len(refs)} key(s); nothing changed (add --apply to rotate)")
+            _print_plan(plan, as_json, enqueue)
             return
         results = []
-        for r, generation in refs:
-            with err.status(f"rotating {show(r)}…"):
-                results.append(engine.rotate(r, trigger="manual", force=force, generation=generation, reason=reason))
+        for step in plan:
+            if step.action == "skip":
+                results.append(step.as_result())
+                continue
+            if step.action == "refuse":  # the engine refuses it again, under the lease, into the history
+                result = engine.rotate(step.ref, trigger="manual", force=force, reason=reason)
+                results.append(result if result.status != "skipped" else step.as_result())
+                continue
+            with err.status(f"rotating {show(step.ref)}…"):
+                results.append(engine.rotate(step.ref, trigger="manual", force=force, reason=reason,
+                                             include_out_of_scope=include_out_of_scope))
         engine.close()
+    if not plan:
+        err.print("no key is due")
     if as_json:
         print(json.dumps({"applied": True, "results": [r.to_dict() for r in results]}, indent=2))
     else:
         for res in results:
-            colour = "green" if res.ok else "red"
+            colour = "green" if res.ok else ("yellow" if res.status == "skipped" else "red")
             out.print(f"[{colour}]{show(res.status)}[/{colour}] {show(res.client_id)}/{show(res.key_id)} "
                       f"{show(res.reason)}")
     # Exit 0 only if every rotation finished and verified; a key behind a lease, in doubt or at
-    # risk is not finished. A forced key that was skipped was not rotated either.
+    # risk is not finished, and neither is a forced key that was skipped or a refused one.
     if not all(r.status in ("succeeded", "recovered") or (r.status == "skipped" and not force) for r in results):
+        raise typer.Exit(1)
+
+
+def _print_plan(plan: list[Any], as_json: bool, enqueue: bool) -> None:
+    """What --apply would do, key by key; exit 1 when a key would be refused."""
+    if as_json:
+        print(json.dumps({"applied": False, "plan": [step.to_dict() for step in plan]}, indent=2))
+    else:
+        colours = {"rotate": "green", "skip": "yellow", "refuse": "red"}
+        for step in plan:
+            colour = colours[step.action]
+            out.print(f"[{colour}]{'would ' + step.action}[/{colour}] {show(step.ref)}: {show(step.why)}")
+        rotating = sum(step.action == "rotate" for step in plan)
+        how = "--apply --enqueue to send them to the workers" if enqueue else "--apply to rotate"
+        err.print(f"{len(plan)} key(s), {rotating} to rotate; nothing changed (add {how})" if plan
+                  else "no key is due; nothing changed")
+    if any(step.action == "refuse" for step in plan):
+        raise typer.Exit(1)
+
+
+def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_scope: bool, reason: str,
+             as_json: bool) -> None:
+    """One rotate_key message per key to rotate, sent while the pages arrive, on one connection."""
+    from rotator.tasks import app as celery_app
+    from rotator.tasks import rotate_key
+
+    now = time.time()
+    sent: list[tuple[str, str]] = []
+    refused = []
+    with celery_app.producer_or_acquire() as producer:
+        for step in steps:
+            if step.action != "rotate":
+                refused.append(step)
+                if not as_json:
+                    out.print(f"[yellow]not sent[/yellow] {show(step.ref)}: {show(step.why)}")
+                continue
+            # The generation this command saw travels with it: a redelivered message for a key
+            # rotated since is skipped, even with --force.
+            args = (step.ref.client_id, step.ref.key_id, "manual", step.generation, force, reason, engine.actor,
+                    include_out_of_scope)
+            sent.append((str(step.ref), rotate_key.apply_async(args, producer=producer).id))
+    engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
+                         "keys": [k for k, _ in sent], "reason": reason})
+    if as_json:
+        print(json.dumps({"applied": True, "enqueued": [i for _, i in sent],
+                          "not_sent": [step.to_dict() for step in refused]}, indent=2))
+    else:
+        err.print(f"{len(sent)} rotation(s) sent to the workers")
+    if any(step.action == "refuse" for step in refused):
         raise typer.Exit(1)
 
 
@@ -301,25 +333,32 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
              "trigger": a.trigger} for a in attempts.values()],
                           "drift": drift, "history": entries}, indent=2))
         return
-    table = Table("key", "state", "age_days", "next_due", "last rotation", "in flight")
+    table = []
     for r in rows:
         last = r["last_rotation"]
         text = f"{last['status']} ({last['trigger']}) {utc_iso(last['time'])}" if last else "-"
-        table.add_row(show(f"{r['client_id']}/{r['key_id']}"), show(r["state"]), f"{r['age_days']:.1f}",
-                      show(r["next_due"]), show(text), show(r["in_flight"] or ""))
-    out.print(table)
+        table.append((f"{r['client_id']}/{r['key_id']}", r["alias"], r["state"], f"{r['age_days']:.1f}",
+                      r["next_due"], text, r["in_flight"] or ""))
+    print_table(("key", "alias", "state", "age_days", "next_due", "last rotation", "in flight"), table)
     for d in drift:
         err.print(f"[red]drift[/red] {show(d['client_id'])}/{show(d['key_id'])} {show(d['sink'])}: "
                   f"{show(d['reason'])}")
     if entries:
-        audit = Table("time", "actor", "kind", "key", "trigger", "result", "note / sinks")
-        for e in entries:
-            keys = f"{e.get('client_id')}/{e.get('key_id')}" if e.get("client_id") else ", ".join(e.get("keys", []))
-            sinks = ", ".join(f"{k}: {v}" for k, v in (e.get("sinks") or {}).items())
-            detail = e.get("note") or e.get("reason") or sinks
-            audit.add_row(show(utc_iso(e["time"])), show(e.get("actor", "")), show(e.get("kind", "")), show(keys),
-                          show(e.get("trigger", e.get("action", ""))), show(e.get("status", "")), show(detail))
-        out.print(audit)
+        print_table(("time", "actor", "kind", "key", "trigger", "result", "note / reason / sinks"),
+                    [_audit_row(e) for e in entries])
+
+
+def _audit_row(entry: dict[str, Any]) -> tuple[str, ...]:
+    """One history entry: the note (e.g. `--reason`), the result's reason and the sinks, all shown."""
+    from rotator.domain import utc_iso
+
+    keys = (f"{entry.get('client_id')}/{entry.get('key_id')}" if entry.get("client_id")
+            else ", ".join(entry.get("keys", [])))
+    sinks = ", ".join(f"{k}: {v}" for k, v in (entry.get("sinks") or {}).items())
+    detail = "; ".join(str(part) for part in dict.fromkeys(
+        (entry.get("note"), entry.get("reason"), sinks and f"sinks {sinks}")) if part)
+    return (utc_iso(entry["time"]), str(entry.get("actor", "")), str(entry.get("kind", "")), keys,
+            str(entry.get("trigger", entry.get("action", ""))), str(entry.get("status", "")), detail)
 
 
 @app.command()

@@ -32,7 +32,7 @@ from rotator.errors import (
 )
 from rotator.events import SEVERITY, sanitize
 from rotator.fingerprint import Fingerprinter
-from rotator.policy import Policy, RotationWindow, age_days, classify, in_scope, is_due
+from rotator.policy import Policy, RotationWindow, age_days, classify, in_scope, is_due, scope_problem
 from rotator.protocol import (
     DEFAULT_HORIZON_S,
     MAX_EPOCHS,
@@ -166,13 +166,16 @@ class Engine:
 
     # --- public ------------------------------------------------------------------------------
     def rotate(self, ref: KeyRef, *, trigger: str, force: bool = False, generation: str | None = None,
-               reason: str = "", actor: str | None = None) -> RotationResult:
+               reason: str = "", actor: str | None = None, include_out_of_scope: bool = False) -> RotationResult:
         """Rotate one key once, however many triggers fire for it.
 
         `generation` is the key's generation the trigger saw (`str(key.generation)`): if the key
-        has moved on since, this trigger is already served and nothing is reset."""
+        has moved on since, this trigger is already served and nothing is reset. A key the policy
+        leaves alone (another environment, excluded) is refused, even with `force`, unless
+        `include_out_of_scope` says so too."""
         self._begin(reason, actor)
-        return self._leased(ref, trigger, lambda lease: self._rotate_locked(ref, lease, trigger, force, generation))
+        return self._leased(ref, trigger, lambda lease: self._rotate_locked(
+            ref, lease, trigger, force, generation, include_out_of_scope))
 
     def recover_all(self) -> list[RotationResult]:
         """Settle every attempt a crash, an outage or a lost answer left behind."""
@@ -249,17 +252,22 @@ class Engine:
                                       f"{exc}; stopped there, the lease's new holder settles this key", trigger=trigger)
 
     def _rotate_locked(self, ref: KeyRef, lease: Any, trigger: str, force: bool,
-                       generation: str | None) -> RotationResult:
+                       generation: str | None, include_out_of_scope: bool = False) -> RotationResult:
         pending = self.state.get_attempt(ref)
+        resumed = False  # an earlier attempt, already allowed, must be finished by a fresh reset
         if pending is not None:
             settled = self._settle(pending, lease)
             if isinstance(settled, RotationResult):
                 return settled
+            resumed = settled.force
             force = force or settled.force
             generation = None if settled.force else generation
         key = self._get_key(ref, trigger)
         if generation is not None and str(key.generation) != generation:
             return self._skipped(key, trigger, "rotated since the trigger")
+        scope = scope_problem(key, self.policy)
+        if scope is not None and not include_out_of_scope and not resumed:
+            return self._out_of_scope(key, trigger, scope)
         if not force and not is_due(key, self.clock(), self.policy):
             return self._skipped(key, trigger, "not due")
         if not force and self._rotated_already(key):
@@ -675,6 +683,14 @@ class Engine:
 
     def _skipped(self, key: ApiKey, trigger: str, reason: str) -> RotationResult:
         return RotationResult(key.client_id, key.key_id, "skipped", reason, trigger=trigger)
+
+    def _out_of_scope(self, key: ApiKey, trigger: str, scope: str) -> RotationResult:
+        """Refused, not skipped: someone asked for this key, and the policy says no."""
+        result = RotationResult(key.client_id, key.key_id, "failed",
+                                f"{scope}; nothing reset (--force --include-out-of-scope rotates it anyway)",
+                                trigger=trigger)
+        self._history(result)
+        return result
 
     def _unsettled(self, record: AttemptRecord, reason: str, key: ApiKey | None = None) -> RotationResult:
         status = "at_risk" if record.phase == Phase.STORING.value else "in_doubt"

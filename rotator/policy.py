@@ -68,6 +68,17 @@ def in_scope(key: ApiKey, policy: Policy) -> bool:
     return key.environment in policy.environments and key.status == "ACTIVE"
 
 
+def scope_problem(key: ApiKey, policy: Policy) -> str | None:
+    """Why the policy leaves this key alone (its environment, its status, an exclusion), or None."""
+    if key.environment not in policy.environments:
+        return f"out of scope: {key.environment.value} is not in policy.environments"
+    if key.status != "ACTIVE":
+        return f"out of scope: the key is {key.status}"
+    if policy.exclude and is_excluded(key.ref, policy.exclude):
+        return "excluded by policy.exclude"
+    return None
+
+
 def classify(key: ApiKey, now: float, policy: Policy) -> KeyState:
     """The one state `rotator scan` shows for a key."""
     return assess(key, now, policy)[0]

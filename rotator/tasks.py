@@ -86,14 +86,17 @@ def engine() -> Engine:
 @app.task(name="rotator.rotate_key", bind=True, acks_late=True, max_retries=30)
 @contained
 def rotate_key(self: Any, client_id: str, key_id: str, trigger: str = "manual", generation: Any = None,
-               force: bool = False, reason: str = "", actor: str = "") -> dict[str, Any]:
+               force: bool = False, reason: str = "", actor: str = "",
+               include_out_of_scope: bool = False) -> dict[str, Any]:
     """`generation` is the key's generation the trigger saw: a redelivered or duplicate message for
-    a key rotated since is skipped. A key behind another actor's lease (a live duplicate, or a
-    worker that died a moment ago) is tried again once that lease can have ended, never dropped."""
+    a key rotated since is skipped. A key outside the policy's scope is refused unless
+    `include_out_of_scope` (the CLI's explicit flag) travels with the message. A key behind
+    another actor's lease (a live duplicate, or a worker that died a moment ago) is tried again
+    once that lease can have ended, never dropped."""
     eng = engine()
     seen = generation if isinstance(generation, str) else None  # a message of the first protocol had a time
     result = eng.rotate(KeyRef(client_id, key_id), trigger=trigger, force=force, generation=seen,
-                        reason=reason, actor=actor or None)
+                        reason=reason, actor=actor or None, include_out_of_scope=include_out_of_scope)
     if result.status == "busy":
         raise self.retry(countdown=max(1.0, eng.lock_ttl_s / 3))
     return result.to_dict()

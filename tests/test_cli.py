@@ -65,14 +65,15 @@ def test_plan_apply_force_and_their_exit_codes(setup: tuple[Path, dict[str, str]
     path, keys = setup
     code, out, _ = run("rotate", "--all-due", "--json", "--config", str(path))
     assert code == 0 and json.loads(out) == {"applied": False, "plan": [
-        {"client_id": "acme", "key_id": keys["due"], "action": "rotate"}]}
+        {"client_id": "acme", "key_id": keys["due"], "action": "rotate", "reason": "due (age 400.0 d)",
+         "age_days": 400.0}]}
     assert emulator.ledger == []
     code, out, _ = run("rotate", "--all-due", "--apply", "--json", "--reason", "quarterly", "--config", str(path))
     assert code == 0 and json.loads(out)["results"][0]["status"] == "succeeded"
     assert emulator.current_secret("acme", keys["due"]) not in out
     code, out, _ = run("rotate", "--client-id", "acme", "--key-id", keys["young"], "--apply", "--json",
                        "--config", str(path))
-    assert code == 0 and json.loads(out)["results"][0]["reason"] == "not due"
+    assert code == 0 and json.loads(out)["results"][0]["reason"].startswith("not due (age 5.0 d; due ")
     code, out, _ = run("rotate", "--client-id", "acme", "--key-id", keys["young"], "--apply", "--force",
                        "--config", str(path))
     assert code == 0 and "succeeded" in out

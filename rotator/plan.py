@@ -1,0 +1,72 @@
+"""What `rotate --apply` would do, decided before anything changes: the plan the CLI shows.
+
+A plan looks every key up, so it says "no such key", "out of scope" or "not due; add --force"
+instead of promising a rotation that `--apply` would then skip. The engine decides again under
+the key's lease; the plan only tells the operator what to expect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from rotator.domain import ApiKey, KeyRef, utc_iso
+from rotator.errors import NotFoundError
+from rotator.policy import DAY, age_seconds, due_at, is_due, scope_problem
+
+if TYPE_CHECKING:
+    from rotator.engine import Engine, RotationResult
+
+Action = Literal["rotate", "skip", "refuse"]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    ref: KeyRef
+    action: Action
+    why: str
+    generation: str | None = None  # the key's generation when planned (travels with an enqueued task)
+    age_days: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"client_id": self.ref.client_id, "key_id": self.ref.key_id, "action": self.action,
+                "reason": self.why, "age_days": self.age_days}
+
+    def as_result(self) -> RotationResult:
+        """A step that is not a rotation, as the result `--apply` reports for it."""
+        from rotator.engine import RotationResult
+
+        status = "skipped" if self.action == "skip" else "failed"
+        return RotationResult(self.ref.client_id, self.ref.key_id, status, self.why, trigger="manual")
+
+
+def plan_one(engine: Engine, client_id: str, key_id: str, force: bool, include_out_of_scope: bool) -> Step:
+    ref = KeyRef(client_id, key_id)
+    try:
+        key = engine.keyservice.get_key(client_id, key_id)
+    except NotFoundError:
+        return Step(ref, "refuse", "no such key at the key service")
+    return step_for(key, engine.clock(), engine, force, include_out_of_scope)
+
+
+def plan_all_due(engine: Engine) -> Iterator[Step]:
+    now = engine.clock()
+    for key in engine.due_keys(now):
+        yield step_for(key, now, engine, False, False)
+
+
+def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_of_scope: bool) -> Step:
+    age = age_seconds(key, now) / DAY
+    generation = str(key.generation)
+    scope = scope_problem(key, engine.policy)
+    if scope is not None and not include_out_of_scope:
+        return Step(key.ref, "refuse", f"{scope} ({key.environment.value}, age {age:.1f} d); "
+                    "--force --include-out-of-scope rotates it anyway", generation, round(age, 2))
+    if is_due(key, now, engine.policy):
+        return Step(key.ref, "rotate", f"due (age {age:.1f} d)", generation, round(age, 2))
+    due = utc_iso(due_at(key, engine.policy))
+    if force:
+        return Step(key.ref, "rotate", f"forced (age {age:.1f} d; due {due})", generation, round(age, 2))
+    return Step(key.ref, "skip", f"not due (age {age:.1f} d; due {due}); add --force to rotate it now",
+                generation, round(age, 2))

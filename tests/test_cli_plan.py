@@ -1,0 +1,137 @@
+"""The plan says what --apply would do; out-of-scope keys need two flags; services that do not
+answer are one line; piped tables keep whole values."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rotator.cli import app
+from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.emulator_http import EmulatorServer
+
+runner = CliRunner()
+DAY = 86_400
+
+
+@pytest.fixture
+def setup(tmp_path: Path, env: pytest.MonkeyPatch, redis_server: str, emulator: Emulator,
+          emulator_server: EmulatorServer) -> tuple[Path, dict[str, str]]:
+    now = emulator.now()
+    client = f"acme-{uuid.uuid4().hex[:6]}"
+    sandbox = f"play-{uuid.uuid4().hex[:6]}"
+    due = next(iter(emulator.add_client(client, created_at=now - 400 * DAY).keys))
+    young = emulator.add_key(client, "young", created_at=now - 12 * DAY).id
+    old_sandbox = next(iter(emulator.add_client(sandbox, environment="SANDBOX", created_at=now - 400 * DAY).keys))
+    env.setenv("ROTATOR_STATE__NAMESPACE", f"plan-{uuid.uuid4().hex[:8]}")
+    path = tmp_path / "rotator.toml"
+    path.write_text(f"""
+[keyservice]
+url = "{emulator_server.url}"
+clients = ["{client}", "{sandbox}"]
+[state]
+redis_url = "{redis_server}/0"
+[celery]
+broker_url = "{redis_server}/1"
+[[sinks]]
+kind = "memory"
+""")
+    return path, {"client": client, "sandbox": sandbox, "due": due, "young": young, "old_sandbox": old_sandbox}
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_the_plan_looks_each_key_up(setup: tuple[Path, dict[str, str]], emulator: Emulator) -> None:
+    """Not due, no such key, out of scope: the plan says so (and how), and changes nothing."""
+    path, k = setup
+    code, out, err = run("rotate", "--client-id", k["client"], "--key-id", k["young"], "--config", str(path))
+    assert code == 0 and "would skip" in out and "not due (age 12.0 d; due " in out and "add --force" in out
+    code, out, _ = run("rotate", "--client-id", k["client"], "--key-id", k["young"], "--force", "--json",
+                       "--config", str(path))
+    assert code == 0 and json.loads(out)["plan"][0]["action"] == "rotate"
+    code, out, _ = run("rotate", "--client-id", k["client"], "--key-id", "key_nope", "--config", str(path))
+    assert code == 1 and "would refuse" in out and "no such key" in out
+    code, out, _ = run("rotate", "--client-id", k["sandbox"], "--key-id", k["old_sandbox"], "--force",
+                       "--config", str(path))
+    assert code == 1 and "would refuse" in out and "SANDBOX" in out and "--include-out-of-scope" in out
+    assert emulator.ledger == []
+
+
+def test_force_does_not_rotate_an_out_of_scope_key(setup: tuple[Path, dict[str, str]], emulator: Emulator) -> None:
+    """--force alone refuses a SANDBOX key (exit 1, nothing reset, the refusal in the history);
+    --force --include-out-of-scope rotates it; the second flag alone is a usage error."""
+    path, k = setup
+    one = ("--client-id", k["sandbox"], "--key-id", k["old_sandbox"], "--config", str(path))
+    code, out, _ = run("rotate", *one, "--apply")
+    assert code == 1 and "SANDBOX" in out
+    code, out, _ = run("rotate", *one, "--apply", "--force")
+    assert code == 1 and "failed" in out and "SANDBOX" in out
+    assert emulator.ledger == []
+    assert run("rotate", *one, "--apply", "--include-out-of-scope")[0] == 2
+    code, out, _ = run("rotate", *one, "--apply", "--force", "--include-out-of-scope", "--reason", "drill")
+    assert code == 0 and "succeeded" in out
+    assert len(emulator.ledger) == 1
+    code, out, _ = run("status", "--history", "--json", "--config", str(path))
+    statuses = [(e.get("key_id"), e.get("status")) for e in json.loads(out)["history"] if e["kind"] == "rotation"]
+    assert (k["old_sandbox"], "failed") in statuses and (k["old_sandbox"], "succeeded") in statuses
+
+
+def test_an_unknown_key_applied_is_in_the_history(setup: tuple[Path, dict[str, str]]) -> None:
+    path, k = setup
+    code, _, _ = run("rotate", "--client-id", k["client"], "--key-id", "key_nope", "--apply", "--reason", "typo",
+                     "--config", str(path))
+    assert code == 1
+    code, out, _ = run("status", "--history", "--json", "--config", str(path))
+    [entry] = [e for e in json.loads(out)["history"] if e.get("key_id") == "key_nope"]
+    assert entry["status"] == "failed" and entry["note"] == "typo" and entry["actor"]
+
+
+def test_enqueue_without_apply_says_it_sent_nothing(setup: tuple[Path, dict[str, str]]) -> None:
+    path, _ = setup
+    code, out, err = run("rotate", "--all-due", "--enqueue", "--config", str(path))
+    assert code == 0 and "would rotate" in out and "add --apply --enqueue to send them to the workers" in err
+
+
+@pytest.mark.parametrize("command", [("status",), ("status", "--history"), ("reconcile",), ("reconcile", "--repair"),
+                                     ("rotate", "--all-due", "--apply")])
+def test_a_dead_redis_is_one_line(setup: tuple[Path, dict[str, str]], env: pytest.MonkeyPatch,
+                                  command: tuple[str, ...]) -> None:
+    """Every command that needs Redis fails like `scan` does without its key service: one line, exit 1."""
+    path, _ = setup
+    env.setenv("ROTATOR_STATE__REDIS_URL", "redis://:hunter2@127.0.0.1:9/0")
+    result = runner.invoke(app, [*command, "--config", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Redis did not answer"), result.stderr
+    assert "Traceback" not in result.output and "hunter2" not in result.output
+
+
+def test_a_dead_broker_is_one_line(setup: tuple[Path, dict[str, str]], env: pytest.MonkeyPatch) -> None:
+    path, _ = setup
+    env.setenv("ROTATOR_CELERY__BROKER_URL", "redis://127.0.0.1:9/1")
+    result = runner.invoke(app, ["rotate", "--all-due", "--apply", "--enqueue", "--config", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "did not answer" in result.stderr and "Traceback" not in result.output
+
+
+def test_piped_tables_keep_whole_values(setup: tuple[Path, dict[str, str]]) -> None:
+    """Not a terminal: tab-separated rows, nothing cut to 80 columns (grep finds the whole id)."""
+    path, k = setup
+    code, out, _ = run("scan", "--config", str(path))
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split("\t") == ["client_id", "key_id", "alias", "environment", "age_days", "state"]
+    assert [k["client"], k["due"], "Auto-generated key", "PRODUCTION", "400.0", "due"] in [r.split("\t") for r in rows]
+    assert run("rotate", "--all-due", "--apply", "--reason", "quarterly", "--config", str(path))[0] == 0
+    code, out, _ = run("status", "--history", "--config", str(path))
+    assert f"{k['client']}/{k['due']}\tAuto-generated key\t" in out
+    [entry] = [line for line in out.splitlines() if "quarterly" in line and "\trotation\t" in line]
+    assert "sinks memory:default: ok" in entry or "sinks memory" in entry
