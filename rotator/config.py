@@ -7,12 +7,13 @@ at start with the file, the key and the reason instead of at the first rotation.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
@@ -25,7 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from rotator.domain import Environment, Severity
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
@@ -55,6 +56,9 @@ EVENTS = (
 )
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+#: Broker URL schemes of kombu's RabbitMQ (py-amqp) transport.
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "pyamqps")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 _EXCLUDE_RE = re.compile(r"^[^/\s]+/[^/\s]+$")
 
 
@@ -194,10 +198,29 @@ class CeleryConfig(Section):
     reconcile_every_s: int = Field(86_400, ge=60, description="Beat: seconds between reconciles.")
     warn_every_s: int = Field(86_400, ge=60, description="Beat: seconds between due-soon sweeps.")
     visibility_timeout_s: int = Field(
-        3600, ge=60, description="Redis broker: redeliver an unacknowledged task after this."
+        3600, ge=60, description=("Redis (any non-RabbitMQ) broker: redeliver an unacknowledged task after this; "
+                                  "must exceed the longest rotation. Not used with RabbitMQ.")
     )
     result_expires_s: int = Field(86_400, ge=60, description="Results kept this long.")
     concurrency: int = Field(2, ge=1, le=64, description="Worker processes of `rotator worker`.")
+    queue: str = Field(
+        "rotator", pattern=r"^[A-Za-z0-9_.:-]{1,200}$",
+        description=("Celery queue (on RabbitMQ also the exchange) that workers consume and beat and "
+                     "`rotate --enqueue` publish to; a new name moves a deployment to a new queue."))
+    quorum_queues: bool = Field(
+        False, description=("RabbitMQ broker: declare `queue` as a replicated quorum queue (topic exchange, native "
+                            "delayed delivery for retries). An existing queue keeps its type: switch with a new "
+                            "`queue` name."))
+    consumer_timeout_s: int = Field(
+        1800, ge=0, description=("RabbitMQ broker: the broker's delivery acknowledgement timeout (`consumer_timeout` "
+                                 "in rabbitmq.conf, or a `consumer-timeout` policy on the queue), seconds; 0: "
+                                 "disabled there. rotator cannot read it: state it so it is checked against the "
+                                 "longest rotation."))
+
+    def broker_is_amqp(self) -> bool:
+        """RabbitMQ (`amqp://`, `amqps://`, `pyamqp://`, `pyamqps://`): acknowledgement deadlines come from
+        the broker's `consumer_timeout`, not from Redis's `visibility_timeout`."""
+        return self.broker_url.scheme in AMQP_SCHEMES
 
 
 class EngineConfig(Section):
@@ -213,6 +236,18 @@ class EngineConfig(Section):
         "ROTATOR_FINGERPRINT_KEY", description="Variable holding the fingerprint HMAC key."
     )
     fingerprint_key_file: Path | None = Field(None, description="File holding that key.")
+
+
+class WebConfig(Section):
+    host: str = Field("127.0.0.1", description="`rotator web`: address to bind; any but loopback needs a credential.")
+    port: int = Field(9465, ge=1, le=65535, description="`rotator web`: port to listen on.")
+    token_env: EnvName | None = Field(
+        None, description="Variable holding the page's bearer token (also the Basic password).")
+    token_file: Path | None = Field(None, description="File holding that token.")
+    username: str = Field("rotator", min_length=1, description="Basic user name that goes with the token.")
+    refresh_s: int = Field(30, ge=1, le=3600, description="Seconds between the page's refreshes.")
+    cache_s: float = Field(
+        10.0, ge=0, description="A snapshot of the fleet serves every request for this long (spares the key service).")
 
 
 class SinkConfig(BaseModel):
@@ -265,6 +300,7 @@ class Settings(BaseSettings):
     state: StateConfig = StateConfig()
     celery: CeleryConfig = CeleryConfig()
     engine: EngineConfig = EngineConfig()
+    web: WebConfig = WebConfig()
     sinks: list[SinkConfig] = Field(default_factory=list)
     alerts: list[AlertConfig] = Field(default_factory=list)
 
@@ -295,7 +331,7 @@ def load_settings(
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError([ConfigProblem(str(file), "-", "file not found")]) from None
+        raise ConfigError([ConfigProblem(str(file), "-", _not_found(path, file))]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([ConfigProblem(str(file), "-", f"cannot read: {exc}")]) from None
     except tomllib.TOMLDecodeError as exc:
@@ -310,9 +346,11 @@ def settings_from_mapping(
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(
-            [ConfigProblem(source, _dotted(e["loc"]), _reason(e, _dotted(e["loc"]))) for e in exc.errors()]
-        ) from None
+        overrides = _env_overrides(os.environ)  # what pydantic-settings read
+        raise ConfigError([ConfigProblem(_origin(e["loc"], source, overrides), _dotted(e["loc"]),
+                                         _reason(e, _dotted(e["loc"]))) for e in exc.errors()]) from None
+    except SettingsError as exc:  # an override that is not even JSON for a list or a table
+        raise ConfigError([ConfigProblem("environment", "-", f"{exc} (the value is not shown)")]) from None
     problems = list(_semantic_problems(settings, source, env))
     if problems:
         raise ConfigError(problems)
@@ -346,12 +384,7 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
             need(f"{section}.password_env", config.password_env, config.password_file, "password")
     if not s.sinks:
         problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
-    longest = longest_rotation_s(s)
-    if s.celery.visibility_timeout_s <= longest:
-        problems.append(ConfigProblem(source, "celery.visibility_timeout_s", (
-            f"must be longer than the longest rotation (about {longest:.0f}s: recovering an earlier attempt "
-            "and a fresh one, each engine.sink_retry_s plus the key-service calls with their retries), "
-            "or a running rotation is delivered twice")))
+    problems += _broker_problems(s, source)
     for index, sink in enumerate(s.sinks):
         for key, reason in registry.check(sink.kind, sink.options, env):
             problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))
@@ -372,6 +405,36 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     return problems
 
 
+def _broker_problems(s: Settings, source: str) -> list[ConfigProblem]:
+    """The broker's redelivery deadline against the longest rotation: Redis's `visibility_timeout`, or
+    RabbitMQ's `consumer_timeout` (tasks are acknowledged late, so either redelivers a task still
+    running); and RabbitMQ-only settings on another broker."""
+    c = s.celery
+    longest = longest_rotation_s(s)
+    what = (f"the longest rotation (about {longest:.0f}s: recovering an earlier attempt and a fresh one, each "
+            "engine.sink_retry_s plus the key-service calls with their retries)")
+    problems: list[ConfigProblem] = []
+    if c.broker_is_amqp():
+        if c.consumer_timeout_s and c.consumer_timeout_s <= longest:
+            problems.append(ConfigProblem(source, "celery.consumer_timeout_s", (
+                f"must be longer than {what}: RabbitMQ closes the channel of a worker that holds a task "
+                "unacknowledged past its consumer_timeout and delivers the task again while it still runs; raise "
+                "consumer_timeout on the broker (rabbitmq.conf or a consumer-timeout policy) and state it here")))
+        if (c.result_backend is not None and c.result_backend.scheme in REDIS_SCHEMES
+                and (c.password_env is not None or c.password_file is not None)):
+            problems.append(ConfigProblem(source, "celery.result_backend", (
+                "with a RabbitMQ broker, celery.password_env/password_file is RabbitMQ's password and would be "
+                "sent to this Redis too; rotator reads no task results: leave result_backend out")))
+        return problems
+    if c.quorum_queues:
+        problems.append(ConfigProblem(source, "celery.quorum_queues", (
+            f"quorum queues are a RabbitMQ feature; the broker is {c.broker_url.scheme}://, not amqp://")))
+    if c.visibility_timeout_s <= longest:
+        problems.append(ConfigProblem(source, "celery.visibility_timeout_s", (
+            f"must be longer than {what}, or a running rotation is delivered twice")))
+    return problems
+
+
 def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
     """What `check-config` warns about without refusing the file: credentials inside URLs and `*_env`
     values that look like a pasted secret rather than a variable name. No warning quotes the value."""
@@ -382,7 +445,8 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
     names: list[tuple[str, object]] = [("keyservice.token_env", s.keyservice.token_env),
                                        ("engine.fingerprint_key_env", s.engine.fingerprint_key_env),
                                        ("state.password_env", s.state.password_env),
-                                       ("celery.password_env", s.celery.password_env)]
+                                       ("celery.password_env", s.celery.password_env),
+                                       ("web.token_env", s.web.token_env)]
     for index, sink in enumerate(s.sinks):
         for name, value in sink.options.items():
             if name.endswith("url"):
@@ -450,6 +514,74 @@ def read_credential(env_name: str | None, file: Path | None, what: str) -> str:
     return value
 
 
+def _not_found(given: str | os.PathLike[str] | None, file: Path) -> str:
+    """Which path was tried, where it came from, and how to choose another."""
+    if given:
+        origin = "given with --config"
+    elif os.environ.get("ROTATOR_CONFIG"):
+        origin = "named by ROTATOR_CONFIG"
+    else:
+        origin = f"the default, ./{DEFAULT_PATH} in {excerpt(str(Path.cwd()), 200)}"
+    return (f"file not found: tried {excerpt(str(file), 200)} ({origin}); choose the file with --config FILE "
+            "or ROTATOR_CONFIG=FILE (`rotator config-reference` lists every key)")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """`ROTATOR_<SECTION>__<KEY>` variables by the dotted path they override (lower case)."""
+    found = {}
+    for name in environ:
+        if name.upper().startswith("ROTATOR_"):
+            path = tuple(name[len("ROTATOR_"):].lower().split("__"))
+            if path[0] in Settings.model_fields:
+                found[path] = name
+    return found
+
+
+def _origin(loc: tuple[int | str, ...], source: str, overrides: dict[tuple[str, ...], str]) -> str:
+    """The environment variable that set the value at `loc`, else the file."""
+    parts = tuple(str(p).lower() for p in loc if isinstance(p, str))
+    for length in range(len(parts), 0, -1):
+        if parts[:length] in overrides:
+            return f"environment variable {overrides[parts[:length]]}"
+    return source
+
+
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the section holding `loc` accepts (its model's fields), for a "did you mean"."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside an annotation such as `X`, `list[X]` or `X | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """Why a key is unknown: an inline credential, a typo with its likely meaning, or neither."""
+    leaf = str(loc[-1]) if loc else ""
+    known = _known_keys(loc)
+    if f"{leaf}_env" in known:
+        ways = " or ".join(f"`{leaf}{end}`" for end in ("_env", "_file") if f"{leaf}{end}" in known)
+        return f"unknown key: credentials are never inline; use {ways} (the value is not shown)"
+    close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+    return f"unknown key; did you mean {close[0]!r}?" if close else (
+        f"unknown key; known here: {', '.join(known)}" if known else "unknown key")
+
+
 def _dotted(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -468,7 +600,7 @@ def _reason(error: Any, key: str = "") -> str:
     (never for `*_env`, `*_file`, tokens, secrets, keys; URLs with their credentials redacted)."""
     kind = error.get("type", "")
     if kind == "extra_forbidden":
-        return "unknown key"
+        return _unknown_key(tuple(error.get("loc", ())))
     if kind == "missing":
         return "required key is missing"
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -479,5 +611,6 @@ def _reason(error: Any, key: str = "") -> str:
     if isinstance(value, str) and "url" in leaf:
         return f"{message} (got {excerpt(redact_url(value), 80)})"
     if isinstance(value, str | int | float | bool) and kind != "value_error":
-        return f"{message} (got {excerpt(value, 80) if isinstance(value, str) else value!r})"
+        shown = excerpt(value, 80) if isinstance(value, str) else repr(value)
+        return f"{message} (got {shown})"
     return message

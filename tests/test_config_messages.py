@@ -1,0 +1,79 @@
+"""Configuration errors name where the value came from and what to do instead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rotator.config import load_settings, settings_from_mapping
+from rotator.errors import ConfigError
+
+SINKS = {"sinks": [{"kind": "memory"}]}
+
+
+def problems(data: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(data)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_an_override_names_its_variable(env: pytest.MonkeyPatch) -> None:
+    env.setenv("ROTATOR_POLICY__MAX_AGE_DAYS", "abc")
+    [problem] = problems(SINKS)
+    assert problem.startswith("environment variable ROTATOR_POLICY__MAX_AGE_DAYS: policy.max_age_days: ")
+    assert "(got 'abc')" in problem
+
+
+def test_an_override_that_is_not_a_list_names_its_variable(env: pytest.MonkeyPatch) -> None:
+    env.setenv("ROTATOR_KEYSERVICE__CLIENTS", "acme")
+    [problem] = problems(SINKS)
+    assert problem.startswith("environment variable ROTATOR_KEYSERVICE__CLIENTS: keyservice.clients: ")
+
+
+def test_a_value_in_the_file_names_the_file(env: pytest.MonkeyPatch) -> None:
+    [problem] = problems({**SINKS, "policy": {"max_age_days": "abc"}})
+    assert problem.startswith("<settings>: policy.max_age_days: ") and "(got 'abc')" in problem
+
+
+@pytest.mark.parametrize(("section", "key", "ways"), [
+    ("keyservice", "token", "use `token_env` or `token_file`"),
+    ("state", "password", "use `password_env` or `password_file`"),
+    ("engine", "fingerprint_key", "use `fingerprint_key_env` or `fingerprint_key_file`"),
+])
+def test_an_inline_credential_is_refused_without_its_value(env: pytest.MonkeyPatch, section: str, key: str,
+                                                          ways: str) -> None:
+    [problem] = problems({**SINKS, section: {key: "sk_live_4f9a0c1d2e3b"}})
+    assert f"{section}.{key}: unknown key: credentials are never inline; {ways}" in problem
+    assert "sk_live" not in problem
+
+
+def test_an_inline_alert_secret_points_at_secret_env(env: pytest.MonkeyPatch) -> None:
+    [problem] = problems({**SINKS, "alerts": [{"url": "json://localhost", "secret": "x"}]})
+    assert "alerts[0].secret: unknown key: credentials are never inline; use `secret_env`" in problem
+
+
+@pytest.mark.parametrize(("data", "hint"), [
+    ({"polcy": {}}, "polcy: unknown key; did you mean 'policy'?"),
+    ({"policy": {"max_age_dayz": 5}}, "policy.max_age_dayz: unknown key; did you mean 'max_age_days'?"),
+    ({"state": {"redis": "redis://x"}}, "state.redis: unknown key; did you mean 'redis_url'?"),
+])
+def test_a_misspelt_key_gets_a_did_you_mean(env: pytest.MonkeyPatch, data: dict[str, object], hint: str) -> None:
+    assert any(hint in p for p in problems({**SINKS, **data}))
+
+
+def test_a_missing_file_says_what_was_tried_and_how_to_choose(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env.chdir(tmp_path)
+    env.delenv("ROTATOR_CONFIG", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    text = str(caught.value)
+    assert "tried 'rotator.toml' (the default, ./rotator.toml in " in text and str(tmp_path) in text
+    assert "--config FILE or ROTATOR_CONFIG=FILE" in text
+    env.setenv("ROTATOR_CONFIG", str(tmp_path / "elsewhere.toml"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "elsewhere.toml' (named by ROTATOR_CONFIG)" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(tmp_path / "given.toml")
+    assert "given.toml' (given with --config)" in str(caught.value)
