@@ -1,8 +1,9 @@
 """Celery settings, read once from rotator's own configuration (`$ROTATOR_CONFIG`).
 
-JSON only, late acknowledgement, a redelivery timeout longer than the longest rotation, one task
-prefetched per process. Task arguments are ids and trigger names; results are `RotationResult`
-dicts: neither ever holds a secret.
+JSON only, late acknowledgement, a redelivery deadline longer than the longest rotation (Redis's
+visibility_timeout, or RabbitMQ's consumer_timeout with publisher confirms and optional quorum
+queues), one task prefetched per process. Task arguments are ids and trigger names; results are
+`RotationResult` dicts: neither ever holds a secret.
 """
 
 from __future__ import annotations
@@ -24,12 +25,31 @@ worker_prefetch_multiplier = 1
 task_track_started = True
 result_expires = _c.result_expires_s
 result_extended = False
-broker_transport_options = {"visibility_timeout": _c.visibility_timeout_s}
+broker_transport_options: dict[str, object]
+if _c.broker_is_amqp():
+    # RabbitMQ: a task held unacknowledged past the broker's consumer_timeout is redelivered (config.py
+    # checks it against the longest rotation); Redis's visibility_timeout means nothing here. Every
+    # publish (beat's fan-out, `rotate --enqueue`, retries, alerts) waits for the broker's confirm, so a
+    # message the broker refused raises instead of vanishing.
+    broker_transport_options = {"confirm_publish": True}
+    if _c.quorum_queues:
+        # A replicated queue. Quorum queues refuse global QoS (Celery detects them and uses a static
+        # per-consumer prefetch) and a worker cannot raise its prefetch for a countdown, so retries go
+        # through RabbitMQ's native delayed delivery, which needs a topic exchange, not a direct one.
+        task_default_queue_type = "quorum"
+        task_default_exchange_type = "topic"
+        worker_detect_quorum_queues = True
+        broker_native_delayed_delivery_queue_type = "quorum"
+else:
+    broker_transport_options = {"visibility_timeout": _c.visibility_timeout_s}
 result_backend_transport_options = {"visibility_timeout": _c.visibility_timeout_s}
 broker_connection_retry_on_startup = True
 worker_hijack_root_logger = False
+# rotator's log lines go to stderr with their own level; redirected, every one would be logged again
+# as a WARNING of `celery.redirected`.
+worker_redirect_stdouts = False
 worker_concurrency = _c.concurrency
-task_default_queue = "rotator"
+task_default_queue = _c.queue
 timezone = "UTC"
 enable_utc = True
 # Beat's schedule is a shelve (pickle): whoever can write it runs code in beat. It lives in a private

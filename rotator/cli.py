@@ -81,7 +81,7 @@ def errors_exit() -> Iterator[None]:
 def main_options(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
 ) -> None:
-    logs.configure(log_level)
+    logs.configure(log_level, for_people=True)
 
 
 @app.command("check-config")
@@ -399,6 +399,8 @@ def reconcile(config: ConfigOption = None,
 
 
 def _celery(argv: list[str]) -> None:
+    """Run Celery; its processes log as services do (JSON lines unless a terminal or $ROTATOR_LOG_FORMAT)."""
+    logs.configure()
     from rotator.tasks import app as celery_app
 
     celery_app.worker_main(argv) if argv[0] == "worker" else celery_app.start(argv)

@@ -1,5 +1,9 @@
 """Structured logging with structlog: JSON lines for machines, readable lines for people.
 
+`ROTATOR_LOG_FORMAT=json` or `console` chooses; unset, a command run by a person (`rotator
+status`, `reconcile`, ...) writes readable lines, and a worker or beat writes JSON unless its
+stderr is a terminal. Levels are kept: a worker never turns an info line into a warning.
+
 A processor drops any value that is a `Secret`, as a last guard: secrets are never passed to a
 logger on purpose. Every URL in a log line, ours or a library's (httpx logs each request's URL at
 INFO), has its credentials redacted as `user:***@`.
@@ -55,14 +59,22 @@ def _stderr_logger(*_: Any) -> Any:
     return structlog.PrintLogger(sys.stderr)
 
 
-def configure(level: str | None = None, json_lines: bool | None = None) -> None:
+def json_wanted(for_people: bool = False) -> bool:
+    """JSON lines or readable ones: `$ROTATOR_LOG_FORMAT`, else readable for people and terminals."""
+    chosen = os.environ.get("ROTATOR_LOG_FORMAT", "").lower()
+    if chosen in ("json", "console"):
+        return chosen == "json"
+    return not (for_people or sys.stderr.isatty())
+
+
+def configure(level: str | None = None, json_lines: bool | None = None, *, for_people: bool = False) -> None:
     """Route structlog and stdlib logging to stderr at `level` (default `$ROTATOR_LOG_LEVEL`)."""
     name = (level or os.environ.get("ROTATOR_LOG_LEVEL") or "INFO").upper()
     numeric = logging.getLevelName(name)
     if not isinstance(numeric, int):
         numeric = logging.INFO
     if json_lines is None:
-        json_lines = os.environ.get("ROTATOR_LOG_FORMAT", "").lower() == "json" or not sys.stderr.isatty()
+        json_lines = json_wanted(for_people)
     renderer: Any = (structlog.processors.JSONRenderer() if json_lines
                      else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(

@@ -52,7 +52,9 @@ class Cluster:
     """A config file and the processes started for one test; everything they print is kept."""
 
     def __init__(self, tmp: Path, redis_url: str, emulator_url: str, vault_url: str, vault_token: str,
-                 mode: str = "enforce", extra: str = "") -> None:
+                 mode: str = "enforce", extra: str = "", broker: str = "") -> None:
+        """`broker`: the `[celery]` lines naming another broker (and no result backend) instead of
+        the private Redis's databases 1 and 2."""
         self.tmp = tmp
         self.vault_url = vault_url
         self.broker_url = f"{redis_url}/1"
@@ -62,6 +64,7 @@ class Cluster:
                     "ROTATOR_FILE_KEY": Fernet.generate_key().decode(), "VAULT_TOKEN": vault_token,
                     "ROTATOR_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1", "HOOK_SECRET": "hook-secret-1"}
         self.config = tmp / "rotator.toml"
+        broker = broker or f'broker_url = "{redis_url}/1"\nresult_backend = "{redis_url}/2"'
         self.config.write_text(f"""
 [keyservice]
 url = "{emulator_url}"
@@ -73,8 +76,7 @@ mode = "{mode}"
 redis_url = "{redis_url}/0"
 lock_ttl_s = 10
 [celery]
-broker_url = "{redis_url}/1"
-result_backend = "{redis_url}/2"
+{broker}
 scan_every_s = 2
 recover_every_s = 3600
 visibility_timeout_s = 600
@@ -260,6 +262,10 @@ def test_redelivered_message_rotates_once_and_nothing_leaks(
     written = cluster.everything_written()
     assert "rotation.succeeded" in written and keys["due1"] in written  # the logs are really there
     assert secret not in written
+    # rotator's lines keep their level in the worker's log (not re-logged as celery.redirected warnings)
+    lines = [json.loads(line) for line in cluster.outputs[0].read_text().splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "rotation.finished" and e.get("level") == "info" for e in lines)
+    assert "celery.redirected" not in cluster.outputs[0].read_text()
 
 
 def test_audit_mode_and_plans_change_nothing(

@@ -51,7 +51,7 @@ def run(*args: str) -> tuple[int, str, str]:
 def test_the_plan_looks_each_key_up(setup: tuple[Path, dict[str, str]], emulator: Emulator) -> None:
     """Not due, no such key, out of scope: the plan says so (and how), and changes nothing."""
     path, k = setup
-    code, out, err = run("rotate", "--client-id", k["client"], "--key-id", k["young"], "--config", str(path))
+    code, out, _ = run("rotate", "--client-id", k["client"], "--key-id", k["young"], "--config", str(path))
     assert code == 0 and "would skip" in out and "not due (age 12.0 d; due " in out and "add --force" in out
     code, out, _ = run("rotate", "--client-id", k["client"], "--key-id", k["young"], "--force", "--json",
                        "--config", str(path))
@@ -135,3 +135,19 @@ def test_piped_tables_keep_whole_values(setup: tuple[Path, dict[str, str]]) -> N
     assert f"{k['client']}/{k['due']}\tAuto-generated key\t" in out
     [entry] = [line for line in out.splitlines() if "quarterly" in line and "\trotation\t" in line]
     assert "sinks memory:default: ok" in entry or "sinks memory" in entry
+
+
+def test_events_in_human_output_are_readable_lines(setup: tuple[Path, dict[str, str]], emulator: Emulator,
+                                                   env: pytest.MonkeyPatch) -> None:
+    """`reconcile` with drift: its event is a readable line, not JSON, unless ROTATOR_LOG_FORMAT=json."""
+    path, k = setup
+    assert run("rotate", "--all-due", "--apply", "--config", str(path))[0] == 0
+    emulator.clock_offset_s = 10
+    emulator.reset_key(k["client"], k["due"], None)  # behind rotator's back
+    code, out, err = run("reconcile", "--config", str(path))
+    assert code == 1 and f"drift {k['client']}/{k['due']}" in out
+    assert "drift.detected" in err and not any(line.lstrip().startswith("{") for line in err.splitlines())
+    env.setenv("ROTATOR_LOG_FORMAT", "json")
+    code, _, err = run("reconcile", "--config", str(path))
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert code == 1 and [e["event"] for e in events] == ["drift.detected"] and events[0]["level"] == "critical"
