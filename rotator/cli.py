@@ -111,6 +111,28 @@ def check_config(
 
 
 @app.command()
+def health(
+    config: ConfigOption = None,
+    worker: Annotated[bool, typer.Option("--worker", help="Also ping this host's Celery worker.")] = False,
+    node: Annotated[str | None, typer.Option(help="The worker's node name (default celery@HOSTNAME).")] = None,
+) -> None:
+    """Probe for systemd and Kubernetes: Redis and the broker answer (and, with --worker, this
+    host's worker does). Exit 0 healthy, 1 not; one line per check. Never calls the key service."""
+    settings = _use_config(config)
+    from rotator.probe import probe
+
+    failures = 0
+    for name, problem in probe(settings, worker, node):
+        if problem is None:
+            err.print(f"[green]ok[/green]   {show(name)}", highlight=False)
+        else:
+            failures += 1
+            err.print(f"[red]fail[/red] {show(name)}: {show(problem)}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
 def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List every key with its age and state: due, due_soon, ok, excluded, out_of_scope."""
     from rotator.keyservice import build_keyservice
@@ -493,6 +515,27 @@ def demo(
     from rotator.demo.run import main as run_demo
 
     raise typer.Exit(run_demo(home.resolve(), port, duration, plain or not out.is_terminal))
+
+
+@app.command()
+def web(config: ConfigOption = None,
+        host: Annotated[str | None, typer.Option(help="Address to bind (default [web].host: 127.0.0.1).")] = None,
+        port: Annotated[int | None, typer.Option(help="Port (default [web].port: 9465; 0: any free port).")] = None,
+        token_env: Annotated[str | None, typer.Option("--token-env", help="Variable holding the bearer token.")] = None,
+        token_file: Annotated[Path | None, typer.Option("--token-file", help="File holding the bearer token.")] = None,
+        with_metrics: Annotated[bool, typer.Option("--metrics", help="Also serve /metrics.")] = False) -> None:
+    """A read-only status page of the fleet, with its JSON at /api/status (same data as status --json).
+
+    Binds 127.0.0.1 unless told otherwise; any other address needs a token (--token-env/--token-file)."""
+    settings = _use_config(config)
+    from rotator.web.server import WebOptions, serve
+
+    options = WebOptions.of(settings, host, port, token_env, token_file, with_metrics)
+    with errors_exit():
+        try:
+            serve(settings, options, announce=lambda line: err.print(show(line), highlight=False))
+        except OSError as exc:
+            fail(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}", 2)
 
 
 def main() -> None:

@@ -266,6 +266,8 @@ def test_redelivered_message_rotates_once_and_nothing_leaks(
     lines = [json.loads(line) for line in cluster.outputs[0].read_text().splitlines() if line.startswith("{")]
     assert any(e.get("event") == "rotation.finished" and e.get("level") == "info" for e in lines)
     assert "celery.redirected" not in cluster.outputs[0].read_text()
+    probe = cluster.cli("health", "--worker")  # the probe of systemd units and Kubernetes manifests
+    assert probe.returncode == 0 and "ok   worker celery@" in probe.stderr, probe.stderr
 
 
 def test_audit_mode_and_plans_change_nothing(

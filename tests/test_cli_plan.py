@@ -151,3 +151,16 @@ def test_events_in_human_output_are_readable_lines(setup: tuple[Path, dict[str, 
     code, _, err = run("reconcile", "--config", str(path))
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert code == 1 and [e["event"] for e in events] == ["drift.detected"] and events[0]["level"] == "critical"
+
+
+def test_health_probe(setup: tuple[Path, dict[str, str]], env: pytest.MonkeyPatch) -> None:
+    """Redis and the broker answer: exit 0. No worker on this host: --worker exits 1 and says so.
+    A dead Redis: exit 1, named. (The live worker's answer is checked in test_celery.)"""
+    path, _ = setup
+    code, _, err = run("health", "--config", str(path))
+    assert code == 0 and "ok   state redis" in err and "ok   celery broker" in err
+    code, _, err = run("health", "--worker", "--node", "celery@nowhere-here", "--config", str(path))
+    assert code == 1 and "fail worker celery@nowhere-here: no answer" in err
+    env.setenv("ROTATOR_STATE__REDIS_URL", "redis://127.0.0.1:9/0")
+    code, _, err = run("health", "--config", str(path))
+    assert code == 1 and "fail state redis: ConnectionError" in err
