@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 
 from rotator.config import load_settings
+from rotator.console import show
 from rotator.embedded import PrivateRedis
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
@@ -86,7 +87,7 @@ def _table(config: Path, started: float) -> Table:
     service = build_keyservice(settings.keyservice)
     state = build_state(settings)
     table = Table(title=f"rotator demo · {int(time.time() - started)}s · Ctrl-C stops everything")
-    for col in ("client_id", "alias", "env", "age (days)", "state", "last rotation"):
+    for col in ("client_id", "key_id", "alias", "env", "age (days)", "state", "last rotation"):
         table.add_column(col)
     colours = {"due": "red", "due_soon": "yellow", "ok": "green"}
     try:
@@ -95,8 +96,8 @@ def _table(config: Path, started: float) -> Table:
             text = f"{last['status']} ({last['trigger']})" if last else ""
             st = classify(row.key, time.time(), settings.policy.to_policy()).value
             c = colours.get(st, "dim")
-            table.add_row(row.key.client_id, row.key.alias, row.key.environment.value[:4],
-                          f"{row.age_days:.1f}", f"[{c}]{st}[/{c}]", text)
+            table.add_row(show(row.key.client_id), show(row.key.key_id), show(row.key.alias),
+                          row.key.environment.value[:4], f"{row.age_days:.1f}", f"[{c}]{st}[/{c}]", show(text))
     finally:
         service.close()
     return table
@@ -159,11 +160,14 @@ def main(home: Path, port: int, duration: float | None, plain: bool) -> int:
                             break
         except KeyboardInterrupt:
             interrupted = True
+            console.print("Ctrl-C: stopping the worker and beat (a rotation in flight finishes first), "
+                          "then Redis and the emulator…")
         finally:
             _stop(worker)
             log.close()
         if worker.returncode not in (0, -signal.SIGTERM, None) and not interrupted and duration is None:
             console.print(f"[red]the worker exited with {worker.returncode}; see {home / 'worker.log'}[/red]")
             return 1
-        console.print("stopped: worker, beat, Redis and the emulator")
+        console.print("stopped: worker, beat, Redis and the emulator; the demo's files stay in "
+                      f"{home} (delete it to start afresh)")
     return 0
