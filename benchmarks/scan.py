@@ -1,16 +1,22 @@
-"""Scan-path benchmark: rotator's scan against a bare httpx loop over the same pages.
+"""Scan benchmark: rotator's scan against a bare httpx loop over the same pages.
 
     python3 dev.py bench scan      (or: .venv/bin/python benchmarks/scan.py [--sizes 10000,100000])
 
-The emulator runs in its own process, seeded with N keys in 100 Client IDs. Each measured path
-runs in a fresh child process, so its peak RSS is its own. Prints wall times, their ratio
-(goal <= 1.1) and the scan path's peak RSS (goal <= 150 MB, flat from 10k to 100k keys).
+The emulator runs in its own process, seeded with N keys in 100 Client IDs. Two comparisons:
+
+- in-process: the scan path against the loop, each in a fresh child process (timed inside it), so
+  its peak RSS is its own (goal <= 150 MB, flat from 10k to 100k keys);
+- whole process (at `--whole`, 20,000 keys): the `rotator scan --json` command, start-up, config,
+  imports and output included, against `python -c <the loop>` doing the same requests.
+
+Prints wall times and their ratios (goal <= 1.1 for both), best of several interleaved runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,6 +29,22 @@ import httpx
 TOKEN = "bench-token"
 CLIENTS = 100
 REPEATS = 3
+WHOLE_REPEATS = 5
+BARE_LOOP = """
+import sys, httpx
+url, token, clients = sys.argv[1], sys.argv[2], int(sys.argv[3])
+count = 0
+with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
+    for c in range(clients):
+        page = 1
+        while True:
+            r = http.get(f"/v2.01/c{c:03d}/apikeys", params={"page": page, "per_page": 100})
+            count += len(r.json())
+            if page >= int(r.headers["X-Number-Of-Pages"]):
+                break
+            page += 1
+print(count)
+"""
 
 
 def child(mode: str, url: str, clients: int) -> None:
@@ -82,7 +104,33 @@ def measure(mode: str, url: str) -> dict[str, float]:
     return result
 
 
-def run_size(keys: int, folder: Path) -> None:
+def whole_processes(keys: int, url: str, folder: Path) -> None:
+    """`rotator scan --json` as an operator runs it, against the bare loop as a process of its own."""
+    config = folder / "rotator.toml"
+    config.write_text(f'[keyservice]\nurl = "{url}"\nper_page = 100\n[[sinks]]\nkind = "memory"\n')
+    env = {**os.environ, "ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": "bench-fingerprint-key"}
+    rotator = [str(Path(sys.executable).with_name("rotator")), "scan", "--json", "--config", str(config)]
+    bare = [sys.executable, "-c", BARE_LOOP, url, TOKEN, str(CLIENTS)]
+
+    def timed(argv: list[str]) -> tuple[float, bytes]:
+        start = time.perf_counter()
+        out = subprocess.run(argv, env=env, capture_output=True, check=True).stdout
+        return time.perf_counter() - start, out
+
+    bare_s, rot_s = [], []
+    for _ in range(WHOLE_REPEATS):
+        seconds, out = timed(bare)
+        assert int(out) == keys
+        bare_s.append(seconds)
+        seconds, out = timed(rotator)
+        assert len(json.loads(out)) == keys, "the command must print every key"
+        rot_s.append(seconds)
+    b, s = min(bare_s), min(rot_s)
+    print(f"{keys:>7} keys | whole process: bare loop {b:6.3f}s | rotator scan --json {s:6.3f}s | "
+          f"ratio {s / b:5.3f} (goal <= 1.1)", flush=True)
+
+
+def run_size(keys: int, folder: Path, whole: bool = False) -> None:
     from rotator.embedded import free_port
 
     port = free_port()
@@ -108,6 +156,8 @@ def run_size(keys: int, folder: Path) -> None:
         print(f"{keys:>7} keys | bare httpx {b:6.3f}s | rotator scan {s:6.3f}s | ratio {s / b:5.3f} "
               f"(goal <= 1.1) | scan peak RSS {max(r['rss_mb'] for r in rot):6.1f} MB "
               f"(bare {max(r['rss_mb'] for r in bare):.1f} MB; goal <= 150)", flush=True)
+        if whole:
+            whole_processes(keys, url, folder)
     finally:
         emulator.terminate()
         emulator.wait(10)
@@ -117,14 +167,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child")
     parser.add_argument("--url")
-    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--sizes", default="10000,20000,100000")
+    parser.add_argument("--whole", type=int, default=20000, help="Size of the whole-process comparison.")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.url, CLIENTS)
         return
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
-            run_size(size, Path(tmp))
+            run_size(size, Path(tmp), whole=size == args.whole)
 
 
 if __name__ == "__main__":

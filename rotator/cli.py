@@ -11,7 +11,6 @@ the key service) is one line on stderr and exit 1, never a traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ import typer
 
 from rotator import logs
 from rotator.config import Settings, config_path, load_settings
-from rotator.console import err, out, print_table, show, unreachable
+from rotator.console import err, out, print_json, print_table, show, unreachable
 from rotator.errors import ConfigError, RotatorError
 
 if TYPE_CHECKING:
@@ -154,7 +153,7 @@ def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         finally:
             service.close()
     if as_json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        print_json([r.to_dict() for r in rows])
         return
     colours = {"due": "red", "due_soon": "yellow", "ok": "green"}
     print_table(("client_id", "key_id", "alias", "environment", "age_days", "state"), [
@@ -174,7 +173,7 @@ def emulator(
     token: Annotated[str, typer.Option(envvar="ROTATOR_KEYSERVICE_TOKEN",
                                        help="Management token it accepts.")] = "dev-token",
 ) -> None:
-    """Serve the key-service API (keyservice-api.md) for development and tests."""
+    """Serve the key-service API (docs/keyservice-api.md) for development and tests."""
     from rotator.keyservice.emulator import Emulator
     from rotator.keyservice.emulator_http import EmulatorServer
 
@@ -267,7 +266,7 @@ def rotate(
     if not plan:
         err.print("no key is due")
     if as_json:
-        print(json.dumps({"applied": True, "results": [r.to_dict() for r in results]}, indent=2))
+        print_json({"applied": True, "results": [r.to_dict() for r in results]})
     else:
         for res in results:
             colour = "green" if res.ok else ("yellow" if res.status == "skipped" else "red")
@@ -282,7 +281,7 @@ def rotate(
 def _print_plan(plan: list[Any], as_json: bool, enqueue: bool) -> None:
     """What --apply would do, key by key; exit 1 when a key would be refused."""
     if as_json:
-        print(json.dumps({"applied": False, "plan": [step.to_dict() for step in plan]}, indent=2))
+        print_json({"applied": False, "plan": [step.to_dict() for step in plan]})
     else:
         colours = {"rotate": "green", "skip": "yellow", "refuse": "red"}
         for step in plan:
@@ -320,8 +319,8 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
     engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
                          "keys": [k for k, _ in sent], "reason": reason})
     if as_json:
-        print(json.dumps({"applied": True, "enqueued": [i for _, i in sent],
-                          "not_sent": [step.to_dict() for step in refused]}, indent=2))
+        print_json({"applied": True, "enqueued": [i for _, i in sent],
+                          "not_sent": [step.to_dict() for step in refused]})
     else:
         err.print(f"{len(sent)} rotation(s) sent to the workers")
     if any(step.action == "refuse" for step in refused):
@@ -350,10 +349,10 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
                  for d in engine.drift()]
         entries = engine.state.history(limit) if history else []
     if as_json:
-        print(json.dumps({"keys": rows, "in_flight": [
+        print_json({"keys": rows, "in_flight": [
             {"client_id": a.client_id, "key_id": a.key_id, "attempt_id": a.attempt_id, "phase": a.phase,
              "trigger": a.trigger} for a in attempts.values()],
-                          "drift": drift, "history": entries}, indent=2))
+                          "drift": drift, "history": entries})
         return
     table = []
     for r in rows:
@@ -405,7 +404,7 @@ def reconcile(config: ConfigOption = None,
                          "reason": d.reason} for d in drift], "repaired": repaired,
               "unrepaired": len(left)}
     if as_json:
-        print(json.dumps(report, indent=2))
+        print_json(report)
     else:
         for d in report["drift"]:
             where = f"{d['client_id']}/{d['key_id']} {d['sink']}"

@@ -8,6 +8,8 @@ terminal is a rich table; piped, it is tab-separated rows with every value whole
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -26,6 +28,11 @@ Cell = tuple[str, str | None] | str
 def show(value: object) -> str:
     """A value from outside, safe in a rich table or line: no markup, no control characters."""
     return escape(terminal_safe(value))
+
+
+def print_json(document: object) -> None:
+    """One compact JSON document on stdout (json's C encoder; pipe it to `jq` to read it)."""
+    sys.stdout.write(json.dumps(document, separators=(",", ":")) + "\n")
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:

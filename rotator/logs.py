@@ -7,6 +7,9 @@ stderr is a terminal. Levels are kept: a worker never turns an info line into a 
 A processor drops any value that is a `Secret`, as a last guard: secrets are never passed to a
 logger on purpose. Every URL in a log line, ours or a library's (httpx logs each request's URL at
 INFO), has its credentials redacted as `user:***@`.
+
+structlog (with its console renderer) is imported on the first log call, not at start-up: a
+command that logs nothing, such as `rotator scan --json`, does not pay for it.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any
-
-import structlog
 
 from rotator.domain import Secret
 from rotator.safety import redact_urls_in
@@ -56,7 +57,13 @@ _REDACT = RedactUrls()
 
 
 def _stderr_logger(*_: Any) -> Any:
+    import structlog
+
     return structlog.PrintLogger(sys.stderr)
+
+
+_wanted: tuple[int, bool] | None = None  # level and JSON-or-not, applied to structlog on first use
+_applied: tuple[int, bool] | None = None
 
 
 def json_wanted(for_people: bool = False) -> bool:
@@ -75,6 +82,28 @@ def configure(level: str | None = None, json_lines: bool | None = None, *, for_p
         numeric = logging.INFO
     if json_lines is None:
         json_lines = json_wanted(for_people)
+    global _wanted
+    _wanted = (numeric, json_lines)
+    if "structlog" in sys.modules:
+        _apply_structlog()
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    # These clients log request bodies at DEBUG (botocore prints SecretString): never below INFO.
+    for name in CHATTY_CLIENTS:
+        logging.getLogger(name).setLevel(max(numeric, logging.INFO))
+        if _REDACT not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_REDACT)
+    for handler in logging.getLogger().handlers:
+        if _REDACT not in handler.filters:
+            handler.addFilter(_REDACT)
+
+
+def _apply_structlog() -> None:
+    """Configure structlog as `configure` last asked (INFO, by the terminal, if it never was)."""
+    global _applied
+    import structlog
+
+    numeric, json_lines = _wanted or (logging.INFO, json_wanted())
+    _applied = (numeric, json_lines)
     renderer: Any = (structlog.processors.JSONRenderer() if json_lines
                      else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
@@ -91,16 +120,21 @@ def configure(level: str | None = None, json_lines: bool | None = None, *, for_p
         logger_factory=_stderr_logger,  # resolved per call: follows a redirected stderr
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-    # These clients log request bodies at DEBUG (botocore prints SecretString): never below INFO.
-    for name in CHATTY_CLIENTS:
-        logging.getLogger(name).setLevel(max(numeric, logging.INFO))
-        if _REDACT not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(_REDACT)
-    for handler in logging.getLogger().handlers:
-        if _REDACT not in handler.filters:
-            handler.addFilter(_REDACT)
+
+
+class _Logger:
+    """A structlog logger that imports and configures structlog on its first call."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, method: str) -> Any:
+        if _applied is None or (_wanted is not None and _applied != _wanted):
+            _apply_structlog()
+        import structlog
+
+        return getattr(structlog.get_logger(self._name), method)
 
 
 def get(name: str = "rotator") -> Any:
-    return structlog.get_logger(name)
+    return _Logger(name)

@@ -28,7 +28,7 @@ def probe(settings: Settings, worker: bool = False, node: str | None = None) -> 
         yield "celery broker", _redis(settings.celery.broker)
     if worker:
         name = node or f"celery@{socket.gethostname()}"
-        yield f"worker {name}", _worker(name)
+        yield f"worker {name}", _worker(settings, name)
 
 
 def _redis(url: object) -> str | None:
@@ -44,14 +44,17 @@ def _redis(url: object) -> str | None:
         return f"{type(exc).__name__}: {redact_urls_in(str(exc).splitlines()[0] if str(exc) else '')}"
 
 
-def _worker(name: str) -> str | None:
+def _worker(settings: Settings, name: str) -> str | None:
     """This host's worker answers a broadcast ping addressed to it alone."""
-    from rotator.tasks import app
+    from celery import Celery
 
+    app = Celery("rotator-probe", broker=settings.celery.broker(), set_as_current=False)
     try:
         replies = app.control.ping(destination=[name], timeout=TIMEOUT_S)
     except Exception as exc:  # the broker went away between the checks
         return f"{type(exc).__name__}: the ping could not be sent"
+    finally:
+        app.close()
     if any(name in reply for reply in replies):
         return None
     return f"no answer within {TIMEOUT_S:.0f}s (is `rotator worker` running here, under this node name?)"

@@ -1,7 +1,7 @@
 """A key service that speaks the contract's shape but lies: one real HTTP server, one lie per case.
 
 `RawServer` answers every request with whatever a handler returns (any status, headers, bytes,
-trickled or not). `LyingKeyService` is a small, honest implementation of keyservice-api.md (clients,
+trickled or not). `LyingKeyService` is a small, honest implementation of docs/keyservice-api.md (clients,
 paged keys, reset with Idempotency-Key and stored responses, the token check) whose answers a test
 bends with `lie` (see `LIES`).
 """

@@ -203,7 +203,7 @@ class FakeKey:
 
 
 class FakeKeyService:
-    """keyservice-api.md's rules, in memory: one run per Idempotency-Key, stored answers for 24 h
+    """docs/keyservice-api.md's rules, in memory: one run per Idempotency-Key, stored answers for 24 h
     (4xx included), 5xx never stored; faults chosen by the seed."""
 
     def __init__(self, sim: Sim) -> None:

@@ -1,4 +1,4 @@
-"""The HTTP adapter for keyservice-api.md, with httpx and tenacity.
+"""The HTTP adapter for docs/keyservice-api.md (docs/keyservice-openapi.yaml), with httpx and tenacity.
 
 Every transport or status error is mapped here, in one place, into the project's error tree.
 Messages carry the method and path; never a token, a secret or a response body (a reset's body
@@ -130,9 +130,10 @@ class _DeadlineTransport(httpx.HTTPTransport):
     """httpx's own transport (its request and error mapping) over the deadline-bound backend."""
 
     def __init__(self) -> None:
-        super().__init__()
+        tls = httpx.create_ssl_context()  # loading the CA bundle is the costly part: once, not twice
+        super().__init__(verify=tls)
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(), max_connections=20, max_keepalive_connections=10,
+            ssl_context=tls, max_connections=20, max_keepalive_connections=10,
             keepalive_expiry=5.0, network_backend=_DeadlineBackend(),
         )
 
@@ -148,7 +149,7 @@ class _Answer:
 
 
 class HttpKeyService:
-    """Speaks keyservice-api.md. Retries transient failures; a reset retry reuses its key.
+    """Speaks docs/keyservice-api.md. Retries transient failures; a reset retry reuses its key.
 
     `timeout_s` is the deadline of one try (connect, headers and the whole body); a call makes at
     most `max_attempts` tries."""
