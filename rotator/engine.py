@@ -278,7 +278,33 @@ class Engine:
         if trigger == "schedule" and self.window is not None and not self.window.contains(
                 datetime.fromtimestamp(self.clock(), UTC)):
             return self._skipped(key, trigger, "outside the rotation window")
+        shared = self._shared_location(key)
+        if shared is not None:
+            result = RotationResult(key.client_id, key.key_id, "failed", shared, trigger=trigger)
+            self.emit("rotation.failed", key, None, shared)
+            self._history(result)
+            return result
         return self._reset(key, lease, trigger)
+
+    def _shared_location(self, key: ApiKey) -> str | None:
+        """Another key of the Client ID whose secret a sink would store in this key's place (two
+        aliases with one slug, under a path with `{alias}`): nothing is reset, or one key's
+        secret would overwrite the other's. Lists the Client ID only when a path uses the alias."""
+        sinks = [s for s in self.sinks if hasattr(s, "location")]
+        renamed = replace(key, alias=key.alias + " x")
+        by_alias = [s for s in sinks if s.location(key) != s.location(renamed)]
+        if not by_alias:
+            return None
+        mine = {s.location(key) for s in by_alias}
+        for other in self.keyservice.list_keys(key.client_id):
+            if other.key_id != key.key_id:
+                for sink in by_alias:
+                    where = sink.location(other)
+                    if where in mine:
+                        return (f"{where} would also hold key {other.key_id} (alias {other.alias!r}): aliases in a "
+                                "sink path must be unique per Client ID once slugged; nothing reset (use {key_id} "
+                                "in the path, or rename one key)")
+        return None
 
     def _rotated_already(self, key: ApiKey) -> bool:
         """rotator stored a rotation that replaced this very generation, and the key service still

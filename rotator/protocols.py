@@ -92,6 +92,10 @@ class SecretSink(Protocol):
         """A printable location, e.g. `vault:secret/rotator/acme/key_1`; never a credential."""
         ...
 
+    def location(self, key: ApiKey) -> str:
+        """Where this key's secret lives in this sink; two keys of one deployment never share one."""
+        ...
+
     def prepare(self, key: ApiKey) -> object:
         """Before the reset: reach the sink, check the right to write, read what the write needs
         (Vault's CAS version, whether the AWS secret exists). Raise a RotatorError if the sink

@@ -18,7 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 from typer.testing import CliRunner
 
-from rotator.domain import ApiKey, Environment, Secret
+from rotator.domain import ApiKey, Environment, KeyRef, Secret
 from rotator.errors import PermanentError
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice.emulator import Emulator
@@ -269,3 +269,29 @@ def test_file_sink_aliases_that_slug_alike_are_an_error(place: Path) -> None:
     fernet_key = os.environ["ROTATOR_FILE_KEY"].encode()
     stored = json.loads(Fernet(fernet_key).decrypt((place / "secrets" / "acme" / "payments.secret").read_bytes()))
     assert stored["key_id"] == "key_1" and stored["api_key"] == first.secret.reveal()
+
+
+def test_the_engine_refuses_a_reset_whose_sink_place_another_key_shares(
+    tmp_path: Path, emulator: Emulator, keyservice: Any, state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Payments API` and `payments-api` slug alike under `{client_id}/{alias}`: before anything is
+    stored, the engine refuses the reset (rotation.failed, in the history) instead of letting one
+    key's secret take the other's place; a key with an alias of its own rotates."""
+    from rotator.engine import Engine
+    from rotator.events import CapturePublisher
+    from rotator.policy import Policy
+
+    now = emulator.now()
+    client = f"alias-{uuid.uuid4().hex[:6]}"
+    emulator.add_client(client, created_at=now - 400 * 86_400, auto_key=False)
+    one = emulator.add_key(client, "Payments API", created_at=now - 400 * 86_400).id
+    emulator.add_key(client, "payments-api", created_at=now - 400 * 86_400)
+    own = emulator.add_key(client, "Payouts", created_at=now - 400 * 86_400).id
+    monkeypatch.setenv("ROTATOR_FILE_KEY", Fernet.generate_key().decode())
+    sink = registry.build("file", {"dir": str(tmp_path / "s"), "path": "{client_id}/{alias}.secret"}, FP)
+    events = CapturePublisher()
+    engine = Engine(keyservice, [sink], state, events, FP, Policy())
+    result = engine.rotate(KeyRef(client, one), trigger="manual")
+    assert result.status == "failed" and "would also hold key" in result.reason and "unique" in result.reason
+    assert events.names() == ["rotation.failed"] and emulator.ledger == []
+    assert engine.rotate(KeyRef(client, own), trigger="manual").status == "succeeded"

@@ -70,6 +70,10 @@ class AwsSecretsManagerSink:
                               connect_timeout=config.timeout_s, read_timeout=config.timeout_s),
         )
 
+    def location(self, key: ApiKey) -> str:
+        """Where this key's secret lives in this sink (two keys must never share one)."""
+        return f"{self.describe()}:{render(self.config.name, key)}"
+
     def describe(self, ref: KeyRef | None = None) -> str:
         return f"aws:{self.config.region}/{self.config.name}" + (f" [{ref}]" if ref else "")
 

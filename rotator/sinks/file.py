@@ -74,6 +74,10 @@ class EncryptedFileSink:
                 "file sink key is not a Fernet key (32 bytes, url-safe base64)"
             ) from None
 
+    def location(self, key: ApiKey) -> str:
+        """Where this key's secret lives in this sink (two keys must never share one)."""
+        return f"{self.describe()}:{render(self.config.path, key)}"
+
     def describe(self, ref: KeyRef | None = None) -> str:
         return f"file:{self.config.dir}" + (f"/{ref}" if ref else "")
 

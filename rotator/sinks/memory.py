@@ -38,6 +38,10 @@ class MemorySink:
         self.fail_next: list[Exception] = []
         self.fail_prepare: list[Exception] = []
 
+    def location(self, key: ApiKey) -> str:
+        """Where this key's secret lives in this sink: its own slot."""
+        return self.describe(key.ref)
+
     def describe(self, ref: KeyRef | None = None) -> str:
         return f"memory:{self.config.name}" + (f"/{ref}" if ref else "")
 

@@ -107,6 +107,10 @@ class VaultSink:
         self._client: hvac.Client | None = None
 
     # --- SecretSink ------------------------------------------------------------------------
+    def location(self, key: ApiKey) -> str:
+        """Where this key's secret lives in this sink (two keys must never share one)."""
+        return f"{self.describe()}:{render(self.config.path, key)}"
+
     def describe(self, ref: KeyRef | None = None) -> str:
         return f"vault:{self.config.mount}/{self.config.path}" + (f" [{ref}]" if ref else "")
 
