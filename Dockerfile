@@ -1,9 +1,15 @@
 FROM python:3.11-slim
+# No .pyc writes (the root filesystem is read-only in Kubernetes), logs unbuffered.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY rotator ./rotator
-RUN pip install --no-cache-dir . && useradd --system --uid 10001 --create-home rotator
-USER rotator
-# Beat's schedule lives in a private directory of this user (created 0700 on first use).
+RUN pip install --no-cache-dir . \
+ && groupadd --system --gid 10001 rotator \
+ && useradd --system --uid 10001 --gid 10001 --create-home rotator
+# Numeric, so Kubernetes can check runAsNonRoot against the image itself.
+USER 10001:10001
+# Beat's schedule lives in a private directory of this user (created 0700 on first use); in
+# Kubernetes beat points XDG_STATE_HOME at a volume of its own.
 ENV XDG_STATE_HOME=/home/rotator/.local/state
 ENTRYPOINT ["rotator"]

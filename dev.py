@@ -49,6 +49,9 @@ def main() -> None:
         ensure_env()
         run(BIN / "ruff", "check", ".")
         run(BIN / "mypy")
+        if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
+            print("note: no /usr/bin/chromium and /usr/bin/chromedriver, so the status page's browser tests skip "
+                  "(Debian: apt-get install chromium chromium-driver)", flush=True)
         os.execv(BIN / "pytest", [str(BIN / "pytest"), *rest])
     elif command == "demo":
         ensure_env()

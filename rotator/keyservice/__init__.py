@@ -1,4 +1,4 @@
-"""Key-service adapters: the HTTP contract of keyservice-api.md and its emulator."""
+"""Key-service adapters: the HTTP contract of docs/keyservice-api.md and its emulator."""
 
 from __future__ import annotations
 

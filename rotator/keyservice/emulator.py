@@ -1,4 +1,4 @@
-"""The key service as an in-memory model: the rules of keyservice-api.md, without HTTP.
+"""The key service as an in-memory model: the rules of docs/keyservice-api.md, without HTTP.
 
 `emulator_http` serves it. Tests and users drive it directly too: seed it, inject faults, move its
 clock, read its ledger of resets.

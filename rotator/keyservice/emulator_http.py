@@ -1,8 +1,9 @@
 """Serves an `Emulator` over real HTTP, with fault injection and a control surface.
 
-Routes follow keyservice-api.md. The control surface, under `/_emulator/`, needs the same
-management token: `GET ledger`, `POST faults` / `DELETE faults`, `POST clock` (`{"offset_s"}`),
-`POST latency` (`{"latency_s"}`), `POST seed` (the seed document).
+Routes follow docs/keyservice-api.md (and docs/keyservice-openapi.yaml). The control surface, under
+`/_emulator/`, is not part of that contract; it needs the same management token: `GET ledger`,
+`POST faults` / `DELETE faults`, `POST clock` (`{"offset_s"}`), `POST latency` (`{"latency_s"}`),
+`POST seed` (the seed document).
 """
 
 from __future__ import annotations
@@ -193,7 +194,10 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             if not first:
                 return _error(emulator, ApiError(409, "conflict", "a call with this Idempotency-Key is running"),
                               {"Retry-After": "1"})
-            answer = run()
+            try:
+                answer = run()
+            except ApiError as err:  # the origin's refusal (a 400, 404 or 409) is its answer: stored too
+                answer = _error(emulator, err)
             if answer.status < 500:
                 emulator.store(client_id, key, StoredResponse(method, path, answer.status, answer.body,
                                                               "application/json", emulator.now()))
