@@ -1,0 +1,158 @@
+"""The fleet at a glance: every key with its last rotation, attempt, sinks and strategy, and the
+counts an operator looks at first.
+
+`status_report` gives what `rotator status --json` prints and, with `with_sinks`, what `rotator
+web` shows, so the two cannot disagree (a test holds them equal). It only reads: the key service,
+Redis and each sink's metadata (never a secret, never a fingerprint); whatever publishes the
+engine's events decides whether drift is alerted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, Final
+
+from rotator.domain import ApiKey, AttemptRecord, KeyRef, KeyState, utc_iso
+from rotator.engine import Drift, Engine
+from rotator.errors import RotatorError
+from rotator.policy import assess
+from rotator.protocols import SecretSink
+from rotator.scan import ScanRow, scan
+
+#: What a sink holds for a key, compared with the key service's last reset.
+FRESH: Final = "fresh"  # the current secret
+STALE: Final = "stale"  # an older secret: consumers hold a dead one
+EMPTY: Final = "empty"  # nothing for this key
+UNREADABLE: Final = "unreadable"  # the sink could not be read
+UNKNOWN: Final = "unknown"  # a document without the key's reset date, or one newer than the key
+#: How a key is rotated. Only `reset` exists (the old secret dies at once); a per-key setting feeds
+#: `strategy_of` when another strategy arrives.
+DEFAULT_STRATEGY: Final = "reset"
+#: Attempt phases, as the cards count them.
+IN_FLIGHT_PHASES: Final = ("resetting",)
+IN_DOUBT_PHASES: Final = ("in_doubt",)
+AT_RISK_PHASES: Final = ("storing",)
+
+
+def strategy_of(ref: KeyRef) -> str:
+    """The rotation strategy of one key: the one place the page and the JSON read it from."""
+    return DEFAULT_STRATEGY
+
+
+def is_retiring(ref: KeyRef, strategy: str, last: dict[str, Any] | None) -> bool:
+    """Whether a replaced secret still works while consumers move over. A reset kills it at once,
+    so no key retires under the `reset` strategy."""
+    return False
+
+
+def sink_view(sink: SecretSink, key: ApiKey) -> dict[str, Any]:
+    """One sink's metadata for one key: where, fresh/stale/empty/unreadable, and when it was
+    written. Neither the secret nor its fingerprint."""
+    where = {"sink": sink.describe(), "location": sink.describe(key.ref)}
+    try:
+        stored = sink.read_state(key)
+    except RotatorError as exc:
+        return {**where, "state": UNREADABLE, "error": str(exc)}
+    if stored is None:
+        return {**where, "state": EMPTY}
+    if stored.key_reset_at == key.born_at:
+        state = FRESH
+    elif stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
+        state = STALE
+    else:
+        state = UNKNOWN
+    return {**where, "state": state, "rotated_at": stored.rotated_at, "key_reset_at": stored.key_reset_at,
+            "attempt_id": stored.attempt_id, "version": stored.version}
+
+
+def attempt_dict(a: AttemptRecord) -> dict[str, Any]:
+    return {"client_id": a.client_id, "key_id": a.key_id, "attempt_id": a.attempt_id, "phase": a.phase,
+            "trigger": a.trigger}
+
+
+def drift_dict(d: Drift) -> dict[str, Any]:
+    return {"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
+
+
+def key_row(row: ScanRow, engine: Engine, attempts: dict[str, AttemptRecord], with_sinks: bool) -> dict[str, Any]:
+    """One key as `status --json` shows it, with its strategy and (in scope) each sink's state."""
+    ref = row.key.ref
+    last = engine.state.last_rotation(ref)
+    attempt = attempts.get(str(ref))
+    strategy = strategy_of(ref)
+    out = {**row.to_dict(), "next_due": utc_iso(row.due_at), "last_rotation": last,
+           "in_flight": attempt.phase if attempt else None}
+    if with_sinks:
+        sinks = [] if row.state is KeyState.OUT_OF_SCOPE else [sink_view(s, row.key) for s in engine.sinks]
+        out.update(strategy=strategy, retiring=is_retiring(ref, strategy, last),
+                   sinks={v["sink"]: v["state"] for v in sinks})
+    return out
+
+
+def summary(keys: list[dict[str, Any]], attempts: Iterable[AttemptRecord], drift: list[Drift],
+            now: float) -> dict[str, int]:
+    """The cards: what needs a look now."""
+    in_scope = [k for k in keys if k["state"] != KeyState.OUT_OF_SCOPE.value]
+    phases = [a.phase for a in attempts]
+    return {
+        "keys_in_scope": len(in_scope),
+        "due_soon": sum(k["state"] == KeyState.DUE_SOON.value for k in in_scope),
+        "overdue": sum(k["due_at"] <= now for k in in_scope),
+        "in_flight": sum(p in IN_FLIGHT_PHASES for p in phases),
+        "in_doubt": sum(p in IN_DOUBT_PHASES for p in phases),
+        "at_risk": sum(p in AT_RISK_PHASES for p in phases),
+        "failed": sum((k["last_rotation"] or {}).get("status") == "failed" for k in in_scope),
+        "drift": len({(d.key.client_id, d.key.key_id) for d in drift}),
+        "retiring": sum(bool(k.get("retiring")) for k in in_scope),
+    }
+
+
+def status_report(engine: Engine, *, history: int = 0, now: float | None = None,
+                  with_sinks: bool = True) -> dict[str, Any]:
+    """`status --json`: every key (scan row, next due, last rotation, attempt phase), the attempts
+    in flight, drift and the last `history` audit entries; with `with_sinks`, also each key's
+    strategy and sinks, and a `summary` of the counts."""
+    moment = time.time() if now is None else now
+    attempts = {str(a.ref): a for a in engine.state.attempts()}
+    keys = [key_row(row, engine, attempts, with_sinks)
+            for row in scan(engine.keyservice, engine.policy, moment, engine.clients)]
+    drift = engine.drift()
+    report: dict[str, Any] = {
+        "keys": keys,
+        "in_flight": [attempt_dict(a) for a in attempts.values()],
+        "drift": [drift_dict(d) for d in drift],
+        "history": engine.state.history(history) if history > 0 else [],
+    }
+    if with_sinks:
+        report["summary"] = summary(keys, attempts.values(), drift, moment)
+        report["generated_at"] = moment
+    return report
+
+
+def mentions(entry: dict[str, Any], ref: KeyRef) -> bool:
+    """Whether an audit entry is about this key (a rotation of it, or a manual run that named it)."""
+    if entry.get("client_id") == ref.client_id and entry.get("key_id") == ref.key_id:
+        return True
+    keys = entry.get("keys")
+    return isinstance(keys, list) and str(ref) in keys
+
+
+def key_report(engine: Engine, ref: KeyRef, *, history_max: int = 1000, now: float | None = None) -> dict[str, Any]:
+    """One key: its row, its attempt, every sink's metadata and its own audit trail (newest first).
+    Raises `NotFoundError` when the key service does not know it."""
+    moment = time.time() if now is None else now
+    key = engine.keyservice.get_key(ref.client_id, ref.key_id)
+    state, age, due = assess(key, moment, engine.policy)
+    row = ScanRow(key, state, age / 86_400, due)
+    attempt = engine.state.get_attempt(ref)
+    strategy = strategy_of(ref)
+    last = engine.state.last_rotation(ref)
+    return {
+        **row.to_dict(), "next_due": utc_iso(due), "last_rotation": last,
+        "in_flight": attempt.phase if attempt else None, "strategy": strategy,
+        "retiring": is_retiring(ref, strategy, last),
+        "attempt": attempt_dict(attempt) if attempt else None,
+        "sinks": [sink_view(s, key) for s in engine.sinks],
+        "history": [e for e in engine.state.history(history_max) if mentions(e, ref)],
+    }

@@ -1,0 +1,423 @@
+"""`rotator web` against a seeded emulator and real rotations: its JSON is `status --json`, it
+changes nothing, it refuses to face the network without a token, and in headless Chromium it shows
+the cards and rows, sorts, refreshes in place, opens a key's history, and prints hostile aliases as
+text."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from rotator.cli import app as cli
+from rotator.config import Settings, settings_from_mapping
+from rotator.domain import KeyRef
+from rotator.engine import Engine
+from rotator.events import CapturePublisher
+from rotator.fingerprint import Fingerprinter
+from rotator.fleet import status_report
+from rotator.keyservice.emulator import Emulator, Fault
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.keyservice.http import HttpKeyService
+from rotator.policy import Policy
+from rotator.runtime import build_engine
+from rotator.sinks import registry
+from rotator.state import RedisState
+from rotator.web.server import WebOptions, build_app, listening_socket, server
+from rotator.web.source import Quiet
+from tests.conftest import FP_KEY
+
+DAY = 86_400
+FP = Fingerprinter(FP_KEY)
+IMG = "<img src=x onerror=alert(1)>"
+SCRIPT = "</script><script>alert(2)</script>"
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+runner = CliRunner()
+
+
+@dataclass
+class Fleet:
+    emulator: Emulator
+    keyservice: HttpKeyService
+    state: RedisState
+    settings: Settings
+    config: Path
+    keys: dict[str, str]
+    keys_sbx: str
+    redis_url: str
+
+    def engine(self, *sink_names: str) -> Engine:
+        sinks = [registry.build("memory", {"name": n}, FP) for n in sink_names or ("primary", "replica")]
+        return Engine(self.keyservice, sinks, self.state, CapturePublisher(), FP, Policy())
+
+    def secrets(self) -> list[str]:
+        """Every secret of the fleet: the live ones and every one a sink holds (dead ones too)."""
+        stored = [doc["api_key"] for name in ("primary", "replica") for c, k in self.refs()
+                  for doc in registry.build("memory", {"name": name}, FP).versions(KeyRef(c, k))]
+        assert len(stored) >= 5
+        return [self.emulator.current_secret(c, k) for c, k in self.refs()] + stored
+
+    def refs(self) -> list[tuple[str, str]]:
+        return [("acme", k) for k in self.keys.values()] + [("sbx", self.keys_sbx)]
+
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, env: pytest.MonkeyPatch, emulator: Emulator, emulator_server: EmulatorServer,
+          keyservice: HttpKeyService, state: RedisState, redis_server: str) -> Fleet:
+    """One fleet with every case the page shows: rotated, failed, in doubt, a stale sink, due soon
+    (within a week and within the warning period), young, hostile aliases, another environment."""
+    now = emulator.now()
+    keys = {"auto": next(iter(emulator.add_client("acme", created_at=now - 400 * DAY).keys))}
+    for name, age in (("billing", 200), ("ledger", 100), ("stuck", 120), ("soon", 85), ("later", 80),
+                      ("young", 10), (IMG, 30), (SCRIPT, 31)):
+        keys[name] = emulator.add_key("acme", name, created_at=now - age * DAY).id
+    sbx = next(iter(emulator.add_client("sbx", environment="SANDBOX", created_at=now - 400 * DAY).keys))
+    path = tmp_path / "rotator.toml"
+    path.write_text(f"""
+[keyservice]
+url = "{emulator_server.url}"
+[state]
+redis_url = "{redis_server}/0"
+namespace = "{state.ns}"
+[celery]
+broker_url = "{redis_server}/1"
+[web]
+refresh_s = 1
+cache_s = 0
+[[sinks]]
+kind = "memory"
+name = "primary"
+[[sinks]]
+kind = "memory"
+name = "replica"
+""")
+    env.setenv("ROTATOR_CONFIG", str(path))
+    settings = settings_from_mapping(tomllib.loads(path.read_text()))
+    f = Fleet(emulator, keyservice, state, settings, path, keys, sbx, f"{redis_server}/0")
+    both, primary_only = f.engine(), f.engine("primary")
+    assert both.rotate(KeyRef("acme", keys["auto"]), trigger="schedule").status == "succeeded"
+    assert both.rotate(KeyRef("acme", keys["ledger"]), trigger="schedule").status == "succeeded"
+    # the replica misses the next rotation (a second later: dates are whole seconds): it holds a dead secret
+    emulator.clock_offset_s = 2
+    assert primary_only.rotate(KeyRef("acme", keys["ledger"]), trigger="manual", force=True,
+                               reason="replica down").status == "succeeded"
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=403))
+    assert both.rotate(KeyRef("acme", keys["billing"]), trigger="schedule").status == "failed"
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=500, times=100))
+    assert both.rotate(KeyRef("acme", keys["stuck"]), trigger="schedule").status == "in_doubt"
+    emulator.clear_faults()
+    return f
+
+
+@contextmanager
+def running(app: Any) -> Iterator[httpx.Client]:
+    """An app under the same uvicorn server `rotator web` runs, on a free loopback port, in a thread;
+    yields a client for it."""
+    sock = listening_socket("127.0.0.1", 0)
+    srv = server(app)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.started
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=20) as client:
+            yield client
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def page(fleet: Fleet) -> Iterator[str]:
+    """The real `rotator web` app (as the command builds it) under uvicorn, in a thread."""
+    app, source = build_app(fleet.settings, WebOptions.of(fleet.settings, port=0))
+    with running(app) as client:
+        yield str(client.base_url).rstrip("/")
+    source.close()
+
+
+def cli_status(fleet: Fleet) -> dict[str, Any]:
+    result = runner.invoke(cli, ["status", "--json", "--history", "--config", str(fleet.config)])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_json_is_status_json_with_the_counts_and_no_secret(fleet: Fleet, page: str) -> None:
+    """/api/status holds every field `status --json --history` prints, with the same values (and
+    adds strategy, sinks, summary); the counts match the seeded cases; no secret, no fingerprint."""
+    web = httpx.get(f"{page}/api/status").json()
+    cli_report = cli_status(fleet)
+    assert len(web["keys"]) == len(cli_report["keys"]) == 10
+    for ours, theirs in zip(web["keys"], cli_report["keys"], strict=True):
+        assert abs(ours.pop("age_days") - theirs.pop("age_days")) < 0.02
+        assert {k: ours[k] for k in theirs} == theirs
+        assert set(ours) - set(theirs) == {"strategy", "retiring", "sinks"}
+    for part in ("in_flight", "drift", "history"):
+        assert web[part] == cli_report[part], part
+    # Without the page's extras, the library call is `status --json --history` itself.
+    engine = build_engine(fleet.settings, publisher=Quiet())
+    plain = status_report(engine, history=50, with_sinks=False)
+    engine.close()
+    engine.keyservice.close()
+    assert set(plain) == set(cli_report)
+    assert [{**k, "age_days": 0} for k in plain["keys"]] == [{**k, "age_days": 0} for k in cli_report["keys"]]
+    assert web["summary"] == {"keys_in_scope": 9, "due_soon": 2, "overdue": 2, "in_flight": 0, "in_doubt": 1,
+                              "at_risk": 0, "failed": 1, "drift": 1, "retiring": 0}
+    rows = {k["key_id"]: k for k in web["keys"]}
+    assert rows[fleet.keys["ledger"]]["sinks"] == {"memory:primary": "fresh", "memory:replica": "stale"}
+    assert rows[fleet.keys["auto"]]["sinks"] == {"memory:primary": "fresh", "memory:replica": "fresh"}
+    assert rows[fleet.keys["young"]]["sinks"] == {"memory:primary": "empty", "memory:replica": "empty"}
+    assert rows[fleet.keys_sbx]["sinks"] == {} and rows[fleet.keys_sbx]["state"] == "out_of_scope"
+    assert {k["strategy"] for k in web["keys"]} == {"reset"}
+    assert rows[fleet.keys[IMG]]["alias"] == IMG and rows[fleet.keys[SCRIPT]]["alias"] == SCRIPT
+    key = httpx.get(f"{page}/api/keys/acme/{fleet.keys['ledger']}").json()
+    assert [s["state"] for s in key["sinks"]] == ["fresh", "stale"]
+    assert [e["note"] for e in key["history"]][:1] == ["replica down"]
+    texts = [httpx.get(f"{page}{p}").text for p in ("/", "/api/status", f"/keys/acme/{fleet.keys['ledger']}",
+                                                     f"/api/keys/acme/{fleet.keys['ledger']}")]
+    for secret in fleet.secrets():
+        assert not any(secret in t or FP(secret) in t for t in texts)
+
+
+def redis_contents(fleet: Fleet) -> dict[bytes, bytes]:
+    """Every key of the fleet's namespace with its serialised value."""
+    with redis.Redis.from_url(fleet.redis_url) as raw:
+        return {key: raw.dump(key) for key in raw.scan_iter(f"{fleet.state.ns}:*")}
+
+
+def test_read_only_headers_and_hostile_input_on_the_wire(fleet: Fleet) -> None:
+    """Only GET/HEAD; strict CSP and friends on every answer; a non-loopback Host is refused
+    without a credential (DNS rebinding); ids outside the id rule are 404; aliases arrive escaped."""
+    app, source = build_app(fleet.settings, WebOptions.of(fleet.settings))
+    with running(app) as client:
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            for path in ("/", "/api/status", "/static/app.js"):
+                answer = client.request(method, path)
+                assert answer.status_code == 405 and answer.headers["allow"] == "GET, HEAD"
+        before, stored = fleet.emulator.ledger[:], redis_contents(fleet)
+        for path in ("/", "/api/status", f"/keys/acme/{fleet.keys['ledger']}", f"/api/keys/acme/{fleet.keys['stuck']}"):
+            assert client.get(path).status_code == 200
+        home = client.get("/")
+        assert home.status_code == 200
+        assert "script-src 'self'" in home.headers["content-security-policy"]
+        assert "unsafe-inline" not in home.headers["content-security-policy"]
+        assert home.headers["x-content-type-options"] == "nosniff" and home.headers["x-frame-options"] == "DENY"
+        assert "<script>" not in home.text and "<script src=" in home.text  # no inline script at all
+        assert "&lt;img src=x onerror=alert(1)&gt;" in home.text and IMG not in home.text
+        assert "&lt;/script&gt;&lt;script&gt;alert(2)&lt;/script&gt;" in home.text and SCRIPT not in home.text
+        assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+        assert client.get("/", headers={"host": "rebound.example:9465"}).status_code == 421
+        assert client.get("/keys/acme/..").status_code == 404
+        assert client.get("/keys/acme/nope").status_code == 404
+        assert client.get("/keys/acme/a%3Cb").status_code == 404
+        assert fleet.emulator.ledger == before  # looking reset nothing
+        assert redis_contents(fleet) == stored  # and wrote nothing to Redis
+    source.close()
+
+
+def test_mounted_under_a_prefix_next_to_metrics(fleet: Fleet) -> None:
+    """The app mounts under any prefix (its links and scripts follow it), and `--metrics` serves
+    Prometheus's text next to the page, behind the same guard."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    app, source = build_app(fleet.settings, WebOptions.of(fleet.settings, metrics=True))
+    outer = Starlette(routes=[Mount("/status", app=app)])
+    with running(outer) as client:
+        home = client.get("/status/")
+        assert home.status_code == 200
+        assert 'src="/status/static/app.js"' in home.text
+        assert f'href="/status/keys/acme/{fleet.keys["billing"]}"' in home.text
+        assert 'data-fragment-url="/status/fragment/fleet"' in home.text
+        assert client.get("/status/fragment/fleet").text.lstrip().startswith('<div id="fleet"')
+        metrics = client.get("/status/metrics/")
+        assert metrics.status_code == 200 and "rotator_key_age_seconds" in metrics.text
+        assert client.post("/status/metrics/").status_code == 405
+    source.close()
+
+
+def test_a_token_guards_every_route_but_healthz(fleet: Fleet, env: pytest.MonkeyPatch) -> None:
+    """With a token: Bearer or Basic (user `rotator`, the token as password) pass, anything else is
+    401 with a Basic challenge; /healthz answers without it."""
+    env.setenv("WEB_TOKEN", "s3cret-web-token")
+    app, source = build_app(fleet.settings, WebOptions.of(fleet.settings, host="0.0.0.0", token_env="WEB_TOKEN"))
+    basic = base64.b64encode(b"rotator:s3cret-web-token").decode()
+    wrong = base64.b64encode(b"admin:s3cret-web-token").decode()
+    with running(app) as client:
+        assert client.get("/healthz").status_code == 200
+        for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": f"Basic {wrong}"},
+                        {"authorization": "Basic !!!"}):
+            answer = client.get("/api/status", headers=headers)
+            assert answer.status_code == 401 and "s3cret" not in answer.text
+            assert answer.headers["www-authenticate"].startswith("Basic")
+        assert client.get("/api/status", headers={"authorization": "Bearer s3cret-web-token"}).status_code == 200
+        assert client.get("/", headers={"authorization": f"Basic {basic}"}).status_code == 200
+    source.close()
+
+
+def test_rotator_web_refuses_a_network_bind_without_a_token(fleet: Fleet, env: pytest.MonkeyPatch) -> None:
+    """`rotator web --host 0.0.0.0` without a credential, or with one named but empty, exits 2 and
+    says why, before it listens."""
+    result = runner.invoke(cli, ["web", "--host", "0.0.0.0", "--port", "0", "--config", str(fleet.config)])
+    assert result.exit_code == 2 and "--token-env" in result.stderr, result.stderr
+    env.delenv("NO_SUCH_TOKEN", raising=False)
+    result = runner.invoke(cli, ["web", "--host", "0.0.0.0", "--port", "0", "--token-env", "NO_SUCH_TOKEN",
+                                 "--config", str(fleet.config)])
+    assert result.exit_code == 2 and "NO_SUCH_TOKEN" in result.stderr, result.stderr
+    result = runner.invoke(cli, ["web", "--host", "0.0.0.0", "--port", "0", "--token-file",
+                                 str(fleet.config.parent / "missing"), "--config", str(fleet.config)])
+    assert result.exit_code == 2, result.stderr
+
+
+# --- in a real browser ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium from the OS packages, driven through its chromedriver; nothing downloaded."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("no /usr/bin/chromium and /usr/bin/chromedriver (Debian: apt-get install chromium "
+                    "chromium-driver; .ci/run installs them when it runs as root)")
+    pytest.importorskip("selenium", reason="selenium is in the dev extra")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not try to fetch a browser or driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1500,1100", "--disable-extensions", "--no-first-run"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(15)
+    yield driver
+    driver.quit()
+
+
+def wait_for(condition: Any, timeout: float = 8.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def row_of(driver: Any, key_id: str) -> Any:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f'#keys tbody tr[data-key="{key_id}"]')
+
+
+def due_order(driver: Any) -> list[int]:
+    """Next-due times of the rows in screen order; the keys out of scope must come last."""
+    from selenium.webdriver.common.by import By
+
+    rows = [(r.get_attribute("data-state"), int(r.get_attribute("data-due")))
+            for r in driver.find_elements(By.CSS_SELECTOR, "#keys tbody tr")]
+    states = [s == "out_of_scope" for s, _ in rows]
+    assert states == sorted(states), "a key out of scope sorted among the keys in scope"
+    return [due for state, due in rows if state != "out_of_scope"]
+
+
+def test_the_page_in_chromium(fleet: Fleet, page: str, browser: Any, tmp_path: Path) -> None:
+    """Cards and rows as seeded; sorting by next due; the filter; a rotation shows up without a
+    reload; a key's page shows its history and sinks; a screenshot is saved; no console error."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(page + "/")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr[data-key]"))
+    cards = {c.get_attribute("id"): c.find_element(By.CLASS_NAME, "value").text
+             for c in browser.find_elements(By.CSS_SELECTOR, ".card")}
+    assert cards == {"card-keys_in_scope": "9", "card-due_soon": "2", "card-overdue": "2", "card-in_flight": "0",
+                     "card-in_doubt": "1", "card-at_risk": "0", "card-failed": "1", "card-drift": "1",
+                     "card-retiring": "0"}
+    rows = browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr[data-key]")
+    assert len(rows) == 10
+    billing = row_of(browser, fleet.keys["billing"])
+    assert billing.find_element(By.CSS_SELECTOR, ".result").text == "failed"
+    assert "due-overdue" in billing.find_element(By.CSS_SELECTOR, "td.due").get_attribute("class")
+    assert "due-week" in row_of(browser, fleet.keys["soon"]).find_element(By.CSS_SELECTOR, "td.due").get_attribute("class")
+    assert "due-warn" in row_of(browser, fleet.keys["later"]).find_element(By.CSS_SELECTOR, "td.due").get_attribute("class")
+    assert "due-fine" in row_of(browser, fleet.keys["auto"]).find_element(By.CSS_SELECTOR, "td.due").get_attribute("class")
+    ledger_sinks = [s.text for s in row_of(browser, fleet.keys["ledger"]).find_elements(By.CSS_SELECTOR, ".sink")]
+    assert ledger_sinks == ["memory:primary: fresh", "memory:replica: stale"]
+    assert "attempt in_doubt" in row_of(browser, fleet.keys["stuck"]).text
+    assert {r.find_element(By.CSS_SELECTOR, "td.strategy").text for r in rows} == {"reset"}
+
+    header = browser.find_element(By.CSS_SELECTOR, 'button[data-sort="due"]')
+    header.click()
+    dues = due_order(browser)
+    assert dues == sorted(dues) and len(dues) == 9
+    assert header.find_element(By.XPATH, "..").get_attribute("aria-sort") == "ascending"
+    header.click()
+    assert due_order(browser) == sorted(dues, reverse=True)
+
+    browser.find_element(By.ID, "filter").send_keys("billing")
+    assert [r.get_attribute("data-key") for r in rows if r.is_displayed()] == [fleet.keys["billing"]]
+    browser.find_element(By.ID, "filter").clear()
+    browser.find_element(By.ID, "filter").send_keys(" ")  # an input event; blank matches all
+    browser.save_screenshot(str(tmp_path / "status-page.png"))
+    assert (tmp_path / "status-page.png").stat().st_size > 20_000
+
+    browser.execute_script("document.documentElement.dataset.marker = 'same-page'")
+    young = fleet.keys["young"]
+    fleet.engine().rotate(KeyRef("acme", young), trigger="manual", force=True, reason="seen live")
+    wait_for(lambda: row_of(browser, young).find_elements(By.CSS_SELECTOR, ".result-succeeded"))
+    assert browser.execute_script("return document.documentElement.dataset.marker") == "same-page"
+    assert "seen live" in row_of(browser, young).text
+    dues = due_order(browser)
+    assert dues == sorted(dues, reverse=True)  # the sort survives the refresh
+
+    row_of(browser, fleet.keys["billing"]).find_element(By.CSS_SELECTOR, "td.key a").click()
+    wait_for(lambda: browser.find_elements(By.ID, "history"))
+    assert browser.find_element(By.CSS_SELECTOR, "#key-title .alias").text == "billing"
+    history = browser.find_elements(By.CSS_SELECTOR, "#history tbody tr")
+    assert [h.get_attribute("data-result") for h in history] == ["failed"]
+    assert [s.get_attribute("data-state") for s in browser.find_elements(By.CSS_SELECTOR, "#sinks tbody tr")] == \
+        ["empty", "empty"]
+    browser.save_screenshot(str(tmp_path / "key-page.png"))
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
+def test_hostile_aliases_render_as_text_in_chromium(fleet: Fleet, page: str, browser: Any) -> None:
+    """An alias holding `<img onerror>` or `</script><script>` shows as those characters, in the
+    table and on the key's page: no element is created, nothing runs."""
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    browser.get(page + "/")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr[data-key]"))
+    for alias in (IMG, SCRIPT):
+        cell = row_of(browser, fleet.keys[alias]).find_element(By.CSS_SELECTOR, "td.alias")
+        assert cell.text == alias
+        assert cell.find_elements(By.XPATH, "./*") == []
+    assert browser.find_elements(By.CSS_SELECTOR, "main img") == []
+    assert len(browser.find_elements(By.TAG_NAME, "script")) == 1
+    for alias in (IMG, SCRIPT):
+        browser.get(f"{page}/keys/acme/{fleet.keys[alias]}")
+        assert browser.find_element(By.CSS_SELECTOR, "#key-title .alias").text == alias
+        assert alias in browser.title
+        assert len(browser.find_elements(By.TAG_NAME, "script")) == 1
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
