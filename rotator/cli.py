@@ -334,26 +334,14 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
     """Per key: last rotation, in-flight attempts, next due date; and drift."""
     settings = _use_config(config)
     from rotator.domain import utc_iso
-    from rotator.scan import scan as run_scan
+    from rotator.fleet import status_report
 
     with errors_exit():
-        engine = _engine(settings)
-        attempts = {str(a.ref): a for a in engine.state.attempts()}
-        rows = []
-        for row in run_scan(engine.keyservice, engine.policy, time.time(), settings.keyservice.clients):
-            last = engine.state.last_rotation(row.key.ref)
-            rows.append({**row.to_dict(), "next_due": utc_iso(row.due_at),
-                         "last_rotation": last,
-                         "in_flight": attempts[str(row.key.ref)].phase if str(row.key.ref) in attempts else None})
-        drift = [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
-                 for d in engine.drift()]
-        entries = engine.state.history(limit) if history else []
+        report = status_report(_engine(settings), history=limit if history else 0, with_sinks=False)
     if as_json:
-        print_json({"keys": rows, "in_flight": [
-            {"client_id": a.client_id, "key_id": a.key_id, "attempt_id": a.attempt_id, "phase": a.phase,
-             "trigger": a.trigger} for a in attempts.values()],
-                          "drift": drift, "history": entries})
+        print_json(report)
         return
+    rows, drift, entries = report["keys"], report["drift"], report["history"]
     table = []
     for r in rows:
         last = r["last_rotation"]

@@ -70,7 +70,7 @@ class Section(BaseModel):
 
 class KeyServiceConfig(Section):
     kind: Literal["http", "emulator"] = Field(
-        "http", description="`http`: the API of keyservice-api.md; `emulator`: in-process."
+        "http", description="`http`: the API of docs/keyservice-api.md; `emulator`: in-process."
     )
     url: HttpUrl = Field(HttpUrl("http://127.0.0.1:8400"), description="Base URL (http kind).")
     token_env: EnvName | None = Field(
@@ -457,7 +457,14 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
         names.append((f"alerts[{index}].secret_env", alert.secret_env))
         if alert.url.startswith("webhook+"):  # Apprise URLs carry their service's credentials by design
             urls.append((f"alerts[{index}].url", alert.url.removeprefix("webhook+")))
+    # A user name alone (`amqp://rotator@host`, `redis://rotator@host`) is no credential where the
+    # password comes from that section's password_env/password_file: that is the intended form.
+    user_only_ok = {"state.redis_url": s.state.password_env or s.state.password_file,
+                    "celery.broker_url": s.celery.password_env or s.celery.password_file,
+                    "celery.result_backend": s.celery.password_env or s.celery.password_file}
     for key, url in urls:
+        if url is not None and user_only_ok.get(key) and urlsplit(str(url)).password is None:
+            continue
         if url is not None and url_has_credentials(url):
             warnings.append(ConfigProblem(source, key, (
                 f"the URL carries credentials ({redact_url(url)}): they show in process listings, shell "

@@ -67,7 +67,7 @@ def unreachable(exc: BaseException) -> str | None:
     if module.startswith("redis"):
         return f"Redis did not answer ({type(exc).__name__}: {detail})"
     if module.startswith(("kombu", "amqp")):
-        return f"the Celery broker did not answer ({type(exc).__name__}: {detail})"
+        return f"the Celery broker did not answer or refused ({type(exc).__name__}: {detail})"
     if isinstance(exc, ConnectionError | TimeoutError):
         return f"a service did not answer ({type(exc).__name__}: {detail})"
     return None

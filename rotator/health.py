@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 
-from rotator.config import Settings
+from rotator.config import REDIS_SCHEMES, Settings
 from rotator.errors import RotatorError
+from rotator.safety import redact_urls_in, strip_credentials, terminal_safe
+
+PING_TIMEOUT_S = 3.0
 
 
 def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
@@ -25,7 +29,10 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
         yield f"keyservice {settings.keyservice.kind}", str(exc)
     for name, url, full in (("state redis", settings.state.redis_url, settings.state.url),
                             ("celery broker", settings.celery.broker_url, settings.celery.broker)):
-        if url.scheme not in ("redis", "rediss", "unix"):
+        if name == "celery broker" and settings.celery.broker_is_amqp():
+            yield name, _ping_amqp(full)
+            continue
+        if url.scheme not in REDIS_SCHEMES:
             continue
         try:
             redis.Redis.from_url(full(), socket_timeout=3, socket_connect_timeout=3).ping()
@@ -48,3 +55,26 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
         finally:
             sink.close()
 
+
+def _ping_amqp(full_url: Callable[[], str]) -> str | None:
+    """Open one connection to a RabbitMQ broker (a login on its vhost), one try of at most
+    `PING_TIMEOUT_S`: None when it answered, else one line naming the error and where, without the
+    password."""
+    from kombu.connection import Connection
+
+    try:
+        url = full_url()
+    except RotatorError as exc:  # the password variable or file went missing since loading
+        return str(exc)
+    parts = urlsplit(url)
+    password = parts.password or ""
+    try:
+        with Connection(url, connect_timeout=PING_TIMEOUT_S) as conn:  # type: ignore[no-untyped-call]
+            conn.ensure_connection(max_retries=0, timeout=PING_TIMEOUT_S)
+        return None
+    except Exception as exc:  # any failure is the answer: refused, TLS, login, vhost, timeout
+        text = " ".join(str(exc).split()) or "no message"
+        for secret in {password, unquote(password), quote(unquote(password), safe="")} - {""}:
+            text = text.replace(secret, "***")
+        text = terminal_safe(redact_urls_in(text))[:200]
+        return f"{type(exc).__name__}: {text} ({strip_credentials(url)})"

@@ -82,6 +82,10 @@ BROKEN = [
     ("unknown event", VALID.replace('events = ["rotation.failed"]', 'events = ["rotation.exploded"]'), "alerts[0].events", "unknown event 'rotation.exploded'"),
     ("redis scheme", VALID.replace('redis_url = "redis://127.0.0.1:6379/0"', 'redis_url = "http://127.0.0.1:6379/0"'), "state.redis_url", "scheme 'http'"),
     ("visibility too short", VALID.replace("[state]", "[celery]\nvisibility_timeout_s = 300\n[state]"), "celery.visibility_timeout_s", "longer than the longest rotation"),
+    ("consumer timeout too short", VALID.replace("[state]", '[celery]\nbroker_url = "amqp://rotator@127.0.0.1:5672/rotator"\nconsumer_timeout_s = 900\n[state]'), "celery.consumer_timeout_s", "longer than the longest rotation"),
+    ("quorum on redis", VALID.replace("[state]", "[celery]\nquorum_queues = true\n[state]"), "celery.quorum_queues", "RabbitMQ feature; the broker is redis://"),
+    ("rabbit password to redis", VALID.replace("[state]", '[celery]\nbroker_url = "amqps://rotator@mq:5671/rotator"\nresult_backend = "redis://127.0.0.1:6379/2"\npassword_env = "ROTATOR_FILE_KEY"\n[state]'), "celery.result_backend", "RabbitMQ's password and would be sent to this Redis"),
+    ("bad queue name", VALID.replace("[state]", '[celery]\nqueue = "rotator jobs"\n[state]'), "celery.queue", "pattern"),
     ("bad alert url", VALID.replace('url = "json://127.0.0.1:9000/hook"', 'url = "slak://x/y"'), "alerts[0].url", "Apprise does not understand a 'slak'"),
     ("webhook not http", VALID.replace('url = "json://127.0.0.1:9000/hook"', 'url = "webhook+ftp://x"\nsecret_env = "ROTATOR_FILE_KEY"'), "alerts[0].url", "webhook+http(s)"),
     ("inline credential", VALID.replace('token_env = "ROTATOR_KEYSERVICE_TOKEN"', 'token = "s3cr3t"'), "keyservice.token", "unknown key"),
@@ -167,3 +171,58 @@ def test_redis_and_broker_passwords_come_from_env_or_file_never_the_url(
             settings_from_mapping(data)
         assert [p.key for p in info.value.problems] == ["state.password_env"]
         assert password not in str(info.value)
+
+
+AMQP = VALID.replace("[state]", """[celery]
+broker_url = "amqp://rotator@127.0.0.1:5672/rotator"
+password_env = "ROTATOR_FILE_KEY"
+visibility_timeout_s = 60
+{extra}
+[state]""")
+
+
+def _celeryconf(path: Path) -> dict[str, Any]:
+    """The Celery settings a worker started with this file would use (a fresh interpreter: celeryconf
+    reads the file once, at import)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, rotator.celeryconf as c; print(json.dumps({k: getattr(c, k) for k in dir(c) "
+            "if k.islower() and not k.startswith('_') and isinstance(getattr(c, k), (str, int, bool, dict, list))}))")
+    env = {**os.environ, "ROTATOR_CONFIG": str(path), "XDG_STATE_HOME": str(path.parent / "state")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_rabbitmq_broker_skips_the_redis_visibility_check_and_confirms_publishes(
+    tmp_path: Path, file_key: None
+) -> None:
+    """An amqp:// broker: visibility_timeout_s is not checked (nor warned about) nor handed to the
+    transport; publishes are confirmed; the queue is a classic one named by `queue`; a user name in
+    the URL with password_env is no warning."""
+    path = write(tmp_path, AMQP.format(extra='queue = "rotator-prod"'))
+    settings = load_settings(path)
+    assert settings.celery.broker_is_amqp() and settings.celery.consumer_timeout_s == 1800
+    result = runner.invoke(app, ["check-config", "--config", str(path)])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    conf = _celeryconf(path)
+    assert conf["broker_transport_options"] == {"confirm_publish": True}
+    assert conf["task_default_queue"] == "rotator-prod" and conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert "task_default_queue_type" not in conf and "task_default_exchange_type" not in conf
+    assert "amqp://rotator:" in conf["broker_url"]  # the password from password_env, not the file
+
+
+def test_quorum_queues_settings(tmp_path: Path, file_key: None) -> None:
+    """`quorum_queues = true`: a quorum default queue on a topic exchange (native delayed delivery for
+    countdowns), quorum detection on; a Redis broker keeps its visibility_timeout and gets no AMQP option."""
+    conf = _celeryconf(write(tmp_path, AMQP.format(extra="quorum_queues = true\nconsumer_timeout_s = 0")))
+    assert conf["task_default_queue_type"] == "quorum" and conf["task_default_exchange_type"] == "topic"
+    assert conf["worker_detect_quorum_queues"] is True and conf["broker_native_delayed_delivery_queue_type"] == "quorum"
+    assert conf["broker_transport_options"] == {"confirm_publish": True}
+    redis_conf = _celeryconf(write(tmp_path, VALID))
+    assert redis_conf["broker_transport_options"] == {"visibility_timeout": 3600}
+    assert redis_conf["task_default_queue"] == "rotator" and "task_default_queue_type" not in redis_conf

@@ -40,7 +40,8 @@ def test_examples_validate(example: Path, monkeypatch: pytest.MonkeyPatch) -> No
     data = tomllib.loads(example.read_text())
     env = {"ROTATOR_KEYSERVICE_TOKEN": "x", "ROTATOR_FINGERPRINT_KEY": "x" * 32, "VAULT_TOKEN": "x",
            "VAULT_ROLE_ID": "x", "VAULT_SECRET_ID": "x", "ROTATOR_FILE_KEY": "x", "ROTATOR_WEBHOOK_SECRET": "x",
-           "AWS_REGION": "eu-west-1", "ROTATOR_REDIS_PASSWORD": "x"}
+           "AWS_REGION": "eu-west-1", "ROTATOR_REDIS_PASSWORD": "x",
+           "ROTATOR_RABBITMQ_PASSWORD": "x"}
     settings_from_mapping(data, source=str(example), environ=env)
 
 

@@ -1,0 +1,240 @@
+"""Real Celery worker and beat on RabbitMQ (127.0.0.1:5672, guest), the emulator and Vault over HTTP.
+
+Each run gets a private vhost (made and deleted with rabbitmqctl) so no stale message or queue of
+another run can interfere; without rabbitmqctl the default vhost is used with a queue name of the
+run's own, deleted afterwards. Skipped when nothing listens on 127.0.0.1:5672.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.keyservice.http import HttpKeyService
+from tests.test_celery import DAY, Cluster, reset_counts, settled, wait_for
+from tests.vault_server import VaultTestServer
+
+HOST, PORT = "127.0.0.1", 5672
+PASSWORD_ENV = "ROTATOR_TEST_RABBITMQ_PASSWORD"
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not _listening(HOST, PORT), reason=f"no RabbitMQ listening on {HOST}:{PORT}"),
+]
+
+
+@dataclass(frozen=True)
+class Rabbit:
+    vhost: str
+    queue: str
+    private: bool  # a vhost of this run's own (rabbitmqctl), not the default one
+
+    @property
+    def url(self) -> str:
+        """The broker URL of a config: user only, the password comes from `password_env`."""
+        return f"amqp://guest@{HOST}:{PORT}/{self.vhost}"
+
+    def ctl(self, *args: str) -> str:
+        result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def broker_lines(self, queue: str | None = None, quorum: bool = False) -> str:
+        return (f'broker_url = "{self.url}"\npassword_env = "{PASSWORD_ENV}"\nqueue = "{queue or self.queue}"\n'
+                f"quorum_queues = {'true' if quorum else 'false'}")
+
+
+def _ctl(*args: str) -> bool:
+    try:
+        return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def rabbit() -> Iterator[Rabbit]:
+    run = uuid.uuid4().hex[:10]
+    vhost = f"rotator-test-{run}"
+    if shutil.which("rabbitmqctl") and _ctl("add_vhost", vhost):
+        try:
+            assert _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"), "rabbitmqctl set_permissions"
+            yield Rabbit(vhost, "rotator", private=True)
+        finally:
+            _ctl("delete_vhost", vhost)
+        return
+    rabbit = Rabbit("/", f"rotator-test-{run}", private=False)
+    try:
+        yield rabbit
+    finally:
+        from kombu import Connection
+
+        with Connection(f"amqp://guest:guest@{HOST}:{PORT}//", connect_timeout=3) as conn:
+            channel = conn.channel()
+            for queue in (rabbit.queue, f"{rabbit.queue}-q"):
+                for delete in (channel.queue_delete, channel.exchange_delete):
+                    try:
+                        delete(queue)
+                    except Exception:  # absent is fine; a failed delete closes the channel
+                        channel = conn.channel()
+
+
+@pytest.fixture
+def vault() -> Iterator[VaultTestServer]:
+    with VaultTestServer() as server:
+        yield server
+
+
+def due_keys(emulator: Emulator) -> list[str]:
+    now = emulator.now()
+    client = emulator.add_client("acme-prod", "Acme", created_at=now - 400 * DAY)
+    due = [next(iter(client.keys)), emulator.add_key("acme-prod", "payouts", created_at=now - 95 * DAY).id]
+    emulator.add_key("acme-prod", "reports", created_at=now - 10 * DAY)
+    return due
+
+
+def rabbit_cluster(tmp: Path, rabbit: Rabbit, redis_server: str, emulator_server: EmulatorServer,
+                   vault: VaultTestServer, queue: str | None = None, quorum: bool = False) -> Cluster:
+    cluster = Cluster(tmp, redis_server, emulator_server.url, vault.url, vault.root_token,
+                      broker=rabbit.broker_lines(queue, quorum))
+    cluster.env[PASSWORD_ENV] = "guest"
+    return cluster
+
+
+def test_worker_and_beat_rotate_every_due_key_once_over_rabbitmq(
+    tmp_path: Path, rabbit: Rabbit, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
+    vault: VaultTestServer, keyservice: HttpKeyService,
+) -> None:
+    """check-config --ping reaches RabbitMQ; beat's scan goes through RabbitMQ to a worker, which
+    resets each due key once and stores the secret in both sinks; no message sits in Redis."""
+    keys = due_keys(emulator)
+    cluster = rabbit_cluster(tmp_path, rabbit, redis_server, emulator_server, vault)
+    try:
+        check = cluster.cli("check-config", "--ping")
+        assert check.returncode == 0, check.stderr
+        assert "ok   celery broker" in check.stderr and "warning" not in check.stderr, check.stderr
+        worker = cluster.worker()
+        banner = cluster.outputs[-1].read_text()
+        assert f"amqp://guest:**@{HOST}:{PORT}/" in banner and "guest:guest" not in banner
+        cluster.start("beat", "--schedule", str(tmp_path / "beat"))
+        wait_for(lambda: settled(cluster, emulator, keyservice, keys), 45, "both keys rotated and stored")
+        time.sleep(2.5)  # one more beat interval: nothing is rotated again
+        assert reset_counts(emulator) == {keys[0]: 1, keys[1]: 1}
+        assert settled(cluster, emulator, keyservice, keys)
+        assert worker.poll() is None
+        probe = cluster.cli("health", "--worker")  # the broadcast ping crosses RabbitMQ too
+        assert probe.returncode == 0 and "ok   celery broker" in probe.stderr, probe.stderr
+        assert "ok   worker celery@" in probe.stderr, probe.stderr
+        # The messages went through RabbitMQ: Redis holds rotator's state (database 0) and nothing else.
+        assert list(cluster.db.info("keyspace")) == ["db0"]
+        written = cluster.everything_written()
+        assert "rotation.succeeded" in written
+        for key_id in keys:
+            assert emulator.current_secret("acme-prod", key_id) not in written
+    finally:
+        cluster.stop()
+
+
+def test_quorum_queue_with_busy_retries_through_native_delayed_delivery(
+    tmp_path: Path, rabbit: Rabbit, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
+    vault: VaultTestServer, keyservice: HttpKeyService,
+) -> None:
+    """`quorum_queues = true`: `rotate --enqueue` publishes to a quorum queue on a topic exchange,
+    the worker drops global QoS, and a duplicate message that finds the key leased is retried with
+    a countdown (waiting in RabbitMQ's delayed-delivery queues, not in the worker) and then skipped:
+    one reset."""
+    if not rabbit.private:
+        pytest.skip("needs a private vhost (rabbitmqctl): delayed-delivery queues are shared per vhost")
+    keys = due_keys(emulator)
+    queue = f"{rabbit.queue}-q"
+    cluster = rabbit_cluster(tmp_path, rabbit, redis_server, emulator_server, vault, queue=queue, quorum=True)
+    try:
+        vault.state.hold_writes.clear()  # the first rotation holds the key's lease until released
+        cluster.worker()
+        from celery import Celery
+
+        app = Celery(broker=f"amqp://guest:guest@{HOST}:{PORT}/{rabbit.vhost}")
+        app.conf.update(task_default_queue=queue, task_default_queue_type="quorum",
+                        task_default_exchange_type="topic", broker_transport_options={"confirm_publish": True})
+        seen = str(keyservice.get_key("acme-prod", keys[0]).generation)
+        enqueued = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", keys[0], "--apply", "--enqueue")
+        assert enqueued.returncode == 0, enqueued.stderr  # rotator's own publisher, confirms on
+        wait_for(lambda: len(emulator.ledger) == 1, 30, "the reset")
+        app.send_task("rotator.rotate_key", args=["acme-prod", keys[0], "schedule", seen])  # a duplicate
+        worker_log = cluster.outputs[0]
+        retry = re.compile(rb"Task rotator\.rotate_key\[([0-9a-f-]+)\] retry: Retry in")
+        wait_for(lambda: retry.search(worker_log.read_bytes()) is not None, 30, "the duplicate to be retried")
+        retried_at = time.monotonic()
+        match = retry.search(worker_log.read_bytes())
+        assert match is not None and len(emulator.ledger) == 1
+        vault.state.hold_writes.set()
+        # The retry (countdown lock_ttl_s / 3, about 3 s) waits in RabbitMQ's delayed-delivery queues,
+        # not in the worker: the worker receives the message again only once the countdown is over.
+        received = b"Task rotator.rotate_key[" + match.group(1) + b"] received"
+        wait_for(lambda: worker_log.read_bytes().count(received) == 2, 30, "the retried message")
+        assert time.monotonic() - retried_at >= 2.0
+        wait_for(lambda: settled(cluster, emulator, keyservice, [keys[0]]), 45, "the rotation to be stored")
+        wait_for(lambda: worker_log.read_bytes().count(b"succeeded in") >= 3, 20,
+                 "the retried duplicate to finish (recover, rotation, duplicate)")
+        assert reset_counts(emulator) == {keys[0]: 1}
+        log = worker_log.read_text()
+        assert "Global QoS is disabled" in log
+        assert "Direct exchanges are not supported" not in log
+        queues = dict(line.split("\t")[:2] for line in rabbit.ctl("list_queues", "-p", rabbit.vhost, "name", "type")
+                      .splitlines() if "\t" in line)
+        assert queues[queue] == "quorum" and queues.get("celery_delayed_0") == "quorum", queues
+        exchanges = dict(line.split("\t")[:2] for line in rabbit.ctl("list_exchanges", "-p", rabbit.vhost, "name",
+                                                                      "type").splitlines() if "\t" in line)
+        assert exchanges[queue] == "topic", exchanges
+    finally:
+        vault.state.hold_writes.set()
+        cluster.stop()
+
+
+def test_ping_names_an_unreachable_or_refusing_broker_in_one_line_without_the_password(
+    tmp_path: Path, rabbit: Rabbit, redis_server: str, emulator_server: EmulatorServer, vault: VaultTestServer,
+) -> None:
+    """A closed port and a wrong password each give one `fail celery broker: …` line naming the
+    error and the host, exit 1, and never the password; the other services still show ok."""
+    cluster = rabbit_cluster(tmp_path, rabbit, redis_server, emulator_server, vault)
+    password = "pw-S3CRET-never-shown"
+    cluster.env[PASSWORD_ENV] = password
+    text = cluster.config.read_text()
+    with socket.socket() as closed:  # bound, not listening: a connection is refused at once
+        closed.bind((HOST, 0))
+        port = closed.getsockname()[1]
+        cluster.config.write_text(text.replace(f"{HOST}:{PORT}", f"{HOST}:{port}"))
+        started = time.monotonic()
+        result = cluster.cli("check-config", "--ping")
+        assert time.monotonic() - started < 20
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "celery broker" in line]
+    assert len(lines) == 1 and lines[0].startswith("fail celery broker: "), result.stderr
+    assert "Connection refused" in lines[0] and f"{HOST}:{port}" in lines[0], lines
+    assert "ok   state redis" in result.stderr and "ok   keyservice http" in result.stderr
+    cluster.config.write_text(text)  # the real broker, the wrong password
+    refused = cluster.cli("check-config", "--ping")
+    assert refused.returncode == 1, refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if "celery broker" in line]
+    assert len(lines) == 1 and "ACCESS_REFUSED" in lines[0], refused.stderr
+    for output in (result.stdout + result.stderr, refused.stdout + refused.stderr):
+        assert password not in output
