@@ -377,7 +377,8 @@ def reconcile(config: ConfigOption = None,
     """Compare the key service with every sink; --repair fixes what drifted.
 
     Exit 0 only when nothing drifted, or --repair left nothing unrepaired (behind a lease, in
-    doubt, at risk, failed)."""
+    doubt, at risk, failed). Sink entries of keys the key service no longer lists are reported as
+    orphans (never deleted, not failures)."""
     settings = _use_config(config)
     with errors_exit():
         engine = _engine(settings)
@@ -385,12 +386,16 @@ def reconcile(config: ConfigOption = None,
             drift, results = engine.repair()
         else:
             drift, results = engine.drift(), []
+        orphans = engine.orphans()
     repaired = [r.to_dict() for r in results]
     fixed = [r for r in repaired if r["status"] in ("succeeded", "recovered")]
     left = [r for r in repaired if not r["ok"]]
-    report: dict[str, Any] = {"drift": [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink,
-                         "reason": d.reason} for d in drift], "repaired": repaired,
-              "unrepaired": len(left)}
+    report: dict[str, Any] = {
+        "drift": [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
+                  for d in drift],
+        "repaired": repaired, "unrepaired": len(left),
+        "orphans": [{"sink": o.sink, "where": o.where, "client_id": o.ref.client_id, "key_id": o.ref.key_id}
+                    for o in orphans]}
     if as_json:
         print_json(report)
     else:
@@ -399,9 +404,14 @@ def reconcile(config: ConfigOption = None,
             out.print(f"drift {show(where)}: {show(d['reason'])}")
         for r in left:
             out.print(f"[red]{show(r['status'])}[/red] {show(r['client_id'])}/{show(r['key_id'])}: {show(r['reason'])}")
+        for o in orphans:
+            out.print(f"[yellow]orphan[/yellow] {show(o.where)}: {show(o.ref)} is no longer at the key service "
+                      "(a dead secret; delete it by hand when no application reads it)")
         summary = f"{len(drift)} drifted"
         if repair:
             summary += f"; {len(fixed)} repaired; {len(left)} left unrepaired"
+        if orphans:
+            summary += f"; {len(orphans)} orphaned sink entries (not counted as failures)"
         err.print(summary)
     if left or (drift and not repair):
         raise typer.Exit(1)

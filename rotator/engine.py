@@ -96,6 +96,15 @@ class Drift:
 
 
 @dataclass(frozen=True)
+class Orphan:
+    """A sink entry for a key the key service no longer lists (revoked, or an earlier setup's)."""
+
+    sink: str
+    where: str
+    ref: KeyRef
+
+
+@dataclass(frozen=True)
 class _Lookup:
     found: tuple[IssuedKey, str] | None = None
     unknown: str = ""
@@ -214,6 +223,23 @@ class Engine:
                     found.extend(self._drift_of(key))
         for d in found:
             self.emit("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
+        return found
+
+    def orphans(self) -> list[Orphan]:
+        """Entries of sinks that can list what they hold, for keys of the managed Client IDs that
+        the key service does not list any more: dead secrets, reported for a person to delete
+        (rotator never deletes a stored secret)."""
+        clients = list(client_ids(self.keyservice, self.clients))
+        live = {str(key.ref) for cid in clients for key in self.keyservice.list_keys(cid)}
+        configured = set(self.clients) if self.clients is not None else None
+        found = []
+        for sink in self.sinks:
+            listing = getattr(sink, "stored_refs", None)
+            if listing is None:
+                continue
+            for where, ref in listing():
+                if str(ref) not in live and (configured is None or ref.client_id in configured):
+                    found.append(Orphan(sink.describe(), where, ref))
         return found
 
     def warn(self, now: float) -> dict[str, int]:

@@ -168,3 +168,20 @@ def test_health_probe(setup: tuple[Path, dict[str, str]], env: pytest.MonkeyPatc
     env.setenv("ROTATOR_STATE__REDIS_URL", "redis://127.0.0.1:9/0")
     code, _, err = run("health", "--config", str(path))
     assert code == 1 and "fail state redis: ConnectionError" in err
+
+
+def test_reconcile_reports_sink_entries_of_keys_that_are_gone(setup: tuple[Path, dict[str, str]],
+                                                              emulator: Emulator) -> None:
+    """A key revoked after rotator stored its secret: `reconcile` names the orphaned entry (a dead
+    secret, left for a person to delete) without failing; nothing is deleted."""
+    path, k = setup
+    one = ("--client-id", k["client"], "--key-id", k["young"], "--config", str(path))
+    assert run("rotate", *one, "--apply", "--force")[0] == 0
+    emulator.revoke_key(k["client"], k["young"])
+    code, out, err = run("reconcile", "--config", str(path))
+    assert code == 0, out + err
+    assert f"orphan memory:default/{k['client']}/{k['young']}: {k['client']}/{k['young']} is no longer" in out
+    assert "1 orphaned sink entries" in err
+    code, out, _ = run("reconcile", "--json", "--config", str(path))
+    assert json.loads(out)["orphans"] == [{"sink": "memory:default", "where": f"memory:default/{k['client']}/{k['young']}",
+                                           "client_id": k["client"], "key_id": k["young"]}]

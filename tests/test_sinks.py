@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,19 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 
 
 # --- the contract -------------------------------------------------------------------------
+
+def test_stored_refs_lists_every_key_written_and_where(harness: Harness) -> None:
+    """What `reconcile` reports orphans from: every stored key, once, with its place (a second
+    version of one key does not list it twice; the `.prev` of the file sink is not an entry)."""
+    keys = [make_key(), make_key()]
+    for k in keys:
+        harness.sink.write(make_record(k))
+    harness.sink.write(make_record(replace(keys[0], last_reset_at=1_760_000_000)))
+    listed = [(where, ref) for where, ref in harness.sink.stored_refs() if ref in {k.ref for k in keys}]
+    assert sorted(str(ref) for _, ref in listed) == sorted(str(k.ref) for k in keys)
+    for where, ref in listed:
+        assert ref.client_id in where
+
 
 def test_write_then_read_back_fingerprint(harness: Harness) -> None:
     """What was written reads back with the same fingerprint, attempt and reset date."""

@@ -103,6 +103,10 @@ class VaultHandler(BaseHTTPRequestHandler):
             return self._send(200, {**{p: caps for p in body.get("paths", [])}, "capabilities": caps}, raw=True)
         prefix, _, rest = path.partition("/")
         kind, _, secret_path = rest.partition("/")
+        listing = method == "LIST" or (method == "GET" and parse_qs(url.query).get("list") == ["true"])
+        if prefix == state.mount and kind == "metadata" and listing:
+            with state.lock:
+                return self._list(secret_path.strip("/"))
         if prefix != state.mount or kind not in ("data", "metadata") or not secret_path:
             return self._errors(404, [f"no handler for route \"{path}\". route entry not found."])
         if method != "GET" and policy != "write":
@@ -123,6 +127,19 @@ class VaultHandler(BaseHTTPRequestHandler):
         return self._errors(405, ["unsupported operation"])
 
     # --- KV v2 -----------------------------------------------------------------------------
+    def _list(self, folder: str) -> None:
+        """Vault's LIST on metadata/<folder>: the names right below it, folders with a trailing
+        slash; 404 when nothing is stored below it."""
+        below = f"{folder}/" if folder else ""
+        names = set()
+        for path, entry in self.server.state.secrets.items():
+            if path.startswith(below) and entry["current_version"]:
+                head, sep, _ = path[len(below):].partition("/")
+                names.add(head + sep)
+        if not names:
+            return self._errors(404, [])
+        return self._send(200, {"keys": sorted(names)})
+
     def _entry(self, path: str) -> dict[str, Any]:
         return self.server.state.secrets.setdefault(path, {
             "versions": {}, "current_version": 0, "oldest_version": 0, "max_versions": 0,

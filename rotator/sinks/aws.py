@@ -9,6 +9,7 @@ name AWSCURRENT. Tags carry the attempt id and fingerprint, never the secret.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,7 +29,16 @@ from rotator.errors import (
 )
 from rotator.fingerprint import Fingerprinter
 from rotator.protocols import SecretRecord, StoredState
-from rotator.sinks.base import SinkSettings, check_template, encode, refuse_if_stale, render, state_from_document
+from rotator.sinks.base import (
+    SinkSettings,
+    check_template,
+    encode,
+    literal_prefix,
+    ref_of_document,
+    refuse_if_stale,
+    render,
+    state_from_document,
+)
 
 TRANSIENT_CODES = frozenset({
     "ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
@@ -125,6 +135,25 @@ class AwsSecretsManagerSink:
         """Tags with the attempt and fingerprint, after the secret is safe."""
         name = render(self.config.name, record.key)
         self._guarded(lambda: self._client.tag_resource(SecretId=name, Tags=_tags(record)), f"aws tag {name}")
+
+    def stored_refs(self) -> Iterator[tuple[str, KeyRef]]:
+        """Every key this sink holds a document for, with where: `reconcile` reports the ones the
+        key service no longer knows (orphans: dead secrets left behind)."""
+        prefix = literal_prefix(self.config.name)
+        filters = [{"Key": "name", "Values": [prefix]}] if prefix else []
+        pages = self._guarded(lambda: list(self._client.get_paginator("list_secrets").paginate(Filters=filters)),
+                              f"aws list {prefix}*")
+        for page in pages:
+            for entry in page.get("SecretList", []):
+                name = entry.get("Name", "")
+                try:
+                    value = self._guarded(lambda n=name: self._client.get_secret_value(SecretId=n),
+                                          f"aws read {name}")
+                    ref = ref_of_document(json.loads(value.get("SecretString") or "null"))
+                except (NotFoundError, ValueError):
+                    continue
+                if ref is not None:
+                    yield f"aws:{self.config.region}/{name}", ref
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         return self._read_stage(key, "AWSCURRENT")

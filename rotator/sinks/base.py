@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from rotator.domain import ApiKey, slug, utc_iso
+from rotator.domain import ApiKey, KeyRef, slug, utc_iso
 from rotator.errors import PermanentError, ProtocolError, StaleWriteError
 from rotator.protocols import SecretRecord, StoredState
 from rotator.safety import ID_RULE, UNSAFE_TEXT_RE, excerpt, is_id, shown_path, variable_named
@@ -120,6 +120,14 @@ def document(record: SecretRecord) -> dict[str, Any]:
 
 def encode(record: SecretRecord) -> str:
     return json.dumps(document(record), separators=(",", ":"), sort_keys=True)
+
+
+def ref_of_document(doc: Any) -> KeyRef | None:
+    """The key a stored document names, or None for anything that is not a rotator document."""
+    if isinstance(doc, dict) and isinstance(doc.get("api_key"), str) and is_id(doc.get("client_id")) \
+            and is_id(doc.get("key_id")):
+        return KeyRef(doc["client_id"], doc["key_id"])
+    return None
 
 
 def state_from_document(doc: Any, fingerprint: Any, where: str, version: str | None = None,

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -36,11 +37,13 @@ from rotator.sinks.base import (
     SinkSettings,
     check_template,
     encode,
+    ref_of_document,
     refuse_if_stale,
     render,
     state_from_document,
 )
 
+MAX_STORED_BYTES = 1 << 20  # a stored document is a few hundred bytes
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
 _READ = os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW
@@ -149,6 +152,23 @@ class EncryptedFileSink:
 
     def annotate(self, record: SecretRecord) -> None:
         return None
+
+    def stored_refs(self) -> Iterator[tuple[str, KeyRef]]:
+        """Every key this sink holds a document for, with where: `reconcile` reports the ones the
+        key service no longer knows (orphans: dead secrets left behind)."""
+        for folder, _dirs, names in os.walk(self.config.dir, followlinks=False):
+            for name in sorted(names):
+                path = Path(folder) / name
+                if name.endswith(".prev") or name.startswith(".tmp-") or path.is_symlink():
+                    continue
+                try:
+                    if path.stat().st_size > MAX_STORED_BYTES:
+                        continue
+                    ref = ref_of_document(json.loads(self._fernet.decrypt(path.read_bytes())))
+                except (OSError, InvalidToken, ValueError):
+                    continue  # not a file of this sink (another key, or not rotator's)
+                if ref is not None:
+                    yield str(path), ref
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         target = self._file(key)

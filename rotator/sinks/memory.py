@@ -66,6 +66,12 @@ class MemorySink:
     def annotate(self, record: SecretRecord) -> None:
         return None
 
+    def stored_refs(self) -> list[tuple[str, KeyRef]]:
+        """Every key this sink holds a document for, with where: `reconcile` reports the ones the
+        key service no longer knows (orphans: dead secrets left behind)."""
+        with self._lock:
+            return [(self.describe(ref), ref) for ref, versions in self._store.items() if versions]
+
     def read_state(self, key: ApiKey) -> StoredState | None:
         with self._lock:
             return self._state(self._store.get(key.ref, []), f"read {self.describe(key.ref)}")

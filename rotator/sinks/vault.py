@@ -37,6 +37,8 @@ from rotator.sinks.base import (
     SinkSettings,
     check_template,
     document,
+    literal_prefix,
+    ref_of_document,
     refuse_if_stale,
     render,
     state_from_document,
@@ -168,6 +170,33 @@ class VaultSink:
                     delete_version_after=(meta or {}).get("delete_version_after") or "0s",
                     mount_point=self.config.mount,
                 )
+
+    def stored_refs(self) -> Iterator[tuple[str, KeyRef]]:
+        """Every key this sink holds a document for, with where: `reconcile` reports the ones the
+        key service no longer knows (orphans: dead secrets left behind)."""
+        prefix = literal_prefix(self.config.path)
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        with self._errors(f"vault list {self.config.mount}/{folder}"):
+            yield from self._walk(folder)
+
+    def _walk(self, folder: str) -> Iterator[tuple[str, KeyRef]]:
+        try:
+            answer = self._kv().list_secrets(path=folder, mount_point=self.config.mount)
+        except hx.InvalidPath:  # nothing stored under it
+            return
+        for name in (answer.get("data") or {}).get("keys") or []:
+            child = f"{folder}/{name}" if folder else str(name)
+            if child.endswith("/"):
+                yield from self._walk(child.rstrip("/"))
+                continue
+            try:
+                data = self._kv().read_secret_version(path=child, mount_point=self.config.mount,
+                                                      raise_on_deleted_version=True)["data"]["data"]
+            except hx.InvalidPath:
+                continue
+            ref = ref_of_document(data)
+            if ref is not None:
+                yield f"vault:{self.config.mount}/{child}", ref
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         path = render(self.config.path, key)
