@@ -386,7 +386,7 @@ def reconcile(config: ConfigOption = None,
             drift, results = engine.repair()
         else:
             drift, results = engine.drift(), []
-        orphans = engine.orphans()
+        orphans, unlisted = engine.orphans()
     repaired = [r.to_dict() for r in results]
     fixed = [r for r in repaired if r["status"] in ("succeeded", "recovered")]
     left = [r for r in repaired if not r["ok"]]
@@ -395,7 +395,8 @@ def reconcile(config: ConfigOption = None,
                   for d in drift],
         "repaired": repaired, "unrepaired": len(left),
         "orphans": [{"sink": o.sink, "where": o.where, "client_id": o.ref.client_id, "key_id": o.ref.key_id}
-                    for o in orphans]}
+                    for o in orphans],
+        "orphans_not_checked": [{"sink": sink, "reason": why} for sink, why in unlisted]}
     if as_json:
         print_json(report)
     else:
@@ -407,6 +408,8 @@ def reconcile(config: ConfigOption = None,
         for o in orphans:
             out.print(f"[yellow]orphan[/yellow] {show(o.where)}: {show(o.ref)} is no longer at the key service "
                       "(a dead secret; delete it by hand when no application reads it)")
+        for sink, why in unlisted:
+            err.print(f"[yellow]orphans not checked[/yellow] in {show(sink)}: {show(why)}")
         summary = f"{len(drift)} drifted"
         if repair:
             summary += f"; {len(fixed)} repaired; {len(left)} left unrepaired"

@@ -225,22 +225,27 @@ class Engine:
             self.emit("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
         return found
 
-    def orphans(self) -> list[Orphan]:
+    def orphans(self) -> tuple[list[Orphan], list[tuple[str, str]]]:
         """Entries of sinks that can list what they hold, for keys of the managed Client IDs that
         the key service does not list any more: dead secrets, reported for a person to delete
-        (rotator never deletes a stored secret)."""
+        (rotator never deletes a stored secret). Also the sinks that could not be listed, and why
+        (a role allowed to write its own paths may not list the store)."""
         clients = list(client_ids(self.keyservice, self.clients))
         live = {str(key.ref) for cid in clients for key in self.keyservice.list_keys(cid)}
         configured = set(self.clients) if self.clients is not None else None
-        found = []
+        found: list[Orphan] = []
+        unchecked: list[tuple[str, str]] = []
         for sink in self.sinks:
             listing = getattr(sink, "stored_refs", None)
             if listing is None:
                 continue
-            for where, ref in listing():
-                if str(ref) not in live and (configured is None or ref.client_id in configured):
-                    found.append(Orphan(sink.describe(), where, ref))
-        return found
+            try:
+                for where, ref in listing():
+                    if str(ref) not in live and (configured is None or ref.client_id in configured):
+                        found.append(Orphan(sink.describe(), where, ref))
+            except RotatorError as exc:
+                unchecked.append((sink.describe(), str(exc)))
+        return found, unchecked
 
     def warn(self, now: float) -> dict[str, int]:
         """`key.due_soon` for keys in the warning period; `key.overdue` for keys past due and not

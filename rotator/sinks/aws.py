@@ -150,8 +150,8 @@ class AwsSecretsManagerSink:
                     value = self._guarded(lambda n=name: self._client.get_secret_value(SecretId=n),
                                           f"aws read {name}")
                     ref = ref_of_document(json.loads(value.get("SecretString") or "null"))
-                except (NotFoundError, ValueError):
-                    continue
+                except (NotFoundError, ForbiddenError, ValueError):
+                    continue  # gone meanwhile, not ours to read, or not a rotator document
                 if ref is not None:
                     yield f"aws:{self.config.region}/{name}", ref
 
