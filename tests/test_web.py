@@ -312,9 +312,15 @@ def browser() -> Iterator[Any]:
 
 
 def wait_for(condition: Any, timeout: float = 8.0) -> Any:
+    """Polls `condition`; an element replaced by a refresh meanwhile (stale) counts as not yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
@@ -384,9 +390,9 @@ def test_the_page_in_chromium(fleet: Fleet, page: str, browser: Any, tmp_path: P
     fleet.engine().rotate(KeyRef("acme", young), trigger="manual", force=True, reason="seen live")
     wait_for(lambda: row_of(browser, young).find_elements(By.CSS_SELECTOR, ".result-succeeded"))
     assert browser.execute_script("return document.documentElement.dataset.marker") == "same-page"
-    assert "seen live" in row_of(browser, young).text
-    dues = due_order(browser)
-    assert dues == sorted(dues, reverse=True)  # the sort survives the refresh
+    wait_for(lambda: "seen live" in row_of(browser, young).text)
+    # the sort survives the refresh
+    wait_for(lambda: (dues := due_order(browser)) == sorted(dues, reverse=True))
 
     row_of(browser, fleet.keys["billing"]).find_element(By.CSS_SELECTOR, "td.key a").click()
     wait_for(lambda: browser.find_elements(By.ID, "history"))

@@ -97,6 +97,8 @@
     }
   }
 
+  let lastFleet = null;
+
   async function refresh() {
     const url = body.dataset.fragmentUrl;
     const current = document.getElementById("fleet");
@@ -115,12 +117,20 @@
         say("refresh failed");
         return;
       }
-      current.replaceWith(document.importNode(fresh, true));
+      const stamp = fresh.dataset.updated;
       const updated = document.getElementById("updated");
       if (updated) {
-        updated.textContent = "as of " + fresh.dataset.updated;
+        updated.textContent = "as of " + stamp;
       }
       say("");
+      // Only a change replaces the table: an unchanged one keeps the reader's selection and focus.
+      fresh.removeAttribute("data-updated");
+      if (fresh.outerHTML === lastFleet) {
+        return;
+      }
+      lastFleet = fresh.outerHTML;
+      fresh.setAttribute("data-updated", stamp);
+      current.replaceWith(document.importNode(fresh, true));
       bindSorting();
       applySort();
       applyFilter();
