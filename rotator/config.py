@@ -114,7 +114,8 @@ class PolicyConfig(Section):
         "audit", description="`audit`: scheduled runs only report; `enforce`: they rotate."
     )
     exclude: list[str] = Field(
-        [], description="`client_id/key_id` or `client_id/*` never rotated by the schedule."
+        [], description=("`client_id/key_id` or `client_id/*` left alone: never rotated by the schedule or "
+                         "repaired by `reconcile --repair`; a manual rotation needs `--force --include-out-of-scope`.")
     )
     window: str | None = Field(
         None, description="Scheduled rotations only inside e.g. `Mon-Fri 09:00-17:00 Europe/Paris`."

@@ -219,7 +219,7 @@ class Engine:
         found = []
         for cid in client_ids(self.keyservice, self.clients):
             for key in self.keyservice.list_keys(cid):
-                if in_scope(key, self.policy):
+                if scope_problem(key, self.policy) is None:  # excluded keys are someone else's to keep
                     found.extend(self._drift_of(key))
         for d in found:
             self.emit("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
@@ -301,6 +301,16 @@ class Engine:
             return self._out_of_scope(key, trigger, scope)
         if not force and not is_due(key, self.clock(), self.policy):
             return self._skipped(key, trigger, "not due")
+        if force and self._replayable_rotation(key):
+            # The key's dates did not move since rotator's last reset of it (two resets within one
+            # second, or a key service that does not update them): a reset now would send that
+            # reset's Idempotency-Key and get its answer replayed, not a new secret.
+            if generation is not None:  # a message: a rotation has served the dates it saw
+                return self._skipped(key, trigger, "rotated since the trigger (the key's dates did not move)")
+            epoch = self.state.epoch(ref, str(key.generation)) + 1  # a person forced it: a new key
+            if epoch >= MAX_EPOCHS:
+                return self._skipped(key, trigger, f"{MAX_EPOCHS} resets of unchanged key dates; nothing reset")
+            self.state.set_epoch(ref, str(key.generation), epoch, lease)
         if not force and self._rotated_already(key):
             why = ("rotated by rotator, but the key service still shows the reset date it replaced (a protocol "
                    "error of the key service); the key's age counts from that rotation, so it is not reset again")
@@ -309,33 +319,15 @@ class Engine:
         if trigger == "schedule" and self.window is not None and not self.window.contains(
                 datetime.fromtimestamp(self.clock(), UTC)):
             return self._skipped(key, trigger, "outside the rotation window")
-        shared = self._shared_location(key)
-        if shared is not None:
-            result = RotationResult(key.client_id, key.key_id, "failed", shared, trigger=trigger)
-            self.emit("rotation.failed", key, None, shared)
-            self._history(result)
-            return result
         return self._reset(key, lease, trigger)
 
-    def _shared_location(self, key: ApiKey) -> str | None:
-        """Another key of the Client ID whose secret a sink would store in this key's place (two
-        aliases with one slug, under a path with `{alias}`): nothing is reset, or one key's
-        secret would overwrite the other's. Lists the Client ID only when a path uses the alias."""
-        sinks = [s for s in self.sinks if hasattr(s, "location")]
-        renamed = replace(key, alias=key.alias + " x")
-        by_alias = [s for s in sinks if s.location(key) != s.location(renamed)]
-        if not by_alias:
-            return None
-        mine = {s.location(key) for s in by_alias}
-        for other in self.keyservice.list_keys(key.client_id):
-            if other.key_id != key.key_id:
-                for sink in by_alias:
-                    where = sink.location(other)
-                    if where in mine:
-                        return (f"{where} would also hold key {other.key_id} (alias {other.alias!r}): aliases in a "
-                                "sink path must be unique per Client ID once slugged; nothing reset (use {key_id} "
-                                "in the path, or rename one key)")
-        return None
+    def _replayable_rotation(self, key: ApiKey) -> bool:
+        """A stored rotation replaced this very generation within the key service's replay window:
+        the Idempotency-Key of a reset now is that rotation's, so the key service would replay it."""
+        slot = self.state.stored_rotation(key.ref)
+        when = slot.get("time") if slot else None
+        return (slot is not None and slot.get("replaced") == str(key.generation)
+                and isinstance(when, int | float) and self.clock() - when < REPLAY_LOOKBACK_S)
 
     def _rotated_already(self, key: ApiKey) -> bool:
         """rotator stored a rotation that replaced this very generation, and the key service still
@@ -377,6 +369,9 @@ class Engine:
         doubts += [lookup.unknown] if lookup.unknown else []
         if doubts:  # a replay may still find the secret, or a sink cannot be read: never reset afresh on that
             return self._failed(key, None, f"not repaired, not reset afresh: {'; '.join(doubts)}", trigger="reconcile")
+        scope = scope_problem(key, self.policy)
+        if scope is not None:  # a key the policy leaves alone is never reset by a repair
+            return self._out_of_scope(key, "reconcile", scope)
         self.emit("rotation.secret_at_risk", key, None,
                   "no sink holds the key's current secret and its reset cannot be replayed; resetting afresh")
         return self._reset(key, lease, "reconcile")

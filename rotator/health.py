@@ -9,6 +9,7 @@ import redis
 
 from rotator.config import REDIS_SCHEMES, Settings
 from rotator.errors import RotatorError
+from rotator.protocols import SecretSink
 from rotator.safety import redact_urls_in, strip_credentials, terminal_safe
 
 PING_TIMEOUT_S = 3.0
@@ -38,7 +39,8 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
             redis.Redis.from_url(full(), socket_timeout=3, socket_connect_timeout=3).ping()
             yield name, None
         except redis.RedisError as exc:
-            yield name, type(exc).__name__ + ": " + str(exc).split(" ")[0]
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            yield name, f"{type(exc).__name__}: {terminal_safe(redact_urls_in(detail))[:200]}"
     from rotator.runtime import build_sinks
 
     try:
@@ -54,6 +56,28 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
             yield sink.describe(), str(exc)
         finally:
             sink.close()
+    yield "sink places", _shared_places(settings, sinks)
+
+
+def _shared_places(settings: Settings, sinks: list[SecretSink]) -> str | None:
+    """Whether two keys would share a place in a sink (aliases that slug alike under `{alias}`)."""
+    from rotator.keyservice import build_keyservice
+    from rotator.places import PlaceIndex
+    from rotator.scan import client_ids
+
+    try:
+        service = build_keyservice(settings.keyservice)
+        try:
+            places = PlaceIndex(sinks).add_all(
+                key for cid in client_ids(service, settings.keyservice.clients) for key in service.list_keys(cid))
+        finally:
+            service.close()
+    except RotatorError as exc:
+        return f"not checked: {exc}"
+    if not places.conflicts:
+        return None
+    first = next(iter(places.conflicts.values()))
+    return f"{len(places.conflicts)} keys share a place with another key; e.g. {first}"
 
 
 def _ping_amqp(full_url: Callable[[], str]) -> str | None:

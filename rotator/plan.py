@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from rotator.domain import ApiKey, KeyRef, utc_iso
-from rotator.errors import NotFoundError
-from rotator.policy import DAY, age_seconds, due_at, is_due, scope_problem
+from rotator.domain import ApiKey, KeyRef, KeyState, utc_iso
+from rotator.errors import NotFoundError, PermanentError, RotatorError
+from rotator.places import PlaceIndex
+from rotator.policy import DAY, age_seconds, classify, due_at, is_due, scope_problem
+from rotator.scan import client_ids
 
 if TYPE_CHECKING:
     from rotator.engine import Engine, RotationResult
@@ -47,13 +49,36 @@ def plan_one(engine: Engine, client_id: str, key_id: str, force: bool, include_o
         key = engine.keyservice.get_key(client_id, key_id)
     except NotFoundError:
         return Step(ref, "refuse", "no such key at the key service")
-    return step_for(key, engine.clock(), engine, force, include_out_of_scope)
+    step = step_for(key, engine.clock(), engine, force, include_out_of_scope)
+    if step.action == "rotate":
+        for sink in engine.sinks:
+            try:
+                sink.read_state(key)  # a place that holds another key's document refuses (PermanentError)
+            except PermanentError as exc:
+                return Step(ref, "refuse", f"{exc}; nothing would be reset", step.generation, step.age_days)
+            except RotatorError:
+                continue  # unreachable now: `--apply` decides when it prepares the sinks
+    return step
 
 
 def plan_all_due(engine: Engine) -> Iterator[Step]:
+    """Every due key in scope; one whose sink place another key would share is refused (found over
+    the whole listing, so both keys are)."""
     now = engine.clock()
-    for key in engine.due_keys(now):
-        yield step_for(key, now, engine, False, False)
+    places = PlaceIndex(engine.sinks)
+    due = []
+    for cid in client_ids(engine.keyservice, engine.clients):
+        for key in engine.keyservice.list_keys(cid):
+            places.add(key)
+            if classify(key, now, engine.policy) is KeyState.DUE:
+                due.append(key)
+    for key in due:
+        conflict = places.conflicts.get(str(key.ref))
+        if conflict is not None:
+            age = round(age_seconds(key, now) / DAY, 2)
+            yield Step(key.ref, "refuse", f"{conflict}; nothing would be reset", str(key.generation), age)
+        else:
+            yield step_for(key, now, engine, False, False)
 
 
 def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_of_scope: bool) -> Step:

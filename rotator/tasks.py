@@ -19,6 +19,7 @@ from rotator.domain import KeyRef, KeyState
 from rotator.engine import Engine
 from rotator.errors import RotatorError, TransientError
 from rotator.events import LogPublisher
+from rotator.places import PlaceIndex
 from rotator.protocols import Event
 from rotator.scan import scan as scan_keys
 
@@ -117,15 +118,22 @@ def scan() -> dict[str, Any]:
     enforce = s.policy.mode == "enforce"
     counts: dict[str, int] = {}
     queued = 0
+    places = PlaceIndex(eng.sinks)  # keys that would share a sink place are found across the whole scan
+    due = []
     for row in scan_keys(eng.keyservice, eng.policy, now, s.keyservice.clients):
         counts[row.state.value] = counts.get(row.state.value, 0) + 1
-        if row.state is not KeyState.DUE:
-            continue
-        if enforce and inside:
-            rotate_key.delay(row.key.client_id, row.key.key_id, "schedule", str(row.key.generation))
+        places.add(row.key)
+        if row.state is KeyState.DUE:
+            due.append(row.key)
+    for key in due:
+        conflict = places.conflicts.get(str(key.ref))
+        if conflict is not None:  # never reset a key whose secret would take another key's place
+            eng.emit("rotation.failed", key, error=f"not rotated: {conflict}")
+        elif enforce and inside:
+            rotate_key.delay(key.client_id, key.key_id, "schedule", str(key.generation))
             queued += 1
         else:  # reported, not rotated; alert channels de-duplicate it to one a day
-            eng.emit("key.overdue", row.key, error="audit mode" if not enforce else "outside the rotation window")
+            eng.emit("key.overdue", key, error="audit mode" if not enforce else "outside the rotation window")
     eng.state.mark_scan(now)  # type: ignore[attr-defined]
     log.info("scan.finished", queued=queued, mode=s.policy.mode, inside_window=inside, **counts)
     return {"queued": queued, "counts": counts, "mode": s.policy.mode, "inside_window": inside}

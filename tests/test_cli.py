@@ -50,6 +50,7 @@ def test_check_config_ping_reaches_every_service(setup: tuple[Path, dict[str, st
     code, _, err = run("check-config", "--ping", "--config", str(path))
     assert code == 0, err
     assert "ok   keyservice http" in err and "ok   state redis" in err and "ok   memory:default" in err
+    assert "ok   sink places" in err
 
 
 def test_check_config_ping_fails_for_a_dead_redis(setup: tuple[Path, dict[str, str]], env: pytest.MonkeyPatch) -> None:

@@ -185,3 +185,34 @@ def test_reconcile_reports_sink_entries_of_keys_that_are_gone(setup: tuple[Path,
     code, out, _ = run("reconcile", "--json", "--config", str(path))
     assert json.loads(out)["orphans"] == [{"sink": "memory:default", "where": f"memory:default/{k['client']}/{k['young']}",
                                            "client_id": k["client"], "key_id": k["young"]}]
+
+
+def test_a_forced_rotation_of_unmoved_dates_resets_for_real(setup: tuple[Path, dict[str, str]],
+                                                            emulator: Emulator) -> None:
+    """Two resets within one second leave LastResetDate where it was: a third forced rotation must
+    not send the second one's Idempotency-Key (its answer would be replayed and the old secret keep
+    working while `succeeded` is printed); it resets for real, under a new key."""
+    path, k = setup
+    frozen = float(emulator.now())
+    emulator._clock = lambda: frozen  # the key service's clock stands still: every reset in one second
+    one = ("--client-id", k["client"], "--key-id", k["young"], "--apply", "--force", "--config", str(path))
+    for expected in (1, 2, 3):
+        code, out, _ = run("rotate", *one)
+        assert code == 0 and "succeeded" in out, out
+        assert len([e for e in emulator.ledger if e.key_id == k["young"]]) == expected
+
+
+def test_repair_never_resets_an_excluded_key(setup: tuple[Path, dict[str, str]], emulator: Emulator,
+                                             env: pytest.MonkeyPatch) -> None:
+    """An excluded key reset behind rotator's back: `reconcile --repair` leaves it alone (a person
+    manages it), without a reset and without failing."""
+    path, k = setup
+    assert run("rotate", "--client-id", k["client"], "--key-id", k["young"], "--apply", "--force",
+               "--config", str(path))[0] == 0
+    emulator.clock_offset_s = 10
+    emulator.reset_key(k["client"], k["young"], "out-of-band-reset-0001")
+    resets = len(emulator.ledger)
+    env.setenv("ROTATOR_POLICY__EXCLUDE", f'["{k["client"]}/{k["young"]}"]')
+    code, out, err = run("reconcile", "--repair", "--json", "--config", str(path))
+    assert code == 0, out + err
+    assert len(emulator.ledger) == resets and json.loads(out)["drift"] == []

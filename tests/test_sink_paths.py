@@ -271,27 +271,33 @@ def test_file_sink_aliases_that_slug_alike_are_an_error(place: Path) -> None:
     assert stored["key_id"] == "key_1" and stored["api_key"] == first.secret.reveal()
 
 
-def test_the_engine_refuses_a_reset_whose_sink_place_another_key_shares(
+def test_keys_that_would_share_a_place_are_refused_before_any_reset(
     tmp_path: Path, emulator: Emulator, keyservice: Any, state: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`Payments API` and `payments-api` slug alike under `{client_id}/{alias}`: before anything is
-    stored, the engine refuses the reset (rotation.failed, in the history) instead of letting one
-    key's secret take the other's place; a key with an alias of its own rotates."""
+    """`Payments API` and `payments-api` slug alike under `{client_id}/{alias}`: the due-key plan
+    (and the scan task, through the same index) refuses both before anything is stored, with no
+    listing per rotation; a key rotated by hand into the place makes the other's reset fail at the
+    sink's prepare, before its reset, so neither secret overwrites the other."""
     from rotator.engine import Engine
     from rotator.events import CapturePublisher
+    from rotator.plan import plan_all_due
     from rotator.policy import Policy
 
     now = emulator.now()
     client = f"alias-{uuid.uuid4().hex[:6]}"
     emulator.add_client(client, created_at=now - 400 * 86_400, auto_key=False)
     one = emulator.add_key(client, "Payments API", created_at=now - 400 * 86_400).id
-    emulator.add_key(client, "payments-api", created_at=now - 400 * 86_400)
+    two = emulator.add_key(client, "payments-api", created_at=now - 400 * 86_400).id
     own = emulator.add_key(client, "Payouts", created_at=now - 400 * 86_400).id
     monkeypatch.setenv("ROTATOR_FILE_KEY", Fernet.generate_key().decode())
     sink = registry.build("file", {"dir": str(tmp_path / "s"), "path": "{client_id}/{alias}.secret"}, FP)
     events = CapturePublisher()
-    engine = Engine(keyservice, [sink], state, events, FP, Policy())
-    result = engine.rotate(KeyRef(client, one), trigger="manual")
-    assert result.status == "failed" and "would also hold key" in result.reason and "unique" in result.reason
-    assert events.names() == ["rotation.failed"] and emulator.ledger == []
+    engine = Engine(keyservice, [sink], state, events, FP, Policy(), clients=[client])
+    plan = {step.ref.key_id: step for step in plan_all_due(engine)}
+    assert {k: s.action for k, s in plan.items()} == {one: "refuse", two: "refuse", own: "rotate"}
+    assert "would also hold" in plan[one].why and emulator.ledger == []
     assert engine.rotate(KeyRef(client, own), trigger="manual").status == "succeeded"
+    assert engine.rotate(KeyRef(client, one), trigger="manual").status == "succeeded"  # by hand, into the place
+    result = engine.rotate(KeyRef(client, two), trigger="manual")
+    assert result.status == "failed" and "another key" in result.reason
+    assert [e.key_id for e in emulator.ledger] == [own, one]  # the second key was never reset
