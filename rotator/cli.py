@@ -78,9 +78,10 @@ def errors_exit() -> Iterator[None]:
 
 @app.callback()
 def main_options(
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+    log_level: Annotated[str | None, typer.Option(
+        help="DEBUG, INFO, WARNING or ERROR (default $ROTATOR_LOG_LEVEL, else WARNING).")] = None,
 ) -> None:
-    logs.configure(log_level, for_people=True)
+    logs.configure(log_level or os.environ.get("ROTATOR_LOG_LEVEL") or "WARNING", for_people=True)
 
 
 @app.command("check-config")
@@ -259,8 +260,11 @@ def rotate(
                 result = engine.rotate(step.ref, trigger="manual", force=force, reason=reason)
                 results.append(result if result.status != "skipped" else step.as_result())
                 continue
+            # --all-due: the generation planned travels along, so a key a worker rotated meanwhile is
+            # not rotated again; one key named by a person is rotated as asked.
             with err.status(f"rotating {show(step.ref)}…"):
                 results.append(engine.rotate(step.ref, trigger="manual", force=force, reason=reason,
+                                             generation=step.generation if all_due else None,
                                              include_out_of_scope=include_out_of_scope))
         engine.close()
     if not plan:
@@ -304,6 +308,7 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
     now = time.time()
     sent: list[tuple[str, str]] = []
     refused = []
+    engine.state.now()  # Redis answers (the audit entry is written there) before anything is sent
     with celery_app.producer_or_acquire() as producer:
         for step in steps:
             if step.action != "rotate":

@@ -11,7 +11,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -351,8 +351,12 @@ def settings_from_mapping(
         raise ConfigError([ConfigProblem(_origin(e["loc"], source, overrides), _dotted(e["loc"]),
                                          _reason(e, _dotted(e["loc"]))) for e in exc.errors()]) from None
     except SettingsError as exc:  # an override that is not even JSON for a list or a table
-        raise ConfigError([ConfigProblem("environment", "-", f"{exc} (the value is not shown)")]) from None
-    problems = list(_semantic_problems(settings, source, env))
+        field = re.search(r'field "([^"]+)"', str(exc))
+        section = field.group(1) if field else ""
+        names = sorted(n for path, n in _env_overrides(os.environ).items() if path[0] == section) or ["environment"]
+        reason = "not valid JSON for a list or a table (the value is not shown)"
+        raise ConfigError([ConfigProblem(", ".join(names), section or "-", reason)]) from None
+    problems = list(_stray_overrides(os.environ)) + list(_semantic_problems(settings, source, env))
     if problems:
         raise ConfigError(problems)
     return settings
@@ -545,12 +549,36 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
     return found
 
 
+def _stray_overrides(environ: Mapping[str, str]) -> Iterator[ConfigProblem]:
+    """`ROTATOR_<SECTION>__<KEY>` variables that override nothing (a misspelt section, or one
+    underscore where two belong): silently ignored, they would leave a setting at its default."""
+    sections = {name: _model_in(field.annotation) for name, field in Settings.model_fields.items()}
+    for name in environ:
+        if not name.upper().startswith("ROTATOR_"):
+            continue
+        rest = name[len("ROTATOR_"):].lower()
+        head, sep, _ = rest.partition("__")
+        if sep and head not in sections:
+            close = difflib.get_close_matches(head, list(sections), n=1)
+            hint = f"; did you mean ROTATOR_{close[0].upper()}__…?" if close else ""
+            yield ConfigProblem(f"environment variable {name}", head, f"no such section{hint}")
+        elif not sep:
+            for section, model in sections.items():
+                key = rest.removeprefix(section + "_")
+                if key != rest and model is not None and key in model.model_fields:
+                    yield ConfigProblem(f"environment variable {name}", f"{section}.{key}",
+                                        f"overrides nothing; did you mean ROTATOR_{section.upper()}__{key.upper()}?")
+
+
 def _origin(loc: tuple[int | str, ...], source: str, overrides: dict[tuple[str, ...], str]) -> str:
     """The environment variable that set the value at `loc`, else the file."""
-    parts = tuple(str(p).lower() for p in loc if isinstance(p, str))
+    parts = tuple(str(p).lower() for p in loc)
     for length in range(len(parts), 0, -1):
         if parts[:length] in overrides:
             return f"environment variable {overrides[parts[:length]]}"
+    below = sorted(name for path, name in overrides.items() if path[:len(parts)] == parts)
+    if below:  # e.g. ROTATOR_SINKS__0__DIR makes `sinks` a table, not a list
+        return "environment variable " + ", ".join(below)
     return source
 
 
@@ -579,10 +607,16 @@ def _model_in(annotation: Any) -> Any:
 
 
 def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    return unknown_key_reason(str(loc[-1]) if loc else "", _known_keys(loc))
+
+
+def unknown_key_reason(leaf: str, known: list[str]) -> str:
     """Why a key is unknown: an inline credential, a typo with its likely meaning, or neither."""
-    leaf = str(loc[-1]) if loc else ""
-    known = _known_keys(loc)
-    if f"{leaf}_env" in known:
+    credential = next((f"{leaf}{end}" for end in ("_env", "_file") if f"{leaf}{end}" in known), None)
+    if credential is None and leaf in ("key", "token", "password", "secret", "secret_id", "role_id"):
+        credential = next((k for k in known if k.endswith(("_env", "_file"))), None)
+        leaf = credential.rsplit("_", 1)[0] if credential else leaf
+    if credential is not None:
         ways = " or ".join(f"`{leaf}{end}`" for end in ("_env", "_file") if f"{leaf}{end}" in known)
         return f"unknown key: credentials are never inline; use {ways} (the value is not shown)"
     close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
@@ -617,7 +651,10 @@ def _reason(error: Any, key: str = "") -> str:
     if any(part in leaf for part in _SENSITIVE_KEY_PARTS):
         return message + " (the value is not shown)"
     if isinstance(value, str) and "url" in leaf:
-        return f"{message} (got {excerpt(redact_url(value), 80)})"
+        shown = redact_url(value)
+        if "@" in shown and "***@" not in shown:  # not a URL that parses: keep only what follows the credentials
+            shown = "…@" + shown.rsplit("@", 1)[1]
+        return f"{message} (got {excerpt(shown, 80)})"
     if isinstance(value, str | int | float | bool) and kind != "value_error":
         shown = excerpt(value, 80) if isinstance(value, str) else repr(value)
         return f"{message} (got {shown})"

@@ -213,15 +213,16 @@ class Engine:
                 if classify(key, moment, self.policy) is KeyState.DUE:
                     yield key
 
-    def drift(self) -> list[Drift]:
+    def drift(self, alert: bool = True) -> list[Drift]:
         """Sinks that do not hold the key's current secret (consumers hold a dead one), and keys
-        whose current secret rotator issued but no sink holds (found by replay, without Redis)."""
+        whose current secret rotator issued but no sink holds (found by replay, without Redis).
+        `alert=False` for a read-only view (`status`, the status page): it sends no event."""
         found = []
         for cid in client_ids(self.keyservice, self.clients):
             for key in self.keyservice.list_keys(cid):
                 if scope_problem(key, self.policy) is None:  # excluded keys are someone else's to keep
                     found.extend(self._drift_of(key))
-        for d in found:
+        for d in found if alert else ():
             self.emit("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
         return found
 

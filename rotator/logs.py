@@ -14,9 +14,11 @@ command that logs nothing, such as `rotator scan --json`, does not pay for it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -71,7 +73,23 @@ def json_wanted(for_people: bool = False) -> bool:
     chosen = os.environ.get("ROTATOR_LOG_FORMAT", "").lower()
     if chosen in ("json", "console"):
         return chosen == "json"
+    if chosen:
+        print(f"warning: ROTATOR_LOG_FORMAT is json or console, not {chosen[:20]!r}; using the default",
+              file=sys.stderr)
     return not (for_people or sys.stderr.isatty())
+
+
+class JsonLines(logging.Formatter):
+    """Other libraries' log records (httpx, Celery) as the same JSON lines as rotator's own."""
+
+    converter = staticmethod(time.gmtime)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"event": record.getMessage(), "level": record.levelname.lower(), "logger": record.name,
+                "timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + "Z"}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def configure(level: str | None = None, json_lines: bool | None = None, *, for_people: bool = False) -> None:
@@ -87,6 +105,10 @@ def configure(level: str | None = None, json_lines: bool | None = None, *, for_p
     if "structlog" in sys.modules:
         _apply_structlog()
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    logging.getLogger().setLevel(numeric)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # ours, from basicConfig (not a test's capture)
+            handler.setFormatter(JsonLines() if json_lines else logging.Formatter("%(levelname)s %(name)s %(message)s"))
     # These clients log request bodies at DEBUG (botocore prints SecretString): never below INFO.
     for name in CHATTY_CLIENTS:
         logging.getLogger(name).setLevel(max(numeric, logging.INFO))

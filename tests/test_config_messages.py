@@ -77,3 +77,40 @@ def test_a_missing_file_says_what_was_tried_and_how_to_choose(env: pytest.Monkey
     with pytest.raises(ConfigError) as caught:
         load_settings(tmp_path / "given.toml")
     assert "given.toml' (given with --config)" in str(caught.value)
+
+
+def test_an_override_of_a_list_entry_names_its_variable(env: pytest.MonkeyPatch) -> None:
+    env.setenv("ROTATOR_SINKS__0__DIR", "/x")
+    assert any(p.startswith("environment variable ROTATOR_SINKS__0__DIR: sinks") for p in problems(SINKS))
+
+
+def test_a_list_override_that_is_not_json_names_its_variable(env: pytest.MonkeyPatch) -> None:
+    env.setenv("ROTATOR_POLICY__EXCLUDE", "acme/x")
+    [problem] = problems(SINKS)
+    assert problem.startswith("ROTATOR_POLICY__EXCLUDE: policy: not valid JSON") and "acme/x" not in problem
+
+
+@pytest.mark.parametrize(("name", "hint"), [
+    ("ROTATOR_POLCY__MODE", "no such section; did you mean ROTATOR_POLICY__…?"),
+    ("ROTATOR_POLICY_MODE", "overrides nothing; did you mean ROTATOR_POLICY__MODE?"),
+])
+def test_an_override_that_overrides_nothing_is_an_error(env: pytest.MonkeyPatch, name: str, hint: str) -> None:
+    """Silently ignored, it would leave audit mode on while the operator believes in enforce."""
+    env.setenv(name, "enforce")
+    assert any(name in p and hint in p for p in problems(SINKS)), problems(SINKS)
+
+
+@pytest.mark.parametrize(("sink", "hint"), [
+    ({"kind": "file", "key": "x"}, "sinks[0].key: unknown key: credentials are never inline; use `key_env` or `key_file`"),
+    ({"kind": "vault", "token": "x"}, "sinks[0].token: unknown key: credentials are never inline; use `token_env`"),
+    ({"kind": "file", "dri": "/x"}, "sinks[0].dri: unknown key; did you mean 'dir'?"),
+])
+def test_sink_keys_get_the_same_hints(env: pytest.MonkeyPatch, sink: dict[str, str], hint: str) -> None:
+    env.setenv("ROTATOR_FILE_KEY", "x")
+    env.setenv("VAULT_TOKEN", "x")
+    assert any(hint in p for p in problems({"sinks": [sink]})), problems({"sinks": [sink]})
+
+
+def test_a_url_that_does_not_parse_never_shows_its_password(env: pytest.MonkeyPatch) -> None:
+    found = problems({**SINKS, "state": {"redis_url": "redis//:hunter2PW@127.0.0.1:16399/0"}})
+    assert found and not any("hunter2PW" in p for p in found), found

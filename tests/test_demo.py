@@ -54,6 +54,29 @@ def test_demo_rotates_due_keys_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> No
     assert len(files) == 3 and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
 
 
+def test_a_closed_terminal_stops_the_demo_and_everything_it_started(tmp_path: Path) -> None:
+    """SIGHUP (the terminal went away): the demo stops its worker, beat, Redis and emulator too."""
+    home = tmp_path / "demo"
+    out = tmp_path / "demo.out"
+    with out.open("w") as sink:
+        demo = subprocess.Popen([sys.executable, "-m", "rotator.cli", "demo", "--plain", "--home", str(home)],
+                                stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 60
+            while "worker log:" not in out.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(2)  # the worker and beat are starting
+            demo.send_signal(signal.SIGHUP)
+            demo.wait(60)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+    assert "stopped: worker, beat, Redis and the emulator" in out.read_text(), out.read_text()
+    leftovers = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+
+
 def _succeeded(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.strip().startswith("succeeded")]
 

@@ -125,7 +125,13 @@ def services(home: Path, port: int) -> Iterator[tuple[Path, PrivateRedis, Emulat
         yield config, redis_server, server
 
 
+def _hang_up(*_: object) -> None:
+    raise KeyboardInterrupt  # a closed terminal stops the demo like Ctrl-C: nothing left running
+
+
 def main(home: Path, port: int, duration: float | None, plain: bool) -> int:
+    signal.signal(signal.SIGHUP, _hang_up)
+    signal.signal(signal.SIGTERM, _hang_up)
     console = Console()
     started = time.time()
     with services(home, port) as (config, _redis, server):
