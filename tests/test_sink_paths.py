@@ -301,3 +301,41 @@ def test_keys_that_would_share_a_place_are_refused_before_any_reset(
     result = engine.rotate(KeyRef(client, two), trigger="manual")
     assert result.status == "failed" and "another key" in result.reason
     assert [e.key_id for e in emulator.ledger] == [own, one]  # the second key was never reset
+
+
+def test_the_scan_task_does_not_queue_keys_that_would_share_a_place(
+    tmp_path: Path, emulator: Emulator, keyservice: Any, state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beat's scan maps every key's place first: the two colliding due keys get `rotation.failed`
+    (each naming the other) and no message; the due key with a place of its own is queued."""
+    import rotator.tasks as tasks
+    from rotator.config import settings_from_mapping
+    from rotator.engine import Engine
+    from rotator.events import CapturePublisher
+    from rotator.policy import Policy
+
+    now = emulator.now()
+    client = f"scan-{uuid.uuid4().hex[:6]}"
+    emulator.add_client(client, created_at=now - 400 * 86_400, auto_key=False)
+    one = emulator.add_key(client, "Payments API", created_at=now - 400 * 86_400).id
+    two = emulator.add_key(client, "payments-api", created_at=now - 400 * 86_400).id
+    own = emulator.add_key(client, "Payouts", created_at=now - 400 * 86_400).id
+    monkeypatch.setenv("ROTATOR_FILE_KEY", Fernet.generate_key().decode())
+    monkeypatch.setenv("ROTATOR_KEYSERVICE_TOKEN", "x")
+    monkeypatch.setenv("ROTATOR_FINGERPRINT_KEY", FP_KEY)
+    (tmp_path / "rotator.toml").write_text('[[sinks]]\nkind = "memory"\n')
+    monkeypatch.setenv("ROTATOR_CONFIG", str(tmp_path / "rotator.toml"))  # Celery's own settings
+    sink = registry.build("file", {"dir": str(tmp_path / "s"), "path": "{client_id}/{alias}.secret"}, FP)
+    events = CapturePublisher()
+    engine = Engine(keyservice, [sink], state, events, FP, Policy(), clients=[client])
+    settings = settings_from_mapping({"sinks": [{"kind": "memory"}], "policy": {"mode": "enforce"},
+                                      "keyservice": {"clients": [client]}, "celery": {"scan_every_s": 60}})
+    queued: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(tasks, "settings", lambda: settings)
+    monkeypatch.setattr(tasks, "engine", lambda: engine)
+    monkeypatch.setattr(tasks.rotate_key, "delay", lambda *args: queued.append(args))
+    report = tasks.scan()
+    assert report["queued"] == 1 and [a[1] for a in queued] == [own]
+    failed = {e.key_id: e.error for e in events.events if e.name == "rotation.failed"}
+    assert set(failed) == {one, two} and two in str(failed[one]) and one in str(failed[two])
+    assert emulator.ledger == []
