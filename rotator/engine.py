@@ -12,7 +12,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -44,7 +44,15 @@ from rotator.protocol import (
     judge,
     public_name,
 )
-from rotator.protocols import Event, EventPublisher, KeyService, SecretRecord, SecretSink, StateStore
+from rotator.protocols import (
+    Event,
+    EventPublisher,
+    KeyService,
+    SecretRecord,
+    SecretSink,
+    StateStore,
+    StoredState,
+)
 from rotator.scan import client_ids
 from rotator.state import LeaseLostError
 
@@ -93,6 +101,26 @@ class Drift:
     sink: str
     reason: str
     certain: bool = True  # False: it could not be told (an unreadable sink, a failed replay)
+
+
+class SinkReads:
+    """Each sink's state of each key read once for one view (the status page, `status`): the same
+    answer, or the same error, serves every later question about it."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, str, int], StoredState | RotatorError | None] = {}
+
+    def read(self, sink: SecretSink, key: ApiKey) -> StoredState | None:
+        slot = (id(sink), str(key.ref), key.born_at)
+        if slot not in self._seen:
+            try:
+                self._seen[slot] = sink.read_state(key)
+            except RotatorError as exc:
+                self._seen[slot] = exc
+        found = self._seen[slot]
+        if isinstance(found, RotatorError):
+            raise found
+        return found
 
 
 @dataclass(frozen=True)
@@ -213,15 +241,19 @@ class Engine:
                 if classify(key, moment, self.policy) is KeyState.DUE:
                     yield key
 
-    def drift(self, alert: bool = True) -> list[Drift]:
+    def drift(self, alert: bool = True, keys: Iterable[ApiKey] | None = None,
+              reads: SinkReads | None = None) -> list[Drift]:
         """Sinks that do not hold the key's current secret (consumers hold a dead one), and keys
         whose current secret rotator issued but no sink holds (found by replay, without Redis).
-        `alert=False` for a read-only view (`status`, the status page): it sends no event."""
+        `alert=False` for a read-only view (`status`, the status page): it sends no event. A view
+        that has listed the keys and read the sinks already passes them (`keys`, `reads`), so
+        nothing is listed or read twice."""
         found = []
-        for cid in client_ids(self.keyservice, self.clients):
-            for key in self.keyservice.list_keys(cid):
-                if scope_problem(key, self.policy) is None:  # excluded keys are someone else's to keep
-                    found.extend(self._drift_of(key))
+        listed = keys if keys is not None else (
+            key for cid in client_ids(self.keyservice, self.clients) for key in self.keyservice.list_keys(cid))
+        for key in listed:
+            if scope_problem(key, self.policy) is None:  # excluded keys are someone else's to keep
+                found.extend(self._drift_of(key, reads))
         for d in found if alert else ():
             self.emit("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
         return found
@@ -650,14 +682,14 @@ class Engine:
         return []
 
     # --- drift and recovery without Redis ------------------------------------------------------
-    def _drift_of(self, key: ApiKey) -> list[Drift]:
+    def _drift_of(self, key: ApiKey, reads: SinkReads | None = None) -> list[Drift]:
         """What each sink lacks; an entry that is not `certain` (a sink that cannot be read, a replay
         that failed) is reported, and blocks a fresh reset, but is never acted on as drift."""
         found, empty, current = [], [], False
         for sink in self.sinks:
             name = sink.describe(key.ref)
             try:
-                stored = sink.read_state(key)
+                stored = reads.read(sink, key) if reads is not None else sink.read_state(key)
             except RotatorError as exc:
                 found.append(Drift(key, name, f"unreadable ({exc}); drift unknown", certain=False))
                 continue
