@@ -475,6 +475,7 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
                 f"the URL carries credentials ({redact_url(url)}): they show in process listings, shell "
                 "history and anything that prints the URL; prefer a *_env or *_file key (state and celery "
                 "have password_env/password_file), and keep this file readable by its owner only")))
+    warnings.extend(_one_underscore_overrides(os.environ))
     for key, env_name in names:
         if isinstance(env_name, str) and looks_like_secret(env_name):
             warnings.append(ConfigProblem(source, key, (
@@ -549,25 +550,36 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
     return found
 
 
+def _sections() -> dict[str, Any]:
+    """Each section's name and model."""
+    return {name: _model_in(field.annotation) for name, field in Settings.model_fields.items()}
+
+
 def _stray_overrides(environ: Mapping[str, str]) -> Iterator[ConfigProblem]:
-    """`ROTATOR_<SECTION>__<KEY>` variables that override nothing (a misspelt section, or one
-    underscore where two belong): silently ignored, they would leave a setting at its default."""
-    sections = {name: _model_in(field.annotation) for name, field in Settings.model_fields.items()}
+    """`ROTATOR_<SECTION>__<KEY>` variables whose section does not exist: silently ignored, they
+    would leave a setting at its default while the operator believes it set."""
     for name in environ:
         if not name.upper().startswith("ROTATOR_"):
             continue
-        rest = name[len("ROTATOR_"):].lower()
-        head, sep, _ = rest.partition("__")
-        if sep and head not in sections:
-            close = difflib.get_close_matches(head, list(sections), n=1)
+        head, sep, _ = name[len("ROTATOR_"):].lower().partition("__")
+        if sep and head not in _sections():
+            close = difflib.get_close_matches(head, list(_sections()), n=1)
             hint = f"; did you mean ROTATOR_{close[0].upper()}__…?" if close else ""
             yield ConfigProblem(f"environment variable {name}", head, f"no such section{hint}")
-        elif not sep:
-            for section, model in sections.items():
-                key = rest.removeprefix(section + "_")
-                if key != rest and model is not None and key in model.model_fields:
-                    yield ConfigProblem(f"environment variable {name}", f"{section}.{key}",
-                                        f"overrides nothing; did you mean ROTATOR_{section.upper()}__{key.upper()}?")
+
+
+def _one_underscore_overrides(environ: Mapping[str, str]) -> Iterator[ConfigProblem]:
+    """`ROTATOR_POLICY_MODE` where `ROTATOR_POLICY__MODE` was meant. A warning, not an error: a
+    Kubernetes Service named `rotator-web` puts `ROTATOR_WEB_PORT=tcp://…` into every pod."""
+    for name, value in environ.items():
+        rest = name[len("ROTATOR_"):].lower() if name.upper().startswith("ROTATOR_") else ""
+        if "__" in rest or "://" in value:
+            continue
+        for section, model in _sections().items():
+            key = rest.removeprefix(section + "_")
+            if key != rest and model is not None and key in model.model_fields:
+                yield ConfigProblem(f"environment variable {name}", f"{section}.{key}",
+                                    f"overrides nothing; did you mean ROTATOR_{section.upper()}__{key.upper()}?")
 
 
 def _origin(loc: tuple[int | str, ...], source: str, overrides: dict[tuple[str, ...], str]) -> str:
