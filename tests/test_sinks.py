@@ -344,6 +344,34 @@ def test_vault_approle_login(vault: VaultTestServer, monkeypatch: pytest.MonkeyP
     assert sink.read_state(key) is not None
 
 
+def test_vault_login_tokens_are_replaced_before_they_expire(vault: VaultTestServer,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker lives longer than its AppRole token: the sink logs in again before the lease ends
+    (no write ever meets an expired token), and a token that dies early anyway (revoked) is a
+    transient failure whose retry logs in afresh, not a permanent one that puts a secret at risk."""
+    from rotator.errors import TransientError
+
+    vault.state.approles["role-2"] = "secret-2"
+    vault.state.token_ttl_s = 2  # Vault's lease_duration: the sink renews after three quarters of it
+    monkeypatch.setenv("ROLE_ID", "role-2")
+    monkeypatch.setenv("SECRET_ID", "secret-2")
+    sink: Any = registry.build("vault", {"url": vault.url, "auth": "approle", "role_id_env": "ROLE_ID",
+                                         "secret_id_env": "SECRET_ID"}, FP)
+    try:
+        key = make_key()
+        sink.write(make_record(key))
+        time.sleep(2.2)  # the first token has expired
+        later = replace(key, last_reset_at=key.born_at + 10)
+        sink.write(make_record(later))  # logged in again first
+        assert sink.read_state(later) is not None
+        vault.state.expires.update({t: 0.0 for t in vault.state.tokens if t != vault.root_token})  # revoked
+        with pytest.raises(TransientError, match="logging in again"):
+            sink.read_state(later)
+        assert sink.read_state(later) is not None  # the retry logged in afresh
+    finally:
+        vault.state.token_ttl_s = None
+
+
 def test_vault_kubernetes_login(vault: VaultTestServer, tmp_path: Path) -> None:
     """Kubernetes auth: the service-account JWT file logs in."""
     jwt = tmp_path / "token"

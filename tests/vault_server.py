@@ -32,6 +32,8 @@ class VaultState:
         self.mount = mount
         # token -> "write" | "read"
         self.tokens: dict[str, str] = {root_token: "write"}
+        self.token_ttl_s: float | None = None  # login tokens expire after this (None: never)
+        self.expires: dict[str, float] = {}
         self.approles: dict[str, str] = {}  # role_id -> secret_id
         self.k8s_roles: dict[str, str] = {}  # role -> expected jwt
         self.sealed = False
@@ -45,7 +47,15 @@ class VaultState:
     def issue_token(self, policy: str = "write") -> str:
         token = "hvs." + secrets.token_urlsafe(18)
         self.tokens[token] = policy
+        if self.token_ttl_s is not None:
+            self.expires[token] = time.monotonic() + self.token_ttl_s
         return token
+
+    def policy_of(self, token: str) -> str | None:
+        """The token's policy; None for an unknown or expired token (Vault answers 403 to both)."""
+        if token in self.expires and time.monotonic() >= self.expires[token]:
+            return None
+        return self.tokens.get(token)
 
 
 class VaultHandler(BaseHTTPRequestHandler):
@@ -93,7 +103,7 @@ class VaultHandler(BaseHTTPRequestHandler):
             if state.k8s_roles.get(body.get("role", "")) != body.get("jwt"):
                 return self._errors(403, ["permission denied"])
             return self._login(state.issue_token())
-        policy = state.tokens.get(self.headers.get("X-Vault-Token", ""))
+        policy = state.policy_of(self.headers.get("X-Vault-Token", ""))
         if policy is None:
             return self._errors(403, ["permission denied"])
         if path == "auth/token/lookup-self":
@@ -208,7 +218,9 @@ class VaultHandler(BaseHTTPRequestHandler):
 
     # --- plumbing ----------------------------------------------------------------------------
     def _login(self, token: str) -> None:
-        self._send(200, None, auth={"client_token": token, "policies": ["default"], "lease_duration": 3600,
+        ttl = self.server.state.token_ttl_s
+        self._send(200, None, auth={"client_token": token, "policies": ["default"],
+                                    "lease_duration": int(ttl) if ttl is not None else 3600,
                                     "renewable": True, "accessor": secrets.token_hex(8)})
 
     def _errors(self, status: int, errors: list[str]) -> None:

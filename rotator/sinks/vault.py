@@ -9,6 +9,7 @@ secret's `custom_metadata` (strings only); the secret goes only into the version
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,7 @@ class VaultSink:
         self.config = config
         self._fingerprint = fingerprint
         self._client: hvac.Client | None = None
+        self._login_ends = float("inf")  # monotonic time after which the login token may have expired
 
     # --- SecretSink ------------------------------------------------------------------------
     def location(self, key: ApiKey) -> str:
@@ -248,23 +250,30 @@ class VaultSink:
         return state_from_document(answer["data"]["data"], self._fingerprint, where, version=str(version), key=key)
 
     def _client_or_login(self) -> hvac.Client:
-        if self._client is not None:
+        """The client, logged in; a login-based token (AppRole, Kubernetes) is replaced before its
+        lease ends, so a long-running worker never writes with an expired token."""
+        if self._client is not None and time.monotonic() < self._login_ends:
             return self._client
+        self.close()
         c = self.config
         verify: bool | str = str(c.ca_bundle) if c.ca_bundle else True
         client = hvac.Client(url=str(c.url).rstrip("/"), namespace=c.namespace, verify=verify, timeout=c.timeout_s)
+        answer: Any = None
         if c.auth == "token":
             client.token = read_credential(c.token_env, c.token_file, "vault token")
         elif c.auth == "approle":
-            client.auth.approle.login(
+            answer = client.auth.approle.login(
                 role_id=read_credential(c.role_id_env, c.role_id_file, "vault role id"),
                 secret_id=read_credential(c.secret_id_env, c.secret_id_file, "vault secret id"),
                 mount_point=c.approle_mount,
             )
         else:
-            client.auth.kubernetes.login(
+            answer = client.auth.kubernetes.login(
                 role=c.kubernetes_role, jwt=c.kubernetes_jwt_file.read_text().strip(), mount_point=c.kubernetes_mount
             )
+        lease = ((answer or {}).get("auth") or {}).get("lease_duration") if isinstance(answer, dict) else None
+        # Log in again after three quarters of the lease (a lease of 0 never ends).
+        self._login_ends = time.monotonic() + 0.75 * lease if isinstance(lease, int) and lease > 0 else float("inf")
         self._client = client
         return client
 
@@ -294,6 +303,10 @@ def _mapped(sink: VaultSink, exc: hx.VaultError, first: str, where: str) -> Rota
         return WriteConflictError(f"{where}: another writer got there first{detail}")
     if isinstance(exc, hx.Forbidden | hx.Unauthorized):
         sink.close()  # a fresh login may help next time (an expired token)
+        if sink.config.auth != "token":
+            # A login token that expired or was revoked early: the next try logs in afresh. (A
+            # policy that forbids the path is found before any reset, by prepare's capability check.)
+            return TransientError(f"{where}: permission denied; logging in again")
         return ForbiddenError(f"{where}: permission denied")
     if isinstance(exc, hx.VaultDown):
         return TransientError(f"{where}: Vault is unavailable or sealed{detail}")
