@@ -524,14 +524,17 @@ def demo(
 
 @app.command()
 def web(config: ConfigOption = None,
-        host: Annotated[str | None, typer.Option(help="Address to bind (default [web].host: 127.0.0.1).")] = None,
-        port: Annotated[int | None, typer.Option(help="Port (default [web].port: 9465; 0: any free port).")] = None,
+        host: Annotated[str | None, typer.Option(
+            help="Address to bind (default: the web section's host, 127.0.0.1).")] = None,
+        port: Annotated[int | None, typer.Option(
+            help="Port (default: the web section's port, 9465; 0: any free port).")] = None,
         token_env: Annotated[str | None, typer.Option("--token-env", help="Variable holding the bearer token.")] = None,
         token_file: Annotated[Path | None, typer.Option("--token-file", help="File holding the bearer token.")] = None,
         with_metrics: Annotated[bool, typer.Option("--metrics", help="Also serve /metrics.")] = False) -> None:
     """A read-only status page of the fleet, with its JSON at /api/status (same data as status --json).
 
-    Binds 127.0.0.1 unless told otherwise; any other address needs a token (--token-env/--token-file)."""
+    Binds 127.0.0.1 unless told otherwise; any other address needs a token of 16 characters or more
+    (--token-env/--token-file) and, since the page speaks plain HTTP, a TLS-terminating proxy in front."""
     settings = _use_config(config)
     from rotator.web.server import WebOptions, serve
 

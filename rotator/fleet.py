@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from rotator.domain import ApiKey, AttemptRecord, KeyRef, KeyState, utc_iso
-from rotator.engine import Drift, Engine
-from rotator.errors import RotatorError
+from rotator.engine import Drift, Engine, SinkReads
+from rotator.errors import NotFoundError, RotatorError
 from rotator.policy import assess
 from rotator.protocols import SecretSink
 from rotator.scan import ScanRow, scan
@@ -46,12 +46,13 @@ def is_retiring(ref: KeyRef, strategy: str, last: dict[str, Any] | None) -> bool
     return False
 
 
-def sink_view(sink: SecretSink, key: ApiKey) -> dict[str, Any]:
+def sink_view(sink: SecretSink, key: ApiKey, reads: SinkReads | None = None) -> dict[str, Any]:
     """One sink's metadata for one key: where, fresh/stale/empty/unreadable, and when it was
-    written. Neither the secret nor its fingerprint."""
+    written. Neither the secret nor its fingerprint. With `reads`, a sink already read for this
+    view is not read again (the drift check that follows reuses the answer too)."""
     where = {"sink": sink.describe(), "location": sink.describe(key.ref)}
     try:
-        stored = sink.read_state(key)
+        stored = (reads or SinkReads()).read(sink, key)
     except RotatorError as exc:
         return {**where, "state": UNREADABLE, "error": str(exc)}
     if stored is None:
@@ -75,7 +76,8 @@ def drift_dict(d: Drift) -> dict[str, Any]:
     return {"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
 
 
-def key_row(row: ScanRow, engine: Engine, attempts: dict[str, AttemptRecord], with_sinks: bool) -> dict[str, Any]:
+def key_row(row: ScanRow, engine: Engine, attempts: dict[str, AttemptRecord], with_sinks: bool,
+            reads: SinkReads | None = None) -> dict[str, Any]:
     """One key as `status --json` shows it, with its strategy and (in scope) each sink's state."""
     ref = row.key.ref
     last = engine.state.last_rotation(ref)
@@ -84,7 +86,7 @@ def key_row(row: ScanRow, engine: Engine, attempts: dict[str, AttemptRecord], wi
     out = {**row.to_dict(), "next_due": utc_iso(row.due_at), "last_rotation": last,
            "in_flight": attempt.phase if attempt else None}
     if with_sinks:
-        sinks = [] if row.state is KeyState.OUT_OF_SCOPE else [sink_view(s, row.key) for s in engine.sinks]
+        sinks = [] if row.state is KeyState.OUT_OF_SCOPE else [sink_view(s, row.key, reads) for s in engine.sinks]
         out.update(strategy=strategy, retiring=is_retiring(ref, strategy, last),
                    sinks={v["sink"]: v["state"] for v in sinks})
     return out
@@ -112,12 +114,17 @@ def status_report(engine: Engine, *, history: int = 0, now: float | None = None,
                   with_sinks: bool = True) -> dict[str, Any]:
     """`status --json`: every key (scan row, next due, last rotation, attempt phase), the attempts
     in flight, drift and the last `history` audit entries; with `with_sinks`, also each key's
-    strategy and sinks, and a `summary` of the counts."""
+    strategy and sinks, and a `summary` of the counts.
+
+    The key service is listed once and each sink read once per key: the drift check takes the
+    keys the scan listed and the sink states the rows read (`SinkReads`)."""
     moment = time.time() if now is None else now
     attempts = {str(a.ref): a for a in engine.state.attempts()}
-    keys = [key_row(row, engine, attempts, with_sinks)
-            for row in scan(engine.keyservice, engine.policy, moment, engine.clients)]
-    drift = engine.drift(alert=False)  # looking is not reconciling: no alert
+    rows = list(scan(engine.keyservice, engine.policy, moment, engine.clients))
+    reads = SinkReads()
+    keys = [key_row(row, engine, attempts, with_sinks, reads) for row in rows]
+    # Looking is not reconciling: no alert.
+    drift = engine.drift(alert=False, keys=[row.key for row in rows], reads=reads)
     report: dict[str, Any] = {
         "keys": keys,
         "in_flight": [attempt_dict(a) for a in attempts.values()],
@@ -140,8 +147,11 @@ def mentions(entry: dict[str, Any], ref: KeyRef) -> bool:
 
 def key_report(engine: Engine, ref: KeyRef, *, history_max: int = 1000, now: float | None = None) -> dict[str, Any]:
     """One key: its row, its attempt, every sink's metadata and its own audit trail (newest first).
-    Raises `NotFoundError` when the key service does not know it."""
+    Raises `NotFoundError` when the key service does not know it, or when it belongs to a Client ID
+    outside the configured ones (`keyservice.clients`): the page shows only the keys rotator manages."""
     moment = time.time() if now is None else now
+    if engine.clients is not None and ref.client_id not in engine.clients:
+        raise NotFoundError(f"{ref.client_id} is not a configured Client ID")
     key = engine.keyservice.get_key(ref.client_id, ref.key_id)
     state, age, due = assess(key, moment, engine.policy)
     row = ScanRow(key, state, age / 86_400, due)

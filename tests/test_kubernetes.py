@@ -50,8 +50,69 @@ def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
-def rotator_config() -> dict[str, Any]:
-    return tomllib.loads(named("ConfigMap", "rotator-config")["data"]["rotator.toml"])
+def rotator_config(name: str = "rotator-config") -> dict[str, Any]:
+    return tomllib.loads(named("ConfigMap", name)["data"]["rotator.toml"])
+
+
+def config_map_of(workload: dict[str, Any]) -> str:
+    """The name of the ConfigMap holding the workload's rotator.toml."""
+    [name] = [v["configMap"]["name"] for v in workload["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+    return str(name)
+
+
+def credential_files(config: dict[str, Any]) -> list[str]:
+    """Every `*_file` path a configuration names."""
+    files: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str) and key.endswith("_file"):
+                    files.append(value)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(config)
+    return files
+
+
+def mounted_files(workload: dict[str, Any]) -> list[str]:
+    """Paths a container of the workload can read from a Secret or projected volume: one per item
+    when the volume names its items, else a whole directory (ending in `/`)."""
+    pod = workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"] if "secret" in v or "projected" in v}
+    found = []
+    for container in containers(workload):
+        for mount in container.get("volumeMounts", []):
+            volume = volumes.get(mount["name"])
+            if volume is None:
+                continue
+            root = mount["mountPath"].rstrip("/")
+            items = volume["secret"].get("items") if "secret" in volume else [
+                {"path": source[kind]["path"]} for source in volume["projected"]["sources"] for kind in source]
+            found += [f"{root}/{item['path']}" for item in items] if items else [f"{root}/"]
+    return found
+
+
+def quantity(text: str) -> int:
+    """A Kubernetes memory quantity (`512Mi`, `1Gi`, `500M`) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+    for unit, size in units.items():
+        if text.endswith(unit):
+            return int(float(text[:-len(unit)]) * size)
+    return int(text)
+
+
+def redis_memory(text: str) -> int:
+    """A redis.conf memory value (`320mb`, `1gb`, `100m`) in bytes, as Redis reads it."""
+    units = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "k": 10**3, "m": 10**6, "g": 10**9}
+    lowered = text.lower()
+    for unit, size in units.items():
+        if lowered.endswith(unit):
+            return int(lowered[:-len(unit)]) * size
+    return int(lowered)
 
 
 @pytest.fixture
@@ -208,39 +269,37 @@ def test_config_has_no_credential_and_every_file_is_a_mounted_secret(tmp_path: P
     """The ConfigMap's rotator.toml is a valid configuration whose credentials are all `*_file`
     paths; each path lies in a Secret (or the projected Vault token) mounted in every rotator pod;
     no ConfigMap value and no literal env value looks like a credential."""
-    data = rotator_config()
-    files: list[str] = []
-
-    def walk(node: Any) -> None:
+    def no_value(node: Any) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                if isinstance(value, str) and key.endswith("_file"):
-                    files.append(value)
-                elif isinstance(value, str) and CREDENTIAL_NAME.search(key) and not key.endswith("_env"):
+                if isinstance(value, str) and CREDENTIAL_NAME.search(key) and not key.endswith(("_env", "_file")):
                     pytest.fail(f"{key} holds a value in the ConfigMap")
-                walk(value)
+                no_value(value)
         elif isinstance(node, list):
             for item in node:
-                walk(item)
+                no_value(item)
 
-    walk(data)
-    assert len(files) >= 4
-    # Valid as it stands once each named file exists (check-config's own checks).
-    text = named("ConfigMap", "rotator-config")["data"]["rotator.toml"]
-    for index, path in enumerate(sorted(set(files))):
-        stand_in = tmp_path / f"credential-{index}"
-        stand_in.write_text("x" * 32)
-        text = text.replace(f'"{path}"', f'"{stand_in}"')
-    _validated(tomllib.loads(text))
+    names = [d["metadata"]["name"] for _, d in manifests() if d["kind"] == "ConfigMap" and "rotator.toml" in d["data"]]
+    assert sorted(names) == ["rotator-config", "rotator-web-config"]
+    for name in names:
+        data = rotator_config(name)
+        no_value(data)
+        files = credential_files(data)
+        assert len(files) >= 4, name
+        # Valid as it stands once each named file exists (check-config's own checks).
+        text = named("ConfigMap", name)["data"]["rotator.toml"]
+        for index, path in enumerate(sorted(set(files))):
+            stand_in = tmp_path / f"credential-{index}"
+            stand_in.write_text("x" * 32)
+            text = text.replace(f'"{path}"', f'"{stand_in}"')
+        _validated(tomllib.loads(text))
     for workload in workloads():
         if workload["metadata"]["labels"]["app.kubernetes.io/name"] != "rotator":
             continue
-        pod = workload["spec"]["template"]["spec"]
-        secret_volumes = {v["name"] for v in pod["volumes"] if "secret" in v or "projected" in v}
-        [container] = containers(workload)
-        mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in secret_volumes]
-        for path in files:
-            assert any(path.startswith(m.rstrip("/") + "/") for m in mounts), (workload["metadata"]["name"], path)
+        mounted = mounted_files(workload)
+        for path in credential_files(rotator_config(config_map_of(workload))):
+            assert any(path == m or (m.endswith("/") and path.startswith(m)) for m in mounted), (
+                workload["metadata"]["name"], path)
     for _, doc in manifests():
         if doc["kind"] == "ConfigMap":
             for value in doc["data"].values():
@@ -252,3 +311,63 @@ def test_config_has_no_credential_and_every_file_is_a_mounted_secret(tmp_path: P
                 for env in container.get("env", []):
                     if CREDENTIAL_NAME.search(env["name"]):
                         assert "valueFrom" in env and "value" not in env, env["name"]
+
+
+def test_no_service_links() -> None:
+    """No pod gets the `<SERVICE>_PORT=tcp://…` variables of every Service in the namespace (a
+    Service named rotator-web would put ROTATOR_WEB_PORT into each rotator pod)."""
+    for workload in workloads():
+        assert workload["spec"]["template"]["spec"]["enableServiceLinks"] is False, workload["metadata"]["name"]
+
+
+def test_the_example_redis_refuses_writes_before_its_limit() -> None:
+    """`maxmemory` with `noeviction`, below the container's memory limit with room to spare (the
+    append-only file's rewrite forks): a full Redis refuses writes instead of being OOM-killed."""
+    conf = named("ConfigMap", "redis-config")["data"]["redis.conf"]
+    settings = dict(line.split(None, 1) for line in conf.splitlines() if line.strip() and not line.startswith("#"))
+    assert settings["maxmemory-policy"] == "noeviction"
+    [redis] = containers(named("StatefulSet", "redis"))
+    limit = quantity(redis["resources"]["limits"]["memory"])
+    assert 0 < redis_memory(settings["maxmemory"]) <= 0.75 * limit
+
+
+def test_the_status_page_has_its_own_read_only_identity() -> None:
+    """The page runs as its own service account (no API token), whose Vault role is the read-only
+    `rotator-web`; its config is the workers' but for that role (and its [web] section); it mounts
+    only the Secret's keys its config names (the key-service token and the fingerprint key among
+    them), not the whole Secret; it has the memory a large fleet needs."""
+    web = named("Deployment", "rotator-web")
+    pod = web["spec"]["template"]["spec"]
+    others = {w["spec"]["template"]["spec"].get("serviceAccountName") for w in workloads()
+              if w["metadata"]["name"] != "rotator-web"}
+    assert pod["serviceAccountName"] == "rotator-web" and "rotator-web" not in others
+    assert named("ServiceAccount", "rotator-web")["automountServiceAccountToken"] is False
+    assert pod["automountServiceAccountToken"] is False
+
+    assert config_map_of(web) == "rotator-web-config"
+    ours, workers = rotator_config("rotator-web-config"), rotator_config("rotator-config")
+    assert {s["kubernetes_role"] for s in ours["sinks"] if s["kind"] == "vault"} == {"rotator-web"}
+    assert {s["kubernetes_role"] for s in workers["sinks"] if s["kind"] == "vault"} == {"rotator"}
+
+    def alike(config: dict[str, Any]) -> dict[str, Any]:
+        sinks = [{k: v for k, v in s.items() if k != "kubernetes_role"} for s in config["sinks"]]
+        return {**{k: v for k, v in config.items() if k != "web"}, "sinks": sinks}
+
+    assert alike(ours) == alike(workers)
+    assert ours["web"]["host"] == "127.0.0.1"
+
+    [credentials] = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    assert credentials["secretName"] == "rotator-credentials"
+    items = {i["key"] for i in credentials.get("items", [])}
+    secret_dir = "/var/run/secrets/rotator/"
+    needed = {f.removeprefix(secret_dir) for f in credential_files(ours) if f.startswith(secret_dir)}
+    assert items == needed and {"keyservice-token", "fingerprint-key"} <= items
+    assert not any(m.endswith("/") for m in mounted_files(web))  # no whole Secret, no whole directory
+
+    [container] = containers(web)
+    assert quantity(container["resources"]["limits"]["memory"]) >= 2**30
+
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert "auth/kubernetes/role/rotator-web" in docs and "bound_service_account_names=rotator-web" in docs
+    assert 'path "secret/data/rotator/*"     { capabilities = ["read"] }' in docs
+    assert 'path "secret/metadata/rotator/*" { capabilities = ["read", "list"] }' in docs

@@ -8,16 +8,21 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import socket
 import threading
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jinja2
 import pytest
 import redis
 from typer.testing import CliRunner
@@ -36,8 +41,11 @@ from rotator.policy import Policy
 from rotator.runtime import build_engine
 from rotator.sinks import registry
 from rotator.state import RedisState
+from rotator.web import app as web_app
+from rotator.web import source as web_source
+from rotator.web.app import create_app
 from rotator.web.server import WebOptions, build_app, listening_socket, server
-from rotator.web.source import Quiet
+from rotator.web.source import FleetSource, Quiet
 from tests.conftest import FP_KEY
 
 DAY = 86_400
@@ -202,10 +210,14 @@ def redis_contents(fleet: Fleet) -> dict[bytes, bytes]:
         return {key: raw.dump(key) for key in raw.scan_iter(f"{fleet.state.ns}:*")}
 
 
-def test_read_only_headers_and_hostile_input_on_the_wire(fleet: Fleet) -> None:
+def test_read_only_headers_and_hostile_input_on_the_wire(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only GET/HEAD; strict CSP and friends on every answer; a non-loopback Host is refused
-    without a credential (DNS rebinding); ids outside the id rule are 404; aliases arrive escaped."""
+    without a credential (DNS rebinding); ids outside the id rule are 404; aliases arrive escaped;
+    looking sends no event (the fleet has drift, which reconcile alerts)."""
+    emitted: list[str] = []
+    monkeypatch.setattr(Engine, "emit", lambda self, name, *args, **kwargs: emitted.append(name))
     app, source = build_app(fleet.settings, WebOptions.of(fleet.settings))
+    assert isinstance(source.engine.publisher, Quiet)
     with running(app) as client:
         for method in ("POST", "PUT", "PATCH", "DELETE"):
             for path in ("/", "/api/status", "/static/app.js"):
@@ -229,6 +241,8 @@ def test_read_only_headers_and_hostile_input_on_the_wire(fleet: Fleet) -> None:
         assert client.get("/keys/acme/a%3Cb").status_code == 404
         assert fleet.emulator.ledger == before  # looking reset nothing
         assert redis_contents(fleet) == stored  # and wrote nothing to Redis
+        assert client.get("/api/status").json()["summary"]["drift"] == 1
+        assert emitted == []  # and alerted nothing
     source.close()
 
 
@@ -284,6 +298,215 @@ def test_rotator_web_refuses_a_network_bind_without_a_token(fleet: Fleet, env: p
     result = runner.invoke(cli, ["web", "--host", "0.0.0.0", "--port", "0", "--token-file",
                                  str(fleet.config.parent / "missing"), "--config", str(fleet.config)])
     assert result.exit_code == 2, result.stderr
+
+
+def test_rotator_web_refuses_a_short_token(fleet: Fleet, env: pytest.MonkeyPatch) -> None:
+    """A token shorter than 16 characters is a config error naming the key, never the value."""
+    def no_server(app: Any) -> Any:
+        raise AssertionError("rotator web started with a short token")
+
+    env.setattr("rotator.web.server.server", no_server)
+    env.setenv("WEB_TOKEN", "tiny-tok3n-15ch")
+    result = runner.invoke(cli, ["web", "--host", "0.0.0.0", "--port", "0", "--token-env", "WEB_TOKEN",
+                                 "--config", str(fleet.config)])
+    assert result.exit_code == 2, result.stderr
+    assert "web.token_env" in result.stderr and "16 characters" in result.stderr
+    assert "tiny-tok3n" not in result.stderr + result.stdout
+    short = fleet.config.parent / "web-token"
+    short.write_text("x" * 15 + "\n")
+    result = runner.invoke(cli, ["web", "--host", "0.0.0.0", "--port", "0", "--token-file", str(short),
+                                 "--config", str(fleet.config)])
+    assert result.exit_code == 2 and "web.token_file" in result.stderr, result.stderr
+    short.write_text("x" * 16 + "\n")  # 16 is enough
+    _app, source = build_app(fleet.settings, WebOptions.of(fleet.settings, host="0.0.0.0", token_file=short))
+    source.close()
+
+
+def test_web_help_shows_the_defaults() -> None:
+    """`rotator web --help` names the web section's defaults (rich once ate `[web]` as markup)."""
+    result = runner.invoke(cli, ["web", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split())
+    assert "default .host" not in text and "default .port" not in text
+    assert "the web section's host, 127.0.0.1" in text and "the web section's port, 9465" in text
+
+
+def settings_with(fleet: Fleet, **sections: dict[str, Any]) -> Settings:
+    """The fleet's configuration with some keys of some sections changed."""
+    data = tomllib.loads(fleet.config.read_text())
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return settings_from_mapping(data)
+
+
+def test_one_report_lists_the_keys_once_and_reads_each_sink_once(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report (the page's and `status --json`'s) lists each Client ID once and reads each sink
+    once per key: the drift check reuses what the rows listed and read."""
+    engine = fleet.engine()
+    listed: list[str] = []
+    reads: Counter[tuple[str, str]] = Counter()
+    list_keys = fleet.keyservice.list_keys
+
+    def counted_list(client_id: str) -> Any:
+        listed.append(client_id)
+        return list_keys(client_id)
+
+    monkeypatch.setattr(fleet.keyservice, "list_keys", counted_list)
+    for sink in engine.sinks:
+        def counted_read(key: Any, real: Any = sink.read_state, name: str = sink.describe()) -> Any:
+            reads[(name, str(key.ref))] += 1
+            return real(key)
+
+        monkeypatch.setattr(sink, "read_state", counted_read)
+    for with_sinks in (True, False):
+        listed.clear()
+        reads.clear()
+        report = status_report(engine, history=5, with_sinks=with_sinks)
+        assert sorted(listed) == ["acme", "sbx"], with_sinks
+        in_scope = [f"{k['client_id']}/{k['key_id']}" for k in report["keys"] if k["state"] != "out_of_scope"]
+        assert len(in_scope) == 9
+        assert reads == Counter({(s.describe(), ref): 1 for s in engine.sinks for ref in in_scope}), with_sinks
+        if with_sinks:
+            assert report["summary"]["drift"] == 1 and len(report["drift"]) == 1
+
+
+def test_each_body_is_rendered_once_per_snapshot(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within `cache_s`, one report and one render of each body serve every request, the same
+    bytes each time (sent in pieces); the next snapshot renders afresh."""
+    reports: list[float] = []
+    real_report = web_source.status_report
+
+    def counted_report(engine: Engine, **kwargs: Any) -> dict[str, Any]:
+        reports.append(time.monotonic())
+        return real_report(engine, **kwargs)
+
+    rendered: Counter[str] = Counter()
+    real_render = jinja2.Template.render
+
+    def counted_render(self: jinja2.Template, *args: Any, **kwargs: Any) -> str:
+        rendered[str(self.name)] += 1
+        return real_render(self, *args, **kwargs)
+
+    monkeypatch.setattr(web_source, "status_report", counted_report)
+    monkeypatch.setattr(jinja2.Template, "render", counted_render)
+    monkeypatch.setattr(web_app, "CHUNK", 1000)  # every body goes out in many pieces
+    settings = settings_with(fleet, web={"cache_s": 60})
+    app, source = build_app(settings, WebOptions.of(settings))
+    with running(app) as client:
+        for path in ("/", "/fragment/fleet", "/api/status"):
+            bodies = {client.get(path).content for _ in range(4)}
+            assert len(bodies) == 1, path
+            [body] = bodies
+            assert len(body) > 5000
+        assert client.head("/").status_code == 200
+        assert len(reports) == 1
+        assert rendered == Counter({"index.html": 1, "_fleet.html": 1})
+        source._snapshot = None  # type: ignore[attr-defined]  # the next request takes a new one
+        assert client.get("/").status_code == 200
+        assert len(reports) == 2 and rendered["index.html"] == 2
+    source.close()
+
+
+def test_one_report_at_a_time_and_nothing_else_waits_for_it(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many requests while a slow report runs: they all get that one report (no report each, even
+    with `cache_s = 0`), and meanwhile /healthz and a key's page answer at once."""
+    gate, started = threading.Event(), threading.Event()
+    calls: list[float] = []
+    real_report = web_source.status_report
+
+    def slow_report(engine: Engine, **kwargs: Any) -> dict[str, Any]:
+        calls.append(time.monotonic())
+        started.set()
+        gate.wait(10)
+        return real_report(engine, **kwargs)
+
+    monkeypatch.setattr(web_source, "status_report", slow_report)
+    app, source = build_app(fleet.settings, WebOptions.of(fleet.settings))  # cache_s = 0
+    with running(app) as client, ThreadPoolExecutor(max_workers=50) as pool:
+        try:
+            waiting = [pool.submit(client.get, "/api/status") for _ in range(45)]
+            waiting += [pool.submit(client.get, "/fragment/fleet") for _ in range(3)]
+            assert started.wait(5)
+            time.sleep(0.3)  # every request has arrived and waits
+            asked = time.monotonic()
+            assert client.get("/healthz", timeout=2).text == "ok\n"
+            key = client.get(f"/api/keys/acme/{fleet.keys['ledger']}", timeout=3)
+            assert key.status_code == 200 and [s["state"] for s in key.json()["sinks"]] == ["fresh", "stale"]
+            assert time.monotonic() - asked < 1.5
+        finally:
+            gate.set()
+        answers = [f.result() for f in waiting]
+    source.close()
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.json()["generated_at"] for a in answers if a.url.path == "/api/status"}) == 1
+    assert len(calls) == 1
+
+
+def test_healthz_answers_with_every_worker_thread_busy(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/healthz runs on the event loop: with every worker thread held by slow key pages, the
+    liveness probe still answers at once."""
+    gate, started = threading.Event(), threading.Event()
+    real_key_report = web_source.key_report
+
+    def slow_key_report(engine: Engine, ref: KeyRef, **kwargs: Any) -> dict[str, Any]:
+        started.set()
+        gate.wait(10)
+        return real_key_report(engine, ref, **kwargs)
+
+    monkeypatch.setattr(web_source, "key_report", slow_key_report)
+    app, source = build_app(fleet.settings, WebOptions.of(fleet.settings))
+    with running(app) as client, ThreadPoolExecutor(max_workers=50) as pool:
+        try:
+            waiting = [pool.submit(client.get, f"/keys/acme/{fleet.keys['ledger']}") for _ in range(48)]
+            assert started.wait(5)
+            time.sleep(0.3)  # the thread pool (40 threads) is taken
+            asked = time.monotonic()
+            assert client.get("/healthz", timeout=2).text == "ok\n"
+            assert time.monotonic() - asked < 1
+        finally:
+            gate.set()
+        assert {f.result().status_code for f in waiting} == {200}
+    source.close()
+
+
+def test_a_client_outside_the_configured_ones_is_not_found(fleet: Fleet) -> None:
+    """With `keyservice.clients`, a key of another Client ID is 404, as on the fleet page where it
+    is not listed."""
+    settings = settings_with(fleet, keyservice={"clients": ["acme"]})
+    app, source = build_app(settings, WebOptions.of(settings))
+    with running(app) as client:
+        assert {k["client_id"] for k in client.get("/api/status").json()["keys"]} == {"acme"}
+        assert client.get(f"/api/keys/acme/{fleet.keys['ledger']}").status_code == 200
+        for path in (f"/api/keys/sbx/{fleet.keys_sbx}", f"/keys/sbx/{fleet.keys_sbx}"):
+            assert client.get(path).status_code == 404, path
+    source.close()
+
+
+def test_redis_down_is_a_503_with_one_log_line(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    """With Redis unreachable, every page is 503 (the error page, or `{"error": …}` JSON) and one
+    log line each, never a traceback; /healthz still answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    settings = settings_with(fleet, state={"redis_url": f"redis://127.0.0.1:{dead}/0"})
+    app, source = build_app(settings, WebOptions.of(settings))
+    key = fleet.keys["ledger"]
+    with running(app) as client:
+        capsys.readouterr()
+        for path in ("/", "/fragment/fleet", f"/keys/acme/{key}"):
+            answer = client.get(path)
+            assert answer.status_code == 503 and answer.headers["content-type"].startswith("text/html"), path
+            assert "Redis did not answer" in answer.text and "Traceback" not in answer.text
+        for path in ("/api/status", f"/api/keys/acme/{key}"):
+            answer = client.get(path)
+            assert answer.status_code == 503, path
+            assert answer.json()["error"].startswith("Redis did not answer"), path
+        assert client.get("/healthz").status_code == 200
+        logged = capsys.readouterr().err
+    source.close()
+    lines = [line for line in logged.splitlines() if "did not answer" in line]
+    assert len(lines) == 5, logged
+    assert "Traceback" not in logged
 
 
 # --- in a real browser ---------------------------------------------------------------------------
@@ -427,3 +650,47 @@ def test_hostile_aliases_render_as_text_in_chromium(fleet: Fleet, page: str, bro
         assert len(browser.find_elements(By.TAG_NAME, "script")) == 1
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert.text
+
+
+def test_a_slow_refresh_is_not_started_again_while_in_flight(fleet: Fleet, browser: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a report takes longer than the refresh interval, the page keeps one refresh in flight
+    and skips the ticks meanwhile: requests do not pile up behind a slow report."""
+    from selenium.webdriver.common.by import By
+
+    gate = threading.Event()
+    gate.set()
+    real_report = web_source.status_report
+
+    def held_report(engine: Engine, **kwargs: Any) -> dict[str, Any]:
+        gate.wait(10)
+        return real_report(engine, **kwargs)
+
+    monkeypatch.setattr(web_source, "status_report", held_report)
+    source = FleetSource(build_engine(fleet.settings, publisher=Quiet()), cache_s=0)
+    inner = create_app(source, refresh_s=0.2)
+    pending, most = [0], [0]
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        fragment = scope["type"] == "http" and scope["path"] == "/fragment/fleet"
+        pending[0] += fragment
+        most[0] = max(most[0], pending[0])
+        try:
+            await inner(scope, receive, send)
+        finally:
+            pending[0] -= fragment
+
+    with running(counting) as client:
+        browser.get(f"{client.base_url}/")
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr[data-key]"))
+        wait_for(lambda: most[0] == 1)  # refreshing
+        gate.clear()
+        try:
+            wait_for(lambda: pending[0] == 1, timeout=3)  # one refresh waits for the held report
+            time.sleep(0.7)  # three more ticks
+            assert most[0] == 1
+        finally:
+            gate.set()
+        wait_for(lambda: pending[0] == 0)
+        browser.get("about:blank")
+    source.close()

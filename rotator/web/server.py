@@ -19,6 +19,8 @@ from rotator.web.guard import ASGIApp, Credential, is_loopback
 from rotator.web.source import FleetSource, Quiet
 
 WHERE = "rotator web"
+#: The shortest token accepted: a guessable one guards nothing.
+MIN_TOKEN_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -42,19 +44,24 @@ class WebOptions:
 
 def credential(settings: Settings, options: WebOptions) -> Credential | None:
     """The credential named by the options or the `[web]` section; None when none is named. Refuses
-    to go on without one on a bind other than loopback, or with one that is named but empty."""
+    to go on without one on a bind other than loopback, or with one that is named but empty or
+    shorter than `MIN_TOKEN_CHARS`. The page speaks plain HTTP: off loopback, put it behind TLS."""
     if options.token_env is None and options.token_file is None:
         if not is_loopback(options.host):
             raise ConfigError([ConfigProblem(WHERE, "web.token_env", (
                 f"binding {options.host} makes the page reachable from other machines: name a bearer token with "
                 "--token-env/--token-file (or [web] token_env/token_file), or bind 127.0.0.1"))])
         return None
+    key = "web.token_file" if options.token_file is not None else "web.token_env"
     try:
         token = read_credential(options.token_env, options.token_file, "web token")
     except (PermanentError, OSError) as exc:
-        key = "web.token_file" if options.token_file is not None else "web.token_env"
         reason = str(exc) if isinstance(exc, PermanentError) else f"cannot read the token file ({type(exc).__name__})"
         raise ConfigError([ConfigProblem(WHERE, key, reason)]) from None
+    if len(token) < MIN_TOKEN_CHARS:  # the value is never shown, not even its length
+        raise ConfigError([ConfigProblem(WHERE, key, (
+            f"the web token is shorter than {MIN_TOKEN_CHARS} characters; use a long random one "
+            "(e.g. `openssl rand -base64 32`)"))])
     return Credential(token, settings.web.username)
 
 

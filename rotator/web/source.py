@@ -1,20 +1,28 @@
-"""The engine behind the page: one reader at a time, one fleet snapshot reused for `cache_s`.
+"""The engine behind the page: one fleet report at a time, one snapshot reused for `cache_s`, and
+each page body rendered once per snapshot.
 
 Several tabs refreshing every few seconds must not turn into a scan of the key service and a read
-of every sink each time; the snapshot says when it was taken.
+of every sink each time: a request that finds the snapshot too old starts one report, and every
+request arriving meanwhile waits for that same report (never a report each). Reports and renders
+run in a worker thread and are awaited, so nothing else waits for them: `/healthz` answers on the
+event loop, and a key's page is built on its own, without waiting for a fleet report.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from anyio import to_thread
 
 from rotator.domain import KeyRef
 from rotator.engine import Engine
 from rotator.fleet import key_report, status_report
 from rotator.protocols import Event
+
+T = TypeVar("T")
 
 
 class Quiet:
@@ -22,6 +30,32 @@ class Quiet:
 
     def publish(self, event: Event) -> None:
         return None
+
+
+def _shared(task: asyncio.Future[T]) -> asyncio.Future[T]:
+    """Awaited by every request that needs it; one request going away does not cancel it for the
+    others, and an error nobody is left to see is not reported as never retrieved."""
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
+
+
+class Snapshot:
+    """One fleet report, when it was taken, and the bodies rendered from it (each once)."""
+
+    def __init__(self, report: dict[str, Any], taken: float) -> None:
+        self.report = report
+        self.taken = taken
+        self._bodies: dict[Hashable, asyncio.Future[Any]] = {}
+
+    async def body(self, name: Hashable, render: Callable[[], T]) -> T:
+        """The body `name` (a template and the prefix the app is mounted under, the JSON):
+        rendered once in a worker thread, then the same bytes for every request. A render that
+        failed is tried again by the next request."""
+        task = self._bodies.get(name)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._bodies[name] = _shared(asyncio.ensure_future(to_thread.run_sync(render)))
+        result: T = await asyncio.shield(task)
+        return result
 
 
 class FleetSource:
@@ -32,22 +66,36 @@ class FleetSource:
         self.history = history
         self.history_max = history_max
         self._clock = clock
-        self._lock = threading.Lock()
-        self._report: dict[str, Any] | None = None
-        self._taken = 0.0
+        self._snapshot: Snapshot | None = None
+        self._flight: asyncio.Future[Snapshot] | None = None  # the report being taken, if one is
+
+    async def snapshot(self) -> Snapshot:
+        """The fleet as `status --json --history` gives it, plus strategy, sinks and the counts:
+        the cached one while younger than `cache_s`, else the one being taken (started here when
+        none is). Only the event loop touches these fields, so no lock is needed."""
+        current = self._snapshot
+        if current is not None and self._clock() - current.taken < self.cache_s:
+            return current
+        if self._flight is None:
+            self._flight = _shared(asyncio.ensure_future(self._take()))
+        return await asyncio.shield(self._flight)
+
+    async def _take(self) -> Snapshot:
+        try:
+            report = await to_thread.run_sync(self.report)
+            self._snapshot = Snapshot(report, self._clock())
+            return self._snapshot
+        finally:
+            self._flight = None
 
     def report(self) -> dict[str, Any]:
-        """The fleet as `status --json --history` gives it, plus strategy, sinks and the counts."""
-        with self._lock:
-            if self._report is None or self._clock() - self._taken >= self.cache_s:
-                self._report = status_report(self.engine, history=self.history)
-                self._taken = self._clock()
-            return self._report
+        """One fresh report (blocking; the page goes through `snapshot`)."""
+        return status_report(self.engine, history=self.history)
 
     def key(self, ref: KeyRef) -> dict[str, Any]:
-        """One key with its sinks' metadata and audit trail (not cached: someone asked for it)."""
-        with self._lock:
-            return key_report(self.engine, ref, history_max=self.history_max)
+        """One key with its sinks' metadata and audit trail (not cached: someone asked for it).
+        Blocking and independent of the fleet report: a key's page never waits for one."""
+        return key_report(self.engine, ref, history_max=self.history_max)
 
     @property
     def warn_before_days(self) -> int:

@@ -98,13 +98,18 @@
   }
 
   let lastFleet = null;
+  // One refresh at a time: when the server takes longer than the interval (a large fleet, a slow
+  // key service), a tick that comes while the last refresh is in flight is skipped, so requests
+  // never pile up behind a slow report.
+  let inFlight = false;
 
   async function refresh() {
     const url = body.dataset.fragmentUrl;
     const current = document.getElementById("fleet");
-    if (!url || !current) {
+    if (!url || !current || inFlight) {
       return;
     }
+    inFlight = true;
     try {
       const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
       if (!response.ok) {
@@ -136,6 +141,8 @@
       applyFilter();
     } catch (error) {
       say("refresh failed");
+    } finally {
+      inFlight = false;
     }
   }
 
