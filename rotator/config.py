@@ -69,8 +69,9 @@ class Section(BaseModel):
 
 
 class KeyServiceConfig(Section):
-    kind: Literal["http", "emulator"] = Field(
-        "http", description="`http`: the API of docs/keyservice-api.md; `emulator`: in-process."
+    kind: Literal["http", "emulator", "aws-iam"] = Field(
+        "http", description=("`http`: the API of docs/keyservice-api.md; `emulator`: in-process; `aws-iam`: the "
+                             "access keys of AWS IAM users (reported only, `policy.mode = \"audit\"`).")
     )
     url: HttpUrl = Field(HttpUrl("http://127.0.0.1:8400"), description="Base URL (http kind).")
     token_env: EnvName | None = Field(
@@ -94,6 +95,17 @@ class KeyServiceConfig(Section):
     clock_skew_s: float = Field(
         86_400, ge=0, description="A date from the key service may be this far ahead of this host's clock."
     )
+    region: str | None = Field(None, description="aws-iam: the AWS region of the STS endpoint (IAM is global).")
+    endpoint_url: HttpUrl | None = Field(None, description="aws-iam: another IAM/STS endpoint (tests, proxies).")
+    user_path_prefix: str = Field(
+        "/", pattern=r"^/([\x21-\x7e]*/)?$", description="aws-iam: only users under this path, e.g. `/service/`.")
+    user_tag: str | None = Field(
+        None, description="aws-iam: only users with this tag, `Key` or `Key=Value`, e.g. `rotator:managed=true`.")
+    group: str | None = Field(None, description="aws-iam: only members of this IAM group.")
+    exempt_tag: str = Field(
+        "rotator:exempt", description="aws-iam: a user with this tag is left alone; its value says why.")
+    environment_tag: str = Field(
+        "rotator:environment", description="aws-iam: a user's environment (PRODUCTION or SANDBOX; default PRODUCTION).")
 
     @field_validator("clients")
     @classmethod
@@ -380,6 +392,10 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
 
     if s.keyservice.kind == "http":
         need("keyservice.token_env", s.keyservice.token_env, s.keyservice.token_file, "management token")
+    elif s.keyservice.kind == "aws-iam" and s.policy.mode != "audit":
+        problems.append(ConfigProblem(source, "policy.mode", (
+            "aws-iam access keys cannot be reset, only created, deactivated and deleted (the overlap "
+            "strategy), which this version does not do yet: rotator reports them; set mode = \"audit\"")))
     elif s.keyservice.seed is not None and not s.keyservice.seed.is_file():
         seed = str(s.keyservice.seed)
         problems.append(ConfigProblem(source, "keyservice.seed", f"seed file {seed!r} does not exist"))

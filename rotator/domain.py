@@ -73,6 +73,7 @@ class ApiKey:
     last_reset_at: int | None
     is_auto_generated: bool = False
     status: str = "ACTIVE"
+    exempt: str | None = None  # why the key service says to leave it alone (AWS IAM's exemption tag)
 
     @property
     def ref(self) -> KeyRef:

@@ -412,6 +412,9 @@ class Engine:
     # --- the protocol's steps ------------------------------------------------------------------
     def _reset(self, key: ApiKey, lease: Any, trigger: str) -> RotationResult:
         ref = key.ref
+        if not getattr(self.keyservice, "can_reset", True):  # AWS IAM: nothing is sent, nothing recorded
+            return self._failed(key, None, "this key service cannot reset a key (AWS IAM: the overlap strategy "
+                                           "is not in this version); nothing was sent", trigger=trigger)
         prepared = self._prepare_sinks(key)
         if isinstance(prepared, str):
             return self._failed(key, None, f"{prepared}; the key was not reset", trigger=trigger)

@@ -88,6 +88,9 @@ def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_o
     if scope is not None and not include_out_of_scope:
         return Step(key.ref, "refuse", f"{scope} ({key.environment.value}, age {age:.1f} d); "
                     "--force --include-out-of-scope rotates it anyway", generation, round(age, 2))
+    if not getattr(engine.keyservice, "can_reset", True):
+        return Step(key.ref, "refuse", f"this key service cannot reset a key (age {age:.1f} d): AWS IAM keys rotate "
+                    "with the overlap strategy, not in this version", generation, round(age, 2))
     if is_due(key, now, engine.policy):
         return Step(key.ref, "rotate", f"due (age {age:.1f} d)", generation, round(age, 2))
     due = utc_iso(due_at(key, engine.policy))

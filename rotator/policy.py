@@ -76,6 +76,8 @@ def scope_problem(key: ApiKey, policy: Policy) -> str | None:
         return f"out of scope: the key is {key.status}"
     if policy.exclude and is_excluded(key.ref, policy.exclude):
         return "excluded by policy.exclude"
+    if key.exempt is not None:
+        return f"exempt: {key.exempt}"
     return None
 
 
@@ -95,7 +97,7 @@ def assess(key: ApiKey, now: float, policy: Policy) -> tuple[KeyState, float, in
     max_age = policy.max_age_days * DAY
     if key.environment not in policy.environments or key.status != "ACTIVE":
         state = KeyState.OUT_OF_SCOPE
-    elif policy.exclude and is_excluded(key.ref, policy.exclude):
+    elif (policy.exclude and is_excluded(key.ref, policy.exclude)) or key.exempt is not None:
         state = KeyState.EXCLUDED
     elif age >= max_age:
         state = KeyState.DUE

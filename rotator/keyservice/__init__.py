@@ -1,4 +1,4 @@
-"""Key-service adapters: the HTTP contract of docs/keyservice-api.md and its emulator."""
+"""Key-service adapters: the HTTP contract of docs/keyservice-api.md, its emulator, and AWS IAM."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ if TYPE_CHECKING:
 
 def build_keyservice(config: KeyServiceConfig) -> KeyService:
     """The adapter a config asks for. `emulator` serves a seeded emulator inside this process."""
+    if config.kind == "aws-iam":
+        from rotator.keyservice.aws_iam import AwsIamKeyService
+
+        return AwsIamKeyService(config)
     from rotator.keyservice.http import HttpKeyService
 
     if config.kind == "emulator":
