@@ -128,6 +128,8 @@ class AwsIamKeyService:
             raise ProtocolError(f"{where}: the user name {problem}")
         environment = self._environment(tags, where)
         exempt = tags.get(self.config.exempt_tag)
+        if exempt is not None and (not exempt or text_problem(exempt) is not None):
+            exempt = "exempt by its tag"  # a reason that is empty or not printable text is not repeated
         for page in self._pages("list_access_keys", "AccessKeyMetadata", UserName=user):
             for meta in page:
                 key_id, created = meta.get("AccessKeyId"), meta.get("CreateDate")
@@ -136,7 +138,7 @@ class AwsIamKeyService:
                 status = str(meta.get("Status", "")).upper()
                 yield ApiKey(self.account(), str(key_id), str(user), environment, (), int(created.timestamp()),
                              None, False, status if status in ("ACTIVE", "INACTIVE") else "UNKNOWN",
-                             (exempt or "exempt by its tag") if exempt is not None else None)
+                             exempt)
 
     def _environment(self, tags: dict[str, str], where: str) -> Environment:
         value = tags.get(self.config.environment_tag, "PRODUCTION").upper()
