@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -98,15 +98,7 @@ def check_config(
     if ping:
         from rotator.health import ping_all
 
-        failures = 0
-        for name, problem in ping_all(settings):
-            if problem is None:
-                err.print(f"[green]ok[/green]   {show(name)}", highlight=False)
-            else:
-                failures += 1
-                err.print(f"[red]fail[/red] {show(name)}: {show(problem)}")
-        if failures:
-            raise typer.Exit(1)
+        _report_checks(ping_all(settings))
     err.print(f"[green]{show(config_path(config))} is valid[/green]", highlight=False)
 
 
@@ -121,8 +113,13 @@ def health(
     settings = _use_config(config)
     from rotator.probe import probe
 
+    _report_checks(probe(settings, worker, node))
+
+
+def _report_checks(checks: Iterable[tuple[str, str | None]]) -> None:
+    """One `ok`/`fail` line per check as it answers; exit 1 after them when any failed."""
     failures = 0
-    for name, problem in probe(settings, worker, node):
+    for name, problem in checks:
         if problem is None:
             err.print(f"[green]ok[/green]   {show(name)}", highlight=False)
         else:
