@@ -48,13 +48,18 @@ def fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+def config_failure(exc: ConfigError) -> NoReturn:
+    """Every problem of a configuration on its own line; exit 2."""
+    for problem in exc.problems:
+        err.print(f"[red]config error:[/red] {show(problem)}")
+    raise typer.Exit(2)
+
+
 def settings_or_exit(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]config error:[/red] {show(problem)}")
-        raise typer.Exit(2) from None
+        config_failure(exc)
 
 
 @contextmanager
@@ -64,9 +69,7 @@ def errors_exit() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]config error:[/red] {show(problem)}")
-        raise typer.Exit(2) from None
+        config_failure(exc)
     except RotatorError as exc:
         fail(str(exc), 1)
     except Exception as exc:
@@ -251,11 +254,10 @@ def rotate(
         results = []
         for step in plan:
             if step.action == "skip":
-                results.append(step.as_result())
+                results.append(step.as_skipped())
                 continue
-            if step.action == "refuse":  # the engine refuses it again, under the lease, into the history
-                result = engine.rotate(step.ref, trigger="manual", force=force, reason=reason)
-                results.append(result if result.status != "skipped" else step.as_result())
+            if step.action == "refuse":  # nothing is sent; the refusal goes into the history
+                results.append(engine.record_refusal(step.ref, step.why, reason))
                 continue
             # --all-due: the generation planned travels along, so a key a worker rotated meanwhile is
             # not rotated again; one key named by a person is rotated as asked.
@@ -310,6 +312,8 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
         for step in steps:
             if step.action != "rotate":
                 refused.append(step)
+                if step.action == "refuse":
+                    engine.record_refusal(step.ref, step.why, reason)
                 if not as_json:
                     out.print(f"[yellow]not sent[/yellow] {show(step.ref)}: {show(step.why)}")
                 continue
@@ -392,9 +396,10 @@ def reconcile(config: ConfigOption = None,
     repaired = [r.to_dict() for r in results]
     fixed = [r for r in repaired if r["status"] in ("succeeded", "recovered")]
     left = [r for r in repaired if not r["ok"]]
+    from rotator.fleet import drift_dict
+
     report: dict[str, Any] = {
-        "drift": [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
-                  for d in drift],
+        "drift": [drift_dict(d) for d in drift],
         "repaired": repaired, "unrepaired": len(left),
         "orphans": [{"sink": o.sink, "where": o.where, "client_id": o.ref.client_id, "key_id": o.ref.key_id}
                     for o in orphans],

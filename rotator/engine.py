@@ -12,7 +12,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -53,7 +53,7 @@ from rotator.protocols import (
     StateStore,
     StoredState,
 )
-from rotator.scan import client_ids
+from rotator.scan import every_key
 from rotator.state import LeaseLostError
 
 log = logs.get("rotator.engine")
@@ -101,6 +101,19 @@ class Drift:
     sink: str
     reason: str
     certain: bool = True  # False: it could not be told (an unreadable sink, a failed replay)
+
+
+def freshness(stored: StoredState | None, key: ApiKey) -> str:
+    """What a sink holds for a key against the key service's last reset: `empty`, `fresh` (the
+    current secret), `stale` (an older one: consumers hold a dead secret) or `unknown` (a
+    document without the reset date, or one newer than the key)."""
+    if stored is None:
+        return "empty"
+    if stored.key_reset_at == key.born_at:
+        return "fresh"
+    if stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
+        return "stale"
+    return "unknown"
 
 
 class SinkReads:
@@ -214,6 +227,14 @@ class Engine:
         return self._leased(ref, trigger, lambda lease: self._rotate_locked(
             ref, lease, trigger, force, generation, include_out_of_scope))
 
+    def record_refusal(self, ref: KeyRef, reason: str, note: str = "", actor: str | None = None) -> RotationResult:
+        """A rotation someone asked for and a plan refused (no such key, out of scope, a shared sink
+        place): nothing is sent, and the refusal goes into the audit history."""
+        self._begin(note, actor)
+        result = RotationResult(ref.client_id, ref.key_id, "failed", reason, trigger="manual")
+        self._history(result)
+        return result
+
     def recover_all(self) -> list[RotationResult]:
         """Settle every attempt a crash, an outage or a lost answer left behind."""
         self._begin("recovery", None)
@@ -233,14 +254,6 @@ class Engine:
             results.append(self._leased(ref, "reconcile", partial(self._repair_locked, ref)))
         return drift, results
 
-    def due_keys(self, now: float | None = None) -> Iterator[ApiKey]:
-        """Due keys in scope, yielded as the pages arrive."""
-        moment = self.clock() if now is None else now
-        for cid in client_ids(self.keyservice, self.clients):
-            for key in self.keyservice.list_keys(cid):
-                if classify(key, moment, self.policy) is KeyState.DUE:
-                    yield key
-
     def drift(self, alert: bool = True, keys: Iterable[ApiKey] | None = None,
               reads: SinkReads | None = None) -> list[Drift]:
         """Sinks that do not hold the key's current secret (consumers hold a dead one), and keys
@@ -249,9 +262,7 @@ class Engine:
         that has listed the keys and read the sinks already passes them (`keys`, `reads`), so
         nothing is listed or read twice."""
         found = []
-        listed = keys if keys is not None else (
-            key for cid in client_ids(self.keyservice, self.clients) for key in self.keyservice.list_keys(cid))
-        for key in listed:
+        for key in keys if keys is not None else every_key(self.keyservice, self.clients):
             if scope_problem(key, self.policy) is None:  # excluded keys are someone else's to keep
                 found.extend(self._drift_of(key, reads))
         for d in found if alert else ():
@@ -263,8 +274,7 @@ class Engine:
         the key service does not list any more: dead secrets, reported for a person to delete
         (rotator never deletes a stored secret). Also the sinks that could not be listed, and why
         (a role allowed to write its own paths may not list the store)."""
-        clients = list(client_ids(self.keyservice, self.clients))
-        live = {str(key.ref) for cid in clients for key in self.keyservice.list_keys(cid)}
+        live = {str(key.ref) for key in every_key(self.keyservice, self.clients)}
         configured = set(self.clients) if self.clients is not None else None
         found: list[Orphan] = []
         unchecked: list[tuple[str, str]] = []
@@ -284,16 +294,15 @@ class Engine:
         """`key.due_soon` for keys in the warning period; `key.overdue` for keys past due and not
         rotated (audit mode, excluded, outside the window, failing)."""
         counts = {"due_soon": 0, "overdue": 0}
-        for cid in client_ids(self.keyservice, self.clients):
-            for key in self.keyservice.list_keys(cid):
-                state = classify(key, now, self.policy)
-                if state is KeyState.DUE_SOON:
-                    self.emit("key.due_soon", key)
-                    counts["due_soon"] += 1
-                elif in_scope(key, self.policy) and is_due(key, now, self.policy):
-                    why = "excluded by policy" if state is KeyState.EXCLUDED else "due and not rotated yet"
-                    self.emit("key.overdue", key, error=why)
-                    counts["overdue"] += 1
+        for key in every_key(self.keyservice, self.clients):
+            state = classify(key, now, self.policy)
+            if state is KeyState.DUE_SOON:
+                self.emit("key.due_soon", key)
+                counts["due_soon"] += 1
+            elif in_scope(key, self.policy) and is_due(key, now, self.policy):
+                why = scope_problem(key, self.policy) or "due and not rotated yet"  # excluded or exempt: why
+                self.emit("key.overdue", key, error=why)
+                counts["overdue"] += 1
         return counts
 
     def close(self) -> None:
@@ -334,17 +343,16 @@ class Engine:
             return self._out_of_scope(key, trigger, scope)
         if not force and not is_due(key, self.clock(), self.policy):
             return self._skipped(key, trigger, "not due")
-        if force and self._replayable_rotation(key):
-            # The key's dates did not move since rotator's last reset of it (two resets within one
-            # second, or a key service that does not update them): a reset now would send that
-            # reset's Idempotency-Key and get its answer replayed, not a new secret.
+        # Since rotator's last stored reset of this key, did its dates stay where they were (a key
+        # service that does not update them, or two resets within one second)?
+        unmoved_for = self._unmoved_since_rotation(key)
+        new_key = False
+        if force and unmoved_for is not None and unmoved_for < REPLAY_LOOKBACK_S:
+            # A reset now would send that reset's Idempotency-Key and get its answer replayed.
             if generation is not None:  # a message: a rotation has served the dates it saw
                 return self._skipped(key, trigger, "rotated since the trigger (the key's dates did not move)")
-            epoch = self.state.epoch(ref, str(key.generation)) + 1  # a person forced it: a new key
-            if epoch >= MAX_EPOCHS:
-                return self._skipped(key, trigger, f"{MAX_EPOCHS} resets of unchanged key dates; nothing reset")
-            self.state.set_epoch(ref, str(key.generation), epoch, lease)
-        if not force and self._rotated_already(key):
+            new_key = True  # a person forced it: the next epoch's key
+        if not force and unmoved_for is not None and unmoved_for < self.policy.max_age_days * 86_400:
             why = ("rotated by rotator, but the key service still shows the reset date it replaced (a protocol "
                    "error of the key service); the key's age counts from that rotation, so it is not reset again")
             self.emit("keyservice.protocol_error", key, None, why)
@@ -352,25 +360,18 @@ class Engine:
         if trigger == "schedule" and self.window is not None and not self.window.contains(
                 datetime.fromtimestamp(self.clock(), UTC)):
             return self._skipped(key, trigger, "outside the rotation window")
-        return self._reset(key, lease, trigger)
+        return self._reset(key, lease, trigger, new_key=new_key)
 
-    def _replayable_rotation(self, key: ApiKey) -> bool:
-        """A stored rotation replaced this very generation within the key service's replay window:
-        the Idempotency-Key of a reset now is that rotation's, so the key service would replay it."""
+    def _unmoved_since_rotation(self, key: ApiKey) -> float | None:
+        """Seconds since rotator stored a rotation that replaced this very generation, which the key
+        service still shows (its dates did not move); None when there is none. Within the replay
+        window a reset would only replay that rotation; within `max_age_days` the key's age counts
+        from it, so there is no reset loop. (The slot is its own: later failures do not overwrite it.)"""
         slot = self.state.stored_rotation(key.ref)
         when = slot.get("time") if slot else None
-        return (slot is not None and slot.get("replaced") == str(key.generation)
-                and isinstance(when, int | float) and self.clock() - when < REPLAY_LOOKBACK_S)
-
-    def _rotated_already(self, key: ApiKey) -> bool:
-        """rotator stored a rotation that replaced this very generation, and the key service still
-        shows it: its dates did not move. The key's age then counts from that rotation (kept in a
-        slot of its own, which later failures do not overwrite), so there is no reset loop."""
-        slot = self.state.stored_rotation(key.ref)
-        if not slot or slot.get("replaced") != str(key.generation):
-            return False
-        when = slot.get("time")
-        return isinstance(when, int | float) and self.clock() - when < self.policy.max_age_days * 86_400
+        if slot is None or slot.get("replaced") != str(key.generation) or not isinstance(when, int | float):
+            return None
+        return self.clock() - when
 
     def _recover_locked(self, ref: KeyRef, lease: Any) -> RotationResult:
         pending = self.state.get_attempt(ref)
@@ -410,16 +411,24 @@ class Engine:
         return self._reset(key, lease, "reconcile")
 
     # --- the protocol's steps ------------------------------------------------------------------
-    def _reset(self, key: ApiKey, lease: Any, trigger: str) -> RotationResult:
+    def _reset(self, key: ApiKey, lease: Any, trigger: str, new_key: bool = False) -> RotationResult:
+        """Reset under the generation's Idempotency-Key; `new_key`: under the next epoch's (the
+        current one's answer is a rotation already stored)."""
         ref = key.ref
-        if not getattr(self.keyservice, "can_reset", True):  # AWS IAM: nothing is sent, nothing recorded
-            return self._failed(key, None, "this key service cannot reset a key (AWS IAM: the overlap strategy "
-                                           "is not in this version); nothing was sent", trigger=trigger)
+        cannot = getattr(self.keyservice, "cannot_reset", None)
+        if cannot is not None:  # nothing is sent, nothing recorded
+            return self._failed(key, None, f"{cannot}; nothing was sent", trigger=trigger)
         prepared = self._prepare_sinks(key)
         if isinstance(prepared, str):
             return self._failed(key, None, f"{prepared}; the key was not reset", trigger=trigger)
         generation = str(key.generation)
         epoch = self.state.epoch(ref, generation)
+        if new_key:
+            epoch += 1
+            if epoch >= MAX_EPOCHS:
+                return self._failed(key, None, f"{MAX_EPOCHS} resets of unchanged key dates; nothing reset",
+                                    trigger=trigger)
+            self.state.set_epoch(ref, generation, epoch, lease)
         now = self.state.now()
         record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()),
                                idempotency_key(self._ik_mac, ref, key.generation, epoch), generation, epoch,
@@ -696,11 +705,12 @@ class Engine:
             except RotatorError as exc:
                 found.append(Drift(key, name, f"unreadable ({exc}); drift unknown", certain=False))
                 continue
-            if stored is None:
+            state = freshness(stored, key)
+            if state == "empty":
                 empty.append(name)
-            elif stored.key_reset_at == key.born_at:
+            elif state == "fresh":
                 current = True
-            elif stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
+            elif state == "stale" and stored is not None and stored.key_reset_at is not None:
                 found.append(Drift(key, name, f"stored rotation is from {utc_iso(stored.key_reset_at)}, "
                                               f"key was reset at {utc_iso(key.born_at)}"))
         certain = [d for d in found if d.certain]

@@ -14,18 +14,16 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from rotator.domain import ApiKey, AttemptRecord, KeyRef, KeyState, utc_iso
-from rotator.engine import Drift, Engine, SinkReads
+from rotator.engine import Drift, Engine, SinkReads, freshness
 from rotator.errors import NotFoundError, RotatorError
 from rotator.policy import assess
 from rotator.protocols import SecretSink
 from rotator.scan import ScanRow, scan
 
-#: What a sink holds for a key, compared with the key service's last reset.
-FRESH: Final = "fresh"  # the current secret
-STALE: Final = "stale"  # an older secret: consumers hold a dead one
-EMPTY: Final = "empty"  # nothing for this key
-UNREADABLE: Final = "unreadable"  # the sink could not be read
-UNKNOWN: Final = "unknown"  # a document without the key's reset date, or one newer than the key
+#: What a sink holds for a key (`engine.freshness`: fresh, stale, empty, unknown), or that it
+#: could not be read.
+EMPTY: Final = "empty"
+UNREADABLE: Final = "unreadable"
 #: How a key is rotated. Only `reset` exists (the old secret dies at once); a per-key setting feeds
 #: `strategy_of` when another strategy arrives.
 DEFAULT_STRATEGY: Final = "reset"
@@ -57,14 +55,8 @@ def sink_view(sink: SecretSink, key: ApiKey, reads: SinkReads | None = None) -> 
         return {**where, "state": UNREADABLE, "error": str(exc)}
     if stored is None:
         return {**where, "state": EMPTY}
-    if stored.key_reset_at == key.born_at:
-        state = FRESH
-    elif stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
-        state = STALE
-    else:
-        state = UNKNOWN
-    return {**where, "state": state, "rotated_at": stored.rotated_at, "key_reset_at": stored.key_reset_at,
-            "attempt_id": stored.attempt_id, "version": stored.version}
+    return {**where, "state": freshness(stored, key), "rotated_at": stored.rotated_at,
+            "key_reset_at": stored.key_reset_at, "attempt_id": stored.attempt_id, "version": stored.version}
 
 
 def attempt_dict(a: AttemptRecord) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""`check-config --ping`: reach every configured service and say which answered."""
+"""`check-config --ping`: reach every configured service and say which answered. The Redis and
+broker pings here also serve `rotator health` (`rotator.probe`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import redis
 
 from rotator.config import REDIS_SCHEMES, Settings
 from rotator.errors import RotatorError
-from rotator.protocols import SecretSink
+from rotator.protocols import KeyService, SecretSink
 from rotator.safety import redact_urls_in, strip_credentials, terminal_safe
 
 PING_TIMEOUT_S = 3.0
@@ -18,66 +19,71 @@ PING_TIMEOUT_S = 3.0
 def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
     """(service, None) when it answered, (service, reason) when not."""
     from rotator.keyservice import build_keyservice
-
-    try:
-        service = build_keyservice(settings.keyservice)
-        try:
-            next(iter(service.list_clients()), None)
-        finally:
-            service.close()
-        yield f"keyservice {settings.keyservice.kind}", None
-    except RotatorError as exc:
-        yield f"keyservice {settings.keyservice.kind}", str(exc)
-    for name, url, full in (("state redis", settings.state.redis_url, settings.state.url),
-                            ("celery broker", settings.celery.broker_url, settings.celery.broker)):
-        if name == "celery broker" and settings.celery.broker_is_amqp():
-            yield name, _ping_amqp(full)
-            continue
-        if url.scheme not in REDIS_SCHEMES:
-            continue
-        try:
-            redis.Redis.from_url(full(), socket_timeout=3, socket_connect_timeout=3).ping()
-            yield name, None
-        except redis.RedisError as exc:
-            detail = str(exc).splitlines()[0] if str(exc) else ""
-            yield name, f"{type(exc).__name__}: {terminal_safe(redact_urls_in(detail))[:200]}"
     from rotator.runtime import build_sinks
 
-    try:
-        sinks = build_sinks(settings)
-    except RotatorError as exc:
-        yield "sinks", str(exc)
-        return
-    for sink in sinks:
-        try:
-            sink.ping()
-            yield sink.describe(), None
-        except RotatorError as exc:
-            yield sink.describe(), str(exc)
-        finally:
-            sink.close()
-    yield "sink places", _shared_places(settings, sinks)
-
-
-def _shared_places(settings: Settings, sinks: list[SecretSink]) -> str | None:
-    """Whether two keys would share a place in a sink (aliases that slug alike under `{alias}`)."""
-    from rotator.keyservice import build_keyservice
-    from rotator.places import PlaceIndex
-    from rotator.scan import client_ids
-
+    where = f"keyservice {settings.keyservice.kind}"
+    service: KeyService | None = None
     try:
         service = build_keyservice(settings.keyservice)
+        next(iter(service.list_clients()), None)
+        yield where, None
+    except RotatorError as exc:
+        yield where, str(exc)
+    try:
+        yield "state redis", ping_redis(settings.state.url)
+        if settings.celery.broker_is_amqp() or settings.celery.broker_url.scheme in REDIS_SCHEMES:
+            yield "celery broker", ping_broker(settings)
         try:
-            places = PlaceIndex(sinks).add_all(
-                key for cid in client_ids(service, settings.keyservice.clients) for key in service.list_keys(cid))
-        finally:
+            sinks = build_sinks(settings)
+        except RotatorError as exc:
+            yield "sinks", str(exc)
+            return
+        for sink in sinks:
+            try:
+                sink.ping()
+                yield sink.describe(), None
+            except RotatorError as exc:
+                yield sink.describe(), str(exc)
+            finally:
+                sink.close()
+        if service is not None:
+            yield "sink places", _shared_places(settings, service, sinks)
+    finally:
+        if service is not None:
             service.close()
+
+
+def _shared_places(settings: Settings, service: KeyService, sinks: list[SecretSink]) -> str | None:
+    """Whether two keys would share a place in a sink (aliases that slug alike under `{alias}`)."""
+    from rotator.places import PlaceIndex
+    from rotator.scan import every_key
+
+    try:
+        places = PlaceIndex(sinks).add_all(every_key(service, settings.keyservice.clients))
     except RotatorError as exc:
         return f"not checked: {exc}"
     if not places.conflicts:
         return None
     first = next(iter(places.conflicts.values()))
     return f"{len(places.conflicts)} keys share a place with another key; e.g. {first}"
+
+
+def ping_redis(full_url: Callable[[], str]) -> str | None:
+    """One PING of at most `PING_TIMEOUT_S`: None when Redis answered, else one line without the password."""
+    try:
+        redis.Redis.from_url(full_url(), socket_timeout=PING_TIMEOUT_S, socket_connect_timeout=PING_TIMEOUT_S).ping()
+        return None
+    except RotatorError as exc:  # the password variable or file went missing since loading
+        return str(exc)
+    except redis.RedisError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        return f"{type(exc).__name__}: {terminal_safe(redact_urls_in(detail))[:200]}"
+
+
+def ping_broker(settings: Settings) -> str | None:
+    """The Celery broker answers: RabbitMQ with one login, Redis with one PING."""
+    celery = settings.celery
+    return _ping_amqp(celery.broker) if celery.broker_is_amqp() else ping_redis(celery.broker)
 
 
 def _ping_amqp(full_url: Callable[[], str]) -> str | None:

@@ -104,7 +104,7 @@ def configure(level: str | None = None, json_lines: bool | None = None, *, for_p
     _wanted = (numeric, json_lines)
     if "structlog" in sys.modules:
         _apply_structlog()
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=numeric, stream=sys.stderr)
     logging.getLogger().setLevel(numeric)
     for handler in logging.getLogger().handlers:
         if type(handler) is logging.StreamHandler:  # ours, from basicConfig (not a test's capture)

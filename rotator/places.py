@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from rotator.domain import ApiKey
+from rotator.domain import ApiKey, KeyState
 from rotator.errors import RotatorError
 from rotator.protocols import SecretSink
+from rotator.scan import ScanRow
 
 
 class PlaceIndex:
@@ -39,3 +40,15 @@ class PlaceIndex:
         for key in keys:
             self.add(key)
         return self
+
+
+def due_with_places(rows: Iterable[ScanRow], sinks: Iterable[SecretSink]) -> list[tuple[ApiKey, str | None]]:
+    """The due keys of a whole scan, each with why another key would share its sink place (None
+    when it has one of its own): the scan task and the `--all-due` plan decide from this alone."""
+    places = PlaceIndex(sinks)
+    due = []
+    for row in rows:
+        places.add(row.key)
+        if row.state is KeyState.DUE:
+            due.append(row.key)
+    return [(key, places.conflicts.get(str(key.ref))) for key in due]

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from rotator.domain import ApiKey, KeyRef, KeyState, utc_iso
+from rotator.domain import ApiKey, KeyRef, utc_iso
 from rotator.errors import NotFoundError, PermanentError, RotatorError
-from rotator.places import PlaceIndex
-from rotator.policy import DAY, age_seconds, classify, due_at, is_due, scope_problem
-from rotator.scan import client_ids
+from rotator.places import due_with_places
+from rotator.policy import DAY, age_seconds, due_at, is_due, scope_problem
+from rotator.scan import scan
 
 if TYPE_CHECKING:
     from rotator.engine import Engine, RotationResult
@@ -35,12 +35,11 @@ class Step:
         return {"client_id": self.ref.client_id, "key_id": self.ref.key_id, "action": self.action,
                 "reason": self.why, "age_days": self.age_days}
 
-    def as_result(self) -> RotationResult:
-        """A step that is not a rotation, as the result `--apply` reports for it."""
+    def as_skipped(self) -> RotationResult:
+        """A step that skips its key, as the result `--apply` reports for it."""
         from rotator.engine import RotationResult
 
-        status = "skipped" if self.action == "skip" else "failed"
-        return RotationResult(self.ref.client_id, self.ref.key_id, status, self.why, trigger="manual")
+        return RotationResult(self.ref.client_id, self.ref.key_id, "skipped", self.why, trigger="manual")
 
 
 def plan_one(engine: Engine, client_id: str, key_id: str, force: bool, include_out_of_scope: bool) -> Step:
@@ -48,7 +47,7 @@ def plan_one(engine: Engine, client_id: str, key_id: str, force: bool, include_o
     try:
         key = engine.keyservice.get_key(client_id, key_id)
     except NotFoundError:
-        return Step(ref, "refuse", "no such key at the key service")
+        return Step(ref, "refuse", "no such key: not found at the key service")
     step = step_for(key, engine.clock(), engine, force, include_out_of_scope)
     if step.action == "rotate":
         for sink in engine.sinks:
@@ -65,15 +64,7 @@ def plan_all_due(engine: Engine) -> Iterator[Step]:
     """Every due key in scope; one whose sink place another key would share is refused (found over
     the whole listing, so both keys are)."""
     now = engine.clock()
-    places = PlaceIndex(engine.sinks)
-    due = []
-    for cid in client_ids(engine.keyservice, engine.clients):
-        for key in engine.keyservice.list_keys(cid):
-            places.add(key)
-            if classify(key, now, engine.policy) is KeyState.DUE:
-                due.append(key)
-    for key in due:
-        conflict = places.conflicts.get(str(key.ref))
+    for key, conflict in due_with_places(scan(engine.keyservice, engine.policy, now, engine.clients), engine.sinks):
         if conflict is not None:
             age = round(age_seconds(key, now) / DAY, 2)
             yield Step(key.ref, "refuse", f"{conflict}; nothing would be reset", str(key.generation), age)
@@ -88,9 +79,9 @@ def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_o
     if scope is not None and not include_out_of_scope:
         return Step(key.ref, "refuse", f"{scope} ({key.environment.value}, age {age:.1f} d); "
                     "--force --include-out-of-scope rotates it anyway", generation, round(age, 2))
-    if not getattr(engine.keyservice, "can_reset", True):
-        return Step(key.ref, "refuse", f"this key service cannot reset a key (age {age:.1f} d): AWS IAM keys rotate "
-                    "with the overlap strategy, not in this version", generation, round(age, 2))
+    cannot = getattr(engine.keyservice, "cannot_reset", None)
+    if cannot is not None:
+        return Step(key.ref, "refuse", f"{cannot} (age {age:.1f} d)", generation, round(age, 2))
     if is_due(key, now, engine.policy):
         return Step(key.ref, "rotate", f"due (age {age:.1f} d)", generation, round(age, 2))
     due = utc_iso(due_at(key, engine.policy))

@@ -11,37 +11,17 @@ import socket
 from collections.abc import Iterator
 
 from rotator.config import Settings
-from rotator.errors import RotatorError
-from rotator.safety import redact_urls_in
-
-TIMEOUT_S = 3.0
+from rotator.health import PING_TIMEOUT_S as TIMEOUT_S
+from rotator.health import ping_broker, ping_redis
 
 
 def probe(settings: Settings, worker: bool = False, node: str | None = None) -> Iterator[tuple[str, str | None]]:
     """(check, None) when it passed, (check, reason) when not."""
-    yield "state redis", _redis(settings.state.url)
-    if settings.celery.broker_is_amqp():
-        from rotator.health import _ping_amqp
-
-        yield "celery broker", _ping_amqp(settings.celery.broker)
-    else:
-        yield "celery broker", _redis(settings.celery.broker)
+    yield "state redis", ping_redis(settings.state.url)
+    yield "celery broker", ping_broker(settings)
     if worker:
         name = node or f"celery@{socket.gethostname()}"
         yield f"worker {name}", _worker(settings, name)
-
-
-def _redis(url: object) -> str | None:
-    import redis
-
-    try:
-        full = url() if callable(url) else str(url)
-        redis.Redis.from_url(full, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S).ping()
-        return None
-    except RotatorError as exc:  # a password variable or file that went missing
-        return str(exc)
-    except redis.RedisError as exc:
-        return f"{type(exc).__name__}: {redact_urls_in(str(exc).splitlines()[0] if str(exc) else '')}"
 
 
 def _worker(settings: Settings, name: str) -> str | None:

@@ -16,7 +16,10 @@ from rotator.domain import ApiKey, AttemptRecord, ClientInfo, IssuedKey, KeyRef,
 
 @runtime_checkable
 class KeyService(Protocol):
-    """A key service: lists keys, resets one idempotently, and checks that a secret works."""
+    """A key service: lists keys, resets one idempotently, and checks that a secret works.
+
+    One that cannot reset keys at all (AWS IAM) says why in a `cannot_reset` attribute; plans and
+    the engine then refuse before sending anything."""
 
     def list_clients(self) -> Iterator[ClientInfo]: ...
 

@@ -39,10 +39,15 @@ def client_ids(service: KeyService, configured: Iterable[str] | None) -> Iterato
             yield client.client_id
 
 
+def every_key(service: KeyService, clients: Iterable[str] | None = None) -> Iterator[ApiKey]:
+    """Every key of the managed Client IDs, page by page."""
+    for client_id in client_ids(service, clients):
+        yield from service.list_keys(client_id)
+
+
 def scan(
     service: KeyService, policy: Policy, now: float, clients: Iterable[str] | None = None
 ) -> Iterator[ScanRow]:
-    for client_id in client_ids(service, clients):
-        for key in service.list_keys(client_id):
-            state, age, due = assess(key, now, policy)
-            yield ScanRow(key, state, age / DAY, due)
+    for key in every_key(service, clients):
+        state, age, due = assess(key, now, policy)
+        yield ScanRow(key, state, age / DAY, due)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any, TypeVar
@@ -15,12 +15,13 @@ from celery.exceptions import Ignore, Reject, Retry
 from rotator import logs
 from rotator.alerts.dispatch import already_sent, event_from_dict, mark_sent, routes
 from rotator.config import Settings, load_settings
-from rotator.domain import KeyRef, KeyState
+from rotator.domain import KeyRef
 from rotator.engine import Engine
 from rotator.errors import RotatorError, TransientError
 from rotator.events import LogPublisher
-from rotator.places import PlaceIndex
+from rotator.places import due_with_places
 from rotator.protocols import Event
+from rotator.scan import ScanRow
 from rotator.scan import scan as scan_keys
 
 T = TypeVar("T")
@@ -118,15 +119,15 @@ def scan() -> dict[str, Any]:
     enforce = s.policy.mode == "enforce"
     counts: dict[str, int] = {}
     queued = 0
-    places = PlaceIndex(eng.sinks)  # keys that would share a sink place are found across the whole scan
-    due = []
-    for row in scan_keys(eng.keyservice, eng.policy, now, s.keyservice.clients):
-        counts[row.state.value] = counts.get(row.state.value, 0) + 1
-        places.add(row.key)
-        if row.state is KeyState.DUE:
-            due.append(row.key)
-    for key in due:
-        conflict = places.conflicts.get(str(key.ref))
+
+    def counted(rows: Iterator[ScanRow]) -> Iterator[ScanRow]:
+        for row in rows:
+            counts[row.state.value] = counts.get(row.state.value, 0) + 1
+            yield row
+
+    # Keys that would share a sink place are found across the whole scan, before anything is queued.
+    for key, conflict in due_with_places(counted(scan_keys(eng.keyservice, eng.policy, now, s.keyservice.clients)),
+                                         eng.sinks):
         if conflict is not None:  # never reset a key whose secret would take another key's place
             eng.emit("rotation.failed", key, error=f"not rotated: {conflict}")
         elif enforce and inside:

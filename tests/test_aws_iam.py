@@ -106,7 +106,7 @@ def test_a_reset_is_refused_before_anything_is_sent(iam: dict[str, Any], state: 
     engine = Engine(ks, [registry.build("memory", {}, fp)], state, CapturePublisher(), fp, Policy())
     active = iam["keys"]["payments"][0]
     step = plan_one(engine, account, active, force=True, include_out_of_scope=False)
-    assert step.action == "refuse" and "cannot reset" in step.why
+    assert step.action == "refuse" and "cannot be reset" in step.why
     result = engine.rotate(KeyRef(account, active), trigger="manual", force=True)
     assert result.status == "failed" and "nothing was sent" in result.reason
     assert state.attempts() == []

@@ -339,8 +339,11 @@ def test_key_becomes_due_after_two_simulated_days(
         later = time.time()
     assert [r.state.value for r in scan(keyservice, engine.policy, today)] == ["due_soon"]
     assert [r.state.value for r in scan(keyservice, engine.policy, later)] == ["due"]
-    assert list(engine.due_keys(today)) == []
-    assert [k.alias for k in engine.due_keys(later)] == ["Auto-generated key"]
+    from rotator.places import due_with_places
+
+    assert due_with_places(scan(keyservice, engine.policy, today), engine.sinks) == []
+    assert [(k.alias, conflict) for k, conflict in due_with_places(scan(keyservice, engine.policy, later),
+                                                                   engine.sinks)] == [("Auto-generated key", None)]
 
 
 def test_reset_that_commits_after_the_time_out_is_not_lost(

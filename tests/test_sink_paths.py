@@ -339,3 +339,47 @@ def test_the_scan_task_does_not_queue_keys_that_would_share_a_place(
     failed = {e.key_id: e.error for e in events.events if e.name == "rotation.failed"}
     assert set(failed) == {one, two} and two in str(failed[one]) and one in str(failed[two])
     assert emulator.ledger == []
+
+
+def test_apply_of_all_due_never_resets_a_key_its_plan_refused(
+    place: Path, env: pytest.MonkeyPatch, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer
+) -> None:
+    """`rotate --all-due --apply` with two keys whose aliases slug alike under `{alias}`: both are
+    refused (exit 1) and written to the history, nothing is sent for them, and the key with a
+    place of its own is rotated."""
+    from rotator.cli import app
+
+    now = emulator.now()
+    client = f"apply-{uuid.uuid4().hex[:6]}"
+    emulator.add_client(client, created_at=now - 400 * 86_400, auto_key=False)
+    one = emulator.add_key(client, "Payments API", created_at=now - 400 * 86_400).id
+    two = emulator.add_key(client, "payments-api", created_at=now - 400 * 86_400).id
+    own = emulator.add_key(client, "Payouts", created_at=now - 400 * 86_400).id
+    env.setenv("ROTATOR_STATE__NAMESPACE", f"apply-{uuid.uuid4().hex[:8]}")
+    config = place / "rotator.toml"
+    config.write_text(f'[keyservice]\nurl = "{emulator_server.url}"\nclients = ["{client}"]\n'
+                      f'[state]\nredis_url = "{redis_server}/0"\n[celery]\nbroker_url = "{redis_server}/1"\n'
+                      f'[[sinks]]\nkind = "file"\ndir = "{place / "s"}"\npath = "{{client_id}}/{{alias}}.secret"\n')
+    result = CliRunner().invoke(app, ["rotate", "--all-due", "--apply", "--json", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    outcome = {r["key_id"]: r["status"] for r in json.loads(result.stdout)["results"]}
+    assert outcome == {one: "failed", two: "failed", own: "succeeded"}
+    assert [e.key_id for e in emulator.ledger] == [own]
+    history = CliRunner().invoke(app, ["status", "--history", "--json", "--config", str(config)])
+    refused = {e["key_id"] for e in json.loads(history.stdout)["history"] if e.get("status") == "failed"}
+    assert refused == {one, two}
+
+
+def test_the_orphan_walk_neither_opens_a_planted_fifo_nor_follows_a_symlink(place: Path) -> None:
+    """Reading a FIFO would block `reconcile` for ever; a symlink could point anywhere."""
+    root = place / "secrets"
+    sink = file_sink(root)
+    sink.write(record(key()))
+    os.mkfifo(root / "acme" / "planted.secret")
+    (root / "acme" / "link.secret").symlink_to(place / "outside" / "victim")
+    found: list[Any] = []
+    walker = threading.Thread(target=lambda: found.extend(sink.stored_refs()), daemon=True)
+    walker.start()
+    walker.join(5)
+    assert not walker.is_alive(), "the walk opened the FIFO"
+    assert [(where.rsplit("/", 1)[-1], str(ref)) for where, ref in found] == [("key_1.secret", "acme/key_1")]

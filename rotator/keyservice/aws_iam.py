@@ -35,7 +35,7 @@ from rotator.errors import (
 from rotator.safety import excerpt, is_id, text_problem
 
 NOT_RESET = ("AWS IAM access keys cannot be reset, only created, deactivated and deleted (the overlap "
-             "strategy), which this version does not do; nothing was sent")
+             "strategy), which this version does not do")
 DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "InvalidClientTokenId",
           "SignatureDoesNotMatch", "ExpiredToken"}
 
@@ -43,7 +43,7 @@ DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "Inv
 class AwsIamKeyService:
     """The read side of IAM (list, get) behind rotator's KeyService protocol."""
 
-    can_reset = False  # plans and the engine refuse a reset before sending anything
+    cannot_reset = NOT_RESET  # plans and the engine refuse a reset before sending anything
 
     def __init__(self, config: KeyServiceConfig) -> None:
         self.config = config
@@ -99,7 +99,7 @@ class AwsIamKeyService:
 
     # --- what IAM cannot do (in this version) ----------------------------------------------
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
-        raise RefusedError(NOT_RESET, status=None)
+        raise RefusedError(f"{NOT_RESET}; nothing was sent", status=None)
 
     def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
         from rotator.domain import Replay

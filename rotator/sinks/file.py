@@ -159,10 +159,11 @@ class EncryptedFileSink:
         for folder, _dirs, names in os.walk(self.config.dir, followlinks=False):
             for name in sorted(names):
                 path = Path(folder) / name
-                if name.endswith(".prev") or name.startswith(".tmp-") or path.is_symlink():
+                if name.endswith(".prev") or name.startswith(".tmp-"):
                     continue
                 try:
-                    if path.stat().st_size > MAX_STORED_BYTES:
+                    found = path.lstat()  # a planted symlink or FIFO is not followed or opened
+                    if not stat.S_ISREG(found.st_mode) or found.st_size > MAX_STORED_BYTES:
                         continue
                     ref = ref_of_document(json.loads(self._fernet.decrypt(path.read_bytes())))
                 except (OSError, InvalidToken, ValueError):
