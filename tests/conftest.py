@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,16 @@ from rotator.sinks.memory import MemorySink
 
 TOKEN = "test-management-token"
 FP_KEY = "test-fingerprint-key-0123456789"
+
+
+def write_config(path: Path, keyservice_url: str, redis_url: str, *, clients: list[str] | None = None,
+                 sinks: str = 'kind = "memory"') -> Path:
+    """A config for the CLI against the test emulator and a private Redis (state in db 0, the
+    broker in db 1); `sinks` is the body of one `[[sinks]]` table."""
+    listed = f"clients = {clients!r}\n".replace("'", '"') if clients is not None else ""
+    path.write_text(f'[keyservice]\nurl = "{keyservice_url}"\n{listed}[state]\nredis_url = "{redis_url}/0"\n'
+                    f'[celery]\nbroker_url = "{redis_url}/1"\n[[sinks]]\n{sinks}\n')
+    return path
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from rotator.cli import app
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
 from rotator.keyservice.http import HttpKeyService
+from tests.conftest import write_config
 
 runner = CliRunner()
 DAY = 86_400
@@ -25,18 +26,7 @@ def setup(tmp_path: Path, env: pytest.MonkeyPatch, redis_server: str, emulator: 
     auto = next(iter(emulator.add_client("acme", created_at=now - 400 * DAY).keys))
     young = emulator.add_key("acme", "young", created_at=now - 5 * DAY).id
     env.setenv("ROTATOR_STATE__NAMESPACE", f"cli-{uuid.uuid4().hex[:8]}")
-    path = tmp_path / "rotator.toml"
-    path.write_text(f"""
-[keyservice]
-url = "{emulator_server.url}"
-[state]
-redis_url = "{redis_server}/0"
-[celery]
-broker_url = "{redis_server}/1"
-[[sinks]]
-kind = "memory"
-""")
-    return path, {"due": auto, "young": young}
+    return write_config(tmp_path / "rotator.toml", emulator_server.url, redis_server), {"due": auto, "young": young}
 
 
 def run(*args: str) -> tuple[int, str, str]:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from rotator.cli import app
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
+from tests.conftest import write_config
 
 runner = CliRunner()
 DAY = 86_400
@@ -30,18 +31,7 @@ def setup(tmp_path: Path, env: pytest.MonkeyPatch, redis_server: str, emulator: 
     young = emulator.add_key(client, "young", created_at=now - 12 * DAY).id
     old_sandbox = next(iter(emulator.add_client(sandbox, environment="SANDBOX", created_at=now - 400 * DAY).keys))
     env.setenv("ROTATOR_STATE__NAMESPACE", f"plan-{uuid.uuid4().hex[:8]}")
-    path = tmp_path / "rotator.toml"
-    path.write_text(f"""
-[keyservice]
-url = "{emulator_server.url}"
-clients = ["{client}", "{sandbox}"]
-[state]
-redis_url = "{redis_server}/0"
-[celery]
-broker_url = "{redis_server}/1"
-[[sinks]]
-kind = "memory"
-""")
+    path = write_config(tmp_path / "rotator.toml", emulator_server.url, redis_server, clients=[client, sandbox])
     return path, {"client": client, "sandbox": sandbox, "due": due, "young": young, "old_sandbox": old_sandbox}
 
 

@@ -26,7 +26,7 @@ from rotator.keyservice.emulator_http import EmulatorServer
 from rotator.protocols import SecretRecord
 from rotator.sinks import registry
 from rotator.sinks.base import render
-from tests.conftest import FP_KEY
+from tests.conftest import FP_KEY, write_config
 from tests.test_sinks import moto_url  # noqa: F401  (a session fixture: a moto server)
 from tests.vault_server import VaultTestServer
 
@@ -356,10 +356,8 @@ def test_apply_of_all_due_never_resets_a_key_its_plan_refused(
     two = emulator.add_key(client, "payments-api", created_at=now - 400 * 86_400).id
     own = emulator.add_key(client, "Payouts", created_at=now - 400 * 86_400).id
     env.setenv("ROTATOR_STATE__NAMESPACE", f"apply-{uuid.uuid4().hex[:8]}")
-    config = place / "rotator.toml"
-    config.write_text(f'[keyservice]\nurl = "{emulator_server.url}"\nclients = ["{client}"]\n'
-                      f'[state]\nredis_url = "{redis_server}/0"\n[celery]\nbroker_url = "{redis_server}/1"\n'
-                      f'[[sinks]]\nkind = "file"\ndir = "{place / "s"}"\npath = "{{client_id}}/{{alias}}.secret"\n')
+    config = write_config(place / "rotator.toml", emulator_server.url, redis_server, clients=[client],
+                          sinks=f'kind = "file"\ndir = "{place / "s"}"\npath = "{{client_id}}/{{alias}}.secret"')
     result = CliRunner().invoke(app, ["rotate", "--all-due", "--apply", "--json", "--config", str(config)])
     assert result.exit_code == 1, result.output
     outcome = {r["key_id"]: r["status"] for r in json.loads(result.stdout)["results"]}
