@@ -74,6 +74,9 @@ class ApiKey:
     is_auto_generated: bool = False
     status: str = "ACTIVE"
     exempt: str | None = None  # why the key service says to leave it alone (AWS IAM's exemption tag)
+    replaces: str | None = None  # the key id this key succeeds, while that key is not revoked (overlap)
+    replaced_by: str | None = None  # this key's successor: it is retiring, and revoked after the grace
+    provider: str = ""  # "aws-iam": the stored document also carries access_key_id/secret_access_key
 
     @property
     def ref(self) -> KeyRef:
@@ -146,6 +149,15 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class LastUse:
+    """When and for what a key last authenticated (AWS IAM's GetAccessKeyLastUsed)."""
+
+    when: float
+    service: str
+    region: str
+
+
+@dataclass(frozen=True, slots=True)
 class IssuedKey:
     """A key together with the one-time secret that a create or reset returned."""
 
@@ -203,6 +215,8 @@ class AttemptRecord:
     since: float = 0.0  # when this phase began (state clock): the in-doubt horizon counts from here
     issued_generation: str | None = None  # the generation the answer named, once one came
     fingerprint: str | None = None
+    action: str = "reset"  # "create": the overlap strategy's successor key (`Replaces` this key)
+    issued_key_id: str | None = None  # the key id the answer named (a create's successor)
 
     @property
     def ref(self) -> KeyRef:

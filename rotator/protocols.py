@@ -41,13 +41,25 @@ class KeyService(Protocol):
         ...
 
     def create_key(
-        self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str
-    ) -> IssuedKey: ...
+        self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,
+        replaces: str | None = None,
+    ) -> IssuedKey:
+        """Create a key; with `replaces`, the successor of that key (same alias, while the replaced
+        key is not revoked). Raises like `reset_key`; the answer names a key that `replaces` it."""
+        ...
 
-    def revoke_key(self, client_id: str, key_id: str) -> None: ...
+    def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
+        """The stored answer of the create of `replaces`' successor sent with `idempotency_key`
+        (Replay.ANSWER only for a 200 naming a key that replaces it); never raises."""
+        ...
 
-    def verify_secret(self, client_id: str, secret: Secret) -> bool:
-        """True when the secret authenticates against the key service."""
+    def revoke_key(self, client_id: str, key_id: str) -> None:
+        """Revoke for good; NotFoundError when it is gone already."""
+        ...
+
+    def verify_secret(self, client_id: str, secret: Secret, key_id: str | None = None) -> bool:
+        """True when the secret (of `key_id`, for services whose secrets need their key's id)
+        authenticates against the key service."""
         ...
 
     def close(self) -> None: ...
@@ -117,6 +129,11 @@ class SecretSink(Protocol):
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         """What is stored now for the key (its fingerprint and rotation), or None."""
+        ...
+
+    def read_secret(self, key: ApiKey) -> Secret | None:
+        """The stored secret of `key` (None when nothing of this key is stored). Used only to prove,
+        before the overlap strategy revokes the replaced key, that what consumers read works."""
         ...
 
     def ping(self) -> None:
