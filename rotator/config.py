@@ -106,6 +106,12 @@ class KeyServiceConfig(Section):
         "rotator:exempt", description="aws-iam: a user with this tag is left alone; its value says why.")
     environment_tag: str = Field(
         "rotator:environment", description="aws-iam: a user's environment (PRODUCTION or SANDBOX; default PRODUCTION).")
+    delete_after_s: float = Field(
+        7 * 86_400, ge=0, description=("aws-iam: an access key deactivated after its grace is deleted this much "
+                                       "later (it can be switched back on until then)."))
+    verify_timeout_s: float = Field(
+        60.0, gt=0, le=900, description=("aws-iam: how long a new access key is retried with sts:GetCallerIdentity "
+                                         "while IAM propagates it (often 5-15 s)."))
 
     @field_validator("clients")
     @classmethod
@@ -132,6 +138,13 @@ class PolicyConfig(Section):
     window: str | None = Field(
         None, description="Scheduled rotations only inside e.g. `Mon-Fri 09:00-17:00 Europe/Paris`."
     )
+    strategy: Literal["reset", "overlap"] = Field(
+        "reset", description=("`reset`: a new secret for the same key, the old one dies at once; `overlap`: a "
+                              "successor key with the same alias and scopes, stored and verified, then the old "
+                              "key revoked after `overlap_grace_s` (the Auto-generated key is always reset). "
+                              "See docs/strategies.md."))
+    overlap_grace_s: float = Field(
+        7 * 86_400, ge=0, description="overlap: how long the old key keeps working after its successor is stored.")
 
     @field_validator("exclude")
     @classmethod
