@@ -11,6 +11,7 @@ the key service) is one line on stderr and exit 1, never a traceback.
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 import time
@@ -212,6 +213,11 @@ def _use_config(config: Path | None) -> Settings:
     return settings
 
 
+class Strategy(enum.StrEnum):
+    RESET = "reset"
+    OVERLAP = "overlap"
+
+
 @app.command()
 def rotate(
     config: ConfigOption = None,
@@ -226,6 +232,9 @@ def rotate(
     enqueue: Annotated[bool, typer.Option(
         "--enqueue", help="With --apply: hand the rotations to the Celery workers instead of rotating here.")] = False,
     reason: Annotated[str, typer.Option("--reason", help="Why: kept in the audit history.")] = "",
+    strategy: Annotated[Strategy | None, typer.Option(
+        "--strategy", help="reset or overlap for this run instead of the policy's strategy (docs/strategies.md).",
+    )] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Rotate due keys or one key by hand: a plan by default (what --apply would do), --apply to act.
@@ -236,16 +245,17 @@ def rotate(
     if include_out_of_scope and not force:
         fail("--include-out-of-scope goes with --force: an out-of-scope key is never due", 2)
     settings = _use_config(config)
+    how = Strategy(strategy).value if strategy is not None else None  # a plain str from here on
     from rotator.plan import plan_all_due, plan_one
 
     with errors_exit():
         engine = _engine(settings)
         if all_due:
-            steps = plan_all_due(engine)
+            steps = plan_all_due(engine, how)
         else:
-            steps = iter([plan_one(engine, str(client_id), str(key_id), force, include_out_of_scope)])
+            steps = iter([plan_one(engine, str(client_id), str(key_id), force, include_out_of_scope, how)])
         if apply and enqueue:
-            _enqueue(engine, steps, force, include_out_of_scope, reason, as_json)
+            _enqueue(engine, steps, force, include_out_of_scope, reason, as_json, how)
             return
         plan = list(steps)
         if not apply:
@@ -264,7 +274,7 @@ def rotate(
             with err.status(f"rotating {show(step.ref)}…"):
                 results.append(engine.rotate(step.ref, trigger="manual", force=force, reason=reason,
                                              generation=step.generation if all_due else None,
-                                             include_out_of_scope=include_out_of_scope))
+                                             include_out_of_scope=include_out_of_scope, strategy=how))
         engine.close()
     if not plan:
         err.print("no key is due")
@@ -299,7 +309,7 @@ def _print_plan(plan: list[Any], as_json: bool, enqueue: bool) -> None:
 
 
 def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_scope: bool, reason: str,
-             as_json: bool) -> None:
+             as_json: bool, strategy: str | None = None) -> None:
     """One rotate_key message per key to rotate, sent while the pages arrive, on one connection."""
     from rotator.tasks import app as celery_app
     from rotator.tasks import rotate_key
@@ -320,7 +330,7 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
             # The generation this command saw travels with it: a redelivered message for a key
             # rotated since is skipped, even with --force.
             args = (step.ref.client_id, step.ref.key_id, "manual", step.generation, force, reason, engine.actor,
-                    include_out_of_scope)
+                    include_out_of_scope, strategy)
             sent.append((str(step.ref), rotate_key.apply_async(args, producer=producer).id))
     engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
                          "keys": [k for k, _ in sent], "reason": reason})

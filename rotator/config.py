@@ -176,6 +176,8 @@ class PolicyConfig(Section):
             warn_before_days=self.warn_before_days,
             environments=frozenset(self.environments),
             exclude=tuple(self.exclude),
+            strategy=self.strategy,
+            overlap_grace_s=self.overlap_grace_s,
         )
 
     def rotation_window(self) -> RotationWindow | None:

@@ -22,6 +22,7 @@ class KeyState(enum.StrEnum):
     OK = "ok"
     EXCLUDED = "excluded"
     OUT_OF_SCOPE = "out_of_scope"
+    RETIRING = "retiring"  # a successor holds its place; revoked after the overlap grace
 
 
 class Severity(enum.IntEnum):

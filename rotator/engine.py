@@ -20,7 +20,17 @@ from functools import partial
 from typing import Any
 
 from rotator import logs
-from rotator.domain import ApiKey, AttemptRecord, Generation, IssuedKey, KeyRef, KeyState, Replay, utc_iso
+from rotator.domain import (
+    ApiKey,
+    AttemptRecord,
+    Generation,
+    IssuedKey,
+    KeyRef,
+    KeyState,
+    Replay,
+    ReplayAnswer,
+    utc_iso,
+)
 from rotator.errors import (
     InDoubtError,
     NotFoundError,
@@ -32,7 +42,16 @@ from rotator.errors import (
 )
 from rotator.events import SEVERITY, sanitize
 from rotator.fingerprint import Fingerprinter
-from rotator.policy import Policy, RotationWindow, age_days, classify, in_scope, is_due, scope_problem
+from rotator.policy import (
+    Policy,
+    RotationWindow,
+    age_days,
+    classify,
+    in_scope,
+    is_due,
+    scope_problem,
+    strategy_for,
+)
 from rotator.protocol import (
     DEFAULT_HORIZON_S,
     MAX_EPOCHS,
@@ -160,9 +179,10 @@ class _Outcome(Exception):
 
 @dataclass(frozen=True)
 class _Again:
-    """An earlier attempt was settled without a stored secret: go on to a fresh reset."""
+    """An earlier attempt was settled without a stored secret: go on to a fresh reset (or create)."""
 
     force: bool  # the secret of that attempt is lost: reset whether due or not
+    action: str = "reset"  # the earlier attempt's: a create is finished by a create
 
 
 class _Inline(Executor):
@@ -216,16 +236,18 @@ class Engine:
 
     # --- public ------------------------------------------------------------------------------
     def rotate(self, ref: KeyRef, *, trigger: str, force: bool = False, generation: str | None = None,
-               reason: str = "", actor: str | None = None, include_out_of_scope: bool = False) -> RotationResult:
+               reason: str = "", actor: str | None = None, include_out_of_scope: bool = False,
+               strategy: str | None = None) -> RotationResult:
         """Rotate one key once, however many triggers fire for it.
 
         `generation` is the key's generation the trigger saw (`str(key.generation)`): if the key
         has moved on since, this trigger is already served and nothing is reset. A key the policy
         leaves alone (another environment, excluded) is refused, even with `force`, unless
-        `include_out_of_scope` says so too."""
+        `include_out_of_scope` says so too. `strategy` overrides the policy's for this run; a key
+        that a successor replaces is retired (revoked once its grace is over) instead."""
         self._begin(reason, actor)
         return self._leased(ref, trigger, lambda lease: self._rotate_locked(
-            ref, lease, trigger, force, generation, include_out_of_scope))
+            ref, lease, trigger, force, generation, include_out_of_scope, strategy))
 
     def record_refusal(self, ref: KeyRef, reason: str, note: str = "", actor: str | None = None) -> RotationResult:
         """A rotation someone asked for and a plan refused (no such key, out of scope, a shared sink
@@ -261,9 +283,14 @@ class Engine:
         `alert=False` for a read-only view (`status`, the status page): it sends no event. A view
         that has listed the keys and read the sinks already passes them (`keys`, `reads`), so
         nothing is listed or read twice."""
-        found = []
+        found: list[Drift] = []
         for key in keys if keys is not None else every_key(self.keyservice, self.clients):
-            if scope_problem(key, self.policy) is None:  # excluded keys are someone else's to keep
+            if key.replaced_by is not None:  # retiring: its place holds its successor
+                continue
+            if key.replaces is not None and self.state.get_attempt(KeyRef(key.client_id, key.replaces)):
+                found.extend(Drift(key, s.describe(key.ref), "its predecessor's create is not settled yet",
+                                   certain=False) for s in self.sinks)
+            elif scope_problem(key, self.policy) is None:  # excluded keys are someone else's to keep
                 found.extend(self._drift_of(key, reads))
         for d in found if alert else ():
             self.emit("drift.detected", d.key, error=f"{d.sink}: {d.reason}")
@@ -325,7 +352,8 @@ class Engine:
                                       f"{exc}; stopped there, the lease's new holder settles this key", trigger=trigger)
 
     def _rotate_locked(self, ref: KeyRef, lease: Any, trigger: str, force: bool,
-                       generation: str | None, include_out_of_scope: bool = False) -> RotationResult:
+                       generation: str | None, include_out_of_scope: bool = False,
+                       strategy: str | None = None) -> RotationResult:
         pending = self.state.get_attempt(ref)
         resumed = False  # an earlier attempt, already allowed, must be finished by a fresh reset
         if pending is not None:
@@ -335,9 +363,15 @@ class Engine:
             resumed = settled.force
             force = force or settled.force
             generation = None if settled.force else generation
+            strategy = "overlap" if settled.action == "create" else strategy
         key = self._get_key(ref, trigger)
         if generation is not None and str(key.generation) != generation:
             return self._skipped(key, trigger, "rotated since the trigger")
+        if key.replaced_by is not None:  # a successor holds its place: retire it, never rotate it
+            scope = scope_problem(replace(key, status="ACTIVE"), self.policy)
+            if scope is not None and not include_out_of_scope:
+                return self._out_of_scope(key, trigger, scope)
+            return self._retire(key, lease, trigger, force)
         scope = scope_problem(key, self.policy)
         if scope is not None and not include_out_of_scope and not resumed:
             return self._out_of_scope(key, trigger, scope)
@@ -360,7 +394,7 @@ class Engine:
         if trigger == "schedule" and self.window is not None and not self.window.contains(
                 datetime.fromtimestamp(self.clock(), UTC)):
             return self._skipped(key, trigger, "outside the rotation window")
-        return self._reset(key, lease, trigger, new_key=new_key)
+        return self._reset(key, lease, trigger, new_key=new_key, strategy=strategy)
 
     def _unmoved_since_rotation(self, key: ApiKey) -> float | None:
         """Seconds since rotator stored a rotation that replaced this very generation, which the key
@@ -381,8 +415,10 @@ class Engine:
         if isinstance(settled, RotationResult):
             return settled
         if settled.force:
-            return self._reset(self._get_key(ref, "recovery"), lease, "recovery")
-        return self._rotate_locked(ref, lease, pending.trigger, False, None)
+            return self._reset(self._get_key(ref, "recovery"), lease, "recovery",
+                               strategy="overlap" if settled.action == "create" else "reset")
+        return self._rotate_locked(ref, lease, pending.trigger, False, None,
+                                   strategy="overlap" if pending.action == "create" else None)
 
     def _repair_locked(self, ref: KeyRef, lease: Any) -> RotationResult:
         if self.state.get_attempt(ref) is not None:
@@ -410,13 +446,101 @@ class Engine:
                   "no sink holds the key's current secret and its reset cannot be replayed; resetting afresh")
         return self._reset(key, lease, "reconcile")
 
+    # --- the overlap strategy's end: retire the replaced key ----------------------------------
+    def _retire(self, key: ApiKey, lease: Any, trigger: str, force: bool) -> RotationResult:
+        """Revoke a key its successor replaces, once the grace is over (at once with `force`), and
+        only while every sink holds the successor and its stored secret authenticates. A key
+        service with a deactivation step (AWS IAM) deactivates first, refuses a key still in use
+        since its successor was stored, and deletes `delete_after_s` later. Everything here is
+        derived from the key service and the sinks: a crash anywhere is finished by the next run."""
+        successor = self.successor(key)
+        if successor is None:
+            return self._skipped(key, trigger, f"its successor {key.replaced_by} is gone; nothing revoked")
+        two_stage = hasattr(self.keyservice, "deactivate_key")
+        deactivate = two_stage and key.status == "ACTIVE"
+        when = self.retire_at(key, successor)
+        if self.clock() < when and not force:
+            verb = "deleted" if key.status != "ACTIVE" else "deactivated" if two_stage else "revoked"
+            return self._skipped(key, trigger, f"retiring: {verb} after {utc_iso(when)} "
+                                               f"(successor {successor.key_id})")
+        problem = self._successor_problem(successor)
+        if problem is not None:
+            return self._failed(key, None, f"not revoked: {problem}", trigger=trigger)
+        if deactivate:
+            used = self.keyservice.last_used(key.client_id, key.key_id)  # type: ignore[attr-defined]
+            if used is not None and used.when > successor.created_at:
+                why = (f"used at {utc_iso(used.when)} ({used.service}, {used.region}), after its successor "
+                       f"{successor.key_id} was stored; not deactivated")
+                self.emit("key.still_in_use", key, None, why,
+                          {"service": used.service, "region": used.region, "last_used": utc_iso(used.when)})
+                result = RotationResult(key.client_id, key.key_id, "failed", why, trigger=trigger)
+                self._history(result)
+                return result
+        lease.check()
+        try:
+            if deactivate:
+                self.keyservice.deactivate_key(key.client_id, key.key_id)  # type: ignore[attr-defined]
+            else:
+                self.keyservice.revoke_key(key.client_id, key.key_id)
+        except NotFoundError:
+            return self._skipped(key, trigger, "revoked already")
+        except RotatorError as exc:
+            return self._failed(key, None, f"revoking failed: {exc}", trigger=trigger)
+        event, verb = ("key.deactivated", "deactivated") if deactivate else ("key.revoked", "revoked")
+        self.emit(event, key, None, None, {"successor": successor.key_id})
+        result = RotationResult(key.client_id, key.key_id, "succeeded",
+                                f"{verb}; replaced by {successor.key_id}", trigger=trigger,
+                                generation=str(key.generation))
+        self._history(result)
+        return result
+
+    def retire_at(self, key: ApiKey, successor: ApiKey) -> float:
+        """When a retiring key's next step is due: revoked (or deactivated) after the grace, and an
+        already deactivated one deleted `delete_after_s` later."""
+        revoke_at = successor.created_at + self.policy.overlap_grace_s
+        if key.status == "ACTIVE":
+            return revoke_at
+        return revoke_at + float(getattr(self.keyservice, "delete_after_s", 0.0))
+
+    def _successor_problem(self, successor: ApiKey) -> str | None:
+        """Why the successor is not yet what every consumer reads, or None: every sink's document is
+        the successor's own, with one fingerprint, and the stored secret authenticates."""
+        fingerprints = set()
+        for sink in self.sinks:
+            name = sink.describe(successor.ref)
+            try:
+                stored = sink.read_state(successor)
+            except RotatorError as exc:
+                return f"{name} cannot be read ({exc})"
+            if stored is None or stored.key_id != successor.key_id or stored.key_reset_at != successor.born_at:
+                return f"{name} does not hold successor {successor.key_id}"
+            fingerprints.add(stored.fingerprint)
+        if len(fingerprints) != 1:
+            return "the sinks hold different secrets of the successor"
+        try:
+            secret = self.sinks[0].read_secret(successor)
+        except RotatorError as exc:
+            return f"{self.sinks[0].describe(successor.ref)} cannot be read ({exc})"
+        if secret is None or self.fingerprint(secret) not in fingerprints:
+            return "the stored secret changed while it was checked"
+        try:
+            if not self.keyservice.verify_secret(successor.client_id, secret, key_id=successor.key_id):
+                return f"the stored secret of successor {successor.key_id} does not authenticate"
+        except RotatorError as exc:
+            return f"could not check the successor's secret: {exc}"
+        return None
+
     # --- the protocol's steps ------------------------------------------------------------------
-    def _reset(self, key: ApiKey, lease: Any, trigger: str, new_key: bool = False) -> RotationResult:
-        """Reset under the generation's Idempotency-Key; `new_key`: under the next epoch's (the
-        current one's answer is a rotation already stored)."""
+    def _reset(self, key: ApiKey, lease: Any, trigger: str, new_key: bool = False,
+               strategy: str | None = None) -> RotationResult:
+        """Reset (or, by the overlap strategy, create the successor) under the generation's
+        Idempotency-Key; `new_key`: under the next epoch's (the current one's answer is a rotation
+        already stored)."""
         ref = key.ref
         cannot = getattr(self.keyservice, "cannot_reset", None)
-        if cannot is not None:  # nothing is sent, nothing recorded
+        action = "create" if strategy_for(key, self.policy, strategy, can_reset=cannot is None) == "overlap" \
+            else "reset"
+        if action == "reset" and cannot is not None:  # nothing is sent, nothing recorded
             return self._failed(key, None, f"{cannot}; nothing was sent", trigger=trigger)
         prepared = self._prepare_sinks(key)
         if isinstance(prepared, str):
@@ -431,8 +555,8 @@ class Engine:
             self.state.set_epoch(ref, generation, epoch, lease)
         now = self.state.now()
         record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()),
-                               idempotency_key(self._ik_mac, ref, key.generation, epoch), generation, epoch,
-                               trigger, now, advance(Phase.IDLE, Step.START).to.value, now)
+                               idempotency_key(self._ik_mac, ref, key.generation, epoch, action), generation, epoch,
+                               trigger, now, advance(Phase.IDLE, Step.START).to.value, now, action=action)
         return self._send(key, record, lease, prepared, "rotation.succeeded")
 
     def _resend(self, key: ApiKey, record: AttemptRecord, lease: Any, success_event: str) -> RotationResult:
@@ -458,7 +582,11 @@ class Engine:
         started = self._monotonic()
         lease.check()  # outside the try: a lost lease is no answer of the key service
         try:
-            issued = self.keyservice.reset_key(ref.client_id, ref.key_id, record.idempotency_key)
+            if record.action == "create":
+                issued = self.keyservice.create_key(ref.client_id, key.alias, key.scopes, record.idempotency_key,
+                                                    replaces=key.key_id)
+            else:
+                issued = self.keyservice.reset_key(ref.client_id, ref.key_id, record.idempotency_key)
         except RefusedError as exc:
             return self._refusal(key, record, lease, exc)
         except (InDoubtError, TransientError) as exc:
@@ -475,7 +603,7 @@ class Engine:
         another actor may have sent the same key (after a Redis restart, say). The key service's
         store decides: a stored refusal burns the key (next epoch); a stored answer is stored;
         nothing stored (a gateway's 4xx) leaves the attempt in doubt."""
-        answer = self.keyservice.replay(key.client_id, key.key_id, record.idempotency_key)
+        answer = self._replay(record)
         if answer.kind is Replay.REFUSED:
             self._refused(record, lease)
             return self._failed(key, record, f"reset refused, nothing was reset: {exc}")
@@ -511,11 +639,17 @@ class Engine:
             phase = advance(phase, Step.NO_ANSWER).to
             record = replace(record, phase=phase.value, since=self.state.now())
             self.state.save_attempt(record, lease)
-        replay = self.keyservice.replay(ref.client_id, ref.key_id, record.idempotency_key)
+        replay = self._replay(record)
         answered = replay.issued.key.generation if replay.issued is not None else None
         replaced = Generation.parse(record.generation) if record.generation else None
-        step = judge(phase, replaced, key.generation, replay.kind, answered,
+        successor = self.successor(key) if record.action == "create" else None
+        # A create's lineage: its generation is the successor's once one exists.
+        now_generation = successor.generation if successor is not None else key.generation
+        step = judge(phase, replaced, now_generation, replay.kind, answered,
                      self.state.now() - record.since, self.horizon_s)
+        if record.action == "create" and replay.kind is Replay.ANSWER and replay.issued is not None and (
+                successor is None or successor.key_id != replay.issued.key.key_id):
+            step = Step.LOST  # the key that answer created is revoked: its secret is dead
         try:
             advance(phase, step)
         except ProtocolViolation as exc:
@@ -529,7 +663,7 @@ class Engine:
         if step is Step.REFUSED:
             self._refused(record, lease)
             log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run (refused)")
-            return _Again(force=False)
+            return _Again(force=False, action=record.action)
         if step is Step.NOT_RUN:  # the record is never dropped on this guess: the same key goes again
             log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run; sent again")
             if not resend:
@@ -538,10 +672,67 @@ class Engine:
         # LOST: the reset ran and its answer cannot be had. Say so before touching any state.
         why_lost = ("the key was reset again after that attempt" if replay.kind is Replay.ANSWER
                     else "the reset ran but its answer cannot be replayed")
+        if record.action == "create":
+            orphan = self._drop_orphan(key, successor, record, lease)
+            if orphan is not None:
+                return orphan
         self.emit("rotation.secret_at_risk", key, record, f"{why_lost}; resetting afresh")
         # The record stays until the fresh attempt's record replaces it: a crash before that fresh
         # reset leaves this verdict to be reached again, never a key nobody will reset.
-        return _Again(force=True)
+        return _Again(force=True, action=record.action)
+
+    def _replay(self, record: AttemptRecord) -> ReplayAnswer:
+        """The key service's stored answer to the record's call (a reset, or a successor's create)."""
+        if record.action == "create":
+            return self.keyservice.replay_create(record.client_id, record.key_id, record.idempotency_key)
+        return self.keyservice.replay(record.client_id, record.key_id, record.idempotency_key)
+
+    def successor(self, key: ApiKey) -> ApiKey | None:
+        """The key that replaces `key`, as the key service shows it now (None: none, or revoked)."""
+        if key.replaced_by is None:
+            return None
+        try:
+            successor = self.keyservice.get_key(key.client_id, key.replaced_by)
+        except NotFoundError:
+            return None
+        return successor if successor.replaces in (None, key.key_id) else None
+
+    def _holders(self, key: ApiKey) -> tuple[list[str], list[str]]:
+        """The sinks whose document is `key`'s own, and those that cannot be read."""
+        holding, unreadable = [], []
+        for sink in self.sinks:
+            try:
+                stored = sink.read_state(key)
+            except RotatorError as exc:
+                unreadable.append(f"{sink.describe(key.ref)}: {exc}")
+                continue
+            if stored is not None and stored.key_id == key.key_id and stored.key_reset_at == key.born_at:
+                holding.append(sink.describe(key.ref))
+        return holding, unreadable
+
+    def _drop_orphan(self, key: ApiKey, successor: ApiKey | None, record: AttemptRecord,
+                     lease: Any) -> RotationResult | None:
+        """A create ran and its answer is gone: the successor it made is a key nobody holds the secret
+        of. Revoke it (it would block a new successor, and IAM's two-key limit) and burn the
+        epoch, so the next create is a new call; never when a sink holds it or cannot be read."""
+        if successor is not None:
+            holding, unreadable = self._holders(successor)
+            if holding or unreadable:
+                why = "; ".join([f"{h} holds it" for h in holding] + unreadable)
+                return self._unsettled(record, f"the create's answer is gone but successor {successor.key_id} "
+                                               f"may be held ({why}); a person must decide", key)
+            lease.check()
+            try:
+                self.keyservice.revoke_key(key.client_id, successor.key_id)
+            except NotFoundError:
+                pass
+            except RotatorError as exc:
+                return self._unsettled(record, f"cannot revoke successor {successor.key_id}, whose secret nobody "
+                                               f"holds: {exc}", key)
+            log.warning("rotation.orphan_revoked", client_id=key.client_id, key_id=key.key_id,
+                        successor=successor.key_id)
+        self.state.set_epoch(record.ref, record.generation, record.epoch + 1, lease)
+        return None
 
     def _refused(self, record: AttemptRecord, lease: Any) -> None:
         """A conclusive 4xx: the next try of this generation needs a new Idempotency-Key."""
@@ -603,6 +794,13 @@ class Engine:
             self.emit("rotation.failed", issued.key, record, "; ".join(problems))
         else:
             self.emit(success_event, issued.key, record)
+        if record.action == "create":
+            retiring = replace(before or issued.key, key_id=record.key_id, replaced_by=issued.key.key_id)
+            revoke_at = issued.key.created_at + self.policy.overlap_grace_s
+            problems.append(f"successor {issued.key.key_id} stored; {record.key_id} is revoked after "
+                            f"{utc_iso(revoke_at)}")
+            self.emit("key.retiring", retiring, record, None,
+                      {"successor": issued.key.key_id, "revoke_at": utc_iso(revoke_at)})
         if stale_dates:
             why = ("the key service answered the reset but did not move the key's LastResetDate; "
                    "the key's age counts from this rotation, so it is not reset again")
@@ -687,7 +885,7 @@ class Engine:
 
     def _check_token(self, record: SecretRecord) -> list[str]:
         try:
-            if not self.keyservice.verify_secret(record.key.client_id, record.secret):
+            if not self.keyservice.verify_secret(record.key.client_id, record.secret, key_id=record.key.key_id):
                 return ["the new secret does not authenticate"]
         except RotatorError as exc:
             return [f"could not check the new secret: {exc}"]
@@ -829,10 +1027,11 @@ class Engine:
         log.info("rotation.finished", **{k: v for k, v in result.to_dict().items() if k != "timings"},
                  actor=self._actor())
 
-    def emit(self, name: str, key: ApiKey, attempt: AttemptRecord | None = None, error: str | None = None) -> None:
+    def emit(self, name: str, key: ApiKey, attempt: AttemptRecord | None = None, error: str | None = None,
+             details: dict[str, Any] | None = None) -> None:
         event = Event(name, SEVERITY[name], key.client_id, key.key_id, key.alias, key.environment.value,
                       round(age_days(key, self.clock()), 2), attempt.attempt_id if attempt else None,
-                      sanitize(error), self.clock())
+                      sanitize(error), self.clock(), details)
         try:
             self.publisher.publish(event)
         except Exception as exc:  # an alert channel must never break a rotation

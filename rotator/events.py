@@ -18,6 +18,10 @@ SEVERITY: Final = {
     "key.overdue": "error",
     "drift.detected": "critical",
     "keyservice.protocol_error": "critical",
+    "key.retiring": "info",
+    "key.deactivated": "info",
+    "key.revoked": "info",
+    "key.still_in_use": "error",
 }
 MAX_ERROR_LEN = 500
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from rotator.domain import ApiKey, KeyRef, utc_iso
 from rotator.errors import NotFoundError, PermanentError, RotatorError
 from rotator.places import due_with_places
-from rotator.policy import DAY, age_seconds, due_at, is_due, scope_problem
+from rotator.policy import DAY, age_seconds, due_at, is_due, scope_problem, strategy_for
 from rotator.scan import scan
 
 if TYPE_CHECKING:
@@ -42,13 +42,16 @@ class Step:
         return RotationResult(self.ref.client_id, self.ref.key_id, "skipped", self.why, trigger="manual")
 
 
-def plan_one(engine: Engine, client_id: str, key_id: str, force: bool, include_out_of_scope: bool) -> Step:
+def plan_one(engine: Engine, client_id: str, key_id: str, force: bool, include_out_of_scope: bool,
+             strategy: str | None = None) -> Step:
     ref = KeyRef(client_id, key_id)
     try:
         key = engine.keyservice.get_key(client_id, key_id)
     except NotFoundError:
         return Step(ref, "refuse", "no such key: not found at the key service")
-    step = step_for(key, engine.clock(), engine, force, include_out_of_scope)
+    if key.replaced_by is not None:
+        return _retire_step(engine, key, force)
+    step = step_for(key, engine.clock(), engine, force, include_out_of_scope, strategy)
     if step.action == "rotate":
         for sink in engine.sinks:
             try:
@@ -60,19 +63,39 @@ def plan_one(engine: Engine, client_id: str, key_id: str, force: bool, include_o
     return step
 
 
-def plan_all_due(engine: Engine) -> Iterator[Step]:
-    """Every due key in scope; one whose sink place another key would share is refused (found over
-    the whole listing, so both keys are)."""
+def plan_all_due(engine: Engine, strategy: str | None = None) -> Iterator[Step]:
+    """Every due key in scope, and every retiring key whose grace is over; one whose sink place
+    another key would share is refused (found over the whole listing, so both keys are)."""
     now = engine.clock()
-    for key, conflict in due_with_places(scan(engine.keyservice, engine.policy, now, engine.clients), engine.sinks):
+    rows = scan(engine.keyservice, engine.policy, now, engine.clients)
+    for key, conflict in due_with_places(rows, engine.sinks, engine.retire_at, now):
         if conflict is not None:
             age = round(age_seconds(key, now) / DAY, 2)
             yield Step(key.ref, "refuse", f"{conflict}; nothing would be reset", str(key.generation), age)
+        elif key.replaced_by is not None:
+            yield Step(key.ref, "rotate", f"retire: its grace is over (successor {key.replaced_by})",
+                       str(key.generation), round(age_seconds(key, now) / DAY, 2))
         else:
-            yield step_for(key, now, engine, False, False)
+            yield step_for(key, now, engine, False, False, strategy)
 
 
-def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_of_scope: bool) -> Step:
+def _retire_step(engine: Engine, key: ApiKey, force: bool) -> Step:
+    """A key that a successor replaces: the plan says when it is revoked."""
+    age = round(age_seconds(key, engine.clock()) / DAY, 2)
+    successor = engine.successor(key)
+    if successor is None:
+        return Step(key.ref, "skip", f"its successor {key.replaced_by} is gone; nothing to revoke",
+                    str(key.generation), age)
+    when = utc_iso(engine.retire_at(key, successor))
+    if force or engine.retire_at(key, successor) <= engine.clock():
+        return Step(key.ref, "rotate", f"retire (successor {successor.key_id}; due {when}), once every sink "
+                    "holds the successor and its secret works", str(key.generation), age)
+    return Step(key.ref, "skip", f"retiring: successor {successor.key_id}; revoked after {when} "
+                "(--force revokes it now)", str(key.generation), age)
+
+
+def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_of_scope: bool,
+             strategy: str | None = None) -> Step:
     age = age_seconds(key, now) / DAY
     generation = str(key.generation)
     scope = scope_problem(key, engine.policy)
@@ -80,12 +103,13 @@ def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_o
         return Step(key.ref, "refuse", f"{scope} ({key.environment.value}, age {age:.1f} d); "
                     "--force --include-out-of-scope rotates it anyway", generation, round(age, 2))
     cannot = getattr(engine.keyservice, "cannot_reset", None)
-    if cannot is not None:
-        return Step(key.ref, "refuse", f"{cannot} (age {age:.1f} d)", generation, round(age, 2))
+    how = strategy_for(key, engine.policy, strategy, can_reset=cannot is None)
+    by = "" if how == "reset" else (f"; overlap: a successor with its alias and scopes, this key revoked "
+                                    f"{engine.policy.overlap_grace_s / DAY:g} d after it is stored")
     if is_due(key, now, engine.policy):
-        return Step(key.ref, "rotate", f"due (age {age:.1f} d)", generation, round(age, 2))
+        return Step(key.ref, "rotate", f"due (age {age:.1f} d){by}", generation, round(age, 2))
     due = utc_iso(due_at(key, engine.policy))
     if force:
-        return Step(key.ref, "rotate", f"forced (age {age:.1f} d; due {due})", generation, round(age, 2))
+        return Step(key.ref, "rotate", f"forced (age {age:.1f} d; due {due}){by}", generation, round(age, 2))
     return Step(key.ref, "skip", f"not due (age {age:.1f} d; due {due}); add --force to rotate it now",
                 generation, round(age, 2))

@@ -23,6 +23,8 @@ class Policy:
     warn_before_days: int = 14
     environments: frozenset[Environment] = frozenset({Environment.PRODUCTION})
     exclude: tuple[str, ...] = ()
+    strategy: str = "reset"  # "overlap": successor, grace, revoke (docs/strategies.md)
+    overlap_grace_s: float = 7 * 86_400
 
     def __post_init__(self) -> None:
         if self.max_age_days <= 0:
@@ -81,6 +83,16 @@ def scope_problem(key: ApiKey, policy: Policy) -> str | None:
     return None
 
 
+def strategy_for(key: ApiKey, policy: Policy, wanted: str | None = None, *, can_reset: bool = True) -> str:
+    """`reset` or `overlap` for this key: the Auto-generated key cannot be revoked, so it is always
+    reset; a key service that cannot reset (AWS IAM) always overlaps."""
+    if not can_reset:
+        return "overlap"
+    if key.is_auto_generated:
+        return "reset"
+    return wanted or policy.strategy
+
+
 def classify(key: ApiKey, now: float, policy: Policy) -> KeyState:
     """The one state `rotator scan` shows for a key."""
     return assess(key, now, policy)[0]
@@ -95,7 +107,9 @@ def assess(key: ApiKey, now: float, policy: Policy) -> tuple[KeyState, float, in
     born = key.last_reset_at if key.last_reset_at is not None else key.created_at
     age = now - born
     max_age = policy.max_age_days * DAY
-    if key.environment not in policy.environments or key.status != "ACTIVE":
+    if key.replaced_by is not None and key.environment in policy.environments:
+        state = KeyState.RETIRING  # Active until its grace ends, then Inactive (IAM) until deleted
+    elif key.environment not in policy.environments or key.status != "ACTIVE":
         state = KeyState.OUT_OF_SCOPE
     elif (policy.exclude and is_excluded(key.ref, policy.exclude)) or key.exempt is not None:
         state = KeyState.EXCLUDED

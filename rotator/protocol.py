@@ -23,6 +23,10 @@ drive it step by step. The rules:
    the issued secret dead), when the service proved "not run", or when the secret is proved lost.
 6. **Fenced.** Every record write and delete checks the lease; a lost lease aborts before the next
    side effect.
+7. **A create is a reset of the lineage.** The overlap strategy's create of a successor key goes
+   through the same phases, with its own Idempotency-Key per generation of the key it replaces;
+   the lineage's generation is the successor's once one exists (so a successor that nobody holds
+   after the horizon is a lost create: it is revoked and the next epoch creates again).
 """
 
 from __future__ import annotations
@@ -130,10 +134,11 @@ def public_name(idempotency_key: str) -> str:
     return "a2-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
 
 
-def idempotency_key(mac: bytes, ref: KeyRef, replaced: Generation, epoch: int) -> str:
-    """The reset's Idempotency-Key: 35 characters of [a-z0-9-], keyed so nobody can predict it."""
-    message = f"rotator-reset-v2\x00{ref.client_id}\x00{ref.key_id}\x00{replaced}\x00{epoch}".encode()
-    return "r2-" + hmac.new(mac, message, hashlib.sha256).hexdigest()[:32]
+def idempotency_key(mac: bytes, ref: KeyRef, replaced: Generation, epoch: int, action: str = "reset") -> str:
+    """The reset's (or a successor's create's) Idempotency-Key: 35 characters of [a-z0-9-], keyed so
+    nobody can predict it; a create's never equals a reset's of the same generation."""
+    message = f"rotator-{action}-v2\x00{ref.client_id}\x00{ref.key_id}\x00{replaced}\x00{epoch}".encode()
+    return ("c2-" if action == "create" else "r2-") + hmac.new(mac, message, hashlib.sha256).hexdigest()[:32]
 
 
 def diagram() -> str:

@@ -93,6 +93,7 @@ class StoredState:
     rotated_at: str | None
     key_reset_at: int | None
     version: str | None = None
+    key_id: str | None = None  # the key the document names (a successor's, at its predecessor's place)
 
 
 @runtime_checkable

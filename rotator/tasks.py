@@ -89,16 +89,18 @@ def engine() -> Engine:
 @contained
 def rotate_key(self: Any, client_id: str, key_id: str, trigger: str = "manual", generation: Any = None,
                force: bool = False, reason: str = "", actor: str = "",
-               include_out_of_scope: bool = False) -> dict[str, Any]:
+               include_out_of_scope: bool = False, strategy: str | None = None) -> dict[str, Any]:
     """`generation` is the key's generation the trigger saw: a redelivered or duplicate message for
     a key rotated since is skipped. A key outside the policy's scope is refused unless
     `include_out_of_scope` (the CLI's explicit flag) travels with the message. A key behind
     another actor's lease (a live duplicate, or a worker that died a moment ago) is tried again
-    once that lease can have ended, never dropped."""
+    once that lease can have ended, never dropped. `strategy` (`reset`/`overlap`) overrides the
+    policy's for this message."""
     eng = engine()
     seen = generation if isinstance(generation, str) else None  # a message of the first protocol had a time
     result = eng.rotate(KeyRef(client_id, key_id), trigger=trigger, force=force, generation=seen,
-                        reason=reason, actor=actor or None, include_out_of_scope=include_out_of_scope)
+                        reason=reason, actor=actor or None, include_out_of_scope=include_out_of_scope,
+                        strategy=strategy if strategy in ("reset", "overlap") else None)
     if result.status == "busy":
         raise self.retry(countdown=max(1.0, eng.lock_ttl_s / 3))
     return result.to_dict()
@@ -126,8 +128,8 @@ def scan() -> dict[str, Any]:
             yield row
 
     # Keys that would share a sink place are found across the whole scan, before anything is queued.
-    for key, conflict in due_with_places(counted(scan_keys(eng.keyservice, eng.policy, now, s.keyservice.clients)),
-                                         eng.sinks):
+    rows = counted(scan_keys(eng.keyservice, eng.policy, now, s.keyservice.clients))
+    for key, conflict in due_with_places(rows, eng.sinks, eng.retire_at if enforce else None, now):
         if conflict is not None:  # never reset a key whose secret would take another key's place
             eng.emit("rotation.failed", key, error=f"not rotated: {conflict}")
         elif enforce and inside:

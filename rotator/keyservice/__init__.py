@@ -10,12 +10,13 @@ if TYPE_CHECKING:
     from rotator.protocols import KeyService
 
 
-def build_keyservice(config: KeyServiceConfig) -> KeyService:
-    """The adapter a config asks for. `emulator` serves a seeded emulator inside this process."""
+def build_keyservice(config: KeyServiceConfig, grace_s: float = 7 * 86_400) -> KeyService:
+    """The adapter a config asks for. `emulator` serves a seeded emulator inside this process.
+    `grace_s` is the policy's overlap grace (AWS IAM: when a deactivated key may be deleted)."""
     if config.kind == "aws-iam":
         from rotator.keyservice.aws_iam import AwsIamKeyService
 
-        return AwsIamKeyService(config)
+        return AwsIamKeyService(config, grace_s=grace_s)
     from rotator.keyservice.http import HttpKeyService
 
     if config.kind == "emulator":
