@@ -407,10 +407,6 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
 
     if s.keyservice.kind == "http":
         need("keyservice.token_env", s.keyservice.token_env, s.keyservice.token_file, "management token")
-    elif s.keyservice.kind == "aws-iam" and s.policy.mode != "audit":
-        problems.append(ConfigProblem(source, "policy.mode", (
-            "aws-iam access keys cannot be reset, only created, deactivated and deleted (the overlap "
-            "strategy), which this version does not do yet: rotator reports them; set mode = \"audit\"")))
     elif s.keyservice.seed is not None and not s.keyservice.seed.is_file():
         seed = str(s.keyservice.seed)
         problems.append(ConfigProblem(source, "keyservice.seed", f"seed file {seed!r} does not exist"))
@@ -424,6 +420,14 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     for index, sink in enumerate(s.sinks):
         for key, reason in registry.check(sink.kind, sink.options, env):
             problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))
+    if s.policy.strategy == "overlap" or s.keyservice.kind == "aws-iam":
+        why = "aws-iam keys rotate by the overlap strategy" if s.keyservice.kind == "aws-iam" else "strategy = overlap"
+        for index, sink in enumerate(s.sinks):
+            for key, template in registry.key_id_templates(sink.kind, sink.options):
+                suggestion = template.replace("{key_id}", "{alias}")
+                problems.append(ConfigProblem(source, f"sinks[{index}].{key}", (
+                    f"{template!r} names the key id, which changes with every rotation ({why}): consumers "
+                    f"would not find the successor's secret; use {{alias}}, e.g. {suggestion!r}")))
     for index, alert in enumerate(s.alerts):
         if alert.secret_env and not env.get(alert.secret_env):
             reason = f"{variable_named(alert.secret_env)} is not set"

@@ -326,7 +326,7 @@ class Engine:
             if state is KeyState.DUE_SOON:
                 self.emit("key.due_soon", key)
                 counts["due_soon"] += 1
-            elif in_scope(key, self.policy) and is_due(key, now, self.policy):
+            elif key.replaced_by is None and in_scope(key, self.policy) and is_due(key, now, self.policy):
                 why = scope_problem(key, self.policy) or "due and not rotated yet"  # excluded or exempt: why
                 self.emit("key.overdue", key, error=why)
                 counts["overdue"] += 1
@@ -542,6 +542,12 @@ class Engine:
             else "reset"
         if action == "reset" and cannot is not None:  # nothing is sent, nothing recorded
             return self._failed(key, None, f"{cannot}; nothing was sent", trigger=trigger)
+        if action == "create":
+            moving = self._places_moving_with_key_id(key)
+            if moving:
+                return self._failed(key, None, f"overlap: {moving} names the key id, so consumers would not find "
+                                               "the successor; use {alias} in its path; nothing was created",
+                                    trigger=trigger)
         prepared = self._prepare_sinks(key)
         if isinstance(prepared, str):
             return self._failed(key, None, f"{prepared}; the key was not reset", trigger=trigger)
@@ -710,6 +716,18 @@ class Engine:
                 holding.append(sink.describe(key.ref))
         return holding, unreadable
 
+    def _places_moving_with_key_id(self, key: ApiKey) -> str:
+        """The sinks whose place for a key changes with its id (the overlap strategy needs one that
+        stays put), as a printable list; "" when there is none."""
+        moving = []
+        for sink in self.sinks:
+            try:
+                if sink.location(key) != sink.location(replace(key, key_id=key.key_id + "-successor")):
+                    moving.append(sink.describe())
+            except RotatorError:
+                continue  # an id no path may be built from: prepare refuses it
+        return ", ".join(moving)
+
     def _drop_orphan(self, key: ApiKey, successor: ApiKey | None, record: AttemptRecord,
                      lease: Any) -> RotationResult | None:
         """A create ran and its answer is gone: the successor it made is a key nobody holds the secret
@@ -731,7 +749,10 @@ class Engine:
                                                f"holds: {exc}", key)
             log.warning("rotation.orphan_revoked", client_id=key.client_id, key_id=key.key_id,
                         successor=successor.key_id)
+        # Nothing is outstanding any more: the next create is a new call under the next epoch (the
+        # old key would replay the dead answer), and the key, still due, is created again.
         self.state.set_epoch(record.ref, record.generation, record.epoch + 1, lease)
+        self.state.delete_attempt(record, lease)
         return None
 
     def _refused(self, record: AttemptRecord, lease: Any) -> None:
@@ -944,7 +965,7 @@ class Engine:
             if stored is not None and stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
                 candidates.add(Generation(key.created_at, stored.key_reset_at))
         if key.last_reset_at is None:
-            return _Lookup()
+            return self._replay_creation(key)
         unknown = ""
         for previous in sorted(candidates, reverse=True):
             for epoch in range(MAX_EPOCHS):
@@ -961,6 +982,27 @@ class Engine:
             else:
                 unknown = unknown or f"{MAX_EPOCHS} refused epochs in a row"
         return _Lookup(unknown=unknown)
+
+    def _replay_creation(self, key: ApiKey) -> _Lookup:
+        """A successor never reset: the stored answer of the create that made it (overlap), found
+        from its predecessor's generation, which the create's Idempotency-Key names."""
+        if key.replaces is None:
+            return _Lookup()
+        try:
+            predecessor = self.keyservice.get_key(key.client_id, key.replaces)
+        except RotatorError as exc:
+            return _Lookup(unknown=f"cannot read the key it replaces: {exc}")
+        for epoch in range(MAX_EPOCHS):
+            ik = idempotency_key(self._ik_mac, predecessor.ref, predecessor.generation, epoch, "create")
+            answer = self.keyservice.replay_create(key.client_id, predecessor.key_id, ik)
+            if answer.kind is Replay.ANSWER and answer.issued is not None:
+                if answer.issued.key.key_id == key.key_id and answer.issued.key.generation == key.generation:
+                    return _Lookup((answer.issued, ik))
+            elif answer.kind is Replay.UNKNOWN:
+                return _Lookup(unknown=answer.reason or "a replay failed")
+            elif answer.kind is Replay.EMPTY:
+                break
+        return _Lookup()
 
     # --- helpers -------------------------------------------------------------------------------
     def _begin(self, note: str, actor: str | None) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Final
 from rotator.domain import ApiKey, AttemptRecord, KeyRef, KeyState, utc_iso
 from rotator.engine import Drift, Engine, SinkReads, freshness
 from rotator.errors import NotFoundError, RotatorError
-from rotator.policy import assess
+from rotator.policy import assess, strategy_for
 from rotator.protocols import SecretSink
 from rotator.scan import ScanRow, scan
 
@@ -24,24 +24,27 @@ from rotator.scan import ScanRow, scan
 #: could not be read.
 EMPTY: Final = "empty"
 UNREADABLE: Final = "unreadable"
-#: How a key is rotated. Only `reset` exists (the old secret dies at once); a per-key setting feeds
-#: `strategy_of` when another strategy arrives.
-DEFAULT_STRATEGY: Final = "reset"
 #: Attempt phases, as the cards count them.
 IN_FLIGHT_PHASES: Final = ("resetting",)
 IN_DOUBT_PHASES: Final = ("in_doubt",)
 AT_RISK_PHASES: Final = ("storing",)
 
 
-def strategy_of(ref: KeyRef) -> str:
-    """The rotation strategy of one key: the one place the page and the JSON read it from."""
-    return DEFAULT_STRATEGY
+def strategy_of(key: ApiKey, engine: Engine) -> str:
+    """The rotation strategy of one key (`reset`, or `overlap`): the one place the page and the
+    JSON read it from."""
+    return strategy_for(key, engine.policy, can_reset=getattr(engine.keyservice, "cannot_reset", None) is None)
 
 
-def is_retiring(ref: KeyRef, strategy: str, last: dict[str, Any] | None) -> bool:
-    """Whether a replaced secret still works while consumers move over. A reset kills it at once,
-    so no key retires under the `reset` strategy."""
-    return False
+def retiring(key: ApiKey, successors: dict[tuple[str, str], ApiKey], engine: Engine) -> dict[str, Any] | None:
+    """For a key its successor replaces (the overlap strategy): the successor and when this key is
+    revoked (deactivated, or deleted once Inactive, on AWS IAM); None for any other key."""
+    if key.replaced_by is None:
+        return None
+    successor = successors.get((key.client_id, key.replaced_by))
+    when = engine.retire_at(key, successor) if successor is not None else None
+    return {"successor": key.replaced_by, "revoke_at": utc_iso(when) if when is not None else None,
+            "revoke_at_ts": when}
 
 
 def sink_view(sink: SecretSink, key: ApiKey, reads: SinkReads | None = None) -> dict[str, Any]:
@@ -69,18 +72,21 @@ def drift_dict(d: Drift) -> dict[str, Any]:
 
 
 def key_row(row: ScanRow, engine: Engine, attempts: dict[str, AttemptRecord], with_sinks: bool,
-            reads: SinkReads | None = None) -> dict[str, Any]:
-    """One key as `status --json` shows it, with its strategy and (in scope) each sink's state."""
+            reads: SinkReads | None = None,
+            successors: dict[tuple[str, str], ApiKey] | None = None) -> dict[str, Any]:
+    """One key as `status --json` shows it: its strategy, whether it is retiring (its successor and
+    when it is revoked) and, in scope, each sink's state (a retiring key's place holds its
+    successor, so it has none)."""
     ref = row.key.ref
     last = engine.state.last_rotation(ref)
     attempt = attempts.get(str(ref))
-    strategy = strategy_of(ref)
     out = {**row.to_dict(), "next_due": utc_iso(row.due_at), "last_rotation": last,
-           "in_flight": attempt.phase if attempt else None}
+           "in_flight": attempt.phase if attempt else None,
+           "retiring": retiring(row.key, successors or {}, engine)}
     if with_sinks:
-        sinks = [] if row.state is KeyState.OUT_OF_SCOPE else [sink_view(s, row.key, reads) for s in engine.sinks]
-        out.update(strategy=strategy, retiring=is_retiring(ref, strategy, last),
-                   sinks={v["sink"]: v["state"] for v in sinks})
+        skip = row.state in (KeyState.OUT_OF_SCOPE, KeyState.RETIRING)
+        sinks = [] if skip else [sink_view(s, row.key, reads) for s in engine.sinks]
+        out.update(strategy=strategy_of(row.key, engine), sinks={v["sink"]: v["state"] for v in sinks})
     return out
 
 
@@ -88,11 +94,12 @@ def summary(keys: list[dict[str, Any]], attempts: Iterable[AttemptRecord], drift
             now: float) -> dict[str, int]:
     """The cards: what needs a look now."""
     in_scope = [k for k in keys if k["state"] != KeyState.OUT_OF_SCOPE.value]
+    live = [k for k in in_scope if not k.get("retiring")]  # a retiring key's age no longer matters
     phases = [a.phase for a in attempts]
     return {
         "keys_in_scope": len(in_scope),
         "due_soon": sum(k["state"] == KeyState.DUE_SOON.value for k in in_scope),
-        "overdue": sum(k["due_at"] <= now for k in in_scope),
+        "overdue": sum(k["due_at"] <= now for k in live),
         "in_flight": sum(p in IN_FLIGHT_PHASES for p in phases),
         "in_doubt": sum(p in IN_DOUBT_PHASES for p in phases),
         "at_risk": sum(p in AT_RISK_PHASES for p in phases),
@@ -114,7 +121,8 @@ def status_report(engine: Engine, *, history: int = 0, now: float | None = None,
     attempts = {str(a.ref): a for a in engine.state.attempts()}
     rows = list(scan(engine.keyservice, engine.policy, moment, engine.clients))
     reads = SinkReads()
-    keys = [key_row(row, engine, attempts, with_sinks, reads) for row in rows]
+    successors = {(r.key.client_id, r.key.key_id): r.key for r in rows if r.key.replaces is not None}
+    keys = [key_row(row, engine, attempts, with_sinks, reads, successors) for row in rows]
     # Looking is not reconciling: no alert.
     drift = engine.drift(alert=False, keys=[row.key for row in rows], reads=reads)
     report: dict[str, Any] = {
@@ -148,12 +156,13 @@ def key_report(engine: Engine, ref: KeyRef, *, history_max: int = 1000, now: flo
     state, age, due = assess(key, moment, engine.policy)
     row = ScanRow(key, state, age / 86_400, due)
     attempt = engine.state.get_attempt(ref)
-    strategy = strategy_of(ref)
     last = engine.state.last_rotation(ref)
+    successor = engine.successor(key)
+    successors = {(successor.client_id, successor.key_id): successor} if successor is not None else {}
     return {
         **row.to_dict(), "next_due": utc_iso(due), "last_rotation": last,
-        "in_flight": attempt.phase if attempt else None, "strategy": strategy,
-        "retiring": is_retiring(ref, strategy, last),
+        "in_flight": attempt.phase if attempt else None, "strategy": strategy_of(key, engine),
+        "retiring": retiring(key, successors, engine),
         "attempt": attempt_dict(attempt) if attempt else None,
         "sinks": [sink_view(s, key) for s in engine.sinks],
         "history": [e for e in engine.state.history(history_max) if mentions(e, ref)],

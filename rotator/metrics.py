@@ -49,14 +49,26 @@ class RotatorCollector:
         age = GaugeMetricFamily("rotator_key_age_seconds", "Age of the key's current secret.", labels=LABELS)
         due = GaugeMetricFamily("rotator_key_next_due_timestamp_seconds", "When the key becomes due.",
                                 labels=LABELS)
-        for row in self._scan():
+        revoke = GaugeMetricFamily("rotator_key_revoke_timestamp_seconds",
+                                   "Retiring keys (overlap strategy): when the replaced key is revoked.", labels=LABELS)
+        rows = self._scan()
+        successors = {(r.key.client_id, r.key.key_id): r.key for r in rows if r.key.replaces is not None}
+        policy = self.settings.policy
+        for row in rows:
+            labels = [row.key.client_id, row.key.key_id, row.key.alias, row.key.environment.value]
+            successor = successors.get((row.key.client_id, str(row.key.replaced_by)))
+            if row.key.replaced_by is not None and successor is not None:
+                grace_end = successor.created_at + policy.overlap_grace_s
+                revoke.add_metric(labels, grace_end if row.key.status == "ACTIVE"
+                                  else grace_end + self.settings.keyservice.delete_after_s)
+                continue
             if row.state.value == "out_of_scope":
                 continue
-            labels = [row.key.client_id, row.key.key_id, row.key.alias, row.key.environment.value]
             age.add_metric(labels, now - row.key.born_at)
             due.add_metric(labels, row.due_at)
         yield age
         yield due
+        yield revoke
         m: dict[str, Any] = self.state.metrics()
         rotations = CounterMetricFamily("rotator_rotations", "Rotations by result.", labels=["result"])
         for result in ("succeeded", "recovered", "skipped", "failed", "at_risk"):

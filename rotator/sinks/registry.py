@@ -66,6 +66,16 @@ def check(kind: str, options: Mapping[str, Any], env: Mapping[str, str]) -> list
     return list(config.credential_problems(env))
 
 
+def key_id_templates(kind: str, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The sink's path templates that name `{key_id}`, as (option, template), defaults included:
+    the overlap strategy needs a place that stays put when the key id changes."""
+    try:
+        config = resolve(kind).Config(**options)
+    except (PermanentError, ImportError, ValidationError):
+        return []  # reported by `check`
+    return [(name, value) for name, value in config if isinstance(value, str) and "{key_id}" in value]
+
+
 def build(kind: str, options: Mapping[str, Any], fingerprint: Fingerprinter) -> SecretSink:
     cls = resolve(kind)
     sink: SecretSink = cls(cls.Config(**options), fingerprint)
