@@ -71,7 +71,7 @@ class Section(BaseModel):
 class KeyServiceConfig(Section):
     kind: Literal["http", "emulator", "aws-iam"] = Field(
         "http", description=("`http`: the API of docs/keyservice-api.md; `emulator`: in-process; `aws-iam`: the "
-                             "access keys of AWS IAM users (reported only, `policy.mode = \"audit\"`).")
+                             "access keys of AWS IAM users, rotated by the overlap strategy (docs/strategies.md).")
     )
     url: HttpUrl = Field(HttpUrl("http://127.0.0.1:8400"), description="Base URL (http kind).")
     token_env: EnvName | None = Field(
