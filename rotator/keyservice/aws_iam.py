@@ -1,59 +1,106 @@
-"""AWS IAM users' access keys as keys (`[keyservice] kind = "aws-iam"`), reported, not rotated.
+"""AWS IAM users' access keys as keys (`[keyservice] kind = "aws-iam"`).
 
 One Client ID (the AWS account), one key per access key: `key_id` is the `AccessKeyId`, `alias`
 the user name, `environment` the user's `rotator:environment` tag (default PRODUCTION), `status`
 Active/Inactive, and a user tagged `rotator:exempt` is left alone with the tag's value as reason.
-Which users: a path prefix, a tag and a group, each optional.
+Which users: a path prefix, a tag and a group, each optional. Every value from AWS passes the same
+checks as the HTTP adapter's.
 
-An access key cannot be reset, only created, deactivated and deleted, so it rotates only with
-the overlap strategy, which this version does not have: `scan`, `status`, the metrics and the
-due-soon/overdue alerts work (audit mode, as check-config demands); a reset is refused before
-anything is sent. Every value from AWS passes the same checks as the HTTP adapter's.
+An access key cannot be reset, so it rotates by the overlap strategy only: a successor key for
+the same user (IAM allows two per user), its secret stored and verified, then after the grace the
+old key deactivated and, `delete_after_s` later, deleted. A user's two keys are listed as a pair
+(the older `replaced_by` the newer); whether the newer is rotator's, the engine proves from the
+sinks. IAM stores no answers (CreateAccessKey has no idempotency token), so replays are empty and
+a create whose answer is lost is in doubt, never retried blindly.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import boto3
 import botocore.exceptions as bx
+import botocore.loaders
+import botocore.session
 from botocore.config import Config as BotoConfig
 
 from rotator.config import KeyServiceConfig
-from rotator.domain import ApiKey, ClientInfo, Environment, IssuedKey, ReplayAnswer, Scope, Secret
+from rotator.domain import (
+    ApiKey,
+    ClientInfo,
+    Environment,
+    IssuedKey,
+    LastUse,
+    Replay,
+    ReplayAnswer,
+    Scope,
+    Secret,
+    utc_iso,
+)
 from rotator.errors import (
     ForbiddenError,
+    InDoubtError,
     NotFoundError,
     PermanentError,
     ProtocolError,
     RefusedError,
     RotatorError,
     TransientError,
+    UnusableAnswerError,
 )
 from rotator.safety import excerpt, is_id, text_problem
 
-NOT_RESET = ("AWS IAM access keys cannot be reset, only created, deactivated and deleted (the overlap "
-             "strategy), which this version does not do")
+PROVIDER = "aws-iam"
+NOT_RESET = ("AWS IAM access keys cannot be reset, only created, deactivated and deleted: they rotate by "
+             "the overlap strategy only")
 DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "InvalidClientTokenId",
           "SignatureDoesNotMatch", "ExpiredToken"}
+NOT_YET = {"InvalidClientTokenId", "SignatureDoesNotMatch"}  # what a key IAM has not propagated yet gets
+VERIFY_FIRST_WAIT_S, VERIFY_MAX_WAIT_S = 0.5, 5.0
+DEFAULT_GRACE_S = 7 * 86_400.0
+_MODELS = botocore.loaders.create_loader()  # IAM's and STS's models parsed once a process, not once a service
+
+
+class _Access(NamedTuple):
+    key_id: str
+    created: float
+    status: str  # ACTIVE, INACTIVE or UNKNOWN
 
 
 class AwsIamKeyService:
-    """The read side of IAM (list, get) behind rotator's KeyService protocol."""
+    """IAM behind rotator's KeyService protocol, plus the two-stage retirement (deactivate, then
+    revoke) and the last use the engine checks before deactivating."""
 
-    cannot_reset = NOT_RESET  # plans and the engine refuse a reset before sending anything
+    cannot_reset = NOT_RESET  # plans and the engine use the overlap strategy, or refuse a reset unsent
 
-    def __init__(self, config: KeyServiceConfig) -> None:
+    def __init__(self, config: KeyServiceConfig, *, grace_s: float = DEFAULT_GRACE_S,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        session = boto3.session.Session(region_name=config.region or "us-east-1")
-        endpoint = str(config.endpoint_url) if config.endpoint_url else None
-        settings = BotoConfig(retries={"max_attempts": config.max_attempts, "mode": "standard"},
-                              connect_timeout=config.timeout_s, read_timeout=config.timeout_s)
-        self._iam: Any = session.client("iam", endpoint_url=endpoint, config=settings)
-        self._sts: Any = session.client("sts", endpoint_url=endpoint, config=settings)
+        self.grace_s = grace_s  # the policy's overlap grace: with delete_after_s, when an old key may go
+        self._sleep, self._clock = sleep, clock  # verify_secret's waits
+        core = botocore.session.Session()
+        core.register_component("data_loader", _MODELS)
+        self._session = boto3.session.Session(region_name=config.region or "us-east-1", botocore_session=core)
+        self._endpoint = str(config.endpoint_url) if config.endpoint_url else None
+        self._settings = BotoConfig(retries={"max_attempts": config.max_attempts, "mode": "standard"},
+                                    connect_timeout=config.timeout_s, read_timeout=config.timeout_s)
+        self._iam: Any = self._client("iam")
+        self._sts: Any = self._client("sts")
+        # CreateAccessKey is sent once: a retry after a lost answer would make a second key
+        self._iam_once: Any = self._client("iam", self._settings.merge(
+            BotoConfig(retries={"total_max_attempts": 1, "mode": "standard"})))
         self._account: str | None = None
+
+    @property
+    def delete_after_s(self) -> float:
+        return self.config.delete_after_s
+
+    def _client(self, name: str, settings: BotoConfig | None = None, **credentials: str) -> Any:
+        return self._session.client(name, endpoint_url=self._endpoint, config=settings or self._settings,
+                                    **credentials)
 
     # --- reading ---------------------------------------------------------------------------
     def account(self) -> str:
@@ -83,62 +130,205 @@ class AwsIamKeyService:
                 yield from self._keys_of(name, tags)
 
     def get_key(self, client_id: str, key_id: str) -> ApiKey:
+        user = self._user_of(client_id, key_id)
+        for key in self._keys_of(user, self._tags(user)):
+            if key.key_id == key_id:
+                return key
+        raise NotFoundError(f"no access key {key_id} in account {client_id}")
+
+    def last_used(self, client_id: str, key_id: str) -> LastUse | None:
+        """When, where and for which service the key last authenticated; None if never."""
+        used = self._last_used_answer(client_id, key_id).get("AccessKeyLastUsed") or {}
+        when: Any = used.get("LastUsedDate")
+        if not hasattr(when, "timestamp"):  # never used: no date, service and region "N/A"
+            return None
+        service, region = used.get("ServiceName", "N/A"), used.get("Region", "N/A")
+        for value in (service, region):
+            if text_problem(value) is not None:
+                raise ProtocolError(f"iam GetAccessKeyLastUsed {key_id}: {excerpt(value)} is not printable text")
+        return LastUse(float(when.timestamp()), str(service), str(region))
+
+    # --- the overlap strategy ---------------------------------------------------------------
+    def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
+        raise RefusedError(f"{NOT_RESET}; nothing was sent", status=None)
+
+    def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
+        return ReplayAnswer(Replay.EMPTY)  # IAM stores no answers
+
+    def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
+        return ReplayAnswer(Replay.EMPTY)  # IAM stores no answers: the engine settles from the listing
+
+    def create_key(self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,
+                   replaces: str | None = None) -> IssuedKey:
+        """A new access key for user `alias` (the idempotency key is unused: IAM has none).
+
+        At IAM's limit of two keys, an Inactive key other than `replaces` whose delete time has
+        passed is deleted first; otherwise the create is refused before it is sent."""
+        where = f"iam CreateAccessKey for user {excerpt(alias)}"
+        try:
+            if client_id != self.account():
+                raise NotFoundError(f"account {excerpt(client_id)} is not the one of these credentials")
+            if text_problem(alias) is not None:
+                raise ProtocolError(f"the user name {text_problem(alias)}")
+            tags = self._tags(alias)
+            environment = self._environment(tags, f"iam user {alias}")
+            self._make_room(alias, replaces)
+        except RefusedError:
+            raise
+        except RotatorError as exc:
+            raise RefusedError(f"{where}: {exc}; nothing was created", status=exc.status) from None
+        answer = self._create(alias, where).get("AccessKey") or {}
+        key_id, secret = answer.get("AccessKeyId"), answer.get("SecretAccessKey")
+        created: Any = answer.get("CreateDate")
+        if (not is_id(key_id) or not isinstance(secret, str) or not secret or not hasattr(created, "timestamp")
+                or answer.get("UserName") != alias):
+            raise UnusableAnswerError(f"{where}: the answer has no usable user, key id, secret or CreateDate")
+        key = ApiKey(client_id, str(key_id), alias, environment, (), int(created.timestamp()), None, False,
+                     "ACTIVE", self._exempt(tags), replaces=replaces, provider=PROVIDER)
+        return IssuedKey(key, Secret(secret))
+
+    def deactivate_key(self, client_id: str, key_id: str) -> None:
+        """Switch the key off (it can be switched back on until it is deleted); NotFoundError when gone."""
+        user = self._user_of(client_id, key_id)
+        self._call(lambda: self._iam.update_access_key(UserName=user, AccessKeyId=key_id, Status="Inactive"),
+                   f"iam UpdateAccessKey {key_id}")
+
+    def revoke_key(self, client_id: str, key_id: str) -> None:
+        """Delete the key for good; NotFoundError when it is gone already."""
+        user = self._user_of(client_id, key_id)
+        self._call(lambda: self._iam.delete_access_key(UserName=user, AccessKeyId=key_id),
+                   f"iam DeleteAccessKey {key_id}")
+
+    def verify_secret(self, client_id: str, secret: Secret, key_id: str | None = None) -> bool:
+        """True when (`key_id`, `secret`) signs sts:GetCallerIdentity as exactly the key's user.
+
+        IAM is eventually consistent, a new key is refused for seconds: InvalidClientTokenId and
+        SignatureDoesNotMatch are retried with back-off for `verify_timeout_s`, then it is False."""
+        if key_id is None or not is_id(key_id):
+            raise PermanentError("aws-iam: a secret is verified together with its access key id")
+        if client_id != self.account():
+            return False
+        sts = self._client("sts", aws_access_key_id=key_id, aws_secret_access_key=secret.reveal())
+        try:
+            identity = self._identity(sts, key_id)
+        finally:
+            with contextlib.suppress(Exception):
+                sts.close()
+        if identity is None:
+            return False
+        try:
+            user = self._user_of(client_id, key_id)
+            answer = self._call(lambda: self._iam.get_user(UserName=user), f"iam GetUser {user}")
+            arn = (answer.get("User") or {}).get("Arn")
+        except NotFoundError:
+            return False
+        return isinstance(arn, str) and identity.get("Arn") == arn
+
+    def close(self) -> None:
+        for client in (self._iam, self._iam_once, self._sts):
+            with contextlib.suppress(Exception):
+                client.close()
+
+    # --- internals ---------------------------------------------------------------------------
+    def _identity(self, sts: Any, key_id: str) -> dict[str, Any] | None:
+        """GetCallerIdentity polled while the key may not have propagated; None past the bound."""
+        deadline = self._clock() + self.config.verify_timeout_s
+        wait = VERIFY_FIRST_WAIT_S
+        while True:
+            identity = self._call(lambda: _identity_or_none(sts), f"sts GetCallerIdentity as {key_id}")
+            if identity is not None:
+                return dict(identity)
+            left = deadline - self._clock()
+            if left <= 0:
+                return None
+            self._sleep(min(wait, left))
+            wait = min(wait * 2, VERIFY_MAX_WAIT_S)
+
+    def _make_room(self, user: str, replaces: str | None) -> None:
+        keys = self._access_keys(user)
+        if replaces is not None and replaces not in {k.key_id for k in keys}:
+            raise RefusedError(f"key {excerpt(replaces)} is not an access key of user {user}; nothing was created",
+                               status=None)
+        if len(keys) < 2:
+            return
+        delete_at = keys[-1].created + self.grace_s + self.config.delete_after_s
+        stale = [k for k in keys if k.status == "INACTIVE" and k.key_id != replaces]
+        if stale and time.time() >= delete_at:
+            with contextlib.suppress(NotFoundError):
+                self._call(lambda: self._iam.delete_access_key(UserName=user, AccessKeyId=stale[0].key_id),
+                           f"iam DeleteAccessKey {stale[0].key_id}")
+            return
+        listed = ", ".join(f"{k.key_id} {k.status.lower()}" for k in keys)
+        why = (f"inactive key {stale[0].key_id} may be deleted from {utc_iso(delete_at)} (grace + delete_after_s)"
+               if stale else "no inactive key but the replaced one to delete")
+        raise RefusedError(f"user {user} has two access keys, IAM's limit ({listed}): {why}; nothing was created",
+                           status=None)
+
+    def _create(self, user: str, where: str) -> Any:
+        """CreateAccessKey once: a 4xx proves it did not run; no answer or a 5xx leaves it in doubt."""
+        try:
+            return self._iam_once.create_access_key(UserName=user)
+        except bx.ClientError as exc:
+            code, status = _code(exc), _status(exc)
+            if 400 <= status < 500:
+                raise RefusedError(f"{where}: {code or status}; nothing was created", status=status) from None
+            raise InDoubtError(f"{where}: {code or status}; the key may exist") from None
+        except bx.NoCredentialsError:
+            raise RefusedError(f"{where}: no AWS credentials; nothing was sent", status=None) from None
+        except (bx.BotoCoreError, OSError) as exc:
+            raise InDoubtError(f"{where}: no answer ({type(exc).__name__}); the key may exist") from None
+
+    def _user_of(self, client_id: str, key_id: str) -> str:
+        """The key's user: UpdateAccessKey and DeleteAccessKey without one act on the caller's keys."""
+        user = self._last_used_answer(client_id, key_id).get("UserName")
+        problem = text_problem(user)
+        if problem is not None:
+            raise ProtocolError(f"iam GetAccessKeyLastUsed {key_id}: the user name {problem}")
+        return str(user)
+
+    def _last_used_answer(self, client_id: str, key_id: str) -> Any:
         if client_id != self.account() or not is_id(key_id):
             raise NotFoundError(f"no access key {excerpt(key_id)} in account {excerpt(client_id)}")
         try:
-            used = self._call(lambda: self._iam.get_access_key_last_used(AccessKeyId=key_id),
+            return self._call(lambda: self._iam.get_access_key_last_used(AccessKeyId=key_id),
                               f"iam GetAccessKeyLastUsed {key_id}")
         except ForbiddenError:
             raise
         except PermanentError:
             raise NotFoundError(f"no access key {key_id} in account {client_id}") from None
-        for key in self._keys_of(used.get("UserName"), self._tags(used.get("UserName"))):
-            if key.key_id == key_id:
-                return key
-        raise NotFoundError(f"no access key {key_id} in account {client_id}")
 
-    # --- what IAM cannot do (in this version) ----------------------------------------------
-    def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
-        raise RefusedError(f"{NOT_RESET}; nothing was sent", status=None)
-
-    def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
-        from rotator.domain import Replay
-
-        return ReplayAnswer(Replay.EMPTY)  # nothing was ever sent, so nothing is stored
-
-    def create_key(self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str) -> IssuedKey:
-        raise PermanentError("aws-iam: creating access keys needs the overlap strategy (not in this version)")
-
-    def revoke_key(self, client_id: str, key_id: str) -> None:
-        raise PermanentError("aws-iam: deleting access keys needs the overlap strategy (not in this version)")
-
-    def verify_secret(self, client_id: str, secret: Secret) -> bool:
-        raise PermanentError("aws-iam: no secret of an access key is held in this version")
-
-    def close(self) -> None:
-        for client in (self._iam, self._sts):
-            with contextlib.suppress(Exception):
-                client.close()
-
-    # --- internals ---------------------------------------------------------------------------
     def _keys_of(self, user: Any, tags: dict[str, str]) -> Iterator[ApiKey]:
+        """The user's keys, oldest first; of two, the older is `replaced_by` the newer."""
         where = f"iam user {excerpt(user)}"
         problem = text_problem(user)
         if problem is not None:
             raise ProtocolError(f"{where}: the user name {problem}")
         environment = self._environment(tags, where)
-        exempt = tags.get(self.config.exempt_tag)
-        if exempt is not None and (not exempt or text_problem(exempt) is not None):
-            exempt = "exempt by its tag"  # a reason that is empty or not printable text is not repeated
+        exempt = self._exempt(tags)
+        keys = self._access_keys(user)
+        pair = [k.key_id for k in keys] if len(keys) == 2 else [None, None]
+        for index, access in enumerate(keys):
+            yield ApiKey(self.account(), access.key_id, str(user), environment, (), int(access.created), None,
+                         False, access.status, exempt, replaces=pair[0] if index == 1 else None,
+                         replaced_by=pair[1] if index == 0 else None, provider=PROVIDER)
+
+    def _access_keys(self, user: Any) -> list[_Access]:
+        found = []
         for page in self._pages("list_access_keys", "AccessKeyMetadata", UserName=user):
             for meta in page:
                 key_id, created = meta.get("AccessKeyId"), meta.get("CreateDate")
                 if not is_id(key_id) or not hasattr(created, "timestamp"):
-                    raise ProtocolError(f"{where}: an access key without a usable id or CreateDate")
+                    raise ProtocolError(f"iam user {excerpt(user)}: an access key without a usable id or CreateDate")
                 status = str(meta.get("Status", "")).upper()
-                yield ApiKey(self.account(), str(key_id), str(user), environment, (), int(created.timestamp()),
-                             None, False, status if status in ("ACTIVE", "INACTIVE") else "UNKNOWN",
-                             exempt)
+                found.append(_Access(str(key_id), float(created.timestamp()),
+                                     status if status in ("ACTIVE", "INACTIVE") else "UNKNOWN"))
+        return sorted(found, key=lambda k: (k.created, k.key_id))
+
+    def _exempt(self, tags: dict[str, str]) -> str | None:
+        exempt = tags.get(self.config.exempt_tag)
+        if exempt is not None and (not exempt or text_problem(exempt) is not None):
+            exempt = "exempt by its tag"  # a reason that is empty or not printable text is not repeated
+        return exempt
 
     def _environment(self, tags: dict[str, str], where: str) -> Environment:
         value = tags.get(self.config.environment_tag, "PRODUCTION").upper()
@@ -184,13 +374,12 @@ class AwsIamKeyService:
         try:
             return call()
         except bx.ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code, status = _code(exc), _status(exc)
             if code in DENIED:
                 raise ForbiddenError(f"{where}: access denied ({code}); see the IAM policy in the README") from None
             if code in ("NoSuchEntity", "NoSuchEntityException"):
                 raise NotFoundError(f"{where}: not found") from None
-            if code in ("Throttling", "ThrottlingException") or (isinstance(status, int) and status >= 500):
+            if code in ("Throttling", "ThrottlingException") or status >= 500:
                 raise TransientError(f"{where}: {code or status}") from None
             raise PermanentError(f"{where}: {code or status}") from None
         except bx.NoCredentialsError:
@@ -199,3 +388,22 @@ class AwsIamKeyService:
             raise TransientError(f"{where}: {type(exc).__name__}") from None
         except RotatorError:
             raise
+
+
+def _code(exc: bx.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: bx.ClientError) -> int:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status if isinstance(status, int) else 0
+
+
+def _identity_or_none(sts: Any) -> Any:
+    """GetCallerIdentity's answer, or None when the key is not (yet) known or its signature fails."""
+    try:
+        return sts.get_caller_identity()
+    except bx.ClientError as exc:
+        if _code(exc) in NOT_YET:
+            return None
+        raise
