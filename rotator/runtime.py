@@ -34,7 +34,8 @@ def build_state(settings: Settings) -> RedisState:
 def build_engine(settings: Settings, publisher: EventPublisher | None = None, actor: str | None = None) -> Engine:
     fingerprint = build_fingerprinter(settings)
     engine = Engine(
-        build_keyservice(settings.keyservice, settings.policy.overlap_grace_s), build_sinks(settings, fingerprint), build_state(settings),
+        build_keyservice(settings.keyservice, settings.policy.overlap_grace_s), build_sinks(settings, fingerprint),
+        build_state(settings),
         publisher or LogPublisher(), fingerprint, settings.policy.to_policy(),
         sink_retry_s=settings.engine.sink_retry_s, verify=settings.engine.verify,
         lock_ttl_s=settings.state.lock_ttl_s, actor=actor or _whoami(), clients=settings.keyservice.clients,
