@@ -35,6 +35,7 @@ from rotator.domain import (
     KeyRef,
     Replay,
     ReplayAnswer,
+    Scope,
     Secret,
 )
 from rotator.engine import INLINE, Engine
@@ -323,13 +324,17 @@ class FakeKeyService:
             return ReplayAnswer(Replay.REFUSED, reason=f"stored {status}")
         return ReplayAnswer(Replay.ANSWER, answer)
 
-    def create_key(self, *args: Any) -> IssuedKey:
+    def create_key(self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,
+                   replaces: str | None = None) -> IssuedKey:
         raise PermanentError("not simulated")
+
+    def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
+        return ReplayAnswer(Replay.EMPTY)
 
     def revoke_key(self, client_id: str, key_id: str) -> None:
         raise PermanentError("not simulated")
 
-    def verify_secret(self, client_id: str, secret: Secret) -> bool:
+    def verify_secret(self, client_id: str, secret: Secret, key_id: str | None = None) -> bool:
         self.sim.point("ks verify")
         if self._p(0.03):
             raise TransientError("token: 503")

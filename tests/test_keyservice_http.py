@@ -27,9 +27,8 @@ IDEM = "attempt-0000000000000001"
 
 def seed(emulator: Emulator, keys: int = 3, env: str = "PRODUCTION", client: str = "acme") -> list[str]:
     """A client with its auto-generated key first, then `keys` more; returns every key id."""
-    auto = emulator.add_client(client, "Acme", env, created_at=emulator.now() - 1000)
-    made = [emulator.add_key(client, f"k{i}", created_at=emulator.now() - 900 + i).id for i in range(keys)]
-    return [*auto.keys, *made]
+    auto = [*emulator.add_client(client, "Acme", env, created_at=emulator.now() - 1000).keys]
+    return auto + [emulator.add_key(client, f"k{i}", created_at=emulator.now() - 900 + i).id for i in range(keys)]
 
 
 def test_pagination_streams_three_pages(emulator: Emulator, keyservice: HttpKeyService) -> None:
@@ -275,3 +274,94 @@ def test_error_body_follows_the_contract(emulator: Emulator, emulator_server: Em
         assert set(body) >= {"Id", "Type", "Message", "Date"}
         page = http.get("/v2.01/acme/apikeys", params={"page": 5})
         assert page.json() == [] and page.headers["X-Number-Of-Items"] == "1"
+
+
+# --- successor keys ("Replaces") ----------------------------------------------------------------------
+
+SCOPES = (Scope("Payins", True, True),)
+
+
+def test_a_successor_shares_the_alias_until_the_replaced_key_is_revoked(
+    emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """create_key(replaces=K) makes N with K's alias and Replaces=K; K shows ReplacedBy=N and lists
+    first; revoking K clears N's Replaces, N keeps the alias, and the alias is unique again."""
+    old = seed(emulator, keys=1)[1]
+    issued = keyservice.create_key("acme", "k0", SCOPES, "create-0000000000000001", replaces=old)
+    new = issued.key
+    assert (new.alias, new.replaces, new.replaced_by) == ("k0", old, None)
+    assert keyservice.verify_secret("acme", issued.secret, key_id=new.key_id)
+    assert keyservice.get_key("acme", old).replaced_by == new.key_id
+    listed = [k.key_id for k in keyservice.list_keys("acme")]
+    assert listed.index(old) < listed.index(new.key_id)
+    keyservice.revoke_key("acme", old)
+    after = keyservice.get_key("acme", new.key_id)
+    assert (after.alias, after.replaces, after.replaced_by) == ("k0", None, None)
+    with pytest.raises(NotFoundError):
+        keyservice.revoke_key("acme", old)
+    with pytest.raises(RefusedError) as info:
+        keyservice.create_key("acme", "k0", SCOPES, "create-0000000000000002")
+    assert info.value.status == 409
+
+
+def test_successor_rules_refuse_with_4xx(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """Unknown or revoked Replaces: 404; the auto-generated key: 409; another alias: 400; a second
+    successor, or a successor of a key that itself still replaces one: 409. Revoking the successor
+    lets the key get a new one."""
+    auto, old = seed(emulator, keys=1)
+    cases = [("key_nope", "k0", 404), (auto, AUTO_ALIAS, 409), (old, "other alias", 400)]
+    for n, (replaces, alias, status) in enumerate(cases):
+        with pytest.raises(RefusedError) as info:
+            keyservice.create_key("acme", alias, SCOPES, f"refused-create-{n:08d}", replaces=replaces)
+        assert info.value.status == status
+    first = keyservice.create_key("acme", "k0", SCOPES, "create-0000000000000001", replaces=old).key
+    for n, replaces in enumerate((old, first.key_id)):
+        with pytest.raises(RefusedError) as info:
+            keyservice.create_key("acme", "k0", SCOPES, f"second-create-{n:08d}", replaces=replaces)
+        assert info.value.status == 409
+    keyservice.revoke_key("acme", first.key_id)
+    assert keyservice.get_key("acme", old).replaced_by is None
+    second = keyservice.create_key("acme", "k0", SCOPES, "create-0000000000000002", replaces=old).key
+    assert second.replaces == old and keyservice.get_key("acme", old).replaced_by == second.key_id
+
+
+def test_a_create_is_classified_like_a_reset(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """A dropped answer is replayed on retry (one key made); a 403 refuses; 5xx on every try, a
+    409 with Retry-After or a cut 200 leave it in doubt."""
+    old = seed(emulator, keys=1)[1]
+    emulator.add_fault(Fault(method="POST", path="/apikeys$", drop="after"))
+    issued = keyservice.create_key("acme", "k0", SCOPES, "create-0000000000000001", replaces=old)
+    assert issued.secret.reveal() == emulator.current_secret("acme", issued.key.key_id)
+    assert len(list(keyservice.list_keys("acme"))) == 3
+    emulator.add_fault(Fault(method="POST", path="/apikeys$", status=403))
+    with pytest.raises(RefusedError):
+        keyservice.create_key("acme", "fresh", SCOPES, "create-0000000000000002")
+    for fault in (Fault(method="POST", path="/apikeys$", status=500, times=-1),
+                  Fault(method="POST", path="/apikeys$", status=409, retry_after=0, times=-1),
+                  Fault(method="POST", path="/apikeys$", body='{"Id": "cut')):
+        emulator.clear_faults()
+        emulator.add_fault(fault)
+        with pytest.raises(InDoubtError):
+            keyservice.create_key("acme", "fresh", SCOPES, "create-0000000000000003")
+    assert len(list(keyservice.list_keys("acme"))) == 3
+
+
+def test_replay_create_answer_refused_empty_unknown(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """The stored create of K's successor is the answer (with its secret); a stored 404 is a refusal;
+    nothing stored is empty; a reset stored under the key, a create of another key's successor, or a
+    5xx of the replay prove nothing."""
+    _, old, other = seed(emulator, keys=2)
+    made = keyservice.create_key("acme", "k0", SCOPES, "create-0000000000000001", replaces=old)
+    answer = keyservice.replay_create("acme", old, "create-0000000000000001")
+    assert answer.kind is Replay.ANSWER and answer.issued is not None
+    assert answer.issued.secret == made.secret and answer.issued.key.replaces == old
+    assert keyservice.replay_create("acme", other, "create-0000000000000001").kind is Replay.UNKNOWN
+    with pytest.raises(RefusedError):
+        keyservice.create_key("acme", "k0", SCOPES, "create-0000000000000002", replaces="key_nope")
+    assert keyservice.replay_create("acme", "key_nope", "create-0000000000000002").kind is Replay.REFUSED
+    assert keyservice.replay_create("acme", old, "never-used-key-000000").kind is Replay.EMPTY
+    keyservice.reset_key("acme", other, IDEM)
+    unknown = keyservice.replay_create("acme", other, IDEM)
+    assert unknown.kind is Replay.UNKNOWN and "another request" in unknown.reason
+    emulator.add_fault(Fault(method="GET", path="/responses/", status=503, times=-1))
+    assert keyservice.replay_create("acme", old, "create-0000000000000001").kind is Replay.UNKNOWN

@@ -298,6 +298,42 @@ def test_idempotent_replay_and_stored_responses(
     assert {s for op, s in contract.seen if op == "getStoredResponse"} == {200, 404}
 
 
+def test_successor_keys(emulator: Emulator, http: httpx.Client, contract: Contract) -> None:
+    """A create with Replaces makes a successor of the same alias (the listing shows Replaces and
+    ReplacedBy, oldest first); 404 for an unknown predecessor, 409 for the auto-generated key and for a
+    second successor, 400 for another alias; the stored create (with its Secret) is replayed."""
+    auto, key = seed(emulator, keys=1)
+    ik = "create-successor-0001"
+    body = {"Alias": "k0", "Scopes": [{"Scope": "Users", "Read": True}], "Replaces": key}
+    created = contract.check(http.post("/v2.01/acme/apikeys", headers={"Idempotency-Key": ik}, json=body))
+    successor = created.json()
+    assert created.status_code == 200 and (successor["Alias"], successor["Replaces"]) == ("k0", key)
+    assert successor["ReplacedBy"] is None and successor["Secret"]
+    again = contract.check(http.post("/v2.01/acme/apikeys", headers={"Idempotency-Key": ik}, json=body))
+    assert again.content == created.content
+    stored = contract.check(http.get(f"/v2.01/acme/responses/{ik}")).json()
+    assert (stored["StatusCode"], stored["RequestURL"], stored["Resource"]) == (200, "/v2.01/acme/apikeys", successor)
+    listed = contract.check(http.get("/v2.01/acme/apikeys")).json()
+    assert [(k["Id"], k["Replaces"], k["ReplacedBy"]) for k in listed] == [
+        (auto, None, None), (key, None, successor["Id"]), (successor["Id"], key, None)]
+    refusals = [({**body, "Replaces": "key_nope"}, 404), ({**body, "Alias": AUTO_ALIAS, "Replaces": auto}, 409),
+                (body, 409), ({**body, "Alias": "other"}, 400)]
+    for n, (refused_body, status) in enumerate(refusals):
+        answer = http.post("/v2.01/acme/apikeys", headers={"Idempotency-Key": f"create-refused-{n:06d}"},
+                           json=refused_body)
+        assert contract.check(answer).status_code == status
+    assert "reset" in http.post("/v2.01/acme/apikeys", json={**body, "Alias": AUTO_ALIAS, "Replaces": auto}
+                                ).json()["Message"]
+    assert http.post("/v2.01/acme/apikeys", json={**body, "Alias": "other"}).json()["errors"] == {
+        "Alias": "must be the alias of the replaced key"}
+    typeless = http.post("/v2.01/acme/apikeys", json={**body, "Replaces": 7})
+    assert contract.check(typeless, outside=InvalidRequestBody).json()["errors"] == {"Replaces": "must be a key id"}
+    contract.check(http.delete(f"/v2.01/acme/apikeys/{key}"))
+    after = contract.check(http.get(f"/v2.01/acme/apikeys/{successor['Id']}")).json()
+    assert (after["Alias"], after["Replaces"], after["ReplacedBy"]) == ("k0", None, None)
+    assert {s for op, s in contract.seen if op == "createApiKey"} == {200, 400, 404, 409}
+
+
 def test_throttling_and_server_errors(emulator: Emulator, http: httpx.Client, contract: Contract) -> None:
     """429 with Retry-After, 503 with and 500 without it: each a conforming error answer."""
     _, key = seed(emulator, keys=1)
@@ -314,8 +350,8 @@ def test_the_checks_catch_a_nonconforming_answer(
     emulator: Emulator, http: httpx.Client, contract: Contract
 ) -> None:
     """The same validation refuses answers that break the document: a key with its secret where
-    none belongs, a listing without its page count, a 429 without Retry-After, an error Type
-    that does not match its status."""
+    none belongs, a listing without its page count, a 429 without Retry-After, successor links
+    that are no ids or missing, an error Type that does not match its status."""
     auto, key = seed(emulator, keys=1)
     leaked = {**emulator.get_key("acme", key), "Secret": "prod_x"}
     emulator.add_fault(Fault(method="GET", path=f"/apikeys/{key}$", body=json.dumps(leaked)))
@@ -328,6 +364,12 @@ def test_the_checks_catch_a_nonconforming_answer(
     emulator.add_fault(Fault(method="GET", path="/clients$", status=429))
     with pytest.raises(MissingRequiredHeader):
         contract.check(http.get("/v2.01/clients"))
+    plain = emulator.get_key("acme", key)  # successor links that are no ids, or missing
+    unlinked = {k: v for k, v in plain.items() if k != "ReplacedBy"}
+    for lie in ({**plain, "Replaces": "../x"}, {**plain, "ReplacedBy": 7}, unlinked):
+        emulator.add_fault(Fault(method="GET", path=f"/apikeys/{key}$", body=json.dumps(lie)))
+        with pytest.raises(InvalidData):
+            contract.check(http.get(f"/v2.01/acme/apikeys/{key}"))
     emulator.add_fault(Fault(method="DELETE", path=f"/apikeys/{auto}$", status=409))
     mislabelled = http.delete(f"/v2.01/acme/apikeys/{auto}")
     body = {**mislabelled.json(), "Type": "ressource_not_found"}
@@ -373,7 +415,11 @@ def test_adapter_requests_conform(emulator: Emulator, emulator_server: EmulatorS
         assert ks.replay("acme", key, IDEM).kind is Replay.ANSWER
         assert ks.replay("acme", key, "never-used-000000001").kind is Replay.EMPTY
         created = ks.create_key("acme", "payments", (Scope("Payins", True, False),), "create-0000000000000001")
+        successor = ks.create_key("acme", "payments", created.key.scopes, "create-0000000000000002",
+                                  replaces=created.key.key_id)
+        assert ks.replay_create("acme", created.key.key_id, "create-0000000000000002").kind is Replay.ANSWER
         ks.revoke_key("acme", created.key.key_id)
+        ks.revoke_key("acme", successor.key.key_id)
         assert ks.read_sandbox_secret("acme-sbx", sbx).reveal() == emulator.current_secret("acme-sbx", sbx)
         with pytest.raises(ForbiddenError):
             ks.read_sandbox_secret("acme", key)

@@ -46,6 +46,8 @@ class KeyRecord:
     last_reset_at: int | None
     auto_generated: bool
     secret: str = field(repr=False)
+    replaces: str | None = None  # the live key this one succeeds (cleared when that key is revoked)
+    replaced_by: str | None = None  # this key's live successor
 
     def to_json(self, environment: str) -> dict[str, Any]:
         return {
@@ -58,6 +60,8 @@ class KeyRecord:
             "CreationDate": self.created_at,
             "LastResetDate": self.last_reset_at,
             "Status": "ACTIVE",
+            "Replaces": self.replaces,
+            "ReplacedBy": self.replaced_by,
         }
 
 
@@ -201,11 +205,13 @@ class Emulator:
     def add_key(
         self, client_id: str, alias: str, scopes: list[dict[str, Any]] | None = None, *,
         created_at: int | None = None, last_reset_at: int | None = None,
-        auto_generated: bool = False, key_id: str | None = None,
+        auto_generated: bool = False, key_id: str | None = None, replaces: str | None = None,
     ) -> KeyRecord:
+        """A new key; with `replaces`, the successor of that key (which keeps its alias meanwhile)."""
         with self._lock:
             client = self._client(client_id)
-            if any(k.alias == alias for k in client.keys.values()):
+            predecessor = None if replaces is None else self._predecessor(client, replaces, alias)
+            if predecessor is None and any(k.alias == alias for k in client.keys.values()):
                 raise ApiError(409, "conflict", f"alias {alias!r} is already used by this client")
             record = KeyRecord(
                 id=key_id or f"key_{secrets.token_hex(6)}",
@@ -216,7 +222,10 @@ class Emulator:
                 last_reset_at=last_reset_at,
                 auto_generated=auto_generated,
                 secret=_new_secret(client.environment),
+                replaces=replaces,
             )
+            if predecessor is not None:
+                predecessor.replaced_by = record.id
             client.keys[record.id] = record
             client._ordered = None
             return record
@@ -277,9 +286,12 @@ class Emulator:
             raise ApiError(400, "param_error", "Alias is required", {"Alias": "required"})
         if not isinstance(scopes, list) or not scopes:
             raise ApiError(400, "param_error", "Scopes is required", {"Scopes": "required"})
+        replaces = body.get("Replaces")
+        if replaces is not None and not isinstance(replaces, str):
+            raise ApiError(400, "param_error", "Replaces must be a key id", {"Replaces": "must be a key id"})
         with self._lock:
             client = self._client(client_id)
-            record = self.add_key(client_id, alias, _scopes(scopes))
+            record = self.add_key(client_id, alias, _scopes(scopes), replaces=replaces)
             return {**record.to_json(client.environment), "Secret": record.secret}
 
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str | None) -> dict[str, Any]:
@@ -299,6 +311,13 @@ class Emulator:
                 raise ApiError(409, "conflict", "the auto-generated key cannot be revoked")
             del client.keys[key_id]
             client._ordered = None
+            # The links name live keys only: the successor stands alone, the predecessor may get another.
+            for other in (record.replaces, record.replaced_by):
+                linked = client.keys.get(other) if other is not None else None
+                if linked is not None and linked.replaces == key_id:
+                    linked.replaces = None
+                if linked is not None and linked.replaced_by == key_id:
+                    linked.replaced_by = None
 
     def read_secret(self, client_id: str, key_id: str) -> dict[str, Any]:
         with self._lock:
@@ -356,6 +375,24 @@ class Emulator:
         if client is None:
             raise ApiError(404, "ressource_not_found", f"client {client_id} not found")
         return client
+
+    def _predecessor(self, client: ClientRecord, key_id: str, alias: str) -> KeyRecord:
+        """The key a create `Replaces`, once the contract's rules allow it a successor."""
+        record = client.keys.get(key_id)
+        if record is None:
+            raise ApiError(404, "ressource_not_found", f"key {key_id} not found (Replaces)")
+        if record.auto_generated:
+            raise ApiError(409, "conflict", "the auto-generated key cannot be replaced (it cannot be revoked); "
+                                            "reset it instead")
+        if alias != record.alias:
+            raise ApiError(400, "param_error", "a successor has the alias of the key it replaces",
+                           {"Alias": "must be the alias of the replaced key"})
+        if record.replaced_by is not None:
+            raise ApiError(409, "conflict", f"key {key_id} already has a successor ({record.replaced_by})")
+        if record.replaces is not None:
+            raise ApiError(409, "conflict", f"key {key_id} still replaces key {record.replaces}; "
+                                            "revoke that one first")
+        return record
 
     @staticmethod
     def _key(client: ClientRecord, key_id: str) -> KeyRecord:

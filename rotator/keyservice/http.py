@@ -16,7 +16,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
@@ -57,6 +57,9 @@ MIN_DATE: Final = 946_684_800  # 2000-01-01T00:00:00Z
 DEFAULT_CLOCK_SKEW_S: Final = 86_400
 MAX_STATUS_LEN: Final = 64
 MAX_MESSAGE_EXCERPT: Final = 80
+
+#: Judges a write's 200 body (`body`, `where`, latest date): the usable answer, or ProtocolError.
+_Judge = Callable[[Any, str, float], IssuedKey]
 
 
 class _Bearer(httpx.Auth):
@@ -240,55 +243,51 @@ class HttpKeyService:
             _checked_id(idempotency_key, "Idempotency-Key", f"POST {path}")
         except ProtocolError as exc:
             raise RefusedError(f"{exc}; nothing was sent", status=None) from None
-        return self._write_once("POST", path, client_id, key_id, headers={"Idempotency-Key": idempotency_key})
+        return self._write_once("POST", path, _reset_judge(client_id, key_id),
+                                headers={"Idempotency-Key": idempotency_key})
 
     def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
         """The stored answer of the reset sent with `idempotency_key`, judged for this key and path."""
         try:
             wanted = _path("POST", "{ClientId}/apikeys/{KeyId}/reset", ("client id", client_id), "apikeys",
-                         ("key id", key_id), "reset")
-            path = _path("GET", "{ClientId}/responses/{IdempotencyKey}", ("client id", client_id), "responses",
-                         ("Idempotency-Key", idempotency_key))
+                           ("key id", key_id), "reset")
         except ProtocolError as exc:
             return ReplayAnswer(Replay.UNKNOWN, reason=f"replay not sent: {exc}")
-        where = f"GET {path}"
-        try:
-            stored = self._json("GET", path)
-        except NotFoundError:
-            return ReplayAnswer(Replay.EMPTY)
-        except RotatorError as exc:
-            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay failed: {exc}")
-        status = stored.get("StatusCode") if isinstance(stored, dict) else None
-        if type(status) is not int:
-            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: answer has no integer StatusCode")
-        if stored.get("RequestURL") not in (None, wanted):
-            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored answer is for another request")
-        if 400 <= status < 500 and status != 409:
-            return ReplayAnswer(Replay.REFUSED, reason=f"the stored call had failed with {status}")
-        if status != 200:
-            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored call answered {excerpt(status)}")
-        try:
-            issued = _issued_for(stored.get("Resource"), where, client_id, key_id, self._latest())
-            return ReplayAnswer(Replay.ANSWER, issued)
-        except ProtocolError as exc:
-            return ReplayAnswer(Replay.UNKNOWN, reason=str(exc))
+        return self._replay(client_id, wanted, idempotency_key, _reset_judge(client_id, key_id))
 
     def create_key(
-        self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str
+        self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,
+        replaces: str | None = None,
     ) -> IssuedKey:
-        path = _path("POST", "{ClientId}/apikeys", ("client id", client_id), "apikeys")
-        where = f"POST {path}"
-        problem = text_problem(alias)
-        if problem is not None:
-            raise ProtocolError(f"{where}: the alias {problem}")
-        _checked_id(idempotency_key, "Idempotency-Key", where)
-        payload = {"Alias": alias, "Scopes": [
+        """Create once (with `replaces`, that key's successor), classified like `reset_key`: the answer
+        must name a key of this client with this alias that `Replaces` exactly `replaces`."""
+        try:
+            path = _path("POST", "{ClientId}/apikeys", ("client id", client_id), "apikeys")
+            where = f"POST {path}"
+            problem = text_problem(alias)
+            if problem is not None:
+                raise ProtocolError(f"{where}: the alias {problem}")
+            _checked_id(idempotency_key, "Idempotency-Key", where)
+            if replaces is not None:
+                _checked_id(replaces, "Replaces", where)
+        except ProtocolError as exc:
+            raise RefusedError(f"{exc}; nothing was sent", status=None) from None
+        payload: dict[str, Any] = {"Alias": alias, "Scopes": [
             {"Scope": s.name, "Read": s.read, "Write": s.write} for s in scopes]}
-        body = self._json("POST", path, json=payload, headers={"Idempotency-Key": idempotency_key})
-        issued = _issued(body, where, self._latest())
-        if issued.key.client_id != client_id:
-            raise ProtocolError(f"{where}: the answer names another Client ID than the one asked for")
-        return issued
+        if replaces is not None:
+            payload["Replaces"] = replaces
+        return self._write_once("POST", path, _create_judge(client_id, alias, replaces), json=payload,
+                                headers={"Idempotency-Key": idempotency_key})
+
+    def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
+        """The stored answer of the create of `replaces`' successor sent with `idempotency_key`: the
+        answer only when it names a key of this client that `Replaces` it."""
+        try:
+            wanted = _path("POST", "{ClientId}/apikeys", ("client id", client_id), "apikeys")
+            _checked_id(replaces, "Replaces", f"POST {wanted}")
+        except ProtocolError as exc:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay not sent: {exc}")
+        return self._replay(client_id, wanted, idempotency_key, _create_judge(client_id, None, replaces))
 
     def revoke_key(self, client_id: str, key_id: str) -> None:
         path = _path("DELETE", "{ClientId}/apikeys/{KeyId}", ("client id", client_id), "apikeys", ("key id", key_id))
@@ -303,7 +302,8 @@ class HttpKeyService:
             raise ProtocolError(f"{where}: the answer must be a JSON object")
         return _secret(body, where)
 
-    def verify_secret(self, client_id: str, secret: Secret) -> bool:
+    def verify_secret(self, client_id: str, secret: Secret, key_id: str | None = None) -> bool:
+        """The token check needs only the secret: `key_id` is accepted for the protocol and unused."""
         _checked_id(client_id, "client id", f"POST {API}/oauth/token")
         try:
             self._request(
@@ -346,7 +346,8 @@ class HttpKeyService:
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return _decode(self._request(method, path, **kwargs), f"{method} {path}")
 
-    def _write_once(self, method: str, path: str, client_id: str, key_id: str, **kwargs: Any) -> IssuedKey:
+    def _write_once(self, method: str, path: str, judge: _Judge, **kwargs: Any) -> IssuedKey:
+        """One idempotent write: a 4xx is a refusal, anything but a 200 that `judge` accepts is in doubt."""
         where = f"{method} {path}"
         try:
             answer = self._request(method, path, **kwargs)
@@ -359,9 +360,38 @@ class HttpKeyService:
         except RotatorError as exc:
             raise InDoubtError(str(exc)) from None
         try:
-            return _issued_for(_decode(answer, where), where, client_id, key_id, self._latest())
+            return judge(_decode(answer, where), where, self._latest())
         except ProtocolError as exc:  # a 200 that is no usable answer: it ran, the answer is not in hand
             raise UnusableAnswerError(f"{exc}; the call may have run") from None
+
+    def _replay(self, client_id: str, wanted: str, idempotency_key: str, judge: _Judge) -> ReplayAnswer:
+        """Read the stored answer under `idempotency_key`; only a stored 200 of the `wanted` path that
+        `judge` accepts is the answer. Never raises."""
+        try:
+            path = _path("GET", "{ClientId}/responses/{IdempotencyKey}", ("client id", client_id), "responses",
+                         ("Idempotency-Key", idempotency_key))
+        except ProtocolError as exc:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay not sent: {exc}")
+        where = f"GET {path}"
+        try:
+            stored = self._json("GET", path)
+        except NotFoundError:
+            return ReplayAnswer(Replay.EMPTY)
+        except RotatorError as exc:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay failed: {exc}")
+        status = stored.get("StatusCode") if isinstance(stored, dict) else None
+        if type(status) is not int:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: answer has no integer StatusCode")
+        if stored.get("RequestURL") not in (None, wanted):
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored answer is for another request")
+        if 400 <= status < 500 and status != 409:
+            return ReplayAnswer(Replay.REFUSED, reason=f"the stored call had failed with {status}")
+        if status != 200:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored call answered {excerpt(status)}")
+        try:
+            return ReplayAnswer(Replay.ANSWER, judge(stored.get("Resource"), where, self._latest()))
+        except ProtocolError as exc:
+            return ReplayAnswer(Replay.UNKNOWN, reason=str(exc))
 
     def _request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,),
                  auth: httpx.Auth | None = None, **kwargs: Any) -> _Answer:
@@ -561,15 +591,21 @@ def parse_key(row: Any, where: str, *, latest: float | None = None, echo: bool =
         status = row.get("Status", "ACTIVE")
         env = row.get("Environment")
         environment = _ENVIRONMENTS.get(env) if type(env) is str else None
+        replaces, replaced_by = row.get("Replaces"), row.get("ReplacedBy")
         if (type(client_id) is str and type(key_id) is str and type(alias) is str
                 and type(created) is int and (last is None or type(last) is int)
                 and environment is not None and type(status) is str
                 and ID_RE.fullmatch(client_id) is not None and ID_RE.fullmatch(key_id) is not None
                 and len(alias) <= MAX_ALIAS_LEN and UNSAFE_TEXT_RE.search(alias) is None
                 and MIN_DATE <= created <= latest and (last is None or created <= last <= latest)
-                and len(status) <= MAX_STATUS_LEN and UNSAFE_TEXT_RE.search(status) is None):
+                and len(status) <= MAX_STATUS_LEN and UNSAFE_TEXT_RE.search(status) is None
+                and (replaces is None or (type(replaces) is str and replaces != key_id
+                                          and ID_RE.fullmatch(replaces) is not None))
+                and (replaced_by is None or (type(replaced_by) is str and replaced_by not in (key_id, replaces)
+                                             and ID_RE.fullmatch(replaced_by) is not None))):
             return ApiKey(client_id, key_id, alias, environment, _scopes(row.get("Scopes"), where),
-                          created, last, row.get("IsAutoGenerated") is True, status)
+                          created, last, row.get("IsAutoGenerated") is True, status,
+                          replaces=replaces, replaced_by=replaced_by)
     return _parse_key_slowly(row, where, latest, echo)
 
 
@@ -617,6 +653,10 @@ def _parse_key_slowly(row: Any, where: str, latest: float, echo: bool) -> ApiKey
     problem = text_problem(status, MAX_STATUS_LEN)
     if problem is not None:
         raise ProtocolError(f"{where}: key field 'Status' {problem}")
+    replaces = _link(row, "Replaces", key_id, where, echo)
+    replaced_by = _link(row, "ReplacedBy", key_id, where, echo)
+    if replaces is not None and replaces == replaced_by:
+        raise ProtocolError(f"{where}: key fields 'Replaces' and 'ReplacedBy' name the same key")
     return ApiKey(
         client_id=client_id,
         key_id=key_id,
@@ -627,7 +667,19 @@ def _parse_key_slowly(row: Any, where: str, latest: float, echo: bool) -> ApiKey
         last_reset_at=last,
         is_auto_generated=row.get("IsAutoGenerated") is True,
         status=str(status),
+        replaces=replaces,
+        replaced_by=replaced_by,
     )
+
+
+def _link(row: dict[str, Any], name: str, key_id: str, where: str, echo: bool) -> str | None:
+    """`Replaces` or `ReplacedBy`: null (or absent), or the id of another key."""
+    if row.get(name) is None:
+        return None
+    value = _id(row, name, where, echo)
+    if value == key_id:
+        raise ProtocolError(f"{where}: key field {name!r} names the key itself")
+    return value
 
 
 def _issued(body: Any, where: str, latest: float | None = None) -> IssuedKey:
@@ -676,6 +728,26 @@ def _issued_for(body: Any, where: str, client_id: str, key_id: str, latest: floa
     if (issued.key.client_id, issued.key.key_id) != (client_id, key_id):
         raise ProtocolError(f"{where}: the answer names another key than the one asked for")
     return issued
+
+
+def _reset_judge(client_id: str, key_id: str) -> _Judge:
+    return lambda body, where, latest: _issued_for(body, where, client_id, key_id, latest)
+
+
+def _create_judge(client_id: str, alias: str | None, replaces: str | None) -> _Judge:
+    """A create's answer: a key of this client, with the asked alias (when known), whose `Replaces`
+    is exactly `replaces` (a successor of another key, or none, would store a secret under the wrong
+    key)."""
+    def judge(body: Any, where: str, latest: float) -> IssuedKey:
+        issued = _issued(body, where, latest)
+        if issued.key.client_id != client_id:
+            raise ProtocolError(f"{where}: the answer names another Client ID than the one asked for")
+        if alias is not None and issued.key.alias != alias:
+            raise ProtocolError(f"{where}: the answer names a key of another alias than the one asked for")
+        if issued.key.replaces != replaces:
+            raise ProtocolError(f"{where}: the answer's 'Replaces' is not the key asked for")
+        return issued
+    return judge
 
 
 def _id(row: dict[str, Any], name: str, where: str, echo: bool) -> str:
