@@ -234,11 +234,13 @@ def test_a_lost_create_revokes_the_successor_nobody_holds_and_creates_again(
     successor that create made is held by no sink, so it is revoked and a new one created under
     the next epoch's key."""
     old = keys["payments"]
-    emulator.add_fault(Fault(method="POST", path=r"/acme/apikeys$", drop="after"))
+    emulator.add_fault(Fault(method="POST", path=r"/acme/apikeys$", drop="after", times=-1))
     emulator.add_fault(Fault(method="GET", path=r"/responses/", status=404, times=-1))
     engine, events = overlap_engine(keyservice, state, [file_sink], horizon_s=0.0)
     first = engine.rotate(KeyRef("acme", old), trigger="test")
     assert first.status == "failed", first.reason
+    emulator.clear_faults()
+    emulator.add_fault(Fault(method="GET", path=r"/responses/", status=404, times=-1))
     assert state.attempts() == []  # the orphan is revoked and its epoch burnt: nothing outstanding
     assert all(k.replaces is None for k in keyservice.list_keys("acme"))  # no successor blocks the next
     assert "rotation.secret_at_risk" in events.names()

@@ -84,9 +84,10 @@ def aws_proxy(moto_url: str) -> Iterator[FaultProxy]:
         yield proxy
 
 
-def vault_harness(url: str, token: str, monkeypatch: pytest.MonkeyPatch) -> Harness:
+def vault_harness(url: str, token: str, monkeypatch: pytest.MonkeyPatch,
+                  path: str = "rotator-test/{client_id}/{alias}") -> Harness:
     monkeypatch.setenv("VAULT_TOKEN", token)
-    sink: Any = registry.build("vault", {"url": url, "path": "rotator-test/{client_id}/{alias}"}, FP)
+    sink: Any = registry.build("vault", {"url": url, "path": path}, FP)
 
     def previous(key: ApiKey) -> dict[str, Any] | None:
         meta = sink.metadata(key)
@@ -96,9 +97,9 @@ def vault_harness(url: str, token: str, monkeypatch: pytest.MonkeyPatch) -> Harn
                    lambda k: int(sink.metadata(k)["current_version"]), lambda k: sink.metadata(k)["custom_metadata"])
 
 
-def aws_harness(url: str) -> Harness:
-    sink: Any = registry.build("aws", {"region": "eu-west-1", "endpoint_url": url,
-                                       "name": "rotator-test/{client_id}/{key_id}", "tags": {"team": "payments"}}, FP)
+def aws_harness(url: str, name: str = "rotator-test/{client_id}/{key_id}") -> Harness:
+    sink: Any = registry.build("aws", {"region": "eu-west-1", "endpoint_url": url, "name": name,
+                                       "tags": {"team": "payments"}}, FP)
 
     def previous(key: ApiKey) -> dict[str, Any] | None:
         return sink.read_document(key, "AWSPREVIOUS") if sink.read_previous(key) else None
@@ -107,10 +108,10 @@ def aws_harness(url: str) -> Harness:
                    lambda k: len(sink.metadata(k)["VersionIdsToStages"]), lambda k: sink.metadata(k)["Tags"])
 
 
-def file_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
+def file_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str = "{client_id}/{key_id}.secret") -> Harness:
     key = Fernet.generate_key().decode()
     monkeypatch.setenv("ROTATOR_FILE_KEY", key)
-    sink: Any = registry.build("file", {"dir": str(tmp_path / "secrets")}, FP)
+    sink: Any = registry.build("file", {"dir": str(tmp_path / "secrets"), "path": path}, FP)
     fernet = Fernet(key.encode())
 
     def doc(path: Path) -> dict[str, Any] | None:
@@ -126,36 +127,49 @@ def file_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
                    lambda k: {p.name: p.stat().st_mode & 0o777 for p in sink._file(k).parent.iterdir()})
 
 
-def memory_harness() -> Harness:
-    sink: Any = registry.build("memory", {}, FP)
+def memory_harness(path: str | None = None) -> Harness:
+    sink: Any = registry.build("memory", {"path": path} if path else {}, FP)
 
     def previous(k: ApiKey) -> dict[str, Any] | None:
-        versions = sink.versions(k.ref)
+        versions = sink.versions(k)
         return versions[-2] if len(versions) > 1 else None
 
-    return Harness(sink, lambda k: sink.versions(k.ref)[-1], previous, lambda k: len(sink.versions(k.ref)),
+    return Harness(sink, lambda k: sink.versions(k)[-1], previous, lambda k: len(sink.versions(k)),
                    lambda k: None)
 
 
 KINDS = ["memory", "file", "vault", "aws", "vault-real"]
 
 
-@pytest.fixture(params=KINDS)
-def harness(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+def build_harness(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  by_alias: bool) -> Harness:
+    """The harness of `request.param`; `by_alias`: every path is `{client_id}/{alias}`, the overlap
+    strategy's layout (a key and its successor share one place)."""
     kind = request.param
     if kind == "memory":
-        h = memory_harness()
-    elif kind == "file":
-        h = file_harness(tmp_path, monkeypatch)
-    elif kind == "vault":
+        return memory_harness("{client_id}/{alias}" if by_alias else None)
+    if kind == "file":
+        return file_harness(tmp_path, monkeypatch, *(["{client_id}/{alias}.secret"] if by_alias else []))
+    if kind == "vault":
         server = request.getfixturevalue("vault")
-        h = vault_harness(server.url, server.root_token, monkeypatch)
-    elif kind == "aws":
-        h = aws_harness(request.getfixturevalue("moto_url"))
-    else:
-        if not (os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN")):
-            pytest.skip("real Vault: set VAULT_ADDR and VAULT_TOKEN to run the contract against it")
-        h = vault_harness(os.environ["VAULT_ADDR"], os.environ["VAULT_TOKEN"], monkeypatch)
+        return vault_harness(server.url, server.root_token, monkeypatch)
+    if kind == "aws":
+        return aws_harness(request.getfixturevalue("moto_url"), *(["rotator-test/{client_id}/{alias}"] if by_alias else []))
+    if not (os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN")):
+        pytest.skip("real Vault: set VAULT_ADDR and VAULT_TOKEN to run the contract against it")
+    return vault_harness(os.environ["VAULT_ADDR"], os.environ["VAULT_TOKEN"], monkeypatch)
+
+
+@pytest.fixture(params=KINDS)
+def harness(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    h = build_harness(request, tmp_path, monkeypatch, by_alias=False)
+    yield h
+    h.sink.close()
+
+
+@pytest.fixture(params=KINDS)
+def alias_harness(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    h = build_harness(request, tmp_path, monkeypatch, by_alias=True)
     yield h
     h.sink.close()
 
@@ -259,6 +273,106 @@ def test_sink_describes_itself_without_credentials(harness: Harness) -> None:
 def test_ping_succeeds_on_a_healthy_sink(harness: Harness) -> None:
     """ping() reaches the sink and returns."""
     harness.sink.ping()
+
+
+COMMON_FIELDS = {"client_id", "key_id", "alias", "environment", "api_key", "rotated_at", "key_reset_at", "attempt_id"}
+
+
+def successor(key: ApiKey) -> ApiKey:
+    """The overlap strategy's successor of `key`: same client and alias, created later, `replaces` it."""
+    return replace(key, key_id=f"key_{uuid.uuid4().hex[:8]}", created_at=key.born_at + 100, last_reset_at=None,
+                   replaces=key.key_id)
+
+
+def test_read_secret_round_trip(harness: Harness) -> None:
+    """read_secret gives back the secret written (None before any write); a new rotation's replaces it."""
+    key = make_key()
+    assert harness.sink.read_secret(key) is None
+    first = make_record(key)
+    harness.sink.write(first)
+    assert harness.sink.read_secret(key) == first.secret
+    later = replace(key, last_reset_at=1_760_000_000)
+    second = make_record(later)
+    harness.sink.write(second)
+    assert harness.sink.read_secret(later) == second.secret
+
+
+def test_a_successor_overwrites_its_predecessors_document(alias_harness: Harness) -> None:
+    """Overlap: N (N.replaces == K) is stored where K's document is. Before, the place reads as an older
+    rotation of N with no secret of N; after, N's secret reads back and K's is the previous version."""
+    h = alias_harness
+    old = make_key()
+    first = make_record(old)
+    h.sink.write(first)
+    new = successor(old)
+    before = h.sink.read_state(new)
+    assert before is not None and (before.fingerprint, before.key_id) == (first.fingerprint, old.key_id)
+    assert h.sink.read_secret(new) is None
+    record = make_record(new)
+    written = h.sink.write(record, h.sink.prepare(new))
+    assert (written.fingerprint, written.key_id) == (record.fingerprint, new.key_id)
+    state = h.sink.read_state(new)
+    assert state is not None and (state.fingerprint, state.key_id) == (record.fingerprint, new.key_id)
+    assert h.sink.read_secret(new) == record.secret
+    assert h.current_doc(new)["key_id"] == new.key_id
+    previous = h.previous_doc(new)
+    assert previous is not None and previous["api_key"] == first.secret.reveal()
+    h.sink.write(record)  # a retry of the same attempt is a no-op
+    assert h.version_count(new) == 2
+
+
+def test_an_unrelated_key_at_the_same_place_is_still_refused(alias_harness: Harness) -> None:
+    """Only the predecessor's document gives way: a key of the same alias that does not replace the
+    stored one (or replaces another) is refused at prepare, write and both reads; the secret stays."""
+    h = alias_harness
+    stored = make_key()
+    first = make_record(stored)
+    h.sink.write(first)
+    for other in (replace(successor(stored), replaces=None), replace(successor(stored), replaces="key_elsewhere")):
+        calls: list[Callable[[], object]] = [lambda o=other: h.sink.prepare(o),
+                                             lambda o=other: h.sink.write(make_record(o)),
+                                             lambda o=other: h.sink.read_state(o),
+                                             lambda o=other: h.sink.read_secret(o)]
+        for call in calls:
+            with pytest.raises(PermanentError, match="another key") as info:
+                call()
+            assert first.secret.reveal() not in str(info.value)
+    assert h.current_doc(stored)["api_key"] == first.secret.reveal()
+
+
+def test_the_predecessor_reads_none_once_its_successor_is_stored(alias_harness: Harness) -> None:
+    """Once N is stored, the retiring K (K.replaced_by == N) reads None: nothing of K is there any
+    more. K's record never overwrites N's, at prepare or at write, however late its reset."""
+    h = alias_harness
+    old = make_key()
+    h.sink.write(make_record(old))
+    new = successor(old)
+    newest = make_record(new)
+    h.sink.write(newest)
+    retiring = replace(old, replaced_by=new.key_id)
+    assert h.sink.read_state(retiring) is None
+    assert h.sink.read_secret(retiring) is None
+    with pytest.raises(StaleWriteError, match="successor"):
+        h.sink.prepare(retiring)
+    with pytest.raises(StaleWriteError, match="successor"):
+        h.sink.write(make_record(replace(retiring, last_reset_at=2_000_000_000)))
+    assert h.current_doc(new)["api_key"] == newest.secret.reveal()
+
+
+def test_an_aws_iam_document_carries_the_access_key_pair(harness: Harness) -> None:
+    """An AWS IAM key is stored so AWS tooling can read it (access_key_id, secret_access_key beside
+    api_key); every other key's document keeps only the common fields."""
+    iam = replace(make_key(), provider="aws-iam")
+    record = make_record(iam)
+    harness.sink.write(record)
+    doc = harness.current_doc(iam)
+    secret = record.secret.reveal()
+    assert (doc["access_key_id"], doc["secret_access_key"], doc["api_key"]) == (iam.key_id, secret, secret)
+    assert set(doc) == COMMON_FIELDS | {"access_key_id", "secret_access_key"}
+    assert harness.sink.read_secret(iam) == record.secret
+    plain = make_key()
+    harness.sink.write(make_record(plain))
+    assert set(harness.current_doc(plain)) == COMMON_FIELDS
 
 
 # --- Vault: faults over real HTTP ---------------------------------------------------------

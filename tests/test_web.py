@@ -176,7 +176,7 @@ def test_json_is_status_json_with_the_counts_and_no_secret(fleet: Fleet, page: s
     for ours, theirs in zip(web["keys"], cli_report["keys"], strict=True):
         assert abs(ours.pop("age_days") - theirs.pop("age_days")) < 0.02
         assert {k: ours[k] for k in theirs} == theirs
-        assert set(ours) - set(theirs) == {"strategy", "retiring", "sinks"}
+        assert set(ours) - set(theirs) == {"strategy", "sinks"}
     for part in ("in_flight", "drift", "history"):
         assert web[part] == cli_report[part], part
     # Without the page's extras, the library call is `status --json --history` itself.

@@ -18,7 +18,7 @@ import botocore.exceptions as bx
 from botocore.config import Config as BotoConfig
 from pydantic import Field, HttpUrl, field_validator
 
-from rotator.domain import ApiKey, KeyRef, utc_iso
+from rotator.domain import ApiKey, KeyRef, Secret, utc_iso
 from rotator.errors import (
     ForbiddenError,
     NotFoundError,
@@ -37,6 +37,7 @@ from rotator.sinks.base import (
     ref_of_document,
     refuse_if_stale,
     render,
+    secret_from_document,
     state_from_document,
 )
 
@@ -91,7 +92,8 @@ class AwsSecretsManagerSink:
         """Reach Secrets Manager with these credentials and learn whether the secret exists."""
         name = render(self.config.name, key)
         where = f"aws prepare {name}"
-        current: StoredState | None = self._guarded(lambda: self._read(name, "AWSCURRENT", where, key), where)
+        current: StoredState | None = self._guarded(
+            lambda: self._read(name, "AWSCURRENT", where, key, writing=True), where)
         exists = current is not None or bool(self._guarded(lambda: self._exists(name), where))
         return _Prepared(name, exists, current)
 
@@ -105,7 +107,7 @@ class AwsSecretsManagerSink:
                 prepared.used = True
                 current, exists = prepared.current, prepared.exists
             else:
-                current = self._read(name, "AWSCURRENT", where, record.key)
+                current = self._read(name, "AWSCURRENT", where, record.key, writing=True)
                 exists = current is not None or self._exists(name)
             if refuse_if_stale(current, record, where):
                 assert current is not None
@@ -129,7 +131,7 @@ class AwsSecretsManagerSink:
         except self.transient_errors as exc:
             raise TransientError(f"{where}: {type(exc).__name__}") from None
         return StoredState(record.fingerprint, record.attempt_id, utc_iso(record.rotated_at),
-                           record.key_reset_at, answer.get("VersionId"))
+                           record.key_reset_at, answer.get("VersionId"), record.key.key_id)
 
     def annotate(self, record: SecretRecord) -> None:
         """Tags with the attempt and fingerprint, after the secret is safe."""
@@ -167,6 +169,12 @@ class AwsSecretsManagerSink:
                                                   f"aws read {name}")
         return state
 
+    def read_secret(self, key: ApiKey) -> Secret | None:
+        name = render(self.config.name, key)
+        where = f"aws read {name}"
+        loaded = self._guarded(lambda: self._document(name, "AWSCURRENT", where), where)
+        return None if loaded is None else secret_from_document(loaded[0], where, key)
+
     def read_document(self, key: ApiKey, stage: str = "AWSCURRENT") -> dict[str, Any]:
         """The stored JSON (for tests and operators; it holds the secret)."""
         name = render(self.config.name, key)
@@ -186,7 +194,14 @@ class AwsSecretsManagerSink:
     def close(self) -> None:
         self._client.close()
 
-    def _read(self, name: str, stage: str, where: str, key: ApiKey) -> StoredState | None:
+    def _read(self, name: str, stage: str, where: str, key: ApiKey, *, writing: bool = False) -> StoredState | None:
+        loaded = self._document(name, stage, where)
+        if loaded is None:
+            return None
+        return state_from_document(loaded[0], self._fingerprint, where, version=loaded[1], key=key, writing=writing)
+
+    def _document(self, name: str, stage: str, where: str) -> tuple[Any, str | None] | None:
+        """The stored document at `stage` and its version id; None when there is no such secret."""
         try:
             answer = self._client.get_secret_value(SecretId=name, VersionStage=stage)
         except bx.ClientError as exc:
@@ -194,10 +209,9 @@ class AwsSecretsManagerSink:
                 return None
             raise
         try:
-            doc = json.loads(answer["SecretString"])
+            return json.loads(answer["SecretString"]), answer.get("VersionId")
         except (KeyError, ValueError):
             raise PermanentError(f"{where}: the stored value is not JSON") from None
-        return state_from_document(doc, self._fingerprint, where, version=answer.get("VersionId"), key=key)
 
     def _exists(self, name: str) -> bool:
         try:

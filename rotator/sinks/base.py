@@ -6,11 +6,11 @@ import json
 import posixpath
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from rotator.domain import ApiKey, KeyRef, slug, utc_iso
+from rotator.domain import ApiKey, KeyRef, Secret, slug, utc_iso
 from rotator.errors import PermanentError, ProtocolError, StaleWriteError
 from rotator.protocols import SecretRecord, StoredState
 from rotator.safety import ID_RULE, UNSAFE_TEXT_RE, excerpt, is_id, shown_path, variable_named
@@ -104,9 +104,10 @@ def check_template(template: str) -> str:
 
 
 def document(record: SecretRecord) -> dict[str, Any]:
-    """The stored JSON object (INTERFACE.md): applications read `api_key`."""
+    """The stored JSON object (INTERFACE.md): applications read `api_key`; an AWS IAM key also
+    carries the pair under the names AWS tooling reads."""
     key = record.key
-    return {
+    doc = {
         "client_id": key.client_id,
         "key_id": key.key_id,
         "alias": key.alias,
@@ -116,6 +117,10 @@ def document(record: SecretRecord) -> dict[str, Any]:
         "key_reset_at": record.key_reset_at,
         "attempt_id": record.attempt_id,
     }
+    if key.provider == "aws-iam":
+        doc["access_key_id"] = key.key_id
+        doc["secret_access_key"] = record.secret.reveal()
+    return doc
 
 
 def encode(record: SecretRecord) -> str:
@@ -130,29 +135,71 @@ def ref_of_document(doc: Any) -> KeyRef | None:
     return None
 
 
-def state_from_document(doc: Any, fingerprint: Any, where: str, version: str | None = None,
-                        key: ApiKey | None = None) -> StoredState:
-    """Read back a stored document as a `StoredState`; the secret is hashed, then dropped.
-
-    With `key`, the document must be that key's: two keys whose paths render alike (aliases that
-    slug alike within one client) are an error, never an overwrite of one by the other."""
+def _checked(doc: Any, where: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("api_key"), str):
         raise ProtocolError(f"{where}: the stored value is not a rotator secret document")
-    if key is not None and "key_id" in doc and (doc.get("client_id"), doc.get("key_id")) != (
-            key.client_id, key.key_id):
-        raise PermanentError(
-            f"{where}: holds the secret of another key ({excerpt(doc.get('client_id'))}/"
-            f"{excerpt(doc.get('key_id'))}), not of {key.client_id}/{key.key_id}: two keys render to one "
-            "path (aliases that slug alike?); not overwritten. Put {key_id} in the path template"
-        )
-    reset = doc.get("key_reset_at")
+    return doc
+
+
+Holder = Literal["key", "predecessor", "successor"]
+
+
+def holder(doc: Any, where: str, key: ApiKey) -> Holder:
+    """Whose stored document this is, seen from `key`: its own, its predecessor's (`key.replaces`, an
+    older rotation of the place under the overlap strategy) or its successor's (`key.replaced_by`:
+    nothing of `key` is stored there any more).
+
+    Any other key's is an error: two keys whose paths render alike (aliases that slug alike within
+    one client) never overwrite one another."""
+    if "key_id" not in _checked(doc, where):
+        return "key"
+    client_id, key_id = doc.get("client_id"), doc.get("key_id")
+    if client_id == key.client_id:
+        if key_id == key.key_id:
+            return "key"
+        if key.replaces is not None and key_id == key.replaces:
+            return "predecessor"
+        if key.replaced_by is not None and key_id == key.replaced_by:
+            return "successor"
+    raise PermanentError(
+        f"{where}: holds the secret of another key ({excerpt(client_id)}/{excerpt(key_id)}), not of "
+        f"{key.client_id}/{key.key_id}: two keys render to one path (aliases that slug alike?); not "
+        "overwritten. Put {key_id} in the path template"
+    )
+
+
+def state_from_document(doc: Any, fingerprint: Any, where: str, version: str | None = None,
+                        key: ApiKey | None = None, *, writing: bool = False) -> StoredState | None:
+    """Read back a stored document as a `StoredState`; the secret is hashed, then dropped.
+
+    With `key`, the document must be that key's or its predecessor's (see `holder`). Its successor's
+    reads as None, and refuses a write of `key` (`writing`): the predecessor never overwrites it."""
+    if key is None:
+        _checked(doc, where)
+    elif holder(doc, where, key) == "successor":
+        if writing:
+            raise StaleWriteError(f"{where}: holds the secret of {key.ref}'s successor "
+                                  f"{excerpt(doc.get('key_id'))}; never overwritten with the replaced key's")
+        return None
+    reset, key_id = doc.get("key_reset_at"), doc.get("key_id")
     return StoredState(
         fingerprint=fingerprint(doc["api_key"]),
         attempt_id=doc.get("attempt_id"),
         rotated_at=doc.get("rotated_at"),
         key_reset_at=reset if isinstance(reset, int) else None,
         version=version,
+        key_id=key_id if isinstance(key_id, str) else None,
     )
+
+
+def secret_from_document(doc: Any, where: str, key: ApiKey) -> Secret | None:
+    """`key`'s secret in a stored document, checked as `state_from_document` checks it; None when the
+    document is its predecessor's or successor's (the secret there is not `key`'s)."""
+    if holder(doc, where, key) != "key":
+        return None
+    if not doc["api_key"]:
+        raise ProtocolError(f"{where}: the stored secret is empty")
+    return Secret(doc["api_key"])
 
 
 def refuse_if_stale(current: StoredState | None, record: SecretRecord, where: str) -> bool:

@@ -21,13 +21,13 @@ import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import Field, field_validator
 
 from rotator.config import read_credential
-from rotator.domain import ApiKey, KeyRef
+from rotator.domain import ApiKey, KeyRef, Secret
 from rotator.errors import PermanentError, ProtocolError, TransientError
 from rotator.fingerprint import Fingerprinter
 from rotator.protocols import SecretRecord, StoredState
@@ -40,6 +40,7 @@ from rotator.sinks.base import (
     ref_of_document,
     refuse_if_stale,
     render,
+    secret_from_document,
     state_from_document,
 )
 
@@ -96,8 +97,8 @@ class EncryptedFileSink:
         return target
 
     def prepare(self, key: ApiKey) -> None:
-        """The key's directory exists and takes a file, and the file there (if any) is this key's,
-        so the write after the reset can succeed."""
+        """The key's directory exists and takes a file, and the file there (if any) is this key's or
+        its predecessor's, so the write after the reset can succeed."""
         target = self._file(key)
         where = f"prepare {target.parent}"
         directory = self._directory(key, create=True, where=where)
@@ -106,7 +107,7 @@ class EncryptedFileSink:
             probe = f".tmp-probe-{secrets.token_hex(8)}"
             os.close(os.open(probe, _CREATE, 0o600, dir_fd=directory))
             os.unlink(probe, dir_fd=directory)
-            self._read_at(directory, target.name, f"read {target}", key)
+            self._read_at(directory, target.name, f"read {target}", key, writing=True)
         except OSError as exc:
             raise _classify(exc, where) from None
         finally:
@@ -119,7 +120,7 @@ class EncryptedFileSink:
         directory = self._directory(record.key, create=True, where=where)
         assert directory is not None
         try:
-            current = self._read_at(directory, name, where, record.key)
+            current = self._read_at(directory, name, where, record.key, writing=True)
             if refuse_if_stale(current, record, where):
                 assert current is not None
                 return current
@@ -131,7 +132,7 @@ class EncryptedFileSink:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
-                if current is not None:  # a regular file of this key: keep it as *.prev
+                if current is not None:  # a regular file of this key (or its predecessor): keep it as *.prev
                     prev = name + ".prev"
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(prev, dir_fd=directory)
@@ -173,11 +174,17 @@ class EncryptedFileSink:
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         target = self._file(key)
-        return self._read(key, target.name, f"read {target}")
+        return self._state(key, self._read(key, target.name, f"read {target}"), f"read {target}")
 
     def read_previous(self, key: ApiKey) -> StoredState | None:
         target = self._file(key)
-        return self._read(key, target.name + ".prev", f"read {target}.prev")
+        where = f"read {target}.prev"
+        return self._state(key, self._read(key, target.name + ".prev", where), where)
+
+    def read_secret(self, key: ApiKey) -> Secret | None:
+        target = self._file(key)
+        loaded = self._read(key, target.name, f"read {target}")
+        return None if loaded is None else secret_from_document(loaded[0], f"read {target}", key)
 
     def ping(self) -> None:
         where = f"check {self.config.dir}"
@@ -246,20 +253,30 @@ class EncryptedFileSink:
                 raise PermanentError(f"{where}: directory {part!r} is writable by group or others; refused")
         return fd
 
-    def _read(self, key: ApiKey, name: str, where: str) -> StoredState | None:
+    def _read(self, key: ApiKey, name: str, where: str) -> tuple[Any, str] | None:
         directory = self._directory(key, create=False, where=where)
         if directory is None:
             return None
         try:
-            return self._read_at(directory, name, where, key)
+            return self._load_at(directory, name, where)
         except OSError as exc:
             raise _classify(exc, where) from None
         finally:
             os.close(directory)
 
-    def _read_at(self, directory: int, name: str, where: str, key: ApiKey) -> StoredState | None:
-        """Read one file of `directory`: never through a symlink, never a FIFO or device (opened
-        non-blocking, checked to be a regular file before any read)."""
+    def _state(self, key: ApiKey, loaded: tuple[Any, str] | None, where: str, *,
+               writing: bool = False) -> StoredState | None:
+        if loaded is None:
+            return None
+        return state_from_document(loaded[0], self._fingerprint, where, version=loaded[1], key=key, writing=writing)
+
+    def _read_at(self, directory: int, name: str, where: str, key: ApiKey, *,
+                 writing: bool = False) -> StoredState | None:
+        return self._state(key, self._load_at(directory, name, where), where, writing=writing)
+
+    def _load_at(self, directory: int, name: str, where: str) -> tuple[Any, str] | None:
+        """The decrypted document of one file of `directory` and its version: never read through a
+        symlink, never a FIFO or device (opened non-blocking, checked to be a regular file first)."""
         try:
             fd = os.open(name, _READ, dir_fd=directory)
         except FileNotFoundError:
@@ -284,7 +301,7 @@ class EncryptedFileSink:
             doc = json.loads(self._fernet.decrypt(token))
         except InvalidToken:
             raise ProtocolError(f"{where}: cannot decrypt (another key, or a damaged file)") from None
-        return state_from_document(doc, self._fingerprint, where, version=str(info.st_mtime_ns), key=key)
+        return doc, str(info.st_mtime_ns)
 
 
 def _classify(exc: OSError, where: str) -> Exception:

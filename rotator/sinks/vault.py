@@ -21,7 +21,7 @@ import requests
 from pydantic import Field, HttpUrl, field_validator
 
 from rotator.config import read_credential
-from rotator.domain import ApiKey, KeyRef, utc_iso
+from rotator.domain import ApiKey, KeyRef, Secret, utc_iso
 from rotator.errors import (
     AuthenticationError,
     ForbiddenError,
@@ -42,6 +42,7 @@ from rotator.sinks.base import (
     ref_of_document,
     refuse_if_stale,
     render,
+    secret_from_document,
     state_from_document,
 )
 
@@ -130,7 +131,7 @@ class VaultSink:
                 raise ForbiddenError(f"{where}: the token may not write this path")
             meta = self._metadata(path)
             version = int(meta["current_version"]) if meta else 0
-            current = self._read(path, version, where, key) if version else None
+            current = self._read(path, version, where, key, writing=True) if version else None
         return _Prepared(path, version, current)
 
     def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
@@ -144,14 +145,14 @@ class VaultSink:
             else:
                 meta = self._metadata(path)
                 version = int(meta["current_version"]) if meta else 0
-                current = self._read(path, version, where, record.key) if version else None
+                current = self._read(path, version, where, record.key, writing=True) if version else None
             if not refuse_if_stale(current, record, where):
                 answer = self._kv().create_or_update_secret(
                     path=path, secret=document(record), cas=version, mount_point=self.config.mount
                 )
                 version = int(answer["data"]["version"])
             return StoredState(record.fingerprint, record.attempt_id, utc_iso(record.rotated_at),
-                               record.key_reset_at, str(version))
+                               record.key_reset_at, str(version), record.key.key_id)
 
     def annotate(self, record: SecretRecord) -> None:
         """Custom metadata (attempt, fingerprint, dates) and max_versions, after the secret is safe."""
@@ -209,13 +210,20 @@ class VaultSink:
                 return None
             return self._read(path, int(meta["current_version"]), where, key)
 
+    def read_secret(self, key: ApiKey) -> Secret | None:
+        path = render(self.config.path, key)
+        where = f"vault read {self.config.mount}/{path}"
+        with self._errors(where):
+            meta = self._metadata(path)
+            if not meta or not meta.get("current_version"):
+                return None
+            return secret_from_document(self._document(path, int(meta["current_version"])), where, key)
+
     def read_version(self, key: ApiKey, version: int) -> dict[str, Any]:
         """One stored document (for tests and operators; it holds the secret)."""
         path = render(self.config.path, key)
         with self._errors(f"vault read {self.config.mount}/{path}"):
-            answer = self._kv().read_secret_version(path=path, version=version, mount_point=self.config.mount,
-                                                    raise_on_deleted_version=True)
-            data: dict[str, Any] = answer["data"]["data"]
+            data: dict[str, Any] = self._document(path, version)
             return data
 
     def metadata(self, key: ApiKey) -> dict[str, Any] | None:
@@ -244,10 +252,14 @@ class VaultSink:
         data: dict[str, Any] = answer["data"]
         return data
 
-    def _read(self, path: str, version: int, where: str, key: ApiKey) -> StoredState:
+    def _document(self, path: str, version: int) -> Any:
         answer = self._kv().read_secret_version(path=path, version=version, mount_point=self.config.mount,
                                                 raise_on_deleted_version=True)
-        return state_from_document(answer["data"]["data"], self._fingerprint, where, version=str(version), key=key)
+        return answer["data"]["data"]
+
+    def _read(self, path: str, version: int, where: str, key: ApiKey, *, writing: bool = False) -> StoredState | None:
+        return state_from_document(self._document(path, version), self._fingerprint, where, version=str(version),
+                                   key=key, writing=writing)
 
     def _client_or_login(self) -> hvac.Client:
         """The client, logged in; a login-based token (AppRole, Kubernetes) is replaced before its
