@@ -303,3 +303,36 @@ def test_a_scan_includes_a_retiring_key_once_its_grace_is_over_and_its_place_is_
     assert due_with_places(rows(), [file_sink], engine_like, now) == []  # 3 days into a 7-day grace
     later = now + 5 * DAY
     assert due_with_places(rows(), [file_sink], engine_like, later) == [(old, None)]  # no collision
+
+
+def test_the_cli_rotates_by_overlap_for_one_run_and_status_shows_the_retiring_key(
+    tmp_path: Path, env: pytest.MonkeyPatch, redis_server: str, emulator: Emulator, emulator_server: Any,
+    keys: dict[str, str],
+) -> None:
+    import json
+    import uuid
+
+    from typer.testing import CliRunner
+
+    from rotator.cli import app
+    from tests.conftest import write_config
+
+    env.setenv("ROTATOR_STATE__NAMESPACE", f"overlap-{uuid.uuid4().hex[:8]}")
+    path = write_config(tmp_path / "rotator.toml", emulator_server.url, redis_server, clients=["acme"],
+                        sinks='kind = "memory"\npath = "{client_id}/{alias}"')
+    runner = CliRunner()
+    old = keys["payments"]
+    one = ["--client-id", "acme", "--key-id", old, "--config", str(path), "--strategy", "overlap"]
+    plan = runner.invoke(app, ["rotate", *one])
+    assert plan.exit_code == 0 and "would rotate" in plan.stdout and "overlap" in plan.stdout, plan.output
+    applied = runner.invoke(app, ["rotate", *one, "--apply", "--json"])
+    assert applied.exit_code == 0, applied.output
+    [result] = json.loads(applied.stdout)["results"]
+    assert result["status"] == "succeeded" and "revoked after" in result["reason"]
+    status = runner.invoke(app, ["status", "--json", "--config", str(path)])
+    rows = {r["key_id"]: r for r in json.loads(status.stdout)["keys"]}
+    successor = rows[old]["retiring"]["successor"]
+    assert rows[old]["state"] == "retiring" and rows[old]["retiring"]["revoke_at"]
+    assert rows[successor]["state"] == "ok" and rows[successor]["retiring"] is None
+    again = runner.invoke(app, ["rotate", "--client-id", "acme", "--key-id", old, "--config", str(path)])
+    assert "would skip" in again.stdout and "retiring" in again.stdout, again.output
