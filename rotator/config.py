@@ -168,6 +168,9 @@ class PolicyConfig(Section):
                 f"warn_before_days ({self.warn_before_days}) must be below "
                 f"max_age_days ({self.max_age_days})"
             )
+        if self.overlap_grace_s >= self.max_age_days * 86_400:
+            raise ValueError(f"overlap_grace_s ({self.overlap_grace_s:g}) must be below max_age_days "
+                             f"({self.max_age_days} d): a successor would be due before its predecessor is revoked")
         return self
 
     def to_policy(self) -> Policy:

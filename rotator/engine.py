@@ -371,7 +371,7 @@ class Engine:
             scope = scope_problem(replace(key, status="ACTIVE"), self.policy)
             if scope is not None and not include_out_of_scope:
                 return self._out_of_scope(key, trigger, scope)
-            return self._retire(key, lease, trigger, force)
+            return self._retire(key, lease, trigger)
         scope = scope_problem(key, self.policy)
         if scope is not None and not include_out_of_scope and not resumed:
             return self._out_of_scope(key, trigger, scope)
@@ -447,19 +447,20 @@ class Engine:
         return self._reset(key, lease, "reconcile")
 
     # --- the overlap strategy's end: retire the replaced key ----------------------------------
-    def _retire(self, key: ApiKey, lease: Any, trigger: str, force: bool) -> RotationResult:
-        """Revoke a key its successor replaces, once the grace is over (at once with `force`), and
-        only while every sink holds the successor and its stored secret authenticates. A key
-        service with a deactivation step (AWS IAM) deactivates first, refuses a key still in use
-        since its successor was stored, and deletes `delete_after_s` later. Everything here is
-        derived from the key service and the sinks: a crash anywhere is finished by the next run."""
+    def _retire(self, key: ApiKey, lease: Any, trigger: str) -> RotationResult:
+        """Revoke a key its successor replaces, once the grace is over (`--force` does not shorten
+        it: a second forced run must not cut consumers off), and only while every sink holds the
+        successor and its stored secret authenticates. A key service with a deactivation step (AWS
+        IAM) deactivates first, refuses a key still in use since its successor was stored, and
+        deletes `delete_after_s` later. Everything here is derived from the key service and the
+        sinks: a crash anywhere is finished by the next run."""
         successor = self.successor(key)
         if successor is None:
             return self._skipped(key, trigger, f"its successor {key.replaced_by} is gone; nothing revoked")
         two_stage = hasattr(self.keyservice, "deactivate_key")
         deactivate = two_stage and key.status == "ACTIVE"
         when = self.retire_at(key, successor)
-        if self.clock() < when and not force:
+        if self.clock() < when:
             verb = "deleted" if key.status != "ACTIVE" else "deactivated" if two_stage else "revoked"
             return self._skipped(key, trigger, f"retiring: {verb} after {utc_iso(when)} "
                                                f"(successor {successor.key_id})")

@@ -50,7 +50,7 @@ def plan_one(engine: Engine, client_id: str, key_id: str, force: bool, include_o
     except NotFoundError:
         return Step(ref, "refuse", "no such key: not found at the key service")
     if key.replaced_by is not None:
-        return _retire_step(engine, key, force)
+        return _retire_step(engine, key)
     step = step_for(key, engine.clock(), engine, force, include_out_of_scope, strategy)
     if step.action == "rotate":
         for sink in engine.sinks:
@@ -79,7 +79,7 @@ def plan_all_due(engine: Engine, strategy: str | None = None) -> Iterator[Step]:
             yield step_for(key, now, engine, False, False, strategy)
 
 
-def _retire_step(engine: Engine, key: ApiKey, force: bool) -> Step:
+def _retire_step(engine: Engine, key: ApiKey) -> Step:
     """A key that a successor replaces: the plan says when it is revoked."""
     age = round(age_seconds(key, engine.clock()) / DAY, 2)
     successor = engine.successor(key)
@@ -87,11 +87,11 @@ def _retire_step(engine: Engine, key: ApiKey, force: bool) -> Step:
         return Step(key.ref, "skip", f"its successor {key.replaced_by} is gone; nothing to revoke",
                     str(key.generation), age)
     when = utc_iso(engine.retire_at(key, successor))
-    if force or engine.retire_at(key, successor) <= engine.clock():
+    if engine.retire_at(key, successor) <= engine.clock():
         return Step(key.ref, "rotate", f"retire (successor {successor.key_id}; due {when}), once every sink "
                     "holds the successor and its secret works", str(key.generation), age)
-    return Step(key.ref, "skip", f"retiring: successor {successor.key_id}; revoked after {when} "
-                "(--force revokes it now)", str(key.generation), age)
+    return Step(key.ref, "skip", f"retiring: successor {successor.key_id}; revoked after {when}",
+                str(key.generation), age)
 
 
 def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_of_scope: bool,

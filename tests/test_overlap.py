@@ -115,6 +115,8 @@ def test_a_due_key_gets_a_successor_and_is_revoked_only_after_its_grace(
     clock.shift = GRACE - 60  # inside the grace: nothing happens
     waiting = engine.rotate(KeyRef("acme", old), trigger="schedule", generation=str(before.generation))
     assert waiting.status == "skipped" and "retiring" in waiting.reason
+    forced = engine.rotate(KeyRef("acme", old), trigger="manual", force=True)  # a second forced run
+    assert forced.status == "skipped" and "retiring" in forced.reason
     assert emulator.check_secret("acme", old_secret)
 
     clock.shift = GRACE + 60
@@ -277,6 +279,10 @@ def test_overlap_refuses_a_sink_whose_place_names_the_key_id(
     result = engine.rotate(KeyRef("acme", keys["payments"]), trigger="test")
     assert result.status == "failed" and "{alias}" in result.reason
     assert all(k.replaces is None for k in keyservice.list_keys("acme"))  # nothing was created
+    with pytest.raises(ConfigError, match="overlap_grace_s"):
+        settings_from_mapping({"keyservice": {"url": "http://127.0.0.1:1"},
+                               "policy": {"strategy": "overlap", "max_age_days": 7, "warn_before_days": 1},
+                               "sinks": [{"kind": "memory", "path": "{client_id}/{alias}"}]})
     with pytest.raises(ConfigError, match=r"\{alias\}"):
         settings_from_mapping({"keyservice": {"url": "http://127.0.0.1:1"}, "policy": {"strategy": "overlap"},
                                "sinks": [{"kind": "vault", "url": "http://127.0.0.1:8200"}]})
