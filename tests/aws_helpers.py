@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import socket
@@ -172,3 +173,38 @@ class _QueryProxyHandler(_ProxyHandler):
         self.send_header("Content-Length", str(len(answer.content)))
         self.end_headers()
         self.wfile.write(answer.content)
+
+
+class CuttingQueryProxy(QueryFaultProxy):
+    """QueryFaultProxy that can also lose an answer: `cut(operation)` forwards the next call to
+    moto, so it runs there, then drops the connection before the answer reaches the caller (a
+    CreateAccessKey whose key exists and whose secret nobody received)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.RequestHandlerClass = _CuttingQueryProxyHandler
+        self.cuts: list[dict[str, Any]] = []
+        self.lost: list[tuple[str, bytes]] = []  # (operation, the answer moto gave): it may hold a secret
+
+    def cut(self, operation: str, times: int = 1) -> None:
+        self.cuts.append({"operation": operation, "times": times})
+
+
+class _CuttingQueryProxyHandler(_QueryProxyHandler):
+    server: CuttingQueryProxy
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        operation = urllib.parse.parse_qs(body.decode()).get("Action", [""])[0]
+        for cut in self.server.cuts:
+            if cut["operation"] in (operation, "*") and cut["times"] != 0:
+                cut["times"] -= 1
+                self.server.seen[operation] += 1
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "content-length"}
+                answer = self.server.http.post(self.path, content=body, headers=headers)  # it runs at moto
+                self.server.lost.append((operation, answer.content))
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+        self.rfile = io.BytesIO(body)  # the faults and the forwarding read the body again
+        super().do_POST()

@@ -384,7 +384,7 @@ class HttpKeyService:
             return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: answer has no integer StatusCode")
         if stored.get("RequestURL") not in (None, wanted):
             return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored answer is for another request")
-        if 400 <= status < 500 and status != 409:
+        if 400 <= status < 500:  # a stored answer is final (a 409 asking to retry is never stored)
             return ReplayAnswer(Replay.REFUSED, reason=f"the stored call had failed with {status}")
         if status != 200:
             return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored call answered {excerpt(status)}")
