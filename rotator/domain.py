@@ -218,6 +218,7 @@ class AttemptRecord:
     fingerprint: str | None = None
     action: str = "reset"  # "create": the overlap strategy's successor key (`Replaces` this key)
     issued_key_id: str | None = None  # the key id the answer named (a create's successor)
+    replaces: str | None = None  # a create recorded under its successor (a repair): the key it replaced
 
     @property
     def ref(self) -> KeyRef:

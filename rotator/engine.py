@@ -82,6 +82,7 @@ OK_STATUSES = ("succeeded", "recovered", "skipped")
 # room for clock skew; no causality is decided with it).
 REPLAY_LOOKBACK_S = 2 * 86_400
 STUCK_S = 86_400  # an attempt unsettled this long raises a critical event on every sweep
+CLOCK_ROOM_S = 3_600  # how far the key service's clock and the state store's may disagree (generous)
 
 
 @dataclass
@@ -428,8 +429,11 @@ class Engine:
         if lookup.found is not None:
             issued, ik = lookup.found
             now = self.state.now()
+            created = issued.key.replaces if ik.startswith("c2-") else None  # a successor's create
             record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), ik, "", 0, "reconcile", now,
-                                   Phase.STORING.value, now, str(issued.key.generation))
+                                   Phase.STORING.value, now, str(issued.key.generation),
+                                   action="create" if created else "reset", issued_key_id=issued.key.key_id,
+                                   replaces=created)
             self.state.save_attempt(record, lease)
             return self._store(issued, record, lease, "rotation.recovered", prepared=None)
         drift = self._drift_of(key)
@@ -454,7 +458,10 @@ class Engine:
         IAM) deactivates first, refuses a key still in use since its successor was stored, and
         deletes `delete_after_s` later. Everything here is derived from the key service and the
         sinks: a crash anywhere is finished by the next run."""
-        successor = self.successor(key)
+        try:
+            successor = self.successor(key)
+        except RotatorError as exc:
+            return self._failed(key, None, f"not revoked: cannot read its successor ({exc})", trigger=trigger)
         if successor is None:
             return self._skipped(key, trigger, f"its successor {key.replaced_by} is gone; nothing revoked")
         two_stage = hasattr(self.keyservice, "deactivate_key")
@@ -468,7 +475,10 @@ class Engine:
         if problem is not None:
             return self._failed(key, None, f"not revoked: {problem}", trigger=trigger)
         if deactivate:
-            used = self.keyservice.last_used(key.client_id, key.key_id)  # type: ignore[attr-defined]
+            try:
+                used = self.keyservice.last_used(key.client_id, key.key_id)  # type: ignore[attr-defined]
+            except RotatorError as exc:
+                return self._failed(key, None, f"not deactivated: cannot read its last use ({exc})", trigger=trigger)
             if used is not None and used.when > successor.created_at:
                 why = (f"used at {utc_iso(used.when)} ({used.service}, {used.region}), after its successor "
                        f"{successor.key_id} was stored; not deactivated")
@@ -541,6 +551,8 @@ class Engine:
         cannot = getattr(self.keyservice, "cannot_reset", None)
         action = "create" if strategy_for(key, self.policy, strategy, can_reset=cannot is None) == "overlap" \
             else "reset"
+        if action == "create" and key.replaces is not None and cannot is None:
+            action = "reset"  # its predecessor still lives: a successor of a successor is refused
         if action == "reset" and cannot is not None:  # nothing is sent, nothing recorded
             return self._failed(key, None, f"{cannot}; nothing was sent", trigger=trigger)
         if action == "create":
@@ -611,7 +623,7 @@ class Engine:
         store decides: a stored refusal burns the key (next epoch); a stored answer is stored;
         nothing stored (a gateway's 4xx) leaves the attempt in doubt."""
         answer = self._replay(record)
-        if answer.kind is Replay.REFUSED:
+        if answer.kind is Replay.REFUSED or not getattr(self.keyservice, "stores_answers", True):
             self._refused(record, lease)
             return self._failed(key, record, f"reset refused, nothing was reset: {exc}")
         return self._doubt(key, record, lease, f"reset refused ({exc}), but the key service stored no refusal "
@@ -649,14 +661,22 @@ class Engine:
         replay = self._replay(record)
         answered = replay.issued.key.generation if replay.issued is not None else None
         replaced = Generation.parse(record.generation) if record.generation else None
-        successor = self.successor(key) if record.action == "create" else None
-        # A create's lineage: its generation is the successor's once one exists.
+        successor, gone = None, False
+        if record.action == "create":
+            # A create's lineage: its generation is the successor's once one exists. With an answer in
+            # hand, that key itself is asked for (a lagging replica may not show the link yet).
+            named = replay.issued.key.key_id if replay.kind is Replay.ANSWER and replay.issued else None
+            try:
+                successor = self.successor(key) if named is None else self.keyservice.get_key(ref.client_id, named)
+            except NotFoundError:
+                gone = True  # the key that answer created is revoked: its secret is dead
+            except RotatorError as exc:
+                return self._unsettled(record, f"cannot read the successor: {exc}", key)
         now_generation = successor.generation if successor is not None else key.generation
         step = judge(phase, replaced, now_generation, replay.kind, answered,
                      self.state.now() - record.since, self.horizon_s)
-        if record.action == "create" and replay.kind is Replay.ANSWER and replay.issued is not None and (
-                successor is None or successor.key_id != replay.issued.key.key_id):
-            step = Step.LOST  # the key that answer created is revoked: its secret is dead
+        if gone:
+            step = Step.LOST
         try:
             advance(phase, step)
         except ProtocolViolation as exc:
@@ -691,7 +711,8 @@ class Engine:
     def _replay(self, record: AttemptRecord) -> ReplayAnswer:
         """The key service's stored answer to the record's call (a reset, or a successor's create)."""
         if record.action == "create":
-            return self.keyservice.replay_create(record.client_id, record.key_id, record.idempotency_key)
+            return self.keyservice.replay_create(record.client_id, record.replaces or record.key_id,
+                                                 record.idempotency_key)
         return self.keyservice.replay(record.client_id, record.key_id, record.idempotency_key)
 
     def successor(self, key: ApiKey) -> ApiKey | None:
@@ -733,9 +754,28 @@ class Engine:
                      lease: Any) -> RotationResult | None:
         """A create ran and its answer is gone: the successor it made is a key nobody holds the secret
         of. Revoke it (it would block a new successor, and IAM's two-key limit) and burn the
-        epoch, so the next create is a new call; never when a sink holds it or cannot be read."""
+        epoch, so the next create is a new call; never when a sink holds it or cannot be read, and
+        never a key this attempt cannot have made (older than the attempt, or already used: nobody
+        had its secret), which is someone else's: then this create did not run."""
+        if successor is None and record.issued_key_id:  # the answer came once: that key, if it lives
+            try:
+                successor = self.keyservice.get_key(key.client_id, record.issued_key_id)
+            except NotFoundError:
+                successor = None
+            except RotatorError as exc:
+                return self._unsettled(record, f"cannot read the successor: {exc}", key)
+        if successor is not None and successor.key_id != record.issued_key_id:
+            foreign = self._not_made_by(successor, record)
+            if foreign:
+                self._refused(record, lease)
+                return self._failed(key, record, f"successor {successor.key_id} was not made by this rotation "
+                                                 f"({foreign}); nothing revoked, nothing created")
         if successor is not None:
             holding, unreadable = self._holders(successor)
+            if len(holding) == len(self.sinks):  # its current secret is stored (reset since): nothing is owed
+                self.state.delete_attempt(record, lease)
+                return self._result(record.ref, record, "skipped", f"settled: successor {successor.key_id}'s "
+                                                                   "current secret is in every sink")
             if holding or unreadable:
                 why = "; ".join([f"{h} holds it" for h in holding] + unreadable)
                 return self._unsettled(record, f"the create's answer is gone but successor {successor.key_id} "
@@ -752,9 +792,24 @@ class Engine:
                         successor=successor.key_id)
         # Nothing is outstanding any more: the next create is a new call under the next epoch (the
         # old key would replay the dead answer), and the key, still due, is created again.
-        self.state.set_epoch(record.ref, record.generation, record.epoch + 1, lease)
+        if record.generation:
+            self.state.set_epoch(record.ref, record.generation, record.epoch + 1, lease)
         self.state.delete_attempt(record, lease)
         return None
+
+    def _not_made_by(self, successor: ApiKey, record: AttemptRecord) -> str:
+        """Why `successor` cannot be the key this attempt's create made, or "". (Dates: the key
+        service's against the state store's, with room for their clocks to differ.)"""
+        if successor.created_at < record.started_at - CLOCK_ROOM_S:
+            return f"created at {utc_iso(successor.created_at)}, before the attempt began"
+        last_used = getattr(self.keyservice, "last_used", None)
+        if last_used is not None:
+            try:
+                if last_used(successor.client_id, successor.key_id) is not None:
+                    return "it has been used, and nobody had the secret of the key this attempt made"
+            except RotatorError as exc:
+                return f"cannot tell whether it was used ({exc})"
+        return ""
 
     def _refused(self, record: AttemptRecord, lease: Any) -> None:
         """A conclusive 4xx: the next try of this generation needs a new Idempotency-Key."""
@@ -793,6 +848,7 @@ class Engine:
             try:
                 self.state.save_attempt(replace(record, phase=advance(Phase.STORING, Step.NOT_STORED).to.value,
                                                 issued_generation=str(issued.key.generation),
+                                                issued_key_id=issued.key.key_id,
                                                 fingerprint=secret.fingerprint), lease)
             except Exception as exc:  # the earlier record (resetting/in doubt) still leads recovery to a replay
                 log.error("attempt.update_failed", client_id=record.client_id, key_id=record.key_id,
@@ -817,9 +873,10 @@ class Engine:
         else:
             self.emit(success_event, issued.key, record)
         if record.action == "create":
-            retiring = replace(before or issued.key, key_id=record.key_id, replaced_by=issued.key.key_id)
+            replaced = record.replaces or record.key_id
+            retiring = replace(before or issued.key, key_id=replaced, replaced_by=issued.key.key_id)
             revoke_at = issued.key.created_at + self.policy.overlap_grace_s
-            problems.append(f"successor {issued.key.key_id} stored; {record.key_id} is revoked after "
+            problems.append(f"successor {issued.key.key_id} stored; {replaced} is revoked after "
                             f"{utc_iso(revoke_at)}")
             self.emit("key.retiring", retiring, record, None,
                       {"successor": issued.key.key_id, "revoke_at": utc_iso(revoke_at)})
@@ -942,7 +999,8 @@ class Engine:
         last = self.state.last_rotation(key.ref)
         managed = bool(certain) or current or (last is not None and last.get("status") in ("succeeded", "recovered"))
         lookup = _Lookup()
-        recent = key.last_reset_at is not None and self.clock() - key.last_reset_at < REPLAY_LOOKBACK_S
+        recent = self.clock() - (key.last_reset_at if key.last_reset_at is not None else
+                                 key.created_at if key.replaces is not None else 0) < REPLAY_LOOKBACK_S
         if not managed and recent:
             lookup = self._replay_lost(key)
             managed = lookup.found is not None

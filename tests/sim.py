@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rotator.domain import (
@@ -44,7 +44,7 @@ from rotator.events import CapturePublisher
 from rotator.fingerprint import Fingerprinter
 from rotator.policy import Policy
 from rotator.protocols import SecretRecord, StoredState
-from rotator.sinks.base import encode, refuse_if_stale, state_from_document
+from rotator.sinks.base import encode, refuse_if_stale, secret_from_document, state_from_document
 from rotator.state import LeaseLostError
 
 FP = Fingerprinter("simulation-fingerprint-key-0123")
@@ -52,6 +52,7 @@ DAY = 86_400.0
 TTL_S = 10.0
 HORIZON_S = 90.0
 REPLAY_TTL_S = 24 * 3600
+GRACE_S = 600.0  # the overlap strategy's grace, short enough for the chaos to cross it
 
 
 class Crash(BaseException):
@@ -95,6 +96,9 @@ class Sim:
         self.sinks = [FakeSink(self, "vault"), FakeSink(self, "aws")]
         self.events = CapturePublisher()
         self.durable = False  # Redis loses nothing in this run
+        self.overlap = False  # keys rotate by the overlap strategy (successor, grace, revoke)
+        self.service.sinks = self.sinks
+        self.service.grace_s = GRACE_S
 
     # -- time and faults
     def log(self, text: str) -> None:
@@ -197,6 +201,9 @@ class FakeKey:
     created_at: int
     last_reset_at: int | None
     secret: str
+    alias: str = ""
+    replaces: str | None = None  # the overlap strategy's links, as the contract's Replaces/ReplacedBy
+    replaced_by: str | None = None
 
     @property
     def generation(self) -> Generation:
@@ -215,14 +222,21 @@ class FakeKeyService:
         self.issued: dict[str, tuple[float, str, int, IssuedKey | None]] = {}
         self.previous: dict[str, tuple[int | None, float]] = {}  # key -> (LastResetDate before, when)
         self.ledger: list[tuple[str, Generation, str]] = []  # (key id, generation replaced, ik)
+        self.creates: list[tuple[str, Generation, str, str]] = []  # (replaced key, its generation, ik, new key)
+        self.revoked: dict[str, tuple[FakeKey, float]] = {}
+        self.links_before: dict[str, tuple[str | None, float]] = {}  # key -> (ReplacedBy before, when)
+        self.sinks: list[FakeSink] = []  # what consumers read: a revoke is checked against it
+        self.grace_s = 0.0
         self.faulty = True
 
     def add(self, key_id: str, created_at: int) -> None:
-        self.keys[key_id] = FakeKey(created_at, None, f"seed-secret-{key_id}")
+        self.keys[key_id] = FakeKey(created_at, None, f"seed-secret-{key_id}", f"alias {key_id}")
 
-    def _api_key(self, key_id: str) -> ApiKey:
+    def _api_key(self, key_id: str, replaced_by: str | bool | None = False) -> ApiKey:
         k = self.keys[key_id]
-        return ApiKey("sim", key_id, f"alias {key_id}", Environment.PRODUCTION, (), k.created_at, k.last_reset_at)
+        link = k.replaced_by if replaced_by is False else replaced_by
+        return ApiKey("sim", key_id, k.alias, Environment.PRODUCTION, (), k.created_at, k.last_reset_at,
+                      replaces=k.replaces, replaced_by=link if isinstance(link, str) else None)
 
     def _p(self, p: float) -> bool:
         return self.faulty and self.sim.chance(p)
@@ -244,8 +258,11 @@ class FakeKeyService:
         previous = self.previous.get(key_id)
         if previous is not None and self.sim.now - previous[1] < 5.0 and self._p(0.3):  # a lagging replica
             self.sim.log(f"ks STALE READ of {key_id}")
-            k = self.keys[key_id]
-            return ApiKey("sim", key_id, f"alias {key_id}", Environment.PRODUCTION, (), k.created_at, previous[0])
+            return replace(self._api_key(key_id), last_reset_at=previous[0])
+        link = self.links_before.get(key_id)
+        if link is not None and self.sim.now - link[1] < 5.0 and self._p(0.3):
+            self.sim.log(f"ks STALE READ of {key_id}'s successor link")
+            return self._api_key(key_id, replaced_by=link[0])
         return self._api_key(key_id)
 
     def _run_reset(self, key_id: str, ik: str, seen: Generation) -> IssuedKey:
@@ -280,17 +297,20 @@ class FakeKeyService:
 
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
         self.sim.point(f"ks reset {key_id} ik={idempotency_key[:10]}")
-        ik = idempotency_key
         seen = self.keys[key_id].generation
+        return self._call(idempotency_key, key_id, lambda: self._run_reset(key_id, idempotency_key, seen))
+
+    def _call(self, ik: str, stored_as: str, run: Callable[[], IssuedKey]) -> IssuedKey:
+        """The contract's answers to one idempotent POST, faults drawn by the seed."""
         if ik in self.pending:
             raise InDoubtError("409: a call with this key is running")
         roll = self.sim.rng.random() if self.faulty and self.sim.chaos else 1.0
         if roll < 0.03:  # a gateway (rate limiter, WAF) refuses: the origin never sees it, stores nothing
             raise RefusedError("429 from the gateway", status=429)
         if self._live(ik):  # the origin replays what it stored for this key, whatever else happens
-            return self._run_reset(key_id, ik, seen)
+            return run()
         if roll < 0.06:  # the origin refuses, and stores the refusal under the key
-            self.stored[ik] = (self.sim.now, key_id, 403, None)
+            self.stored[ik] = (self.sim.now, stored_as, 403, None)
             raise RefusedError("403 forbidden", status=403)
         if roll < 0.12:
             raise InDoubtError("502 from the gateway; the origin never saw it")
@@ -300,12 +320,12 @@ class FakeKeyService:
             def commit() -> None:
                 self.pending.discard(ik)
                 with contextlib.suppress(RefusedError):
-                    self._run_reset(key_id, ik, seen)
+                    run()
 
             self.sim.at(self.sim.rng.uniform(0.5, 60.0), commit)
             raise InDoubtError("504 from the gateway while the origin goes on")
-        answer = self._run_reset(key_id, ik, seen)
-        self.sim.point(f"ks reset answered {key_id}")
+        answer = run()
+        self.sim.point(f"ks answered {stored_as}")
         if roll < 0.30:
             raise InDoubtError("no answer (time-out, or a cut or unparsable 200)")
         return answer
@@ -326,19 +346,92 @@ class FakeKeyService:
 
     def create_key(self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,
                    replaces: str | None = None) -> IssuedKey:
-        raise PermanentError("not simulated")
+        self.sim.point(f"ks create successor of {replaces} ik={idempotency_key[:10]}")
+        if replaces is None or replaces not in self.keys:
+            raise RefusedError("404: no such key to replace", status=404)
+        seen = self.keys[replaces].generation
+        return self._call(idempotency_key, f"create:{replaces}",
+                          lambda: self._run_create(replaces, idempotency_key, seen, alias))
+
+    def _run_create(self, replaces: str, ik: str, seen: Generation, alias: str) -> IssuedKey:
+        """The origin creates the successor once per Idempotency-Key (the contract's rules: one live
+        successor, no chains, the same alias); a conflict is a stored 409."""
+        if self._live(ik):
+            _, _, status, answer = self.stored[ik]
+            if status != 200 or answer is None:
+                raise RefusedError("stored refusal replayed", status=status)
+            return answer
+        old = self.keys.get(replaces)
+        if old is None or old.replaced_by is not None or (old.replaces is not None and old.replaces in self.keys) \
+                or alias != old.alias:
+            self.stored[ik] = (self.sim.now, f"create:{replaces}", 409, None)
+            raise RefusedError("409 conflict", status=409)
+        new_id = f"{replaces.split('~')[0]}~{len(self.creates) + 1}"
+        created = max(int(self.sim.now), old.created_at + 1)
+        secret = f"live-secret-{self.sim.seed}-c{len(self.creates)}-{self.sim.rng.randrange(10**9)}"
+        self.keys[new_id] = FakeKey(created, None, secret, old.alias, replaces=replaces)
+        self.links_before[replaces] = (old.replaced_by, self.sim.now)
+        old.replaced_by = new_id
+        self.creates.append((replaces, seen, ik, new_id))
+        self.sim.log(f"ks CREATE {new_id} replacing {replaces} ik={ik[:10]}")
+        answer = IssuedKey(self._api_key(new_id), Secret(secret))
+        self.stored[ik] = (self.sim.now, f"create:{replaces}", 200, answer)
+        self.issued[ik] = (self.sim.now, new_id, 200, answer)
+        return answer
 
     def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
-        return ReplayAnswer(Replay.EMPTY)
+        self.sim.point(f"ks replay create of {replaces} ik={idempotency_key[:10]}")
+        if self._p(0.05):
+            return ReplayAnswer(Replay.UNKNOWN, reason="replay: 503")
+        if not self._live(idempotency_key):
+            return ReplayAnswer(Replay.EMPTY)
+        _, stored_as, status, answer = self.stored[idempotency_key]
+        if stored_as != f"create:{replaces}":
+            return ReplayAnswer(Replay.UNKNOWN, reason="another request")
+        if status != 200 or answer is None:
+            return ReplayAnswer(Replay.REFUSED, reason=f"stored {status}")
+        return ReplayAnswer(Replay.ANSWER, answer)
 
     def revoke_key(self, client_id: str, key_id: str) -> None:
-        raise PermanentError("not simulated")
+        """Revoke; checked against what consumers read: never a key a sink still holds, never a
+        replaced key before every sink holds its successor or before the successor's grace is over."""
+        self.sim.point(f"ks revoke {key_id}")
+        if self._p(0.05):
+            raise TransientError("revoke: 503")
+        key = self.keys.get(key_id)
+        if key is None:
+            raise NotFoundError("no such key")
+        successor = self.keys.get(key.replaced_by) if key.replaced_by else None
+        for sink in self.sinks:
+            if sink.holds_doc_of(key.alias, key_id, key.secret) or (
+                    successor is not None and not sink.holds(key.alias, successor.secret)):
+                raise Violation(f"seed {self.sim.seed}: {key_id} revoked while {sink.name} still holds it "
+                                "(or not its successor)")
+        if successor is not None and self.sim.now < successor.created_at + self.grace_s:
+            raise Violation(f"seed {self.sim.seed}: {key_id} revoked before its successor's grace was over")
+        del self.keys[key_id]
+        self.revoked[key_id] = (key, self.sim.now)
+        if successor is not None:
+            successor.replaces = None
+        if key.replaces is not None and key.replaces in self.keys:  # an orphan successor
+            self.links_before[key.replaces] = (key_id, self.sim.now)
+            self.keys[key.replaces].replaced_by = None
+        self.sim.log(f"ks REVOKE {key_id}")
+        if self._p(0.05):
+            raise InDoubtError("revoke: no answer (it ran)")
 
     def verify_secret(self, client_id: str, secret: Secret, key_id: str | None = None) -> bool:
         self.sim.point("ks verify")
         if self._p(0.03):
             raise TransientError("token: 503")
         return any(k.secret == secret.reveal() for k in self.keys.values())
+
+    def lineages(self) -> dict[str, list[str]]:
+        """Live keys by alias (the overlap strategy's successor shares its predecessor's)."""
+        found: dict[str, list[str]] = {}
+        for key_id in sorted(self.keys):
+            found.setdefault(self.keys[key_id].alias, []).append(key_id)
+        return found
 
     def close(self) -> None:
         return None
@@ -355,7 +448,7 @@ class FakeSink:
     def __init__(self, sim: Sim, name: str) -> None:
         self.sim = sim
         self.name = name
-        self.docs: dict[KeyRef, list[str]] = {}
+        self.docs: dict[str, list[str]] = {}  # by alias: a successor takes its predecessor's place
         self.faulty = True
 
     def _p(self, p: float) -> bool:
@@ -363,6 +456,9 @@ class FakeSink:
 
     def describe(self, ref: KeyRef | None = None) -> str:
         return f"{self.name}" + (f" [{ref}]" if ref else "")
+
+    def location(self, key: ApiKey) -> str:
+        return f"{self.name}:{key.alias}"
 
     def prepare(self, key: ApiKey) -> None:
         self.sim.point(f"{self.name} prepare {key.key_id}")
@@ -378,8 +474,8 @@ class FakeSink:
             raise TransientError(f"{self.name}: 503")
         if self._p(0.02):
             raise PermanentError(f"{self.name}: 400")
-        versions = self.docs.setdefault(record.ref, [])
-        current = self._state(versions)
+        versions = self.docs.setdefault(record.key.alias, [])
+        current = self._state(versions, record.key, writing=True)
         if refuse_if_stale(current, record, self.name):
             assert current is not None
             return current
@@ -397,16 +493,33 @@ class FakeSink:
         self.sim.point(f"{self.name} read {key.key_id}")
         if self._p(0.02):
             raise TransientError(f"{self.name}: read 503")
-        return self._state(self.docs.get(key.ref, []))
+        return self._state(self.docs.get(key.alias, []), key)
 
-    def holds(self, ref: KeyRef, secret: str) -> bool:
-        state = self._state(self.docs.get(ref, []))
-        return state is not None and state.fingerprint == FP(secret)
-
-    def _state(self, versions: list[str]) -> StoredState | None:
+    def read_secret(self, key: ApiKey) -> Secret | None:
         import json
 
-        return state_from_document(json.loads(versions[-1]), FP, self.name) if versions else None
+        self.sim.point(f"{self.name} read secret {key.key_id}")
+        if self._p(0.02):
+            raise TransientError(f"{self.name}: read 503")
+        versions = self.docs.get(key.alias, [])
+        return secret_from_document(json.loads(versions[-1]), self.name, key) if versions else None
+
+    def holds(self, alias: str, secret: str) -> bool:
+        """What consumers read at this place is `secret`."""
+        state = self._state(self.docs.get(alias, []))
+        return state is not None and state.fingerprint == FP(secret)
+
+    def holds_doc_of(self, alias: str, key_id: str, secret: str) -> bool:
+        """Consumers at this place read `key_id`'s document with its live secret."""
+        state = self._state(self.docs.get(alias, []))
+        return state is not None and state.key_id in (None, key_id) and state.fingerprint == FP(secret)
+
+    def _state(self, versions: list[str], key: ApiKey | None = None, writing: bool = False) -> StoredState | None:
+        import json
+
+        if not versions:
+            return None
+        return state_from_document(json.loads(versions[-1]), FP, self.name, key=key, writing=writing)
 
     def ping(self) -> None:
         return None
@@ -567,7 +680,8 @@ class FakeState:
 
 # --- one run -------------------------------------------------------------------------------------
 def engine_for(sim: Sim, actor: str) -> Engine:
-    return Engine(sim.service, list(sim.sinks), sim.state, sim.events, FP, Policy(), sink_retry_s=5.0,
+    policy = Policy(strategy="overlap", overlap_grace_s=GRACE_S) if sim.overlap else Policy()
+    return Engine(sim.service, list(sim.sinks), sim.state, sim.events, FP, policy, sink_retry_s=5.0,
                   lock_ttl_s=TTL_S, clock=lambda: sim.now, actor=actor, clients=["sim"], horizon_s=HORIZON_S,
                   executor=INLINE, sleep=sim.sleep, monotonic=lambda: sim.now)
 
@@ -588,6 +702,7 @@ def _run(sim: Sim, durable: bool) -> Sim:
     seed = sim.seed
     rng = sim.rng
     keys = [f"k{i}" for i in range(rng.randint(1, 3))]
+    sim.overlap = rng.random() < 0.5
     for key_id in keys:
         sim.service.add(key_id, int(sim.now - 400 * DAY))
     sim.state.on_delete = lambda record: check_delete(sim, record)
@@ -626,6 +741,16 @@ def _run(sim: Sim, durable: bool) -> Sim:
         sim.durable = True
     if rng.random() < 0.15:  # Redis's clock jumps ahead (cuts the in-doubt horizon short)
         sim.at(rng.uniform(0, 30), lambda: setattr(sim.state, "clock_offset", rng.uniform(60, 600)))
+    if sim.overlap and rng.random() < 0.5:  # the grace ends while the chaos goes on: late triggers retire
+        sim.at(rng.uniform(0, 30), lambda: setattr(sim, "now", sim.now + GRACE_S + 1))
+        for n in range(rng.randint(1, 3)):
+            key_id, delay, engine = rng.choice(keys), rng.uniform(30, 90), engine_for(sim, f"late{n}")
+
+            def late(k: str = key_id, wait: float = delay, e: Engine = engine) -> Any:
+                sim.sleep(wait)
+                return e.rotate(KeyRef("sim", k), trigger="schedule")
+
+            sim.spawn(f"late{n}:{key_id}", late)
     sim.run()
     for worker in sim.workers:
         if worker.error is not None:
@@ -646,34 +771,48 @@ def _run(sim: Sim, durable: bool) -> Sim:
         sim.now += HORIZON_S + 1
         if not sim.state.records and not unstored(sim):
             break
+    if sim.overlap:  # past every grace, each replaced key is revoked
+        sim.now += GRACE_S + 1
+        for round_ in range(3):
+            engine = engine_for(sim, f"retire{round_}")
+            for key_id in [k for k, key in sim.service.keys.items() if key.replaced_by is not None]:
+                sim.spawn(f"retire{round_}:{key_id}", lambda k=key_id, e=engine: e.rotate(
+                    KeyRef("sim", k), trigger="schedule"))
+            sim.run()
     check(sim)
     return sim
 
 
+def heads(sim: Sim) -> list[tuple[str, FakeKey]]:
+    """The live keys consumers must read: every key no successor replaces, whose secret rotator
+    issued (by a reset, or as a successor)."""
+    created = {new for *_, new in sim.service.creates}
+    return [(key_id, key) for key_id, key in sim.service.keys.items()
+            if key.replaced_by is None and (key.last_reset_at is not None or key_id in created)]
+
+
 def covered_or_alarmed(sim: Sim) -> None:
     """Before any repair: a live secret that is not in every sink has its attempt record (naming
-    the key that issued it), or a critical event was raised for its key."""
-    for key_id, key in sim.service.keys.items():
-        ref = KeyRef("sim", key_id)
-        if key.last_reset_at is None or all(s.holds(ref, key.secret) for s in sim.sinks):
+    the key that issued it: its own, or its predecessor's for a successor), or a critical event was
+    raised for its key."""
+    for key_id, key in heads(sim):
+        if all(s.holds(key.alias, key.secret) for s in sim.sinks):
             continue
         issuers = {ik for ik, (_, kid, status, answer) in sim.service.issued.items()
                    if kid == key_id and status == 200 and answer is not None and answer.secret.reveal() == key.secret}
-        record = sim.state.records.get(ref)
-        alarmed = any(e.name == "rotation.secret_at_risk" and e.key_id == key_id for e in sim.events.events)
-        if not (record is not None and record.idempotency_key in issuers) and not alarmed:
+        owners = {key_id, key.replaces} - {None}
+        records = [r for r in sim.state.records.values() if r.key_id in owners]
+        alarmed = any(e.name == "rotation.secret_at_risk" and e.key_id in owners for e in sim.events.events)
+        if not any(r.idempotency_key in issuers for r in records) and not alarmed:
             raise Violation(f"seed {sim.seed}: the live secret of {key_id} is not in every sink, and neither its "
                             "attempt record nor a critical event says so")
 
 
 def unstored(sim: Sim) -> list[str]:
-    """Keys whose live secret (issued by a reset) is not in every sink."""
+    """Keys whose live secret (issued by a reset or a create) consumers cannot read in every sink."""
     missing = []
-    for key_id, key in sim.service.keys.items():
-        if key.last_reset_at is None:
-            continue
-        ref = KeyRef("sim", key_id)
-        missing.extend(f"{key_id} not in {s.name}" for s in sim.sinks if not s.holds(ref, key.secret))
+    for key_id, key in heads(sim):
+        missing.extend(f"{key_id} not in {s.name}" for s in sim.sinks if not s.holds(key.alias, key.secret))
     return missing
 
 
@@ -685,9 +824,11 @@ def check_delete(sim: Sim, record: AttemptRecord) -> None:
     if sim.now - found[0] >= REPLAY_TTL_S and "rotation.secret_at_risk" in [
             e.name for e in sim.events.events if e.key_id == record.key_id]:
         return  # past the replay window the secret is gone for good: said loudly, then reset afresh
-    key = sim.service.keys[record.key_id]
+    key = sim.service.keys.get(found[1])  # the key the answer issued: this one, or its successor
+    if key is None:
+        return  # revoked since: its secret is dead
     issued = found[3].secret.reveal()
-    if issued == key.secret and not all(s.holds(record.ref, issued) for s in sim.sinks):
+    if issued == key.secret and not all(s.holds(key.alias, issued) for s in sim.sinks):
         raise Violation(f"seed {sim.seed}: record of {record.key_id} deleted while its live secret is unstored")
 
 
@@ -702,6 +843,19 @@ def check(sim: Sim) -> None:
         raise Violation(f"seed {sim.seed}: live secrets not stored after recovery: {missing}")
     if sim.state.records:
         raise Violation(f"seed {sim.seed}: records left after recovery: {sorted(map(str, sim.state.records))}")
+    for worker in sim.workers:
+        if worker.error is not None:
+            raise Violation(f"seed {sim.seed}: {worker.name} raised {type(worker.error).__name__}: {worker.error}")
+    if sim.overlap:
+        created: dict[tuple[str, Generation], list[str]] = {}
+        for replaced_key, generation, _, new in sim.service.creates:
+            created.setdefault((replaced_key, generation), []).append(new)
+        for (replaced_key, _), news in created.items():
+            if [n for n in news[:-1] if n not in sim.service.revoked]:
+                raise Violation(f"seed {sim.seed}: {replaced_key} got two live successors: {news}")
+        for alias, live in sim.service.lineages().items():
+            if len(live) != 1:
+                raise Violation(f"seed {sim.seed}: {alias} has {live} live after every grace: not retired")
     secrets = [k.secret for k in sim.service.keys.values()]
     texts = [repr(e.to_dict()) for e in sim.events.events] + [repr(e) for e in sim.state.entries]
     for w in sim.workers:

@@ -31,7 +31,7 @@ def test_thousands_of_adversarial_schedules_keep_every_invariant() -> None:
     record is deleted while its live secret is unstored, and after recovery every sink holds every
     live secret (ROTATOR_SIM_SEEDS seeds; a failure names the seed to replay)."""
     started = time.monotonic()
-    resets = in_doubt = 0
+    resets = in_doubt = creates = revoked = 0
     for seed in range(SEEDS):
         try:
             run = sim.run_seed(seed)
@@ -41,8 +41,12 @@ def test_thousands_of_adversarial_schedules_keep_every_invariant() -> None:
                         f"replay: python -m tests.sim --seed {seed} --trace")
         resets += len(run.service.ledger)
         in_doubt += sum(1 for e in run.events.events if e.name == "rotation.in_doubt")
-    print(f"\n{SEEDS} seeds, {resets} resets, {in_doubt} in-doubt resets, {time.monotonic() - started:.1f}s")
-    assert resets > SEEDS // 2 and in_doubt > SEEDS // 20  # the schedules did reset, and did get in doubt
+        creates += len(run.service.creates)
+        revoked += len(run.service.revoked)
+    print(f"\n{SEEDS} seeds, {resets} resets, {creates} successors created, {revoked} keys revoked, "
+          f"{in_doubt} in doubt, {time.monotonic() - started:.1f}s")
+    assert resets > SEEDS // 4 and in_doubt > SEEDS // 20  # the schedules did reset, and did get in doubt
+    assert creates > SEEDS // 4 and revoked > SEEDS // 4  # half the runs rotate by overlap, to the end
 
 
 def first_violation(seeds: int, containing: str = "", durable: bool = False) -> str | None:
@@ -86,4 +90,27 @@ def test_it_catches_a_record_deleted_before_the_read_back(monkeypatch: pytest.Mo
     """A sink that acknowledged a write it lost must keep the record: ending on the write's
     acknowledgement alone would delete it while the secret is in no sink."""
     monkeypatch.setattr("rotator.engine.Engine._read_back", lambda self, record, skip: {})
+    assert first_violation(3000) is not None
+
+
+def test_it_catches_a_revoke_while_a_sink_still_holds_the_old_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlap strategy's rule: the replaced key is revoked only while every sink holds the
+    successor. Without the check, a sink that lost the successor's write still serves the old
+    key when it is revoked."""
+    monkeypatch.setattr("rotator.engine.Engine._successor_problem", lambda self, successor: None)
+    assert first_violation(3000, "still holds") is not None
+
+
+def test_it_catches_a_revoke_before_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rotator.engine.Engine.retire_at", lambda self, key, successor: 0.0)
+    assert first_violation(3000, "before its successor's grace") is not None
+
+
+def test_it_catches_a_lost_create_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create whose answer is gone must not be forgotten: its successor, held by nobody, would
+    stay (and block the next one). Recovery that drops the record without revoking it fails."""
+    def forget(self: Any, key: Any, successor: Any, record: Any, lease: Any) -> None:
+        self.state.delete_attempt(record, lease)
+
+    monkeypatch.setattr("rotator.engine.Engine._drop_orphan", forget)
     assert first_violation(3000) is not None
