@@ -82,6 +82,9 @@ OK_STATUSES = ("succeeded", "recovered", "skipped")
 # room for clock skew; no causality is decided with it).
 REPLAY_LOOKBACK_S = 2 * 86_400
 STUCK_S = 86_400  # an attempt unsettled this long raises a critical event on every sweep
+#: AWS IAM: an old key used this recently (and after its successor was stored) is still in use.
+IN_USE_WINDOW_S = 86_400
+STORED_SUCCESSOR = "successor stored"  # the stored-rotation slot of a successor: when every sink held it
 CLOCK_ROOM_S = 3_600  # how far the key service's clock and the state store's may disagree (generous)
 
 
@@ -479,9 +482,11 @@ class Engine:
                 used = self.keyservice.last_used(key.client_id, key.key_id)  # type: ignore[attr-defined]
             except RotatorError as exc:
                 return self._failed(key, None, f"not deactivated: cannot read its last use ({exc})", trigger=trigger)
-            if used is not None and used.when > successor.created_at:
+            recent = self.clock() - min(IN_USE_WINDOW_S, self.policy.overlap_grace_s / 2)
+            if used is not None and used.when > max(successor.created_at, recent):
                 why = (f"used at {utc_iso(used.when)} ({used.service}, {used.region}), after its successor "
-                       f"{successor.key_id} was stored; not deactivated")
+                       f"{successor.key_id} was stored and within the last "
+                       f"{min(IN_USE_WINDOW_S, self.policy.overlap_grace_s / 2) / 3600:g} h; not deactivated")
                 self.emit("key.still_in_use", key, None, why,
                           {"service": used.service, "region": used.region, "last_used": utc_iso(used.when)})
                 result = RotationResult(key.client_id, key.key_id, "failed", why, trigger=trigger)
@@ -505,10 +510,19 @@ class Engine:
         self._history(result)
         return result
 
+    def stored_at(self, successor: ApiKey) -> float:
+        """When consumers could first read the successor: its creation at the key service, or later
+        when rotator recorded that every sink held it (a sink that was down gets the whole grace
+        too). Without that record (Redis lost), the creation date."""
+        slot = self.state.stored_rotation(successor.ref)
+        when = slot.get("time") if slot and slot.get("replaced") == STORED_SUCCESSOR else None
+        return max(float(successor.created_at), float(when)) if isinstance(when, int | float) else \
+            float(successor.created_at)
+
     def retire_at(self, key: ApiKey, successor: ApiKey) -> float:
         """When a retiring key's next step is due: revoked (or deactivated) after the grace, and an
         already deactivated one deleted `delete_after_s` later."""
-        revoke_at = successor.created_at + self.policy.overlap_grace_s
+        revoke_at = self.stored_at(successor) + self.policy.overlap_grace_s
         if key.status == "ACTIVE":
             return revoke_at
         return revoke_at + float(getattr(self.keyservice, "delete_after_s", 0.0))
@@ -649,6 +663,17 @@ class Engine:
         try:
             key = self.keyservice.get_key(ref.client_id, ref.key_id)
         except NotFoundError:
+            if record.action == "create":  # the replaced key was revoked: its successor's answer may live on
+                answer = self._replay(record)
+                if answer.kind is Replay.ANSWER and answer.issued is not None:
+                    try:
+                        live = self.keyservice.get_key(ref.client_id, answer.issued.key.key_id)
+                    except RotatorError:
+                        live = None
+                    if live is not None and live.generation == answer.issued.key.generation:
+                        return self._store(answer.issued, record, lease, success_event, prepared=None)
+                if answer.kind is Replay.UNKNOWN:
+                    return self._unsettled(record, f"the replaced key is gone; replay: {answer.reason}")
             self.state.delete_attempt(record, lease)
             return self._result(ref, record, "failed", "the key no longer exists; attempt record cleared")
         except RotatorError as exc:
@@ -723,7 +748,11 @@ class Engine:
             successor = self.keyservice.get_key(key.client_id, key.replaced_by)
         except NotFoundError:
             return None
-        return successor if successor.replaces in (None, key.key_id) else None
+        # Only a key that names this one as the key it replaces, with its alias, is its successor (a
+        # key service that links an unrelated key must not get that key revoked, or this one).
+        if successor.replaces != key.key_id or successor.alias != key.alias:
+            return None
+        return successor
 
     def _holders(self, key: ApiKey) -> tuple[list[str], list[str]]:
         """The sinks whose document is `key`'s own, and those that cannot be read."""
@@ -743,11 +772,17 @@ class Engine:
         stays put), as a printable list; "" when there is none."""
         moving = []
         for sink in self.sinks:
+            other = key.key_id[:-1] + ("1" if key.key_id[-1:] == "0" else "0")  # a valid id of the same length
             try:
-                if sink.location(key) != sink.location(replace(key, key_id=key.key_id + "-successor")):
-                    moving.append(sink.describe())
+                here = sink.location(key)
             except RotatorError:
                 continue  # an id no path may be built from: prepare refuses it
+            try:
+                moved = sink.location(replace(key, key_id=other)) != here
+            except RotatorError:
+                moved = True  # cannot tell: refuse
+            if moved:
+                moving.append(sink.describe())
         return ", ".join(moving)
 
     def _drop_orphan(self, key: ApiKey, successor: ApiKey | None, record: AttemptRecord,
@@ -776,6 +811,10 @@ class Engine:
                 self.state.delete_attempt(record, lease)
                 return self._result(record.ref, record, "skipped", f"settled: successor {successor.key_id}'s "
                                                                    "current secret is in every sink")
+            if holding and not unreadable:  # finish the store from a sink that holds it (IAM keeps no answers)
+                copied = self._copy_from_sinks(successor, record)
+                if copied is not None:
+                    return self._store(copied, record, lease, "rotation.recovered", prepared=None)
             if holding or unreadable:
                 why = "; ".join([f"{h} holds it" for h in holding] + unreadable)
                 return self._unsettled(record, f"the create's answer is gone but successor {successor.key_id} "
@@ -795,6 +834,23 @@ class Engine:
         if record.generation:
             self.state.set_epoch(record.ref, record.generation, record.epoch + 1, lease)
         self.state.delete_attempt(record, lease)
+        return None
+
+    def _copy_from_sinks(self, successor: ApiKey, record: AttemptRecord) -> IssuedKey | None:
+        """The successor's secret as a sink holds it, when it is the one this attempt stored (its
+        fingerprint) and it authenticates: the missing sinks can then be written from it."""
+        for sink in self.sinks:
+            try:
+                secret = sink.read_secret(successor)
+            except RotatorError:
+                continue
+            if secret is None or (record.fingerprint is not None and self.fingerprint(secret) != record.fingerprint):
+                continue
+            try:
+                if self.keyservice.verify_secret(successor.client_id, secret, key_id=successor.key_id):
+                    return IssuedKey(successor, secret)
+            except RotatorError:
+                return None
         return None
 
     def _not_made_by(self, successor: ApiKey, record: AttemptRecord) -> str:
@@ -865,6 +921,8 @@ class Engine:
         advance(Phase.STORING, Step.STORED)
         if record.generation and not problems:  # a verified rotation: the key's age may count from it
             self.state.mark_stored_rotation(record.ref, record.generation, self.clock())
+        if record.action == "create":  # the grace counts from here: every sink holds the successor
+            self.state.mark_stored_rotation(issued.key.ref, STORED_SUCCESSOR, self.clock())
         self.state.delete_attempt(record, lease)
         status = "recovered" if success_event == "rotation.recovered" else "succeeded"
         if problems:

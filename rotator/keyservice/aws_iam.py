@@ -75,6 +75,7 @@ class AwsIamKeyService:
     revoke) and the last use the engine checks before deactivating."""
 
     cannot_reset = NOT_RESET  # plans and the engine use the overlap strategy, or refuse a reset unsent
+    stores_answers = False  # no idempotent replay: a refused create is final, an unanswered one is in doubt
 
     def __init__(self, config: KeyServiceConfig, *, grace_s: float = DEFAULT_GRACE_S,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
@@ -306,7 +307,10 @@ class AwsIamKeyService:
         environment = self._environment(tags, where)
         exempt = self._exempt(tags)
         keys = self._access_keys(user)
-        pair = [k.key_id for k in keys] if len(keys) == 2 else [None, None]
+        # Only an Active newer key can be a successor: an older Active key beside a newer Inactive
+        # one is not retiring (it is the one in use).
+        paired = len(keys) == 2 and keys[1].status == "ACTIVE"
+        pair = [k.key_id for k in keys] if paired else [None, None]
         for index, access in enumerate(keys):
             yield ApiKey(self.account(), access.key_id, str(user), environment, (), int(access.created), None,
                          False, access.status, exempt, replaces=pair[0] if index == 1 else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import string
 from collections.abc import Mapping
 from functools import cache
 from importlib.metadata import entry_points
@@ -73,7 +74,15 @@ def key_id_templates(kind: str, options: Mapping[str, Any]) -> list[tuple[str, s
         config = resolve(kind).Config(**options)
     except (PermanentError, ImportError, ValidationError):
         return []  # reported by `check`
-    return [(name, value) for name, value in config if isinstance(value, str) and "{key_id}" in value]
+    return [(name, value) for name, value in config if isinstance(value, str) and _names_key_id(value)]
+
+
+def _names_key_id(template: str) -> bool:
+    """`{key_id}` in any spelling (`{key_id!s}`, `{key_id:s}`)."""
+    try:
+        return any(field == "key_id" for _, field, _, _ in string.Formatter().parse(template) if field)
+    except ValueError:
+        return "key_id" in template
 
 
 def build(kind: str, options: Mapping[str, Any], fingerprint: Fingerprinter) -> SecretSink:
