@@ -84,7 +84,7 @@ REPLAY_LOOKBACK_S = 2 * 86_400
 STUCK_S = 86_400  # an attempt unsettled this long raises a critical event on every sweep
 #: AWS IAM: an old key used this recently (and after its successor was stored) is still in use.
 IN_USE_WINDOW_S = 86_400
-STORED_SUCCESSOR = "successor stored"  # the stored-rotation slot of a successor: when every sink held it
+STORED_SUCCESSOR = "successor stored"  # the replaced key's stored-rotation slot: when every sink held it
 CLOCK_ROOM_S = 3_600  # how far the key service's clock and the state store's may disagree (generous)
 
 
@@ -137,6 +137,14 @@ def freshness(stored: StoredState | None, key: ApiKey) -> str:
     if stored.key_reset_at is not None and stored.key_reset_at < key.born_at:
         return "stale"
     return "unknown"
+
+
+def grace_start(successor: ApiKey, slot: dict[str, Any] | None) -> float:
+    """When a successor's grace starts: when rotator recorded that every sink held it (`slot`, the
+    replaced key's stored-rotation record), and never before the successor's creation."""
+    when = slot.get("time") if slot and slot.get("replaced") == f"{STORED_SUCCESSOR} {successor.key_id}" else None
+    return max(float(successor.created_at), float(when)) if isinstance(when, int | float) else \
+        float(successor.created_at)
 
 
 class SinkReads:
@@ -514,10 +522,9 @@ class Engine:
         """When consumers could first read the successor: its creation at the key service, or later
         when rotator recorded that every sink held it (a sink that was down gets the whole grace
         too). Without that record (Redis lost), the creation date."""
-        slot = self.state.stored_rotation(successor.ref)
-        when = slot.get("time") if slot and slot.get("replaced") == STORED_SUCCESSOR else None
-        return max(float(successor.created_at), float(when)) if isinstance(when, int | float) else \
-            float(successor.created_at)
+        replaced = successor.replaces
+        slot = self.state.stored_rotation(KeyRef(successor.client_id, replaced)) if replaced else None
+        return grace_start(successor, slot)
 
     def retire_at(self, key: ApiKey, successor: ApiKey) -> float:
         """When a retiring key's next step is due: revoked (or deactivated) after the grace, and an
@@ -663,17 +670,8 @@ class Engine:
         try:
             key = self.keyservice.get_key(ref.client_id, ref.key_id)
         except NotFoundError:
-            if record.action == "create":  # the replaced key was revoked: its successor's answer may live on
-                answer = self._replay(record)
-                if answer.kind is Replay.ANSWER and answer.issued is not None:
-                    try:
-                        live = self.keyservice.get_key(ref.client_id, answer.issued.key.key_id)
-                    except RotatorError:
-                        live = None
-                    if live is not None and live.generation == answer.issued.key.generation:
-                        return self._store(answer.issued, record, lease, success_event, prepared=None)
-                if answer.kind is Replay.UNKNOWN:
-                    return self._unsettled(record, f"the replaced key is gone; replay: {answer.reason}")
+            if record.action == "create":  # the replaced key was revoked: its successor may live on
+                return self._settle_orphaned_create(record, lease, success_event)
             self.state.delete_attempt(record, lease)
             return self._result(ref, record, "failed", "the key no longer exists; attempt record cleared")
         except RotatorError as exc:
@@ -836,6 +834,48 @@ class Engine:
         self.state.delete_attempt(record, lease)
         return None
 
+    def _settle_orphaned_create(self, record: AttemptRecord, lease: Any, success_event: str) -> RotationResult:
+        """A create whose replaced key was revoked meanwhile (by a person): its successor still
+        lives, so its secret is still owed to the sinks, from the create's answer or, once that is
+        gone, from a sink that holds it. The record ends only once the successor is stored, or is
+        proved gone; anything unsure keeps it."""
+        ref = record.ref
+        answer = self._replay(record)
+        if answer.kind is Replay.UNKNOWN:
+            return self._unsettled(record, f"the replaced key is gone; replay: {answer.reason}")
+        named = answer.issued.key.key_id if answer.kind is Replay.ANSWER and answer.issued else record.issued_key_id
+        if named is None:  # no answer ever came and none is stored: no key to finish
+            self.state.delete_attempt(record, lease)
+            return self._result(ref, record, "failed", "the replaced key no longer exists and no successor was "
+                                                       "answered; attempt record cleared")
+        try:
+            successor = self.keyservice.get_key(ref.client_id, named)
+        except NotFoundError:
+            self.state.delete_attempt(record, lease)
+            return self._result(ref, record, "failed", f"the replaced key and its successor {named} are both gone; "
+                                                       "attempt record cleared")
+        except RotatorError as exc:
+            return self._unsettled(record, f"the replaced key is gone; cannot read successor {named}: {exc}")
+        # The record proves what the revoke erased from the key service: the successor replaced that key,
+        # whose document a sink may still hold.
+        successor = replace(successor, replaces=successor.replaces or record.replaces or record.key_id)
+        if answer.kind is Replay.ANSWER and answer.issued is not None and \
+                successor.generation == answer.issued.key.generation:
+            return self._store(answer.issued, record, lease, success_event, prepared=None)
+        holding, unreadable = self._holders(successor)
+        if len(holding) == len(self.sinks):
+            self.state.delete_attempt(record, lease)
+            return self._result(ref, record, "skipped", f"settled: successor {named}'s current secret is in "
+                                                        "every sink")
+        if holding and not unreadable:
+            copied = self._copy_from_sinks(successor, record)
+            if copied is not None:
+                return self._store(copied, record, lease, "rotation.recovered", prepared=None)
+        self.emit("rotation.secret_at_risk", successor, record,
+                  "its replaced key was revoked and its secret is not in every sink")
+        return self._unsettled(record, f"the replaced key is gone and successor {named} is not in every sink",
+                               successor)
+
     def _copy_from_sinks(self, successor: ApiKey, record: AttemptRecord) -> IssuedKey | None:
         """The successor's secret as a sink holds it, when it is the one this attempt stored (its
         fingerprint) and it authenticates: the missing sinks can then be written from it."""
@@ -919,10 +959,12 @@ class Engine:
             problems.append("the key service changed the key's alias or scopes on reset")
         stale_dates = bool(record.generation) and not issued.key.generation > Generation.parse(record.generation)
         advance(Phase.STORING, Step.STORED)
-        if record.generation and not problems:  # a verified rotation: the key's age may count from it
+        if record.generation and not problems and record.action != "create":  # its age may count from it
             self.state.mark_stored_rotation(record.ref, record.generation, self.clock())
         if record.action == "create":  # the grace counts from here: every sink holds the successor
-            self.state.mark_stored_rotation(issued.key.ref, STORED_SUCCESSOR, self.clock())
+            replaced_ref = KeyRef(record.client_id, record.replaces or record.key_id)
+            when = max(self.clock(), self.stored_at(issued.key))  # only ever later
+            self.state.mark_stored_rotation(replaced_ref, f"{STORED_SUCCESSOR} {issued.key.key_id}", when)
         self.state.delete_attempt(record, lease)
         status = "recovered" if success_event == "rotation.recovered" else "succeeded"
         if problems:
@@ -932,8 +974,9 @@ class Engine:
             self.emit(success_event, issued.key, record)
         if record.action == "create":
             replaced = record.replaces or record.key_id
-            retiring = replace(before or issued.key, key_id=replaced, replaced_by=issued.key.key_id)
-            revoke_at = issued.key.created_at + self.policy.overlap_grace_s
+            retiring = replace(before or issued.key, key_id=replaced, replaced_by=issued.key.key_id,
+                               status="ACTIVE", replaces=None)
+            revoke_at = self.retire_at(retiring, issued.key)
             problems.append(f"successor {issued.key.key_id} stored; {replaced} is revoked after "
                             f"{utc_iso(revoke_at)}")
             self.emit("key.retiring", retiring, record, None,

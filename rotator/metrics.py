@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from rotator.config import Settings
+from rotator.engine import grace_start
 from rotator.scan import ScanRow, scan
 from rotator.state import DURATION_BUCKETS, RedisState
 
@@ -58,7 +59,7 @@ class RotatorCollector:
             labels = [row.key.client_id, row.key.key_id, row.key.alias, row.key.environment.value]
             successor = successors.get((row.key.client_id, str(row.key.replaced_by)))
             if row.key.replaced_by is not None and successor is not None:
-                grace_end = successor.created_at + policy.overlap_grace_s
+                grace_end = grace_start(successor, self.state.stored_rotation(row.key.ref)) + policy.overlap_grace_s
                 revoke.add_metric(labels, grace_end if row.key.status == "ACTIVE"
                                   else grace_end + self.settings.keyservice.delete_after_s)
                 continue

@@ -97,6 +97,7 @@ class Sim:
         self.events = CapturePublisher()
         self.durable = False  # Redis loses nothing in this run
         self.overlap = False  # keys rotate by the overlap strategy (successor, grace, revoke)
+        self.redis_lost = False  # Redis restarted empty: the grace falls back to the creation date
         self.service.sinks = self.sinks
         self.service.grace_s = GRACE_S
 
@@ -409,6 +410,11 @@ class FakeKeyService:
                                 "(or not its successor)")
         if successor is not None and self.sim.now < successor.created_at + self.grace_s:
             raise Violation(f"seed {self.sim.seed}: {key_id} revoked before its successor's grace was over")
+        if successor is not None and not self.sim.redis_lost:  # the grace counts from when every sink held it
+            served = max(s.first_held.get(successor.secret, self.sim.now) for s in self.sinks)
+            if self.sim.now < served + self.grace_s:
+                raise Violation(f"seed {self.sim.seed}: {key_id} revoked before its successor's grace was over "
+                                "(counted from when every sink held it)")
         del self.keys[key_id]
         self.revoked[key_id] = (key, self.sim.now)
         if successor is not None:
@@ -425,6 +431,16 @@ class FakeKeyService:
         if self._p(0.03):
             raise TransientError("token: 503")
         return any(k.secret == secret.reveal() for k in self.keys.values())
+
+    def revoke_by_person(self, key_id: str) -> None:
+        """A person revokes a key at the key service (a leaked old key, say), checks or not."""
+        key = self.keys.pop(key_id, None)
+        if key is None:
+            return
+        self.revoked[key_id] = (key, self.sim.now)
+        if key.replaced_by is not None and key.replaced_by in self.keys:
+            self.keys[key.replaced_by].replaces = None
+        self.sim.log(f"ks PERSON REVOKES {key_id}")
 
     def lineages(self) -> dict[str, list[str]]:
         """Live keys by alias (the overlap strategy's successor shares its predecessor's)."""
@@ -449,6 +465,8 @@ class FakeSink:
         self.sim = sim
         self.name = name
         self.docs: dict[str, list[str]] = {}  # by alias: a successor takes its predecessor's place
+        self.first_held: dict[str, float] = {}  # secret -> when this place first served it
+        self.down_until = 0.0  # an outage: every write fails until then
         self.faulty = True
 
     def _p(self, p: float) -> bool:
@@ -470,7 +488,7 @@ class FakeSink:
         if self._p(0.03):  # hangs, then goes on (the worker's heartbeat keeps its lease meanwhile)
             self.sim.log(f"{self.name} HANGS")
             self.sim.sleep(self.sim.rng.uniform(1.0, 30.0))
-        if self._p(0.10):
+        if self._p(0.10) or self.sim.now < self.down_until:
             raise TransientError(f"{self.name}: 503")
         if self._p(0.02):
             raise PermanentError(f"{self.name}: 400")
@@ -483,6 +501,7 @@ class FakeSink:
             self.sim.log(f"{self.name} LOSES the write")
         else:
             versions.append(encode(record))
+            self.first_held.setdefault(record.secret.reveal(), self.sim.now)
         self.sim.point(f"{self.name} write acknowledged {record.key.key_id}")
         return StoredState(record.fingerprint, record.attempt_id, None, record.key_reset_at)
 
@@ -589,6 +608,7 @@ class FakeState:
 
     def restart_empty(self) -> None:
         self.sim.log("REDIS RESTARTS EMPTY")
+        self.sim.redis_lost = True
         self.locks.clear()
         self.records.clear()
         self.epochs.clear()
@@ -599,6 +619,7 @@ class FakeState:
     def _lose(self) -> bool:
         if self.faulty and self.may_lose and self.sim.chance(0.02):
             self.sim.log("REDIS LOSES the write")
+            self.sim.redis_lost = True
             return True
         return False
 
@@ -741,14 +762,24 @@ def _run(sim: Sim, durable: bool) -> Sim:
         sim.durable = True
     if rng.random() < 0.15:  # Redis's clock jumps ahead (cuts the in-doubt horizon short)
         sim.at(rng.uniform(0, 30), lambda: setattr(sim.state, "clock_offset", rng.uniform(60, 600)))
+    if sim.overlap and rng.random() < 0.3:  # a sink is down for a while after the creates: stored late
+        down, start, length = rng.choice(sim.sinks), rng.uniform(1, 6), rng.uniform(25, 70)
+        sim.at(start, lambda: setattr(down, "down_until", sim.now + length))
+    if sim.overlap and sim.durable and rng.random() < 0.2:  # a person revokes an old key that has a successor
+        victim = rng.choice(keys)
+        sim.at(rng.uniform(3, 40), lambda: sim.service.revoke_by_person(victim)
+               if sim.service.keys.get(victim) and sim.service.keys[victim].replaced_by else None)
     if sim.overlap and rng.random() < 0.5:  # the grace ends while the chaos goes on: late triggers retire
         sim.at(rng.uniform(0, 30), lambda: setattr(sim, "now", sim.now + GRACE_S + 1))
         for n in range(rng.randint(1, 3)):
-            key_id, delay, engine = rng.choice(keys), rng.uniform(30, 90), engine_for(sim, f"late{n}")
+            key_id, engine = rng.choice(keys), engine_for(sim, f"late{n}")
+            waits = [rng.uniform(30, 100), rng.uniform(10, 60), rng.uniform(10, 60)]
 
-            def late(k: str = key_id, wait: float = delay, e: Engine = engine) -> Any:
-                sim.sleep(wait)
-                return e.rotate(KeyRef("sim", k), trigger="schedule")
+            def late(k: str = key_id, pauses: list[float] = waits, e: Engine = engine) -> Any:
+                for pause in pauses:  # a trigger that settles a late store, then ones that retire
+                    sim.sleep(pause)
+                    result = e.rotate(KeyRef("sim", k), trigger="schedule")
+                return result
 
             sim.spawn(f"late{n}:{key_id}", late)
     sim.run()
@@ -800,7 +831,7 @@ def covered_or_alarmed(sim: Sim) -> None:
             continue
         issuers = {ik for ik, (_, kid, status, answer) in sim.service.issued.items()
                    if kid == key_id and status == 200 and answer is not None and answer.secret.reveal() == key.secret}
-        owners = {key_id, key.replaces} - {None}
+        owners = {key_id} | {replaced for replaced, _, _, new in sim.service.creates if new == key_id}
         records = [r for r in sim.state.records.values() if r.key_id in owners]
         alarmed = any(e.name == "rotation.secret_at_risk" and e.key_id in owners for e in sim.events.events)
         if not any(r.idempotency_key in issuers for r in records) and not alarmed:

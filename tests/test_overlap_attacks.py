@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from rotator.config import ConfigError, settings_from_mapping
-from rotator.domain import KeyRef, KeyState, LastUse, Secret
+from rotator.domain import KeyRef, KeyState, LastUse, Secret, utc_iso
 from rotator.engine import Engine
 from rotator.errors import TransientError
 from rotator.events import CapturePublisher
@@ -314,3 +314,114 @@ def test_partial_store_without_a_replay_is_never_finished(emulator, keyservice, 
     n = successor_of(keyservice, k)
     assert b.read_state(n) is not None and b.read_state(n).key_id == n.key_id, \
         "sink B never gets the successor although sink A holds its secret"
+
+
+# F1: when the replaced key is gone (a person revoked it) and the create's stored answer is in hand,
+# one transient error reading the successor deletes the attempt record: the one-time secret is lost.
+def test_transient_read_of_successor_drops_record_and_loses_secret(emulator, keyservice, state, keys) -> None:
+    k = keys["payments"]
+    sink = registry.build("memory", {"path": "{client_id}/{alias}"}, FP)
+    sink.fail_next = [TransientError("sink down")] * 1000
+    engine, _ = overlap_engine(keyservice, state, [sink], Clock(), sink_retry_s=0.0)
+    first = engine.rotate(KeyRef("acme", k), trigger="manual", force=True)
+    assert first.status == "at_risk", first.reason
+    n = successor_of(keyservice, k)
+    n_secret = emulator.current_secret("acme", n.key_id)
+    keyservice.revoke_key("acme", k)         # documented: revoke a leaked key at the key service
+    sink.fail_next = []
+    # one recovery pass during which GET of the successor answers 503 (a blip)
+    emulator.add_fault(Fault(method="GET", path=rf"/acme/apikeys/{n.key_id}$", status=503, times=-1))
+    results = engine.recover_all()
+    print([(r.status, r.reason) for r in results])
+    emulator.clear_faults()
+    # the blip is over: later runs must still be able to store the secret
+    print([(r.status, r.reason) for r in engine.recover_all()])
+    drift, repaired = engine.repair()
+    print([(d.certain, d.reason) for d in drift], [(r.status, r.reason) for r in repaired])
+    stored = sink.versions(keyservice.get_key("acme", n.key_id))
+    assert any(v.get("api_key") == n_secret for v in stored), \
+        "the successor's secret was in hand; a transient error deleted the record and it is lost"
+
+
+# F2: the grace's start ("successor stored" slot) shares Redis's stored-rotation slot with the
+# successor's own resets: one reset of the successor during the grace overwrites it, and the replaced
+# key's grace falls back to the successor's CreationDate. A sink that got the successor late loses
+# the grace docs/strategies.md promises it.
+DAY = 86_400
+
+
+def test_reset_of_successor_erases_the_late_store_grace(emulator, keyservice, state, keys, file_sink) -> None:
+    k = keys["payments"]
+    k_secret = emulator.current_secret("acme", k)
+    late = registry.build("memory", {"path": "{client_id}/{alias}"}, FP)
+    late.fail_next = [TransientError("vault sealed")] * 1000
+    clock = Clock()
+    engine, _ = overlap_engine(keyservice, state, [file_sink, late], clock, sink_retry_s=0.0)
+    assert engine.rotate(KeyRef("acme", k), trigger="schedule").status == "at_risk"
+    late.fail_next = []
+    clock.shift = 6 * DAY                       # the sealed sink is back on day 6
+    [recovered] = engine.recover_all()
+    assert recovered.status == "recovered", recovered.reason
+    n = successor_of(keyservice, k)
+    print("retire_at before:", (engine.retire_at(keyservice.get_key("acme", k), n) - clock()) / DAY, "days from now")
+    # day 6: a person force-rotates the successor (say it leaked); under overlap it is reset
+    forced = engine.rotate(KeyRef("acme", n.key_id), trigger="manual", force=True)
+    print("forced N:", forced.status, forced.reason)
+    n = keyservice.get_key("acme", n.key_id)
+    print("retire_at after:", (engine.retire_at(keyservice.get_key("acme", k), n) - clock()) / DAY, "days from now")
+    clock.shift = GRACE + 3600                  # day 7: one day after the late sink first served N
+    retire = engine.rotate(KeyRef("acme", k), trigger="schedule")
+    print("retire K:", retire.status, retire.reason)
+    assert emulator.check_secret("acme", k_secret), \
+        "K revoked 1 day after the late sink stopped serving it; the grace promised 7"
+
+
+# F3: a partial store of a successor (sink A holds it, sink B was down) where the key service keeps
+# no answer (AWS IAM always; HTTP after 24 h). A person revokes the replaced key K (docs: revoke a
+# leaked key at the key service). `_settle`'s NotFound branch deletes the record without looking at
+# the successor the record names (issued_key_id) or at sink A: sink B keeps serving revoked K forever,
+# though rotator could copy N from sink A (what `_drop_orphan` does when K is alive).
+def test_revoked_predecessor_drops_a_finishable_partial_store(emulator, keyservice, state, keys, file_sink) -> None:
+    k = keys["payments"]
+    b = registry.build("memory", {"path": "{client_id}/{alias}"}, FP)
+    store(b, keyservice, emulator, k)          # sink B served K before the rotation, as it would
+    store(file_sink, keyservice, emulator, k)
+    b.fail_next = [TransientError("down")] * 1000
+    emulator.add_fault(Fault(method="GET", path=r"/responses/", status=404, times=-1))  # no stored answers
+    engine, events = overlap_engine(keyservice, state, [file_sink, b], Clock(), sink_retry_s=0.0, horizon_s=0.0)
+    assert engine.rotate(KeyRef("acme", k), trigger="manual", force=True).status == "at_risk"
+    n = successor_of(keyservice, k)
+    n_secret = emulator.current_secret("acme", n.key_id)
+    assert file_sink.read_secret(n).reveal() == n_secret          # sink A holds the successor
+    keyservice.revoke_key("acme", k)                              # a person revokes leaked K
+    b.fail_next = []
+    print([(r.status, r.reason) for r in engine.recover_all()])
+    drift, repaired = engine.repair()
+    print([(d.certain, d.reason) for d in drift], [(r.status, r.reason) for r in repaired])
+    print(events.names())
+    n = keyservice.get_key("acme", n.key_id)
+    assert any(v.get("api_key") == n_secret for v in b.versions(n)), \
+        "sink B still serves revoked K; N's secret was in sink A and the record named N"
+
+
+# F4: after a late store, the key.retiring event (and the result's reason, and the metric
+# rotator_key_revoke_timestamp_seconds, metrics.py:61) announce revoke_at = successor CreationDate +
+# grace, while the engine revokes at stored_at + grace (engine.py:936 vs engine.py:525).
+DAY = 86_400
+
+
+def test_retiring_event_announces_the_wrong_revoke_time(emulator, keyservice, state, keys, file_sink) -> None:
+    k = keys["payments"]
+    late = registry.build("memory", {"path": "{client_id}/{alias}"}, FP)
+    late.fail_next = [TransientError("sealed")] * 1000
+    clock = Clock()
+    engine, events = overlap_engine(keyservice, state, [file_sink, late], clock, sink_retry_s=0.0)
+    assert engine.rotate(KeyRef("acme", k), trigger="schedule").status == "at_risk"
+    late.fail_next = []
+    clock.shift = 5 * DAY
+    [recovered] = engine.recover_all()
+    n = successor_of(keyservice, k)
+    real = utc_iso(engine.retire_at(keyservice.get_key("acme", k), n))
+    announced = dict(events.events[-1].details or {})["revoke_at"]
+    print("announced", announced, "real", real, "|", recovered.reason)
+    assert announced == real

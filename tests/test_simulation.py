@@ -114,3 +114,11 @@ def test_it_catches_a_lost_create_left_behind(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr("rotator.engine.Engine._drop_orphan", forget)
     assert first_violation(3000) is not None
+
+
+def test_it_catches_a_grace_counted_from_the_creation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sink that was down when the successor was created and is written later gives its
+    consumers the whole grace: counting it from the successor's creation revokes the old key
+    while they have only just been able to move over."""
+    monkeypatch.setattr("rotator.engine.Engine.stored_at", lambda self, successor: float(successor.created_at))
+    assert first_violation(3000, "counted from when every sink held it") is not None

@@ -558,11 +558,10 @@ def row_of(driver: Any, key_id: str) -> Any:
 
 
 def due_order(driver: Any) -> list[int]:
-    """Next-due times of the rows in screen order; the keys out of scope must come last."""
-    from selenium.webdriver.common.by import By
-
-    rows = [(r.get_attribute("data-state"), int(r.get_attribute("data-due")))
-            for r in driver.find_elements(By.CSS_SELECTOR, "#keys tbody tr")]
+    """Next-due times of the rows in screen order; the keys out of scope must come last. Read in
+    one script: the page may replace the table between two element look-ups."""
+    rows = [(state, int(due)) for state, due in driver.execute_script(
+        "return [...document.querySelectorAll('#keys tbody tr')].map(r => [r.dataset.state, r.dataset.due]);")]
     states = [s == "out_of_scope" for s, _ in rows]
     assert states == sorted(states), "a key out of scope sorted among the keys in scope"
     return [due for state, due in rows if state != "out_of_scope"]
