@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import hvac
 import hvac.exceptions as hx
@@ -47,6 +47,9 @@ from rotator.sinks.base import (
 )
 
 K8S_JWT = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -202,22 +205,21 @@ class VaultSink:
                 yield f"vault:{self.config.mount}/{child}", ref
 
     def read_state(self, key: ApiKey) -> StoredState | None:
-        path = render(self.config.path, key)
-        where = f"vault read {self.config.mount}/{path}"
-        with self._errors(where):
-            meta = self._metadata(path)
-            if not meta or not meta.get("current_version"):
-                return None
-            return self._read(path, int(meta["current_version"]), where, key)
+        return self._read_current(key, lambda path, version, where: self._read(path, version, where, key))
 
     def read_secret(self, key: ApiKey) -> Secret | None:
+        return self._read_current(key, lambda path, version, where: secret_from_document(
+            self._document(path, version), where, key))
+
+    def _read_current(self, key: ApiKey, read: Callable[[str, int, str], _T | None]) -> _T | None:
+        """`read` of the key's current version (path, version, where), or None when nothing is stored."""
         path = render(self.config.path, key)
         where = f"vault read {self.config.mount}/{path}"
         with self._errors(where):
             meta = self._metadata(path)
             if not meta or not meta.get("current_version"):
                 return None
-            return secret_from_document(self._document(path, int(meta["current_version"])), where, key)
+            return read(path, int(meta["current_version"]), where)
 
     def read_version(self, key: ApiKey, version: int) -> dict[str, Any]:
         """One stored document (for tests and operators; it holds the secret)."""
