@@ -805,14 +805,9 @@ class Engine:
                                                  f"({foreign}); nothing revoked, nothing created")
         if successor is not None:
             holding, unreadable = self._holders(successor)
-            if len(holding) == len(self.sinks):  # its current secret is stored (reset since): nothing is owed
-                self.state.delete_attempt(record, lease)
-                return self._result(record.ref, record, "skipped", f"settled: successor {successor.key_id}'s "
-                                                                   "current secret is in every sink")
-            if holding and not unreadable:  # finish the store from a sink that holds it (IAM keeps no answers)
-                copied = self._copy_from_sinks(successor, record)
-                if copied is not None:
-                    return self._store(copied, record, lease, "rotation.recovered", prepared=None)
+            finished = self._finish_from_sinks(successor, record, lease, holding, unreadable)
+            if finished is not None:
+                return finished
             if holding or unreadable:
                 why = "; ".join([f"{h} holds it" for h in holding] + unreadable)
                 return self._unsettled(record, f"the create's answer is gone but successor {successor.key_id} "
@@ -862,19 +857,27 @@ class Engine:
         if answer.kind is Replay.ANSWER and answer.issued is not None and \
                 successor.generation == answer.issued.key.generation:
             return self._store(answer.issued, record, lease, success_event, prepared=None)
-        holding, unreadable = self._holders(successor)
-        if len(holding) == len(self.sinks):
-            self.state.delete_attempt(record, lease)
-            return self._result(ref, record, "skipped", f"settled: successor {named}'s current secret is in "
-                                                        "every sink")
-        if holding and not unreadable:
-            copied = self._copy_from_sinks(successor, record)
-            if copied is not None:
-                return self._store(copied, record, lease, "rotation.recovered", prepared=None)
+        finished = self._finish_from_sinks(successor, record, lease, *self._holders(successor))
+        if finished is not None:
+            return finished
         self.emit("rotation.secret_at_risk", successor, record,
                   "its replaced key was revoked and its secret is not in every sink")
         return self._unsettled(record, f"the replaced key is gone and successor {named} is not in every sink",
                                successor)
+
+    def _finish_from_sinks(self, successor: ApiKey, record: AttemptRecord, lease: Any, holding: list[str],
+                           unreadable: list[str]) -> RotationResult | None:
+        """With no answer to replay: nothing is owed when every sink holds the successor's current
+        secret; when some do, the others are written from them (IAM keeps no answers). None: neither."""
+        if len(holding) == len(self.sinks):
+            self.state.delete_attempt(record, lease)
+            return self._result(record.ref, record, "skipped", f"settled: successor {successor.key_id}'s "
+                                                               "current secret is in every sink")
+        if holding and not unreadable:
+            copied = self._copy_from_sinks(successor, record)
+            if copied is not None:
+                return self._store(copied, record, lease, "rotation.recovered", prepared=None)
+        return None
 
     def _copy_from_sinks(self, successor: ApiKey, record: AttemptRecord) -> IssuedKey | None:
         """The successor's secret as a sink holds it, when it is the one this attempt stored (its

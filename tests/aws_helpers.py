@@ -72,7 +72,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.end_headers()
                 self.wfile.write(payload)
                 return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        self.forward(body, keep_host=False)
+
+    def forward(self, body: bytes, keep_host: bool) -> None:
+        """Send the call on to the target and its answer back (the Host header only where a
+        signature covers it)."""
+        dropped = ("content-length",) if keep_host else ("host", "content-length")
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
         answer = self.server.http.post(self.path, content=body, headers=headers)
         self.send_response(answer.status_code)
         for k, v in answer.headers.items():
@@ -164,15 +170,7 @@ class _QueryProxyHandler(_ProxyHandler):
                 self.end_headers()
                 self.wfile.write(payload)
                 return
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "content-length"}
-        answer = self.server.http.post(self.path, content=body, headers=headers)
-        self.send_response(answer.status_code)
-        for k, v in answer.headers.items():
-            if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(answer.content)))
-        self.end_headers()
-        self.wfile.write(answer.content)
+        self.forward(body, keep_host=True)
 
 
 class CuttingQueryProxy(QueryFaultProxy):

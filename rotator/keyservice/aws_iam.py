@@ -9,7 +9,7 @@ checks as the HTTP adapter's.
 An access key cannot be reset, so it rotates by the overlap strategy only: a successor key for
 the same user (IAM allows two per user), its secret stored and verified, then after the grace the
 old key deactivated and, `delete_after_s` later, deleted. A user's two keys are listed as a pair
-(the older `replaced_by` the newer); whether the newer is rotator's, the engine proves from the
+(the older `replaced_by` the newer, while the newer is Active); whether it is rotator's, the engine proves from the
 sinks. IAM stores no answers (CreateAccessKey has no idempotency token), so replays are empty and
 a create whose answer is lost is in doubt, never retried blindly.
 """
