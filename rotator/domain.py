@@ -172,6 +172,7 @@ class Replay(enum.StrEnum):
     ANSWER = "answer"  # a stored 200 for the asked key and path
     REFUSED = "refused"  # a stored 4xx: the call did not run
     EMPTY = "empty"  # nothing stored (not yet, never, or expired)
+    SPENT = "spent"  # a stored 5xx: the key is used up (blocked for 24 h) and its answer has no secret
     UNKNOWN = "unknown"  # the replay failed, or its answer proves nothing (a 5xx, another key)
 
 

@@ -586,12 +586,12 @@ class Engine:
         if isinstance(prepared, str):
             return self._failed(key, None, f"{prepared}; the key was not reset", trigger=trigger)
         generation = str(key.generation)
-        epoch = self.state.epoch(ref, generation)
+        epoch = self.state.epoch(ref, generation) + (1 if new_key else 0)
+        if epoch >= MAX_EPOCHS:
+            return self._failed(key, None, f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up (refused, "
+                                           "failed, or replaying a rotation already stored); nothing reset",
+                                trigger=trigger)
         if new_key:
-            epoch += 1
-            if epoch >= MAX_EPOCHS:
-                return self._failed(key, None, f"{MAX_EPOCHS} resets of unchanged key dates; nothing reset",
-                                    trigger=trigger)
             self.state.set_epoch(ref, generation, epoch, lease)
         now = self.state.now()
         record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()),
@@ -599,15 +599,27 @@ class Engine:
                                trigger, now, advance(Phase.IDLE, Step.START).to.value, now, action=action)
         return self._send(key, record, lease, prepared, "rotation.succeeded")
 
-    def _resend(self, key: ApiKey, record: AttemptRecord, lease: Any, success_event: str) -> RotationResult:
-        """Nothing ran within the horizon: send the same Idempotency-Key again at once, whatever the
-        due check or the window says (the rotation was started; a commit later than any horizon
-        collapses onto this key). A sink that cannot take the answer keeps the record in doubt."""
+    def _resend(self, key: ApiKey, record: AttemptRecord, lease: Any, success_event: str,
+                step: Step = Step.NOT_RUN) -> RotationResult:
+        """Nothing ran within the horizon: send again at once, whatever the due check or the window
+        says (the rotation was started). `NOT_RUN`: the same Idempotency-Key (an unused key runs; a
+        commit later than any horizon used it, and its 409 leads to that answer). `SPENT`: the key
+        is used up by a call that failed, so the next epoch's key. A sink that cannot take the
+        answer keeps the record in doubt."""
         prepared = self._prepare_sinks(key)
         if isinstance(prepared, str):
-            return self._unsettled(record, f"the reset did not run so far; {prepared}, so the same key is sent "
+            return self._unsettled(record, f"the reset did not run so far; {prepared}, so it is sent again "
                                            "once it is", key)
-        record = replace(record, phase=advance(Phase.IN_DOUBT, Step.NOT_RUN).to.value, since=self.state.now())
+        if step is Step.SPENT:
+            epoch = record.epoch + 1
+            if epoch >= MAX_EPOCHS:
+                self._refused(record, lease)
+                return self._failed(key, record, f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up "
+                                                 "without a reset; nothing reset")
+            self.state.set_epoch(record.ref, record.generation, epoch, lease)
+            record = replace(record, epoch=epoch, idempotency_key=idempotency_key(
+                self._ik_mac, record.ref, Generation.parse(record.generation), epoch, record.action))
+        record = replace(record, phase=advance(Phase.IN_DOUBT, step).to.value, since=self.state.now())
         return self._send(key, record, lease, prepared, success_event)
 
     def _send(self, key: ApiKey, record: AttemptRecord, lease: Any, prepared: dict[int, object],
@@ -643,7 +655,7 @@ class Engine:
         another actor may have sent the same key (after a Redis restart, say). The key service's
         store decides: a stored refusal burns the key (next epoch); a stored answer is stored;
         nothing stored (a gateway's 4xx) leaves the attempt in doubt."""
-        answer = self._replay(record)
+        answer = ReplayAnswer(Replay.REFUSED) if exc.stored else self._replay(record)
         if answer.kind is Replay.REFUSED or not getattr(self.keyservice, "stores_answers", True):
             self._refused(record, lease)
             return self._failed(key, record, f"reset refused, nothing was reset: {exc}")
@@ -714,11 +726,12 @@ class Engine:
             self._refused(record, lease)
             log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run (refused)")
             return _Again(force=False, action=record.action)
-        if step is Step.NOT_RUN:  # the record is never dropped on this guess: the same key goes again
-            log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run; sent again")
+        if step in (Step.NOT_RUN, Step.SPENT):  # the record is never dropped on this verdict: it is sent again
+            again = "the same key" if step is Step.NOT_RUN else "the next epoch's key (the used one failed)"
+            log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome=f"not run; {again} sent")
             if not resend:
-                return self._unsettled(record, "the reset did not run so far; the same key is sent again next", key)
-            return self._resend(key, record, lease, success_event)
+                return self._unsettled(record, f"the reset did not run so far; {again} is sent next", key)
+            return self._resend(key, record, lease, success_event, step)
         # LOST: the reset ran and its answer cannot be had. Say so before touching any state.
         why_lost = ("the key was reset again after that attempt" if replay.kind is Replay.ANSWER
                     else "the reset ran but its answer cannot be replayed")
@@ -1140,7 +1153,7 @@ class Engine:
                     break
                 if answer.kind is Replay.UNKNOWN:
                     unknown = answer.reason or "a replay failed"
-                if answer.kind is not Replay.REFUSED:
+                if answer.kind not in (Replay.REFUSED, Replay.SPENT):  # those two led to the next epoch
                     break
             else:
                 unknown = unknown or f"{MAX_EPOCHS} refused epochs in a row"

@@ -49,11 +49,13 @@ class UnusableAnswerError(InDoubtError):
 
 
 class RefusedError(RotatorError):
-    """The key service answered a write with a 4xx: it did not run."""
+    """The key service answered a write with a 4xx: it did not run. `stored`: the refusal is the
+    one the key service stored under the call's Idempotency-Key (read back), so that key never ran."""
 
-    def __init__(self, message: str, *, status: int | None) -> None:
+    def __init__(self, message: str, *, status: int | None, stored: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.stored = stored
 
 
 class PermanentError(RotatorError):
@@ -99,6 +101,12 @@ class NotFoundError(PermanentError):
 
 class ConflictError(PermanentError):
     """The request conflicts with the current state (409, a revoke of the auto-generated key)."""
+
+
+class IdempotencyConflictError(ConflictError):
+    """`409 idempotent_creation_conflict`: the write's Idempotency-Key was used before (within
+    24 h), so the call was blocked; what the first call answered is read through the responses
+    endpoint."""
 
 
 class ProtocolError(PermanentError):

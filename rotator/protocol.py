@@ -5,20 +5,24 @@ drive it step by step. The rules:
 
 1. **One Idempotency-Key per generation.** A reset's key is a keyed hash of the key and the
    generation it replaces (the key service's CreationDate and LastResetDate) plus an epoch that
-   advances only on a conclusive refusal. A redelivered message, a second beat, a recovering or a
-   paused worker, a manual run: every actor that rotates one generation sends the same key, and
-   the key service runs one reset and replays it to the others (for 24 h).
+   advances only when the key is proved used up without a reset (a stored refusal or 5xx). A
+   redelivered message, a second beat, a recovering or a paused worker, a manual run: every actor
+   that rotates one generation sends the same key; the key service runs one reset and blocks the
+   others (`409 idempotent_creation_conflict`, for 24 h), which then read its stored answer.
 2. **Durable before the side effect.** The attempt record is written, fenced by the key's lease,
    before the reset. After the reset only the sink writes stand between the answer and safety.
 3. **An answer settles only what it proves.** A 200 naming the asked key is the secret; a 4xx
-   (429 included, not a 409 asking to retry) proves "did not run". No answer, any 5xx, a cut or
-   unparsable 200, or one naming another key: *in doubt*.
+   (429 included, not a 409 asking to retry) proves "did not run"; a 409 saying the key was used
+   is answered by that key's stored answer (read once, never a second POST). No answer, any 5xx,
+   a cut or unparsable 200, or one naming another key: *in doubt*.
 4. **In doubt is settled by replay and the key's generation only.** A stored 200 is stored; a
-   stored 4xx means not run. Nothing stored: wait until the horizon (the origin's request
-   deadline) has passed since the doubt began; then an unchanged generation means not run, and the
-   same key is sent again at once (the record is never dropped on that verdict, so even a commit
-   later than the horizon, or a horizon cut short by a clock, collapses onto it); a changed one
-   means the secret is lost (critical event, reset afresh from the new generation).
+   stored 4xx means not run (next epoch). Nothing stored, or a stored 5xx: wait until the horizon
+   (the origin's request deadline) has passed since the doubt began; then an unchanged generation
+   means not run, and a changed one means the secret is lost (critical event, reset afresh from
+   the new generation). Not run with nothing stored sends the *same* key again (an unused key
+   runs; one a late commit used draws the 409 and its answer, so even a commit later than the
+   horizon, or a horizon cut short by a clock, collapses onto it); not run with a stored 5xx
+   sends the next epoch's key, since the used one stays blocked for 24 h.
 5. **The record ends only when every sink reads back the fingerprint** (or the token check proved
    the issued secret dead), when the service proved "not run", or when the secret is proved lost.
 6. **Fenced.** Every record write and delete checks the lease; a lost lease aborts before the next
@@ -62,6 +66,7 @@ class Step(enum.StrEnum):
     REFUSED = "refused"  # a 4xx from the service (or a stored one): the reset did not run
     NO_ANSWER = "no_answer"  # time-out, 5xx, cut or unparsable 200, another key named, replay failed
     NOT_RUN = "not_run"  # nothing stored, generation unchanged, horizon passed
+    SPENT = "spent"  # a stored 5xx (the key is used up), generation unchanged, horizon passed
     LOST = "lost"  # nothing to replay, generation changed, horizon passed
     STORED = "stored"  # every sink reads back the fingerprint, or the secret is proved dead
     NOT_STORED = "not_stored"  # a sink failed or read back another fingerprint
@@ -85,6 +90,7 @@ TRANSITIONS: Final[dict[tuple[Phase, Step], Transition]] = {
     (P.IN_DOUBT, S.REFUSED): Transition(P.IDLE, "advance the epoch, delete record"),
     (P.IN_DOUBT, S.NO_ANSWER): Transition(P.IN_DOUBT, "none: the record stays"),
     (P.IN_DOUBT, S.NOT_RUN): Transition(P.RESETTING, "save record (the same idempotency key), send it again"),
+    (P.IN_DOUBT, S.SPENT): Transition(P.RESETTING, "advance the epoch, save record (the next epoch's key), send it"),
     (P.IN_DOUBT, S.LOST): Transition(P.IDLE, "critical event; the record stays until a fresh attempt's replaces it"),
     (P.STORING, S.STORED): Transition(P.DONE, "delete record (fenced), then history"),
     (P.STORING, S.NOT_STORED): Transition(P.STORING, "critical event, then save record (storing)"),
@@ -121,10 +127,10 @@ def judge(phase: Phase, replaced: Generation | None, now: Generation, replay: Re
         return Step.LOST if now > answered else Step.NO_ANSWER
     if replay is Replay.REFUSED:
         return Step.REFUSED
-    if replay is not Replay.EMPTY or waited_s < horizon_s:
+    if replay not in (Replay.EMPTY, Replay.SPENT) or waited_s < horizon_s:
         return Step.NO_ANSWER
     if phase is not Phase.STORING and replaced is not None and now == replaced:
-        return Step.NOT_RUN
+        return Step.SPENT if replay is Replay.SPENT else Step.NOT_RUN
     return Step.LOST  # it ran (an answer came once, or the generation moved) and nothing is left
 
 

@@ -510,7 +510,7 @@ def _stored(resource: Any, status: int = 200, url: str | None = "/v2.01/acme/api
      "unknown"),
     (_stored({**key_obj(Replaces="key_0", ClientId="other"), "Secret": "prod_s3cret"}), "unknown"),
     (_stored({"Type": "ressource_not_found"}, status=404), "refused"),
-    (_stored({"Type": "internal_error"}, status=502), "unknown"),
+    (_stored({"Type": "internal_error"}, status=502), "spent"),
     (lambda r: json_reply({"Type": "ressource_not_found"}, 404), "empty"),
     (lambda r: json_reply({"Type": "internal_error"}, 500), "unknown"),
     (lambda r: Reply(200, b"<html>", {"Content-Type": "text/html"}), "unknown"),

@@ -94,9 +94,21 @@ def test_repeated_idempotency_key_gives_the_same_answer(
     assert keyservice.replay("acme", key_id, "never-used-key-000000").kind is Replay.EMPTY
 
 
-def test_idempotency_key_on_another_path_conflicts(emulator: Emulator, keyservice: HttpKeyService) -> None:
-    """The same key on another path gets 409 conflict: the reset did not run; replaying the key for
-    the other path is no answer for it."""
+def test_idempotency_key_on_another_path_is_blocked_and_settles_nothing(
+        emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """The same key on another path is blocked (409 idempotent_creation_conflict) and its stored answer
+    is another request's: in doubt, never a refusal (which would move to the next key) nor a reset."""
+    ids = seed(emulator, keys=2)
+    keyservice.reset_key("acme", ids[1], IDEM)
+    with pytest.raises(InDoubtError, match="idempotent_creation_conflict.*another request"):
+        keyservice.reset_key("acme", ids[2], IDEM)
+    assert len(emulator.ledger) == 1
+    assert keyservice.replay("acme", ids[2], IDEM).kind is Replay.UNKNOWN
+
+
+def test_legacy_wire_idempotency_key_on_another_path_conflicts(emulator: Emulator, keyservice: HttpKeyService) -> None:
+    """The legacy emulator answers the same key on another path with a plain 409 conflict: refused."""
+    emulator.wire = "legacy"
     ids = seed(emulator, keys=2)
     keyservice.reset_key("acme", ids[1], IDEM)
     with pytest.raises(RefusedError, match="409") as info:

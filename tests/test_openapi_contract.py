@@ -272,18 +272,21 @@ def test_oauth_token(emulator: Emulator, http: httpx.Client, contract: Contract)
 def test_idempotent_replay_and_stored_responses(
     emulator: Emulator, http: httpx.Client, contract: Contract
 ) -> None:
-    """A repeated reset is replayed byte for byte; the stored answer (a 200 or a refusal) is served
-    by the responses endpoint for 24 hours; the key on another path and a malformed key are refused."""
+    """A repeated reset is blocked (409 idempotent_creation_conflict, on any path) and runs once; the
+    stored answer (a 200 or a refusal) is the published API Response object, served by the responses
+    endpoint for 24 hours; an unknown or expired key there is a 400 correlationid_not_found."""
     _, key, other = seed(emulator, keys=2)
     first = contract.check(http.post(f"/v2.01/acme/apikeys/{key}/reset", headers={"Idempotency-Key": IDEM}))
     again = contract.check(http.post(f"/v2.01/acme/apikeys/{key}/reset", headers={"Idempotency-Key": IDEM}))
-    assert (again.status_code, again.content) == (200, first.content)
-    assert len(emulator.ledger) == 1
+    assert (again.status_code, again.json()["Type"]) == (409, "idempotent_creation_conflict")
+    assert "Secret" not in again.text and len(emulator.ledger) == 1
     stored = contract.check(http.get(f"/v2.01/acme/responses/{IDEM}")).json()
-    assert stored["StatusCode"] == 200 and stored["Resource"] == first.json()
-    assert stored["RequestURL"] == f"/v2.01/acme/apikeys/{key}/reset"
+    assert (stored["StatusCode"], stored["ContentLength"]) == ("200", str(len(first.content)))
+    assert stored["Resource"] == first.json() and stored["Date"].endswith(" GMT")
+    assert stored["RequestURL"] == f"https://api.keyservice.example/V2.01/acme/apikeys/{key}/reset"
     elsewhere = http.post(f"/v2.01/acme/apikeys/{other}/reset", headers={"Idempotency-Key": IDEM})
     assert contract.check(elsewhere).status_code == 409 and "Retry-After" not in elsewhere.headers
+    assert elsewhere.json()["Type"] == "idempotent_creation_conflict" and len(emulator.ledger) == 1
     malformed = http.post(f"/v2.01/acme/apikeys/{key}/reset", headers={"Idempotency-Key": "short"})
     assert contract.check(malformed, outside=InvalidParameter).status_code == 400
     refused_key = "create-refused-000001"
@@ -291,11 +294,12 @@ def test_idempotent_replay_and_stored_responses(
                         json={"Alias": "k0", "Scopes": [{"Scope": "Users"}]})
     assert contract.check(refused).status_code == 409
     stored = contract.check(http.get(f"/v2.01/acme/responses/{refused_key}")).json()
-    assert stored["StatusCode"] == 409 and stored["Resource"]["Type"] == "conflict"
-    assert contract.check(http.get("/v2.01/acme/responses/never-used-000000001")).status_code == 404
+    assert stored["StatusCode"] == "409" and stored["Resource"]["Type"] == "conflict"
+    never = contract.check(http.get("/v2.01/acme/responses/never-used-000000001"))
+    assert (never.status_code, never.json()["Type"], never.json()["errors"]) == (400, "correlationid_not_found", None)
     emulator.clock_offset_s = REPLAY_TTL_S + 1
-    assert contract.check(http.get(f"/v2.01/acme/responses/{IDEM}")).status_code == 404
-    assert {s for op, s in contract.seen if op == "getStoredResponse"} == {200, 404}
+    assert contract.check(http.get(f"/v2.01/acme/responses/{IDEM}")).status_code == 400
+    assert {s for op, s in contract.seen if op == "getStoredResponse"} == {200, 400}
 
 
 def test_successor_keys(emulator: Emulator, http: httpx.Client, contract: Contract) -> None:
@@ -310,9 +314,10 @@ def test_successor_keys(emulator: Emulator, http: httpx.Client, contract: Contra
     assert created.status_code == 200 and (successor["Alias"], successor["Replaces"]) == ("k0", key)
     assert successor["ReplacedBy"] is None and successor["Secret"]
     again = contract.check(http.post("/v2.01/acme/apikeys", headers={"Idempotency-Key": ik}, json=body))
-    assert again.content == created.content
+    assert again.status_code == 409 and len(emulator.keys_page("acme", 1, 100)[0]) == 3
     stored = contract.check(http.get(f"/v2.01/acme/responses/{ik}")).json()
-    assert (stored["StatusCode"], stored["RequestURL"], stored["Resource"]) == (200, "/v2.01/acme/apikeys", successor)
+    assert (stored["StatusCode"], stored["RequestURL"], stored["Resource"]) == (
+        "200", "https://api.keyservice.example/V2.01/acme/apikeys", successor)
     listed = contract.check(http.get("/v2.01/acme/apikeys")).json()
     assert [(k["Id"], k["Replaces"], k["ReplacedBy"]) for k in listed] == [
         (auto, None, None), (key, None, successor["Id"]), (successor["Id"], key, None)]
@@ -412,6 +417,7 @@ def test_adapter_requests_conform(emulator: Emulator, emulator_server: EmulatorS
         assert ks.get_key("acme", auto).alias == AUTO_ALIAS
         emulator.add_fault(Fault(method="POST", path="/reset$", status=503))
         issued = ks.reset_key("acme", key, IDEM)
+        assert ks.reset_key("acme", key, IDEM).secret == issued.secret  # a 409, then the stored answer
         assert ks.replay("acme", key, IDEM).kind is Replay.ANSWER
         assert ks.replay("acme", key, "never-used-000000001").kind is Replay.EMPTY
         created = ks.create_key("acme", "payments", (Scope("Payins", True, False),), "create-0000000000000001")
@@ -432,5 +438,5 @@ def test_adapter_requests_conform(emulator: Emulator, emulator_server: EmulatorS
         except RequestValidationError as exc:
             raise AssertionError(f"the adapter sent {response.request.method} {response.request.url}: {exc!r}") from exc
     assert {op for op, _ in contract.seen} == documented_operations()
-    assert {("listClients", 429), ("resetApiKey", 503), ("getStoredResponse", 404),
+    assert {("listClients", 429), ("resetApiKey", 503), ("resetApiKey", 409), ("getStoredResponse", 400),
             ("readSandboxSecret", 403), ("getToken", 401)} <= contract.seen

@@ -52,6 +52,10 @@ def test_judge_is_never_rash(phase: Phase, replaced: Generation | None, now: Gen
     step = judge(phase, replaced, now, replay, answered if replay is Replay.ANSWER else None, waited, HORIZON)
     if step is Step.NOT_RUN:
         assert replay is Replay.EMPTY and waited >= HORIZON and replaced == now and phase is Phase.IN_DOUBT
+    if step is Step.SPENT:  # only a key whose stored answer failed moves to the next epoch
+        assert replay is Replay.SPENT and waited >= HORIZON and replaced == now and phase is Phase.IN_DOUBT
+    if replay is Replay.SPENT and waited < HORIZON:
+        assert step is Step.NO_ANSWER
     if step is Step.LOST and waited < HORIZON:
         assert replay is Replay.ANSWER and answered is not None and now > answered
     if step is Step.ANSWERED:

@@ -21,6 +21,11 @@ AUTO_ALIAS = "Auto-generated key"
 REPLAY_TTL_S = 24 * 3600
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9-]{16,36}$")
 DAY = 86_400
+#: How it answers: "published", the payment API's own wire format (docs/keyservice-api.md); "legacy",
+#: this project's earlier imitation (a reused key replays its stored body, integer StatusCode, a bare
+#: path in RequestURL, 404 for an unknown key), kept to test that the adapter still reads it.
+WIRE_FORMATS = ("published", "legacy")
+PUBLIC_URL = "https://api.keyservice.example"  # the host its gateway names in a stored RequestURL
 
 
 class ApiError(Exception):
@@ -109,6 +114,9 @@ class Fault:
     error instead of running; `body` answers 200 with that raw text. With `commit_after_s`, the
     reply (`status`, or else a cut connection) comes at once and the call runs that much later, as
     behind a gateway that gave up while the origin went on. `times` counts matches (-1: forever).
+    An injected `status` on an idempotent POST is stored under its key as the origin's answer when
+    `stored` says so; by default a 4xx other than 429 is (the origin refused), a 5xx or 429 is not
+    (a gateway answered).
     """
 
     method: str = "*"
@@ -120,6 +128,7 @@ class Fault:
     body: str | None = None
     commit_after_s: float | None = None
     times: int = 1
+    stored: bool | None = None
     _pattern: re.Pattern[str] | None = None
 
     def matches(self, method: str, path: str) -> bool:
@@ -129,7 +138,8 @@ class Fault:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fault:
-        allowed = {"method", "path", "status", "retry_after", "delay_s", "drop", "body", "commit_after_s", "times"}
+        allowed = {"method", "path", "status", "retry_after", "delay_s", "drop", "body", "commit_after_s", "times",
+                   "stored"}
         unknown = set(data) - allowed
         if unknown:
             raise ApiError(400, "param_error", f"unknown fault fields: {sorted(unknown)}")
@@ -142,8 +152,13 @@ class Fault:
 class Emulator:
     """The whole key service in memory. Thread-safe: one lock around every operation."""
 
-    def __init__(self, token: str = "dev-token", clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, token: str = "dev-token", clock: Callable[[], float] = time.time, *,
+                 wire: str = "published", public_url: str = PUBLIC_URL) -> None:
+        if wire not in WIRE_FORMATS:
+            raise ValueError(f"wire must be one of {', '.join(WIRE_FORMATS)}, not {wire!r}")
         self.token = token
+        self.wire = wire
+        self.public_url = public_url.rstrip("/")
         self._clock = clock
         self.clock_offset_s = 0.0
         self.latency_s = 0.0
@@ -350,13 +365,14 @@ class Emulator:
 
     def begin_call(self, client_id: str, key: str, wait_s: float = 30.0) -> bool:
         """True for the one call that may run under this Idempotency-Key now; a later one waits
-        for it (up to `wait_s`) and gets False."""
+        for it (up to `wait_s`; 0: not at all) and gets False."""
         with self._lock:
             running = self._running.get((client_id, key))
             if running is None:
                 self._running[(client_id, key)] = threading.Event()
                 return True
-        running.wait(wait_s)
+        if wait_s > 0:
+            running.wait(wait_s)
         return False
 
     def end_call(self, client_id: str, key: str) -> None:

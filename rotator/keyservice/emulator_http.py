@@ -1,6 +1,7 @@
 """Serves an `Emulator` over real HTTP, with fault injection and a control surface.
 
-Routes follow docs/keyservice-api.md (and docs/keyservice-openapi.yaml). The control surface, under
+Routes follow docs/keyservice-api.md (and docs/keyservice-openapi.yaml), in the payment API's
+published wire format unless the emulator's `wire` is "legacy". The control surface, under
 `/_emulator/`, is not part of that contract; it needs the same management token: `GET ledger`,
 `POST faults` / `DELETE faults`, `POST clock` (`{"offset_s"}`), `POST latency` (`{"latency_s"}`),
 `POST seed` (the seed document).
@@ -20,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
+from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +39,7 @@ from rotator.keyservice.emulator import (
 PREFIX = "/v2.01"
 _ERROR_TYPES = {400: "param_error", 401: "unauthorized", 403: "forbidden_ressource",
                 404: "ressource_not_found", 409: "conflict", 429: "rate_limit"}
+_SLASHES = re.compile(r"/{2,}")
 
 Route = tuple[str, re.Pattern[str], str]
 _ROUTES: list[Route] = [
@@ -68,7 +71,7 @@ def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> _
 def _error(emulator: Emulator, err: ApiError, headers: dict[str, str] | None = None) -> _Answer:
     body: dict[str, Any] = {"Id": str(uuid.uuid4()), "Type": err.kind, "Message": err.message,
                             "Date": emulator.now()}
-    if err.errors:
+    if err.errors or emulator.wire == "published":  # published: `"errors": null` when there are none
         body["errors"] = err.errors
     return _json(err.status, body, headers)
 
@@ -99,7 +102,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         url = urlsplit(self.path)
-        path = url.path
+        path = _SLASHES.sub("/", url.path)  # the real API routes `/responses//{key}` (its SDK asks so)
         if emulator.latency_s:
             time.sleep(emulator.latency_s)
         if path.startswith("/_emulator/"):
@@ -119,8 +122,11 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             time.sleep(fault.commit_after_s)
             self._dispatch(method, path, url.query, raw)
             return
+        origin_delay_s = 0.0
         if fault is not None:
-            if fault.delay_s:
+            if fault.delay_s and self._claims_key(method):
+                origin_delay_s = fault.delay_s  # a slow origin: it holds the key meanwhile
+            elif fault.delay_s:
                 time.sleep(fault.delay_s)
             if fault.drop == "before":
                 self._drop()
@@ -129,32 +135,36 @@ class EmulatorHandler(BaseHTTPRequestHandler):
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
                 kind = _ERROR_TYPES.get(fault.status, "internal_error")
                 answer = _error(emulator, ApiError(fault.status, kind, "injected fault"), headers)
-                self._store_refusal(method, path, answer)
+                self._store_refusal(method, path, answer, fault)
                 self._send(answer)
                 return
             if fault.body is not None:
                 self._send(_Answer(200, fault.body.encode(), {"Content-Type": "application/json"}))
                 return
-        answer = self._dispatch(method, path, url.query, raw)
+        answer = self._dispatch(method, path, url.query, raw, origin_delay_s)
         if fault is not None and fault.drop == "after":
             self._drop()
             return
         self._send(answer)
 
-    def _store_refusal(self, method: str, path: str, answer: _Answer) -> None:
-        """An injected 4xx on an idempotent POST is the origin refusing it: stored under its key like
-        any answer below 500 (a 429 stands for a rate limiter in front, which stores nothing)."""
+    def _store_refusal(self, method: str, path: str, answer: _Answer, fault: Fault) -> None:
+        """An injected error on an idempotent POST that the origin answered (by default a 4xx; a 429
+        stands for a rate limiter in front, a 5xx for a gateway, which store nothing): stored under
+        its key like any answer of the origin."""
         key = self.headers.get("Idempotency-Key")
         parts = path.split("/")
-        if (method != "POST" or key is None or not IDEMPOTENCY_KEY_RE.match(key) or len(parts) < 3
-                or not 400 <= answer.status < 500 or answer.status == 429):
+        origin = fault.stored if fault.stored is not None else 400 <= answer.status < 500 and answer.status != 429
+        if method != "POST" or key is None or not IDEMPOTENCY_KEY_RE.match(key) or len(parts) < 3 or not origin:
             return
         emulator = self.server.emulator
         if emulator.stored(parts[2], key) is None:
             emulator.store(parts[2], key, StoredResponse(method, path, answer.status, answer.body,
                                                          "application/json", emulator.now()))
 
-    def _dispatch(self, method: str, path: str, query: str, raw: bytes) -> _Answer:
+    def _claims_key(self, method: str) -> bool:
+        return method == "POST" and IDEMPOTENCY_KEY_RE.match(self.headers.get("Idempotency-Key") or "") is not None
+
+    def _dispatch(self, method: str, path: str, query: str, raw: bytes, origin_delay_s: float = 0.0) -> _Answer:
         emulator = self.server.emulator
         try:
             for route_method, pattern, route in _ROUTES:
@@ -171,22 +181,29 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             key = self.headers.get("Idempotency-Key")
             if method == "POST" and key is not None:
                 return self._idempotent(
-                    params["c"], key, method, path, lambda: self._run(name, params, query, raw, key)
+                    params["c"], key, method, path, lambda: self._run(name, params, query, raw, key), origin_delay_s
                 )
             return self._run(name, params, query, raw, None)
         except ApiError as err:
             return _error(emulator, err)
 
     def _idempotent(self, client_id: str, key: str, method: str, path: str,
-                    run: Callable[[], _Answer]) -> _Answer:
+                    run: Callable[[], _Answer], origin_delay_s: float = 0.0) -> _Answer:
+        """One call per key runs and its answer is stored for 24 h. Published: any later or
+        concurrent POST with that key, on any path, is blocked with `409 idempotent_creation_conflict`
+        (the stored answer is read through the responses endpoint). Legacy: a concurrent call waits,
+        then gets the stored answer repeated; the key on another path is a 409 `conflict`."""
         emulator = self.server.emulator
         if not IDEMPOTENCY_KEY_RE.match(key):
             raise ApiError(400, "param_error", "Idempotency-Key must be 16-36 of [A-Za-z0-9-]",
                            {"Idempotency-Key": "invalid"})
-        # One call per key runs; a call arriving meanwhile waits for it (then gets its stored answer).
-        first = emulator.begin_call(client_id, key)
+        published = emulator.wire == "published"
+        first = emulator.begin_call(client_id, key, wait_s=0.0 if published else 30.0)
         try:
             stored = emulator.stored(client_id, key)
+            if published and (stored is not None or not first):
+                raise ApiError(409, "idempotent_creation_conflict",
+                               "A resource has already been created with this Idempotency Key")
             if stored is not None:
                 if (stored.method, stored.path) != (method, path):
                     raise ApiError(409, "conflict", "Idempotency-Key already used for another request")
@@ -194,13 +211,16 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             if not first:
                 return _error(emulator, ApiError(409, "conflict", "a call with this Idempotency-Key is running"),
                               {"Retry-After": "1"})
+            if origin_delay_s:
+                time.sleep(origin_delay_s)
             try:
                 answer = run()
             except ApiError as err:  # the origin's refusal (a 400, 404 or 409) is its answer: stored too
                 answer = _error(emulator, err)
             if answer.status < 500:
-                emulator.store(client_id, key, StoredResponse(method, path, answer.status, answer.body,
-                                                              "application/json", emulator.now()))
+                kind = "application/json; charset=utf-8" if published else "application/json"
+                emulator.store(client_id, key, StoredResponse(method, path, answer.status, answer.body, kind,
+                                                              emulator.now()))
             return answer
         finally:
             if first:
@@ -228,7 +248,16 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if name == "secret":
             return _json(200, emulator.read_secret(p["c"], p["k"]))
         if name == "responses":
-            stored = emulator.stored(p["c"], p["i"])
+            return self._stored_response(p["c"], p["i"])
+        raise AssertionError(name)
+
+    def _stored_response(self, client_id: str, key: str) -> _Answer:
+        """The API Response object of the call made with `key`. Published: strings for StatusCode
+        and ContentLength, an HTTP date, the full URL as the gateway saw it (public host, `V2.01`),
+        and 400 `correlationid_not_found` for a key never used (or malformed, or expired)."""
+        emulator = self.server.emulator
+        stored = emulator.stored(client_id, key) if IDEMPOTENCY_KEY_RE.match(key) else None
+        if emulator.wire == "legacy":
             if stored is None:
                 raise ApiError(404, "ressource_not_found", "no stored response for that key")
             return _json(200, {
@@ -236,13 +265,19 @@ class EmulatorHandler(BaseHTTPRequestHandler):
                 "ContentType": stored.content_type, "Date": stored.date,
                 "RequestURL": stored.path, "Resource": json.loads(stored.body or b"null"),
             })
-        raise AssertionError(name)
+        if stored is None:
+            raise ApiError(400, "correlationid_not_found", "no response is stored for this Idempotency-Key")
+        return _json(200, {
+            "StatusCode": str(stored.status), "ContentLength": str(len(stored.body)),
+            "ContentType": stored.content_type, "Date": formatdate(stored.date, usegmt=True),
+            "RequestURL": emulator.public_url + stored.path.replace(PREFIX, "/V2.01", 1),
+            "Resource": json.loads(stored.body or b"null"),
+        })
 
     def _token(self, raw: bytes) -> _Answer:
         emulator = self.server.emulator
         header = self.headers.get("Authorization", "")
-        form = parse_qs(raw.decode("utf-8", "replace"))
-        if form.get("grant_type") != ["client_credentials"]:
+        if _grant_type(raw) != "client_credentials":
             raise ApiError(400, "param_error", "grant_type must be client_credentials")
         if not header.startswith("Basic "):
             raise ApiError(401, "unauthorized", "Basic authentication required")
@@ -306,6 +341,21 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _grant_type(raw: bytes) -> str | None:
+    """`grant_type` from a form body, or from a JSON object under a form content type (the payment
+    API accepts what its own SDK sends)."""
+    text = raw.decode("utf-8", "replace")
+    form = parse_qs(text)
+    if "grant_type" in form:
+        return form["grant_type"][0] if len(form["grant_type"]) == 1 else None
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    value = body.get("grant_type") if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _paging(query: str) -> tuple[int, int]:

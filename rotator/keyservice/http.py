@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import httpcore
 import httpx
@@ -32,6 +32,7 @@ from rotator.errors import (
     BusyError,
     ConflictError,
     ForbiddenError,
+    IdempotencyConflictError,
     InDoubtError,
     NotFoundError,
     PermanentError,
@@ -57,6 +58,10 @@ MIN_DATE: Final = 946_684_800  # 2000-01-01T00:00:00Z
 DEFAULT_CLOCK_SKEW_S: Final = 86_400
 MAX_STATUS_LEN: Final = 64
 MAX_MESSAGE_EXCERPT: Final = 80
+MAX_REQUEST_URL_LEN: Final = 2048
+#: The error Types of the idempotency store (docs/keyservice-api.md, "Idempotency").
+KEY_USED: Final = "idempotent_creation_conflict"  # a POST with a used Idempotency-Key: blocked
+NOTHING_STORED: Final = "correlationid_not_found"  # the responses endpoint: no answer under that key
 
 #: Judges a write's 200 body (`body`, `where`, latest date): the usable answer, or ProtocolError.
 _Judge = Callable[[Any, str, float], IssuedKey]
@@ -236,14 +241,17 @@ class HttpKeyService:
 
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
         """Reset once. Raises `RefusedError` only when the service proved it did not run (a 4xx)
-        or nothing was sent; anything else that is not a usable answer for this key is `InDoubtError`."""
+        or nothing was sent; anything else that is not a usable answer for this key is `InDoubtError`.
+        A `409 idempotent_creation_conflict` (the key was used before) is answered by the stored
+        answer of that first call, read once."""
         try:
             path = _path("POST", "{ClientId}/apikeys/{KeyId}/reset", ("client id", client_id), "apikeys",
                          ("key id", key_id), "reset")
             _checked_id(idempotency_key, "Idempotency-Key", f"POST {path}")
         except ProtocolError as exc:
             raise RefusedError(f"{exc}; nothing was sent", status=None) from None
-        return self._write_once("POST", path, _reset_judge(client_id, key_id),
+        judge = _reset_judge(client_id, key_id)
+        return self._write_once("POST", path, judge, lambda: self._replay(client_id, path, idempotency_key, judge),
                                 headers={"Idempotency-Key": idempotency_key})
 
     def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
@@ -276,8 +284,9 @@ class HttpKeyService:
             {"Scope": s.name, "Read": s.read, "Write": s.write} for s in scopes]}
         if replaces is not None:
             payload["Replaces"] = replaces
-        return self._write_once("POST", path, _create_judge(client_id, alias, replaces), json=payload,
-                                headers={"Idempotency-Key": idempotency_key})
+        judge = _create_judge(client_id, alias, replaces)
+        return self._write_once("POST", path, judge, lambda: self._replay(client_id, path, idempotency_key, judge),
+                                json=payload, headers={"Idempotency-Key": idempotency_key})
 
     def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
         """The stored answer of the create of `replaces`' successor sent with `idempotency_key`: the
@@ -346,11 +355,15 @@ class HttpKeyService:
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return _decode(self._request(method, path, **kwargs), f"{method} {path}")
 
-    def _write_once(self, method: str, path: str, judge: _Judge, **kwargs: Any) -> IssuedKey:
-        """One idempotent write: a 4xx is a refusal, anything but a 200 that `judge` accepts is in doubt."""
+    def _write_once(self, method: str, path: str, judge: _Judge, replay: Callable[[], ReplayAnswer],
+                    **kwargs: Any) -> IssuedKey:
+        """One idempotent write: a 4xx is a refusal, anything but a 200 that `judge` accepts is in doubt.
+        A 409 saying the Idempotency-Key was used is neither: the first call's stored answer decides."""
         where = f"{method} {path}"
         try:
             answer = self._request(method, path, **kwargs)
+        except IdempotencyConflictError:
+            return _after_conflict(where, replay())
         except InDoubtError:
             raise
         except (PermanentError, ThrottledError) as exc:
@@ -375,19 +388,21 @@ class HttpKeyService:
         where = f"GET {path}"
         try:
             stored = self._json("GET", path)
-        except NotFoundError:
+        except NotFoundError:  # a 404, or the published 400 correlationid_not_found
             return ReplayAnswer(Replay.EMPTY)
         except RotatorError as exc:
             return ReplayAnswer(Replay.UNKNOWN, reason=f"replay failed: {exc}")
-        status = stored.get("StatusCode") if isinstance(stored, dict) else None
-        if type(status) is not int:
-            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: answer has no integer StatusCode")
-        if stored.get("RequestURL") not in (None, wanted):
+        status = stored_status(stored.get("StatusCode") if isinstance(stored, dict) else None)
+        if status is None:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: answer has no StatusCode of three digits")
+        if not same_request(stored.get("RequestURL"), wanted):
             return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored answer is for another request")
         if 400 <= status < 500:  # a stored answer is final (a 409 asking to retry is never stored)
             return ReplayAnswer(Replay.REFUSED, reason=f"the stored call had failed with {status}")
+        if status >= 500:  # the key is used up; what the call did is not in its answer
+            return ReplayAnswer(Replay.SPENT, reason=f"the stored call had failed with {status}")
         if status != 200:
-            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored call answered {excerpt(status)}")
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: the stored call answered {status}")
         try:
             return ReplayAnswer(Replay.ANSWER, judge(stored.get("Resource"), where, self._latest()))
         except ProtocolError as exc:
@@ -411,6 +426,8 @@ class HttpKeyService:
                         in_doubt = True
                         raise
         except RotatorError as exc:
+            if isinstance(exc, IdempotencyConflictError):  # the key was used: the caller reads its answer
+                raise
             if in_doubt:
                 raise InDoubtError(f"{exc} (after {self._max_attempts} attempts; outcome unknown)") from None
             if isinstance(exc, TransientError):
@@ -527,6 +544,14 @@ def _status_error(where: str, answer: _Answer) -> Exception:
                 message = _message(raw_message)
     text = f"{where}: {status}" + (f" {kind}" if kind else "") + (f": {message}" if message else "")
     transient: TransientError | None = None
+    if (status, kind) == (409, KEY_USED):
+        used = IdempotencyConflictError(text)
+        used.status = status
+        return used
+    if (status, kind) == (400, NOTHING_STORED):
+        nothing = NotFoundError(text)
+        nothing.status = status
+        return nothing
     if status >= 500:
         transient = ServerError(text, retry_after=_retry_after(answer))
     elif status == 429:
@@ -540,6 +565,54 @@ def _status_error(where: str, answer: _Answer) -> Exception:
              409: ConflictError}.get(status, PermanentError)(text)
     error.status = status
     return error
+
+
+def _after_conflict(where: str, found: ReplayAnswer) -> IssuedKey:
+    """A write blocked by `409 idempotent_creation_conflict`: its key was used, so the stored answer of
+    that first call is the outcome. Read once, never a second POST."""
+    if found.kind is Replay.ANSWER and found.issued is not None:
+        return found.issued
+    if found.kind is Replay.REFUSED:
+        raise RefusedError(f"{where}: 409 {KEY_USED}; {found.reason}", status=409, stored=True)
+    why = {Replay.EMPTY: "nothing is stored under it yet (a call with it may still be running)",
+           Replay.SPENT: f"its first call answered no secret ({found.reason})"}.get(found.kind, found.reason)
+    raise InDoubtError(f"{where}: 409 {KEY_USED}: the Idempotency-Key was used and {why}")
+
+
+def stored_status(value: object) -> int | None:
+    """The API Response object's `StatusCode`: a string of three digits as published (`"200"`), or
+    an integer; None for anything else."""
+    if type(value) is int:
+        number = value
+    elif type(value) is str and len(value) == 3 and value.isascii() and value.isdigit():
+        number = int(value)
+    else:
+        return None
+    return number if 100 <= number <= 599 else None
+
+
+def same_request(url: object, wanted: str) -> bool:
+    """Whether a stored answer's `RequestURL` names the `wanted` path. Published as the full URL the
+    service's gateway saw: any scheme-and-host (gateways rewrite hosts) and any prefix before the
+    version segment are accepted, the version segment is compared without case, every segment after
+    percent-decoding, repeated slashes and a query ignored. Absent (null) is accepted: the judge
+    still checks the stored body names the asked key."""
+    if url is None:
+        return True
+    if type(url) is not str or not url or len(url) > MAX_REQUEST_URL_LEN or not url.isprintable():
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if parts.scheme not in ("", "http", "https"):
+        return False
+    have = [unquote(s) for s in parts.path.split("/") if s]
+    want = [unquote(s) for s in wanted.split("/") if s]
+    if len(have) < len(want):
+        return False
+    tail = have[len(have) - len(want):]
+    return tail[0].lower() == want[0].lower() and tail[1:] == want[1:]
 
 
 def _message(text: str) -> str:
