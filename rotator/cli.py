@@ -174,12 +174,19 @@ def emulator(
     seed: Annotated[Path | None, typer.Option(help="Seed file (docs/emulator.md).")] = None,
     token: Annotated[str, typer.Option(envvar="ROTATOR_KEYSERVICE_TOKEN",
                                        help="Management token it accepts.")] = "dev-token",
+    wire: Annotated[str, typer.Option(help="Wire format: 'published' (the payment API's) or 'legacy' "
+                                           "(this project's earlier imitation).")] = "published",
+    public_url: Annotated[str, typer.Option(help="Host its gateway names in a stored RequestURL.")]
+    = "https://api.keyservice.example",
 ) -> None:
     """Serve the key-service API (docs/keyservice-api.md) for development and tests."""
     from rotator.keyservice.emulator import Emulator
     from rotator.keyservice.emulator_http import EmulatorServer
 
-    emu = Emulator(token=token)
+    try:
+        emu = Emulator(token=token, wire=wire, public_url=public_url)
+    except ValueError as exc:
+        fail(f"--wire: {exc}", 2)
     if seed is not None:
         try:
             emu.load_seed_file(seed)

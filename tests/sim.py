@@ -18,13 +18,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import random
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from email.utils import formatdate
 from typing import Any
+
+import httpx
 
 from rotator.domain import (
     ApiKey,
@@ -33,15 +37,15 @@ from rotator.domain import (
     Generation,
     IssuedKey,
     KeyRef,
-    Replay,
     ReplayAnswer,
     Scope,
     Secret,
 )
 from rotator.engine import INLINE, Engine
-from rotator.errors import InDoubtError, NotFoundError, PermanentError, RefusedError, TransientError
+from rotator.errors import InDoubtError, NotFoundError, PermanentError, TransientError
 from rotator.events import CapturePublisher
 from rotator.fingerprint import Fingerprinter
+from rotator.keyservice.http import HttpKeyService
 from rotator.policy import Policy
 from rotator.protocols import SecretRecord, StoredState
 from rotator.sinks.base import encode, refuse_if_stale, secret_from_document, state_from_document
@@ -212,8 +216,9 @@ class FakeKey:
 
 
 class FakeKeyService:
-    """docs/keyservice-api.md's rules, in memory: one run per Idempotency-Key, stored answers for 24 h
-    (4xx included), 5xx never stored; faults chosen by the seed."""
+    """docs/keyservice-api.md's rules, in memory: one run per Idempotency-Key, its answer stored for
+    24 h (whatever it was) and every later POST with that key blocked with a 409; faults chosen by
+    the seed. Writes and replays reach it through the real HTTP adapter."""
 
     def __init__(self, sim: Sim) -> None:
         self.sim = sim
@@ -229,6 +234,8 @@ class FakeKeyService:
         self.sinks: list[FakeSink] = []  # what consumers read: a revoke is checked against it
         self.grace_s = 0.0
         self.faulty = True
+        self.http = HttpKeyService("https://keys.example.com", "sim-token", max_attempts=1, timeout_s=3600,
+                                   clock_skew_s=10 * 365 * DAY, transport=httpx.MockTransport(self._wire))
 
     def add(self, key_id: str, created_at: int) -> None:
         self.keys[key_id] = FakeKey(created_at, None, f"seed-secret-{key_id}", f"alias {key_id}")
@@ -266,16 +273,14 @@ class FakeKeyService:
             return self._api_key(key_id, replaced_by=link[0])
         return self._api_key(key_id)
 
-    def _run_reset(self, key_id: str, ik: str, seen: Generation) -> IssuedKey:
+    def _run_reset(self, key_id: str, ik: str, seen: Generation) -> tuple[int, IssuedKey | None]:
         """The origin runs the reset (once per Idempotency-Key) and stores its answer. The ledger
         names the generation the request was sent for, so two resets sent for one generation
         count as two even when the second lands after the first (a late commit)."""
-        if self._live(ik):
-            _, _, status, answer = self.stored[ik]
-            if status != 200 or answer is None:
-                raise RefusedError("stored refusal replayed", status=status)
-            return answer
-        key = self.keys[key_id]
+        key = self.keys.get(key_id)
+        if key is None:
+            self.stored[ik] = (self.sim.now, key_id, 404, None)
+            return 404, None
         self.previous[key_id] = (key.last_reset_at, self.sim.now)
         replaced = seen
         previous = key.last_reset_at if key.last_reset_at is not None else key.created_at
@@ -286,7 +291,7 @@ class FakeKeyService:
         answer = IssuedKey(self._api_key(key_id), Secret(key.secret))
         self.stored[ik] = (self.sim.now, key_id, 200, answer)
         self.issued[ik] = (self.sim.now, key_id, 200, answer)  # for the checks: never expires
-        return answer
+        return 200, answer
 
     def _live(self, ik: str) -> bool:
         """A stored answer within its 24 h; an expired one is forgotten (the key can run again)."""
@@ -296,78 +301,96 @@ class FakeKeyService:
             return False
         return found is not None
 
+    # The writes and the replays go through the real HTTP adapter, over an in-memory transport that
+    # answers in the payment API's published wire format (docs/keyservice-api.md).
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
         self.sim.point(f"ks reset {key_id} ik={idempotency_key[:10]}")
-        seen = self.keys[key_id].generation
-        return self._call(idempotency_key, key_id, lambda: self._run_reset(key_id, idempotency_key, seen))
+        return self.http.reset_key(client_id, key_id, idempotency_key)
 
-    def _call(self, ik: str, stored_as: str, run: Callable[[], IssuedKey]) -> IssuedKey:
+    def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
+        self.sim.point(f"ks replay {key_id} ik={idempotency_key[:10]}")
+        return self.http.replay(client_id, key_id, idempotency_key)
+
+    def create_key(self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,
+                   replaces: str | None = None) -> IssuedKey:
+        self.sim.point(f"ks create successor of {replaces} ik={idempotency_key[:10]}")
+        return self.http.create_key(client_id, alias, scopes, idempotency_key, replaces=replaces)
+
+    def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
+        self.sim.point(f"ks replay create of {replaces} ik={idempotency_key[:10]}")
+        return self.http.replay_create(client_id, replaces, idempotency_key)
+
+    def _wire(self, request: httpx.Request) -> httpx.Response:
+        """The key service's answers over the wire: the idempotent POSTs and the responses endpoint."""
+        parts = request.url.path.split("/")[3:]  # after /v2.01/sim
+        if request.method == "GET" and parts[0] == "responses":
+            return self._stored_response(parts[1])
+        ik = request.headers["Idempotency-Key"]
+        if parts[-1] == "reset":
+            key_id = parts[1]
+            seen = self.keys[key_id].generation if key_id in self.keys else Generation(0, 0)
+            return self._post(ik, key_id, lambda: self._run_reset(key_id, ik, seen))
+        body = json.loads(request.content)
+        replaces, alias = body["Replaces"], body["Alias"]
+        seen = self.keys[replaces].generation if replaces in self.keys else Generation(0, 0)
+        return self._post(ik, f"create:{replaces}", lambda: self._run_create(replaces, ik, seen, alias))
+
+    def _post(self, ik: str, stored_as: str, run: Callable[[], tuple[int, IssuedKey | None]]) -> httpx.Response:
         """The contract's answers to one idempotent POST, faults drawn by the seed."""
-        if ik in self.pending:
-            raise InDoubtError("409: a call with this key is running")
+        if ik in self.pending or self._live(ik):  # a used key is blocked, whatever its first answer was
+            return _error(409, "idempotent_creation_conflict")
         roll = self.sim.rng.random() if self.faulty and self.sim.chaos else 1.0
         if roll < 0.03:  # a gateway (rate limiter, WAF) refuses: the origin never sees it, stores nothing
-            raise RefusedError("429 from the gateway", status=429)
-        if self._live(ik):  # the origin replays what it stored for this key, whatever else happens
-            return run()
+            return _error(429, "rate_limit")
         if roll < 0.06:  # the origin refuses, and stores the refusal under the key
             self.stored[ik] = (self.sim.now, stored_as, 403, None)
-            raise RefusedError("403 forbidden", status=403)
+            return _error(403, "forbidden_ressource")
+        if roll < 0.08:  # the origin fails before it runs anything, and stores that 500: the key is spent
+            self.stored[ik] = (self.sim.now, stored_as, 500, None)
+            return _error(500, "internal_error")
         if roll < 0.12:
-            raise InDoubtError("502 from the gateway; the origin never saw it")
+            return _error(502, "internal_error")  # from the gateway; the origin never saw it
         if roll < 0.20:  # a gateway gives up, the origin commits later (within its 60 s deadline)
             self.pending.add(ik)
 
             def commit() -> None:
                 self.pending.discard(ik)
-                with contextlib.suppress(RefusedError):
-                    run()
+                run()
 
             self.sim.at(self.sim.rng.uniform(0.5, 60.0), commit)
-            raise InDoubtError("504 from the gateway while the origin goes on")
-        answer = run()
+            return _error(504, "internal_error")
+        status, answer = run()
         self.sim.point(f"ks answered {stored_as}")
+        if answer is None:
+            return _error(status, "conflict" if status == 409 else "ressource_not_found")
+        if roll < 0.25:
+            raise httpx.ReadTimeout("no answer")  # a time-out, a dropped connection
         if roll < 0.30:
-            raise InDoubtError("no answer (time-out, or a cut or unparsable 200)")
-        return answer
+            return httpx.Response(200, content=json.dumps(_issued_json(answer)).encode()[:40])  # cut
+        return httpx.Response(200, json=_issued_json(answer))
 
-    def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
-        self.sim.point(f"ks replay {key_id} ik={idempotency_key[:10]}")
+    def _stored_response(self, ik: str) -> httpx.Response:
         if self._p(0.05):
-            return ReplayAnswer(Replay.UNKNOWN, reason="replay: 503")
-        if not self._live(idempotency_key):
-            return ReplayAnswer(Replay.EMPTY)
-        found = self.stored[idempotency_key]
-        _, stored_key, status, answer = found
-        if stored_key != key_id:
-            return ReplayAnswer(Replay.UNKNOWN, reason="another request")
-        if status != 200:
-            return ReplayAnswer(Replay.REFUSED, reason=f"stored {status}")
-        return ReplayAnswer(Replay.ANSWER, answer)
+            return _error(503, "internal_error")
+        if not self._live(ik):
+            return _error(400, "correlationid_not_found")
+        date, stored_as, status, answer = self.stored[ik]
+        path = "/V2.01/sim/apikeys" + ("" if stored_as.startswith("create:") else f"/{stored_as}/reset")
+        resource = _issued_json(answer) if answer is not None else {"Type": "refused", "Message": "stored"}
+        return httpx.Response(200, json={
+            "StatusCode": str(status), "ContentLength": str(len(json.dumps(resource))),
+            "ContentType": "application/json; charset=utf-8", "Date": formatdate(date, usegmt=True),
+            "RequestURL": f"https://api.keyservice.example{path}", "Resource": resource})
 
-    def create_key(self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,
-                   replaces: str | None = None) -> IssuedKey:
-        self.sim.point(f"ks create successor of {replaces} ik={idempotency_key[:10]}")
-        if replaces is None or replaces not in self.keys:
-            raise RefusedError("404: no such key to replace", status=404)
-        seen = self.keys[replaces].generation
-        return self._call(idempotency_key, f"create:{replaces}",
-                          lambda: self._run_create(replaces, idempotency_key, seen, alias))
-
-    def _run_create(self, replaces: str, ik: str, seen: Generation, alias: str) -> IssuedKey:
+    def _run_create(self, replaces: str, ik: str, seen: Generation, alias: str) -> tuple[int, IssuedKey | None]:
         """The origin creates the successor once per Idempotency-Key (the contract's rules: one live
         successor, no chains, the same alias); a conflict is a stored 409."""
-        if self._live(ik):
-            _, _, status, answer = self.stored[ik]
-            if status != 200 or answer is None:
-                raise RefusedError("stored refusal replayed", status=status)
-            return answer
         old = self.keys.get(replaces)
         if old is None or old.replaced_by is not None or (old.replaces is not None and old.replaces in self.keys) \
                 or alias != old.alias:
             self.stored[ik] = (self.sim.now, f"create:{replaces}", 409, None)
-            raise RefusedError("409 conflict", status=409)
-        new_id = f"{replaces.split('~')[0]}~{len(self.creates) + 1}"
+            return 409, None
+        new_id = f"{replaces.split('.')[0]}.s{len(self.creates) + 1}"
         created = max(int(self.sim.now), old.created_at + 1)
         secret = f"live-secret-{self.sim.seed}-c{len(self.creates)}-{self.sim.rng.randrange(10**9)}"
         self.keys[new_id] = FakeKey(created, None, secret, old.alias, replaces=replaces)
@@ -378,20 +401,7 @@ class FakeKeyService:
         answer = IssuedKey(self._api_key(new_id), Secret(secret))
         self.stored[ik] = (self.sim.now, f"create:{replaces}", 200, answer)
         self.issued[ik] = (self.sim.now, new_id, 200, answer)
-        return answer
-
-    def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
-        self.sim.point(f"ks replay create of {replaces} ik={idempotency_key[:10]}")
-        if self._p(0.05):
-            return ReplayAnswer(Replay.UNKNOWN, reason="replay: 503")
-        if not self._live(idempotency_key):
-            return ReplayAnswer(Replay.EMPTY)
-        _, stored_as, status, answer = self.stored[idempotency_key]
-        if stored_as != f"create:{replaces}":
-            return ReplayAnswer(Replay.UNKNOWN, reason="another request")
-        if status != 200 or answer is None:
-            return ReplayAnswer(Replay.REFUSED, reason=f"stored {status}")
-        return ReplayAnswer(Replay.ANSWER, answer)
+        return 200, answer
 
     def revoke_key(self, client_id: str, key_id: str) -> None:
         """Revoke; checked against what consumers read: never a key a sink still holds, never a
@@ -451,6 +461,19 @@ class FakeKeyService:
 
     def close(self) -> None:
         return None
+
+
+def _error(status: int, kind: str) -> httpx.Response:
+    return httpx.Response(status, json={"Message": kind, "Type": kind, "Id": "sim", "Date": 1_800_000_000,
+                                        "errors": None}, headers={"Retry-After": "1"} if status == 429 else None)
+
+
+def _issued_json(issued: IssuedKey) -> dict[str, Any]:
+    key = issued.key
+    return {"Id": key.key_id, "ClientId": key.client_id, "Alias": key.alias, "IsAutoGenerated": False,
+            "Environment": key.environment.value, "Scopes": [], "CreationDate": key.created_at,
+            "LastResetDate": key.last_reset_at, "Status": "ACTIVE", "Replaces": key.replaces,
+            "ReplacedBy": key.replaced_by, "Secret": issued.secret.reveal()}
 
 
 # --- sinks -------------------------------------------------------------------------------------

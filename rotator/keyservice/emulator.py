@@ -111,7 +111,8 @@ class Fault:
 
     `drop="before"` closes the connection without running the call; `drop="after"` runs it (the
     reset commits) and then closes the connection without answering. `status` answers with an
-    error instead of running; `body` answers 200 with that raw text. With `commit_after_s`, the
+    error instead of running; `body` answers 200 with that raw text; `cut` runs the call and answers
+    200 with the first half of its body (a garbled answer of a call that ran). With `commit_after_s`, the
     reply (`status`, or else a cut connection) comes at once and the call runs that much later, as
     behind a gateway that gave up while the origin went on. `times` counts matches (-1: forever).
     An injected `status` on an idempotent POST is stored under its key as the origin's answer when
@@ -129,6 +130,7 @@ class Fault:
     commit_after_s: float | None = None
     times: int = 1
     stored: bool | None = None
+    cut: bool = False
     _pattern: re.Pattern[str] | None = None
 
     def matches(self, method: str, path: str) -> bool:
@@ -139,7 +141,7 @@ class Fault:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fault:
         allowed = {"method", "path", "status", "retry_after", "delay_s", "drop", "body", "commit_after_s", "times",
-                   "stored"}
+                   "stored", "cut"}
         unknown = set(data) - allowed
         if unknown:
             raise ApiError(400, "param_error", f"unknown fault fields: {sorted(unknown)}")

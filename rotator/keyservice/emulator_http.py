@@ -119,8 +119,11 @@ class EmulatorHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
             else:
                 self._drop()
-            time.sleep(fault.commit_after_s)
-            self._dispatch(method, path, url.query, raw)
+            if self._claims_key(method):  # the origin holds the key from now on: other calls get the 409
+                self._dispatch(method, path, url.query, raw, fault.commit_after_s)
+            else:
+                time.sleep(fault.commit_after_s)
+                self._dispatch(method, path, url.query, raw)
             return
         origin_delay_s = 0.0
         if fault is not None:
@@ -145,6 +148,8 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if fault is not None and fault.drop == "after":
             self._drop()
             return
+        if fault is not None and fault.cut:
+            answer = _Answer(answer.status, answer.body[: len(answer.body) // 2], answer.headers)
         self._send(answer)
 
     def _store_refusal(self, method: str, path: str, answer: _Answer, fault: Fault) -> None:
