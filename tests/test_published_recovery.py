@@ -142,6 +142,7 @@ def test_two_actors_with_one_key_reset_once(emulator: Emulator, keyservice: Http
     assert "idempotent_creation_conflict" in blocked.reason
     assert [r.status for r in second.recover_all()] == ["recovered"]
     assert len(emulator.ledger) == 1 and stored_everywhere(sinks, emulator, due, keyservice)
+    assert events.names() == ["rotation.in_doubt", "rotation.recovered"]
     for store in states:
         assert store.attempts() == []
         for key in store.client.scan_iter(f"{store.ns}:*"):
@@ -156,8 +157,10 @@ def test_redis_lost_after_an_unstored_reset_is_repaired_by_replay(
     key = keyservice.get_key(due.client_id, due.key_id)
     keyservice.reset_key(due.client_id, due.key_id, idempotency_key(engine._ik_mac, due, key.generation, 0))
     drift, results = engine.repair()
+    assert {d.reason for d in drift} == {"no secret stored"} and len(drift) == len(sinks)
     assert [r.status for r in results] == ["recovered"], [r.reason for r in results]
     assert len(emulator.ledger) == 1 and stored_everywhere(sinks, emulator, due, keyservice)
+    assert events.names() == ["drift.detected", "drift.detected", "rotation.recovered"]
 
 
 def test_a_stored_origin_5xx_spends_the_key_and_the_next_epoch_rotates(
