@@ -883,6 +883,7 @@ class Engine:
         """With no answer to replay: nothing is owed when every sink holds the successor's current
         secret; when some do, the others are written from them (IAM keeps no answers). None: neither."""
         if len(holding) == len(self.sinks):
+            self._mark_successor_stored(record, successor)  # the grace counts from no earlier than now
             self.state.delete_attempt(record, lease)
             return self._result(record.ref, record, "skipped", f"settled: successor {successor.key_id}'s "
                                                                "current secret is in every sink")
@@ -891,6 +892,13 @@ class Engine:
             if copied is not None:
                 return self._store(copied, record, lease, "rotation.recovered", prepared=None)
         return None
+
+    def _mark_successor_stored(self, record: AttemptRecord, successor: ApiKey) -> None:
+        """Every sink holds the successor from now on: its grace starts here (only ever later, so a
+        sink written late, or found holding it by a later settle, gives its consumers the whole grace)."""
+        when = max(self.clock(), self.stored_at(successor))
+        self.state.mark_stored_rotation(KeyRef(record.client_id, record.replaces or record.key_id),
+                                        f"{STORED_SUCCESSOR} {successor.key_id}", when)
 
     def _copy_from_sinks(self, successor: ApiKey, record: AttemptRecord) -> IssuedKey | None:
         """The successor's secret as a sink holds it, when it is the one this attempt stored (its
@@ -978,9 +986,7 @@ class Engine:
         if record.generation and not problems and record.action != "create":  # its age may count from it
             self.state.mark_stored_rotation(record.ref, record.generation, self.clock())
         if record.action == "create":  # the grace counts from here: every sink holds the successor
-            replaced_ref = KeyRef(record.client_id, record.replaces or record.key_id)
-            when = max(self.clock(), self.stored_at(issued.key))  # only ever later
-            self.state.mark_stored_rotation(replaced_ref, f"{STORED_SUCCESSOR} {issued.key.key_id}", when)
+            self._mark_successor_stored(record, issued.key)
         self.state.delete_attempt(record, lease)
         status = "recovered" if success_event == "rotation.recovered" else "succeeded"
         if problems:

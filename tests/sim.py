@@ -735,11 +735,15 @@ def run_seed(seed: int, *, durable: bool = False) -> Sim:
     invariant, carrying the run's event trace. `durable`: Redis loses nothing, so the mid-run
     invariant is checked in every run."""
     sim = Sim(seed)
+    outside = random.getstate()
+    random.seed(seed)  # the engine's back-off jitter draws from `random`: the same seed, the same run
     try:
         return _run(sim, durable)
     except Violation as exc:
         exc.trace = sim.trace  # type: ignore[attr-defined]
         raise
+    finally:
+        random.setstate(outside)
 
 
 def _run(sim: Sim, durable: bool) -> Sim:
@@ -771,6 +775,9 @@ def _run(sim: Sim, durable: bool) -> Sim:
 
     for n in range(rng.randint(2, 6)):
         trigger(n)
+    if rng.random() < 0.5:  # beat's recovery sweep runs while the chaos goes on (late commits still pending)
+        sweep, pause = engine_for(sim, "sweep"), rng.uniform(5, 70)
+        sim.spawn("sweep", lambda: (sim.sleep(pause), sweep.recover_all())[1])
     # Either Redis loses state (writes, or everything), or a day passes with no recovery (answers
     # expire), not both: with no record and no replay left, nothing can tell rotator's lost reset
     # from a stranger's. (Keep Redis persistent, or recovery running: docs/protocol.md.)

@@ -66,7 +66,7 @@ def test_it_catches_an_in_doubt_reset_read_as_never_ran(monkeypatch: pytest.Monk
     monkeypatch.setattr("rotator.engine.judge", lambda phase, replaced, now, replay, answered, waited, horizon:
                         real(phase, replaced, now, replay, answered, waited, 0.0))
 
-    def clear(self: Any, key: Any, record: Any, lease: Any, success_event: str) -> Any:
+    def clear(self: Any, key: Any, record: Any, lease: Any, success_event: str, step: Any = None) -> Any:
         self.state.delete_attempt(record, lease)
         return self._skipped(key, record.trigger, "the reset never ran; record cleared")
 
@@ -75,6 +75,21 @@ def test_it_catches_an_in_doubt_reset_read_as_never_ran(monkeypatch: pytest.Monk
     monkeypatch.setattr(Engine, "_settle", lambda self, record, lease, why="", success_event="rotation.recovered",
                         resend=True: settle(self, record, lease, why, success_event, True))
     assert first_violation(2000, "not in every sink", durable=True) is not None
+
+
+def test_it_catches_the_next_epoch_sent_when_nothing_is_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing stored past the horizon must send the same key again, not the next epoch's: when the
+    horizon is cut short (Redis's clock jumps ahead) while a gateway's late commit is still on its
+    way, a new key resets the key a second time; the same key is blocked (409) and collapses onto
+    the late commit's answer."""
+    real = protocol.judge
+
+    def next_epoch(*args: Any) -> protocol.Step:
+        step = real(*args)
+        return protocol.Step.SPENT if step is protocol.Step.NOT_RUN else step
+
+    monkeypatch.setattr("rotator.engine.judge", next_epoch)
+    assert first_violation(1200, "reset twice") is not None
 
 
 def test_it_catches_a_fresh_idempotency_key_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
