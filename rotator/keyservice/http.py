@@ -352,8 +352,8 @@ class HttpKeyService:
             previous = rows
             page += 1
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return _decode(self._request(method, path, **kwargs), f"{method} {path}")
+    def _json(self, method: str, path: str, shown: str | None = None, **kwargs: Any) -> Any:
+        return _decode(self._request(method, path, shown=shown, **kwargs), f"{method} {shown or path}")
 
     def _write_once(self, method: str, path: str, judge: _Judge, replay: Callable[[], ReplayAnswer],
                     **kwargs: Any) -> IssuedKey:
@@ -385,9 +385,11 @@ class HttpKeyService:
                          ("Idempotency-Key", idempotency_key))
         except ProtocolError as exc:
             return ReplayAnswer(Replay.UNKNOWN, reason=f"replay not sent: {exc}")
-        where = f"GET {path}"
+        # The Idempotency-Key reads the live secret from the stored answer: no message names it.
+        shown = path.rsplit("/", 1)[0] + "/{IdempotencyKey}"
+        where = f"GET {shown}"
         try:
-            stored = self._json("GET", path)
+            stored = self._json("GET", path, shown=shown)
         except NotFoundError:  # a 404, or the published 400 correlationid_not_found
             return ReplayAnswer(Replay.EMPTY)
         except RotatorError as exc:
@@ -409,7 +411,8 @@ class HttpKeyService:
             return ReplayAnswer(Replay.UNKNOWN, reason=str(exc))
 
     def _request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,),
-                 auth: httpx.Auth | None = None, **kwargs: Any) -> _Answer:
+                 auth: httpx.Auth | None = None, shown: str | None = None, **kwargs: Any) -> _Answer:
+        """One call with its retries; `shown` names the path in messages instead of `path`."""
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_attempt(self._max_attempts) | stop_after_delay(self._call_deadline_s),
@@ -421,7 +424,7 @@ class HttpKeyService:
             for attempt in retrying:
                 with attempt:
                     try:
-                        return self._send(method, path, expect, auth or self._auth, kwargs)
+                        return self._send(method, path, expect, auth or self._auth, kwargs, shown)
                     except (UnansweredError, ServerError, BusyError):
                         in_doubt = True
                         raise
@@ -438,9 +441,9 @@ class HttpKeyService:
         raise AssertionError("unreachable")
 
     def _send(self, method: str, path: str, expect: tuple[int, ...], auth: httpx.Auth,
-              kwargs: dict[str, Any]) -> _Answer:
+              kwargs: dict[str, Any], shown: str | None = None) -> _Answer:
         """One try, within the deadline: connect, send, read the headers and the capped body."""
-        where = f"{method} {path}"
+        where = f"{method} {shown or path}"
         deadline = time.monotonic() + self._timeout_s
         _DEADLINE.at = deadline
         try:
