@@ -220,6 +220,7 @@ class AttemptRecord:
     action: str = "reset"  # "create": the overlap strategy's successor key (`Replaces` this key)
     issued_key_id: str | None = None  # the key id the answer named (a create's successor)
     replaces: str | None = None  # a create recorded under its successor (a repair): the key it replaced
+    doubt_since: float = 0.0  # when the attempt first went in doubt; kept when it is sent again (0: `since`)
 
     @property
     def ref(self) -> KeyRef:

@@ -586,12 +586,12 @@ class Engine:
         if isinstance(prepared, str):
             return self._failed(key, None, f"{prepared}; the key was not reset", trigger=trigger)
         generation = str(key.generation)
-        epoch = self.state.epoch(ref, generation) + (1 if new_key else 0)
-        if epoch >= MAX_EPOCHS:
-            return self._failed(key, None, f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up (refused, "
-                                           "failed, or replaying a rotation already stored); nothing reset",
-                                trigger=trigger)
+        epoch = self.state.epoch(ref, generation)
         if new_key:
+            epoch += 1
+            if epoch >= MAX_EPOCHS:
+                return self._failed(key, None, f"{MAX_EPOCHS} resets of unchanged key dates; nothing reset",
+                                    trigger=trigger)
             self.state.set_epoch(ref, generation, epoch, lease)
         now = self.state.now()
         record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()),
@@ -619,7 +619,8 @@ class Engine:
             self.state.set_epoch(record.ref, record.generation, epoch, lease)
             record = replace(record, epoch=epoch, idempotency_key=idempotency_key(
                 self._ik_mac, record.ref, Generation.parse(record.generation), epoch, record.action))
-        record = replace(record, phase=advance(Phase.IN_DOUBT, step).to.value, since=self.state.now())
+        record = replace(record, phase=advance(Phase.IN_DOUBT, step).to.value, since=self.state.now(),
+                         doubt_since=record.doubt_since or record.since)
         return self._send(key, record, lease, prepared, success_event)
 
     def _send(self, key: ApiKey, record: AttemptRecord, lease: Any, prepared: dict[int, object],
@@ -664,7 +665,9 @@ class Engine:
 
     def _doubt(self, key: ApiKey, record: AttemptRecord, lease: Any, why: str) -> RotationResult:
         """The reset may have run: the record says so durably, then one replay may settle it now."""
-        record = replace(record, phase=advance(Phase.RESETTING, Step.NO_ANSWER).to.value, since=self.state.now())
+        now = self.state.now()
+        record = replace(record, phase=advance(Phase.RESETTING, Step.NO_ANSWER).to.value, since=now,
+                         doubt_since=record.doubt_since or now)
         self.state.save_attempt(record, lease)
         self.emit("rotation.in_doubt", key, record, why)
         settled = self._settle(record, lease, why, success_event="rotation.succeeded", resend=False)
@@ -1162,7 +1165,7 @@ class Engine:
                 if answer.kind not in (Replay.REFUSED, Replay.SPENT):  # those two led to the next epoch
                     break
             else:
-                unknown = unknown or f"{MAX_EPOCHS} refused epochs in a row"
+                unknown = unknown or f"{MAX_EPOCHS} refused or spent epochs in a row"
         return _Lookup(unknown=unknown)
 
     def _replay_creation(self, key: ApiKey) -> _Lookup:
@@ -1214,7 +1217,8 @@ class Engine:
 
     def _unsettled(self, record: AttemptRecord, reason: str, key: ApiKey | None = None) -> RotationResult:
         status = "at_risk" if record.phase == Phase.STORING.value else "in_doubt"
-        if self.state.now() - record.since > STUCK_S:  # a replay that never settles needs a person
+        began = min(record.since, record.doubt_since or record.since)  # sending it again keeps the first doubt
+        if self.state.now() - began > STUCK_S:  # a replay that never settles (or a key always blocked) needs a person
             if key is not None:
                 self.emit("rotation.secret_at_risk", key, record, f"unsettled for over a day: {reason}")
             else:

@@ -12,6 +12,7 @@ class RotatorError(Exception):
     """Root of every error rotator raises on purpose."""
 
     status: int | None = None  # the HTTP status behind it, where there was one
+    kind: str = ""  # the error `Type` the key service named, where it named a clean one
 
 
 class TransientError(RotatorError):

@@ -129,6 +129,8 @@ def judge(phase: Phase, replaced: Generation | None, now: Generation, replay: Re
         return Step.REFUSED
     if replay not in (Replay.EMPTY, Replay.SPENT) or waited_s < horizon_s:
         return Step.NO_ANSWER
+    if replay is Replay.SPENT and phase is Phase.STORING:
+        return Step.SPENT  # a stored failure of a call that answered 200: no transition, kept for a person
     if phase is not Phase.STORING and replaced is not None and now == replaced:
         return Step.SPENT if replay is Replay.SPENT else Step.NOT_RUN
     return Step.LOST  # it ran (an answer came once, or the generation moved) and nothing is left

@@ -348,3 +348,45 @@ def test_the_cli_rotates_by_overlap_for_one_run_and_status_shows_the_retiring_ke
     assert rows[successor]["state"] == "ok" and rows[successor]["retiring"] is None
     again = runner.invoke(app, ["rotate", "--client-id", "acme", "--key-id", old, "--config", str(path)])
     assert "would skip" in again.stdout and "retiring" in again.stdout, again.output
+
+
+def test_a_lost_create_that_every_sink_holds_starts_its_grace_when_it_is_settled(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, keys: dict[str, str], file_sink: Any,
+) -> None:
+    """The process died after the successor's write and before it recorded that every sink held it;
+    the stored answer is gone. Recovery finds every sink holding the successor and clears the record:
+    the old key's grace counts from then, never from the successor's creation long before."""
+    class DiesAfterWriting:
+        def __init__(self, sink: Any) -> None:
+            self.sink, self.wrote = sink, False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.sink, name)
+
+        def write(self, record: Any, prepared: Any = None) -> Any:
+            self.wrote = True
+            return self.sink.write(record, prepared)
+
+        def read_state(self, key: ApiKey) -> Any:
+            if self.wrote:
+                raise Crash()
+            return self.sink.read_state(key)
+
+    old = keys["payments"]
+    clock = Clock()
+    engine, _ = overlap_engine(keyservice, state, [DiesAfterWriting(file_sink)], clock=clock)
+    with pytest.raises(Crash):
+        engine.rotate(KeyRef("acme", old), trigger="test")
+    new = successor_of(keyservice, old)
+    assert holds(file_sink, emulator, new) and state.stored_rotation(KeyRef("acme", old)) is None
+
+    emulator.add_fault(Fault(method="GET", path=r"/responses/", status=404, times=-1))  # the answer is gone
+    clock.shift = 2 * GRACE  # long after the successor's creation
+    survivor, _ = overlap_engine(keyservice, state, [file_sink], clock=clock, horizon_s=0.0)
+    [settled] = survivor.recover_all()
+    assert settled.status == "skipped" and "every sink" in settled.reason, settled.reason
+    old_key = keyservice.get_key("acme", old)
+    assert survivor.retire_at(old_key, new) >= clock() + GRACE - 5
+    retire = survivor.rotate(KeyRef("acme", old), trigger="schedule")
+    assert retire.status == "skipped" and "retiring" in retire.reason, retire.reason
+    assert keyservice.get_key("acme", old).replaced_by == new.key_id  # not revoked

@@ -53,7 +53,10 @@ def test_judge_is_never_rash(phase: Phase, replaced: Generation | None, now: Gen
     if step is Step.NOT_RUN:
         assert replay is Replay.EMPTY and waited >= HORIZON and replaced == now and phase is Phase.IN_DOUBT
     if step is Step.SPENT:  # only a key whose stored answer failed moves to the next epoch
-        assert replay is Replay.SPENT and waited >= HORIZON and replaced == now and phase is Phase.IN_DOUBT
+        assert replay is Replay.SPENT and waited >= HORIZON
+        assert (replaced == now and phase is Phase.IN_DOUBT) or phase is Phase.STORING
+    if step is Step.SPENT and phase is Phase.STORING:  # a stored failure after a 200: a violation, kept
+        assert (phase, step) not in TRANSITIONS
     if replay is Replay.SPENT and waited < HORIZON:
         assert step is Step.NO_ANSWER
     if step is Step.LOST and waited < HORIZON:

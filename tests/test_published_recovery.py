@@ -21,6 +21,7 @@ from rotator.keyservice.http import HttpKeyService
 from rotator.policy import Policy
 from rotator.protocol import idempotency_key
 from rotator.sinks import registry
+from rotator.sinks.memory import MemorySink
 from rotator.state import RedisState
 from tests.test_engine import FP, holds_current, memory
 
@@ -112,14 +113,64 @@ def test_a_retry_after_a_5xx_that_committed_meets_the_409_and_reads_the_answer(
         emulator: Emulator, keyservice: HttpKeyService, state: RedisState, sinks: list[Any], due: KeyRef) -> None:
     """A gateway 502 while the origin commits at once: the adapter's retry is blocked (409) and
     goes on from the stored answer."""
-    engine, _ = engine_for(keyservice, state, sinks)
+    patient = HttpKeyService(keyservice_url(keyservice), emulator.token, max_attempts=3, retry_initial_s=0.5,
+                             clock_skew_s=3 * DAY)  # its retry comes once the origin has committed
+    engine, events = engine_for(patient, state, sinks)
     emulator.add_fault(Fault(method="POST", path="/reset$", status=502, commit_after_s=0.0))
     result = engine.rotate(due, trigger="test")
-    if result.status == "in_doubt":  # the retry came while the origin still held the key
-        wait_for(lambda: len(emulator.ledger) == 1)
-        assert [r.status for r in engine.recover_all()] == ["recovered"]
-    else:
-        assert result.status == "succeeded", result.reason
+    assert result.status == "succeeded", result.reason
+    assert len(emulator.ledger) == 1 and stored_everywhere(sinks, emulator, due, keyservice)
+    assert events.names() == ["rotation.succeeded"]
+
+
+def keyservice_url(keyservice: HttpKeyService) -> str:
+    return str(keyservice._client.base_url)
+
+
+def test_a_stray_correlationid_not_found_never_reads_as_a_key_gone(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, sinks: list[Any], due: KeyRef) -> None:
+    """`400 correlationid_not_found` means "nothing stored" at the responses endpoint only: a proxy
+    answering it to a key read while the reset is in doubt must not clear the record."""
+    engine, events = engine_for(keyservice, state, sinks)
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=504, commit_after_s=0.5))
+    assert engine.rotate(due, trigger="test").status == "in_doubt"
+    wait_for(lambda: len(emulator.ledger) == 1)
+    emulator.add_fault(Fault(method="GET", path=f"/apikeys/{due.key_id}$", status=400,
+                             kind="correlationid_not_found", times=-1))
+    [stray] = engine.recover_all()
+    assert stray.status == "in_doubt" and "cannot read the key" in stray.reason, stray.reason
+    emulator.clear_faults()
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
+    assert len(emulator.ledger) == 1 and stored_everywhere(sinks, emulator, due, keyservice)
+    assert events.names() == ["rotation.in_doubt", "rotation.recovered"]
+
+
+def test_a_key_blocked_past_a_day_raises_the_critical_event(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, sinks: list[Any], due: KeyRef) -> None:
+    """An attempt in doubt for two days whose key the service still blocks (a call with it runs and
+    nothing is stored): sending the same key again meets the 409 each time, and the attempt's first
+    doubt, kept across the sends, raises rotation.secret_at_risk. Once the call ends, it is stored."""
+    from rotator.domain import AttemptRecord
+
+    engine, events = engine_for(keyservice, state, sinks)
+    key = keyservice.get_key(due.client_id, due.key_id)
+    ik = idempotency_key(engine._ik_mac, due, key.generation, 0)
+    long_ago = state.now() - 2 * DAY
+    lease = state.acquire(f"key:{due}", 5)
+    state.save_attempt(AttemptRecord(due.client_id, due.key_id, "two-days-ago", ik, str(key.generation), 0,
+                                     "schedule", long_ago, "in_doubt", long_ago), lease)
+    lease.release()
+    emulator.add_fault(Fault(method="POST", path="/reset$", delay_s=1.5))  # a call with the key runs meanwhile
+    running = threading.Thread(target=lambda: keyservice.reset_key(due.client_id, due.key_id, ik))
+    running.start()
+    time.sleep(0.3)
+    [blocked] = engine.recover_all()
+    assert blocked.status == "in_doubt" and "idempotent_creation_conflict" in blocked.reason, blocked.reason
+    assert "rotation.secret_at_risk" in events.names()
+    [record] = state.attempts()
+    assert record.doubt_since == long_ago and record.since > long_ago
+    running.join(10)
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
     assert len(emulator.ledger) == 1 and stored_everywhere(sinks, emulator, due, keyservice)
 
 
@@ -177,6 +228,16 @@ def test_a_stored_origin_5xx_spends_the_key_and_the_next_epoch_rotates(
     assert reset.idempotency_key != record.idempotency_key and state.epoch(due, record.generation) == 1
     assert stored_everywhere(sinks, emulator, due, keyservice) and state.attempts() == []
     assert "rotation.secret_at_risk" not in events.names()
+    # Then Redis and every sink lose it all: the repair reads past the spent epoch to the next one.
+    for key in state.client.scan_iter(f"{state.ns}:*"):
+        state.client.delete(key)
+    MemorySink.reset_all()
+    emptied = [memory(), memory()]
+    assert emptied[0].read_state(keyservice.get_key(due.client_id, due.key_id)) is None
+    repairer, _ = engine_for(keyservice, state, emptied)
+    drift, results = repairer.repair()
+    assert drift and [r.status for r in results] == ["recovered"], [r.reason for r in results]
+    assert len(emulator.ledger) == 1 and stored_everywhere(emptied, emulator, due, keyservice)
 
 
 def test_nothing_stored_past_the_horizon_sends_the_same_key_again(

@@ -124,6 +124,8 @@ def test_an_oauth_token_never_reads_a_stored_answer(emulator: Emulator, emulator
         IdempotencyResponse.get(IDEM)
     assert info.value.code == 401 and reset[1] not in str(info.value.content)
     _, token = handler.auth_manager.authorization.oauth_token()
-    direct = requests.get(f"{emulator_server.url}/v2.01/acme/responses/{IDEM}", timeout=5,
-                          headers={"Authorization": f"Bearer {token['access_token']}"})
+    url = f"{emulator_server.url}/v2.01/acme/responses/{IDEM}"
+    direct = requests.get(url, timeout=5, headers={"Authorization": f"Bearer {token['access_token']}"})
     assert direct.status_code == 401 and reset[1] not in direct.text
+    managed = requests.get(url, timeout=5, headers={"Authorization": f"Bearer {emulator.token}"})
+    assert managed.json()["Resource"]["Secret"] == reset[1]  # the same request with the management token

@@ -592,16 +592,22 @@ def test_the_page_in_chromium(fleet: Fleet, page: str, browser: Any, tmp_path: P
     assert "attempt in_doubt" in row_of(browser, fleet.keys["stuck"]).text
     assert {r.find_element(By.CSS_SELECTOR, "td.strategy").text for r in rows} == {"reset"}
 
-    header = browser.find_element(By.CSS_SELECTOR, 'button[data-sort="due"]')
-    header.click()
+    # The page refreshes its table while the test runs: each click and read is one script, so no
+    # element found in one step is gone (stale) by the next.
+    sort_by_due = "document.querySelector('button[data-sort=\"due\"]').click();"
+    browser.execute_script(sort_by_due)
     dues = due_order(browser)
     assert dues == sorted(dues) and len(dues) == 9
-    assert header.find_element(By.XPATH, "..").get_attribute("aria-sort") == "ascending"
-    header.click()
+    assert browser.execute_script(
+        "return document.querySelector('button[data-sort=\"due\"]').parentElement.getAttribute('aria-sort');"
+    ) == "ascending"
+    browser.execute_script(sort_by_due)
     assert due_order(browser) == sorted(dues, reverse=True)
 
     browser.find_element(By.ID, "filter").send_keys("billing")
-    assert [r.get_attribute("data-key") for r in rows if r.is_displayed()] == [fleet.keys["billing"]]
+    shown = "return [...document.querySelectorAll('#keys tbody tr[data-key]')].filter(r => r.offsetParent !== null)" \
+            ".map(r => r.dataset.key);"
+    assert browser.execute_script(shown) == [fleet.keys["billing"]]
     browser.find_element(By.ID, "filter").clear()
     browser.find_element(By.ID, "filter").send_keys(" ")  # an input event; blank matches all
     browser.save_screenshot(str(tmp_path / "status-page.png"))

@@ -84,6 +84,7 @@ def test_request_urls_are_judged_by_their_path(url: str | None) -> None:
     f"https://api.mangopay.com/V3.0/{CLIENT}/apikeys/{KEY}/reset",  # another version
     f"ftp://api.mangopay.com/V2.01/{CLIENT}/apikeys/{KEY}/reset",
     f"https://api.mangopay.com/V2.01/{CLIENT}/APIKEYS/{KEY}/RESET",
+    f"https://api.mangopay.com/V2.01/{CLIENT}/apikeys/key_other/reset/V2.01/{CLIENT}/apikeys/{KEY}/reset",
     "", 7, ["/v2.01"], "x" * 3000,
 ])
 def test_a_request_url_for_anything_else_proves_nothing(url: Any) -> None:
@@ -234,3 +235,38 @@ def test_no_message_of_the_409_path_carries_the_secret_or_the_key_that_reads_it(
             adapter(conflict_then(responses)).reset_key(CLIENT, KEY, IDEM)
         said = str(info.value) + json.dumps(info.value.args) + adapter(responses).replay(CLIENT, KEY, IDEM).reason
         assert SECRET not in said and IDEM not in said and "{IdempotencyKey}" in said
+
+
+def test_an_injected_origin_refusal_obeys_the_key_in_use(emulator: Emulator, emulator_server: Any) -> None:
+    """The emulator's injected refusal stands for the origin's answer: a key whose first call is still
+    running is blocked (409) and nothing is stored over that call's answer."""
+    import threading
+
+    emulator.add_client("acme", auto_key=False)
+    key = emulator.add_key("acme", "payments").id
+    emulator.add_fault(Fault(method="POST", path="/reset$", delay_s=1.0))  # the origin holds the key
+    headers = {"Authorization": f"Bearer {emulator.token}", "Idempotency-Key": IDEM}
+    url = f"{emulator_server.url}/v2.01/acme/apikeys/{key}/reset"
+    first: list[httpx.Response] = []
+    running = threading.Thread(target=lambda: first.append(httpx.post(url, headers=headers, timeout=5)))
+    running.start()
+    import time
+    time.sleep(0.3)
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=403))
+    second = httpx.post(url, headers=headers, timeout=5)
+    running.join(5)
+    assert (second.status_code, second.json()["Type"]) == (409, "idempotent_creation_conflict")
+    assert first[0].status_code == 200 and emulator.stored("acme", IDEM).status == 200  # type: ignore[union-attr]
+
+
+def test_a_slow_gateway_fault_on_an_idempotent_post_is_slow(emulator: Emulator, emulator_server: Any) -> None:
+    """`delay_s` with a status (or a dropped connection) is a slow gateway: it waits before answering."""
+    import time
+
+    emulator.add_client("acme", auto_key=False)
+    key = emulator.add_key("acme", "payments").id
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=504, delay_s=0.5))
+    started = time.monotonic()
+    answer = httpx.post(f"{emulator_server.url}/v2.01/acme/apikeys/{key}/reset", timeout=5,
+                        headers={"Authorization": f"Bearer {emulator.token}", "Idempotency-Key": IDEM})
+    assert answer.status_code == 504 and time.monotonic() - started >= 0.5 and emulator.ledger == []

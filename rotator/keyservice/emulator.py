@@ -131,6 +131,7 @@ class Fault:
     times: int = 1
     stored: bool | None = None
     cut: bool = False
+    kind: str | None = None  # the error `Type` of an injected `status` (default: the contract's for it)
     _pattern: re.Pattern[str] | None = None
 
     def matches(self, method: str, path: str) -> bool:
@@ -141,7 +142,7 @@ class Fault:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fault:
         allowed = {"method", "path", "status", "retry_after", "delay_s", "drop", "body", "commit_after_s", "times",
-                   "stored", "cut"}
+                   "stored", "cut", "kind"}
         unknown = set(data) - allowed
         if unknown:
             raise ApiError(400, "param_error", f"unknown fault fields: {sorted(unknown)}")

@@ -109,62 +109,63 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             self._send(self._control(method, path, raw))
             return
         fault = emulator.take_fault(method, path)
-        if fault is not None and fault.commit_after_s is not None:
+        if fault is None:
+            self._send(self._dispatch(method, path, url.query, raw))
+            return
+        held = self._claims_key(method)  # an idempotent POST: the origin holds its key while it runs it
+        if fault.commit_after_s is not None:
             # A gateway that gives up (an error status, or a cut connection) while the origin goes
             # on and commits later: the call runs, and its answer is stored, after the reply.
             if fault.status is not None:
-                kind = _ERROR_TYPES.get(fault.status, "internal_error")
-                self._send(_error(emulator, ApiError(fault.status, kind, "injected gateway fault"),
-                                  {"Connection": "close"}))
+                self._send(self._injected(fault, "injected gateway fault", {"Connection": "close"}))
                 self.close_connection = True
             else:
                 self._drop()
-            if self._claims_key(method):  # the origin holds the key from now on: other calls get the 409
+            if held:
                 self._dispatch(method, path, url.query, raw, fault.commit_after_s)
             else:
                 time.sleep(fault.commit_after_s)
                 self._dispatch(method, path, url.query, raw)
             return
-        origin_delay_s = 0.0
-        if fault is not None:
-            if fault.delay_s and self._claims_key(method):
-                origin_delay_s = fault.delay_s  # a slow origin: it holds the key meanwhile
-            elif fault.delay_s:
-                time.sleep(fault.delay_s)
-            if fault.drop == "before":
-                self._drop()
-                return
-            if fault.status is not None:
-                headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
-                kind = _ERROR_TYPES.get(fault.status, "internal_error")
-                answer = _error(emulator, ApiError(fault.status, kind, "injected fault"), headers)
-                self._store_refusal(method, path, answer, fault)
-                self._send(answer)
-                return
-            if fault.body is not None:
-                self._send(_Answer(200, fault.body.encode(), {"Content-Type": "application/json"}))
-                return
-        answer = self._dispatch(method, path, url.query, raw, origin_delay_s)
-        if fault is not None and fault.drop == "after":
+        runs = fault.status is None and fault.drop != "before" and fault.body is None
+        if fault.delay_s and not (held and runs):
+            time.sleep(fault.delay_s)  # a slow gateway (a running call's delay is the origin's, below)
+        if fault.drop == "before":
             self._drop()
             return
-        if fault is not None and fault.cut:
+        if fault.status is not None:
+            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
+            answer = self._injected(fault, "injected fault", headers)
+            origin = fault.stored if fault.stored is not None else 400 <= fault.status < 500 and fault.status != 429
+            if held and origin:  # the origin's own answer: under the idempotency rules, and stored
+                answer = self._origin_answer(method, path, answer)
+            self._send(answer)
+            return
+        if fault.body is not None:
+            self._send(_Answer(200, fault.body.encode(), {"Content-Type": "application/json"}))
+            return
+        answer = self._dispatch(method, path, url.query, raw, fault.delay_s if held else 0.0)
+        if fault.drop == "after":
+            self._drop()
+            return
+        if fault.cut:
             answer = _Answer(answer.status, answer.body[: len(answer.body) // 2], answer.headers)
         self._send(answer)
 
-    def _store_refusal(self, method: str, path: str, answer: _Answer, fault: Fault) -> None:
-        """An injected error on an idempotent POST that the origin answered (by default a 4xx; a 429
-        stands for a rate limiter in front, a 5xx for a gateway, which store nothing): stored under
-        its key like any answer of the origin."""
-        key = self.headers.get("Idempotency-Key")
-        parts = path.split("/")
-        origin = fault.stored if fault.stored is not None else 400 <= answer.status < 500 and answer.status != 429
-        if method != "POST" or key is None or not IDEMPOTENCY_KEY_RE.match(key) or len(parts) < 3 or not origin:
-            return
-        emulator = self.server.emulator
-        if emulator.stored(parts[2], key) is None:
-            emulator.store(parts[2], key, StoredResponse(method, path, answer.status, answer.body,
-                                                         "application/json", emulator.now()))
+    def _injected(self, fault: Fault, message: str, headers: dict[str, str] | None) -> _Answer:
+        assert fault.status is not None
+        kind = fault.kind or _ERROR_TYPES.get(fault.status, "internal_error")
+        return _error(self.server.emulator, ApiError(fault.status, kind, message), headers)
+
+    def _origin_answer(self, method: str, path: str, answer: _Answer) -> _Answer:
+        """An injected answer of the origin to an idempotent POST: a used or running key is blocked
+        (published) or replayed (legacy) as for any call, and the answer is stored under its key."""
+        client_id = path.split("/")[2] if path.count("/") >= 2 else ""
+        key = self.headers.get("Idempotency-Key", "")
+        try:
+            return self._idempotent(client_id, key, method, path, lambda: answer, store_any=True)
+        except ApiError as err:
+            return _error(self.server.emulator, err)
 
     def _claims_key(self, method: str) -> bool:
         return method == "POST" and IDEMPOTENCY_KEY_RE.match(self.headers.get("Idempotency-Key") or "") is not None
@@ -193,7 +194,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             return _error(emulator, err)
 
     def _idempotent(self, client_id: str, key: str, method: str, path: str,
-                    run: Callable[[], _Answer], origin_delay_s: float = 0.0) -> _Answer:
+                    run: Callable[[], _Answer], origin_delay_s: float = 0.0, store_any: bool = False) -> _Answer:
         """One call per key runs and its answer is stored for 24 h. Published: any later or
         concurrent POST with that key, on any path, is blocked with `409 idempotent_creation_conflict`
         (the stored answer is read through the responses endpoint). Legacy: a concurrent call waits,
@@ -222,7 +223,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
                 answer = run()
             except ApiError as err:  # the origin's refusal (a 400, 404 or 409) is its answer: stored too
                 answer = _error(emulator, err)
-            if answer.status < 500:
+            if answer.status < 500 or store_any:
                 kind = "application/json; charset=utf-8" if published else "application/json"
                 emulator.store(client_id, key, StoredResponse(method, path, answer.status, answer.body, kind,
                                                               emulator.now()))

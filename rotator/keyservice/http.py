@@ -390,9 +390,11 @@ class HttpKeyService:
         where = f"GET {shown}"
         try:
             stored = self._json("GET", path, shown=shown)
-        except NotFoundError:  # a 404, or the published 400 correlationid_not_found
+        except NotFoundError:  # a 404: nothing stored
             return ReplayAnswer(Replay.EMPTY)
         except RotatorError as exc:
+            if (exc.status, exc.kind) == (400, NOTHING_STORED):  # the published "nothing stored"
+                return ReplayAnswer(Replay.EMPTY)
             return ReplayAnswer(Replay.UNKNOWN, reason=f"replay failed: {exc}")
         status = stored_status(stored.get("StatusCode") if isinstance(stored, dict) else None)
         if status is None:
@@ -549,12 +551,8 @@ def _status_error(where: str, answer: _Answer) -> Exception:
     transient: TransientError | None = None
     if (status, kind) == (409, KEY_USED):
         used = IdempotencyConflictError(text)
-        used.status = status
+        used.status, used.kind = status, kind
         return used
-    if (status, kind) == (400, NOTHING_STORED):
-        nothing = NotFoundError(text)
-        nothing.status = status
-        return nothing
     if status >= 500:
         transient = ServerError(text, retry_after=_retry_after(answer))
     elif status == 429:
@@ -562,11 +560,11 @@ def _status_error(where: str, answer: _Answer) -> Exception:
     elif status == 409 and answer.headers.get("Retry-After") is not None:
         transient = BusyError(text, retry_after=_retry_after(answer))
     if transient is not None:
-        transient.status = status
+        transient.status, transient.kind = status, kind
         return transient
     error = {401: AuthenticationError, 403: ForbiddenError, 404: NotFoundError,
              409: ConflictError}.get(status, PermanentError)(text)
-    error.status = status
+    error.status, error.kind = status, kind
     return error
 
 
@@ -598,8 +596,8 @@ def same_request(url: object, wanted: str) -> bool:
     """Whether a stored answer's `RequestURL` names the `wanted` path. Published as the full URL the
     service's gateway saw: any scheme-and-host (gateways rewrite hosts) and any prefix before the
     version segment are accepted, the version segment is compared without case, every segment after
-    percent-decoding, repeated slashes and a query ignored. Absent (null) is accepted: the judge
-    still checks the stored body names the asked key."""
+    percent-decoding, repeated slashes and a query ignored; the version segment must stand once.
+    Absent (null) is accepted: the judge still checks the stored body names the asked key."""
     if url is None:
         return True
     if type(url) is not str or not url or len(url) > MAX_REQUEST_URL_LEN or not url.isprintable():
@@ -612,10 +610,8 @@ def same_request(url: object, wanted: str) -> bool:
         return False
     have = [unquote(s) for s in parts.path.split("/") if s]
     want = [unquote(s) for s in wanted.split("/") if s]
-    if len(have) < len(want):
-        return False
-    tail = have[len(have) - len(want):]
-    return tail[0].lower() == want[0].lower() and tail[1:] == want[1:]
+    versions = [i for i, segment in enumerate(have) if segment.lower() == want[0].lower()]
+    return len(versions) == 1 and have[versions[0] + 1:] == want[1:]
 
 
 def _message(text: str) -> str:
