@@ -97,3 +97,18 @@ def test_the_protocol_document_shows_the_current_table() -> None:
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
     assert diagram() in text and table() in text
+
+
+def test_attempt_records_of_the_previous_release_still_read() -> None:
+    """A record written before `doubt_since` existed reads with it unset (its `since` counts), and a
+    record with a field this release does not know still reads (a rolling upgrade either way)."""
+    from rotator.domain import AttemptRecord
+
+    older = {"client_id": "acme", "key_id": "key_1", "attempt_id": "a", "idempotency_key": "r2-" + "0" * 32,
+             "generation": "1700000000:1700000000", "epoch": 0, "trigger": "schedule", "started_at": 10.0,
+             "phase": "in_doubt", "since": 20.0, "issued_generation": None, "fingerprint": None,
+             "action": "reset", "issued_key_id": None, "replaces": None}
+    record = AttemptRecord.from_dict(older)
+    assert (record.doubt_since, record.since, record.phase) == (0.0, 20.0, "in_doubt")
+    newer = {**record.to_dict(), "doubt_since": 15.0, "a_field_of_a_later_release": 1}
+    assert AttemptRecord.from_dict(newer).doubt_since == 15.0
