@@ -116,8 +116,8 @@ class Fault:
     reply (`status`, or else a cut connection) comes at once and the call runs that much later, as
     behind a gateway that gave up while the origin went on. `times` counts matches (-1: forever).
     An injected `status` on an idempotent POST is stored under its key as the origin's answer when
-    `stored` says so; by default a 4xx other than 429 is (the origin refused), a 5xx or 429 is not
-    (a gateway answered).
+    `stored` says so; by default a 4xx other than 429 is (the origin refused), a 5xx, a 429 or a 409
+    with `retry_after` (the legacy "still running") is not.
     """
 
     method: str = "*"

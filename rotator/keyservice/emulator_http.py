@@ -136,7 +136,9 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if fault.status is not None:
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
             answer = self._injected(fault, "injected fault", headers)
-            origin = fault.stored if fault.stored is not None else 400 <= fault.status < 500 and fault.status != 429
+            busy = fault.status in (409, 429) and fault.retry_after is not None  # "try again": nothing stored
+            origin = fault.stored if fault.stored is not None else 400 <= fault.status < 500 and fault.status != 429 \
+                and not busy
             if held and origin:  # the origin's own answer: under the idempotency rules, and stored
                 answer = self._origin_answer(method, path, answer)
             self._send(answer)
