@@ -586,12 +586,12 @@ class Engine:
         if isinstance(prepared, str):
             return self._failed(key, None, f"{prepared}; the key was not reset", trigger=trigger)
         generation = str(key.generation)
-        epoch = self.state.epoch(ref, generation)
+        epoch = self.state.epoch(ref, generation) + (1 if new_key else 0)
+        if epoch >= MAX_EPOCHS:  # beyond what recovery without Redis reads: never sent
+            return self._failed(key, None, f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up (refused, "
+                                           "failed or forced); nothing reset. The count expires two days after its "
+                                           "last use", trigger=trigger)
         if new_key:
-            epoch += 1
-            if epoch >= MAX_EPOCHS:
-                return self._failed(key, None, f"{MAX_EPOCHS} resets of unchanged key dates; nothing reset",
-                                    trigger=trigger)
             self.state.set_epoch(ref, generation, epoch, lease)
         now = self.state.now()
         record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()),
@@ -615,7 +615,8 @@ class Engine:
             if epoch >= MAX_EPOCHS:
                 self._refused(record, lease)
                 return self._failed(key, record, f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up "
-                                                 "without a reset; nothing reset")
+                                                 "without a reset; nothing reset. The count expires two days after "
+                                                 "its last use")
             self.state.set_epoch(record.ref, record.generation, epoch, lease)
             record = replace(record, epoch=epoch, idempotency_key=idempotency_key(
                 self._ik_mac, record.ref, Generation.parse(record.generation), epoch, record.action))
@@ -719,7 +720,7 @@ class Engine:
             advance(phase, step)
         except ProtocolViolation as exc:
             self.emit("rotation.secret_at_risk", key, record, f"the key service contradicts itself: {exc}")
-            return self._unsettled(record, f"protocol violation ({exc}); the record is kept for a person", key)
+            return self._unsettled(record, f"protocol violation ({exc}); a person must look", key)
         if step is Step.ANSWERED and replay.issued is not None:
             return self._store(replay.issued, record, lease, success_event, prepared=None)
         if step is Step.NO_ANSWER:

@@ -46,8 +46,10 @@ from rotator.domain import Generation, KeyRef, Replay
 #: The contract's in-doubt horizon: the origin's own request deadline (60 s) plus slack for our
 #: request's time in flight. Judged on the state store's clock, shared by every worker.
 DEFAULT_HORIZON_S: Final = 90.0
-#: Epochs tried when looking for the answer of a reset whose record was lost.
-MAX_EPOCHS: Final = 8
+#: Idempotency-Keys one generation of a key may use up (refused, spent, or forced past a stored
+#: rotation; counted in the state store for two days). Recovery without it reads them in order,
+#: past every refused or spent one, so every key in use is found.
+MAX_EPOCHS: Final = 64
 
 
 class Phase(enum.StrEnum):

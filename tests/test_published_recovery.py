@@ -127,16 +127,18 @@ def keyservice_url(keyservice: HttpKeyService) -> str:
     return str(keyservice._client.base_url)
 
 
-def test_a_stray_correlationid_not_found_never_reads_as_a_key_gone(
-        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, sinks: list[Any], due: KeyRef) -> None:
-    """`400 correlationid_not_found` means "nothing stored" at the responses endpoint only: a proxy
-    answering it to a key read while the reset is in doubt must not clear the record."""
+@pytest.mark.parametrize(("status", "kind"), [(400, "correlationid_not_found"), (404, "route_not_found")])
+def test_a_proxys_answer_to_a_key_read_never_reads_as_a_key_gone(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, sinks: list[Any], due: KeyRef,
+        status: int, kind: str) -> None:
+    """`400 correlationid_not_found` means "nothing stored" at the responses endpoint only, and a 404
+    means "gone" only with the service's own Type: a proxy answering either to a key read while the
+    reset is in doubt must not clear the record."""
     engine, events = engine_for(keyservice, state, sinks)
     emulator.add_fault(Fault(method="POST", path="/reset$", status=504, commit_after_s=0.5))
     assert engine.rotate(due, trigger="test").status == "in_doubt"
     wait_for(lambda: len(emulator.ledger) == 1)
-    emulator.add_fault(Fault(method="GET", path=f"/apikeys/{due.key_id}$", status=400,
-                             kind="correlationid_not_found", times=-1))
+    emulator.add_fault(Fault(method="GET", path=f"/apikeys/{due.key_id}$", status=status, kind=kind, times=-1))
     [stray] = engine.recover_all()
     assert stray.status == "in_doubt" and "cannot read the key" in stray.reason, stray.reason
     emulator.clear_faults()
@@ -274,3 +276,36 @@ def test_the_overlap_create_whose_answer_was_lost_is_read_back(
 def _published(emulator: Emulator) -> Iterator[None]:
     emulator.wire = "published"
     yield
+
+
+def refuse_eight_times(engine: Engine, emulator: Emulator, due: KeyRef) -> None:
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=403, times=8))
+    for _ in range(8):
+        assert engine.rotate(due, trigger="test").status == "failed"
+    assert emulator.ledger == []
+
+
+def test_eight_stored_refusals_do_not_block_the_key(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, sinks: list[Any], due: KeyRef) -> None:
+    """Each stored refusal uses up a key; the ninth trigger rotates with the ninth."""
+    engine, _ = engine_for(keyservice, state, sinks)
+    refuse_eight_times(engine, emulator, due)
+    assert engine.rotate(due, trigger="test").status == "succeeded"
+    assert len(emulator.ledger) == 1 and stored_everywhere(sinks, emulator, due, keyservice)
+
+
+def test_a_reset_past_eight_refused_epochs_is_repaired_without_redis(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, due: KeyRef) -> None:
+    """Eight stored refusals, then the ninth key's reset runs and its worker dies before any sink
+    write, and Redis loses everything: the repair reads past every refused key to the one in use."""
+    engine, _ = engine_for(keyservice, state, [memory()])
+    refuse_eight_times(engine, emulator, due)
+    key = keyservice.get_key(due.client_id, due.key_id)
+    keyservice.reset_key(due.client_id, due.key_id, idempotency_key(engine._ik_mac, due, key.generation, 8))
+    for entry in state.client.scan_iter(f"{state.ns}:*"):
+        state.client.delete(entry)
+    MemorySink.reset_all()
+    emptied = [memory()]
+    _, results = engine_for(keyservice, state, emptied)[0].repair()
+    assert [r.status for r in results] == ["recovered"], [r.reason for r in results]
+    assert len(emulator.ledger) == 1 and stored_everywhere(emptied, emulator, due, keyservice)

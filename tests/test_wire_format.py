@@ -229,6 +229,8 @@ def test_no_message_of_the_409_path_carries_the_secret_or_the_key_that_reads_it(
     adapter says about either (errors, replay reasons) never names them."""
     failing: list[Handler] = [stored(RequestURL="/v2.01/x/apikeys/y/reset"), stored(Resource={**KEY_OBJECT, "Secret": 5}),
                               lambda request: httpx.Response(503, json={"Type": "internal_error"}),
+                              lambda request: httpx.Response(502, json={"Type": "internal_error",
+                                                                        "Message": f"upstream {request.url}"}),
                               lambda request: httpx.Response(200, content=b"{not json")]
     for responses in failing:
         with pytest.raises(InDoubtError) as info:
@@ -270,3 +272,52 @@ def test_a_slow_gateway_fault_on_an_idempotent_post_is_slow(emulator: Emulator, 
     answer = httpx.post(f"{emulator_server.url}/v2.01/acme/apikeys/{key}/reset", timeout=5,
                         headers={"Authorization": f"Bearer {emulator.token}", "Idempotency-Key": IDEM})
     assert answer.status_code == 504 and time.monotonic() - started >= 0.5 and emulator.ledger == []
+
+
+def test_a_read_retried_after_a_5xx_still_knows_nothing_is_stored() -> None:
+    """A replay whose first try met a 503 and whose retry says `correlationid_not_found` is "nothing
+    stored", not a failed read (a GET runs nothing, so its last answer counts)."""
+    answers = iter([httpx.Response(503, json={"Type": "internal_error"}), httpx.Response(400, json=PUBLISHED_400)])
+    service = HttpKeyService("https://keys.example.com", "t", max_attempts=3, retry_initial_s=0.001,
+                             clock_skew_s=10 * 365 * 86_400, transport=httpx.MockTransport(lambda r: next(answers)))
+    assert service.replay(CLIENT, KEY, IDEM).kind is Replay.EMPTY
+
+
+@pytest.mark.parametrize(("status", "body"), [
+    (400, PUBLISHED_400), (404, {"Type": "route_not_found"}), (404, {"Message": "Not Found"}),
+])
+def test_only_the_services_own_404_says_a_key_is_gone(status: int, body: dict[str, Any]) -> None:
+    """A key read answered by a proxy (a 404 of another Type, or `correlationid_not_found`) is an
+    error, never "the key is gone" (which would end an attempt whose reset ran)."""
+    from rotator.errors import NotFoundError, PermanentError
+
+    with pytest.raises(PermanentError) as info:
+        adapter(lambda request: httpx.Response(status, json=body)).get_key(CLIENT, KEY)
+    assert not isinstance(info.value, NotFoundError)
+    with pytest.raises(NotFoundError):
+        adapter(lambda request: httpx.Response(404, json={"Type": "ressource_not_found"})).get_key(CLIENT, KEY)
+
+
+def test_a_key_whose_id_reads_like_the_version_is_replayed() -> None:
+    """Ids may be `v2.01` too: only a version segment before the asked path is refused."""
+    key = {**KEY_OBJECT, "Id": "v2.01"}
+    url = f"https://api.mangopay.com/V2.01/{CLIENT}/apikeys/v2.01/reset"
+    answer = adapter(stored(RequestURL=url, Resource={**key, "Secret": SECRET})).replay(CLIENT, "v2.01", IDEM)
+    assert answer.kind is Replay.ANSWER
+
+
+def test_emulator_faults_model_gateways_not_stored_answers(emulator: Emulator, emulator_server: Any) -> None:
+    """A slow gateway that gives up is slow; an injected "key used" 409 is never stored as the call's
+    answer (the service stores what the call itself answered)."""
+    import time
+
+    emulator.add_client("acme", auto_key=False)
+    key = emulator.add_key("acme", "payments").id
+    url = f"{emulator_server.url}/v2.01/acme/apikeys/{key}/reset"
+    headers = {"Authorization": f"Bearer {emulator.token}", "Idempotency-Key": IDEM}
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=409, kind="idempotent_creation_conflict"))
+    assert httpx.post(url, headers=headers, timeout=5).status_code == 409 and emulator.stored("acme", IDEM) is None
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=504, delay_s=0.5, commit_after_s=0.1))
+    started = time.monotonic()
+    assert httpx.post(url, headers=headers, timeout=5).status_code == 504
+    assert time.monotonic() - started >= 0.5

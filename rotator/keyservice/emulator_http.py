@@ -116,6 +116,8 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if fault.commit_after_s is not None:
             # A gateway that gives up (an error status, or a cut connection) while the origin goes
             # on and commits later: the call runs, and its answer is stored, after the reply.
+            if fault.delay_s:
+                time.sleep(fault.delay_s)  # a slow gateway, then it gives up
             if fault.status is not None:
                 self._send(self._injected(fault, "injected gateway fault", {"Connection": "close"}))
                 self.close_connection = True
@@ -136,9 +138,11 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if fault.status is not None:
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
             answer = self._injected(fault, "injected fault", headers)
-            busy = fault.status in (409, 429) and fault.retry_after is not None  # "try again": nothing stored
+            # "Try again", "the key is used" and "nothing stored" are never a call's own stored answer.
+            busy = fault.status in (409, 429) and fault.retry_after is not None
+            bookkeeping = fault.kind in ("idempotent_creation_conflict", "correlationid_not_found")
             origin = fault.stored if fault.stored is not None else 400 <= fault.status < 500 and fault.status != 429 \
-                and not busy
+                and not busy and not bookkeeping
             if held and origin:  # the origin's own answer: under the idempotency rules, and stored
                 answer = self._origin_answer(method, path, answer)
             self._send(answer)

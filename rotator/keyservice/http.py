@@ -395,7 +395,9 @@ class HttpKeyService:
         except RotatorError as exc:
             if (exc.status, exc.kind) == (400, NOTHING_STORED):  # the published "nothing stored"
                 return ReplayAnswer(Replay.EMPTY)
-            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay failed: {exc}")
+            # Status and Type only: a gateway's Message might echo the URL, and with it the key.
+            said = str(exc) if exc.status is None else f"{where}: {exc.status} {exc.kind}".rstrip()
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay failed: {said}")
         status = stored_status(stored.get("StatusCode") if isinstance(stored, dict) else None)
         if status is None:
             return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: answer has no StatusCode of three digits")
@@ -421,23 +423,25 @@ class HttpKeyService:
             wait=self._wait,
             reraise=True,
         )
-        in_doubt = False  # once a try proved nothing (no answer, a 5xx), the call may have run
+        in_doubt = False  # once a write's try proved nothing (no answer, a 5xx), the call may have run
+        tries = 0
         try:
             for attempt in retrying:
                 with attempt:
+                    tries += 1
                     try:
                         return self._send(method, path, expect, auth or self._auth, kwargs, shown)
                     except (UnansweredError, ServerError, BusyError):
-                        in_doubt = True
+                        in_doubt = method != "GET"  # a read runs nothing: its last answer is what counts
                         raise
         except RotatorError as exc:
             if isinstance(exc, IdempotencyConflictError):  # the key was used: the caller reads its answer
                 raise
             if in_doubt:
-                raise InDoubtError(f"{exc} (after {self._max_attempts} attempts; outcome unknown)") from None
+                raise InDoubtError(f"{exc} (after {tries} attempts; outcome unknown)") from None
             if isinstance(exc, TransientError):
-                again = type(exc)(f"{exc} (gave up after {self._max_attempts} attempts)", retry_after=exc.retry_after)
-                again.status = exc.status
+                again = type(exc)(f"{exc} (gave up after {tries} attempts)", retry_after=exc.retry_after)
+                again.status, again.kind = exc.status, exc.kind
                 raise again from None
             raise
         raise AssertionError("unreachable")
@@ -562,7 +566,9 @@ def _status_error(where: str, answer: _Answer) -> Exception:
     if transient is not None:
         transient.status, transient.kind = status, kind
         return transient
-    error = {401: AuthenticationError, 403: ForbiddenError, 404: NotFoundError,
+    # "Gone" only on the service's own word: a proxy's 404 (no such Type) must not end an attempt.
+    gone = NotFoundError if kind == "ressource_not_found" else PermanentError
+    error = {401: AuthenticationError, 403: ForbiddenError, 404: gone,
              409: ConflictError}.get(status, PermanentError)(text)
     error.status, error.kind = status, kind
     return error
@@ -596,7 +602,7 @@ def same_request(url: object, wanted: str) -> bool:
     """Whether a stored answer's `RequestURL` names the `wanted` path. Published as the full URL the
     service's gateway saw: any scheme-and-host (gateways rewrite hosts) and any prefix before the
     version segment are accepted, the version segment is compared without case, every segment after
-    percent-decoding, repeated slashes and a query ignored; the version segment must stand once.
+    percent-decoding, repeated slashes and a query ignored; no version segment may stand before it.
     Absent (null) is accepted: the judge still checks the stored body names the asked key."""
     if url is None:
         return True
@@ -610,8 +616,11 @@ def same_request(url: object, wanted: str) -> bool:
         return False
     have = [unquote(s) for s in parts.path.split("/") if s]
     want = [unquote(s) for s in wanted.split("/") if s]
-    versions = [i for i, segment in enumerate(have) if segment.lower() == want[0].lower()]
-    return len(versions) == 1 and have[versions[0] + 1:] == want[1:]
+    version = want[0].lower()
+    start = len(have) - len(want)
+    if start < 0 or have[start].lower() != version or have[start + 1:] != want[1:]:
+        return False
+    return all(segment.lower() != version for segment in have[:start])  # no other call's path nested before
 
 
 def _message(text: str) -> str:
