@@ -1218,7 +1218,7 @@ class Engine:
 
     def _unsettled(self, record: AttemptRecord, reason: str, key: ApiKey | None = None) -> RotationResult:
         status = "at_risk" if record.phase == Phase.STORING.value else "in_doubt"
-        began = min(record.since, record.doubt_since or record.since)  # sending it again keeps the first doubt
+        began = record.doubt_since or record.since  # sending it again keeps the first doubt
         if self.state.now() - began > STUCK_S:  # a replay that never settles (or a key always blocked) needs a person
             if key is not None:
                 self.emit("rotation.secret_at_risk", key, record, f"unsettled for over a day: {reason}")

@@ -40,6 +40,8 @@ PREFIX = "/v2.01"
 _ERROR_TYPES = {400: "param_error", 401: "unauthorized", 403: "forbidden_ressource",
                 404: "ressource_not_found", 409: "conflict", 429: "rate_limit"}
 _SLASHES = re.compile(r"/{2,}")
+KEY_USED = "idempotent_creation_conflict"  # the published 409 of a POST whose Idempotency-Key was used
+NOTHING_STORED = "correlationid_not_found"  # the published 400 of the responses endpoint
 
 Route = tuple[str, re.Pattern[str], str]
 _ROUTES: list[Route] = [
@@ -140,7 +142,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             answer = self._injected(fault, "injected fault", headers)
             # "Try again", "the key is used" and "nothing stored" are never a call's own stored answer.
             busy = fault.status in (409, 429) and fault.retry_after is not None
-            bookkeeping = fault.kind in ("idempotent_creation_conflict", "correlationid_not_found")
+            bookkeeping = fault.kind in (KEY_USED, NOTHING_STORED)
             origin = fault.stored if fault.stored is not None else 400 <= fault.status < 500 and fault.status != 429 \
                 and not busy and not bookkeeping
             if held and origin:  # the origin's own answer: under the idempotency rules, and stored
@@ -214,8 +216,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         try:
             stored = emulator.stored(client_id, key)
             if published and (stored is not None or not first):
-                raise ApiError(409, "idempotent_creation_conflict",
-                               "A resource has already been created with this Idempotency Key")
+                raise ApiError(409, KEY_USED, "A resource has already been created with this Idempotency Key")
             if stored is not None:
                 if (stored.method, stored.path) != (method, path):
                     raise ApiError(409, "conflict", "Idempotency-Key already used for another request")
@@ -278,7 +279,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
                 "RequestURL": stored.path, "Resource": json.loads(stored.body or b"null"),
             })
         if stored is None:
-            raise ApiError(400, "correlationid_not_found", "no response is stored for this Idempotency-Key")
+            raise ApiError(400, NOTHING_STORED, "no response is stored for this Idempotency-Key")
         return _json(200, {
             "StatusCode": str(stored.status), "ContentLength": str(len(stored.body)),
             "ContentType": stored.content_type, "Date": formatdate(stored.date, usegmt=True),

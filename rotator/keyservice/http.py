@@ -250,9 +250,7 @@ class HttpKeyService:
             _checked_id(idempotency_key, "Idempotency-Key", f"POST {path}")
         except ProtocolError as exc:
             raise RefusedError(f"{exc}; nothing was sent", status=None) from None
-        judge = _reset_judge(client_id, key_id)
-        return self._write_once("POST", path, judge, lambda: self._replay(client_id, path, idempotency_key, judge),
-                                headers={"Idempotency-Key": idempotency_key})
+        return self._write_once(path, _reset_judge(client_id, key_id), client_id, idempotency_key)
 
     def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
         """The stored answer of the reset sent with `idempotency_key`, judged for this key and path."""
@@ -284,9 +282,8 @@ class HttpKeyService:
             {"Scope": s.name, "Read": s.read, "Write": s.write} for s in scopes]}
         if replaces is not None:
             payload["Replaces"] = replaces
-        judge = _create_judge(client_id, alias, replaces)
-        return self._write_once("POST", path, judge, lambda: self._replay(client_id, path, idempotency_key, judge),
-                                json=payload, headers={"Idempotency-Key": idempotency_key})
+        return self._write_once(path, _create_judge(client_id, alias, replaces), client_id, idempotency_key,
+                                json=payload)
 
     def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
         """The stored answer of the create of `replaces`' successor sent with `idempotency_key`: the
@@ -355,15 +352,16 @@ class HttpKeyService:
     def _json(self, method: str, path: str, shown: str | None = None, **kwargs: Any) -> Any:
         return _decode(self._request(method, path, shown=shown, **kwargs), f"{method} {shown or path}")
 
-    def _write_once(self, method: str, path: str, judge: _Judge, replay: Callable[[], ReplayAnswer],
+    def _write_once(self, path: str, judge: _Judge, client_id: str, idempotency_key: str,
                     **kwargs: Any) -> IssuedKey:
-        """One idempotent write: a 4xx is a refusal, anything but a 200 that `judge` accepts is in doubt.
+        """One idempotent POST: a 4xx is a refusal, anything but a 200 that `judge` accepts is in doubt.
         A 409 saying the Idempotency-Key was used is neither: the first call's stored answer decides."""
+        method = "POST"
         where = f"{method} {path}"
         try:
-            answer = self._request(method, path, **kwargs)
+            answer = self._request(method, path, headers={"Idempotency-Key": idempotency_key}, **kwargs)
         except IdempotencyConflictError:
-            return _after_conflict(where, replay())
+            return _after_conflict(where, self._replay(client_id, path, idempotency_key, judge))
         except InDoubtError:
             raise
         except (PermanentError, ThrottledError) as exc:
