@@ -84,3 +84,44 @@ def state(redis_server: str) -> Iterator[object]:
     yield store
     for key in store.client.scan_iter(f"{store.ns}:*"):
         store.client.delete(key)
+
+
+# --- a real Vault API: OpenBao, set up as docs/operations.md tells an operator -------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def doc_policy(mount: str, prefix: str) -> str:
+    """The Vault policy exactly as docs/operations.md gives it, filled in for `mount` and `prefix`."""
+    text = (DOCS / "operations.md").read_text()
+    block = text.split("<!-- vault-policy:", 1)[1].split("```hcl\n", 1)[1].split("```", 1)[0]
+    return block.replace("{mount}", mount).replace("{prefix}", prefix)
+
+
+@pytest.fixture(scope="session")
+def openbao() -> Iterator[object]:
+    """A private OpenBao dev server on a free port for the whole run."""
+    from rotator.openbao import PrivateOpenBao
+
+    with PrivateOpenBao() as server:
+        yield server
+
+
+@pytest.fixture
+def bao_sink(openbao: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
+    """Settings of a Vault sink on the private OpenBao as an operator sets it up: a KV v2 mount of
+    this test's own at a non-default path, AppRole login, the doc's least-privilege policy. The
+    role and secret ids are in ROLE_ID / SECRET_ID."""
+    import uuid
+
+    from rotator.openbao import PrivateOpenBao, approle_login
+
+    assert isinstance(openbao, PrivateOpenBao)
+    mount = f"payments-kv-{uuid.uuid4().hex[:8]}"
+    login = approle_login(openbao.client(), mount=mount, policy=doc_policy(mount, "rotator"),
+                          role=f"rotator-{mount}")
+    monkeypatch.setenv("ROLE_ID", login.role_id)
+    monkeypatch.setenv("SECRET_ID", login.secret_id)
+    yield {"url": openbao.url, "mount": mount, "path": "rotator/{client_id}/{key_id}", "auth": "approle",
+           "role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID", "timeout_s": 2.0}
+    openbao.client().sys.disable_secrets_engine(mount)

@@ -87,6 +87,11 @@ def literal_prefix(template: str) -> str:
     return template.split("{", 1)[0]
 
 
+def sample_path(template: str) -> str:
+    """A path the template could build (`rotator/client/key`), for checks made before any key."""
+    return template.format(**_SAMPLE)
+
+
 def check_template(template: str) -> str:
     try:
         sample = template.format(**_SAMPLE)

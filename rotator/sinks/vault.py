@@ -42,11 +42,31 @@ from rotator.sinks.base import (
     ref_of_document,
     refuse_if_stale,
     render,
+    sample_path,
     secret_from_document,
     state_from_document,
 )
 
 K8S_JWT = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+POLICY_DOC = "docs/operations.md#vault-approle-and-the-least-privilege-policy"
+# What each step needs (KV v2 as Vault and OpenBao enforce it): the data path is written with
+# `create` when it holds nothing yet and with `update` once it does, read back with `read`; the
+# metadata is read before the write (`read`) and annotated after it, when it exists (`update`).
+DATA_CAPS = ("create", "update", "read")
+METADATA_CAPS = ("read", "update", "list")
+
+
+def vault_policy(mount: str, path_template: str) -> str:
+    """The least-privilege policy for one sink (docs/operations.md shows it for any mount and path):
+    `list` only serves `reconcile`'s orphan report."""
+    folder = literal_prefix(path_template).rsplit("/", 1)[0] if "/" in literal_prefix(path_template) else ""
+    glob = f"{folder}/*" if folder else "*"
+
+    def caps(names: tuple[str, ...]) -> str:
+        return ", ".join(f'"{n}"' for n in names)
+
+    return (f'path "{mount}/data/{glob}" {{ capabilities = [{caps(DATA_CAPS)}] }}\n'
+            f'path "{mount}/metadata/{glob}" {{ capabilities = [{caps(METADATA_CAPS)}] }}\n')
 
 
 _T = TypeVar("_T")
@@ -113,6 +133,8 @@ class VaultSink:
         self._fingerprint = fingerprint
         self._client: hvac.Client | None = None
         self._login_ends = float("inf")  # monotonic time after which the login token may have expired
+        self._needs: str | None = None  # the capability the call under way needs, for a 403's message
+        self.logins = 0  # logins so far: a 403 under a login made during the same call is a refusal
 
     # --- SecretSink ------------------------------------------------------------------------
     def location(self, key: ApiKey) -> str:
@@ -123,17 +145,18 @@ class VaultSink:
         return f"vault:{self.config.mount}/{self.config.path}" + (f" [{ref}]" if ref else "")
 
     def prepare(self, key: ApiKey) -> _Prepared:
-        """Log in, check the token may write the path, read its current version and state."""
+        """Log in; check the token holds every capability the write, the read-back and the metadata
+        need for this path as it stands (a path that holds a secret is written with `update`, a new
+        one with `create`); read its current version and state. Whatever is missing is found here,
+        before the key is reset."""
         path = render(self.config.path, key)
         where = f"vault prepare {self.config.mount}/{path}"
         with self._errors(where):
-            data_path = f"{self.config.mount}/data/{path}"
-            answer = self._client_or_login().sys.get_capabilities(paths=[data_path])
-            caps = (answer.get("data") or answer).get(data_path) or answer.get("capabilities") or []
-            if not {"create", "update", "root"} & set(caps):
-                raise ForbiddenError(f"{where}: the token may not write this path")
+            caps = self._capabilities(path, where)
+            self._require(caps, path, where, metadata=("read",))
             meta = self._metadata(path)
             version = int(meta["current_version"]) if meta else 0
+            self._require(caps, path, where, data=("update" if version else "create", "read"), metadata=("update",))
             current = self._read(path, version, where, key, writing=True) if version else None
         return _Prepared(path, version, current)
 
@@ -150,6 +173,7 @@ class VaultSink:
                 version = int(meta["current_version"]) if meta else 0
                 current = self._read(path, version, where, record.key, writing=True) if version else None
             if not refuse_if_stale(current, record, where):
+                self._needs = f"'{'update' if version else 'create'}' on {self._data_path(path)}"
                 answer = self._kv().create_or_update_secret(
                     path=path, secret=document(record), cas=version, mount_point=self.config.mount
                 )
@@ -234,8 +258,16 @@ class VaultSink:
             return self._metadata(path)
 
     def ping(self) -> None:
+        """The login works and the token may do everything a rotation of any key does, at a sample
+        path from the template (both `create` and `update`: every key's second rotation writes over
+        its first), so a missing capability is named before any reset."""
         with self._errors("vault token lookup"):
             self._client_or_login().auth.token.lookup_self()
+        sample = sample_path(self.config.path)
+        where = f"vault ping {self.config.mount}/{sample}"
+        with self._errors(where):
+            caps = self._capabilities(sample, where)
+            self._require(caps, sample, where, data=("create", "update", "read"), metadata=("read", "update"))
 
     def close(self) -> None:
         if self._client is not None:
@@ -243,6 +275,34 @@ class VaultSink:
             self._client = None
 
     # --- internals ---------------------------------------------------------------------------
+    def _data_path(self, path: str) -> str:
+        return f"{self.config.mount}/data/{path}"
+
+    def _metadata_path(self, path: str) -> str:
+        return f"{self.config.mount}/metadata/{path}"
+
+    def _capabilities(self, path: str, where: str) -> dict[str, set[str]]:
+        """What the token may do on this path's data and metadata (`sys/capabilities-self`, which
+        the `default` policy allows)."""
+        paths = [self._data_path(path), self._metadata_path(path)]
+        self._needs = "'update' on sys/capabilities-self (the token's `default` policy)"
+        answer = self._client_or_login().sys.get_capabilities(paths=paths)
+        self._needs = None
+        data = answer.get("data") if isinstance(answer.get("data"), dict) else answer
+        return {p: {str(c) for c in (data.get(p) or [])} for p in paths}
+
+    def _require(self, caps: dict[str, set[str]], path: str, where: str, *, data: tuple[str, ...] = (),
+                 metadata: tuple[str, ...] = ()) -> None:
+        """Refuse, naming the first missing capability and its path, unless the token holds all."""
+        for full, wanted in ((self._data_path(path), data), (self._metadata_path(path), metadata)):
+            held = set() if "deny" in caps.get(full, set()) else caps.get(full, set())
+            if "root" in held:
+                continue
+            for name in wanted:
+                if name not in held:
+                    raise ForbiddenError(f"{where}: the token lacks {name!r} on {full} (it holds "
+                                         f"{sorted(held) or 'nothing'}); the policy it needs: {POLICY_DOC}")
+
     def _kv(self) -> Any:
         return self._client_or_login().secrets.kv.v2
 
@@ -289,15 +349,18 @@ class VaultSink:
         # Log in again after three quarters of the lease (a lease of 0 never ends).
         self._login_ends = time.monotonic() + 0.75 * lease if isinstance(lease, int) and lease > 0 else float("inf")
         self._client = client
+        self.logins += 1
         return client
 
     def _errors(self, where: str) -> contextlib.AbstractContextManager[None]:
+        self._needs = None
         return _vault_errors(self, where)
 
 
 @contextlib.contextmanager
 def _vault_errors(sink: VaultSink, where: str) -> Iterator[None]:
     """Map hvac and requests errors to the project's tree, in one place."""
+    logins = sink.logins
     try:
         yield
     except RotatorError:
@@ -306,22 +369,23 @@ def _vault_errors(sink: VaultSink, where: str) -> Iterator[None]:
         first = ""
         if exc.errors:
             first = str(exc.errors[0] if isinstance(exc.errors, list) else exc.errors).strip()[:160]
-        raise _mapped(sink, exc, first, where) from None
+        raise _mapped(sink, exc, first, where, fresh_login=sink.logins != logins) from None
     except (requests.RequestException, OSError) as exc:
         raise TransientError(f"{where}: {type(exc).__name__}") from None
 
 
-def _mapped(sink: VaultSink, exc: hx.VaultError, first: str, where: str) -> RotatorError:
+def _mapped(sink: VaultSink, exc: hx.VaultError, first: str, where: str, *, fresh_login: bool) -> RotatorError:
     detail = f" ({first})" if first else ""
     if isinstance(exc, hx.InvalidRequest) and "check-and-set" in first:
         return WriteConflictError(f"{where}: another writer got there first{detail}")
     if isinstance(exc, hx.Forbidden | hx.Unauthorized):
         sink.close()  # a fresh login may help next time (an expired token)
-        if sink.config.auth != "token":
-            # A login token that expired or was revoked early: the next try logs in afresh. (A
-            # policy that forbids the path is found before any reset, by prepare's capability check.)
+        if sink.config.auth != "token" and not fresh_login:
+            # A login token that expired or was revoked early: the next try logs in afresh. A 403
+            # under a login made during this very call is the policy's answer: a refusal.
             return TransientError(f"{where}: permission denied; logging in again")
-        return ForbiddenError(f"{where}: permission denied")
+        needs = f"; the token needs {sink._needs} ({POLICY_DOC})" if sink._needs else ""
+        return ForbiddenError(f"{where}: permission denied{needs}")
     if isinstance(exc, hx.VaultDown):
         return TransientError(f"{where}: Vault is unavailable or sealed{detail}")
     if isinstance(exc, VaultSink.transient_errors):
