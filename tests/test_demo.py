@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -93,3 +94,50 @@ def test_demo_seed_has_every_state() -> None:
     states = [r.state.value for r in rows]
     assert states.count("due") == 3 and "due_soon" in states and "ok" in states and "out_of_scope" in states
     assert any(r.key.is_auto_generated and r.state.value == "due" for r in rows)
+
+
+def test_demo_with_vault_stores_into_a_real_openbao_read_back_with_bao(tmp_path: Path) -> None:
+    """`demo --vault`: the secrets land in a private OpenBao under AppRole and the least-privilege
+    policy; the command the demo prints (`bao kv get`, the root token from its 0600 file) reads
+    each back, the same secret the encrypted file holds; Ctrl-C stops OpenBao too."""
+    from cryptography.fernet import Fernet
+
+    home = tmp_path / "demo"
+    out = tmp_path / "demo.out"
+    started = time.monotonic()
+    with out.open("w") as sink:
+        demo = subprocess.Popen([sys.executable, "-m", "rotator.cli", "demo", "--plain", "--vault", "--home", str(home)],
+                                stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            while len(_succeeded(out.read_text())) < 3 and time.monotonic() - started < 60 and demo.poll() is None:
+                time.sleep(0.5)
+            shown = out.read_text()
+            command = next(line.strip() for line in shown.splitlines() if " kv get -mount=" in line)
+            fernet = Fernet((home / "file.key").read_bytes())
+            read = []
+            for file in sorted((home / "secrets").rglob("*.secret")):
+                doc = json.loads(fernet.decrypt(file.read_bytes()))
+                line = command.replace("<client_id>", doc["client_id"]).replace("<key_id>", doc["key_id"])
+                answer = subprocess.run(["bash", "-c", line.replace(" kv get ", " kv get -format=json ", 1)],
+                                        capture_output=True, text=True, timeout=30)
+                assert answer.returncode == 0, answer.stderr
+                stored = json.loads(answer.stdout)["data"]
+                assert stored["data"]["api_key"] == doc["api_key"]
+                assert set(stored["metadata"]["custom_metadata"]) == {"attempt_id", "fingerprint", "key_reset_at",
+                                                                     "rotated_at"}
+                read.append(doc["key_id"])
+            demo.send_signal(signal.SIGINT)
+            demo.wait(60)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+    output = out.read_text()
+    assert demo.returncode == 0, output
+    assert len(_succeeded(output)) == 3 and len(read) == 3, output
+    assert "stopped: worker, beat, Redis, OpenBao and the emulator" in output
+    assert (home / "openbao-root.token").stat().st_mode & 0o777 == 0o600
+    assert (home / "openbao-root.token").read_text() not in output
+    port = int(re.search(r"OpenBao \(a real Vault API\): http://127\.0\.0\.1:(\d+)", output).group(1))  # type: ignore[union-attr]
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass

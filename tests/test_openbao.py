@@ -290,3 +290,80 @@ def test_a_server_down_during_the_write_is_recovered_once_back(
     assert sink.read_secret(keyservice.get_key("acme", due)).reveal() == secret  # type: ignore[union-attr]
     shown = outcome.reason + caplog.text + json.dumps([e.to_dict() for e in events.events])
     assert not [s for s in [secret, *credentials(openbao)] if s in shown]
+
+
+def documented_fields() -> set[str]:
+    """The stored document's fields as docs/configuration.md lists them."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    table = text.split("| field | holds |", 1)[1].split("\n\n", 1)[0]
+    return {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+
+
+def documented_metadata() -> set[str]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    sentence = text.split("with `custom_metadata`", 1)[1].split("(strings;", 1)[0]
+    return {part.strip(" `,\n") for part in sentence.split(",")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["reset", "overlap"])
+def test_one_rotation_per_strategy_through_celery_workers_into_openbao(
+    strategy: str, tmp_path: Path, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
+    keyservice: HttpKeyService, openbao: PrivateOpenBao, bao_sink: dict[str, Any],
+) -> None:
+    """A real worker and beat, the private Redis, the emulator and OpenBao under AppRole and the
+    doc's policy: the due key is rotated by the strategy (overlap: a successor, the old key revoked
+    after a 3 s grace), and `bao kv get` reads back a document whose fields and metadata are the
+    ones docs/configuration.md lists, holding the secret the key service accepts now."""
+    from tests.test_celery import Cluster, wait_for
+
+    overlap = strategy == "overlap"
+    now = emulator.now()
+    emulator.add_client("acme-prod", "Acme", created_at=now - 10 * DAY)
+    old = emulator.add_key("acme-prod", "payouts", created_at=now - 95 * DAY).id
+    path = "rotator/{client_id}/{alias}" if overlap else "rotator/{client_id}/{key_id}"
+    cluster = Cluster(tmp_path, redis_server, emulator_server.url, openbao.url, "unused",
+                      vault={**bao_sink, "path": path},
+                      policy='strategy = "overlap"\noverlap_grace_s = 3' if overlap else "",
+                      file_path="{client_id}/{alias}.secret" if overlap else "{client_id}/{key_id}.secret")
+
+    def current() -> str:
+        keys = [k for k in keyservice.list_keys("acme-prod") if k.alias == "payouts"]
+        return keys[0].key_id if len(keys) == 1 else ""
+
+    def bao_get(*args: str) -> dict[str, Any]:
+        where = path.replace("{client_id}", "acme-prod").replace("{alias}", "payouts").replace("{key_id}", current())
+        out = openbao.cli("kv", *args, "-format=json", f"-mount={bao_sink['mount']}", where)
+        answer: dict[str, Any] = json.loads(out.stdout)["data"]
+        return answer
+
+    def done() -> bool:
+        if overlap and current() in ("", old):  # the successor is stored and the old key revoked
+            return False
+        if not overlap and not emulator.ledger:
+            return False
+        try:
+            return bool(bao_get("get")["data"]["api_key"] == emulator.current_secret("acme-prod", current()))
+        except Exception:
+            return False
+
+    try:
+        cluster.worker()
+        cluster.start("beat", "--schedule", str(tmp_path / "beat"))
+        wait_for(done, 60, f"the {strategy} rotation stored in OpenBao")
+    finally:
+        cluster.stop()
+    stored = bao_get("get")
+    assert set(stored["data"]) == documented_fields()
+    doc = stored["data"]
+    assert (doc["client_id"], doc["key_id"], doc["alias"], doc["environment"]) == (
+        "acme-prod", current(), "payouts", "PRODUCTION")
+    assert doc["rotated_at"].endswith("Z")
+    assert set(stored["metadata"]["custom_metadata"]) == documented_metadata()
+    assert stored["metadata"]["custom_metadata"]["fingerprint"] == FP(emulator.current_secret("acme-prod", current()))
+    assert bao_get("metadata", "get")["max_versions"] == 10
+    assert len(emulator.ledger) == (0 if overlap else 1)
+    assert (current() != old) is overlap
+    written = cluster.everything_written()
+    assert emulator.current_secret("acme-prod", current()) not in written
+    assert not [s for s in credentials(openbao) if s in written]

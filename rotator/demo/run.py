@@ -3,7 +3,9 @@
 A private Redis, the key-service emulator seeded with `seed.json`, the encrypted file sink,
 `enforce` mode and a 10-second scan. Credentials are generated into `.rotator-demo/` (mode 0600)
 and the config there names them by file, so `rotator status --config .rotator-demo/rotator.toml`
-works from another terminal. Ctrl-C stops every process it started.
+works from another terminal. With `--vault`, a private OpenBao (a real Vault API) is a second
+sink, set up as docs/operations.md says (AppRole, the least-privilege policy), and the secrets
+read back with `bao kv get`. Ctrl-C stops every process it started.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ from rotator.console import show
 from rotator.embedded import PrivateRedis
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.openbao import PrivateOpenBao, approle_login, bao_binary
 from rotator.policy import classify
 from rotator.runtime import build_state
 from rotator.scan import scan
+from rotator.sinks.vault import vault_policy
 
 SEED = Path(__file__).with_name("seed.json")
+VAULT_MOUNT = "secret"  # the dev server's own KV v2 mount
+VAULT_PATH = "rotator/{client_id}/{key_id}"
 
 
 def _secret_file(path: Path, value: str) -> Path:
@@ -41,7 +47,26 @@ def _secret_file(path: Path, value: str) -> Path:
     return path
 
 
-def write_config(home: Path, redis_url: str, emulator_url: str) -> Path:
+def vault_sink(home: Path, bao: PrivateOpenBao) -> str:
+    """An AppRole login on the private OpenBao under the least-privilege policy, as a `[[sinks]]`
+    table; its ids and the server's root token (for `bao kv get`) go into files of mode 0600."""
+    login = approle_login(bao.client(), mount=VAULT_MOUNT, policy=vault_policy(VAULT_MOUNT, VAULT_PATH))
+    role_id = _secret_file(home / "vault-role-id", login.role_id)
+    secret_id = _secret_file(home / "vault-secret-id", login.secret_id)
+    _secret_file(home / "openbao-root.token", bao.root_token)
+    return f"""
+[[sinks]]
+kind = "vault"
+url = "{bao.url}"
+mount = "{VAULT_MOUNT}"
+path = "{VAULT_PATH}"
+auth = "approle"
+role_id_file = "{role_id}"
+secret_id_file = "{secret_id}"
+"""
+
+
+def write_config(home: Path, redis_url: str, emulator_url: str, extra_sinks: str = "") -> Path:
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = _secret_file(home / "keyservice.token", secrets.token_urlsafe(24))
     fp_key = _secret_file(home / "fingerprint.key", secrets.token_urlsafe(32))
@@ -76,7 +101,7 @@ sink_retry_s = 30
 kind = "file"
 dir = "{home / 'secrets'}"
 key_file = "{file_key}"
-""")
+{extra_sinks}""")
     return config
 
 
@@ -116,31 +141,41 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def services(home: Path, port: int) -> Iterator[tuple[Path, PrivateRedis, EmulatorServer]]:
+def services(home: Path, port: int, vault: bool = False) -> Iterator[tuple[Path, PrivateRedis, EmulatorServer,
+                                                                           PrivateOpenBao | None]]:
     emulator = Emulator(token="unused")
     emulator.load_seed_file(SEED)
-    with PrivateRedis() as redis_server, EmulatorServer(emulator, port=port) as server:
-        config = write_config(home, redis_server.url, server.url)
+    with contextlib.ExitStack() as stack:
+        redis_server = stack.enter_context(PrivateRedis())
+        server = stack.enter_context(EmulatorServer(emulator, port=port))
+        bao = stack.enter_context(PrivateOpenBao()) if vault else None
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config = write_config(home, redis_server.url, server.url, vault_sink(home, bao) if bao else "")
         emulator.token = (home / "keyservice.token").read_text()
-        yield config, redis_server, server
+        yield config, redis_server, server, bao
 
 
 def _hang_up(*_: object) -> None:
     raise KeyboardInterrupt  # a closed terminal stops the demo like Ctrl-C: nothing left running
 
 
-def main(home: Path, port: int, duration: float | None, plain: bool) -> int:
+def main(home: Path, port: int, duration: float | None, plain: bool, vault: bool = False) -> int:
     signal.signal(signal.SIGHUP, _hang_up)
     signal.signal(signal.SIGTERM, _hang_up)
     console = Console()
     started = time.time()
-    with services(home, port) as (config, _redis, server):
+    with services(home, port, vault) as (config, _redis, server, bao):
         log = (home / "worker.log").open("wb")
         env = {**os.environ, "ROTATOR_CONFIG": str(config), "ROTATOR_LOG_FORMAT": "json"}
         worker = subprocess.Popen([sys.executable, "-m", "rotator.cli", "run", "--config", str(config)],
                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         console.print(f"key-service emulator: {server.url} · worker log: {home / 'worker.log'}")
         console.print(f"in another terminal: rotator status --config {config}")
+        if bao is not None:
+            console.print(f"OpenBao (a real Vault API): {bao.url} · read a stored secret with\n"
+                          f"  BAO_ADDR={bao.url} BAO_TOKEN=$(cat {home / 'openbao-root.token'}) "
+                          f"{bao_binary()} kv get -mount={VAULT_MOUNT} rotator/<client_id>/<key_id>",
+                          highlight=False, soft_wrap=True)
         interrupted = False
         try:
             deadline = None if duration is None else started + duration
@@ -174,6 +209,7 @@ def main(home: Path, port: int, duration: float | None, plain: bool) -> int:
         if worker.returncode not in (0, -signal.SIGTERM, None) and not interrupted and duration is None:
             console.print(f"[red]the worker exited with {worker.returncode}; see {home / 'worker.log'}[/red]")
             return 1
-        console.print("stopped: worker, beat, Redis and the emulator; the demo's files stay in "
+        console.print("stopped: worker, beat, Redis" + (", OpenBao" if bao else "") + " and the emulator; the "
+                      "demo's files stay in "
                       f"{home} (delete it to start afresh)")
     return 0

@@ -108,6 +108,18 @@ def check_template(template: str) -> str:
     return template
 
 
+DOCUMENT_FIELDS: dict[str, str] = {
+    "client_id": "the key's Client ID",
+    "key_id": "the key's id",
+    "alias": "the key's alias",
+    "environment": "`PRODUCTION` (or `SANDBOX`)",
+    "api_key": "the secret: what applications read",
+    "rotated_at": "when rotator stored it (ISO 8601, UTC, ending in `Z`)",
+    "key_reset_at": "the key service's `LastResetDate` of this secret (Unix seconds)",
+    "attempt_id": "the rotation that stored it (as in the history and the events)",
+}
+
+
 def document(record: SecretRecord) -> dict[str, Any]:
     """The stored JSON object (INTERFACE.md): applications read `api_key`; an AWS IAM key also
     carries the pair under the names AWS tooling reads."""

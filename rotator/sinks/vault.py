@@ -1,4 +1,4 @@
-"""HashiCorp Vault KV v2, with hvac.
+"""HashiCorp Vault or OpenBao (the same HTTP API), KV v2, with hvac.
 
 Writes use check-and-set on the version read just before, so a writer that lost a race fails
 instead of overwriting. The attempt id, fingerprint, key reset date and rotation time go into the
@@ -53,6 +53,8 @@ POLICY_DOC = "docs/operations.md#vault-approle-and-the-least-privilege-policy"
 # `create` when it holds nothing yet and with `update` once it does, read back with `read`; the
 # metadata is read before the write (`read`) and annotated after it, when it exists (`update`).
 DATA_CAPS = ("create", "update", "read")
+# The secret's `custom_metadata` (strings; never the secret): set after the write, with max_versions.
+CUSTOM_METADATA = ("attempt_id", "fingerprint", "key_reset_at", "rotated_at")
 METADATA_CAPS = ("read", "update", "list")
 
 
@@ -186,12 +188,8 @@ class VaultSink:
         path = render(self.config.path, record.key)
         with self._errors(f"vault metadata {self.config.mount}/{path}"):
             meta = self._metadata(path)
-            custom = {
-                "attempt_id": record.attempt_id,
-                "fingerprint": record.fingerprint,
-                "key_reset_at": str(record.key_reset_at),
-                "rotated_at": utc_iso(record.rotated_at),
-            }
+            custom = dict(zip(CUSTOM_METADATA, (record.attempt_id, record.fingerprint, str(record.key_reset_at),
+                                                utc_iso(record.rotated_at)), strict=True))
             wanted = self.config.max_versions
             if not meta or meta.get("custom_metadata") != custom or meta.get("max_versions") != wanted:
                 # update_metadata replaces the whole map and would reset delete_version_after: keep it.
