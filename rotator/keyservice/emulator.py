@@ -117,7 +117,8 @@ class Fault:
     behind a gateway that gave up while the origin went on. `times` counts matches (-1: forever).
     An injected `status` on an idempotent POST is stored under its key as the origin's answer when
     `stored` says so; by default a 4xx other than 429 is (the origin refused), a 5xx, a 429 or a 409
-    with `retry_after` (the legacy "still running") is not.
+    with `retry_after` (the legacy "still running") is not. `late_s` runs the call and holds its answer
+    that long before sending it (the reset has committed; its answer is slow to come back).
     """
 
     method: str = "*"
@@ -132,6 +133,7 @@ class Fault:
     stored: bool | None = None
     cut: bool = False
     kind: str | None = None  # the error `Type` of an injected `status` (default: the contract's for it)
+    late_s: float = 0.0
     _pattern: re.Pattern[str] | None = None
 
     def matches(self, method: str, path: str) -> bool:
@@ -142,7 +144,7 @@ class Fault:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fault:
         allowed = {"method", "path", "status", "retry_after", "delay_s", "drop", "body", "commit_after_s", "times",
-                   "stored", "cut", "kind"}
+                   "stored", "cut", "kind", "late_s"}
         unknown = set(data) - allowed
         if unknown:
             raise ApiError(400, "param_error", f"unknown fault fields: {sorted(unknown)}")

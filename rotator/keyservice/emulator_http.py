@@ -158,6 +158,8 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             return
         if fault.cut:
             answer = _Answer(answer.status, answer.body[: len(answer.body) // 2], answer.headers)
+        if fault.late_s:
+            time.sleep(fault.late_s)  # the call has run (and its answer is stored); the answer comes late
         self._send(answer)
 
     def _injected(self, fault: Fault, message: str, headers: dict[str, str] | None) -> _Answer:
