@@ -324,6 +324,7 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
     now = time.time()
     sent: list[tuple[str, str]] = []
     refused = []
+    failed = ""
     engine.state.now()  # Redis answers (the audit entry is written there) before anything is sent
     with celery_app.producer_or_acquire() as producer:
         for step in steps:
@@ -338,16 +339,37 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
             # rotated since is skipped, even with --force.
             args = (step.ref.client_id, step.ref.key_id, "manual", step.generation, force, reason, engine.actor,
                     include_out_of_scope, strategy)
-            sent.append((str(step.ref), rotate_key.apply_async(args, producer=producer).id))
+            try:
+                sent.append((str(step.ref), rotate_key.apply_async(args, producer=producer).id))
+            except Exception as exc:
+                lost = _publish_refused(exc)
+                if lost is None:
+                    raise
+                failed = f"{show(step.ref)}: {lost}; {len(sent)} sent before it, the rest not sent"
+                break
     engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
                          "keys": [k for k, _ in sent], "reason": reason})
+    if failed:
+        err.print(f"[red]not sent[/red] {failed}", highlight=False)
     if as_json:
         print_json({"applied": True, "enqueued": [i for _, i in sent],
-                          "not_sent": [step.to_dict() for step in refused]})
+                    "not_sent": [step.to_dict() for step in refused], **({"failed": failed} if failed else {})})
     else:
         err.print(f"{len(sent)} rotation(s) sent to the workers")
-    if any(step.action == "refuse" for step in refused):
+    if failed or any(step.action == "refuse" for step in refused):
         raise typer.Exit(1)
+
+
+def _publish_refused(exc: BaseException) -> str | None:
+    """Why the broker did not take a message, in one line; None for an error that is not the
+    broker's (a bug, which keeps its traceback)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ == "MessageNacked":
+            return ("RabbitMQ refused the message (a publisher-confirm nack: a full queue that rejects "
+                    "publishes, or a resource alarm)")
+        seen = seen.__cause__ or seen.__context__
+    return unreachable(exc)
 
 
 @app.command()

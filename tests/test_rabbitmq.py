@@ -7,6 +7,7 @@ run's own, deleted afterwards. Skipped when nothing listens on 127.0.0.1:5672.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -238,3 +239,133 @@ def test_ping_names_an_unreachable_or_refusing_broker_in_one_line_without_the_pa
     assert len(lines) == 1 and "ACCESS_REFUSED" in lines[0], refused.stderr
     for output in (result.stdout + result.stderr, refused.stdout + refused.stderr):
         assert password not in output
+
+
+def test_a_message_the_broker_refuses_is_reported_not_lost(
+    tmp_path: Path, rabbit: Rabbit, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
+    vault: VaultTestServer,
+) -> None:
+    """Publisher confirms: the queue is full and refuses publishes (`max-length` 0,
+    `overflow = reject-publish`, a policy on this run's vhost), so RabbitMQ nacks `rotate --enqueue`'s
+    message. The command fails naming the key and the refusal, records nothing as sent, and
+    nothing was reset."""
+    if not rabbit.private:
+        pytest.skip("needs a private vhost (rabbitmqctl) to set a policy on")
+    keys = due_keys(emulator)
+    cluster = rabbit_cluster(tmp_path, rabbit, redis_server, emulator_server, vault)
+    try:
+        from kombu import Connection, Queue
+
+        with Connection(f"amqp://guest:guest@{HOST}:{PORT}/{rabbit.vhost}", connect_timeout=5) as conn:
+            Queue(rabbit.queue, channel=conn.channel()).declare()  # as a worker would
+        rabbit.ctl("set_policy", "-p", rabbit.vhost, "--apply-to", "queues", "reject-all", f"^{rabbit.queue}$",
+                   '{"max-length": 0, "overflow": "reject-publish"}')
+        try:
+            sent = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", keys[0], "--apply", "--enqueue")
+        finally:
+            rabbit.ctl("clear_policy", "-p", rabbit.vhost, "reject-all")
+        assert sent.returncode == 1, sent.stderr
+        assert f"not sent acme-prod/{keys[0]}: RabbitMQ refused the message (a publisher-confirm nack" in sent.stderr
+        assert "0 sent before it" in sent.stderr and "Traceback" not in sent.stderr, sent.stderr
+        history = [json.loads(e) for e in cluster.db.lrange("rotator:history", 0, -1)]
+        assert [e["keys"] for e in history if e.get("action") == "enqueue"] == [[]]
+        time.sleep(1)
+        assert emulator.ledger == []
+    finally:
+        cluster.stop()
+
+
+def test_the_message_of_a_killed_worker_is_redelivered_and_the_key_reset_once(
+    tmp_path: Path, rabbit: Rabbit, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
+    vault: VaultTestServer, keyservice: HttpKeyService,
+) -> None:
+    """A worker is SIGKILLed after the reset, before any sink write, holding the message
+    unacknowledged (acks_late). RabbitMQ hands the same message to the next worker as soon as the
+    dead one's connection closes; that worker finishes the attempt by replay: one reset, every sink
+    holds the secret, the message acknowledged once (the queue ends empty)."""
+    keys = due_keys(emulator)
+    cluster = rabbit_cluster(tmp_path, rabbit, redis_server, emulator_server, vault)
+    try:
+        vault.state.hold_writes.clear()  # Vault writes hang: the worker is caught with the secret in memory
+        first = cluster.worker()
+        sent = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", keys[0], "--apply", "--enqueue",
+                           "--json")
+        assert sent.returncode == 0, sent.stderr
+        task_id = json.loads(sent.stdout)["enqueued"][0]
+        wait_for(lambda: len(emulator.ledger) == 1, 30, "the reset")
+        wait_for(lambda: ("POST", f"secret/data/rotator/acme-prod/{keys[0]}") in vault.state.requests, 30,
+                 "the vault write")
+        cluster.kill(first)
+        vault.state.hold_writes.set()
+        cluster.worker()
+        second_log = cluster.outputs[-1]
+        wait_for(lambda: f"Task rotator.rotate_key[{task_id}] received".encode() in second_log.read_bytes(), 30,
+                 "the killed worker's message, redelivered")
+        wait_for(lambda: settled(cluster, emulator, keyservice, [keys[0]]), 60, "the rotation to be stored")
+        assert reset_counts(emulator) == {keys[0]: 1}
+        wait_for(lambda: re.search(rf"Task rotator\.rotate_key\[{task_id}\] (succeeded|retry)".encode(),
+                                   second_log.read_bytes()) is not None, 30, "the redelivered task to finish")
+        if rabbit.private:
+            wait_for(lambda: all(line.split("\t")[1:] == ["0", "0"] for line in rabbit.ctl(
+                "list_queues", "-p", rabbit.vhost, "name", "messages_ready", "messages_unacknowledged").splitlines()
+                if line.startswith(f"{rabbit.queue}\t")), 30, "the queue to be empty")
+    finally:
+        vault.state.hold_writes.set()
+        cluster.stop()
+
+
+@pytest.fixture
+def short_consumer_timeout(rabbit: Rabbit) -> Iterator[float]:
+    """RabbitMQ's consumer_timeout at 4 s (checked every second) for this test, restored after.
+    Before 3.12 there is no per-queue `consumer-timeout` policy, so this is the broker's own
+    setting; the machine's broker is this run's alone while it runs, and gets its values back."""
+    if not shutil.which("rabbitmqctl"):
+        pytest.skip("needs rabbitmqctl to change the broker's consumer_timeout and restore it")
+    names = ("consumer_timeout", "channel_tick_interval")
+    before = {n: rabbit.ctl("eval", f"application:get_env(rabbit, {n}).").strip() for n in names}
+    try:
+        rabbit.ctl("eval", "application:set_env(rabbit, consumer_timeout, 4000).")
+        rabbit.ctl("eval", "application:set_env(rabbit, channel_tick_interval, 1000).")
+        yield 4.0
+    finally:
+        for name, value in before.items():
+            found = re.fullmatch(r"\{ok,(\d+)\}", value)
+            rabbit.ctl("eval", f"application:set_env(rabbit, {name}, {found.group(1)})." if found
+                       else f"application:unset_env(rabbit, {name}).")
+        after = {n: rabbit.ctl("eval", f"application:get_env(rabbit, {n}).").strip() for n in names}
+        assert after == before, (after, before)
+
+
+def test_a_message_held_past_the_consumer_timeout_is_delivered_again_and_the_key_reset_once(
+    tmp_path: Path, rabbit: Rabbit, short_consumer_timeout: float, redis_server: str, emulator: Emulator,
+    emulator_server: EmulatorServer, vault: VaultTestServer, keyservice: HttpKeyService,
+) -> None:
+    """A rotation outlasts the broker's consumer_timeout (what `check-config` refuses when
+    `celery.consumer_timeout_s` is not above the longest rotation): RabbitMQ closes the worker's
+    channel and requeues the message; Celery takes that for an unrecoverable error, lets the running
+    rotation finish and exits. The worker started again (as a supervisor would) gets the message
+    again, finds the key rotated and changes nothing: one reset, stored everywhere."""
+    keys = due_keys(emulator)
+    cluster = rabbit_cluster(tmp_path, rabbit, redis_server, emulator_server, vault)
+    try:
+        vault.state.hold_writes.clear()  # the rotation hangs at its Vault write, past the timeout
+        first = cluster.worker()
+        sent = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", keys[0], "--apply", "--enqueue",
+                           "--json")
+        assert sent.returncode == 0, sent.stderr
+        task_id = json.loads(sent.stdout)["enqueued"][0]
+        log = cluster.outputs[0]
+        wait_for(lambda: b"Unrecoverable error: PreconditionFailed" in log.read_bytes(),
+                 30 + 3 * short_consumer_timeout, "RabbitMQ to close the channel past its consumer_timeout")
+        vault.state.hold_writes.set()
+        first.wait(60)  # the running rotation finishes, then the worker exits
+        wait_for(lambda: settled(cluster, emulator, keyservice, [keys[0]]), 30, "the first run's store")
+        cluster.worker()
+        again = cluster.outputs[-1]
+        wait_for(lambda: re.search(rf"Task rotator\.rotate_key\[{task_id}\] (succeeded|retry)".encode(),
+                                   again.read_bytes()) is not None, 60, "the requeued message, run again")
+        assert reset_counts(emulator) == {keys[0]: 1}
+        assert settled(cluster, emulator, keyservice, [keys[0]])
+    finally:
+        vault.state.hold_writes.set()
+        cluster.stop()
