@@ -31,6 +31,7 @@ from rotator.errors import (
 from rotator.fingerprint import Fingerprinter
 from rotator.protocols import SecretRecord, SecretSink
 from rotator.sinks import registry
+from rotator.sinks.aws import PREFLIGHT_STAGE
 from tests.aws_helpers import FaultProxy
 from tests.conftest import FP_KEY
 from tests.vault_server import VaultTestServer
@@ -107,7 +108,9 @@ def aws_harness(url: str, name: str = "rotator-test/{client_id}/{key_id}") -> Ha
         return sink.read_document(key, "AWSPREVIOUS") if sink.read_previous(key) else None
 
     return Harness(sink, sink.read_document, previous,
-                   lambda k: len(sink.metadata(k)["VersionIdsToStages"]), lambda k: sink.metadata(k)["Tags"])
+                   lambda k: len([v for v, stages in sink.metadata(k)["VersionIdsToStages"].items()
+                                  if set(stages) - {PREFLIGHT_STAGE}]),  # the pre-flight's marker is no version of it
+                   lambda k: sink.metadata(k)["Tags"])
 
 
 def file_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str = "{client_id}/{key_id}.secret") -> Harness:

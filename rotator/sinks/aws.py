@@ -4,11 +4,17 @@ A secret per key, created on first use (with a KMS key, tags and a description),
 version per rotation with `ClientRequestToken` derived from the attempt id, so a retried write is
 a no-op. AWS moves AWSCURRENT to the new version and AWSPREVIOUS to the old one; reads always
 name AWSCURRENT. Tags carry the attempt id and fingerprint, never the secret.
+
+Before the key is reset, `prepare` proves every permission the write, the read-back and the tags
+need with calls that change nothing an application reads (see `_preflight`); `check-config --ping`
+does the same on a probe secret of its own.
 """
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,6 +58,11 @@ KMS_CODES = frozenset({"EncryptionFailure", "DecryptionFailure", "KMSAccessDenie
                        "KMSDisabledException", "KMSInvalidStateException", "KMSNotFoundException"})
 
 
+PREFLIGHT_STAGE = "ROTATOR_PREFLIGHT"  # the label of prepare's marker version: no application reads it
+PROBE_NAME = "rotator-preflight"  # `check-config --ping`'s probe secret, after the template's literal prefix
+POLICY_DOC = "docs/operations.md#aws-secrets-manager"
+
+
 class AwsSecretsManagerSink:
     kind: ClassVar[str] = "aws"
     transient_errors: ClassVar[tuple[type[BaseException], ...]] = (
@@ -89,13 +100,68 @@ class AwsSecretsManagerSink:
         return f"aws:{self.config.region}/{self.config.name}" + (f" [{ref}]" if ref else "")
 
     def prepare(self, key: ApiKey) -> _Prepared:
-        """Reach Secrets Manager with these credentials and learn whether the secret exists."""
+        """Read the current state, then prove every permission the write needs (`_preflight`):
+        a missing one is named here, before the key is reset."""
         name = render(self.config.name, key)
         where = f"aws prepare {name}"
         current: StoredState | None = self._guarded(
-            lambda: self._read(name, "AWSCURRENT", where, key, writing=True), where)
-        exists = current is not None or bool(self._guarded(lambda: self._exists(name), where))
+            lambda: self._read(name, "AWSCURRENT", where, key, writing=True), where, "secretsmanager:GetSecretValue")
+        exists = current is not None or bool(
+            self._guarded(lambda: self._exists(name), where, "secretsmanager:DescribeSecret"))
+        exists = self._preflight(name, exists, current is not None, where)
         return _Prepared(name, exists, current)
+
+    def _preflight(self, name: str, exists: bool, has_current: bool, where: str) -> bool:
+        """Prove, with calls that change nothing an application reads, that these credentials may
+        make every call of the write and the annotation; whether the secret exists afterwards.
+
+        - An existing secret: a marker version labelled only `ROTATOR_PREFLIGHT` (PutSecretValue,
+          and the KMS key's GenerateDataKey), read back by that label (GetSecretValue, Decrypt);
+          AWSCURRENT and AWSPREVIOUS do not move.
+        - A new one: the put is refused as not found once IAM allowed it (IAM decides before the
+          service looks the secret up); then the secret is created without a value, with its
+          description, KMS key and tags (CreateSecret, TagResource): no version, nothing to read.
+        - Either: a `rotator:checked_at` tag (TagResource, which the annotation needs). A secret that
+          exists without an AWSCURRENT version (no value yet) gets only the tag: a first version
+          becomes AWSCURRENT whatever its label."""
+        marker = json.dumps({"rotator_preflight": utc_iso(time.time())})
+        put = {"SecretId": name, "SecretString": marker, "ClientRequestToken": str(uuid.uuid4()),
+               "VersionStages": [PREFLIGHT_STAGE]}
+        if not exists:
+            try:
+                self._client.put_secret_value(**put)
+                exists = True  # created meanwhile by another writer: the marker carries only its label
+            except bx.ClientError as exc:
+                if _code(exc) != "ResourceNotFoundException":
+                    raise _mapped(exc, where, "secretsmanager:PutSecretValue") from None
+            except self.transient_errors as exc:
+                raise TransientError(f"{where}: {type(exc).__name__}") from None
+        if not exists:
+            tagged = " and secretsmanager:TagResource (for its tags)" if self.config.tags else ""
+            try:
+                self._client.create_secret(**self._create_args(name))
+            except bx.ClientError as exc:
+                if _code(exc) != "ResourceExistsException":
+                    raise _mapped(exc, where, f"secretsmanager:CreateSecret{tagged}") from None
+            except self.transient_errors as exc:
+                raise TransientError(f"{where}: {type(exc).__name__}") from None
+        elif has_current:
+            self._guarded(lambda: self._client.put_secret_value(**put), where,
+                          "secretsmanager:PutSecretValue (and kms:GenerateDataKey on the secret's KMS key)")
+            self._guarded(lambda: self._client.get_secret_value(SecretId=name, VersionStage=PREFLIGHT_STAGE), where,
+                          "secretsmanager:GetSecretValue (and kms:Decrypt on the secret's KMS key)")
+        self._guarded(lambda: self._client.tag_resource(
+            SecretId=name, Tags=[{"Key": "rotator:checked_at", "Value": utc_iso(time.time())}]), where,
+            "secretsmanager:TagResource")
+        return True
+
+    def _create_args(self, name: str) -> dict[str, Any]:
+        """CreateSecret's arguments other than the value: description, KMS key, tags."""
+        args: dict[str, Any] = {"Name": name, "Description": self.config.description,
+                                "Tags": [{"Key": k, "Value": v} for k, v in self.config.tags.items()]}
+        if self.config.kms_key_id:
+            args["KmsKeyId"] = self.config.kms_key_id
+        return args
 
     def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
         """One call: `PutSecretValue`, or `CreateSecret` for a new one; the token makes a retry a no-op."""
@@ -113,13 +179,8 @@ class AwsSecretsManagerSink:
                 assert current is not None
                 return current
             if not exists:
-                args: dict[str, Any] = {
-                    "Name": name, "SecretString": encode(record), "ClientRequestToken": token,
-                    "Description": self.config.description,
-                    "Tags": [*({"Key": k, "Value": v} for k, v in self.config.tags.items()), *_tags(record)],
-                }
-                if self.config.kms_key_id:
-                    args["KmsKeyId"] = self.config.kms_key_id
+                args = self._create_args(name)
+                args.update(SecretString=encode(record), ClientRequestToken=token, Tags=[*args["Tags"], *_tags(record)])
                 answer = self._client.create_secret(**args)
             else:
                 answer = self._client.put_secret_value(SecretId=name, SecretString=encode(record),
@@ -189,7 +250,26 @@ class AwsSecretsManagerSink:
         return described
 
     def ping(self) -> None:
-        self._guarded(lambda: self._client.list_secrets(MaxResults=1), "aws list_secrets")
+        """ListSecrets (for `reconcile`), then every call a rotation makes, on a probe secret of its
+        own (`<prefix>rotator-preflight`: created on the first ping, holding only markers, never a
+        key's secret), so a missing permission is named before any reset."""
+        self._guarded(lambda: self._client.list_secrets(MaxResults=1), "aws list_secrets", "secretsmanager:ListSecrets")
+        name = literal_prefix(self.config.name) + PROBE_NAME
+        where = f"aws ping {name}"
+        tagged = " and secretsmanager:TagResource (for its tags)" if self.config.tags else ""
+        try:  # the first ping creates it; later ones are refused as existing once IAM allowed them
+            self._client.create_secret(**self._create_args(name))
+        except bx.ClientError as exc:
+            if _code(exc) != "ResourceExistsException":
+                raise _mapped(exc, where, f"secretsmanager:CreateSecret{tagged}") from None
+        except self.transient_errors as exc:
+            raise TransientError(f"{where}: {type(exc).__name__}") from None
+        self._guarded(lambda: self._exists(name), where, "secretsmanager:DescribeSecret")
+        if self._guarded(lambda: self._raw(name, "AWSCURRENT"), where, "secretsmanager:GetSecretValue") is None:
+            marker = json.dumps({"rotator_preflight": utc_iso(time.time())})  # the probe's first version
+            self._guarded(lambda: self._client.put_secret_value(SecretId=name, SecretString=marker), where,
+                          "secretsmanager:PutSecretValue")
+        self._preflight(name, True, True, where)
 
     def close(self) -> None:
         self._client.close()
@@ -200,14 +280,21 @@ class AwsSecretsManagerSink:
             return None
         return state_from_document(loaded[0], self._fingerprint, where, version=loaded[1], key=key, writing=writing)
 
-    def _document(self, name: str, stage: str, where: str) -> tuple[Any, str | None] | None:
-        """The stored document at `stage` and its version id; None when there is no such secret."""
+    def _raw(self, name: str, stage: str) -> dict[str, Any] | None:
+        """GetSecretValue at `stage`; None when there is no such secret or version."""
         try:
-            answer = self._client.get_secret_value(SecretId=name, VersionStage=stage)
+            answer: dict[str, Any] = self._client.get_secret_value(SecretId=name, VersionStage=stage)
         except bx.ClientError as exc:
             if _code(exc) == "ResourceNotFoundException":
                 return None
             raise
+        return answer
+
+    def _document(self, name: str, stage: str, where: str) -> tuple[Any, str | None] | None:
+        """The stored document at `stage` and its version id; None when there is no such secret."""
+        answer = self._raw(name, stage)
+        if answer is None:
+            return None
         try:
             return json.loads(answer["SecretString"]), answer.get("VersionId")
         except (KeyError, ValueError):
@@ -222,11 +309,11 @@ class AwsSecretsManagerSink:
             raise
         return True
 
-    def _guarded(self, call: Any, where: str) -> Any:
+    def _guarded(self, call: Any, where: str, needs: str | None = None) -> Any:
         try:
             return call()
         except bx.ClientError as exc:
-            raise _mapped(exc, where) from None
+            raise _mapped(exc, where, needs) from None
         except self.transient_errors as exc:
             raise TransientError(f"{where}: {type(exc).__name__}") from None
 
@@ -258,15 +345,17 @@ def _code(exc: bx.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _mapped(exc: bx.ClientError, where: str) -> RotatorError:
+def _mapped(exc: bx.ClientError, where: str, needs: str | None = None) -> RotatorError:
     code = _code(exc)
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code in TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
         return TransientError(f"{where}: {code or status}")
     if code in KMS_CODES:
         return PermanentError(f"{where}: KMS refused ({code}); check kms_key_id and the key policy")
-    if code in DENIED_CODES:
-        return ForbiddenError(f"{where}: access denied ({code}); see the IAM policy in the README")
+    if code in DENIED_CODES or status == 403:  # a 403 without the service's code: a VPC endpoint's policy, say
+        wanted = f"the credentials need {needs}" if needs else "see the IAM policy"
+        return ForbiddenError(f"{where}: access denied ({code if code in DENIED_CODES else 403}); {wanted} "
+                              f"({POLICY_DOC})")
     if code == "ResourceNotFoundException":
         return NotFoundError(f"{where}: not found")
     return PermanentError(f"{where}: {code or status}")
