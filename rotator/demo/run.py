@@ -30,11 +30,10 @@ from rotator.console import show
 from rotator.embedded import PrivateRedis
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
-from rotator.openbao import PrivateOpenBao, approle_login, bao_binary
+from rotator.openbao import PrivateOpenBao, bao_binary, operator_setup
 from rotator.policy import classify
 from rotator.runtime import build_state
 from rotator.scan import scan
-from rotator.sinks.vault import vault_policy
 
 SEED = Path(__file__).with_name("seed.json")
 VAULT_MOUNT = "secret"  # the dev server's own KV v2 mount
@@ -49,11 +48,8 @@ def _secret_file(path: Path, value: str) -> Path:
 
 def vault_sink(home: Path, bao: PrivateOpenBao) -> str:
     """An AppRole login on the private OpenBao under the least-privilege policy, as a `[[sinks]]`
-    table; its ids and the server's root token (for `bao kv get`) go into files of mode 0600."""
-    login = approle_login(bao.client(), mount=VAULT_MOUNT, policy=vault_policy(VAULT_MOUNT, VAULT_PATH))
-    role_id = _secret_file(home / "vault-role-id", login.role_id)
-    secret_id = _secret_file(home / "vault-secret-id", login.secret_id)
-    _secret_file(home / "openbao-root.token", bao.root_token)
+    table; its ids and the server's root token (for `bao kv get`) are in files of mode 0600."""
+    role_id, secret_id, _ = operator_setup(bao, home, VAULT_MOUNT, VAULT_PATH)
     return f"""
 [[sinks]]
 kind = "vault"
