@@ -69,10 +69,11 @@ class PrivateOpenBao:
 
     def start(self, timeout_s: float = 20.0) -> PrivateOpenBao:
         with self._log.open("wb") as log:
+            # The root token goes in the environment, not the arguments: `ps` shows arguments to all.
             self._proc = subprocess.Popen(
-                [bao_binary(), "server", "-dev", f"-dev-root-token-id={self.root_token}",
-                 f"-dev-listen-address=127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.home,
+                [bao_binary(), "server", "-dev", f"-dev-listen-address=127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT, env={**self.env(), "BAO_DEV_ROOT_TOKEN_ID": self.root_token},
+                cwd=self.home,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -4,7 +4,7 @@ from the test's own): set OpenBao up, inject an emulator fault, and report what 
     python -m tests.partition_probe wait
     python -m tests.partition_probe setup MOUNT            -> {"role_id", "secret_id"}
     python -m tests.partition_probe fault JSON
-    python -m tests.partition_probe state CLIENT KEY MOUNT -> {"resets", "vault_versions", "authenticates", ...}
+    python -m tests.partition_probe state CLIENT KEY MOUNT -> {"resets", "attempts", "last", "vault_versions", ...}
 
 Services: Redis on 6379, the emulator on 8400, OpenBao on 8200 (root token in BAO_TOKEN), all on
 127.0.0.1 of that namespace. It prints JSON and never a secret.
@@ -74,16 +74,22 @@ def state(client_id: str, key_id: str, mount: str) -> dict[str, Any]:
     ledger = httpx.get(f"{EMULATOR}/_emulator/ledger", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
     resets = [e for e in (ledger if isinstance(ledger, list) else ledger.get("ledger", []))
               if e.get("key_id") == key_id]
+    import redis
+
+    db = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    last = json.loads(db.get(f"rotator:last:{client_id}/{key_id}") or "null")
+    held = {"resets": len(resets), "attempts": sorted(m.decode() for m in db.smembers("rotator:attempts")),
+            "last": {"status": last.get("status"), "attempt_id": last.get("attempt_id")} if last else None}
     kv = hvac.Client(url=BAO, token=os.environ["BAO_TOKEN"]).secrets.kv.v2
     path = f"rotator/{client_id}/{key_id}"
     try:
         meta = kv.read_secret_metadata(path=path, mount_point=mount)["data"]
     except Exception:
-        return {"resets": len(resets), "vault_versions": 0, "authenticates": False}
+        return {**held, "vault_versions": 0, "authenticates": False}
     doc = kv.read_secret_version(path=path, mount_point=mount)["data"]["data"]
     with HttpKeyService(EMULATOR, token) as service:
         works = service.verify_secret(client_id, Secret(doc["api_key"]), key_id)
-    return {"resets": len(resets), "vault_versions": int(meta["current_version"]), "authenticates": works,
+    return {**held, "vault_versions": int(meta["current_version"]), "authenticates": works,
             "attempt_id": doc.get("attempt_id"), "key_reset_at": doc.get("key_reset_at")}
 
 

@@ -36,7 +36,9 @@ from rotator.policy import Policy
 from rotator.sinks import registry
 from rotator.sinks.aws import PREFLIGHT_STAGE
 from rotator.state import RedisState
+from tests.aws_helpers import FaultProxy
 from tests.conftest import FP_KEY, write_config
+from tests.test_sinks import moto_url  # noqa: F401 - the session's moto server, a fixture
 
 FP = Fingerprinter(FP_KEY)
 DAY = 86_400
@@ -134,6 +136,8 @@ def test_with_every_permission_a_key_is_rotated_twice_and_readers_never_see_the_
     marker = [v for v, labels in stages.items() if PREFLIGHT_STAGE in labels]
     assert len(marker) == 1 and stages[marker[0]] == [PREFLIGHT_STAGE], stages
     assert len(emulator.ledger) == 2
+    sink.prepare(key)  # a later pre-flight re-puts the same marker: no new version
+    assert sink.metadata(key)["VersionIdsToStages"] == stages
 
 
 @pytest.mark.parametrize("action", ACTIONS, ids=[a.split(":")[1] for a in ACTIONS])
@@ -183,3 +187,45 @@ def test_a_second_rotation_needs_put_where_the_first_needed_create(
     assert outcome.status == "failed" and len(emulator.ledger) == 1
     assert sink.metadata(key)["VersionIdsToStages"] == before
     assert os.environ["AWS_ACCESS_KEY_ID"] not in outcome.reason
+
+
+def test_a_secret_made_without_a_value_elsewhere_is_checked_for_put_too(
+    moto_auth: AuthMoto, monkeypatch: pytest.MonkeyPatch, emulator: Emulator, keyservice: HttpKeyService,
+    state: RedisState, due: str,
+) -> None:
+    """Infrastructure code created the secret with no value (a Terraform `aws_secretsmanager_secret`
+    without a version): without PutSecretValue the pre-flight refuses before the reset; with it,
+    the marker it puts reads as nothing stored and the rotation stores the key's secret."""
+    client_id = next(c.client_id for c in keyservice.list_clients() if c.client_id.startswith("acme"))
+    full = sink_as(moto_auth, "full", monkeypatch)
+    full._client.create_secret(Name=f"rotator/{client_id}/{due}")
+    key = keyservice.get_key(client_id, due)
+    denied = rotate(keyservice, state, sink_as(moto_auth, "no-PutSecretValue", monkeypatch), client_id, due)
+    assert denied.status == "failed" and "the credentials need secretsmanager:PutSecretValue" in denied.reason
+    assert emulator.ledger == []
+    full = sink_as(moto_auth, "full", monkeypatch)
+    full.prepare(key)
+    assert full.read_state(key) is None  # the marker, now AWSCURRENT of a secret with no value, is nothing stored
+    assert rotate(keyservice, state, full, client_id, due).status == "succeeded"
+    assert full.read_secret(keyservice.get_key(client_id, due)).reveal() == emulator.current_secret(client_id, due)
+
+
+@pytest.fixture
+def kms_proxy(moto_url: str) -> Iterator[FaultProxy]:  # noqa: F811
+    with FaultProxy(moto_url) as proxy:
+        yield proxy
+
+
+def test_a_kms_key_that_refuses_is_found_before_the_reset(
+    kms_proxy: FaultProxy, emulator: Emulator, keyservice: HttpKeyService, state: RedisState, due: str,
+) -> None:
+    """moto's Secrets Manager does not call KMS, so KMS's refusal comes from a proxy in front of it,
+    as AWS answers it: the pre-flight's marker put is refused (GenerateDataKey) and the rotation
+    fails before the reset, saying so."""
+    client_id = next(c.client_id for c in keyservice.list_clients() if c.client_id.startswith("acme"))
+    sink = registry.build("aws", {"region": "eu-west-1", "endpoint_url": kms_proxy.url}, FP)
+    kms_proxy.fail("PutSecretValue", "KMSAccessDeniedException", times=5)
+    outcome = rotate(keyservice, state, sink, client_id, due)
+    assert outcome.status == "failed" and "the key was not reset" in outcome.reason, outcome.reason
+    assert "KMS refused (KMSAccessDeniedException)" in outcome.reason and "kms:GenerateDataKey" in outcome.reason
+    assert emulator.ledger == []

@@ -20,7 +20,7 @@ from rotator import logs
 from rotator.cli import app
 from rotator.domain import KeyRef
 from rotator.engine import Engine
-from rotator.errors import ForbiddenError, TransientError, WriteConflictError
+from rotator.errors import AuthenticationError, ForbiddenError, TransientError, WriteConflictError
 from rotator.events import CapturePublisher
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice.emulator import Emulator
@@ -166,6 +166,50 @@ def test_a_role_without_the_default_policy_is_named(
     with pytest.raises(ForbiddenError) as info:
         sink.prepare(make_key())
     assert "sys/capabilities-self" in str(info.value) and "`default` policy" in str(info.value)
+    sink.close()
+    with pytest.raises(ForbiddenError) as pinged:
+        sink.ping()
+    assert "auth/token/lookup-self" in str(pinged.value) and "`default` policy" in str(pinged.value)
+
+
+def test_a_refused_login_is_named_not_retried(
+    openbao: PrivateOpenBao, bao_sink: dict[str, Any], emulator: Emulator, keyservice: HttpKeyService,
+    state: RedisState, due: str,
+) -> None:
+    """A mistyped `approle_mount` (or a wrong secret id): the login itself is refused. Ping and
+    the rotation's pre-flight say so, naming the mount, as a permanent error: no retry, no reset,
+    no id in the message."""
+    import os
+
+    for settings in ({**bao_sink, "approle_mount": "approle-typo"}, {**bao_sink, "secret_id_env": "WRONG_SECRET_ID"}):
+        os.environ["WRONG_SECRET_ID"] = "00000000-0000-0000-0000-000000000000"
+        sink = registry.build("vault", settings, FP)
+        with pytest.raises(AuthenticationError) as info:
+            sink.ping()
+        assert f"login at auth/{settings.get('approle_mount', 'approle')}/login refused" in str(info.value), info.value
+        outcome = engine_for(keyservice, state, sink)[0].rotate(KeyRef("acme", due), trigger="test")
+        assert outcome.status == "failed" and "login" in outcome.reason and "refused" in outcome.reason
+        assert not [v for v in credentials(openbao) if v in str(info.value) + outcome.reason]
+    assert emulator.ledger == []
+    del os.environ["WRONG_SECRET_ID"]
+
+
+def test_a_path_with_metadata_and_no_version_needs_update(
+    openbao: PrivateOpenBao, bao_sink: dict[str, Any], emulator: Emulator, keyservice: HttpKeyService,
+    state: RedisState, due: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operator set the path's metadata up first (`bao kv metadata put -max-versions=5`): no
+    version yet, but Vault writes it with `update`. Without `update` the pre-flight says so
+    before the reset, instead of checking `create` and failing the write after it."""
+    openbao.cli("kv", "metadata", "put", "-max-versions=5", f"-mount={bao_sink['mount']}", f"rotator/acme/{due}")
+    sink = sink_for(bao_sink, openbao, without(doc_policy(bao_sink["mount"], "rotator"), "data", "update"),
+                    monkeypatch)
+    outcome = engine_for(keyservice, state, sink)[0].rotate(KeyRef("acme", due), trigger="test")
+    assert outcome.status == "failed", outcome.reason
+    assert f"lacks 'update' on {bao_sink['mount']}/data/rotator/acme/{due}" in outcome.reason, outcome.reason
+    assert emulator.ledger == []
+    full = sink_for(bao_sink, openbao)
+    assert engine_for(keyservice, state, full)[0].rotate(KeyRef("acme", due), trigger="test").status == "succeeded"
 
 
 def test_a_403_under_a_fresh_login_is_a_refusal_not_a_login_problem(

@@ -12,8 +12,8 @@ does the same on a probe secret of its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +60,8 @@ KMS_CODES = frozenset({"EncryptionFailure", "DecryptionFailure", "KMSAccessDenie
 
 PREFLIGHT_STAGE = "ROTATOR_PREFLIGHT"  # the label of prepare's marker version: no application reads it
 PROBE_NAME = "rotator-preflight"  # `check-config --ping`'s probe secret, after the template's literal prefix
+MARKER = json.dumps({"rotator_preflight": "a marker of rotator's pre-flight, never a key's secret"})
+MANAGED_TAG = {"Key": "rotator:managed", "Value": "true"}
 POLICY_DOC = "docs/operations.md#aws-secrets-manager"
 
 
@@ -108,34 +110,23 @@ class AwsSecretsManagerSink:
             lambda: self._read(name, "AWSCURRENT", where, key, writing=True), where, "secretsmanager:GetSecretValue")
         exists = current is not None or bool(
             self._guarded(lambda: self._exists(name), where, "secretsmanager:DescribeSecret"))
-        exists = self._preflight(name, exists, current is not None, where)
+        exists = self._preflight(name, exists, where)
         return _Prepared(name, exists, current)
 
-    def _preflight(self, name: str, exists: bool, has_current: bool, where: str) -> bool:
-        """Prove, with calls that change nothing an application reads, that these credentials may
-        make every call of the write and the annotation; whether the secret exists afterwards.
+    def _preflight(self, name: str, exists: bool, where: str) -> bool:
+        """Prove, with calls no application can tell from nothing, that these credentials may make
+        every call of the write, the read-back and the annotation; whether the secret exists after.
 
-        - An existing secret: a marker version labelled only `ROTATOR_PREFLIGHT` (PutSecretValue,
-          and the KMS key's GenerateDataKey), read back by that label (GetSecretValue, Decrypt);
-          AWSCURRENT and AWSPREVIOUS do not move.
-        - A new one: the put is refused as not found once IAM allowed it (IAM decides before the
-          service looks the secret up); then the secret is created without a value, with its
-          description, KMS key and tags (CreateSecret, TagResource): no version, nothing to read.
-        - Either: a `rotator:checked_at` tag (TagResource, which the annotation needs). A secret that
-          exists without an AWSCURRENT version (no value yet) gets only the tag: a first version
-          becomes AWSCURRENT whatever its label."""
-        marker = json.dumps({"rotator_preflight": utc_iso(time.time())})
-        put = {"SecretId": name, "SecretString": marker, "ClientRequestToken": str(uuid.uuid4()),
-               "VersionStages": [PREFLIGHT_STAGE]}
-        if not exists:
-            try:
-                self._client.put_secret_value(**put)
-                exists = True  # created meanwhile by another writer: the marker carries only its label
-            except bx.ClientError as exc:
-                if _code(exc) != "ResourceNotFoundException":
-                    raise _mapped(exc, where, "secretsmanager:PutSecretValue") from None
-            except self.transient_errors as exc:
-                raise TransientError(f"{where}: {type(exc).__name__}") from None
+        - A new secret is created without a value, with its description, KMS key and tags
+          (CreateSecret, TagResource): nothing to read yet.
+        - A marker version (always the same text and `ClientRequestToken`, labelled
+          `ROTATOR_PREFLIGHT`) is put (PutSecretValue, and GenerateDataKey on the secret's KMS key
+          the first time) and read back by its label (GetSecretValue, Decrypt). A later put of the
+          same marker is a no-op AWS still authorizes: no new version. On a secret that already
+          has a value, AWSCURRENT and AWSPREVIOUS do not move; on one without (just created, or
+          made empty by other tooling) AWS makes the marker AWSCURRENT, which reads as nothing
+          stored, as before.
+        - The `rotator:managed` tag (TagResource, which the annotation needs); the same each time."""
         if not exists:
             tagged = " and secretsmanager:TagResource (for its tags)" if self.config.tags else ""
             try:
@@ -145,14 +136,20 @@ class AwsSecretsManagerSink:
                     raise _mapped(exc, where, f"secretsmanager:CreateSecret{tagged}") from None
             except self.transient_errors as exc:
                 raise TransientError(f"{where}: {type(exc).__name__}") from None
-        elif has_current:
-            self._guarded(lambda: self._client.put_secret_value(**put), where,
-                          "secretsmanager:PutSecretValue (and kms:GenerateDataKey on the secret's KMS key)")
-            self._guarded(lambda: self._client.get_secret_value(SecretId=name, VersionStage=PREFLIGHT_STAGE), where,
-                          "secretsmanager:GetSecretValue (and kms:Decrypt on the secret's KMS key)")
-        self._guarded(lambda: self._client.tag_resource(
-            SecretId=name, Tags=[{"Key": "rotator:checked_at", "Value": utc_iso(time.time())}]), where,
-            "secretsmanager:TagResource")
+        for token in (_marker_token(name), f"rotator-preflight-{uuid.uuid4().hex}"):
+            self._guarded(lambda t=token: self._client.put_secret_value(
+                SecretId=name, SecretString=MARKER, ClientRequestToken=t, VersionStages=[PREFLIGHT_STAGE]), where,
+                "secretsmanager:PutSecretValue (and kms:GenerateDataKey on the secret's KMS key)")
+            try:
+                self._guarded(lambda: self._client.get_secret_value(SecretId=name, VersionStage=PREFLIGHT_STAGE),
+                              where, "secretsmanager:GetSecretValue (and kms:Decrypt on the secret's KMS key)")
+                break
+            except NotFoundError:
+                continue  # the label left the marker when AWSCURRENT moved off it (moto drops it): a fresh one
+        else:
+            raise NotFoundError(f"{where}: the marker put under {PREFLIGHT_STAGE} does not read back")
+        self._guarded(lambda: self._client.tag_resource(SecretId=name, Tags=[MANAGED_TAG]), where,
+                      "secretsmanager:TagResource")
         return True
 
     def _create_args(self, name: str) -> dict[str, Any]:
@@ -251,25 +248,23 @@ class AwsSecretsManagerSink:
 
     def ping(self) -> None:
         """ListSecrets (for `reconcile`), then every call a rotation makes, on a probe secret of its
-        own (`<prefix>rotator-preflight`: created on the first ping, holding only markers, never a
-        key's secret), so a missing permission is named before any reset."""
+        own (`<prefix>rotator-preflight`: created by the first ping, holding only the marker, never
+        a key's secret), so a missing permission is named before any reset."""
         self._guarded(lambda: self._client.list_secrets(MaxResults=1), "aws list_secrets", "secretsmanager:ListSecrets")
         name = literal_prefix(self.config.name) + PROBE_NAME
         where = f"aws ping {name}"
-        tagged = " and secretsmanager:TagResource (for its tags)" if self.config.tags else ""
-        try:  # the first ping creates it; later ones are refused as existing once IAM allowed them
-            self._client.create_secret(**self._create_args(name))
-        except bx.ClientError as exc:
-            if _code(exc) != "ResourceExistsException":
-                raise _mapped(exc, where, f"secretsmanager:CreateSecret{tagged}") from None
-        except self.transient_errors as exc:
-            raise TransientError(f"{where}: {type(exc).__name__}") from None
-        self._guarded(lambda: self._exists(name), where, "secretsmanager:DescribeSecret")
-        if self._guarded(lambda: self._raw(name, "AWSCURRENT"), where, "secretsmanager:GetSecretValue") is None:
-            marker = json.dumps({"rotator_preflight": utc_iso(time.time())})  # the probe's first version
-            self._guarded(lambda: self._client.put_secret_value(SecretId=name, SecretString=marker), where,
-                          "secretsmanager:PutSecretValue")
-        self._preflight(name, True, True, where)
+        self._guarded(lambda: self._raw(name, "AWSCURRENT"), where, "secretsmanager:GetSecretValue")
+        exists = bool(self._guarded(lambda: self._exists(name), where, "secretsmanager:DescribeSecret"))
+        if exists:  # CreateSecret is asked anyway: refused as existing once IAM allowed it
+            tagged = " and secretsmanager:TagResource (for its tags)" if self.config.tags else ""
+            try:
+                self._client.create_secret(**self._create_args(name))
+            except bx.ClientError as exc:
+                if _code(exc) != "ResourceExistsException":
+                    raise _mapped(exc, where, f"secretsmanager:CreateSecret{tagged}") from None
+            except self.transient_errors as exc:
+                raise TransientError(f"{where}: {type(exc).__name__}") from None
+        self._preflight(name, exists, where)
 
     def close(self) -> None:
         self._client.close()
@@ -293,7 +288,7 @@ class AwsSecretsManagerSink:
     def _document(self, name: str, stage: str, where: str) -> tuple[Any, str | None] | None:
         """The stored document at `stage` and its version id; None when there is no such secret."""
         answer = self._raw(name, stage)
-        if answer is None:
+        if answer is None or answer.get("SecretString") == MARKER:  # the pre-flight's marker: nothing stored
             return None
         try:
             return json.loads(answer["SecretString"]), answer.get("VersionId")
@@ -335,6 +330,11 @@ def _tags(record: SecretRecord) -> list[dict[str, str]]:
     ]
 
 
+def _marker_token(name: str) -> str:
+    """The marker's `ClientRequestToken`, the same for every put to one secret (32-64 characters)."""
+    return "rotator-preflight-" + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
 def client_request_token(attempt_id: str) -> str:
     """A deterministic idempotency token (32-64 characters) for one attempt."""
     token = f"rotator-{attempt_id}"
@@ -351,7 +351,8 @@ def _mapped(exc: bx.ClientError, where: str, needs: str | None = None) -> Rotato
     if code in TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
         return TransientError(f"{where}: {code or status}")
     if code in KMS_CODES:
-        return PermanentError(f"{where}: KMS refused ({code}); check kms_key_id and the key policy")
+        needed = f" (the call needs {needs})" if needs else ""
+        return PermanentError(f"{where}: KMS refused ({code}); check kms_key_id and the key policy{needed}")
     if code in DENIED_CODES or status == 403:  # a 403 without the service's code: a VPC endpoint's policy, say
         wanted = f"the credentials need {needs}" if needs else "see the IAM policy"
         return ForbiddenError(f"{where}: access denied ({code if code in DENIED_CODES else 403}); {wanted} "

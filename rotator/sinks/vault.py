@@ -81,6 +81,7 @@ class _Prepared:
     path: str
     version: int
     current: StoredState | None
+    known: bool = False  # the path has metadata: Vault writes it with `update`
     used: bool = False
 
 
@@ -158,9 +159,11 @@ class VaultSink:
             self._require(caps, path, where, metadata=("read",))
             meta = self._metadata(path)
             version = int(meta["current_version"]) if meta else 0
-            self._require(caps, path, where, data=("update" if version else "create", "read"), metadata=("update",))
+            # Vault writes a path whose metadata exists (even with no version yet, as after
+            # `kv metadata put`) with `update`, and only a path it has never seen with `create`.
+            self._require(caps, path, where, data=("update" if meta else "create", "read"), metadata=("update",))
             current = self._read(path, version, where, key, writing=True) if version else None
-        return _Prepared(path, version, current)
+        return _Prepared(path, version, current, meta is not None)
 
     def write(self, record: SecretRecord, prepared: object = None) -> StoredState:
         """One CAS write on the version `prepare` read; a lost race or a retry reads afresh."""
@@ -169,13 +172,13 @@ class VaultSink:
         with self._errors(where):
             if isinstance(prepared, _Prepared) and prepared.path == path and not prepared.used:
                 prepared.used = True
-                version, current = prepared.version, prepared.current
+                version, current, known = prepared.version, prepared.current, prepared.known
             else:
                 meta = self._metadata(path)
-                version = int(meta["current_version"]) if meta else 0
+                version, known = (int(meta["current_version"]) if meta else 0), meta is not None
                 current = self._read(path, version, where, record.key, writing=True) if version else None
             if not refuse_if_stale(current, record, where):
-                self._needs = f"'{'update' if version else 'create'}' on {self._data_path(path)}"
+                self._needs = f"'{'update' if known else 'create'}' on {self._data_path(path)}"
                 answer = self._kv().create_or_update_secret(
                     path=path, secret=document(record), cas=version, mount_point=self.config.mount
                 )
@@ -260,7 +263,9 @@ class VaultSink:
         path from the template (both `create` and `update`: every key's second rotation writes over
         its first), so a missing capability is named before any reset."""
         with self._errors("vault token lookup"):
-            self._client_or_login().auth.token.lookup_self()
+            client = self._client_or_login()
+            self._needs = "'read' on auth/token/lookup-self (the token's `default` policy)"
+            client.auth.token.lookup_self()
         sample = sample_path(self.config.path)
         where = f"vault ping {self.config.mount}/{sample}"
         with self._errors(where):
@@ -333,16 +338,25 @@ class VaultSink:
         answer: Any = None
         if c.auth == "token":
             client.token = read_credential(c.token_env, c.token_file, "vault token")
-        elif c.auth == "approle":
-            answer = client.auth.approle.login(
-                role_id=read_credential(c.role_id_env, c.role_id_file, "vault role id"),
-                secret_id=read_credential(c.secret_id_env, c.secret_id_file, "vault secret id"),
-                mount_point=c.approle_mount,
-            )
         else:
-            answer = client.auth.kubernetes.login(
-                role=c.kubernetes_role, jwt=c.kubernetes_jwt_file.read_text().strip(), mount_point=c.kubernetes_mount
-            )
+            mount = c.approle_mount if c.auth == "approle" else c.kubernetes_mount
+            try:
+                if c.auth == "approle":
+                    answer = client.auth.approle.login(
+                        role_id=read_credential(c.role_id_env, c.role_id_file, "vault role id"),
+                        secret_id=read_credential(c.secret_id_env, c.secret_id_file, "vault secret id"),
+                        mount_point=mount,
+                    )
+                else:
+                    answer = client.auth.kubernetes.login(
+                        role=c.kubernetes_role, jwt=c.kubernetes_jwt_file.read_text().strip(), mount_point=mount)
+            except (hx.Forbidden, hx.Unauthorized, hx.InvalidRequest, hx.InvalidPath) as exc:
+                # Refused, not down: the ids, the role or the mount is wrong. Vault's own message
+                # names which ("invalid role or secret ID"), never the ids themselves.
+                first = str(exc.errors[0] if isinstance(exc.errors, list) and exc.errors else type(exc).__name__)
+                what = "role id and secret id" if c.auth == "approle" else "role and service-account token"
+                raise AuthenticationError(f"vault {c.auth} login at auth/{mount}/login refused "
+                                          f"({first.strip()[:160]}); check the {what} and {c.auth}_mount") from None
         lease = ((answer or {}).get("auth") or {}).get("lease_duration") if isinstance(answer, dict) else None
         # Log in again after three quarters of the lease (a lease of 0 never ends).
         self._login_ends = time.monotonic() + 0.75 * lease if isinstance(lease, int) and lease > 0 else float("inf")
@@ -390,6 +404,4 @@ def _mapped(sink: VaultSink, exc: hx.VaultError, first: str, where: str, *, fres
         return TransientError(f"{where}: {type(exc).__name__}{detail}")
     if isinstance(exc, hx.InvalidPath):
         return NotFoundError(f"{where}: path or mount not found")
-    if isinstance(exc, hx.InvalidRequest) and "invalid role" in first:
-        return AuthenticationError(f"{where}: AppRole login refused")
     return PermanentError(f"{where}: {type(exc).__name__}{detail}")
