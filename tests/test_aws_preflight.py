@@ -135,6 +135,7 @@ def test_with_every_permission_a_key_is_rotated_twice_and_readers_never_see_the_
     stages = sink.metadata(key)["VersionIdsToStages"]
     marker = [v for v, labels in stages.items() if PREFLIGHT_STAGE in labels]
     assert len(marker) == 1 and stages[marker[0]] == [PREFLIGHT_STAGE], stages
+    assert sorted(sorted(v) for v in stages.values()) == [["AWSCURRENT"], ["AWSPREVIOUS"], [PREFLIGHT_STAGE]]
     assert len(emulator.ledger) == 2
     sink.prepare(key)  # a later pre-flight re-puts the same marker: no new version
     assert sink.metadata(key)["VersionIdsToStages"] == stages
@@ -194,20 +195,41 @@ def test_a_secret_made_without_a_value_elsewhere_is_checked_for_put_too(
     state: RedisState, due: str,
 ) -> None:
     """Infrastructure code created the secret with no value (a Terraform `aws_secretsmanager_secret`
-    without a version): without PutSecretValue the pre-flight refuses before the reset; with it,
-    the marker it puts reads as nothing stored and the rotation stores the key's secret."""
+    without a version): any first version would become its AWSCURRENT, so the pre-flight puts its
+    marker to the probe secret instead. Without PutSecretValue it refuses before the reset; with
+    it, the key's secret still has no version until the rotation writes the key's secret."""
     client_id = next(c.client_id for c in keyservice.list_clients() if c.client_id.startswith("acme"))
+    name = f"rotator/{client_id}/{due}"
     full = sink_as(moto_auth, "full", monkeypatch)
-    full._client.create_secret(Name=f"rotator/{client_id}/{due}")
+    full._client.create_secret(Name=name)
     key = keyservice.get_key(client_id, due)
     denied = rotate(keyservice, state, sink_as(moto_auth, "no-PutSecretValue", monkeypatch), client_id, due)
     assert denied.status == "failed" and "the credentials need secretsmanager:PutSecretValue" in denied.reason
+    assert "rotator/rotator-preflight" in denied.reason, denied.reason
     assert emulator.ledger == []
     full = sink_as(moto_auth, "full", monkeypatch)
     full.prepare(key)
-    assert full.read_state(key) is None  # the marker, now AWSCURRENT of a secret with no value, is nothing stored
+    assert full.metadata(key).get("VersionIdsToStages", {}) == {}  # nothing put to the key's own secret
     assert rotate(keyservice, state, full, client_id, due).status == "succeeded"
     assert full.read_secret(keyservice.get_key(client_id, due)).reveal() == emulator.current_secret(client_id, due)
+    assert [sorted(v) for v in full.metadata(key)["VersionIdsToStages"].values()] == [["AWSCURRENT"]]
+
+
+def test_the_marker_reads_as_nothing_and_its_token_follows_its_text() -> None:
+    """A stored marker is never taken for a key's document, and a marker of other text gets
+    another ClientRequestToken (AWS refuses a token reused with other content)."""
+    from rotator.sinks import aws
+
+    assert aws._is_marker(aws.MARKER) and aws._is_marker('{"rotator_preflight": "older text"}')
+    assert not aws._is_marker('{"rotator_preflight": 1, "api_key": "x"}') and not aws._is_marker("not json")
+    token = aws._marker_token("rotator/a/b")
+    assert 32 <= len(token) <= 64 and token == aws._marker_token("rotator/a/b") != aws._marker_token("rotator/a/c")
+    original = aws.MARKER
+    try:
+        aws.MARKER = '{"rotator_preflight": "another text"}'
+        assert aws._marker_token("rotator/a/b") != token
+    finally:
+        aws.MARKER = original
 
 
 @pytest.fixture

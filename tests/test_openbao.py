@@ -174,15 +174,13 @@ def test_a_role_without_the_default_policy_is_named(
 
 def test_a_refused_login_is_named_not_retried(
     openbao: PrivateOpenBao, bao_sink: dict[str, Any], emulator: Emulator, keyservice: HttpKeyService,
-    state: RedisState, due: str,
+    state: RedisState, due: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A mistyped `approle_mount` (or a wrong secret id): the login itself is refused. Ping and
     the rotation's pre-flight say so, naming the mount, as a permanent error: no retry, no reset,
     no id in the message."""
-    import os
-
+    monkeypatch.setenv("WRONG_SECRET_ID", "00000000-0000-0000-0000-000000000000")
     for settings in ({**bao_sink, "approle_mount": "approle-typo"}, {**bao_sink, "secret_id_env": "WRONG_SECRET_ID"}):
-        os.environ["WRONG_SECRET_ID"] = "00000000-0000-0000-0000-000000000000"
         sink = registry.build("vault", settings, FP)
         with pytest.raises(AuthenticationError) as info:
             sink.ping()
@@ -191,7 +189,6 @@ def test_a_refused_login_is_named_not_retried(
         assert outcome.status == "failed" and "login" in outcome.reason and "refused" in outcome.reason
         assert not [v for v in credentials(openbao) if v in str(info.value) + outcome.reason]
     assert emulator.ledger == []
-    del os.environ["WRONG_SECRET_ID"]
 
 
 def test_a_path_with_metadata_and_no_version_needs_update(

@@ -246,7 +246,8 @@ def test_a_host_cut_off_between_reset_and_store_is_taken_over_and_changes_nothin
               str(host_config(tmp_path, "h2", h2)), "--loglevel", "DEBUG", env=env)
     net.start(ns2, "beat-h2", sys.executable, "-m", "rotator.cli", "beat", "--config", str(tmp_path / "h2.toml"),
               "--schedule", str(tmp_path / "beat-h2"), env=env)
-    wait_for(lambda: state()["vault_versions"] == 1, 60, "host 2 to store the secret")
+    wait_for(lambda: state()["vault_versions"] == 1 and (state()["last"] or {}).get("status") == "recovered"
+             and not state()["attempts"], 60, "host 2 to store the secret and settle the attempt")
     taken_over = state()
     assert taken_over["resets"] == 1 and taken_over["authenticates"], taken_over
 

@@ -27,6 +27,8 @@ from tests.test_celery import DAY, Cluster, reset_counts, settled, wait_for
 from tests.vault_server import VaultTestServer
 
 HOST, PORT = "127.0.0.1", 5672
+LOCK = Path("/tmp/rotator-tests-rabbitmq.lock")
+SAVED = Path("/tmp/rotator-tests-rabbitmq-settings.json")  # the broker's values while a test changes them
 PASSWORD_ENV = "ROTATOR_TEST_RABBITMQ_PASSWORD"
 
 
@@ -77,8 +79,10 @@ def broker_to_ourselves() -> Iterator[None]:
     """The machine's broker is shared by every test run on it, and one test here changes a
     broker-wide setting: runs take these tests in turn (an exclusive lock on a file beside it)."""
     import fcntl
+    import os
 
-    with open("/tmp/rotator-tests-rabbitmq.lock", "a") as lock:
+    fd = os.open(LOCK, os.O_RDONLY | os.O_CREAT, 0o644)  # read-only suffices for flock, whoever made it
+    with os.fdopen(fd) as lock:
         deadline = time.monotonic() + 900
         while True:
             try:
@@ -345,22 +349,33 @@ def short_consumer_timeout(rabbit: Rabbit) -> Iterator[float]:
     if not shutil.which("rabbitmqctl"):
         pytest.skip("needs rabbitmqctl to change the broker's consumer_timeout and restore it")
     names = ("consumer_timeout", "channel_tick_interval")
+    if SAVED.exists():  # a run killed inside this fixture left its values behind: put them back first
+        _restore(rabbit, json.loads(SAVED.read_text()))
+        SAVED.unlink()
     before = {n: rabbit.ctl("eval", f"application:get_env(rabbit, {n}).").strip() for n in names}
+    SAVED.write_text(json.dumps(before))
     try:
         rabbit.ctl("eval", "application:set_env(rabbit, consumer_timeout, 4000).")
         rabbit.ctl("eval", "application:set_env(rabbit, channel_tick_interval, 1000).")
         yield 4.0
     finally:
-        failures = []
-        for name, value in before.items():  # each restored even if another could not be
-            found = re.fullmatch(r"\{ok,(\d+)\}", value)
-            try:
-                rabbit.ctl("eval", f"application:set_env(rabbit, {name}, {found.group(1)})." if found
-                           else f"application:unset_env(rabbit, {name}).")
-            except AssertionError as exc:
-                failures.append(f"{name}: {exc}")
+        failures = _restore(rabbit, before)
         after = {n: rabbit.ctl("eval", f"application:get_env(rabbit, {n}).").strip() for n in names}
         assert not failures and after == before, (failures, after, before)
+        SAVED.unlink()
+
+
+def _restore(rabbit: Rabbit, values: dict[str, str]) -> list[str]:
+    """Put the broker's settings back (`{ok,N}` or `undefined`), each even if another fails."""
+    failures = []
+    for name, value in values.items():
+        found = re.fullmatch(r"\{ok,(\d+)\}", value)
+        try:
+            rabbit.ctl("eval", f"application:set_env(rabbit, {name}, {found.group(1)})." if found
+                       else f"application:unset_env(rabbit, {name}).")
+        except AssertionError as exc:
+            failures.append(f"{name}: {exc}")
+    return failures
 
 
 def test_a_message_held_past_the_consumer_timeout_is_delivered_again_and_the_key_reset_once(

@@ -6,8 +6,8 @@ a no-op. AWS moves AWSCURRENT to the new version and AWSPREVIOUS to the old one;
 name AWSCURRENT. Tags carry the attempt id and fingerprint, never the secret.
 
 Before the key is reset, `prepare` proves every permission the write, the read-back and the tags
-need with calls that change nothing an application reads (see `_preflight`); `check-config --ping`
-does the same on a probe secret of its own.
+need with calls that change nothing an application reads of a key's secret (see `_preflight`);
+`check-config --ping` does the same on a probe secret of its own.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ KMS_CODES = frozenset({"EncryptionFailure", "DecryptionFailure", "KMSAccessDenie
 
 PREFLIGHT_STAGE = "ROTATOR_PREFLIGHT"  # the label of prepare's marker version: no application reads it
 PROBE_NAME = "rotator-preflight"  # `check-config --ping`'s probe secret, after the template's literal prefix
+# Any change to the marker's text changes its ClientRequestToken too (`_marker_token`): AWS refuses a
+# token reused with other content. Every document with `rotator_preflight` reads as nothing stored.
 MARKER = json.dumps({"rotator_preflight": "a marker of rotator's pre-flight, never a key's secret"})
 MANAGED_TAG = {"Key": "rotator:managed", "Value": "true"}
 POLICY_DOC = "docs/operations.md#aws-secrets-manager"
@@ -107,35 +109,53 @@ class AwsSecretsManagerSink:
         name = render(self.config.name, key)
         where = f"aws prepare {name}"
         current: StoredState | None = self._guarded(
-            lambda: self._read(name, "AWSCURRENT", where, key, writing=True), where, "secretsmanager:GetSecretValue")
+            lambda: self._read(name, "AWSCURRENT", where, key, writing=True), where,
+            "secretsmanager:GetSecretValue (and kms:Decrypt on the secret's KMS key)")
         exists = current is not None or bool(
             self._guarded(lambda: self._exists(name), where, "secretsmanager:DescribeSecret"))
-        exists = self._preflight(name, exists, where)
-        return _Prepared(name, exists, current)
+        self._preflight(name, exists, current is not None, where)
+        return _Prepared(name, True, current)
 
-    def _preflight(self, name: str, exists: bool, where: str) -> bool:
-        """Prove, with calls no application can tell from nothing, that these credentials may make
-        every call of the write, the read-back and the annotation; whether the secret exists after.
+    def _preflight(self, name: str, exists: bool, has_value: bool, where: str) -> None:
+        """Prove, with calls that change nothing an application reads of a key's secret, that
+        these credentials may make every call of the write, the read-back and the annotation.
 
         - A new secret is created without a value, with its description, KMS key and tags
-          (CreateSecret, TagResource): nothing to read yet.
-        - A marker version (always the same text and `ClientRequestToken`, labelled
-          `ROTATOR_PREFLIGHT`) is put (PutSecretValue, and GenerateDataKey on the secret's KMS key
-          the first time) and read back by its label (GetSecretValue, Decrypt). A later put of the
-          same marker is a no-op AWS still authorizes: no new version. On a secret that already
-          has a value, AWSCURRENT and AWSPREVIOUS do not move; on one without (just created, or
-          made empty by other tooling) AWS makes the marker AWSCURRENT, which reads as nothing
-          stored, as before.
+          (CreateSecret, TagResource): a reader still finds no AWSCURRENT, as before.
+        - A secret with a value gets the marker version (`_put_marker`): PutSecretValue and
+          GetSecretValue (and the KMS key's GenerateDataKey and Decrypt) on that very secret,
+          while AWSCURRENT and AWSPREVIOUS do not move. A secret without a value would make any
+          first version its AWSCURRENT, so the marker goes to the probe secret instead, under the
+          same prefix (`_probe`): the same calls, on a sibling.
         - The `rotator:managed` tag (TagResource, which the annotation needs); the same each time."""
         if not exists:
-            tagged = " and secretsmanager:TagResource (for its tags)" if self.config.tags else ""
-            try:
-                self._client.create_secret(**self._create_args(name))
-            except bx.ClientError as exc:
-                if _code(exc) != "ResourceExistsException":
-                    raise _mapped(exc, where, f"secretsmanager:CreateSecret{tagged}") from None
-            except self.transient_errors as exc:
-                raise TransientError(f"{where}: {type(exc).__name__}") from None
+            self._create_empty(name, where)
+        if has_value:
+            self._put_marker(name, where)
+        else:
+            self._probe(where)
+        self._guarded(lambda: self._client.tag_resource(SecretId=name, Tags=[MANAGED_TAG]), where,
+                      "secretsmanager:TagResource")
+
+    def _create_empty(self, name: str, where: str) -> bool:
+        """CreateSecret without a value (description, KMS key, tags); False when it exists already
+        (which AWS says only once IAM allowed the call)."""
+        tagged = " and secretsmanager:TagResource (for its tags)" if self.config.tags else ""
+        try:
+            self._client.create_secret(**self._create_args(name))
+            return True
+        except bx.ClientError as exc:
+            if _code(exc) == "ResourceExistsException":
+                return False
+            raise _mapped(exc, where, f"secretsmanager:CreateSecret{tagged}") from None
+        except self.transient_errors as exc:
+            raise TransientError(f"{where}: {type(exc).__name__}") from None
+
+    def _put_marker(self, name: str, where: str) -> None:
+        """The marker version, labelled only `ROTATOR_PREFLIGHT` on a secret that has a value, and
+        read back by that label. Its text and `ClientRequestToken` are the same every time, so a
+        later put is a no-op AWS still authorizes (no new version; the KMS key's GenerateDataKey is
+        proved by the first)."""
         for token in (_marker_token(name), f"rotator-preflight-{uuid.uuid4().hex}"):
             self._guarded(lambda t=token: self._client.put_secret_value(
                 SecretId=name, SecretString=MARKER, ClientRequestToken=t, VersionStages=[PREFLIGHT_STAGE]), where,
@@ -143,14 +163,21 @@ class AwsSecretsManagerSink:
             try:
                 self._guarded(lambda: self._client.get_secret_value(SecretId=name, VersionStage=PREFLIGHT_STAGE),
                               where, "secretsmanager:GetSecretValue (and kms:Decrypt on the secret's KMS key)")
-                break
+                return
             except NotFoundError:
                 continue  # the label left the marker when AWSCURRENT moved off it (moto drops it): a fresh one
-        else:
-            raise NotFoundError(f"{where}: the marker put under {PREFLIGHT_STAGE} does not read back")
-        self._guarded(lambda: self._client.tag_resource(SecretId=name, Tags=[MANAGED_TAG]), where,
-                      "secretsmanager:TagResource")
-        return True
+        raise NotFoundError(f"{where}: the marker put under {PREFLIGHT_STAGE} does not read back")
+
+    def _probe(self, where: str) -> str:
+        """The probe secret `<prefix>rotator-preflight` (never a key's; asked to be created each
+        time, so CreateSecret is proved too) and the marker put to it, which on its first put is its
+        AWSCURRENT as well: the write's calls, on a sibling of the key's secret under the same
+        prefix. Its name."""
+        name = literal_prefix(self.config.name) + PROBE_NAME
+        probe = f"{where} (on {name})"
+        self._create_empty(name, probe)
+        self._put_marker(name, probe)
+        return name
 
     def _create_args(self, name: str) -> dict[str, Any]:
         """CreateSecret's arguments other than the value: description, KMS key, tags."""
@@ -247,24 +274,16 @@ class AwsSecretsManagerSink:
         return described
 
     def ping(self) -> None:
-        """ListSecrets (for `reconcile`), then every call a rotation makes, on a probe secret of its
-        own (`<prefix>rotator-preflight`: created by the first ping, holding only the marker, never
-        a key's secret), so a missing permission is named before any reset."""
+        """ListSecrets (for `reconcile`), then every call a rotation makes, on the probe secret
+        (`<prefix>rotator-preflight`, created by the first ping or pre-flight, holding only the
+        marker): CreateSecret is asked for it even when it exists (AWS answers "exists" only once
+        IAM allowed the call), so a missing permission is named before any reset."""
         self._guarded(lambda: self._client.list_secrets(MaxResults=1), "aws list_secrets", "secretsmanager:ListSecrets")
-        name = literal_prefix(self.config.name) + PROBE_NAME
-        where = f"aws ping {name}"
-        self._guarded(lambda: self._raw(name, "AWSCURRENT"), where, "secretsmanager:GetSecretValue")
-        exists = bool(self._guarded(lambda: self._exists(name), where, "secretsmanager:DescribeSecret"))
-        if exists:  # CreateSecret is asked anyway: refused as existing once IAM allowed it
-            tagged = " and secretsmanager:TagResource (for its tags)" if self.config.tags else ""
-            try:
-                self._client.create_secret(**self._create_args(name))
-            except bx.ClientError as exc:
-                if _code(exc) != "ResourceExistsException":
-                    raise _mapped(exc, where, f"secretsmanager:CreateSecret{tagged}") from None
-            except self.transient_errors as exc:
-                raise TransientError(f"{where}: {type(exc).__name__}") from None
-        self._preflight(name, exists, where)
+        where = "aws ping"
+        name = self._probe(where)
+        self._guarded(lambda: self._exists(name), where, "secretsmanager:DescribeSecret")
+        self._guarded(lambda: self._client.tag_resource(SecretId=name, Tags=[MANAGED_TAG]), where,
+                      "secretsmanager:TagResource")
 
     def close(self) -> None:
         self._client.close()
@@ -288,7 +307,7 @@ class AwsSecretsManagerSink:
     def _document(self, name: str, stage: str, where: str) -> tuple[Any, str | None] | None:
         """The stored document at `stage` and its version id; None when there is no such secret."""
         answer = self._raw(name, stage)
-        if answer is None or answer.get("SecretString") == MARKER:  # the pre-flight's marker: nothing stored
+        if answer is None or _is_marker(answer.get("SecretString")):  # the pre-flight's marker: nothing stored
             return None
         try:
             return json.loads(answer["SecretString"]), answer.get("VersionId")
@@ -330,9 +349,17 @@ def _tags(record: SecretRecord) -> list[dict[str, str]]:
     ]
 
 
+def _is_marker(text: Any) -> bool:
+    try:
+        doc = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and set(doc) == {"rotator_preflight"}
+
+
 def _marker_token(name: str) -> str:
     """The marker's `ClientRequestToken`, the same for every put to one secret (32-64 characters)."""
-    return "rotator-preflight-" + hashlib.sha256(name.encode()).hexdigest()[:32]
+    return "rotator-preflight-" + hashlib.sha256(f"{name}\n{MARKER}".encode()).hexdigest()[:32]
 
 
 def client_request_token(attempt_id: str) -> str:
@@ -359,4 +386,7 @@ def _mapped(exc: bx.ClientError, where: str, needs: str | None = None) -> Rotato
                               f"({POLICY_DOC})")
     if code == "ResourceNotFoundException":
         return NotFoundError(f"{where}: not found")
+    if code == "InvalidRequestException" and "deletion" in str(exc.response.get("Error", {}).get("Message", "")):
+        return PermanentError(f"{where}: the secret is scheduled for deletion; restore it (`aws secretsmanager "
+                              "restore-secret`) or delete it for good (`--force-delete-without-recovery`)")
     return PermanentError(f"{where}: {code or status}")

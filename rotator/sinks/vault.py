@@ -50,8 +50,9 @@ from rotator.sinks.base import (
 K8S_JWT = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 POLICY_DOC = "docs/operations.md#vault-approle-and-the-least-privilege-policy"
 # What each step needs (KV v2 as Vault and OpenBao enforce it): the data path is written with
-# `create` when it holds nothing yet and with `update` once it does, read back with `read`; the
-# metadata is read before the write (`read`) and annotated after it, when it exists (`update`).
+# `create` while Vault has never seen it (no metadata) and with `update` once it has (a secret, or
+# metadata put first), read back with `read`; the metadata is read before the write (`read`) and
+# annotated after it, when it exists (`update`).
 DATA_CAPS = ("create", "update", "read")
 # The secret's `custom_metadata` (strings; never the secret): set after the write, with max_versions.
 CUSTOM_METADATA = ("attempt_id", "fingerprint", "key_reset_at", "rotated_at")
@@ -149,9 +150,9 @@ class VaultSink:
 
     def prepare(self, key: ApiKey) -> _Prepared:
         """Log in; check the token holds every capability the write, the read-back and the metadata
-        need for this path as it stands (a path that holds a secret is written with `update`, a new
-        one with `create`); read its current version and state. Whatever is missing is found here,
-        before the key is reset."""
+        need for this path as it stands (a path with metadata is written with `update`, one Vault
+        has never seen with `create`); read its current version and state. Whatever is missing is
+        found here, before the key is reset."""
         path = render(self.config.path, key)
         where = f"vault prepare {self.config.mount}/{path}"
         with self._errors(where):
@@ -264,7 +265,9 @@ class VaultSink:
         its first), so a missing capability is named before any reset."""
         with self._errors("vault token lookup"):
             client = self._client_or_login()
-            self._needs = "'read' on auth/token/lookup-self (the token's `default` policy)"
+            self._needs = ("a valid token (token_env or token_file) with 'read' on auth/token/lookup-self (the "
+                           "`default` policy)" if self.config.auth == "token" else
+                           "'read' on auth/token/lookup-self (the token's `default` policy)")
             client.auth.token.lookup_self()
         sample = sample_path(self.config.path)
         where = f"vault ping {self.config.mount}/{sample}"
