@@ -45,6 +45,10 @@ else:
 result_backend_transport_options = {"visibility_timeout": _c.visibility_timeout_s}
 broker_connection_retry_on_startup = True
 worker_hijack_root_logger = False
+# No remote control: any client of the broker could otherwise broadcast `shutdown`, `pool_restart`,
+# `revoke`, `rate_limit` or `autoscale` to every worker. `rotator health --worker` reads the
+# worker's heartbeat in the state Redis instead (rotator.heartbeat).
+worker_enable_remote_control = False
 # rotator's log lines go to stderr with their own level; redirected, every one would be logged again
 # as a WARNING of `celery.redirected`.
 worker_redirect_stdouts = False

@@ -109,11 +109,12 @@ def check_config(
 @app.command()
 def health(
     config: ConfigOption = None,
-    worker: Annotated[bool, typer.Option("--worker", help="Also ping this host's Celery worker.")] = False,
+    worker: Annotated[bool, typer.Option("--worker", help="Also check this host's worker's heartbeat.")] = False,
     node: Annotated[str | None, typer.Option(help="The worker's node name (default celery@HOSTNAME).")] = None,
 ) -> None:
     """Probe for systemd and Kubernetes: Redis and the broker answer (and, with --worker, this
-    host's worker does). Exit 0 healthy, 1 not; one line per check. Never calls the key service."""
+    host's worker has beaten in Redis within 20 s). Exit 0 healthy, 1 not; one line per check.
+    Never calls the key service."""
     settings = _use_config(config)
     from rotator.probe import probe
 

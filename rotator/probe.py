@@ -1,8 +1,9 @@
 """`rotator health`: a liveness/readiness probe for workers and beat (systemd, Kubernetes).
 
 Cheap and bounded: a Redis PING for the state, one connection to the broker, and with `--worker`
-a Celery ping addressed to this host's worker only. It never calls the key service or a sink,
-so an outage there does not restart healthy workers.
+this host's worker's heartbeat in the state Redis (rotator.heartbeat; Celery's remote control,
+which a broker client could use to stop every worker, is off). It never calls the key service or
+a sink, so an outage there does not restart healthy workers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import socket
 from collections.abc import Iterator
 
 from rotator.config import Settings
+from rotator.errors import RotatorError
 from rotator.health import PING_TIMEOUT_S as TIMEOUT_S
 from rotator.health import ping_broker, ping_redis
 
@@ -25,16 +27,19 @@ def probe(settings: Settings, worker: bool = False, node: str | None = None) -> 
 
 
 def _worker(settings: Settings, name: str) -> str | None:
-    """This host's worker answers a broadcast ping addressed to it alone."""
-    from celery import Celery
+    """This host's worker beat within the heartbeat's time to live."""
+    import redis
 
-    app = Celery("rotator-probe", broker=settings.celery.broker(), set_as_current=False)
+    from rotator.heartbeat import TTL_S, last_beat
+    from rotator.state import RedisState
+
     try:
-        replies = app.control.ping(destination=[name], timeout=TIMEOUT_S)
-    except Exception as exc:  # the broker went away between the checks
-        return f"{type(exc).__name__}: the ping could not be sent"
-    finally:
-        app.close()
-    if any(name in reply for reply in replies):
+        client = redis.Redis.from_url(settings.state.url(), socket_timeout=TIMEOUT_S,
+                                      socket_connect_timeout=TIMEOUT_S)
+        beaten = last_beat(RedisState(client, settings.state.namespace), name)
+    except (redis.RedisError, RotatorError) as exc:
+        return f"{type(exc).__name__}: the heartbeat could not be read"
+    if beaten is not None:
         return None
-    return f"no answer within {TIMEOUT_S:.0f}s (is `rotator worker` running here, under this node name?)"
+    return (f"no heartbeat within {TTL_S}s (is `rotator worker` running here, under this node name, "
+            "and its loop taking tasks?)")

@@ -19,6 +19,7 @@ from rotator.domain import KeyRef
 from rotator.engine import Engine
 from rotator.errors import RotatorError, TransientError
 from rotator.events import LogPublisher
+from rotator.heartbeat import Heartbeat
 from rotator.places import due_with_places
 from rotator.protocols import Event
 from rotator.scan import ScanRow
@@ -53,6 +54,7 @@ def contained(task: Callable[..., T]) -> Callable[..., T]:
 
 app = Celery("rotator")
 app.config_from_object("rotator.celeryconf")
+app.steps["consumer"].add(Heartbeat)
 log = logs.get("rotator.tasks")
 # Publishing an alert must never hold up a rotation: a broker hiccup gets two quick tries.
 _QUICK = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}

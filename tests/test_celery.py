@@ -326,3 +326,39 @@ events = ["rotation.succeeded"]
             assert emulator.current_secret("acme-prod", key_id).encode() not in got.body
         finally:
             cluster.stop()
+
+
+def test_a_broker_client_can_neither_stop_nor_steer_the_workers(
+    world: tuple[Cluster, dict[str, str]], emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """Attack: any client of the broker broadcasts `shutdown`, `pool_restart`, `rate_limit`,
+    `autoscale` and `revoke` (Celery's remote control). It is off: the worker lives on, takes and
+    runs the next rotation, and `health --worker` still passes, from the worker's heartbeat in
+    Redis; a worker stopped cleanly is reported at once."""
+    cluster, keys = world
+    worker = cluster.worker()
+    wait_for(lambda: cluster.cli("health", "--worker").returncode == 0, 20, "the worker's heartbeat")
+    from celery import Celery
+
+    attacker = Celery(broker=cluster.broker_url)
+    try:
+        for command, arguments in (("shutdown", {}), ("pool_restart", {"reload": True}),
+                                   ("rate_limit", {"task_name": "rotator.rotate_key", "rate_limit": "1/h"}),
+                                   ("autoscale", {"max": 0, "min": 0}), ("revoke", {"task_id": "*"})):
+            attacker.control.broadcast(command, arguments=arguments, reply=False)
+        replies = attacker.control.ping(timeout=2)
+    finally:
+        attacker.close()
+    assert replies == []  # nothing answers a broker client
+    time.sleep(2)
+    assert worker.poll() is None, cluster.outputs[0].read_text()[-2000:]
+    sent = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", keys["due1"], "--apply", "--enqueue")
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due1"]]), 45, "the rotation after the attack")
+    assert reset_counts(emulator) == {keys["due1"]: 1}
+    probe = cluster.cli("health", "--worker")
+    assert probe.returncode == 0 and "ok   worker celery@" in probe.stderr, probe.stderr
+    os.killpg(worker.pid, signal.SIGTERM)
+    worker.wait(30)
+    stopped = cluster.cli("health", "--worker")
+    assert stopped.returncode == 1 and "no heartbeat within" in stopped.stderr, stopped.stderr

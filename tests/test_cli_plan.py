@@ -154,7 +154,7 @@ def test_health_probe(setup: tuple[Path, dict[str, str]], env: pytest.MonkeyPatc
     code, _, err = run("health", "--config", str(path))
     assert code == 0 and "ok   state redis" in err and "ok   celery broker" in err
     code, _, err = run("health", "--worker", "--node", "celery@nowhere-here", "--config", str(path))
-    assert code == 1 and "fail worker celery@nowhere-here: no answer" in err
+    assert code == 1 and "fail worker celery@nowhere-here: no heartbeat within" in err
     env.setenv("ROTATOR_STATE__REDIS_URL", "redis://127.0.0.1:9/0")
     code, _, err = run("health", "--config", str(path))
     assert code == 1 and "fail state redis: ConnectionError" in err
