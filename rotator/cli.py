@@ -467,6 +467,11 @@ def reconcile(config: ConfigOption = None,
         raise typer.Exit(1)
 
 
+# Mingle (the start-up sync, which merges the revoked task ids any broker client answers with) and
+# gossip (which acts on other nodes' events) are remote control by another name: off, like it.
+QUIET_WORKER = ("--without-mingle", "--without-gossip")
+
+
 def _celery(argv: list[str]) -> None:
     """Run Celery; its processes log as services do (JSON lines unless a terminal or $ROTATOR_LOG_FORMAT)."""
     logs.configure()
@@ -481,7 +486,8 @@ def run(config: ConfigOption = None,
     """A Celery worker with beat on the configured broker (one machine). Ctrl-C stops all of it."""
     settings = _use_config(config)
     _need_beat_schedule()
-    _celery(["worker", "--beat", "--loglevel", loglevel, "--concurrency", str(settings.celery.concurrency)])
+    _celery(["worker", "--beat", *QUIET_WORKER, "--loglevel", loglevel, "--concurrency",
+             str(settings.celery.concurrency)])
 
 
 def _need_beat_schedule() -> None:
@@ -505,7 +511,8 @@ def worker(config: ConfigOption = None, loglevel: Annotated[str, typer.Option(he
         from rotator.metrics import serve
 
         serve(settings, metrics_port, metrics_host)
-    _celery(["worker", "--loglevel", loglevel, "--concurrency", str(concurrency or settings.celery.concurrency)])
+    _celery(["worker", *QUIET_WORKER, "--loglevel", loglevel, "--concurrency",
+             str(concurrency or settings.celery.concurrency)])
 
 
 @app.command()

@@ -16,10 +16,13 @@ from typing import Any
 import redis
 from celery import bootsteps
 
+from rotator import logs
 from rotator.state import RedisState
 
 INTERVAL_S = 5.0
 TTL_S = 20
+TIMEOUT_S = 2.0  # the beat runs in the loop that takes tasks: a hung Redis must not hold it long
+log = logs.get("rotator.heartbeat")
 
 
 def key(state: RedisState, node: str) -> str:
@@ -46,19 +49,30 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(parent, **kwargs)
         self.timer_ref: Any = None
         self.state: RedisState | None = None
+        self.failing = False
 
     def start(self, c: Any) -> None:
-        from rotator.runtime import build_state
         from rotator.tasks import settings
 
-        self.state = build_state(settings())
+        s = settings()
+        client = redis.Redis.from_url(s.state.url(), socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        self.state = RedisState(client, s.state.namespace)
+        self.failing = False
         self._beat(c.hostname)
         self.timer_ref = c.timer.call_repeatedly(INTERVAL_S, self._beat, (c.hostname,), priority=10)
 
     def _beat(self, node: str) -> None:
+        """One beat; a failure is logged once until a beat succeeds again (a Redis that answers
+        PING but refuses writes, full or a read-only replica, fails `health --worker` this way)."""
         assert self.state is not None
-        with contextlib.suppress(redis.RedisError):  # Redis away: the probe says so on its own
+        try:
             beat(self.state, node)
+        except redis.RedisError as exc:
+            if not self.failing:
+                log.error("worker.heartbeat_failed", node=node, error=type(exc).__name__)
+            self.failing = True
+        else:
+            self.failing = False
 
     def stop(self, c: Any) -> None:
         if self.timer_ref is not None:
@@ -67,3 +81,5 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.state is not None:
             with contextlib.suppress(redis.RedisError):
                 self.state.client.delete(key(self.state, c.hostname))
+            self.state.client.close()
+            self.state = None

@@ -331,10 +331,11 @@ events = ["rotation.succeeded"]
 def test_a_broker_client_can_neither_stop_nor_steer_the_workers(
     world: tuple[Cluster, dict[str, str]], emulator: Emulator, keyservice: HttpKeyService
 ) -> None:
-    """Attack: any client of the broker broadcasts `shutdown`, `pool_restart`, `rate_limit`,
-    `autoscale` and `revoke` (Celery's remote control). It is off: the worker lives on, takes and
-    runs the next rotation, and `health --worker` still passes, from the worker's heartbeat in
-    Redis; a worker stopped cleanly is reported at once."""
+    """Attack: any client of the broker broadcasts Celery's remote-control commands. With remote
+    control on, `shutdown` alone stops the worker and `ping` finds it (the others are sent too;
+    `rate_limit` and `revoke` would steer it). It is off: nothing answers, the worker lives on and
+    runs the next rotation, and `health --worker` passes from the worker's heartbeat in Redis; a
+    worker stopped cleanly is reported at once."""
     cluster, keys = world
     worker = cluster.worker()
     wait_for(lambda: cluster.cli("health", "--worker").returncode == 0, 20, "the worker's heartbeat")
