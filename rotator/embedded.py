@@ -39,6 +39,18 @@ def free_port() -> int:
         return port
 
 
+def end_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """A private server stopped and reaped: SIGTERM, then SIGKILL after 5 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class PrivateRedis:
     """A throw-away Redis on a free loopback port; `stop()` (or the context) ends it."""
 
@@ -73,13 +85,7 @@ class PrivateRedis:
         raise PermanentError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
+        end_process(self._proc)
         self._proc = None
         self._tmp.cleanup()
 

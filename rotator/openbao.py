@@ -22,7 +22,7 @@ from pathlib import Path
 
 import hvac
 
-from rotator.embedded import free_port
+from rotator.embedded import end_process, free_port
 from rotator.errors import PermanentError
 
 
@@ -116,13 +116,8 @@ class PrivateOpenBao:
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            self.thaw()
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
+            self.thaw()  # a stopped process would not act on SIGTERM
+        end_process(self._proc)
         self._proc = None
         self._tmp.cleanup()
 

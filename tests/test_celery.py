@@ -133,15 +133,7 @@ kind = "vault"
         wait_for(lambda: not _group_running(proc.pid), 10, "the worker's process group to die")
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_groups(self.procs)
 
     def everything_written(self) -> str:
         """Every log line, CLI output and Redis key and value the run produced."""
@@ -153,6 +145,20 @@ kind = "vault"
                 parts.append(repr(key))
                 parts.append(repr(r.dump(key)))
         return "\n".join(parts)
+
+
+def stop_groups(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process group (woken first, should one be stopped), SIGKILL what is left after 15 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:

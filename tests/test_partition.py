@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 from rotator.embedded import redis_server_binary
 from rotator.openbao import bao_binary
 from tests.conftest import FP_KEY, TOKEN
+from tests.test_celery import stop_groups
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,16 +114,7 @@ class Network:
         return answer
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGCONT)
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_groups(self.procs)
         for link in self.links:  # still here only if it was never moved into its namespace
             subprocess.run(["ip", "link", "del", link], capture_output=True)
         for ns in self.namespaces:  # deleting a namespace deletes the links inside it
