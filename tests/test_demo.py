@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,24 +24,33 @@ pytestmark = pytest.mark.slow
 SEED = Path(__file__).resolve().parents[1] / "rotator" / "demo" / "seed.json"
 
 
-def test_demo_rotates_due_keys_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    """Within 60 s the demo rotates every due production key; Ctrl-C says what it stops and leaves
-    no process or port behind."""
-    home = tmp_path / "demo"
-    out = tmp_path / "demo.out"
+@contextlib.contextmanager
+def rotating_demo(home: Path, out: Path, *flags: str) -> Iterator[subprocess.Popen[str]]:
+    """`rotator demo --plain` with `flags`, its output in `out`, yielded once it has rotated the
+    seed's three due keys (or 60 s have passed, or it died); Ctrl-C when the block ends."""
     started = time.monotonic()
     with out.open("w") as sink:
-        demo = subprocess.Popen([sys.executable, "-m", "rotator.cli", "demo", "--plain", "--home", str(home)],
+        demo = subprocess.Popen([sys.executable, "-m", "rotator.cli", "demo", "--plain", *flags, "--home", str(home)],
                                 stdout=sink, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             while len(_succeeded(out.read_text())) < 3 and time.monotonic() - started < 60 and demo.poll() is None:
                 time.sleep(0.5)
+            yield demo
             demo.send_signal(signal.SIGINT)
             demo.wait(60)
         finally:
             if demo.poll() is None:
                 demo.kill()
+
+
+def test_demo_rotates_due_keys_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    """Within 60 s the demo rotates every due production key; Ctrl-C says what it stops and leaves
+    no process or port behind."""
+    home = tmp_path / "demo"
+    out = tmp_path / "demo.out"
+    with rotating_demo(home, out) as demo:
+        pass
     output = out.read_text()
     assert demo.returncode == 0, output
     assert len(_succeeded(output)) == 3, output  # the seed has three due production keys
@@ -104,34 +115,22 @@ def test_demo_with_vault_stores_into_a_real_openbao_read_back_with_bao(tmp_path:
 
     home = tmp_path / "demo"
     out = tmp_path / "demo.out"
-    started = time.monotonic()
-    with out.open("w") as sink:
-        demo = subprocess.Popen([sys.executable, "-m", "rotator.cli", "demo", "--plain", "--vault", "--home", str(home)],
-                                stdout=sink, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            while len(_succeeded(out.read_text())) < 3 and time.monotonic() - started < 60 and demo.poll() is None:
-                time.sleep(0.5)
-            shown = out.read_text()
-            command = next(line.strip() for line in shown.splitlines() if " kv get -mount=" in line)
-            fernet = Fernet((home / "file.key").read_bytes())
-            read = []
-            for file in sorted((home / "secrets").rglob("*.secret")):
-                doc = json.loads(fernet.decrypt(file.read_bytes()))
-                line = command.replace("<client_id>", doc["client_id"]).replace("<key_id>", doc["key_id"])
-                answer = subprocess.run(["bash", "-c", line.replace(" kv get ", " kv get -format=json ", 1)],
-                                        capture_output=True, text=True, timeout=30)
-                assert answer.returncode == 0, answer.stderr
-                stored = json.loads(answer.stdout)["data"]
-                assert stored["data"]["api_key"] == doc["api_key"]
-                assert set(stored["metadata"]["custom_metadata"]) == {"attempt_id", "fingerprint", "key_reset_at",
-                                                                     "rotated_at"}
-                read.append(doc["key_id"])
-            demo.send_signal(signal.SIGINT)
-            demo.wait(60)
-        finally:
-            if demo.poll() is None:
-                demo.kill()
+    with rotating_demo(home, out, "--vault") as demo:
+        shown = out.read_text()  # while the demo (and its OpenBao) still runs
+        command = next(line.strip() for line in shown.splitlines() if " kv get -mount=" in line)
+        fernet = Fernet((home / "file.key").read_bytes())
+        read = []
+        for file in sorted((home / "secrets").rglob("*.secret")):
+            doc = json.loads(fernet.decrypt(file.read_bytes()))
+            line = command.replace("<client_id>", doc["client_id"]).replace("<key_id>", doc["key_id"])
+            answer = subprocess.run(["bash", "-c", line.replace(" kv get ", " kv get -format=json ", 1)],
+                                    capture_output=True, text=True, timeout=30)
+            assert answer.returncode == 0, answer.stderr
+            stored = json.loads(answer.stdout)["data"]
+            assert stored["data"]["api_key"] == doc["api_key"]
+            assert set(stored["metadata"]["custom_metadata"]) == {"attempt_id", "fingerprint", "key_reset_at",
+                                                                 "rotated_at"}
+            read.append(doc["key_id"])
     output = out.read_text()
     assert demo.returncode == 0, output
     assert len(_succeeded(output)) == 3 and len(read) == 3, output

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import pytest
 from rotator.embedded import redis_server_binary
 from rotator.openbao import bao_binary
 from tests.conftest import FP_KEY, TOKEN
-from tests.test_celery import stop_groups
+from tests.test_celery import stop_groups, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,15 +169,6 @@ secret_id_env = "SECRET_ID"
 timeout_s = 3
 """)
     return path
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_host_cut_off_between_reset_and_store_is_taken_over_and_changes_nothing_once_back(
