@@ -256,6 +256,8 @@ def rotate(
     how = Strategy(strategy).value if strategy is not None else None  # a plain str from here on
     from rotator.plan import plan_all_due, plan_one
 
+    if apply and enqueue:
+        _need_signer(settings)  # a message nobody signed would be refused by every worker
     with errors_exit():
         engine = _engine(settings)
         if all_due:
@@ -475,7 +477,17 @@ QUIET_WORKER = ("--without-mingle", "--without-gossip")
 def _celery(argv: list[str]) -> None:
     """Run Celery; its processes log as services do (JSON lines unless a terminal or $ROTATOR_LOG_FORMAT)."""
     logs.configure()
+    from rotator.gate import signer
     from rotator.tasks import app as celery_app
+    from rotator.tasks import settings
+
+    _need_signer(settings())
+    me = signer()
+    if me is None:
+        logs.get("rotator.gate").warning("signing.off", why="signing.mode is off: any broker client can order a reset")
+    else:
+        logs.get("rotator.gate").info("signing.ready", mode=settings().signing.mode, signer=me.name,
+                                      public_key=me.public())
 
     celery_app.worker_main(argv) if argv[0] == "worker" else celery_app.start(argv)
 
@@ -547,6 +559,63 @@ def metrics(config: ConfigOption = None, port: Annotated[int, typer.Option(help=
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
+
+
+keys_app = typer.Typer(help="Signing keys and the other keys an installation needs.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(
+    directory: Annotated[Path, typer.Argument(help="Where the key files go (made 0700; files 0600).")],
+    signer: Annotated[list[str] | None, typer.Option(
+        "--signer", help="A fleet signer (beat, a worker host); repeat it. Default: beat and worker.")] = None,
+    operator: Annotated[list[str] | None, typer.Option(
+        "--operator", help="An operator who runs `rotate --enqueue` (not a relay); repeat it.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Make the signing keys (one per signer), the fingerprint key and the file sink's key, and print
+    the configuration lines to add. Existing files are kept, never replaced."""
+    from rotator.keys import init_keys
+    from rotator.signing import KeyFileError
+
+    try:
+        keys = init_keys(directory.resolve(), signer or ["beat", "worker"], tuple(operator or ()))
+    except (KeyFileError, OSError) as exc:
+        fail(f"{exc}", 2)
+    if as_json:
+        print_json({"directory": str(keys.directory), "public_keys": keys.public, "relays": keys.relays,
+                    "made": [str(p) for p in keys.made], "kept": [str(p) for p in keys.kept],
+                    "fingerprint_key_file": str(keys.fingerprint_key), "file_key_file": str(keys.file_key),
+                    "config": keys.config()})
+        return
+    for path in keys.made:
+        err.print(f"made {show(path)}", highlight=False)
+    for path in keys.kept:
+        err.print(f"kept {show(path)} (exists; never replaced)", highlight=False)
+    out.print(show(keys.config()), highlight=False, soft_wrap=True)
+
+
+@keys_app.command("public")
+def keys_public(config: ConfigOption = None) -> None:
+    """This process's signer name and public key, as a `[signing.trusted]` line for the workers'
+    configuration (makes the embedded default key if it is missing)."""
+    settings = _use_config(config)
+    me = _need_signer(settings)
+    if me is None:
+        fail("signing.mode is off: this configuration signs nothing", 1)
+    out.print(f'"{me.name}" = ["{me.public()}"]', highlight=False, soft_wrap=True)
+
+
+def _need_signer(settings: Settings) -> Any:
+    """This process's signer, or exit 2 saying why it has none (a missing or unreadable key)."""
+    from rotator.gate import make_signer
+    from rotator.signing import KeyFileError
+
+    try:
+        return make_signer(settings)
+    except (KeyFileError, OSError) as exc:
+        fail(f"no signing key: {exc}; `rotator keys init DIR` makes one", 2)
 
 
 @app.command("config-reference")

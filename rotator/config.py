@@ -53,6 +53,7 @@ EVENTS = (
     "key.overdue",
     "drift.detected",
     "keyservice.protocol_error",
+    "security.forged_message",
 )
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -281,6 +282,49 @@ class WebConfig(Section):
         10.0, ge=0, description="A snapshot of the fleet serves every request for this long (spares the key service).")
 
 
+class SigningConfig(Section):
+    """Who may put a task in the queue (docs/operations.md, "Signed task messages")."""
+
+    mode: Literal["enforce", "transition", "off"] = Field(
+        "enforce", description=("`enforce`: every published task message is signed and a worker runs only messages "
+                                "signed by a trusted signer, fresh and not yet consumed; `transition` (a rolling "
+                                "upgrade): also runs unsigned messages, counted and logged; `off`: signs and checks "
+                                "nothing, so anyone who can write to the broker can order a reset (warned)."))
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9@._:-]{1,128}$",
+        description="Signer name of this process (beat, a worker host, an operator); omitted: `user@host`.")
+    private_key_file: Path | None = Field(
+        None, description=("This process's Ed25519 private key (PEM, mode 0600; `rotator keys init` makes one); "
+                           "omitted: `signing.key` in the private state directory, made on first use."))
+    trusted: dict[str, list[str]] = Field(
+        default_factory=dict, description=("Signers a worker accepts: name = [public keys] (`ed25519:…`; several "
+                                           "per signer so keys roll over). This process's own key is always trusted."))
+    relays: list[str] = Field(
+        [], description=("Trusted signers whose messages may continue another signer's (beat, worker hosts): a "
+                         "retry or the scan's fan-out keeps the actor it started with. This process is one."))
+    max_age_s: int = Field(
+        86_400, ge=60, description=("A message older than this (from its signing) is refused: longer than any "
+                                    "queue wait the fleet allows (celery.visibility_timeout_s or "
+                                    "consumer_timeout_s, retry countdowns, a backlog)."))
+
+    @field_validator("trusted")
+    @classmethod
+    def _public_keys(cls, trusted: dict[str, list[str]]) -> dict[str, list[str]]:
+        from rotator.signing import parse_public
+
+        for name, keys in trusted.items():
+            if not re.fullmatch(r"[A-Za-z0-9@._:-]{1,128}", name):
+                raise ValueError(f"signer name {excerpt(name)} is not 1-128 of A-Z a-z 0-9 @ . _ : -")
+            if not keys:
+                raise ValueError(f"signer {name!r} has no public key")
+            for key in keys:
+                try:
+                    parse_public(key)
+                except ValueError as exc:
+                    raise ValueError(f"signer {name!r}: {exc}") from None
+        return trusted
+
+
 class SinkConfig(BaseModel):
     """A sink entry: `kind` picks the sink; its other keys are checked by that sink's model."""
 
@@ -332,6 +376,7 @@ class Settings(BaseSettings):
     celery: CeleryConfig = CeleryConfig()
     engine: EngineConfig = EngineConfig()
     web: WebConfig = WebConfig()
+    signing: SigningConfig = SigningConfig()
     sinks: list[SinkConfig] = Field(default_factory=list)
     alerts: list[AlertConfig] = Field(default_factory=list)
 
@@ -420,6 +465,7 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     if not s.sinks:
         problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
     problems += _broker_problems(s, source)
+    problems += _signing_problems(s, source)
     for index, sink in enumerate(s.sinks):
         for key, reason in registry.check(sink.kind, sink.options, env):
             problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))
@@ -478,6 +524,35 @@ def _broker_problems(s: Settings, source: str) -> list[ConfigProblem]:
     return problems
 
 
+#: The longest countdown of a task's own retry (an alert's back-off), which a signed message waits out.
+LONGEST_RETRY_WAIT_S = 300
+
+
+def _signing_problems(s: Settings, source: str) -> list[ConfigProblem]:
+    """A key file named but missing, a relay nobody trusts, and a message lifetime shorter than a
+    message can legitimately wait (it would be refused as expired)."""
+    g = s.signing
+    problems: list[ConfigProblem] = []
+    if g.mode == "off":
+        return problems
+    if g.private_key_file is not None and not g.private_key_file.is_file():
+        problems.append(ConfigProblem(source, "signing.private_key_file", (
+            f"{shown_path(g.private_key_file)} does not exist; `rotator keys init DIR` makes signing keys")))
+    for name in g.relays:
+        if name not in g.trusted and name != g.name:
+            problems.append(ConfigProblem(source, "signing.relays", (
+                f"{excerpt(name)} is not in signing.trusted: a relay must be a trusted signer")))
+    c = s.celery
+    wait, what = ((c.consumer_timeout_s, "celery.consumer_timeout_s") if c.broker_is_amqp()
+                  else (c.visibility_timeout_s, "celery.visibility_timeout_s"))
+    if g.max_age_s <= wait + LONGEST_RETRY_WAIT_S:
+        problems.append(ConfigProblem(source, "signing.max_age_s", (
+            f"must be longer than {what} ({wait}s, after which an unacknowledged message is delivered again with its "
+            f"first signature) plus the longest retry wait ({LONGEST_RETRY_WAIT_S}s), or such a message is refused "
+            "as expired")))
+    return problems
+
+
 def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
     """What `check-config` warns about without refusing the file: credentials inside URLs and `*_env`
     values that look like a pasted secret rather than a variable name. No warning quotes the value."""
@@ -513,6 +588,15 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
                 f"the URL carries credentials ({redact_url(url)}): they show in process listings, shell "
                 "history and anything that prints the URL; prefer a *_env or *_file key (state and celery "
                 "have password_env/password_file), and keep this file readable by its owner only")))
+    if s.signing.mode == "off":
+        warnings.append(ConfigProblem(source, "signing.mode", (
+            "off: task messages are neither signed nor checked, so anyone who can write to the broker can order a "
+            "reset of any key, with any actor in the audit trail; use `enforce` (`rotator keys init` makes the keys)")))
+    elif s.signing.mode == "transition":
+        warnings.append(ConfigProblem(source, "signing.mode", (
+            "transition: unsigned task messages still run (each logged and counted in "
+            "rotator_messages_unsigned_accepted_total); switch to `enforce` once every process of "
+            "the fleet signs and that count stays flat")))
     warnings.extend(_one_underscore_overrides(os.environ))
     for key, env_name in names:
         if isinstance(env_name, str) and looks_like_secret(env_name):

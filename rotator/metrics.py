@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from rotator.config import Settings
 from rotator.engine import grace_start
 from rotator.scan import ScanRow, scan
+from rotator.signing import REASONS
 from rotator.state import DURATION_BUCKETS, RedisState
 
 LABELS = ["client_id", "key_id", "alias", "environment"]
@@ -83,6 +84,15 @@ class RotatorCollector:
                       if a.phase == "storing" or now - a.started_at > 2 * self.settings.state.lock_ttl_s)
         yield GaugeMetricFamily("rotator_secrets_at_risk", "Reset secrets not yet stored in every sink.",
                                 value=at_risk)
+        refused = CounterMetricFamily("rotator_messages_refused", "Task messages a worker's gate refused, by reason.",
+                                      labels=["reason"])
+        counts = self.state.refused()
+        for reason in REASONS:
+            refused.add_metric([reason], counts.get(reason, 0))
+        yield refused
+        yield CounterMetricFamily("rotator_messages_unsigned_accepted",
+                                  "Unsigned task messages run in signing.mode = transition.",
+                                  value=self.state.unsigned_accepted())
         last = GaugeMetricFamily("rotator_last_scan_timestamp_seconds", "When the last scheduled scan ran.")
         if m["last_scan"] is not None:
             last.add_metric([], m["last_scan"])

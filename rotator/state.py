@@ -285,6 +285,29 @@ class RedisState:
                 "duration": {str(k): float(v) for k, v in duration.items()},
                 "last_scan": float(last_scan) if last_scan else None}
 
+    # --- signed task messages (rotator.gate) ---------------------------------------------------
+    def consumed(self, mid: str) -> bool:
+        """Whether a task message with this signed message id was acknowledged already."""
+        return bool(self.client.exists(self._k("msg", mid)))
+
+    def mark_consumed(self, mid: str, ttl_s: int) -> None:
+        """Kept as long as the message could still pass the age check, then it expires with it."""
+        self.client.set(self._k("msg", mid), "1", ex=max(1, ttl_s))
+
+    def count_refused(self, reason: str) -> None:
+        self.client.hincrby(self._k("metrics", "refused"), reason, 1)
+
+    def count_unsigned_accepted(self) -> None:
+        self.client.incr(self._k("metrics", "unsigned_accepted"))
+
+    def unsigned_accepted(self) -> int:
+        """Unsigned task messages run by a worker in `signing.mode = "transition"`."""
+        return int(self.client.get(self._k("metrics", "unsigned_accepted")) or 0)
+
+    def refused(self) -> dict[str, int]:
+        """Task messages refused by a worker's gate, by reason."""
+        return {str(k): int(v) for k, v in self.client.hgetall(self._k("metrics", "refused")).items()}
+
     def mark_scan(self, when: float) -> None:
         self.client.set(self._k("last_scan"), when)
 

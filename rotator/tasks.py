@@ -19,6 +19,7 @@ from rotator.domain import KeyRef
 from rotator.engine import Engine
 from rotator.errors import RotatorError, TransientError
 from rotator.events import LogPublisher
+from rotator.gate import actor_of, stamp_outgoing
 from rotator.heartbeat import Heartbeat
 from rotator.places import due_with_places
 from rotator.protocols import Event
@@ -52,8 +53,9 @@ def contained(task: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-app = Celery("rotator")
+app = Celery("rotator", task_cls="rotator.gate:GatedTask")  # every delivery passes rotator.gate
 app.config_from_object("rotator.celeryconf")
+signals.before_task_publish.connect(stamp_outgoing, weak=False)  # every publish is signed
 app.steps["consumer"].add(Heartbeat)
 log = logs.get("rotator.tasks")
 # Publishing an alert must never hold up a rotation: a broker hiccup gets two quick tries.
@@ -93,15 +95,17 @@ def rotate_key(self: Any, client_id: str, key_id: str, trigger: str = "manual", 
                force: bool = False, reason: str = "", actor: str = "",
                include_out_of_scope: bool = False, strategy: str | None = None) -> dict[str, Any]:
     """`generation` is the key's generation the trigger saw: a redelivered or duplicate message for
-    a key rotated since is skipped. A key outside the policy's scope is refused unless
-    `include_out_of_scope` (the CLI's explicit flag) travels with the message. A key behind
-    another actor's lease (a live duplicate, or a worker that died a moment ago) is tried again
-    once that lease can have ended, never dropped. `strategy` (`reset`/`overlap`) overrides the
-    policy's for this message."""
+    a key rotated since is skipped. The audit trail's actor is the verified signer (or the origin a
+    relay vouches for), never `actor`, which only a direct call and an older worker read. A key
+    outside the policy's scope is refused unless `include_out_of_scope` (the CLI's explicit flag)
+    travels with the message. A key behind another actor's lease (a live duplicate, or a worker
+    that died a moment ago) is tried again once that lease can have ended, never dropped.
+    `strategy` (`reset`/`overlap`) overrides the policy's for this message."""
     eng = engine()
+    verified = actor_of(self.request)
     seen = generation if isinstance(generation, str) else None  # a message of the first protocol had a time
     result = eng.rotate(KeyRef(client_id, key_id), trigger=trigger, force=force, generation=seen,
-                        reason=reason, actor=actor or None, include_out_of_scope=include_out_of_scope,
+                        reason=reason, actor=verified or actor or None, include_out_of_scope=include_out_of_scope,
                         strategy=strategy if strategy in ("reset", "overlap") else None)
     if result.status == "busy":
         raise self.retry(countdown=max(1.0, eng.lock_ttl_s / 3))

@@ -28,6 +28,7 @@ from rotator.keyservice.emulator_http import EmulatorServer
 from rotator.keyservice.http import HttpKeyService
 from rotator.sinks import registry
 from tests.conftest import FP_KEY, TOKEN
+from tests.signed import local_signer, publishing_as
 from tests.vault_server import VaultTestServer
 
 pytestmark = pytest.mark.slow
@@ -250,7 +251,8 @@ def test_two_beats_and_a_manual_apply_rotate_each_key_once(
 def test_redelivered_message_rotates_once_and_nothing_leaks(
     world: tuple[Cluster, dict[str, str]], emulator: Emulator, keyservice: HttpKeyService
 ) -> None:
-    """Faults 5 and 7: the same message twice rotates once; at DEBUG with results on, no secret anywhere."""
+    """Faults 5 and 7: the same signed message twice rotates once; at DEBUG with results on, no
+    secret anywhere."""
     cluster, keys = world
     cluster.worker()
     from celery import Celery
@@ -259,8 +261,9 @@ def test_redelivered_message_rotates_once_and_nothing_leaks(
     app.conf.task_default_queue = "rotator"
     task_id = str(uuid.uuid4())
     seen = str(keyservice.get_key("acme-prod", keys["due1"]).generation)
-    for _ in range(2):
-        app.send_task("rotator.rotate_key", args=["acme-prod", keys["due1"], "schedule", seen], task_id=task_id)
+    with publishing_as(local_signer(), same_stamp=True):
+        for _ in range(2):
+            app.send_task("rotator.rotate_key", args=["acme-prod", keys["due1"], "schedule", seen], task_id=task_id)
     wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due1"]]), 60, "rotation")
     time.sleep(1)
     assert reset_counts(emulator) == {keys["due1"]: 1}

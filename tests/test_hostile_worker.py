@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.hostile_server import TOKEN, LyingKeyService, RawServer
+from tests.signed import local_signer, publishing_as
 from tests.test_celery import Cluster, vault, wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,8 +41,9 @@ def test_a_worker_keeps_every_secret_of_a_lying_key_service_to_itself(
 
         app = Celery(broker=cluster.broker_url, backend=f"{redis_server}/2")
         app.conf.task_default_queue = "rotator"
-        result = app.send_task("rotator.rotate_key", args=["acme", "key_due", "schedule", None],
-                               task_id=str(uuid.uuid4()))
+        with publishing_as(local_signer()):
+            result = app.send_task("rotator.rotate_key", args=["acme", "key_due", "schedule", None],
+                                   task_id=str(uuid.uuid4()))
         outcome = result.get(timeout=60, propagate=False)
         assert service.resets == ["key_due"]  # one reset, never repeated
         assert isinstance(outcome, dict) and outcome["status"] == "in_doubt", outcome

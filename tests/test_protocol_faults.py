@@ -25,6 +25,7 @@ from rotator.sinks import registry
 from rotator.sinks.memory import MemorySink
 from rotator.state import LeaseLostError, RedisState
 from tests.conftest import FP_KEY
+from tests.signed import local_signer, publishing_as
 from tests.test_celery import Cluster, reset_counts, settled, vault, wait_for
 from tests.vault_server import VaultTestServer
 
@@ -120,8 +121,9 @@ def test_3_a_redelivered_forced_message_resets_once(
     for name in ("due1", "due2", "young"):
         seen = str(keyservice.get_key(CLIENT, keys[name]).generation)
         task_id = str(uuid.uuid4())
-        for _ in range(2):
-            app.send_task("rotator.rotate_key", args=[CLIENT, keys[name], "manual", seen, True], task_id=task_id)
+        with publishing_as(local_signer(), same_stamp=True):
+            for _ in range(2):
+                app.send_task("rotator.rotate_key", args=[CLIENT, keys[name], "manual", seen, True], task_id=task_id)
     wait_for(lambda: settled(cluster, emulator, keyservice, list(keys.values())), 60, "three rotations")
     time.sleep(2)
     assert reset_counts(emulator) == {keys["due1"]: 1, keys["due2"]: 1, keys["young"]: 1}
@@ -366,7 +368,8 @@ def test_4_a_message_for_a_key_behind_a_live_lease_is_retried_not_dropped(
     app = Celery(broker=cluster.broker_url)
     app.conf.task_default_queue = "rotator"
     seen = str(keyservice.get_key(CLIENT, keys["due1"]).generation)
-    app.send_task("rotator.rotate_key", args=[CLIENT, keys["due1"], "schedule", seen])
+    with publishing_as(local_signer()):
+        app.send_task("rotator.rotate_key", args=[CLIENT, keys["due1"], "schedule", seen])
     time.sleep(3)
     assert emulator.ledger == []
     holder.release()

@@ -23,6 +23,7 @@ import pytest
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
 from rotator.keyservice.http import HttpKeyService
+from tests.signed import local_signer, publishing_as
 from tests.test_celery import DAY, Cluster, reset_counts, settled, wait_for
 from tests.vault_server import VaultTestServer
 
@@ -206,7 +207,8 @@ def test_quorum_queue_with_busy_retries_through_native_delayed_delivery(
         enqueued = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", keys[0], "--apply", "--enqueue")
         assert enqueued.returncode == 0, enqueued.stderr  # rotator's own publisher, confirms on
         wait_for(lambda: len(emulator.ledger) == 1, 30, "the reset")
-        app.send_task("rotator.rotate_key", args=["acme-prod", keys[0], "schedule", seen])  # a duplicate
+        with publishing_as(local_signer()):
+            app.send_task("rotator.rotate_key", args=["acme-prod", keys[0], "schedule", seen])  # a duplicate
         worker_log = cluster.outputs[0]
         retry = re.compile(rb"Task rotator\.rotate_key\[([0-9a-f-]+)\] retry: Retry in")
         wait_for(lambda: retry.search(worker_log.read_bytes()) is not None, 30, "the duplicate to be retried")

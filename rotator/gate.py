@@ -1,0 +1,230 @@
+"""rotator.signing wired into Celery: every publish is stamped, every delivery passes the gate.
+
+The gate runs in the worker's main process, in the strategy that turns a delivered message into a
+request, before Celery logs it, before a pool process sees it. A refused message is acknowledged
+(a forgery must not come back) and nothing else happens: no key-service call, no sink write, no
+webhook. It is counted in Redis (`rotator_messages_refused_total{reason}`), logged once with its
+reason and never its arguments, and raises one `security.forged_message` alert per
+`ALERT_EVERY_S` fleet-wide. An accepted message's id is recorded when the message is acknowledged,
+so a replay of a consumed message is refused while a redelivery of an unacknowledged one (a
+worker killed mid-task) still runs; the generation check keeps that second delivery harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Task, current_task
+from celery.worker.strategy import default as default_strategy
+
+from rotator import logs
+from rotator.config import Settings
+from rotator.protocols import Event
+from rotator.safety import private_state_dir
+from rotator.signing import (
+    CLOCK_SKEW_S,
+    HEADER,
+    Signer,
+    Verdict,
+    Verifier,
+    default_name,
+    load_or_make,
+    parse_public,
+    read_private_key,
+    valid_name,
+)
+from rotator.state import RedisState
+
+#: The actor the audit trail records for a message nobody signed (`signing.mode` off or transition).
+UNSIGNED_ACTOR = "unsigned-message"
+ALERT_EVERY_S = 900
+TIMEOUT_S = 2.0  # the gate runs in the loop that takes tasks: a hung Redis must not hold it long
+log = logs.get("rotator.gate")
+
+
+def _settings() -> Settings:
+    from rotator.tasks import settings
+
+    return settings()
+
+
+def key_path(settings: Settings) -> Path:
+    """`signing.private_key_file`, else `signing.key` in the private state directory."""
+    return settings.signing.private_key_file or private_state_dir() / "signing.key"
+
+
+def make_signer(settings: Settings) -> Signer | None:
+    """This process's signer; None when `signing.mode` is off. The embedded default key is made on
+    first use; a configured key file must exist (check-config says so)."""
+    g = settings.signing
+    if g.mode == "off":
+        return None
+    key = load_or_make(key_path(settings)) if g.private_key_file is None else read_private_key(g.private_key_file)
+    return Signer(g.name or default_name(), key)
+
+
+def make_verifier(settings: Settings, me: Signer) -> Verifier:
+    g = settings.signing
+    trusted = {name: [parse_public(k) for k in keys] for name, keys in g.trusted.items()}
+    trusted.setdefault(me.name, []).append(me.key.public_key())  # a worker trusts its own retries
+    return Verifier({n: tuple(k) for n, k in trusted.items()}, frozenset({*g.relays, me.name}), float(g.max_age_s))
+
+
+@cache
+def signer() -> Signer | None:
+    return make_signer(_settings())
+
+
+def stamp_outgoing(sender: Any = None, body: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """`before_task_publish`: sign the message about to leave this process (beat, a worker, the CLI)."""
+    me = signer()
+    if me is None or headers is None:
+        return
+    headers[HEADER] = me.stamp(headers, body, _origin(me.name), time.time())
+
+
+def _origin(me: str) -> str:
+    """Whose action a message is: inside a task (a retry, the scan's fan-out) the actor of the
+    message that task came from; anywhere else this process's signer."""
+    task = current_task
+    request = getattr(task, "request", None) if task else None
+    if request is None or getattr(request, "called_directly", True):
+        return me
+    return actor_of(request) or me
+
+
+def actor_of(request: Any) -> str | None:
+    """The verified actor of the message a task is running for; None for a direct call. The gate has
+    checked the stamp before this message reached the pool, so its origin is the signer's word."""
+    if request is None or getattr(request, "called_directly", True):
+        return None
+    stamp = request.get(HEADER) if hasattr(request, "get") else None
+    if signer() is None or not isinstance(stamp, dict) or not isinstance(stamp.get("origin"), str):
+        return UNSIGNED_ACTOR
+    return valid_name(stamp["origin"])
+
+
+class Gate:
+    """The worker's check of one delivered message, with its Redis records."""
+
+    def __init__(self, settings: Settings, me: Signer, state: RedisState) -> None:
+        self.mode = settings.signing.mode
+        self.verifier = make_verifier(settings, me)
+        self.record_ttl_s = int(settings.signing.max_age_s + CLOCK_SKEW_S)
+        self.state = state
+        self.redis_failing = False
+
+    def admit(self, message: Any) -> Verdict:
+        headers = message.headers or {}
+        if HEADER not in headers and self.mode == "transition":
+            self._quietly(self.state.count_unsigned_accepted)
+            log.warning("message.unsigned_accepted", task=valid_name(str(headers.get("task", "?"))),
+                        task_id=valid_name(str(headers.get("id", "?"))))
+            return Verdict(True, actor=UNSIGNED_ACTOR)
+        if HEADER in headers:
+            try:
+                body = message.decode()
+            except Exception:
+                return Verdict(False, "malformed", detail="the body does not decode")
+        else:
+            body = None
+        verdict = self.verifier.check(headers, body, time.time())
+        if verdict.accepted and self._quietly(lambda: self.state.consumed(verdict.mid)):
+            return Verdict(False, "replayed", signer=verdict.signer, mid=verdict.mid,
+                           detail="this message id was consumed already")
+        return verdict
+
+    def consumed(self, mid: str) -> None:
+        self._quietly(lambda: self.state.mark_consumed(mid, self.record_ttl_s))
+
+    def refuse(self, verdict: Verdict, headers: Any) -> None:
+        task = valid_name(str((headers or {}).get("task", "?")))
+        self._quietly(lambda: self.state.count_refused(verdict.reason))
+        log.error("message.refused", reason=verdict.reason, task=task,
+                  task_id=valid_name(str((headers or {}).get("id", "?"))), signer=verdict.signer or None,
+                  detail=verdict.detail or None)
+        slot = int(time.time() // ALERT_EVERY_S)
+        if self._quietly(lambda: self.state.once(f"forged-alert:{slot}", ALERT_EVERY_S)):
+            self._alert(verdict, task, slot)
+
+    def _alert(self, verdict: Verdict, task: str, slot: int) -> None:
+        from rotator.events import SEVERITY
+        from rotator.tasks import CeleryPublisher
+
+        event = Event("security.forged_message", SEVERITY["security.forged_message"], "-", "-",
+                      attempt_id=f"slot-{slot}", time=time.time(),
+                      error=(f"a worker refused a task message ({verdict.reason}); more within "
+                             f"{ALERT_EVERY_S // 60} minutes are counted in rotator_messages_refused_total, "
+                             "not alerted"),
+                      details={"reason": verdict.reason, "task": task, "signer": verdict.signer})
+        try:
+            CeleryPublisher().publish(event)
+        except Exception as exc:  # the refusal stands whether or not the alert goes out
+            log.error("message.alert_failed", error=type(exc).__name__)
+
+    def _quietly(self, call: Callable[[], Any]) -> Any:
+        """A Redis call of the gate; a failing Redis is logged once and answers None (not consumed:
+        the engine itself needs Redis, so a message let through then cannot reset anything)."""
+        try:
+            result = call()
+        except redis.RedisError as exc:
+            if not self.redis_failing:
+                log.error("message.gate_redis_failed", error=type(exc).__name__)
+            self.redis_failing = True
+            return None
+        self.redis_failing = False
+        return result
+
+
+@cache
+def gate() -> Gate | None:
+    me = signer()
+    if me is None:
+        return None
+    s = _settings()
+    client = redis.Redis.from_url(s.state.url(), decode_responses=True, socket_timeout=TIMEOUT_S,
+                                  socket_connect_timeout=TIMEOUT_S)
+    return Gate(s, me, RedisState(client, s.state.namespace))
+
+
+def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Celery's default strategy behind the gate (`Task.Strategy`)."""
+    handle: Callable[..., Any] = default_strategy(task, app, consumer, **kwargs)
+    the_gate = gate()
+    if the_gate is None:
+        return handle
+
+    def gated(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **more: Any) -> Any:
+        verdict = the_gate.admit(message)
+        if not verdict.accepted:
+            the_gate.refuse(verdict, message.headers)
+            with contextlib.suppress(*consumer.connection_errors):
+                message.ack()
+            return None
+        if not verdict.mid:
+            return handle(message, body, ack, reject, callbacks, **more)
+
+        def acked(*args: Any) -> Any:
+            the_gate.consumed(verdict.mid)
+            return ack(*args)
+
+        def rejected(logger: Any, errors: Any, requeue: bool = False) -> Any:
+            if not requeue:
+                the_gate.consumed(verdict.mid)
+            return reject(logger, errors, requeue)
+
+        return handle(message, body, acked, rejected, callbacks, **more)
+
+    return gated
+
+
+class GatedTask(Task):  # type: ignore[misc]
+    """The base of rotator's tasks: deliveries go through `strategy`."""
+
+    Strategy = "rotator.gate:strategy"

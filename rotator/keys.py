@@ -1,0 +1,89 @@
+"""`rotator keys init`: the keys an installation needs, made once, each in its own 0600 file.
+
+One Ed25519 signing key per signer (beat, each worker host, each operator who runs
+`rotate --enqueue`), the fingerprint HMAC key and the file sink's key. An existing file is never
+replaced: running it again adds the signers that are new and prints the whole configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+
+from rotator.signing import public_text, read_private_key, valid_name, write_private_key
+
+
+@dataclass
+class KeySet:
+    directory: Path
+    public: dict[str, str] = field(default_factory=dict)  # signer name -> ed25519:… public key
+    relays: list[str] = field(default_factory=list)
+    made: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+
+    def signing_key(self, name: str) -> Path:
+        return self.directory / f"{name}.ed25519"
+
+    @property
+    def fingerprint_key(self) -> Path:
+        return self.directory / "fingerprint.key"
+
+    @property
+    def file_key(self) -> Path:
+        return self.directory / "file.key"
+
+    def config(self) -> str:
+        """The configuration lines every worker and beat needs (public keys only: nothing secret)."""
+        trusted = "\n".join(f'"{name}" = ["{key}"]' for name, key in self.public.items())
+        relays = ", ".join(f'"{name}"' for name in self.relays)
+        hosts = "\n".join(f"#   {name}: ROTATOR_SIGNING__NAME={name} "
+                          f"ROTATOR_SIGNING__PRIVATE_KEY_FILE={self.signing_key(name)}" for name in self.public)
+        return f"""[signing]
+mode = "enforce"
+relays = [{relays}]
+# Each process signs as itself: set its name and key file in its own environment (or file), e.g.
+{hosts}
+
+[signing.trusted]
+{trusted}
+
+[engine]
+fingerprint_key_file = "{self.fingerprint_key}"
+
+# For the encrypted file sink: key_file = "{self.file_key}"
+"""
+
+
+def _secret_file(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value)
+
+
+def init_keys(directory: Path, signers: list[str], operators: tuple[str, ...] = ()) -> KeySet:
+    """Make what is missing in `directory` (created 0700); signers other than `operators` are relays."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keys = KeySet(directory)
+    for raw in [*signers, *operators]:
+        name = valid_name(raw)
+        path = keys.signing_key(name)
+        if path.exists():
+            key = read_private_key(path)
+            keys.kept.append(path)
+        else:
+            key = write_private_key(path)
+            keys.made.append(path)
+        keys.public[name] = public_text(key.public_key())
+        if raw not in operators:
+            keys.relays.append(name)
+    for path, kind in ((keys.fingerprint_key, "hmac"), (keys.file_key, "fernet")):
+        if path.exists():
+            keys.kept.append(path)
+        else:
+            _secret_file(path, Fernet.generate_key().decode() if kind == "fernet" else secrets.token_urlsafe(32))
+            keys.made.append(path)
+    return keys
