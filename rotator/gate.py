@@ -115,6 +115,7 @@ class Gate:
 
     def __init__(self, settings: Settings, me: Signer, state: RedisState) -> None:
         self.mode = settings.signing.mode
+        self.amqp = settings.celery.broker_is_amqp()  # whose `redelivered` flag only the broker sets
         self.verifier = make_verifier(settings, me)
         self.record_ttl_s = int(settings.signing.max_age_s + CLOCK_SKEW_S)
         self.state = state
@@ -135,6 +136,11 @@ class Gate:
         else:
             body = None
         verdict = self.verifier.check(headers, body, time.time())
+        if verdict.accepted and self.amqp and (message.delivery_info or {}).get("redelivered"):
+            # RabbitMQ itself delivers it again: an acknowledgement sent past the consumer_timeout is
+            # dropped by the broker without an error here, so its id may be recorded. The generation
+            # check keeps this second delivery harmless.
+            return verdict
         if verdict.accepted and self._quietly(lambda: self.state.consumed(verdict.mid)):
             return Verdict(False, "replayed", signer=verdict.signer, mid=verdict.mid,
                            detail="this message id was consumed already")
@@ -207,21 +213,31 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
             with contextlib.suppress(*consumer.connection_errors):
                 message.ack()
             return None
-        if not verdict.mid:
-            return handle(message, body, ack, reject, callbacks, **more)
-
-        def acked(*args: Any) -> Any:
-            the_gate.consumed(verdict.mid)
-            return ack(*args)
-
-        def rejected(logger: Any, errors: Any, requeue: bool = False) -> Any:
-            if not requeue:
-                the_gate.consumed(verdict.mid)
-            return reject(logger, errors, requeue)
-
-        return handle(message, body, acked, rejected, callbacks, **more)
+        if verdict.mid:
+            _record_when_settled(message, verdict.mid, the_gate)
+        return handle(message, body, ack, reject, callbacks, **more)
 
     return gated
+
+
+def _record_when_settled(message: Any, mid: str, the_gate: Gate) -> None:
+    """Record the message id once the broker has taken the acknowledgement (or a reject that
+    drops it): an acknowledgement that fails (RabbitMQ closed the channel past its
+    consumer_timeout, Redis down) leaves the message to be delivered again, and accepted."""
+    ack, reject = message.ack, message.reject
+
+    def acked(*args: Any, **kwargs: Any) -> Any:
+        result = ack(*args, **kwargs)
+        the_gate.consumed(mid)
+        return result
+
+    def rejected(requeue: bool = False) -> Any:
+        result = reject(requeue=requeue)
+        if not requeue:
+            the_gate.consumed(mid)
+        return result
+
+    message.ack, message.reject = acked, rejected
 
 
 class GatedTask(Task):  # type: ignore[misc]

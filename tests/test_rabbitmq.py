@@ -413,3 +413,40 @@ def test_a_message_held_past_the_consumer_timeout_is_delivered_again_and_the_key
     finally:
         vault.state.hold_writes.set()
         cluster.stop()
+
+
+def test_forged_and_replayed_messages_do_nothing_over_rabbitmq(
+    tmp_path: Path, rabbit: Rabbit, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
+    vault: VaultTestServer, keyservice: HttpKeyService,
+) -> None:
+    """Over RabbitMQ (headers in an AMQP table, not JSON): an unsigned `rotate_key` with force and
+    a signed one whose arguments were changed are refused; a signed message rotates, and the same
+    message published again after it was consumed is refused as a replay. One reset."""
+    from rotator.state import RedisState
+
+    keys = due_keys(emulator)
+    cluster = rabbit_cluster(tmp_path, rabbit, redis_server, emulator_server, vault)
+    try:
+        cluster.worker()
+        from celery import Celery
+
+        app = Celery(broker=f"amqp://guest:guest@{HOST}:{PORT}/{rabbit.vhost}")
+        app.conf.update(task_default_queue=rabbit.queue, broker_transport_options={"confirm_publish": True})
+        seen = str(keyservice.get_key("acme-prod", keys[0]).generation)
+        args = ["acme-prod", keys[0], "manual", seen]
+        with publishing_as(None):
+            app.send_task("rotator.rotate_key", args=args, kwargs={"force": True})
+        with publishing_as(local_signer(), tamper=lambda h, b: b[0].__setitem__(1, keys[1])):
+            app.send_task("rotator.rotate_key", args=list(args))  # its own list: the tamper changes it
+        state = RedisState.from_url(f"{redis_server}/0")
+        wait_for(lambda: state.refused() == {"unsigned": 1, "bad_signature": 1}, 20, "both refusals")
+        task_id = str(uuid.uuid4())
+        with publishing_as(local_signer(), same_stamp=True):
+            app.send_task("rotator.rotate_key", args=args, task_id=task_id)
+            wait_for(lambda: settled(cluster, emulator, keyservice, [keys[0]]), 45, "the signed message's rotation")
+            time.sleep(0.5)  # acknowledged once its result is stored
+            app.send_task("rotator.rotate_key", args=args, task_id=task_id)
+        wait_for(lambda: state.refused().get("replayed") == 1, 20, "the replay's refusal")
+        assert reset_counts(emulator) == {keys[0]: 1}
+    finally:
+        cluster.stop()
