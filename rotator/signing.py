@@ -110,8 +110,8 @@ def read_private_key(path: Path) -> Ed25519PrivateKey:
         raise KeyFileError(f"{path} is not an unencrypted PEM private key (`rotator keys init` makes one)") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} holds a {type(key).__name__.removeprefix('_')}, not an Ed25519 key")
-    if os.stat(path).st_mode & 0o077:
-        raise KeyFileError(f"{path} is readable by others than its owner: chmod 600 it")
+    if os.stat(path).st_mode & 0o027:  # a group may read it (a Kubernetes Secret mounted 0440), no one else
+        raise KeyFileError(f"{path} is open to other users (or writable by its group): chmod 600 it")
     return key
 
 

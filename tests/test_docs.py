@@ -60,3 +60,23 @@ def test_compose_file_is_valid() -> None:
     result = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_publishes_nothing_beyond_loopback_and_signs_its_messages() -> None:
+    """No port of docker-compose.yml on all interfaces, no Flower (one more broker client that would
+    show nothing with remote control off); worker and beat sign with the key the one-shot `keys`
+    service made, and start only once it has."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "flower" not in services
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    assert services["keys"]["command"][:2] == ["keys", "init"]
+    for name in ("worker", "beat"):
+        env = services[name]["environment"]
+        assert env["ROTATOR_SIGNING__PRIVATE_KEY_FILE"].startswith("/run/rotator-keys/")
+        assert env["ROTATOR_SIGNING__PRIVATE_KEY_FILE"].endswith(f"/{env['ROTATOR_SIGNING__NAME']}.ed25519")
+        assert services[name]["depends_on"]["keys"] == {"condition": "service_completed_successfully"}

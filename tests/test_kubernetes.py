@@ -335,7 +335,8 @@ def test_the_status_page_has_its_own_read_only_identity() -> None:
     """The page runs as its own service account (no API token), whose Vault role is the read-only
     `rotator-web`; its config is the workers' but for that role (and its [web] section); it mounts
     only the Secret's keys its config names (the key-service token and the fingerprint key among
-    them), not the whole Secret; it has the memory a large fleet needs."""
+    them, never the signing key: it publishes no task), not the whole Secret; it has the memory a
+    large fleet needs."""
     web = named("Deployment", "rotator-web")
     pod = web["spec"]["template"]["spec"]
     others = {w["spec"]["template"]["spec"].get("serviceAccountName") for w in workloads()
@@ -351,9 +352,10 @@ def test_the_status_page_has_its_own_read_only_identity() -> None:
 
     def alike(config: dict[str, Any]) -> dict[str, Any]:
         sinks = [{k: v for k, v in s.items() if k != "kubernetes_role"} for s in config["sinks"]]
-        return {**{k: v for k, v in config.items() if k != "web"}, "sinks": sinks}
+        return {**{k: v for k, v in config.items() if k not in ("web", "signing")}, "sinks": sinks}
 
     assert alike(ours) == alike(workers)
+    assert "private_key_file" in workers["signing"] and "signing" not in ours  # the page publishes no task
     assert ours["web"]["host"] == "127.0.0.1"
 
     [credentials] = [v["secret"] for v in pod["volumes"] if "secret" in v]
@@ -361,7 +363,7 @@ def test_the_status_page_has_its_own_read_only_identity() -> None:
     items = {i["key"] for i in credentials.get("items", [])}
     secret_dir = "/var/run/secrets/rotator/"
     needed = {f.removeprefix(secret_dir) for f in credential_files(ours) if f.startswith(secret_dir)}
-    assert items == needed and {"keyservice-token", "fingerprint-key"} <= items
+    assert items == needed and {"keyservice-token", "fingerprint-key"} <= items and "signing-key" not in items
     assert not any(m.endswith("/") for m in mounted_files(web))  # no whole Secret, no whole directory
 
     [container] = containers(web)

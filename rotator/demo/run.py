@@ -28,6 +28,7 @@ from rich.table import Table
 from rotator.config import load_settings
 from rotator.console import show
 from rotator.embedded import PrivateRedis
+from rotator.keys import init_keys
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
 from rotator.openbao import PrivateOpenBao, bao_binary, operator_setup
@@ -69,6 +70,7 @@ def write_config(home: Path, redis_url: str, emulator_url: str, extra_sinks: str
     file_key = home / "file.key"
     if not file_key.exists():  # keep the key across runs so earlier files stay readable
         _secret_file(file_key, Fernet.generate_key().decode())
+    keys = init_keys(home / "keys", ["demo"])  # the worker and beat sign every task message with it
     config = home / "rotator.toml"
     config.write_text(f"""# Written by `rotator demo`; see examples/ for production files.
 [keyservice]
@@ -92,6 +94,11 @@ concurrency = 2
 [engine]
 fingerprint_key_file = "{fp_key}"
 sink_retry_s = 30
+
+[signing]
+mode = "enforce"
+name = "demo"
+private_key_file = "{keys.signing_key('demo')}"
 
 [[sinks]]
 kind = "file"
