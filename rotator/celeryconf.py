@@ -69,3 +69,5 @@ beat_schedule = {
     "reconcile": {"task": "rotator.reconcile", "schedule": float(_c.reconcile_every_s)},
     "warn_due_soon": {"task": "rotator.warn_due_soon", "schedule": float(_c.warn_every_s)},
 }
+if _settings.view.publish_every_s:
+    beat_schedule["publish_view"] = {"task": "rotator.publish_view", "schedule": float(_settings.view.publish_every_s)}

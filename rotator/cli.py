@@ -203,10 +203,18 @@ def emulator(
         server.server_close()
 
 
+def _need_full(settings: Settings) -> None:
+    """A reader's configuration (the published view, no sinks) holds no credential to act with."""
+    if settings.view.published and not settings.sinks:
+        fail("this is a reader's configuration (view.source = \"published\", no [[sinks]]): it can show the fleet "
+             "(web, metrics, status) but not rotate, scan or run workers; use the workers' configuration", 2)
+
+
 def _engine(settings: Settings) -> Engine:
     """An engine for a command run by a person: its events reach the alert channels via the workers."""
     from rotator.runtime import build_engine
 
+    _need_full(settings)
     if settings.alerts:
         from rotator.tasks import CeleryPublisher
 
@@ -385,7 +393,13 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
     from rotator.fleet import status_report
 
     with errors_exit():
-        report = status_report(_engine(settings), history=limit if history else 0, with_sinks=False)
+        if settings.view.published:  # what the workers published: no token needed here
+            from rotator import view
+            from rotator.runtime import build_state
+
+            report = view.report(build_state(settings), limit if history else 0)
+        else:
+            report = status_report(_engine(settings), history=limit if history else 0, with_sinks=False)
     if as_json:
         print_json(report)
         return
@@ -481,6 +495,7 @@ def _celery(argv: list[str]) -> None:
     from rotator.tasks import app as celery_app
     from rotator.tasks import settings
 
+    _need_full(settings())
     _need_signer(settings())
     me = signer()
     if me is None:

@@ -282,6 +282,23 @@ class WebConfig(Section):
         10.0, ge=0, description="A snapshot of the fleet serves every request for this long (spares the key service).")
 
 
+class ViewConfig(Section):
+    """What `rotator web`, `rotator metrics` and `rotator status` show, and where it comes from."""
+
+    source: Literal["live", "published"] = Field(
+        "live", description=("`live`: they scan the key service and read the sinks themselves (their config needs "
+                             "the token and the sink credentials); `published`: they read the view the workers "
+                             "publish to Redis, and need nothing but a Redis user that may read (docs/operations.md, "
+                             "\"Read-only parts\")."))
+    publish_every_s: int = Field(
+        0, ge=0, description=("Beat: seconds between the workers' publications of the fleet view (a scan of the "
+                              "key service and a read of each sink per key, like one page load); 0: not published."))
+
+    @property
+    def published(self) -> bool:
+        return self.source == "published"
+
+
 class SigningConfig(Section):
     """Who may put a task in the queue (docs/operations.md, "Signed task messages")."""
 
@@ -377,6 +394,7 @@ class Settings(BaseSettings):
     engine: EngineConfig = EngineConfig()
     web: WebConfig = WebConfig()
     signing: SigningConfig = SigningConfig()
+    view: ViewConfig = ViewConfig()
     sinks: list[SinkConfig] = Field(default_factory=list)
     alerts: list[AlertConfig] = Field(default_factory=list)
 
@@ -453,15 +471,19 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         elif not env.get(env_name):
             problems.append(ConfigProblem(source, key, f"{what}: {variable_named(env_name)} is not set"))
 
+    for section, config in (("state", s.state), ("celery", s.celery)):
+        if config.password_env is not None or config.password_file is not None:
+            need(f"{section}.password_env", config.password_env, config.password_file, "password")
+    if s.view.published and not s.sinks:
+        # A reader (web, metrics, status) of the view the workers publish: Redis is all it needs,
+        # and it holds no token, no sink credential, no fingerprint or signing key.
+        return problems
     if s.keyservice.kind == "http":
         need("keyservice.token_env", s.keyservice.token_env, s.keyservice.token_file, "management token")
     elif s.keyservice.seed is not None and not s.keyservice.seed.is_file():
         seed = str(s.keyservice.seed)
         problems.append(ConfigProblem(source, "keyservice.seed", f"seed file {seed!r} does not exist"))
     need("engine.fingerprint_key_env", s.engine.fingerprint_key_env, s.engine.fingerprint_key_file, "fingerprint key")
-    for section, config in (("state", s.state), ("celery", s.celery)):
-        if config.password_env is not None or config.password_file is not None:
-            need(f"{section}.password_env", config.password_env, config.password_file, "password")
     if not s.sinks:
         problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
     problems += _broker_problems(s, source)

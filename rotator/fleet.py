@@ -110,16 +110,18 @@ def summary(keys: list[dict[str, Any]], attempts: Iterable[AttemptRecord], drift
 
 
 def status_report(engine: Engine, *, history: int = 0, now: float | None = None,
-                  with_sinks: bool = True) -> dict[str, Any]:
+                  with_sinks: bool = True, rows: list[ScanRow] | None = None) -> dict[str, Any]:
     """`status --json`: every key (scan row, next due, last rotation, attempt phase), the attempts
     in flight, drift and the last `history` audit entries; with `with_sinks`, also each key's
     strategy and sinks, and a `summary` of the counts.
 
     The key service is listed once and each sink read once per key: the drift check takes the
-    keys the scan listed and the sink states the rows read (`SinkReads`)."""
+    keys the scan listed and the sink states the rows read (`SinkReads`). `rows`: a scan taken
+    already (the published view takes one for the report and the metrics)."""
     moment = time.time() if now is None else now
     attempts = {str(a.ref): a for a in engine.state.attempts()}
-    rows = list(scan(engine.keyservice, engine.policy, moment, engine.clients))
+    if rows is None:
+        rows = list(scan(engine.keyservice, engine.policy, moment, engine.clients))
     reads = SinkReads()
     successors = {(r.key.client_id, r.key.key_id): r.key for r in rows if r.key.replaces is not None}
     keys = [key_row(row, engine, attempts, with_sinks, reads, successors) for row in rows]

@@ -15,10 +15,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from rotator.config import Settings
-from rotator.engine import grace_start
+from rotator.errors import TransientError
 from rotator.scan import ScanRow, scan
 from rotator.signing import REASONS
 from rotator.state import DURATION_BUCKETS, RedisState
+from rotator.view import Gauge, key_gauges
+from rotator.view import read as read_view
 
 LABELS = ["client_id", "key_id", "alias", "environment"]
 
@@ -31,6 +33,18 @@ class RotatorCollector:
         self._rows: list[ScanRow] = []
         self._rows_at = 0.0
         self._lock = threading.Lock()
+
+    def _gauges(self) -> tuple[dict[str, list[Gauge]], float | None]:
+        """The key gauges: from the view the workers published (`view.source = "published"`: this
+        process holds no token; none while nothing is published), else from a scan of its own."""
+        if self.settings.view.published:
+            try:
+                view = read_view(self.state)
+            except TransientError:
+                return {"born": [], "due": [], "revoke": []}, None
+            return view["gauges"], float(view["published_at"])
+        return key_gauges(self._scan(), self.state, self.settings.policy.overlap_grace_s,
+                          self.settings.keyservice.delete_after_s), None
 
     def _scan(self) -> list[ScanRow]:
         with self._lock:
@@ -53,21 +67,13 @@ class RotatorCollector:
                                 labels=LABELS)
         revoke = GaugeMetricFamily("rotator_key_revoke_timestamp_seconds",
                                    "Retiring keys (overlap strategy): when the replaced key is revoked.", labels=LABELS)
-        rows = self._scan()
-        successors = {(r.key.client_id, r.key.key_id): r.key for r in rows if r.key.replaces is not None}
-        policy = self.settings.policy
-        for row in rows:
-            labels = [row.key.client_id, row.key.key_id, row.key.alias, row.key.environment.value]
-            successor = successors.get((row.key.client_id, str(row.key.replaced_by)))
-            if row.key.replaced_by is not None and successor is not None:
-                grace_end = grace_start(successor, self.state.stored_rotation(row.key.ref)) + policy.overlap_grace_s
-                revoke.add_metric(labels, grace_end if row.key.status == "ACTIVE"
-                                  else grace_end + self.settings.keyservice.delete_after_s)
-                continue
-            if row.state.value == "out_of_scope":
-                continue
-            age.add_metric(labels, now - row.key.born_at)
-            due.add_metric(labels, row.due_at)
+        gauges, published_at = self._gauges()
+        for labels, born in gauges["born"]:
+            age.add_metric(labels, now - born)
+        for labels, when in gauges["due"]:
+            due.add_metric(labels, when)
+        for labels, when in gauges["revoke"]:
+            revoke.add_metric(labels, when)
         yield age
         yield due
         yield revoke
@@ -93,6 +99,12 @@ class RotatorCollector:
         yield CounterMetricFamily("rotator_messages_unsigned_accepted",
                                   "Unsigned task messages run in signing.mode = transition.",
                                   value=self.state.unsigned_accepted())
+        if self.settings.view.published:
+            view = GaugeMetricFamily("rotator_view_published_timestamp_seconds",
+                                     "When the workers last published the fleet view these key gauges come from.")
+            if published_at is not None:
+                view.add_metric([], published_at)
+            yield view
         last = GaugeMetricFamily("rotator_last_scan_timestamp_seconds", "When the last scheduled scan ran.")
         if m["last_scan"] is not None:
             last.add_metric([], m["last_scan"])

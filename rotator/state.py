@@ -276,7 +276,7 @@ class RedisState:
 
     def metrics(self) -> dict[str, Any]:
         """Shared counters every worker process adds to (so a scrape sees all of them)."""
-        pipe = self.client.pipeline()
+        pipe = self.client.pipeline(transaction=False)  # reads: a read-only user may not MULTI
         pipe.hgetall(self._k("metrics", "rotations"))
         pipe.hgetall(self._k("metrics", "duration"))
         pipe.get(self._k("last_scan"))

@@ -169,6 +169,26 @@ def reconcile() -> list[dict[str, str]]:
             for d in engine().drift()]
 
 
+@app.task(name="rotator.publish_view")
+@contained
+def publish_view() -> dict[str, Any]:
+    """On the beat (`view.publish_every_s`): the fleet view `rotator web` and `rotator metrics` read
+    with a read-only Redis user (rotator.view), so they need no credential of their own."""
+    s = settings()
+    eng = engine()
+    if not eng.state.once(f"view:{int(time.time() // s.view.publish_every_s)}", s.view.publish_every_s):
+        return {"skipped": "another beat already published in this interval"}
+    from rotator import view
+    from rotator.runtime import build_state
+
+    state = build_state(s)
+    try:
+        return view.publish(eng, state, s.policy.overlap_grace_s, s.keyservice.delete_after_s,
+                            ttl_s=max(3 * s.view.publish_every_s, 600))
+    finally:
+        state.client.close()
+
+
 @app.task(name="rotator.warn_due_soon")
 @contained
 def warn_due_soon() -> dict[str, int]:

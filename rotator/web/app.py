@@ -34,7 +34,7 @@ from rotator.errors import NotFoundError, RotatorError
 from rotator.safety import is_id, redact_urls_in
 from rotator.web import view
 from rotator.web.guard import ASGIApp, Credential, Guard, Message, Receive, Scope, Send
-from rotator.web.source import FleetSource
+from rotator.web.source import CachedSource
 
 STATIC = Path(__file__).parent / "static"
 MAX_HISTORY = 1000
@@ -90,7 +90,7 @@ class Body(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def create_app(source: FleetSource, *, credential: Credential | None = None, refresh_s: float = 30,
+def create_app(source: CachedSource, *, credential: Credential | None = None, refresh_s: float = 30,
                metrics: ASGIApp | None = None) -> ASGIApp:
     """The page as an ASGI app, wrapped in its guard; mountable under any prefix, and next to a
     Prometheus app when `metrics` is given (served at `/metrics` behind the same guard)."""

@@ -16,7 +16,7 @@ import uvicorn
 from rotator.config import Settings, read_credential
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.web.guard import ASGIApp, Credential, is_loopback
-from rotator.web.source import FleetSource, Quiet
+from rotator.web.source import CachedSource, FleetSource, PublishedSource, Quiet
 
 WHERE = "rotator web"
 #: The shortest token accepted: a guessable one guards nothing.
@@ -65,14 +65,20 @@ def credential(settings: Settings, options: WebOptions) -> Credential | None:
     return Credential(token, settings.web.username)
 
 
-def build_app(settings: Settings, options: WebOptions) -> tuple[ASGIApp, FleetSource]:
-    """The guarded app over a fresh engine (events dropped: looking does not alert)."""
-    from rotator.runtime import build_engine
+def build_app(settings: Settings, options: WebOptions) -> tuple[ASGIApp, CachedSource]:
+    """The guarded app over the view the workers publish (`view.source = "published"`), else over a
+    fresh engine (events dropped: looking does not alert)."""
+    from rotator.runtime import build_engine, build_state
     from rotator.web.app import create_app
 
     guard = credential(settings, options)
-    source = FleetSource(build_engine(settings, publisher=Quiet()), cache_s=settings.web.cache_s,
-                         history_max=settings.state.history_max)
+    source: CachedSource
+    if settings.view.published:
+        source = PublishedSource(build_state(settings), cache_s=settings.web.cache_s,
+                                 history_max=settings.state.history_max)
+    else:
+        source = FleetSource(build_engine(settings, publisher=Quiet()), cache_s=settings.web.cache_s,
+                             history_max=settings.state.history_max)
     metrics = None
     if options.metrics:
         from prometheus_client import CollectorRegistry, make_asgi_app

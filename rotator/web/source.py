@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 
 from anyio import to_thread
 
+from rotator import view
 from rotator.domain import KeyRef
 from rotator.engine import Engine
 from rotator.fleet import key_report, status_report
 from rotator.protocols import Event
+from rotator.state import RedisState
 
 T = TypeVar("T")
 
@@ -58,10 +60,11 @@ class Snapshot:
         return result
 
 
-class FleetSource:
-    def __init__(self, engine: Engine, *, cache_s: float = 10.0, history: int = 50, history_max: int = 1000,
+class CachedSource:
+    """One report at a time, reused for `cache_s`; subclasses say where a report comes from."""
+
+    def __init__(self, *, cache_s: float = 10.0, history: int = 50, history_max: int = 1000,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.engine = engine
         self.cache_s = cache_s
         self.history = history
         self.history_max = history_max
@@ -90,6 +93,27 @@ class FleetSource:
 
     def report(self) -> dict[str, Any]:
         """One fresh report (blocking; the page goes through `snapshot`)."""
+        raise NotImplementedError
+
+    def key(self, ref: KeyRef) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def warn_before_days(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+class FleetSource(CachedSource):
+    """The fleet as this process sees it: a scan of the key service and a read of each sink."""
+
+    def __init__(self, engine: Engine, **options: Any) -> None:
+        super().__init__(**options)
+        self.engine = engine
+
+    def report(self) -> dict[str, Any]:
         return status_report(self.engine, history=self.history)
 
     def key(self, ref: KeyRef) -> dict[str, Any]:
@@ -106,3 +130,28 @@ class FleetSource:
         close = getattr(self.engine.keyservice, "close", None)
         if close is not None:
             close()
+
+
+class PublishedSource(CachedSource):
+    """The fleet as the workers last published it (rotator.view): this process holds nothing but a
+    Redis user that may read, so a compromised page can reset nothing."""
+
+    def __init__(self, state: RedisState, **options: Any) -> None:
+        super().__init__(**options)
+        self.state = state
+        self._warn_days = 14
+
+    def report(self) -> dict[str, Any]:
+        report = view.report(self.state, self.history)
+        self._warn_days = int(view.read(self.state).get("warn_before_days", self._warn_days))
+        return report
+
+    def key(self, ref: KeyRef) -> dict[str, Any]:
+        return view.key_report(self.state, ref, self.history_max)
+
+    @property
+    def warn_before_days(self) -> int:
+        return self._warn_days
+
+    def close(self) -> None:
+        self.state.client.close()
