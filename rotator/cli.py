@@ -205,7 +205,7 @@ def emulator(
 
 def _need_full(settings: Settings) -> None:
     """A reader's configuration (the published view, no sinks) holds no credential to act with."""
-    if settings.view.published and not settings.sinks:
+    if settings.reader_only:
         fail("this is a reader's configuration (view.source = \"published\", no [[sinks]]): it can show the fleet "
              "(web, metrics, status) but not rotate, scan or run workers; use the workers' configuration", 2)
 

@@ -398,6 +398,12 @@ class Settings(BaseSettings):
     sinks: list[SinkConfig] = Field(default_factory=list)
     alerts: list[AlertConfig] = Field(default_factory=list)
 
+    @property
+    def reader_only(self) -> bool:
+        """A reader's configuration (web, metrics, status of the view the workers publish): no
+        `[[sinks]]`, no credential to act with."""
+        return self.view.published and not self.sinks
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -474,7 +480,7 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     for section, config in (("state", s.state), ("celery", s.celery)):
         if config.password_env is not None or config.password_file is not None:
             need(f"{section}.password_env", config.password_env, config.password_file, "password")
-    if s.view.published and not s.sinks:
+    if s.reader_only:
         # A reader (web, metrics, status) of the view the workers publish: Redis is all it needs,
         # and it holds no token, no sink credential, no fingerprint or signing key.
         return problems

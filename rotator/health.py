@@ -16,8 +16,28 @@ from rotator.safety import redact_urls_in, strip_credentials, terminal_safe
 PING_TIMEOUT_S = 3.0
 
 
+def view_problem(settings: Settings) -> str | None:
+    """The fleet view the workers publish is there (a reader shows nothing without it)."""
+    from rotator import view
+    from rotator.state import RedisState
+
+    try:
+        client = redis.Redis.from_url(settings.state.url(), socket_timeout=PING_TIMEOUT_S,
+                                      socket_connect_timeout=PING_TIMEOUT_S)
+        view.read(RedisState(client, settings.state.namespace))
+    except RotatorError as exc:
+        return str(exc)
+    except redis.RedisError as exc:
+        return f"{type(exc).__name__}: the view could not be read"
+    return None
+
+
 def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
     """(service, None) when it answered, (service, reason) when not."""
+    if settings.reader_only:
+        yield "state redis", ping_redis(settings.state.url)
+        yield "fleet view", view_problem(settings)
+        return
     from rotator.keyservice import build_keyservice
     from rotator.runtime import build_sinks
 

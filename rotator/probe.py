@@ -14,12 +14,15 @@ from collections.abc import Iterator
 from rotator.config import Settings
 from rotator.errors import RotatorError
 from rotator.health import PING_TIMEOUT_S as TIMEOUT_S
-from rotator.health import ping_broker, ping_redis
+from rotator.health import ping_broker, ping_redis, view_problem
 
 
 def probe(settings: Settings, worker: bool = False, node: str | None = None) -> Iterator[tuple[str, str | None]]:
     """(check, None) when it passed, (check, reason) when not."""
     yield "state redis", ping_redis(settings.state.url)
+    if settings.reader_only:  # a reader of the published view uses no broker
+        yield "fleet view", view_problem(settings)
+        return
     yield "celery broker", ping_broker(settings)
     if worker:
         name = node or f"celery@{socket.gethostname()}"

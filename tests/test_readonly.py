@@ -130,6 +130,10 @@ source = "published"
         assert 'rotator_rotations_total{result="succeeded"} 1.0' in scraped
         assert "rotator_view_published_timestamp_seconds " in scraped
 
+        for probe in (["health"], ["check-config", "--ping"]):  # the pod's readiness: Redis and the view
+            checked = subprocess.run([sys.executable, "-m", "rotator.cli", *probe, "--config", str(reader_config)],
+                                     env=reader_env, capture_output=True, text=True, timeout=60)
+            assert checked.returncode == 0 and "ok   fleet view" in checked.stderr, checked.stderr
         refused_worker = subprocess.run([sys.executable, "-m", "rotator.cli", "worker", "--config",
                                          str(reader_config)], env=reader_env, capture_output=True, text=True,
                                         timeout=60)
