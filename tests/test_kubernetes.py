@@ -280,12 +280,12 @@ def test_config_has_no_credential_and_every_file_is_a_mounted_secret(tmp_path: P
                 no_value(item)
 
     names = [d["metadata"]["name"] for _, d in manifests() if d["kind"] == "ConfigMap" and "rotator.toml" in d["data"]]
-    assert sorted(names) == ["rotator-config", "rotator-web-config"]
+    assert sorted(names) == ["rotator-config", "rotator-metrics-config", "rotator-web-config"]
     for name in names:
         data = rotator_config(name)
         no_value(data)
         files = credential_files(data)
-        assert len(files) >= 4, name
+        assert len(files) >= (4 if name == "rotator-config" else 1), name
         # Valid as it stands once each named file exists (check-config's own checks).
         text = named("ConfigMap", name)["data"]["rotator.toml"]
         for index, path in enumerate(sorted(set(files))):
@@ -331,45 +331,54 @@ def test_the_example_redis_refuses_writes_before_its_limit() -> None:
     assert 0 < redis_memory(settings["maxmemory"]) <= 0.75 * limit
 
 
-def test_the_status_page_has_its_own_read_only_identity() -> None:
-    """The page runs as its own service account (no API token), whose Vault role is the read-only
-    `rotator-web`; its config is the workers' but for that role (and its [web] section); it mounts
-    only the Secret's keys its config names (the key-service token and the fingerprint key among
-    them, never the signing key: it publishes no task), not the whole Secret; it has the memory a
-    large fleet needs."""
-    web = named("Deployment", "rotator-web")
-    pod = web["spec"]["template"]["spec"]
+def test_the_status_page_and_the_metrics_hold_nothing_that_acts() -> None:
+    """The page and the metrics run as identities of their own (no API token, no Vault role), on a
+    reader's configuration (the published view; no key-service token, no sink, no fingerprint or
+    signing key) and mount one key of the Secret: the read-only Redis user's password. Never the
+    writer's password the workers and beat use: a compromised page cannot push a task or write a
+    record. The example Redis makes exactly the ACL users docs/operations.md gives; its
+    NetworkPolicy admits rotator's pods only."""
+    from tests.test_readonly import acl_lines
+
+    readers = {"rotator-web": "rotator-web-config", "rotator-metrics": "rotator-metrics-config"}
+    writer_pods = {w["metadata"]["name"] for w in workloads()
+                   if w["metadata"]["labels"].get("app.kubernetes.io/name") == "rotator"} - set(readers)
+    assert writer_pods == {"rotator-worker", "rotator-beat"}
+    for name, config_map in readers.items():
+        pod = named("Deployment", name)["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == name and pod["automountServiceAccountToken"] is False
+        assert named("ServiceAccount", name)["automountServiceAccountToken"] is False
+        assert config_map_of(named("Deployment", name)) == config_map
+        config = rotator_config(config_map)
+        settings = _validated({**config, "state": {**config["state"], "password_file": None}})
+        assert settings.reader_only and config["state"]["redis_url"].startswith("redis://rotator-view@")
+        assert set(config) <= {"state", "view", "web"}  # no keyservice, engine, sinks or signing section
+        [credentials] = [v["secret"] for v in pod["volumes"] if "secret" in v]
+        assert [i["key"] for i in credentials["items"]] == ["redis-view-password"], name
+        assert not [v for v in pod["volumes"] if "projected" in v], name  # no Vault token
+        assert not any(m.endswith("/") for m in mounted_files(named("Deployment", name)))
+    for name in writer_pods:
+        config = rotator_config(config_map_of(named("Deployment", name)))
+        assert config["state"]["redis_url"].startswith("redis://rotator@")
+        assert config["celery"]["broker_url"].startswith("redis://rotator@")
+        assert config["view"]["publish_every_s"] > 0 and "private_key_file" in config["signing"]
     others = {w["spec"]["template"]["spec"].get("serviceAccountName") for w in workloads()
-              if w["metadata"]["name"] != "rotator-web"}
-    assert pod["serviceAccountName"] == "rotator-web" and "rotator-web" not in others
-    assert named("ServiceAccount", "rotator-web")["automountServiceAccountToken"] is False
-    assert pod["automountServiceAccountToken"] is False
+              if w["metadata"]["name"] not in readers}
+    assert not others & set(readers)
 
-    assert config_map_of(web) == "rotator-web-config"
-    ours, workers = rotator_config("rotator-web-config"), rotator_config("rotator-config")
-    assert {s["kubernetes_role"] for s in ours["sinks"] if s["kind"] == "vault"} == {"rotator-web"}
-    assert {s["kubernetes_role"] for s in workers["sinks"] if s["kind"] == "vault"} == {"rotator"}
+    [redis_container] = containers(named("StatefulSet", "redis"))
+    args = " ".join(redis_container["args"])
+    for line in acl_lines():
+        user = line.removeprefix("ACL SETUSER ")
+        user = user.replace("<writer password>", "$(REDIS_PASSWORD)").replace(
+            "<reader password>", "$(REDIS_VIEW_PASSWORD)")
+        assert f"--user {user}" in args, user
+    assert "--user default off" in args and "requirepass" not in args
+    [policy] = [d for _, d in manifests() if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "redis"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "rotator"}}}], "ports": [{"port": "redis"}]}]
 
-    def alike(config: dict[str, Any]) -> dict[str, Any]:
-        sinks = [{k: v for k, v in s.items() if k != "kubernetes_role"} for s in config["sinks"]]
-        return {**{k: v for k, v in config.items() if k not in ("web", "signing")}, "sinks": sinks}
-
-    assert alike(ours) == alike(workers)
-    assert "private_key_file" in workers["signing"] and "signing" not in ours  # the page publishes no task
-    assert ours["web"]["host"] == "127.0.0.1"
-
-    [credentials] = [v["secret"] for v in pod["volumes"] if "secret" in v]
-    assert credentials["secretName"] == "rotator-credentials"
-    items = {i["key"] for i in credentials.get("items", [])}
-    secret_dir = "/var/run/secrets/rotator/"
-    needed = {f.removeprefix(secret_dir) for f in credential_files(ours) if f.startswith(secret_dir)}
-    assert items == needed and {"keyservice-token", "fingerprint-key"} <= items and "signing-key" not in items
-    assert not any(m.endswith("/") for m in mounted_files(web))  # no whole Secret, no whole directory
-
-    [container] = containers(web)
+    [container] = containers(named("Deployment", "rotator-web"))
     assert quantity(container["resources"]["limits"]["memory"]) >= 2**30
-
     docs = (ROOT / "docs" / "kubernetes.md").read_text()
-    assert "auth/kubernetes/role/rotator-web" in docs and "bound_service_account_names=rotator-web" in docs
-    assert 'path "secret/data/rotator/*"     { capabilities = ["read"] }' in docs
-    assert 'path "secret/metadata/rotator/*" { capabilities = ["read", "list"] }' in docs
+    assert "--from-file=redis-view-password=" in docs and "auth/kubernetes/role/rotator-web" not in docs
