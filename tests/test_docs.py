@@ -64,8 +64,9 @@ def test_compose_file_is_valid() -> None:
 
 def test_compose_publishes_nothing_beyond_loopback_and_signs_its_messages() -> None:
     """No port of docker-compose.yml on all interfaces, no Flower (one more broker client that would
-    show nothing with remote control off); worker and beat sign with the key the one-shot `keys`
-    service made, and start only once it has."""
+    show nothing with remote control off), no credential in the file: the one-shot `keys` service
+    generates the signing key, the Redis password, the Vault dev token and the emulator's token;
+    Redis's default user is off; worker and beat sign with the key and start once it is made."""
     import yaml
 
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -74,7 +75,14 @@ def test_compose_publishes_nothing_beyond_loopback_and_signs_its_messages() -> N
     for name, service in services.items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), (name, port)
-    assert services["keys"]["command"][:2] == ["keys", "init"]
+    made = services["keys"]["entrypoint"][-1]
+    assert "rotator keys init /run/rotator-keys --signer fleet" in made and "umask 077" in made
+    for generated in ("redis.password", "vault-dev.token", "keyservice.token"):
+        assert generated in made
+    text = (ROOT / "docker-compose.yml").read_text()
+    for literal in ("dev-token", "VAULT_TOKEN: root", "VAULT_DEV_ROOT_TOKEN_ID:", "change-me", "--requirepass"):
+        assert literal not in text, literal  # no credential written in the file
+    assert "--user default off" in services["redis"]["command"][-1]
     for name in ("worker", "beat"):
         env = services[name]["environment"]
         assert env["ROTATOR_SIGNING__PRIVATE_KEY_FILE"].startswith("/run/rotator-keys/")
