@@ -419,9 +419,10 @@ def test_forged_and_replayed_messages_do_nothing_over_rabbitmq(
     tmp_path: Path, rabbit: Rabbit, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
     vault: VaultTestServer, keyservice: HttpKeyService,
 ) -> None:
-    """Over RabbitMQ (headers in an AMQP table, not JSON): an unsigned `rotate_key` with force and
-    a signed one whose arguments were changed are refused; a signed message rotates, and the same
-    message published again after it was consumed is refused as a replay. One reset."""
+    """Over RabbitMQ (headers in an AMQP table, not JSON): an unsigned `rotate_key` with force, an
+    unsigned `notify` and a signed `rotate_key` whose arguments were changed are refused, and a
+    broadcast `shutdown` gets no answer; a signed message rotates, and the same message published
+    again after it was consumed is refused as a replay. One reset."""
     from rotator.state import RedisState
 
     keys = due_keys(emulator)
@@ -434,12 +435,17 @@ def test_forged_and_replayed_messages_do_nothing_over_rabbitmq(
         app.conf.update(task_default_queue=rabbit.queue, broker_transport_options={"confirm_publish": True})
         seen = str(keyservice.get_key("acme-prod", keys[0]).generation)
         args = ["acme-prod", keys[0], "manual", seen]
+        worker = cluster.procs[0]
+        app.control.broadcast("shutdown", reply=False)
         with publishing_as(None):
             app.send_task("rotator.rotate_key", args=args, kwargs={"force": True})
+            app.send_task("rotator.notify", args=[0, {"event": "rotation.succeeded", "severity": "info",
+                                                      "client_id": "acme-prod", "key_id": keys[0]}])
         with publishing_as(local_signer(), tamper=lambda h, b: b[0].__setitem__(1, keys[1])):
             app.send_task("rotator.rotate_key", args=list(args))  # its own list: the tamper changes it
         state = RedisState.from_url(f"{redis_server}/0")
-        wait_for(lambda: state.refused() == {"unsigned": 1, "bad_signature": 1}, 20, "both refusals")
+        wait_for(lambda: state.refused() == {"unsigned": 2, "bad_signature": 1}, 20, "the three refusals")
+        assert worker.poll() is None  # the broadcast shutdown did nothing
         task_id = str(uuid.uuid4())
         with publishing_as(local_signer(), same_stamp=True):
             app.send_task("rotator.rotate_key", args=args, task_id=task_id)
