@@ -49,6 +49,8 @@ worker_hijack_root_logger = False
 # `revoke`, `rate_limit` or `autoscale` to every worker. `rotator health --worker` reads the
 # worker's heartbeat in the state Redis instead (rotator.heartbeat).
 worker_enable_remote_control = False
+# Messages for no task of ours, or that do not decode, are refused like forged ones (rotator.gate).
+worker_consumer = "rotator.gate:GatedConsumer"
 # rotator's log lines go to stderr with their own level; redirected, every one would be logged again
 # as a WARNING of `celery.redirected`.
 worker_redirect_stdouts = False

@@ -329,9 +329,12 @@ def _print_plan(plan: list[Any], as_json: bool, enqueue: bool) -> None:
 def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_scope: bool, reason: str,
              as_json: bool, strategy: str | None = None) -> None:
     """One rotate_key message per key to rotate, sent while the pages arrive, on one connection."""
+    from rotator.gate import signer
     from rotator.tasks import app as celery_app
     from rotator.tasks import rotate_key
 
+    me = signer()
+    actor = me.name if me is not None else engine.actor  # the identity the workers will record
     now = time.time()
     sent: list[tuple[str, str]] = []
     refused = []
@@ -348,7 +351,7 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
                 continue
             # The generation this command saw travels with it: a redelivered message for a key
             # rotated since is skipped, even with --force.
-            args = (step.ref.client_id, step.ref.key_id, "manual", step.generation, force, reason, engine.actor,
+            args = (step.ref.client_id, step.ref.key_id, "manual", step.generation, force, reason, actor,
                     include_out_of_scope, strategy)
             try:
                 sent.append((str(step.ref), rotate_key.apply_async(args, producer=producer).id))
@@ -358,7 +361,7 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
                     raise
                 failed = f"{show(step.ref)}: {lost}; {len(sent)} sent before it, the rest not sent"
                 break
-    engine.state.record({"kind": "manual", "time": now, "actor": engine.actor, "action": "enqueue",
+    engine.state.record({"kind": "manual", "time": now, "actor": actor, "action": "enqueue",
                          "keys": [k for k, _ in sent], "reason": reason})
     if failed:
         err.print(f"[red]not sent[/red] {failed}", highlight=False)

@@ -552,8 +552,14 @@ def _broker_problems(s: Settings, source: str) -> list[ConfigProblem]:
     return problems
 
 
-#: The longest countdown of a task's own retry (an alert's back-off), which a signed message waits out.
+#: The longest back-off of an alert's retry; a rotation's or a recovery's may be longer (their leases).
 LONGEST_RETRY_WAIT_S = 300
+
+
+def longest_retry_wait_s(s: Settings) -> float:
+    """The longest countdown a task's own retry waits (at the broker, on quorum queues) before it is
+    delivered with its signature: an alert's back-off, a busy rotation's, an in-doubt recovery's."""
+    return max(LONGEST_RETRY_WAIT_S, s.state.lock_ttl_s / 3, s.engine.in_doubt_horizon_s / 2)
 
 
 def _signing_problems(s: Settings, source: str) -> list[ConfigProblem]:
@@ -573,11 +579,11 @@ def _signing_problems(s: Settings, source: str) -> list[ConfigProblem]:
     c = s.celery
     wait, what = ((c.consumer_timeout_s, "celery.consumer_timeout_s") if c.broker_is_amqp()
                   else (c.visibility_timeout_s, "celery.visibility_timeout_s"))
-    if g.max_age_s <= wait + LONGEST_RETRY_WAIT_S:
+    retry = longest_retry_wait_s(s)
+    if g.max_age_s <= wait + retry:
         problems.append(ConfigProblem(source, "signing.max_age_s", (
             f"must be longer than {what} ({wait}s, after which an unacknowledged message is delivered again with its "
-            f"first signature) plus the longest retry wait ({LONGEST_RETRY_WAIT_S}s), or such a message is refused "
-            "as expired")))
+            f"first signature) plus the longest retry wait ({retry:g}s), or such a message is refused as expired")))
     return problems
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import redis
 from celery import Task, current_task
+from celery.app.amqp import AMQP
+from celery.worker.consumer import Consumer
 from celery.worker.strategy import default as default_strategy
 
 from rotator import logs
@@ -41,6 +43,11 @@ from rotator.signing import (
 )
 from rotator.state import RedisState
 
+#: What a task message's body may embed besides its arguments: anything else would land in the
+#: running task's request (Celery merges it in), over the verified stamp the actor is read from.
+EMBED_KEYS = frozenset({"callbacks", "errbacks", "chain", "chord"})
+#: Refusals that are counted and logged but raise no alert (nothing was forged).
+QUIET_REASONS = frozenset({"already_done"})
 #: The actor the audit trail records for a message nobody signed (`signing.mode` off or transition).
 UNSIGNED_ACTOR = "unsigned-message"
 ALERT_EVERY_S = 900
@@ -81,12 +88,25 @@ def signer() -> Signer | None:
     return make_signer(_settings())
 
 
-def stamp_outgoing(sender: Any = None, body: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """`before_task_publish`: sign the message about to leave this process (beat, a worker, the CLI)."""
-    me = signer()
-    if me is None or headers is None:
-        return
-    headers[HEADER] = me.stamp(headers, body, _origin(me.name), time.time())
+class SignedAMQP(AMQP):  # type: ignore[misc]
+    """Celery's message sender with every message signed on its way out (beat, a worker, the CLI).
+    Here and not in a `before_task_publish` handler: Celery logs and swallows a handler's error, so
+    a message that could not be signed would leave unsigned; here the publish itself fails."""
+
+    def _create_task_sender(self) -> Callable[..., Any]:
+        send: Callable[..., Any] = super()._create_task_sender()
+
+        def signed(producer: Any, name: str, message: Any, *args: Any, headers: dict[str, Any] | None = None,
+                   **kwargs: Any) -> Any:
+            own, _, body, _ = message
+            if headers:  # what Celery would merge in: signed with the rest
+                own.update(headers)
+            me = signer()
+            if me is not None:
+                own[HEADER] = me.stamp(own, body, _origin(me.name), time.time())
+            return send(producer, name, message, *args, **kwargs)
+
+        return signed
 
 
 def _origin(me: str) -> str:
@@ -123,25 +143,26 @@ class Gate:
 
     def admit(self, message: Any) -> Verdict:
         headers = message.headers or {}
+        try:
+            body = message.decode()
+        except Exception:
+            return Verdict(False, "malformed", detail="the body does not decode")
+        if not _plain_body(body):
+            return Verdict(False, "malformed", detail="the body is not [args, kwargs, {callbacks, errbacks, chain, "
+                                                      "chord}]")
         if HEADER not in headers and self.mode == "transition":
             self._quietly(self.state.count_unsigned_accepted)
             log.warning("message.unsigned_accepted", task=valid_name(str(headers.get("task", "?"))),
                         task_id=valid_name(str(headers.get("id", "?"))))
             return Verdict(True, actor=UNSIGNED_ACTOR)
-        if HEADER in headers:
-            try:
-                body = message.decode()
-            except Exception:
-                return Verdict(False, "malformed", detail="the body does not decode")
-        else:
-            body = None
         verdict = self.verifier.check(headers, body, time.time())
-        if verdict.accepted and self.amqp and (message.delivery_info or {}).get("redelivered"):
-            # RabbitMQ itself delivers it again: an acknowledgement sent past the consumer_timeout is
-            # dropped by the broker without an error here, so its id may be recorded. The generation
-            # check keeps this second delivery harmless.
-            return verdict
         if verdict.accepted and self._quietly(lambda: self.state.consumed(verdict.mid)):
+            if self.amqp and (message.delivery_info or {}).get("redelivered"):
+                # RabbitMQ delivers it again although its acknowledgement was sent (the broker drops one
+                # sent past its consumer_timeout without an error here): the work is done. Counted, not
+                # alerted; a client that requeues a copy it took lands here too, and runs nothing.
+                return Verdict(False, "already_done", signer=verdict.signer, mid=verdict.mid,
+                               detail="delivered again after its acknowledgement")
             return Verdict(False, "replayed", signer=verdict.signer, mid=verdict.mid,
                            detail="this message id was consumed already")
         return verdict
@@ -155,6 +176,8 @@ class Gate:
         log.error("message.refused", reason=verdict.reason, task=task,
                   task_id=valid_name(str((headers or {}).get("id", "?"))), signer=verdict.signer or None,
                   detail=verdict.detail or None)
+        if verdict.reason in QUIET_REASONS:
+            return
         slot = int(time.time() // ALERT_EVERY_S)
         if self._quietly(lambda: self.state.once(f"forged-alert:{slot}", ALERT_EVERY_S)):
             self._alert(verdict, task, slot)
@@ -168,7 +191,8 @@ class Gate:
                       error=(f"a worker refused a task message ({verdict.reason}); more within "
                              f"{ALERT_EVERY_S // 60} minutes are counted in rotator_messages_refused_total, "
                              "not alerted"),
-                      details={"reason": verdict.reason, "task": task, "signer": verdict.signer})
+                      details={"reason": verdict.reason, "task": task,
+                               "signer": verdict.signer if verdict.signer in self.verifier.trusted else ""})
         try:
             CeleryPublisher().publish(event)
         except Exception as exc:  # the refusal stands whether or not the alert goes out
@@ -220,6 +244,15 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
     return gated
 
 
+def _plain_body(body: Any) -> bool:
+    """`[args, kwargs, embed]` with nothing in the embed but callbacks, errbacks, chain and chord."""
+    if not isinstance(body, list | tuple) or len(body) != 3:
+        return False
+    args, kwargs, embed = body
+    return (isinstance(args, list | tuple) and isinstance(kwargs, dict) and isinstance(embed, dict)
+            and set(embed) <= EMBED_KEYS)
+
+
 def _record_when_settled(message: Any, mid: str, the_gate: Gate) -> None:
     """Record the message id once the broker has taken the acknowledgement (or a reject that
     drops it): an acknowledgement that fails (RabbitMQ closed the channel past its
@@ -238,6 +271,35 @@ def _record_when_settled(message: Any, mid: str, the_gate: Gate) -> None:
         return result
 
     message.ack, message.reject = acked, rejected
+
+
+class GatedConsumer(Consumer):  # type: ignore[misc]
+    """Messages Celery turns away before any task's strategy (an unknown task name, an unknown
+    format, a body that does not decode) are refused like forged ones: counted, logged without
+    their body (Celery's own lines quote it whole), alerted, dropped."""
+
+    def _refuse(self, message: Any, reason: str, detail: str) -> None:
+        the_gate = gate()
+        headers = getattr(message, "headers", None) or {}
+        if the_gate is not None:
+            the_gate.refuse(Verdict(False, reason, detail=detail), headers)
+        else:
+            log.error("message.refused", reason=reason, task=valid_name(str(headers.get("task", "?"))),
+                      detail=detail)
+        with contextlib.suppress(*self.connection_errors):
+            message.ack()
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Any) -> None:
+        self._refuse(message, "unknown_task", "no such task here")
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._refuse(message, "malformed", "not a task message")
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Any) -> None:
+        self._refuse(message, "malformed", "an invalid task message")
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._refuse(message, "malformed", f"the body does not decode ({type(exc).__name__})")
 
 
 class GatedTask(Task):  # type: ignore[misc]

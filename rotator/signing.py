@@ -41,8 +41,8 @@ SIGNED_HEADERS = ("task", "id", "eta", "expires", "retries", "group", "root_id",
 #: How far a publisher's clock may run ahead of a worker's.
 CLOCK_SKEW_S = 300.0
 #: Why a message is refused: the label values of `rotator_messages_refused_total`.
-REASONS = ("unsigned", "malformed", "unknown_signer", "bad_signature", "expired", "not_yet_valid", "replayed",
-           "origin_not_relayed")
+REASONS = ("unsigned", "malformed", "unknown_task", "unknown_signer", "bad_signature", "expired", "not_yet_valid",
+           "replayed", "already_done", "origin_not_relayed")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@._:-")
 
 

@@ -19,7 +19,7 @@ from rotator.domain import KeyRef
 from rotator.engine import Engine
 from rotator.errors import RotatorError, TransientError
 from rotator.events import LogPublisher
-from rotator.gate import actor_of, stamp_outgoing
+from rotator.gate import actor_of
 from rotator.heartbeat import Heartbeat
 from rotator.places import due_with_places
 from rotator.protocols import Event
@@ -53,9 +53,9 @@ def contained(task: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-app = Celery("rotator", task_cls="rotator.gate:GatedTask")  # every delivery passes rotator.gate
+# Every publish is signed (rotator.gate.SignedAMQP) and every delivery passes the gate (GatedTask).
+app = Celery("rotator", task_cls="rotator.gate:GatedTask", amqp="rotator.gate:SignedAMQP")
 app.config_from_object("rotator.celeryconf")
-signals.before_task_publish.connect(stamp_outgoing, weak=False)  # every publish is signed
 app.steps["consumer"].add(Heartbeat)
 log = logs.get("rotator.tasks")
 # Publishing an alert must never hold up a rotation: a broker hiccup gets two quick tries.

@@ -3,7 +3,6 @@ them, or forged in a chosen way."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,7 +10,6 @@ from typing import Any
 
 from celery import signals
 
-from rotator.gate import stamp_outgoing
 from rotator.safety import private_state_dir
 from rotator.signing import HEADER, Signer, default_name, load_or_make
 
@@ -26,10 +24,12 @@ def local_signer() -> Signer:
 
 @contextmanager
 def publishing_as(signer: Signer | None, *, origin: str | None = None, issued_at: float | None = None,
-                  same_stamp: bool = False, tamper: Tamper | None = None) -> Iterator[list[dict[str, Any]]]:
+                  same_stamp: bool = False, tamper: Tamper | None = None,
+                  prepare: Tamper | None = None) -> Iterator[list[dict[str, Any]]]:
     """Every task published in the block carries `signer`'s stamp (none with None; it replaces any
     other). `same_stamp`: a message with a task id sent before gets that message's stamp again (a
-    replay of the very same message). `tamper(headers, body)` changes the message after signing.
+    replay of the very same message). `prepare(headers, body)` changes the message before signing
+    (the signer signs whatever it holds), `tamper(headers, body)` after.
     Yields the stamps made."""
     stamps: dict[str, dict[str, Any]] = {}
     made: list[dict[str, Any]] = []
@@ -37,6 +37,8 @@ def publishing_as(signer: Signer | None, *, origin: str | None = None, issued_at
     def stamp(sender: Any = None, body: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
         assert headers is not None
         headers.pop(HEADER, None)
+        if prepare is not None:
+            prepare(headers, body)
         if signer is not None:
             task_id = str(headers.get("id"))
             if not (same_stamp and task_id in stamps):
@@ -47,12 +49,8 @@ def publishing_as(signer: Signer | None, *, origin: str | None = None, issued_at
         if tamper is not None:
             tamper(headers, body)
 
-    # rotator.tasks, once imported by a test, signs every publish of this process: not in this block.
-    signals.before_task_publish.disconnect(stamp_outgoing)
     signals.before_task_publish.connect(stamp, weak=False)
     try:
         yield made
     finally:
         signals.before_task_publish.disconnect(stamp)
-        if "rotator.tasks" in sys.modules:
-            signals.before_task_publish.connect(stamp_outgoing, weak=False)

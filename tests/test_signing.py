@@ -174,10 +174,12 @@ def test_keys_init_on_the_command_line_prints_public_keys_only(tmp_path: Path) -
 # --- the attacks, against a real worker on a real Redis broker ---------------------------------------
 
 
-def _kombu_message(task: str, args: list[Any], kwargs: dict[str, Any], queue: str = "rotator") -> bytes:
+def _kombu_message(task: str, args: list[Any], kwargs: dict[str, Any], queue: str = "rotator",
+                   embed: dict[str, Any] | None = None) -> bytes:
     """A task message made by hand, as an attacker LPUSHes it (kombu's Redis envelope, protocol 2)."""
     task_id = str(uuid.uuid4())
-    body = json.dumps([args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    body = json.dumps([args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None,
+                                      **(embed or {})}])
     return json.dumps({
         "body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
         "content-type": "application/json",
@@ -230,7 +232,9 @@ def test_no_forged_message_resets_a_key_or_sends_an_alert(
     unknown signer; a message two days old; a trusted operator signing in another's name; and the
     replay of a consumed message. None resets anything or reaches the webhook; each is counted and
     logged once, one `security.forged_message` alert goes out; then alice's signed message and the
-    CLI's `rotate --enqueue` still rotate, recorded under their signers, not the actor they claim."""
+    CLI's `rotate --enqueue` still rotate, recorded under their signers, not the actor they claim.
+    A body embedding a stamp of its own (Celery would merge it into the running task's request) and
+    a task name no worker has are refused too, and that name's free text is logged nowhere."""
     cluster, receiver, alice, keys = attacked
     cluster.worker()
     from celery import Celery
@@ -265,8 +269,18 @@ def test_no_forged_message_resets_a_key_or_sends_an_alert(
         send(keys["excluded"])
     with publishing_as(alice, origin=me.name):
         send(keys["excluded"])
+    # alice signs as herself but embeds a stamp naming someone else (Celery merges the embed into the
+    # running task's request); the same unsigned; a task name no worker has, quoting free text
+    forged_stamp = {"v": 1, "signer": "alice", "origin": "ceo-forged-actor", "iat": time.time(), "mid": "m",
+                    "sig": "x"}
+    with publishing_as(alice, prepare=lambda h, b: b[2].update(rotator_signature=forged_stamp)):
+        send(keys["due2"])
+    broker.lpush("rotator", _kombu_message("rotator.rotate_key", ["acme-prod", keys["sandbox"]], {},
+                                           embed={"rotator_signature": forged_stamp, "called_directly": True}))
+    broker.lpush("rotator", _kombu_message("rotator.rotate_keys", ["PAY-ATTACKER"], claimed))
     state = RedisState.from_url(f"redis://{conn['host']}:{conn['port']}/0")
-    expected = {"unsigned": 3, "bad_signature": 4, "unknown_signer": 1, "expired": 1, "origin_not_relayed": 1}
+    expected = {"unsigned": 3, "bad_signature": 4, "unknown_signer": 1, "expired": 1, "origin_not_relayed": 1,
+                "malformed": 2, "unknown_task": 1}
     wait_for(lambda: state.refused() == expected, 30, f"the refusals (so far {state.refused()})")
 
     # alice's own message for due1 runs under her name; the same message again is a replay
@@ -287,6 +301,8 @@ def test_no_forged_message_resets_a_key_or_sends_an_alert(
     assert reset_counts(emulator) == {keys["due1"]: 1, keys["due2"]: 1}  # nothing else was ever reset
 
     rotations = {h["key_id"]: h for h in state.history(100) if h.get("kind") == "rotation"}
+    [enqueued] = [h for h in state.history(100) if h.get("action") == "enqueue"]
+    assert enqueued["actor"] == me.name  # the CLI's own entry names the signer too
     assert rotations[keys["due1"]]["actor"] == "alice"  # not the actor her message claims
     assert "alice-claims-ceo" not in json.dumps(state.history(100))
     assert rotations[keys["due2"]]["actor"] == me.name
@@ -388,3 +404,63 @@ def test_a_process_with_an_unreadable_key_refuses_to_start(tmp_path: Path, redis
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert re.search(r"no signing key: .*beat\.ed25519 is not an unencrypted PEM private key", done.stderr), done.stderr
+
+
+class _Delivered:
+    """What the gate reads of a delivered message: headers, the decoded body, the delivery info."""
+
+    def __init__(self, headers: dict[str, Any], body: Any, redelivered: bool = False) -> None:
+        self.headers, self._body = _as_delivered(headers, body)
+        self.delivery_info = {"redelivered": redelivered}
+
+    def decode(self) -> Any:
+        return self._body
+
+
+def test_a_consumed_message_is_never_run_again_even_when_rabbitmq_says_redelivered(redis_server: str) -> None:
+    """RabbitMQ sets `redelivered` itself, but a client that may consume can take a copy and requeue
+    it to get the flag: a consumed id stays refused (quietly, as `already_done`, when the broker
+    marks it redelivered: RabbitMQ drops an acknowledgement sent past its consumer_timeout)."""
+    from rotator.gate import Gate
+
+    me = _signer("worker-a")
+    settings = _settings({}, broker_url="amqp://rotator@127.0.0.1:5672/rotator")
+    state = RedisState.from_url(f"{redis_server}/0", "gate-test")
+    gate = Gate(settings, me, state)
+    headers = {**HEADERS, HEADER: me.stamp(HEADERS, BODY, me.name, time.time())}
+    first = gate.admit(_Delivered(headers, BODY))
+    assert first.accepted
+    gate.consumed(first.mid)
+    assert gate.admit(_Delivered(headers, BODY)).reason == "replayed"
+    assert gate.admit(_Delivered(headers, BODY, redelivered=True)).reason == "already_done"
+    embedded = (BODY[0], BODY[1], {**BODY[2], HEADER: {"origin": "ceo"}})
+    signed_embed = {**HEADERS, HEADER: me.stamp(HEADERS, embedded, me.name, time.time())}
+    assert gate.admit(_Delivered(signed_embed, embedded)).reason == "malformed"
+
+
+def test_a_message_that_cannot_be_signed_is_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signing happens in the sender itself, not in a signal handler (whose error Celery swallows):
+    a publisher whose key fails sends nothing and says so."""
+    from celery import Celery
+
+    import rotator.gate as gate
+
+    app = Celery("t", broker="memory://", amqp="rotator.gate:SignedAMQP")
+
+    def broken() -> Signer:
+        raise OSError("the key file went away")
+
+    monkeypatch.setattr(gate, "signer", broken)
+    with pytest.raises(OSError, match="went away"):
+        app.send_task("rotator.rotate_key", args=["acme-prod", "key_1"])
+    monkeypatch.setattr(gate, "signer", lambda: _signer("beat"))
+    with app.connection_for_write() as conn, conn.SimpleQueue("celery") as queue:
+        app.send_task("rotator.rotate_key", args=["acme-prod", "key_1"])
+        assert queue.get(timeout=5).headers[HEADER]["signer"] == "beat"
+
+
+def test_the_lifetime_covers_the_longest_retry_wait() -> None:
+    with pytest.raises(ConfigError, match=r"longest retry wait \(1000s\)"):
+        settings_from_mapping({"keyservice": {"kind": "emulator"}, "engine": {"fingerprint_key_env": "FP"},
+                               "sinks": [{"kind": "memory"}], "state": {"lock_ttl_s": 3000},
+                               "signing": {"max_age_s": 4500}}, environ={"FP": "x" * 32})
