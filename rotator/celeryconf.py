@@ -72,4 +72,6 @@ beat_schedule = {
     "warn_due_soon": {"task": "rotator.warn_due_soon", "schedule": float(_c.warn_every_s)},
 }
 if _settings.view.publish_every_s:
-    beat_schedule["publish_view"] = {"task": "rotator.publish_view", "schedule": float(_settings.view.publish_every_s)}
+    # One not started within its interval is dropped: the next one is as good.
+    beat_schedule["publish_view"] = {"task": "rotator.publish_view", "schedule": float(_settings.view.publish_every_s),
+                                     "options": {"expires": float(_settings.view.publish_every_s)}}

@@ -141,6 +141,7 @@ def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     from rotator.scan import scan as run_scan
 
     settings = settings_or_exit(config)
+    _need_full(settings)
     with errors_exit():
         service = build_keyservice(settings.keyservice)
         try:

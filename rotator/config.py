@@ -494,6 +494,10 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
     problems += _broker_problems(s, source)
     problems += _signing_problems(s, source)
+    if s.celery.queue.startswith(f"{s.state.namespace}:"):
+        problems.append(ConfigProblem(source, "celery.queue", (
+            f"starts with state.namespace and ':' ({s.state.namespace}:), the key pattern of the read-only Redis "
+            "user: its task messages would be readable by the status page's user; pick another name")))
     for index, sink in enumerate(s.sinks):
         for key, reason in registry.check(sink.kind, sink.options, env):
             problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))

@@ -24,9 +24,10 @@ def view_problem(settings: Settings) -> str | None:
     try:
         client = redis.Redis.from_url(settings.state.url(), socket_timeout=PING_TIMEOUT_S,
                                       socket_connect_timeout=PING_TIMEOUT_S)
-        view.read(RedisState(client, settings.state.namespace))
-    except RotatorError as exc:
-        return str(exc)
+        state = RedisState(client, settings.state.namespace)
+        if not client.exists(state._k(view.VIEW_KEY)):
+            return ("the workers have published no fleet view (or not within three intervals): "
+                    "view.publish_every_s must be above 0 for beat and the workers, and they must be running")
     except redis.RedisError as exc:
         return f"{type(exc).__name__}: the view could not be read"
     return None

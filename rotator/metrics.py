@@ -14,13 +14,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from rotator import view
 from rotator.config import Settings
-from rotator.errors import TransientError
 from rotator.scan import ScanRow, scan
 from rotator.signing import REASONS
 from rotator.state import DURATION_BUCKETS, RedisState
 from rotator.view import Gauge, key_gauges
-from rotator.view import read as read_view
 
 LABELS = ["client_id", "key_id", "alias", "environment"]
 
@@ -38,11 +37,7 @@ class RotatorCollector:
         """The key gauges: from the view the workers published (`view.source = "published"`: this
         process holds no token; none while nothing is published), else from a scan of its own."""
         if self.settings.view.published:
-            try:
-                view = read_view(self.state)
-            except TransientError:
-                return {"born": [], "due": [], "revoke": []}, None
-            return view["gauges"], float(view["published_at"])
+            return view.gauges(self.state), view.published_at(self.state)
         return key_gauges(self._scan(), self.state, self.settings.policy.overlap_grace_s,
                           self.settings.keyservice.delete_after_s), None
 
@@ -100,11 +95,11 @@ class RotatorCollector:
                                   "Unsigned task messages run in signing.mode = transition.",
                                   value=self.state.unsigned_accepted())
         if self.settings.view.published:
-            view = GaugeMetricFamily("rotator_view_published_timestamp_seconds",
-                                     "When the workers last published the fleet view these key gauges come from.")
+            stamp = GaugeMetricFamily("rotator_view_published_timestamp_seconds",
+                                      "When the workers last published the fleet view these key gauges come from.")
             if published_at is not None:
-                view.add_metric([], published_at)
-            yield view
+                stamp.add_metric([], published_at)
+            yield stamp
         last = GaugeMetricFamily("rotator_last_scan_timestamp_seconds", "When the last scheduled scan ran.")
         if m["last_scan"] is not None:
             last.add_metric([], m["last_scan"])

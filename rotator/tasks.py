@@ -182,10 +182,16 @@ def publish_view() -> dict[str, Any]:
     from rotator.runtime import build_state
 
     state = build_state(s)
+    ttl_s = max(3 * s.view.publish_every_s, 600)
+    lease = state.acquire("view-publish", ttl_s)  # a publication slower than the interval: never two at once
+    if lease is None:
+        state.client.close()
+        return {"skipped": "a publication is still running"}
     try:
-        return view.publish(eng, state, s.policy.overlap_grace_s, s.keyservice.delete_after_s,
-                            ttl_s=max(3 * s.view.publish_every_s, 600))
+        with lease.kept_alive():
+            return view.publish(eng, state, s.policy.overlap_grace_s, s.keyservice.delete_after_s, ttl_s=ttl_s)
     finally:
+        lease.release()
         state.client.close()
 
 

@@ -21,6 +21,9 @@ from rotator.scan import ScanRow, scan
 from rotator.state import RedisState
 
 VIEW_KEY = "view"
+GAUGES_KEY = "view:gauges"
+#: When the last view was published: kept after the view expires, so a stale view stays visible.
+PUBLISHED_KEY = "view:published_at"
 HISTORY = 50
 #: A metric gauge: its labels and a value (a key's age is published as its birth, so it keeps growing).
 Gauge = tuple[list[str], float]
@@ -52,10 +55,29 @@ def publish(engine: Engine, state: RedisState, overlap_grace_s: float, delete_af
     now = time.time()
     rows = list(scan(engine.keyservice, engine.policy, now, engine.clients))
     view = {"published_at": now, "warn_before_days": engine.policy.warn_before_days,
-            "report": status_report(engine, history=HISTORY, now=now, rows=rows),
-            "gauges": key_gauges(rows, state, overlap_grace_s, delete_after_s)}
-    state.client.set(state._k(VIEW_KEY), json.dumps(view), ex=max(60, ttl_s))
+            "report": status_report(engine, history=HISTORY, now=now, rows=rows)}
+    gauges = {"published_at": now, **key_gauges(rows, state, overlap_grace_s, delete_after_s)}
+    pipe = state.client.pipeline(transaction=True)
+    pipe.set(state._k(VIEW_KEY), json.dumps(view), ex=max(60, ttl_s))
+    pipe.set(state._k(GAUGES_KEY), json.dumps(gauges), ex=max(60, ttl_s))
+    pipe.set(state._k(PUBLISHED_KEY), now)
+    pipe.execute()
     return {"keys": len(rows), "published_at": now}
+
+
+def published_at(state: RedisState) -> float | None:
+    """When the workers last published a view (None: never), whether or not it has expired since."""
+    raw = state.client.get(state._k(PUBLISHED_KEY))
+    return float(raw) if raw is not None else None
+
+
+def gauges(state: RedisState) -> dict[str, list[Gauge]]:
+    """The key gauges of the last view; none once it has expired (the workers stopped publishing)."""
+    raw = state.client.get(state._k(GAUGES_KEY))
+    if raw is None:
+        return {"born": [], "due": [], "revoke": []}
+    found: dict[str, list[Gauge]] = json.loads(raw)
+    return found
 
 
 def read(state: RedisState) -> dict[str, Any]:
@@ -68,9 +90,9 @@ def read(state: RedisState) -> dict[str, Any]:
     return view
 
 
-def report(state: RedisState, history: int) -> dict[str, Any]:
-    """The published report, with the audit trail and attempts as Redis has them now."""
-    view = read(state)
+def report(state: RedisState, history: int, view: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The published report (of `view`, read when not given), with the audit trail as Redis has it now."""
+    view = read(state) if view is None else view
     result = {**view["report"], "published_at": view["published_at"]}
     result["history"] = state.history(history) if history > 0 else []
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tomllib
@@ -77,12 +78,20 @@ def test_compose_publishes_nothing_beyond_loopback_and_signs_its_messages() -> N
             assert str(port).startswith("127.0.0.1:"), (name, port)
     made = services["keys"]["entrypoint"][-1]
     assert "rotator keys init /run/rotator-keys --signer fleet" in made and "umask 077" in made
-    for generated in ("redis.password", "vault-dev.token", "keyservice.token"):
+    for generated in ("redis.password", "redis-view.password", "vault-dev.token", "keyservice.token"):
         assert generated in made
     text = (ROOT / "docker-compose.yml").read_text()
     for literal in ("dev-token", "VAULT_TOKEN: root", "VAULT_DEV_ROOT_TOKEN_ID:", "change-me", "--requirepass"):
         assert literal not in text, literal  # no credential written in the file
-    assert "--user default off" in services["redis"]["command"][-1]
+    redis_command = services["redis"]["command"][-1]
+    assert "--user default off" in redis_command
+    from tests.test_readonly import acl_lines
+
+    for line in acl_lines():  # the users docs/operations.md gives, with the generated passwords
+        name, rest = line.removeprefix("ACL SETUSER ").split(" ", 1)
+        rules = re.sub(r"^on ><[^>]*> ", "", rest)
+        assert f"--user {name} on" in redis_command and rules.replace("~*", "'~*'").replace(
+            "&*", "'&*'").replace("~rotator:*", "'~rotator:*'") in redis_command, name
     for name in ("worker", "beat"):
         env = services[name]["environment"]
         assert env["ROTATOR_SIGNING__PRIVATE_KEY_FILE"].startswith("/run/rotator-keys/")

@@ -374,6 +374,8 @@ def test_the_status_page_and_the_metrics_hold_nothing_that_acts() -> None:
             "<reader password>", "$(REDIS_VIEW_PASSWORD)")
         assert f"--user {user}" in args, user
     assert "--user default off" in args and "requirepass" not in args
+    namespace = rotator_config("rotator-config")["state"].get("namespace", "rotator")
+    assert f"~{namespace}:* " in args  # the reader's key pattern is the workers' state namespace
     [policy] = [d for _, d in manifests() if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "redis"]
     assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {
         "app.kubernetes.io/name": "rotator"}}}], "ports": [{"port": "redis"}]}]

@@ -130,10 +130,16 @@ source = "published"
         assert 'rotator_rotations_total{result="succeeded"} 1.0' in scraped
         assert "rotator_view_published_timestamp_seconds " in scraped
 
-        for probe in (["health"], ["check-config", "--ping"]):  # the pod's readiness: Redis and the view
+        for probe, line in ((["health"], "ok   state redis"), (["check-config", "--ping"], "ok   fleet view")):
             checked = subprocess.run([sys.executable, "-m", "rotator.cli", *probe, "--config", str(reader_config)],
                                      env=reader_env, capture_output=True, text=True, timeout=60)
-            assert checked.returncode == 0 and "ok   fleet view" in checked.stderr, checked.stderr
+            assert checked.returncode == 0 and line in checked.stderr and "broker" not in checked.stderr, (
+                checked.stderr)
+        # The workers stop publishing and the view expires: the key gauges go, when it was published stays.
+        cluster.stop()
+        admin.delete("rotator:view", "rotator:view:gauges")
+        stale = get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert "rotator_key_age_seconds{" not in stale and "rotator_view_published_timestamp_seconds " in stale
         refused_worker = subprocess.run([sys.executable, "-m", "rotator.cli", "worker", "--config",
                                          str(reader_config)], env=reader_env, capture_output=True, text=True,
                                         timeout=60)

@@ -142,9 +142,9 @@ class PublishedSource(CachedSource):
         self._warn_days = 14
 
     def report(self) -> dict[str, Any]:
-        report = view.report(self.state, self.history)
-        self._warn_days = int(view.read(self.state).get("warn_before_days", self._warn_days))
-        return report
+        published = view.read(self.state)
+        self._warn_days = int(published.get("warn_before_days", self._warn_days))
+        return view.report(self.state, self.history, published)
 
     def key(self, ref: KeyRef) -> dict[str, Any]:
         return view.key_report(self.state, ref, self.history_max)
