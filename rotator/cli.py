@@ -214,8 +214,10 @@ def _need_full(settings: Settings) -> None:
 def _engine(settings: Settings) -> Engine:
     """An engine for a command run by a person: its events reach the alert channels via the workers."""
     from rotator.runtime import build_engine
+    from rotator.safety import no_core_dumps
 
     _need_full(settings)
+    no_core_dumps()  # `rotate --apply` and `reconcile --repair` hold a new secret in this process
     if settings.alerts:
         from rotator.tasks import CeleryPublisher
 
@@ -501,6 +503,11 @@ def _celery(argv: list[str]) -> None:
 
     _need_full(settings())
     _need_signer(settings())
+    from rotator.safety import no_core_dumps
+
+    missed = no_core_dumps()  # a crash must not write the secrets in memory to disk
+    if missed:
+        logs.get("rotator.cli").warning("core_dumps.not_off", missed=missed)
     me = signer()
     if me is None:
         logs.get("rotator.gate").warning("signing.off", why="signing.mode is off: any broker client can order a reset")

@@ -183,3 +183,31 @@ def shown_path(path: Path) -> str:
     if ("/" in text and not any(len(part) >= 20 for part in text.split("/"))) or plain_name:
         return f"the file {excerpt(text)}"
     return "the file named there (not shown: it does not look like a path, it may be a pasted credential)"
+
+
+def no_core_dumps() -> list[str]:
+    """Keep the secrets this process holds out of core files: RLIMIT_CORE 0 and, on Linux, not
+    dumpable (no core, no ptrace by other users' processes). Inherited by forked children (Celery's
+    pool). Returns what could not be set, for a log line; never raises."""
+    import ctypes
+    import resource
+    import sys
+
+    missed: list[str] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        missed.append(f"RLIMIT_CORE ({type(exc).__name__})")
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+                missed.append(f"PR_SET_DUMPABLE (errno {ctypes.get_errno()})")
+        except (OSError, AttributeError) as exc:
+            missed.append(f"PR_SET_DUMPABLE ({type(exc).__name__})")
+    return missed
+
+
+#: prctl(2) options.
+PR_SET_DUMPABLE: Final = 4
+PR_GET_DUMPABLE: Final = 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -348,6 +349,8 @@ def test_a_broker_client_can_neither_stop_nor_steer_the_workers(
     cluster, keys = world
     worker = cluster.worker()
     wait_for(lambda: cluster.cli("health", "--worker").returncode == 0, 20, "the worker's heartbeat")
+    # and it writes no core file (rotator.safety.no_core_dumps at start; its pool inherits it)
+    assert re.search(r"Max core file size\s+0\s+0\s", Path(f"/proc/{worker.pid}/limits").read_text())
     from celery import Celery
 
     attacker = Celery(broker=cluster.broker_url)

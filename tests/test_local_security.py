@@ -194,3 +194,26 @@ def test_webhook_timestamp_window_is_300_seconds_either_way() -> None:
     ts = NOW - 1000
     assert not verify_signature("k", str(ts), body, sign("k", ts, body), now=NOW, tolerance_s=3600)
     assert verify_signature("k", str(int(time.time())), body, sign("k", int(time.time()), body))
+
+
+def test_a_process_that_holds_secrets_writes_no_core_file() -> None:
+    """`no_core_dumps` (called by worker, beat, run and every command that builds an engine): the
+    core-file limit is 0 and, on Linux, the process is not dumpable; a forked child (Celery's pool)
+    keeps both. A crash of that child writes no core."""
+    script = """
+import ctypes, os, resource, signal, sys
+from rotator.safety import PR_GET_DUMPABLE, no_core_dumps
+assert no_core_dumps() == []
+libc = ctypes.CDLL(None, use_errno=True)
+pid = os.fork()
+if pid == 0:
+    ok = resource.getrlimit(resource.RLIMIT_CORE) == (0, 0) and libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
+    os.write(1, b"child " + (b"ok" if ok else b"dumpable") + b"\\n")
+    os.kill(os.getpid(), signal.SIGSEGV)
+_, status = os.waitpid(pid, 0)
+print("parent", resource.getrlimit(resource.RLIMIT_CORE), libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0),
+      "core" if os.WCOREDUMP(status) else "no core", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["child ok", "parent (0, 0) 0 no core"], done.stdout
