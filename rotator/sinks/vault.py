@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions as hx
@@ -84,6 +85,27 @@ class _Prepared:
     current: StoredState | None
     known: bool = False  # the path has metadata: Vault writes it with `update`
     used: bool = False
+
+
+class SameOriginSession(requests.Session):
+    """Follows a redirect only within Vault's own origin. requests strips `Authorization` on a
+    redirect to another host but keeps `X-Vault-Token`, and a 307/308 resends the body: a write
+    redirected elsewhere would hand over the token and the secret. Refused before anything is sent."""
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        if _origin(prepared_request.url) != _origin(response.request.url):
+            there = _origin(prepared_request.url)
+            raise PermanentError(
+                f"Vault answered {response.status_code} redirecting to another origin ({there[0]}://{there[1]}:"
+                f"{there[2]}); rotator does not send its token or a secret there: point the sink's url at the "
+                "active node or at a load balancer in front of the cluster")
+        super().rebuild_auth(prepared_request, response)
+
+
+def _origin(url: str | bytes | None) -> tuple[str, str, int]:
+    parts = urlsplit(url.decode() if isinstance(url, bytes) else str(url or ""))
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
 
 
 class VaultSink:
@@ -337,7 +359,8 @@ class VaultSink:
         self.close()
         c = self.config
         verify: bool | str = str(c.ca_bundle) if c.ca_bundle else True
-        client = hvac.Client(url=str(c.url).rstrip("/"), namespace=c.namespace, verify=verify, timeout=c.timeout_s)
+        client = hvac.Client(url=str(c.url).rstrip("/"), namespace=c.namespace, verify=verify, timeout=c.timeout_s,
+                             session=SameOriginSession())
         answer: Any = None
         if c.auth == "token":
             client.token = read_credential(c.token_env, c.token_file, "vault token")
