@@ -359,7 +359,8 @@ class AlertConfig(Section):
     min_severity: Literal["info", "warning", "error", "critical"] = Field(
         "info", description="Send only events at least this severe."
     )
-    secret_env: EnvName | None = Field(None, description="Signed webhook: the HMAC key variable.")
+    secret_env: EnvName | None = Field(None, description="Signed webhook: the variable holding its secret.")
+    secret_file: Path | None = Field(None, description="Signed webhook: the file holding its secret.")
     dedupe_window_s: int = Field(
         86_400, ge=0, description="The same event for the same key is not repeated within this."
     )
@@ -510,13 +511,16 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
                     f"{template!r} names the key id, which changes with every rotation ({why}): consumers "
                     f"would not find the successor's secret; use {{alias}}, e.g. {suggestion!r}")))
     for index, alert in enumerate(s.alerts):
-        if alert.secret_env and not env.get(alert.secret_env):
-            reason = f"{variable_named(alert.secret_env)} is not set"
-            problems.append(ConfigProblem(source, f"alerts[{index}].secret_env", reason))
         key = f"alerts[{index}]"
+        if alert.secret_file is not None:
+            need(f"{key}.secret_env", None, alert.secret_file, "webhook secret")
+        elif alert.secret_env and not env.get(alert.secret_env):
+            reason = f"{variable_named(alert.secret_env)} is not set"
+            problems.append(ConfigProblem(source, f"{key}.secret_env", reason))
         if alert.url.startswith("webhook+"):
-            if not alert.secret_env:
-                problems.append(ConfigProblem(source, f"{key}.secret_env", "a signed webhook needs secret_env"))
+            if not alert.secret_env and alert.secret_file is None:
+                problems.append(ConfigProblem(source, f"{key}.secret_env",
+                                              "a signed webhook needs secret_env or secret_file"))
             if not alert.url.removeprefix("webhook+").startswith(("http://", "https://")):
                 problems.append(ConfigProblem(source, f"{key}.url", "a signed webhook is webhook+http(s)://…"))
         elif not _apprise_understands(alert.url):

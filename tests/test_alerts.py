@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from rotator.config import settings_from_mapping
 from rotator.domain import KeyRef
 from rotator.embedded import free_port
 from rotator.engine import Engine
-from rotator.errors import TransientError
+from rotator.errors import PermanentError, TransientError
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice.emulator import Emulator, Fault
 from rotator.keyservice.http import HttpKeyService
@@ -51,6 +52,62 @@ def test_signed_webhook_verifies_and_tampering_is_detected(receiver: Receiver) -
     assert not verify_signature(HOOK_SECRET, ts, got.body.replace(b"key_1", b"key_2"), sig)
     assert not verify_signature("another-secret", ts, got.body, sig)
     assert not verify_signature(HOOK_SECRET, ts, got.body, sig, now=int(ts) + 3600)
+
+
+def test_the_webhook_verifies_with_a_standard_webhooks_library(receiver: Receiver) -> None:
+    """An independent implementation of Standard Webhooks (the `standardwebhooks` package) verifies
+    the request with the secret's bytes, or the same as `whsec_<base64>`; a changed body, id or
+    timestamp fails; a retry of one delivery has the same `webhook-id`, another delivery another."""
+    import base64
+
+    from standardwebhooks import Webhook
+    from standardwebhooks.webhooks import WebhookVerificationError
+
+    hook = SignedWebhook(f"webhook+{receiver.url}/hook", HOOK_SECRET)
+    hook.send(EVENT)
+    hook.send(EVENT)  # a retry of the same delivery
+    hook.send(replace(EVENT, time=EVENT.time + 1))
+    first, retry, other = receiver.wait_for(3)
+    for secret in (HOOK_SECRET.encode(), "whsec_" + base64.b64encode(HOOK_SECRET.encode()).decode()):
+        assert Webhook(secret).verify(first.body, first.headers)["event"] == "rotation.failed"
+    assert first.headers["webhook-id"] == retry.headers["webhook-id"] != other.headers["webhook-id"]
+    verifier = Webhook(HOOK_SECRET.encode())
+    for headers, body in (({**first.headers}, first.body.replace(b"key_1", b"key_2")),
+                          ({**first.headers, "webhook-id": other.headers["webhook-id"]}, first.body),
+                          ({**first.headers, "webhook-timestamp": str(int(first.headers["webhook-timestamp"]) - 1)},
+                           first.body)):
+        with pytest.raises(WebhookVerificationError):
+            verifier.verify(body, headers)
+    whsec = "whsec_" + base64.b64encode(b"\x00\x01binary-key").decode()  # a secret made for such libraries
+    SignedWebhook(f"webhook+{receiver.url}/hook", whsec).send(EVENT)
+    assert Webhook(whsec).verify(receiver.wait_for(4)[3].body, receiver.received[3].headers)
+
+
+def test_only_a_2xx_answer_is_a_delivery(receiver: Receiver) -> None:
+    """A redirect (not followed) or any other answer outside 2xx is no delivery."""
+    receiver.answers = [302]
+    with pytest.raises(PermanentError, match="302 .only a 2xx answer is a delivery"):
+        SignedWebhook(f"webhook+{receiver.url}/hook", HOOK_SECRET).send(EVENT)
+
+
+def test_the_webhook_secret_may_come_from_a_file(tmp_path: Any, receiver: Receiver) -> None:
+    from standardwebhooks import Webhook
+
+    from rotator.alerts.dispatch import routes
+    from rotator.errors import ConfigError
+
+    def config(secret_file: Any) -> Any:
+        return settings_from_mapping({
+            "keyservice": {"kind": "emulator"}, "engine": {"fingerprint_key_env": "FP"}, "sinks": [{"kind": "memory"}],
+            "alerts": [{"url": f"webhook+{receiver.url}/hook", "secret_file": str(secret_file)}]},
+            environ={"FP": "x" * 32})
+
+    with pytest.raises(ConfigError, match=r"alerts\[0\]\.secret_file: webhook secret: .* does not exist"):
+        config(tmp_path / "missing")
+    (tmp_path / "hook.secret").write_text(HOOK_SECRET + "\n")
+    routes(config(tmp_path / "hook.secret"))[0].notifier().send(EVENT)
+    got = receiver.wait_for(1)[0]
+    assert Webhook(HOOK_SECRET.encode()).verify(got.body, got.headers)["key_id"] == "key_1"
 
 
 def test_webhook_5xx_is_transient(receiver: Receiver) -> None:

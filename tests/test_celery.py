@@ -332,6 +332,9 @@ events = ["rotation.succeeded"]
             got = receiver.wait_for(1, timeout=60)[0]
             assert got.json()["event"] == "rotation.succeeded" and got.json()["key_id"] == key_id
             assert verify_signature("hook-secret-1", got.headers[TIMESTAMP_HEADER], got.body, got.headers[SIGNATURE_HEADER])
+            from standardwebhooks import Webhook  # the worker's real request, by an independent implementation
+
+            assert Webhook(b"hook-secret-1").verify(got.body, got.headers)["key_id"] == key_id
             assert receiver.answers == []  # both failures were really retried through
             assert emulator.current_secret("acme-prod", key_id).encode() not in got.body
         finally:

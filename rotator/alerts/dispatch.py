@@ -27,7 +27,8 @@ class Route:
         if self.config.url.startswith("webhook+"):
             from rotator.alerts.webhook import SignedWebhook
 
-            return SignedWebhook(self.config.url, read_credential(self.config.secret_env, None, "webhook secret"))
+            secret = read_credential(self.config.secret_env, self.config.secret_file, "webhook secret")
+            return SignedWebhook(self.config.url, secret)
         from rotator.alerts.apprise_notifier import AppriseNotifier
 
         return AppriseNotifier(self.config.url)

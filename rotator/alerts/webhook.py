@@ -1,12 +1,19 @@
-"""A signed JSON webhook of our own, and the check a receiver runs.
+"""A signed JSON webhook, by the Standard Webhooks scheme (https://www.standardwebhooks.com).
 
-Each POST carries `X-Rotator-Timestamp` (Unix seconds) and `X-Rotator-Signature: v1=<hex>`, the
-HMAC-SHA256 with the shared secret over `"<timestamp>.<raw body>"`. A receiver recomputes it,
-compares in constant time, and refuses a timestamp older than a few minutes (replays).
+Each POST carries `webhook-id` (the same for every retry of one delivery, so a receiver can drop
+a replay or a duplicate), `webhook-timestamp` (Unix seconds) and `webhook-signature: v1,<base64>`,
+the HMAC-SHA256 over `"<id>.<timestamp>.<raw body>"`. Receivers verify it with any Standard
+Webhooks library: the key is the secret's bytes (a `whsec_<base64>` secret: the decoded bytes).
+For the receivers of earlier releases the request also carries their scheme, `X-Rotator-Timestamp`
+and `X-Rotator-Signature: v1=<hex>` over `"<timestamp>.<raw body>"` (`verify_signature`).
+`X-Rotator-Event` only names the event for routing; the signed body's `event` is the one to trust.
+Only a 2xx answer counts as delivered.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -26,7 +33,35 @@ MAX_TOLERANCE_S = 300
 _TIMESTAMP_RE = re.compile(r"0|[1-9][0-9]{0,11}")
 
 
+WEBHOOK_ID = "webhook-id"
+WEBHOOK_TIMESTAMP = "webhook-timestamp"
+WEBHOOK_SIGNATURE = "webhook-signature"
+SECRET_PREFIX = "whsec_"
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of the Standard Webhooks signature: a `whsec_<base64>` secret's decoded bytes,
+    any other secret's UTF-8 bytes (its receiver passes `whsec_` + base64 of it to a library)."""
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret.removeprefix(SECRET_PREFIX) + "==")
+        except (binascii.Error, ValueError):
+            raise PermanentError("a webhook secret starting with whsec_ must be base64 after it") from None
+    return secret.encode()
+
+
+def message_id(body: bytes) -> str:
+    """One delivery's id: the same for each retry of it (the body, with the event's time, is)."""
+    return "msg_" + hashlib.sha256(body).hexdigest()[:32]
+
+
+def standard_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
 def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The earlier releases' signature (`X-Rotator-Signature`), still sent beside the standard one."""
     mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return "v1=" + mac.hexdigest()
 
@@ -46,11 +81,12 @@ def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, *
 
 
 class SignedWebhook:
-    """`webhook+https://host/path` in the config; the secret comes from `secret_env`."""
+    """`webhook+https://host/path` in the config; the secret comes from `secret_env` or `secret_file`."""
 
     def __init__(self, url: str, secret: str, timeout_s: float = 10.0) -> None:
         self.url = url.removeprefix("webhook+")
         self._secret = secret
+        self._key = signing_key(secret)
         self._timeout_s = timeout_s
 
     def describe(self) -> str:
@@ -59,9 +95,11 @@ class SignedWebhook:
     def send(self, event: Event) -> None:
         body = json.dumps(event.to_dict(), sort_keys=True, separators=(",", ":")).encode()
         ts = int(time.time())
-        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: str(ts),
-                   SIGNATURE_HEADER: sign(self._secret, ts, body), EVENT_HEADER: event.name,
-                   "User-Agent": "rotator"}
+        msg_id = message_id(body)
+        headers = {"Content-Type": "application/json", WEBHOOK_ID: msg_id, WEBHOOK_TIMESTAMP: str(ts),
+                   WEBHOOK_SIGNATURE: standard_signature(self._key, msg_id, ts, body),
+                   TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: sign(self._secret, ts, body),
+                   EVENT_HEADER: event.name, "User-Agent": "rotator"}
         try:
             answer = httpx.post(self.url, content=body, headers=headers, timeout=self._timeout_s)
         except httpx.TimeoutException:
@@ -72,3 +110,6 @@ class SignedWebhook:
             raise TransientError(f"{self.describe()}: {answer.status_code}")
         if answer.status_code >= 400:
             raise PermanentError(f"{self.describe()}: {answer.status_code}")
+        if not 200 <= answer.status_code < 300:  # a redirect is not followed: the event did not arrive
+            raise PermanentError(f"{self.describe()}: {answer.status_code} (only a 2xx answer is a delivery; a "
+                                 "redirect is not followed: give the URL it points to)")
