@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from rotator import view
@@ -21,7 +21,8 @@ from rotator.signing import REASONS
 from rotator.state import DURATION_BUCKETS, RedisState
 from rotator.view import Gauge, key_gauges
 
-LABELS = ["client_id", "key_id", "alias", "environment"]
+#: Ids only: an alias is free text from the key service (unbounded, and anything at all in a label).
+LABELS = ["client_id", "key_id", "environment"]
 
 
 class RotatorCollector:
@@ -107,9 +108,37 @@ class RotatorCollector:
 
 
 def serve(settings: Settings, port: int, host: str = "127.0.0.1", cache_s: float = 30.0) -> Any:
-    """Start the endpoint in a background thread (on 127.0.0.1 unless told otherwise); returns the server."""
+    """Start the endpoint in a background thread (on 127.0.0.1 unless told otherwise); returns the
+    server. Bound to loopback, it answers only to a loopback Host (421 otherwise), like the status
+    page, so a web page elsewhere cannot read it through DNS rebinding."""
+    import socket
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
     from rotator.runtime import build_state
+    from rotator.web.guard import host_name, is_loopback
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RotatorCollector(settings, build_state(settings), cache_s))
-    return start_http_server(port, addr=host, registry=registry)
+    app = make_wsgi_app(registry)
+    loopback_only = is_loopback(host)
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        if loopback_only and not is_loopback(host_name(environ.get("HTTP_HOST", ""))):
+            start_response("421 Misdirected Request", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"this endpoint answers only to a loopback Host\n"]
+        return app(environ, start_response)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    httpd = make_server(host, port, guarded, Server, handler_class=Quiet)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd

@@ -35,7 +35,7 @@ def key_gauges(rows: list[ScanRow], state: RedisState, overlap_grace_s: float,
     gauges: dict[str, list[Gauge]] = {"born": [], "due": [], "revoke": []}
     successors = {(r.key.client_id, r.key.key_id): r.key for r in rows if r.key.replaces is not None}
     for row in rows:
-        labels = [row.key.client_id, row.key.key_id, row.key.alias, row.key.environment.value]
+        labels = [row.key.client_id, row.key.key_id, row.key.environment.value]
         successor = successors.get((row.key.client_id, str(row.key.replaced_by)))
         if row.key.replaced_by is not None and successor is not None:
             grace_end = grace_start(successor, state.stored_rotation(row.key.ref)) + overlap_grace_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 from collections.abc import Iterator
@@ -274,6 +275,11 @@ def test_metrics_during_and_after_a_run(
         during = scrape(port)
         worker.join()
         after = scrape(port)
+        # DNS rebinding: a page elsewhere that resolves its own name to 127.0.0.1 gets nothing
+        rebound = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        rebound.request("GET", "/metrics", headers={"Host": f"attacker.example:{port}"})
+        answer = rebound.getresponse()
+        assert answer.status == 421 and b"rotator_" not in answer.read()
     finally:
         server.shutdown()
     done_during = sum(s.value for s in during["rotator_rotations"] if s.labels["result"] == "succeeded")
@@ -282,6 +288,7 @@ def test_metrics_during_and_after_a_run(
     count = next(s.value for s in after["rotator_rotation_duration_seconds"]
                  if s.name == "rotator_rotation_duration_seconds_count")
     assert count == 5
+    assert all(set(s.labels) == {"client_id", "key_id", "environment"} for s in after["rotator_key_age_seconds"])
     ages = {s.labels["key_id"]: s.value for s in during["rotator_key_age_seconds"]}
     assert set(ages) == set(keys) and all(a > 99 * DAY or a < 60 for a in ages.values())
     assert all(s.value < 60 for s in after["rotator_key_age_seconds"])
