@@ -517,6 +517,9 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         elif alert.secret_env and not env.get(alert.secret_env):
             reason = f"{variable_named(alert.secret_env)} is not set"
             problems.append(ConfigProblem(source, f"{key}.secret_env", reason))
+        form = _webhook_secret_problem(alert, env) if alert.url.startswith("webhook+") else None
+        if form is not None:
+            problems.append(ConfigProblem(source, f"{key}.secret_env", f"webhook secret: {form}"))
         if alert.url.startswith("webhook+"):
             if not alert.secret_env and alert.secret_file is None:
                 problems.append(ConfigProblem(source, f"{key}.secret_env",
@@ -528,6 +531,25 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
             problems.append(ConfigProblem(source, f"{key}.url",
                                           f"Apprise does not understand a {scheme!r}:// URL (or its form)"))
     return problems
+
+
+def _webhook_secret_problem(alert: AlertConfig, env: Mapping[str, str]) -> str | None:
+    """What is wrong with the form of a webhook secret that is there (a `whsec_` one that is not
+    base64 of 16 bytes or more); never its value."""
+    from rotator.alerts.webhook import signing_key
+
+    try:
+        if alert.secret_file is not None:
+            value = alert.secret_file.read_text(encoding="utf-8").strip() if alert.secret_file.is_file() else ""
+        else:
+            value = env.get(alert.secret_env or "", "")
+        if value:
+            signing_key(value)
+    except PermanentError as exc:
+        return str(exc)
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot read it ({type(exc).__name__})"
+    return None
 
 
 def _broker_problems(s: Settings, source: str) -> list[ConfigProblem]:

@@ -6,6 +6,7 @@ The key ages come from a scan cached for `cache_s` seconds so scrapes do not loa
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections.abc import Iterator
@@ -107,10 +108,24 @@ class RotatorCollector:
         yield last
 
 
+def scrape_host(name: str) -> bool:
+    """A Host a scraper sends (an IP address) or this machine's name for itself: never a DNS name
+    that a page elsewhere could point at this address (DNS rebinding)."""
+    from rotator.web.guard import is_loopback
+
+    if is_loopback(name.rstrip(".")):
+        return True
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def serve(settings: Settings, port: int, host: str = "127.0.0.1", cache_s: float = 30.0) -> Any:
     """Start the endpoint in a background thread (on 127.0.0.1 unless told otherwise); returns the
-    server. Bound to loopback, it answers only to a loopback Host (421 otherwise), like the status
-    page, so a web page elsewhere cannot read it through DNS rebinding."""
+    server. It answers only to a Host that is an IP address or a loopback name (421 otherwise), so
+    a web page elsewhere cannot read it through DNS rebinding; Prometheus scrapes by address."""
     import socket
     import threading
     from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -119,17 +134,16 @@ def serve(settings: Settings, port: int, host: str = "127.0.0.1", cache_s: float
     from prometheus_client.exposition import ThreadingWSGIServer
 
     from rotator.runtime import build_state
-    from rotator.web.guard import host_name, is_loopback
+    from rotator.web.guard import host_name
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RotatorCollector(settings, build_state(settings), cache_s))
     app = make_wsgi_app(registry)
-    loopback_only = is_loopback(host)
 
     def guarded(environ: dict[str, Any], start_response: Any) -> Any:
-        if loopback_only and not is_loopback(host_name(environ.get("HTTP_HOST", ""))):
+        if not scrape_host(host_name(environ.get("HTTP_HOST", ""))):
             start_response("421 Misdirected Request", [("Content-Type", "text/plain; charset=utf-8")])
-            return [b"this endpoint answers only to a loopback Host\n"]
+            return [b"this endpoint answers only to an IP address or a loopback name as Host\n"]
         return app(environ, start_response)
 
     class Quiet(WSGIRequestHandler):

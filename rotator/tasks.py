@@ -234,3 +234,15 @@ def _recover_at_start(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _logging_in_child(**_: Any) -> None:
     logs.configure()
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _no_core_files(**_: Any) -> None:
+    """However the worker or beat is started (`rotator worker`, or `celery -A rotator.tasks worker`):
+    no core file of a process that holds secrets."""
+    from rotator.safety import no_core_dumps
+
+    missed = no_core_dumps()
+    if missed:
+        log.warning("core_dumps.not_off", missed=missed)

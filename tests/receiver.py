@@ -27,6 +27,7 @@ class Receiver(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.received: list[Received] = []
         self.answers: list[int] = []  # statuses to give first, then 200
+        self.attempts: list[Received] = []  # every request, whatever it was answered
         self.hang_s = 0.0
         self.lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -73,6 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.hang_s:
             time.sleep(self.server.hang_s)
         with self.server.lock:
+            self.server.attempts.append(Received(self.path, dict(self.headers.items()), body))
             status = self.server.answers.pop(0) if self.server.answers else 200
             if status == 200:
                 self.server.received.append(Received(self.path, dict(self.headers.items()), body))

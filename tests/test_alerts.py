@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,9 +80,29 @@ def test_the_webhook_verifies_with_a_standard_webhooks_library(receiver: Receive
                            first.body)):
         with pytest.raises(WebhookVerificationError):
             verifier.verify(body, headers)
-    whsec = "whsec_" + base64.b64encode(b"\x00\x01binary-key").decode()  # a secret made for such libraries
+    whsec = "whsec_" + base64.b64encode(b"\x00\x01binary-key-of-16+").decode()  # a secret made for such libraries
     SignedWebhook(f"webhook+{receiver.url}/hook", whsec).send(EVENT)
     assert Webhook(whsec).verify(receiver.wait_for(4)[3].body, receiver.received[3].headers)
+
+
+def test_the_readme_receiver_verifies_both_kinds_of_secret(receiver: Receiver) -> None:
+    """The README's snippet, run as written, for a plain secret and a `whsec_` one; a `whsec_` secret
+    that is not base64 of 16 bytes or more is refused."""
+    import base64
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"```python\n(from standardwebhooks import Webhook\n.*?)```", readme, re.S)
+    assert snippet is not None
+    for index, secret in enumerate((HOOK_SECRET, "whsec_" + base64.b64encode(b"sixteen-or-more-bytes").decode())):
+        SignedWebhook(f"webhook+{receiver.url}/hook", secret).send(EVENT)
+        got = receiver.wait_for(index + 1)[index]
+        scope: dict[str, Any] = {"secret": secret, "raw_body": got.body, "headers": got.headers}
+        exec(snippet.group(1), scope)
+        assert scope["event"]["key_id"] == "key_1"
+    for weak in ("whsec_", "whsec_c2hvcnQ=", "whsec_not base64!"):
+        with pytest.raises(PermanentError, match="whsec_"):
+            SignedWebhook(f"webhook+{receiver.url}/hook", weak)
 
 
 def test_only_a_2xx_answer_is_a_delivery(receiver: Receiver) -> None:
@@ -105,6 +126,10 @@ def test_the_webhook_secret_may_come_from_a_file(tmp_path: Any, receiver: Receiv
 
     with pytest.raises(ConfigError, match=r"alerts\[0\]\.secret_file: webhook secret: .* does not exist"):
         config(tmp_path / "missing")
+    (tmp_path / "weak.secret").write_text("whsec_c2hvcnQ=\n")  # base64 of 5 bytes
+    with pytest.raises(ConfigError, match=r"alerts\[0\]\.secret_env: webhook secret: a whsec_ webhook secret must "
+                                          r"decode to at least 16 bytes"):
+        config(tmp_path / "weak.secret")
     (tmp_path / "hook.secret").write_text(HOOK_SECRET + "\n")
     routes(config(tmp_path / "hook.secret"))[0].notifier().send(EVENT)
     got = receiver.wait_for(1)[0]
@@ -280,6 +305,9 @@ def test_metrics_during_and_after_a_run(
         rebound.request("GET", "/metrics", headers={"Host": f"attacker.example:{port}"})
         answer = rebound.getresponse()
         assert answer.status == 421 and b"rotator_" not in answer.read()
+        scraper = http.client.HTTPConnection("127.0.0.1", port, timeout=5)  # Prometheus sends the address
+        scraper.request("GET", "/metrics", headers={"Host": f"10.1.2.3:{port}"})
+        assert scraper.getresponse().status == 200
     finally:
         server.shutdown()
     done_during = sum(s.value for s in during["rotator_rotations"] if s.labels["result"] == "succeeded")

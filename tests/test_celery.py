@@ -336,6 +336,8 @@ events = ["rotation.succeeded"]
 
             assert Webhook(b"hook-secret-1").verify(got.body, got.headers)["key_id"] == key_id
             assert receiver.answers == []  # both failures were really retried through
+            ids = {a.headers["webhook-id"] for a in receiver.attempts}
+            assert len(receiver.attempts) == 3 and ids == {got.headers["webhook-id"]}  # one delivery, one id
             assert emulator.current_secret("acme-prod", key_id).encode() not in got.body
         finally:
             cluster.stop()

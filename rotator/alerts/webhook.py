@@ -37,16 +37,21 @@ WEBHOOK_ID = "webhook-id"
 WEBHOOK_TIMESTAMP = "webhook-timestamp"
 WEBHOOK_SIGNATURE = "webhook-signature"
 SECRET_PREFIX = "whsec_"
+MIN_KEY_BYTES = 16
 
 
 def signing_key(secret: str) -> bytes:
     """The HMAC key of the Standard Webhooks signature: a `whsec_<base64>` secret's decoded bytes,
     any other secret's UTF-8 bytes (its receiver passes `whsec_` + base64 of it to a library)."""
     if secret.startswith(SECRET_PREFIX):
+        body = secret.removeprefix(SECRET_PREFIX)
         try:
-            return base64.b64decode(secret.removeprefix(SECRET_PREFIX) + "==")
+            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise PermanentError("a webhook secret starting with whsec_ must be base64 after it") from None
+        if len(key) < MIN_KEY_BYTES:
+            raise PermanentError(f"a whsec_ webhook secret must decode to at least {MIN_KEY_BYTES} bytes")
+        return key
     return secret.encode()
 
 
@@ -106,10 +111,10 @@ class SignedWebhook:
             raise TransientError(f"{self.describe()}: no answer within {self._timeout_s:g}s") from None
         except httpx.TransportError as exc:
             raise TransientError(f"{self.describe()}: {type(exc).__name__}") from None
-        if answer.status_code == 429 or answer.status_code >= 500:
+        if answer.status_code in (408, 429) or answer.status_code >= 500:
             raise TransientError(f"{self.describe()}: {answer.status_code}")
         if answer.status_code >= 400:
             raise PermanentError(f"{self.describe()}: {answer.status_code}")
         if not 200 <= answer.status_code < 300:  # a redirect is not followed: the event did not arrive
-            raise PermanentError(f"{self.describe()}: {answer.status_code} (only a 2xx answer is a delivery; a "
-                                 "redirect is not followed: give the URL it points to)")
+            raise PermanentError(f"{self.describe()}: {answer.status_code} (only a 2xx answer is a delivery; "
+                                 "redirects are not followed)")

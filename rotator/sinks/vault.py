@@ -359,8 +359,10 @@ class VaultSink:
         self.close()
         c = self.config
         verify: bool | str = str(c.ca_bundle) if c.ca_bundle else True
+        session = SameOriginSession()
+        session.verify = verify  # hvac takes a given session's `verify` over its own argument
         client = hvac.Client(url=str(c.url).rstrip("/"), namespace=c.namespace, verify=verify, timeout=c.timeout_s,
-                             session=SameOriginSession())
+                             session=session)
         answer: Any = None
         if c.auth == "token":
             client.token = read_credential(c.token_env, c.token_file, "vault token")
