@@ -497,18 +497,11 @@ QUIET_WORKER = ("--without-mingle", "--without-gossip")
 def _celery(argv: list[str]) -> None:
     """Run Celery; its processes log as services do (JSON lines unless a terminal or $ROTATOR_LOG_FORMAT)."""
     logs.configure()
-    from rotator.gate import signer
     from rotator.tasks import app as celery_app
     from rotator.tasks import settings
 
     _need_full(settings())
-    _need_signer(settings())
-    from rotator.safety import no_core_dumps
-
-    missed = no_core_dumps()  # a crash must not write the secrets in memory to disk
-    if missed:
-        logs.get("rotator.cli").warning("core_dumps.not_off", missed=missed)
-    me = signer()
+    me = _need_signer(settings())  # no core files either: rotator.tasks does that at worker_init/beat_init
     if me is None:
         logs.get("rotator.gate").warning("signing.off", why="signing.mode is off: any broker client can order a reset")
     else:

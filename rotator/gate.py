@@ -112,11 +112,7 @@ class SignedAMQP(AMQP):  # type: ignore[misc]
 def _origin(me: str) -> str:
     """Whose action a message is: inside a task (a retry, the scan's fan-out) the actor of the
     message that task came from; anywhere else this process's signer."""
-    task = current_task
-    request = getattr(task, "request", None) if task else None
-    if request is None or getattr(request, "called_directly", True):
-        return me
-    return actor_of(request) or me
+    return actor_of(getattr(current_task, "request", None) if current_task else None) or me
 
 
 def actor_of(request: Any) -> str | None:
@@ -152,8 +148,7 @@ class Gate:
                                                       "chord}]")
         if HEADER not in headers and self.mode == "transition":
             self._quietly(self.state.count_unsigned_accepted)
-            log.warning("message.unsigned_accepted", task=valid_name(str(headers.get("task", "?"))),
-                        task_id=valid_name(str(headers.get("id", "?"))))
+            log.warning("message.unsigned_accepted", task=_named(headers, "task"), task_id=_named(headers, "id"))
             return Verdict(True, actor=UNSIGNED_ACTOR)
         verdict = self.verifier.check(headers, body, time.time())
         if verdict.accepted and self._quietly(lambda: self.state.consumed(verdict.mid)):
@@ -171,11 +166,10 @@ class Gate:
         self._quietly(lambda: self.state.mark_consumed(mid, self.record_ttl_s))
 
     def refuse(self, verdict: Verdict, headers: Any) -> None:
-        task = valid_name(str((headers or {}).get("task", "?")))
+        task = _named(headers, "task")
         self._quietly(lambda: self.state.count_refused(verdict.reason))
-        log.error("message.refused", reason=verdict.reason, task=task,
-                  task_id=valid_name(str((headers or {}).get("id", "?"))), signer=verdict.signer or None,
-                  detail=verdict.detail or None)
+        log.error("message.refused", reason=verdict.reason, task=task, task_id=_named(headers, "id"),
+                  signer=verdict.signer or None, detail=verdict.detail or None)
         if verdict.reason in QUIET_REASONS:
             return
         slot = int(time.time() // ALERT_EVERY_S)
@@ -218,9 +212,7 @@ def gate() -> Gate | None:
     if me is None:
         return None
     s = _settings()
-    client = redis.Redis.from_url(s.state.url(), decode_responses=True, socket_timeout=TIMEOUT_S,
-                                  socket_connect_timeout=TIMEOUT_S)
-    return Gate(s, me, RedisState(client, s.state.namespace))
+    return Gate(s, me, RedisState.from_url(s.state.url(), s.state.namespace, timeout_s=TIMEOUT_S))
 
 
 def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -242,6 +234,11 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
         return handle(message, body, ack, reject, callbacks, **more)
 
     return gated
+
+
+def _named(headers: Any, field: str) -> str:
+    """A header a sender chose (the task name, its id), cut to a signer name's characters for a log line."""
+    return valid_name(str((headers or {}).get(field, "?")))
 
 
 def _plain_body(body: Any) -> bool:
@@ -284,8 +281,7 @@ class GatedConsumer(Consumer):  # type: ignore[misc]
         if the_gate is not None:
             the_gate.refuse(Verdict(False, reason, detail=detail), headers)
         else:
-            log.error("message.refused", reason=reason, task=valid_name(str(headers.get("task", "?"))),
-                      detail=detail)
+            log.error("message.refused", reason=reason, task=_named(headers, "task"), detail=detail)
         with contextlib.suppress(*self.connection_errors):
             message.ack()
 

@@ -18,14 +18,10 @@ PING_TIMEOUT_S = 3.0
 
 def view_problem(settings: Settings) -> str | None:
     """The fleet view the workers publish is there (a reader shows nothing without it)."""
-    from rotator import view
     from rotator.state import RedisState
 
     try:
-        client = redis.Redis.from_url(settings.state.url(), socket_timeout=PING_TIMEOUT_S,
-                                      socket_connect_timeout=PING_TIMEOUT_S)
-        state = RedisState(client, settings.state.namespace)
-        if not client.exists(state._k(view.VIEW_KEY)):
+        if not RedisState.from_url(settings.state.url(), settings.state.namespace, timeout_s=PING_TIMEOUT_S).has_view():
             return ("the workers have published no fleet view (or not within three intervals): "
                     "view.publish_every_s must be above 0 for beat and the workers, and they must be running")
     except redis.RedisError as exc:

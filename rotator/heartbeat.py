@@ -55,8 +55,7 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         from rotator.tasks import settings
 
         s = settings()
-        client = redis.Redis.from_url(s.state.url(), socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
-        self.state = RedisState(client, s.state.namespace)
+        self.state = RedisState.from_url(s.state.url(), s.state.namespace, timeout_s=TIMEOUT_S)
         self.failing = False
         self._beat(c.hostname)
         self.timer_ref = c.timer.call_repeatedly(INTERVAL_S, self._beat, (c.hostname,), priority=10)

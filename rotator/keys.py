@@ -7,13 +7,13 @@ replaced: running it again adds the signers that are new and prints the whole co
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.fernet import Fernet
 
+from rotator.safety import write_private_file
 from rotator.signing import public_text, read_private_key, valid_name, write_private_key
 
 
@@ -58,12 +58,6 @@ fingerprint_key_file = "{self.fingerprint_key}"
 """
 
 
-def _secret_file(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value)
-
-
 def init_keys(directory: Path, signers: list[str], operators: tuple[str, ...] = ()) -> KeySet:
     """Make what is missing in `directory` (created 0700); signers other than `operators` are relays."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -84,6 +78,6 @@ def init_keys(directory: Path, signers: list[str], operators: tuple[str, ...] = 
         if path.exists():
             keys.kept.append(path)
         else:
-            _secret_file(path, Fernet.generate_key().decode() if kind == "fernet" else secrets.token_urlsafe(32))
+            write_private_file(path, Fernet.generate_key() if kind == "fernet" else secrets.token_urlsafe(32).encode())
             keys.made.append(path)
     return keys

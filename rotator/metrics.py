@@ -39,7 +39,7 @@ class RotatorCollector:
         """The key gauges: from the view the workers published (`view.source = "published"`: this
         process holds no token; none while nothing is published), else from a scan of its own."""
         if self.settings.view.published:
-            return view.gauges(self.state), view.published_at(self.state)
+            return view.gauges(self.state), self.state.view_published_at()
         return key_gauges(self._scan(), self.state, self.settings.policy.overlap_grace_s,
                           self.settings.keyservice.delete_after_s), None
 

@@ -36,9 +36,8 @@ def _worker(settings: Settings, name: str) -> str | None:
     from rotator.state import RedisState
 
     try:
-        client = redis.Redis.from_url(settings.state.url(), socket_timeout=TIMEOUT_S,
-                                      socket_connect_timeout=TIMEOUT_S)
-        beaten = last_beat(RedisState(client, settings.state.namespace), name)
+        beaten = last_beat(RedisState.from_url(settings.state.url(), settings.state.namespace, timeout_s=TIMEOUT_S),
+                           name)
     except (redis.RedisError, RotatorError) as exc:
         return f"{type(exc).__name__}: the heartbeat could not be read"
     if beaten is not None:

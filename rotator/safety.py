@@ -211,3 +211,20 @@ def no_core_dumps() -> list[str]:
 #: prctl(2) options.
 PR_SET_DUMPABLE: Final = 4
 PR_GET_DUMPABLE: Final = 3
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """A new file of mode 0600 holding `data`; an existing one is never replaced (FileExistsError).
+    Written beside and linked into place, so a process that reads it meanwhile never sees half of it."""
+    import contextlib
+    import uuid
+
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.link(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()

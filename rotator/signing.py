@@ -24,7 +24,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from rotator.safety import write_private_file
 
 HEADER = "rotator_signature"
 VERSION = 1
@@ -82,20 +84,11 @@ def parse_public(text: str) -> Ed25519PublicKey:
 
 
 def write_private_key(path: Path) -> Ed25519PrivateKey:
-    """A new key in a new file (PEM, PKCS#8, mode 0600); an existing file is never replaced.
-    Written beside and linked into place, so a process that reads it meanwhile never sees half a key."""
+    """A new key in a new file (PEM, PKCS#8, mode 0600); FileExistsError when the file is there
+    (another process made it first): an existing key is never replaced."""
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-        os.link(temporary, path)  # FileExistsError when another process made it first
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
+    write_private_file(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
     return key
 
 
@@ -168,11 +161,6 @@ class Verifier:
     trusted: Mapping[str, tuple[Ed25519PublicKey, ...]]
     relays: frozenset[str] = field(default_factory=frozenset)
     max_age_s: float = 86_400.0
-
-    @classmethod
-    def from_texts(cls, trusted: Mapping[str, Iterable[str]], relays: Iterable[str], max_age_s: float) -> Verifier:
-        return cls({name: tuple(parse_public(k) for k in keys) for name, keys in trusted.items()},
-                   frozenset(relays), max_age_s)
 
     def check(self, headers: Mapping[str, Any], body: Any, now: float) -> Verdict:
         """Signature, signer and age of one message (whether it was consumed before is the gate's to ask)."""

@@ -164,9 +164,13 @@ class RedisState:
         self.history_max = history_max
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "rotator", history_max: int = 1000) -> RedisState:
-        return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
-                                        health_check_interval=30), namespace, history_max)
+    def from_url(cls, url: str, namespace: str = "rotator", history_max: int = 1000,
+                 timeout_s: float = 10.0) -> RedisState:
+        """`timeout_s` bounds connecting and each answer: short (2 s) where a hung Redis would hold up
+        the loop that takes tasks (the gate, the heartbeat) or a probe."""
+        return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
+                                        socket_connect_timeout=timeout_s, health_check_interval=30),
+                   namespace, history_max)
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
@@ -284,6 +288,33 @@ class RedisState:
         return {"rotations": {str(k): int(v) for k, v in rotations.items()},
                 "duration": {str(k): float(v) for k, v in duration.items()},
                 "last_scan": float(last_scan) if last_scan else None}
+
+    # --- the fleet view the workers publish (rotator.view) -------------------------------------
+    def put_view(self, view: str, gauges: str, published_at: float, ttl_s: int) -> None:
+        """The view and its gauges expire after `ttl_s`; when it was published stays (a stale view
+        stays visible as one)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self._k("view"), view, ex=max(60, ttl_s))
+        pipe.set(self._k("view", "gauges"), gauges, ex=max(60, ttl_s))
+        pipe.set(self._k("view", "published_at"), published_at)
+        pipe.execute()
+
+    def view(self) -> str | None:
+        return self._text(self.client.get(self._k("view")))
+
+    def has_view(self) -> bool:
+        return bool(self.client.exists(self._k("view")))
+
+    def view_gauges(self) -> str | None:
+        return self._text(self.client.get(self._k("view", "gauges")))
+
+    @staticmethod
+    def _text(raw: bytes | str | None) -> str | None:
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def view_published_at(self) -> float | None:
+        raw = self.client.get(self._k("view", "published_at"))
+        return float(raw) if raw is not None else None
 
     # --- signed task messages (rotator.gate) ---------------------------------------------------
     def consumed(self, mid: str) -> bool:

@@ -20,11 +20,6 @@ from rotator.fleet import attempt_dict, mentions, status_report
 from rotator.scan import ScanRow, scan
 from rotator.state import RedisState
 
-VIEW_KEY = "view"
-GAUGES_KEY = "view:gauges"
-#: When the last view was published: kept after the view expires, so a stale view stays visible.
-PUBLISHED_KEY = "view:published_at"
-HISTORY = 50
 #: A metric gauge: its labels and a value (a key's age is published as its birth, so it keeps growing).
 Gauge = tuple[list[str], float]
 
@@ -55,25 +50,15 @@ def publish(engine: Engine, state: RedisState, overlap_grace_s: float, delete_af
     now = time.time()
     rows = list(scan(engine.keyservice, engine.policy, now, engine.clients))
     view = {"published_at": now, "warn_before_days": engine.policy.warn_before_days,
-            "report": status_report(engine, history=HISTORY, now=now, rows=rows)}
-    gauges = {"published_at": now, **key_gauges(rows, state, overlap_grace_s, delete_after_s)}
-    pipe = state.client.pipeline(transaction=True)
-    pipe.set(state._k(VIEW_KEY), json.dumps(view), ex=max(60, ttl_s))
-    pipe.set(state._k(GAUGES_KEY), json.dumps(gauges), ex=max(60, ttl_s))
-    pipe.set(state._k(PUBLISHED_KEY), now)
-    pipe.execute()
+            "report": status_report(engine, now=now, rows=rows)}  # readers take the audit trail from Redis as it is
+    gauges = key_gauges(rows, state, overlap_grace_s, delete_after_s)
+    state.put_view(json.dumps(view), json.dumps(gauges), now, ttl_s)
     return {"keys": len(rows), "published_at": now}
-
-
-def published_at(state: RedisState) -> float | None:
-    """When the workers last published a view (None: never), whether or not it has expired since."""
-    raw = state.client.get(state._k(PUBLISHED_KEY))
-    return float(raw) if raw is not None else None
 
 
 def gauges(state: RedisState) -> dict[str, list[Gauge]]:
     """The key gauges of the last view; none once it has expired (the workers stopped publishing)."""
-    raw = state.client.get(state._k(GAUGES_KEY))
+    raw = state.view_gauges()
     if raw is None:
         return {"born": [], "due": [], "revoke": []}
     found: dict[str, list[Gauge]] = json.loads(raw)
@@ -82,7 +67,7 @@ def gauges(state: RedisState) -> dict[str, list[Gauge]]:
 
 def read(state: RedisState) -> dict[str, Any]:
     """The last view the workers published; `TransientError` when there is none (yet, or any more)."""
-    raw = state.client.get(state._k(VIEW_KEY))
+    raw = state.view()
     if raw is None:
         raise TransientError("the workers have published no fleet view: view.publish_every_s must be above 0 in "
                              "the configuration of beat and the workers (and they must be running)")
@@ -98,10 +83,12 @@ def report(state: RedisState, history: int, view: dict[str, Any] | None = None) 
     return result
 
 
-def key_report(state: RedisState, ref: KeyRef, history_max: int) -> dict[str, Any]:
-    """One key's published row with its own audit trail (newest first), as `fleet.key_report` gives it
-    (each sink's state, not its metadata: that stays with the workers)."""
-    for row in read(state)["report"]["keys"]:
+def key_report(state: RedisState, ref: KeyRef, history_max: int,
+               rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One key's published row (from `rows`, the report already in hand, else the view read now)
+    with its own audit trail (newest first), as `fleet.key_report` gives it (each sink's state, not
+    its metadata: that stays with the workers)."""
+    for row in read(state)["report"]["keys"] if rows is None else rows:
         if row["client_id"] == ref.client_id and row["key_id"] == ref.key_id:
             attempt = state.get_attempt(ref)
             return {**row, "last_rotation": state.last_rotation(ref), "in_flight": attempt.phase if attempt else None,

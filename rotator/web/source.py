@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from anyio import to_thread
 
 from rotator import view
+from rotator.config import PolicyConfig
 from rotator.domain import KeyRef
 from rotator.engine import Engine
 from rotator.fleet import key_report, status_report
@@ -139,7 +140,7 @@ class PublishedSource(CachedSource):
     def __init__(self, state: RedisState, **options: Any) -> None:
         super().__init__(**options)
         self.state = state
-        self._warn_days = 14
+        self._warn_days = int(PolicyConfig.model_fields["warn_before_days"].default)  # until a view says
 
     def report(self) -> dict[str, Any]:
         published = view.read(self.state)
@@ -147,7 +148,9 @@ class PublishedSource(CachedSource):
         return view.report(self.state, self.history, published)
 
     def key(self, ref: KeyRef) -> dict[str, Any]:
-        return view.key_report(self.state, ref, self.history_max)
+        """From the report in hand when there is one: a key's page does not read the whole view again."""
+        current = self._snapshot
+        return view.key_report(self.state, ref, self.history_max, current.report["keys"] if current else None)
 
     @property
     def warn_before_days(self) -> int:
