@@ -62,7 +62,7 @@ def main() -> None:
         os.execv(BIN / "python", [str(BIN / "python"), "-m", "rotator.openbao", *rest])
     elif command == "bench":
         ensure_env()
-        for name in rest or ["scan", "rotate", "window"]:
+        for name in rest or ["scan", "rotate", "window", "page_load"]:
             run(BIN / "python", f"benchmarks/{name}.py")
     else:
         print(__doc__)

@@ -593,8 +593,9 @@ def keys_init(
         "--operator", help="An operator who runs `rotate --enqueue` (not a relay); repeat it.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Make the signing keys (one per signer), the fingerprint key and the file sink's key, and print
-    the configuration lines to add. Existing files are kept, never replaced."""
+    """Make the signing keys (one per signer), the fingerprint key, the workers' Idempotency-Key secret
+    and the file sink's key, and print the configuration lines to add. Existing files are kept, never
+    replaced."""
     from rotator.keys import init_keys
     from rotator.signing import KeyFileError
 
@@ -605,7 +606,8 @@ def keys_init(
     if as_json:
         print_json({"directory": str(keys.directory), "public_keys": keys.public, "relays": keys.relays,
                     "made": [str(p) for p in keys.made], "kept": [str(p) for p in keys.kept],
-                    "fingerprint_key_file": str(keys.fingerprint_key), "file_key_file": str(keys.file_key),
+                    "fingerprint_key_file": str(keys.fingerprint_key),
+                    "idempotency_key_file": str(keys.idempotency_key), "file_key_file": str(keys.file_key),
                     "config": keys.config()})
         return
     for path in keys.made:

@@ -268,6 +268,11 @@ class EngineConfig(Section):
         "ROTATOR_FINGERPRINT_KEY", description="Variable holding the fingerprint HMAC key."
     )
     fingerprint_key_file: Path | None = Field(None, description="File holding that key.")
+    idempotency_key_env: EnvName | None = Field(
+        None, description=("Variable holding the secret the Idempotency-Keys are derived with (16 bytes or more; "
+                           "the same on every worker, only workers need it). Unset: derived from the fingerprint "
+                           "key, which a live status page holds too."))
+    idempotency_key_file: Path | None = Field(None, description="File holding that secret.")
 
 
 class WebConfig(Section):
@@ -280,6 +285,12 @@ class WebConfig(Section):
     refresh_s: int = Field(30, ge=1, le=3600, description="Seconds between the page's refreshes.")
     cache_s: float = Field(
         10.0, ge=0, description="A snapshot of the fleet serves every request for this long (spares the key service).")
+    read_timeout_s: float = Field(
+        10.0, gt=0, le=300, description=("A request (head and body) must arrive whole within this long, or its "
+                                          "connection is closed; the page and `rotator metrics` alike."))
+    max_connections: int = Field(
+        256, ge=8, le=65536, description=("Open connections the page (and `rotator metrics`) keeps at most, lowered "
+                                          "to fit the file-descriptor limit; one more closes the one idle longest."))
 
 
 class ViewConfig(Section):
@@ -491,6 +502,9 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         seed = str(s.keyservice.seed)
         problems.append(ConfigProblem(source, "keyservice.seed", f"seed file {seed!r} does not exist"))
     need("engine.fingerprint_key_env", s.engine.fingerprint_key_env, s.engine.fingerprint_key_file, "fingerprint key")
+    if s.engine.idempotency_key_env is not None or s.engine.idempotency_key_file is not None:
+        need("engine.idempotency_key_env", s.engine.idempotency_key_env, s.engine.idempotency_key_file,
+             "Idempotency-Key secret")
     if not s.sinks:
         problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
     problems += _broker_problems(s, source)
@@ -626,6 +640,7 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
         ("celery.broker_url", s.celery.broker_url), ("celery.result_backend", s.celery.result_backend)]
     names: list[tuple[str, object]] = [("keyservice.token_env", s.keyservice.token_env),
                                        ("engine.fingerprint_key_env", s.engine.fingerprint_key_env),
+                                       ("engine.idempotency_key_env", s.engine.idempotency_key_env),
                                        ("state.password_env", s.state.password_env),
                                        ("celery.password_env", s.celery.password_env),
                                        ("web.token_env", s.web.token_env)]
@@ -661,6 +676,12 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
             "transition: unsigned task messages still run (each logged and counted in "
             "rotator_messages_unsigned_accepted_total); switch to `enforce` once every process of "
             "the fleet signs and that count stays flat")))
+    if not s.reader_only and s.engine.idempotency_key_env is None and s.engine.idempotency_key_file is None:
+        warnings.append(ConfigProblem(source, "engine.idempotency_key_file", (
+            "not set: the Idempotency-Keys are derived from the fingerprint key, which a live status page or "
+            "`rotator status` holds too, and a key read from the key service's stored answer is the live secret; "
+            "give the workers a secret of their own (`rotator keys init` makes idempotency.key). Set it only while "
+            "no attempt is in doubt (`rotator status` shows none in flight)")))
     warnings.extend(_one_underscore_overrides(os.environ))
     for key, env_name in names:
         if isinstance(env_name, str) and looks_like_secret(env_name):

@@ -199,17 +199,19 @@ def utc_iso(ts: float) -> str:
 class AttemptRecord:
     """The durable record of one attempt, written (fenced by the key's lease) before the reset.
 
-    `idempotency_key` is derived from the key and the `generation` being replaced (see
-    `rotator.protocol`), so every actor rotating that generation sends the same one; `attempt_id`
-    names this actor's record, so only its writer can delete it. Times are the state store's
-    clock (one clock for every worker); causality is judged with the key service's dates only.
+    The attempt's Idempotency-Key reads the live secret from the key service's stored answer for
+    24 hours, so the record holds what it is derived from, never the key: the key it names
+    (`replaces`, else `key_id`), the `generation` being replaced (or `derived_generation`), the
+    `epoch`, the `action`, and `derived_with`, the id of the workers' secret it was derived with
+    (see `rotator.protocol`). Every actor rotating that generation derives the same one;
+    `attempt_id` names this actor's record, so only its writer can delete it. Times are the state
+    store's clock (one clock for every worker); causality is judged with the key service's dates only.
     """
 
     client_id: str
     key_id: str
     attempt_id: str
-    idempotency_key: str
-    generation: str  # the Generation being replaced, as str(); "" for a record of the first protocol
+    generation: str  # the Generation being replaced, as str(); "" for a repair's or an old protocol's record
     epoch: int
     trigger: str
     started_at: float
@@ -221,21 +223,35 @@ class AttemptRecord:
     issued_key_id: str | None = None  # the key id the answer named (a create's successor)
     replaces: str | None = None  # a create recorded under its successor (a repair): the key it replaced
     doubt_since: float = 0.0  # when the attempt first went in doubt; kept when it is sent again (0: `since`)
+    derived_with: str = ""  # the id of the secret the Idempotency-Key is derived with ("": not recorded)
+    derived_generation: str | None = None  # a repair's: the generation its key was derived from
+    legacy_key: str | None = field(default=None, repr=False)  # an older version's record: the key itself
 
     @property
     def ref(self) -> KeyRef:
         return KeyRef(self.client_id, self.key_id)
 
+    @property
+    def key_named(self) -> KeyRef:
+        """The key the Idempotency-Key was derived for: a repaired create's is the key it replaced."""
+        return KeyRef(self.client_id, self.replaces or self.key_id)
+
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        data = {name: getattr(self, name) for name in self.__slots__ if name != "legacy_key"}
+        # An older version reads a record without this field as one of the first protocol (and may
+        # reset afresh); with an empty one it can neither send nor replay, so it leaves the record in
+        # doubt for an upgraded worker. A record an older version wrote keeps its key until settled.
+        data["idempotency_key"] = self.legacy_key or ""
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttemptRecord:
         """Read a stored record; one of the first protocol (its attempt id was the Idempotency-Key)
-        is read as in doubt with an unknown generation."""
+        is read as in doubt with an unknown generation; one an older version wrote (the key itself
+        in `idempotency_key`) keeps using that key."""
         if "idempotency_key" not in data:
-            return cls(str(data["client_id"]), str(data["key_id"]), str(data["attempt_id"]),
-                       str(data["attempt_id"]), "", 0, str(data.get("trigger", "")),
-                       float(data.get("started_at", 0.0)), "in_doubt", float(data.get("started_at", 0.0)))
-        known = {name: data[name] for name in cls.__slots__ if name in data}
-        return cls(**known)
+            return cls(str(data["client_id"]), str(data["key_id"]), str(data["attempt_id"]), "", 0,
+                       str(data.get("trigger", "")), float(data.get("started_at", 0.0)), "in_doubt",
+                       float(data.get("started_at", 0.0)), legacy_key=str(data["attempt_id"]))
+        known = {name: data[name] for name in cls.__slots__ if name in data and name != "legacy_key"}
+        return cls(**known, legacy_key=str(data["idempotency_key"]) or None)

@@ -59,6 +59,7 @@ from rotator.protocol import (
     ProtocolViolation,
     Step,
     advance,
+    derivation_id,
     idempotency_key,
     judge,
     public_name,
@@ -177,8 +178,17 @@ class Orphan:
 
 
 @dataclass(frozen=True)
+class _Derived:
+    """What a found answer's Idempotency-Key was derived from (a repair records this, not the key)."""
+
+    generation: Generation
+    epoch: int
+    action: str
+
+
+@dataclass(frozen=True)
 class _Lookup:
-    found: tuple[IssuedKey, str] | None = None
+    found: tuple[IssuedKey, _Derived] | None = None
     unknown: str = ""
 
 
@@ -222,6 +232,7 @@ class Engine:
         clients: list[str] | None = None, horizon_s: float = DEFAULT_HORIZON_S,
         window: RotationWindow | None = None, executor: Executor | None = None,
         sleep: Callable[[float], None] = time.sleep, monotonic: Callable[[], float] = time.monotonic,
+        idempotency_secret: bytes | None = None,
     ) -> None:
         if not sinks:
             raise PermanentError("at least one sink is needed")
@@ -241,7 +252,10 @@ class Engine:
         self.window = window
         self._sleep = sleep
         self._monotonic = monotonic
-        self._ik_mac = fingerprint.derive(b"idempotency-key")
+        # Only workers hold `idempotency_secret`; without one, the keys come from the fingerprint key
+        # (as before there was a setting), which a live status page holds too.
+        self._ik_mac = idempotency_secret or fingerprint.derive(b"idempotency-key")
+        self._ik_id = derivation_id(self._ik_mac)
         # One thread per sink plus one for the token check, so no sink write waits for a free thread.
         self._pool = executor or ThreadPoolExecutor(max_workers=len(sinks) + 1, thread_name_prefix="sink")
         self._context = threading.local()  # who asked and why, for the rotation running in this thread
@@ -438,13 +452,13 @@ class Engine:
         key = self._get_key(ref, "reconcile")
         lookup = self._replay_lost(key)
         if lookup.found is not None:
-            issued, ik = lookup.found
+            issued, derived = lookup.found
             now = self.state.now()
-            created = issued.key.replaces if ik.startswith("c2-") else None  # a successor's create
-            record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), ik, "", 0, "reconcile", now,
-                                   Phase.STORING.value, now, str(issued.key.generation),
-                                   action="create" if created else "reset", issued_key_id=issued.key.key_id,
-                                   replaces=created)
+            created = issued.key.replaces if derived.action == "create" else None  # a successor's create
+            record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), "", derived.epoch, "reconcile", now,
+                                   Phase.STORING.value, now, str(issued.key.generation), action=derived.action,
+                                   issued_key_id=issued.key.key_id, replaces=created, derived_with=self._ik_id,
+                                   derived_generation=str(derived.generation))
             self.state.save_attempt(record, lease)
             return self._store(issued, record, lease, "rotation.recovered", prepared=None)
         drift = self._drift_of(key)
@@ -594,9 +608,8 @@ class Engine:
         if new_key:
             self.state.set_epoch(ref, generation, epoch, lease)
         now = self.state.now()
-        record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()),
-                               idempotency_key(self._ik_mac, ref, key.generation, epoch, action), generation, epoch,
-                               trigger, now, advance(Phase.IDLE, Step.START).to.value, now, action=action)
+        record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), generation, epoch, trigger, now,
+                               advance(Phase.IDLE, Step.START).to.value, now, action=action, derived_with=self._ik_id)
         return self._send(key, record, lease, prepared, "rotation.succeeded")
 
     def _resend(self, key: ApiKey, record: AttemptRecord, lease: Any, success_event: str,
@@ -618,8 +631,7 @@ class Engine:
                                                  "without a reset; nothing reset. The count expires two days after "
                                                  "its last use")
             self.state.set_epoch(record.ref, record.generation, epoch, lease)
-            record = replace(record, epoch=epoch, idempotency_key=idempotency_key(
-                self._ik_mac, record.ref, Generation.parse(record.generation), epoch, record.action))
+            record = replace(record, epoch=epoch, legacy_key=None, derived_with=self._ik_id)
         record = replace(record, phase=advance(Phase.IN_DOUBT, step).to.value, since=self.state.now(),
                          doubt_since=record.doubt_since or record.since)
         return self._send(key, record, lease, prepared, success_event)
@@ -637,10 +649,10 @@ class Engine:
         lease.check()  # outside the try: a lost lease is no answer of the key service
         try:
             if record.action == "create":
-                issued = self.keyservice.create_key(ref.client_id, key.alias, key.scopes, record.idempotency_key,
+                issued = self.keyservice.create_key(ref.client_id, key.alias, key.scopes, self._key_of(record),
                                                     replaces=key.key_id)
             else:
-                issued = self.keyservice.reset_key(ref.client_id, ref.key_id, record.idempotency_key)
+                issued = self.keyservice.reset_key(ref.client_id, ref.key_id, self._key_of(record))
         except RefusedError as exc:
             return self._refusal(key, record, lease, exc)
         except (InDoubtError, TransientError) as exc:
@@ -752,8 +764,22 @@ class Engine:
         """The key service's stored answer to the record's call (a reset, or a successor's create)."""
         if record.action == "create":
             return self.keyservice.replay_create(record.client_id, record.replaces or record.key_id,
-                                                 record.idempotency_key)
-        return self.keyservice.replay(record.client_id, record.key_id, record.idempotency_key)
+                                                 self._key_of(record))
+        return self.keyservice.replay(record.client_id, record.key_id, self._key_of(record))
+
+    def _key_of(self, record: AttemptRecord) -> str:
+        """The record's Idempotency-Key, derived again from what the record holds (never stored: it
+        reads the live secret). One derived with another secret (the setting changed while it was in
+        flight) is never sent under a different key: it waits for that secret to come back."""
+        if record.legacy_key:
+            return record.legacy_key
+        if record.derived_with and record.derived_with != self._ik_id:
+            raise _Outcome(self._unsettled(record, (
+                "its Idempotency-Key was derived with another secret (engine.idempotency_key_* changed while it "
+                "was in flight); put that secret back until the attempt is settled")))
+        generation = record.generation if record.derived_generation is None else record.derived_generation
+        return idempotency_key(self._ik_mac, record.key_named, Generation.parse(generation), record.epoch,
+                               record.action)
 
     def successor(self, key: ApiKey) -> ApiKey | None:
         """The key that replaces `key`, as the key service shows it now (None: none, or revoked)."""
@@ -950,7 +976,7 @@ class Engine:
         started = answered_at if started is None else started
         # Byte-identical for every write of this generation: a name derived from the Idempotency-Key
         # names the attempt, and the key service's reset date is the rotation time.
-        secret = SecretRecord(issued.key, issued.secret, public_name(record.idempotency_key),
+        secret = SecretRecord(issued.key, issued.secret, public_name(self._key_of(record)),
                               self.fingerprint(issued.secret), float(issued.key.born_at))
         token_check = self._pool.submit(self._check_token, secret) if self.verify else None
         lease.check()
@@ -1159,7 +1185,7 @@ class Engine:
                 answer = self.keyservice.replay(key.client_id, key.key_id, ik)
                 if answer.kind is Replay.ANSWER and answer.issued is not None:
                     if answer.issued.key.generation == key.generation:
-                        return _Lookup((answer.issued, ik))
+                        return _Lookup((answer.issued, _Derived(previous, epoch, "reset")))
                     break
                 if answer.kind is Replay.UNKNOWN:
                     unknown = answer.reason or "a replay failed"
@@ -1183,7 +1209,7 @@ class Engine:
             answer = self.keyservice.replay_create(key.client_id, predecessor.key_id, ik)
             if answer.kind is Replay.ANSWER and answer.issued is not None:
                 if answer.issued.key.key_id == key.key_id and answer.issued.key.generation == key.generation:
-                    return _Lookup((answer.issued, ik))
+                    return _Lookup((answer.issued, _Derived(predecessor.generation, epoch, "create")))
             elif answer.kind is Replay.UNKNOWN:
                 return _Lookup(unknown=answer.reason or "a replay failed")
             elif answer.kind is Replay.EMPTY:

@@ -1,7 +1,8 @@
 """`rotator keys init`: the keys an installation needs, made once, each in its own 0600 file.
 
 One Ed25519 signing key per signer (beat, each worker host, each operator who runs
-`rotate --enqueue`), the fingerprint HMAC key and the file sink's key. An existing file is never
+`rotate --enqueue`), the fingerprint HMAC key, the secret the workers derive Idempotency-Keys
+with, and the file sink's key. An existing file is never
 replaced: running it again adds the signers that are new and prints the whole configuration.
 """
 
@@ -33,6 +34,10 @@ class KeySet:
         return self.directory / "fingerprint.key"
 
     @property
+    def idempotency_key(self) -> Path:
+        return self.directory / "idempotency.key"
+
+    @property
     def file_key(self) -> Path:
         return self.directory / "file.key"
 
@@ -53,6 +58,7 @@ relays = [{relays}]
 
 [engine]
 fingerprint_key_file = "{self.fingerprint_key}"
+idempotency_key_file = "{self.idempotency_key}"  # workers only
 
 # For the encrypted file sink: key_file = "{self.file_key}"
 """
@@ -74,7 +80,7 @@ def init_keys(directory: Path, signers: list[str], operators: tuple[str, ...] = 
         keys.public[name] = public_text(key.public_key())
         if raw not in operators:
             keys.relays.append(name)
-    for path, kind in ((keys.fingerprint_key, "hmac"), (keys.file_key, "fernet")):
+    for path, kind in ((keys.fingerprint_key, "hmac"), (keys.idempotency_key, "hmac"), (keys.file_key, "fernet")):
         if path.exists():
             keys.kept.append(path)
         else:

@@ -6,7 +6,8 @@ stderr is a terminal. Levels are kept: a worker never turns an info line into a 
 
 A processor drops any value that is a `Secret`, as a last guard: secrets are never passed to a
 logger on purpose. Every URL in a log line, ours or a library's (httpx logs each request's URL at
-INFO), has its credentials redacted as `user:***@`.
+INFO), has its credentials redacted as `user:***@`, and the Idempotency-Key of a stored-answer
+path (it reads the live secret) as `{IdempotencyKey}`.
 
 structlog (with its console renderer) is imported on the first log call, not at start-up: a
 command that logs nothing, such as `rotator scan --json`, does not pay for it.
@@ -37,7 +38,7 @@ def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
 
 def _redact_urls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name, value in list(event.items()):
-        if isinstance(value, str) and "@" in value:
+        if isinstance(value, str):
             event[name] = redact_urls_in(value)
     return event
 
@@ -50,8 +51,9 @@ class RedactUrls(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):
             return True
-        if "@" in message:
-            record.msg, record.args = redact_urls_in(message), ()
+        redacted = redact_urls_in(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
         return True
 
 

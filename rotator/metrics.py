@@ -122,37 +122,49 @@ def scrape_host(name: str) -> bool:
     return True
 
 
-def serve(settings: Settings, port: int, host: str = "127.0.0.1", cache_s: float = 30.0) -> Any:
-    """Start the endpoint in a background thread (on 127.0.0.1 unless told otherwise); returns the
-    server. It answers only to a Host that is an IP address or a loopback name (421 otherwise), so
-    a web page elsewhere cannot read it through DNS rebinding; Prometheus scrapes by address."""
-    import socket
-    import threading
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
+class MetricsServer:
+    """The endpoint running in a background thread; `shutdown()` stops it and frees the port."""
 
-    from prometheus_client import make_wsgi_app
-    from prometheus_client.exposition import ThreadingWSGIServer
+    def __init__(self, server: Any, thread: threading.Thread, sock: Any) -> None:
+        self._server, self._thread, self._sock = server, thread, sock
+        self.port: int = sock.getsockname()[1]
+
+    def shutdown(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._sock.close()
+
+
+def serve(settings: Settings, port: int, host: str = "127.0.0.1", cache_s: float = 30.0) -> MetricsServer:
+    """Start the endpoint in a background thread (on 127.0.0.1 unless told otherwise). It answers
+    only to a Host that is an IP address or a loopback name (421 otherwise), so a web page elsewhere
+    cannot read it through DNS rebinding (Prometheus scrapes by address), and runs under the status
+    page's limits (rotator.web.limits: read time-out, connection cap, no request body)."""
+    from prometheus_client import make_asgi_app
 
     from rotator.runtime import build_state
-    from rotator.web.guard import host_name
+    from rotator.web.guard import Receive, Scope, Send, host_name
+    from rotator.web.limits import Limits, refuse, server
+    from rotator.web.server import listening_socket
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RotatorCollector(settings, build_state(settings), cache_s))
-    app = make_wsgi_app(registry)
+    app = make_asgi_app(registry)
 
-    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
-        if not scrape_host(host_name(environ.get("HTTP_HOST", ""))):
-            start_response("421 Misdirected Request", [("Content-Type", "text/plain; charset=utf-8")])
-            return [b"this endpoint answers only to an IP address or a loopback name as Host\n"]
-        return app(environ, start_response)
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if scrape_host(host_name(headers.get("host", ""))):
+            await app(scope, receive, send)
+            return
+        await refuse(send, 421, "this endpoint answers only to an IP address or a loopback name as Host\n")
 
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    class Server(ThreadingWSGIServer):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    httpd = make_server(host, port, guarded, Server, handler_class=Quiet)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
+    sock = listening_socket(host, port)
+    running = server(guarded, Limits.of(settings))
+    thread = threading.Thread(target=running.run, kwargs={"sockets": [sock]}, daemon=True, name="metrics")
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not running.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return MetricsServer(running, thread, sock)

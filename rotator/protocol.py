@@ -144,6 +144,12 @@ def public_name(idempotency_key: str) -> str:
     return "a2-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
 
 
+def derivation_id(mac: bytes) -> str:
+    """Names the secret Idempotency-Keys are derived with, in the attempt records, so a record
+    derived with another one is never sent under a different key; says nothing about the secret."""
+    return "k1-" + hmac.new(mac, b"rotator-idempotency-secret-id", hashlib.sha256).hexdigest()[:16]
+
+
 def idempotency_key(mac: bytes, ref: KeyRef, replaced: Generation, epoch: int, action: str = "reset") -> str:
     """The reset's (or a successor's create's) Idempotency-Key: 35 characters of [a-z0-9-], keyed so
     nobody can predict it; a create's never equals a reset's of the same generation."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import getpass
+import hashlib
+import hmac
 import os
 
 from rotator.config import Settings, read_credential
 from rotator.engine import Engine
+from rotator.errors import PermanentError
 from rotator.events import LogPublisher
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice import build_keyservice
@@ -20,6 +23,18 @@ def build_fingerprinter(settings: Settings) -> Fingerprinter:
     return Fingerprinter(
         read_credential(engine.fingerprint_key_env, engine.fingerprint_key_file, "fingerprint key")
     )
+
+
+def build_idempotency_secret(settings: Settings) -> bytes | None:
+    """The workers' own secret for the Idempotency-Keys (None: not configured, derived from the
+    fingerprint key as before the setting existed)."""
+    engine = settings.engine
+    if engine.idempotency_key_env is None and engine.idempotency_key_file is None:
+        return None
+    raw = read_credential(engine.idempotency_key_env, engine.idempotency_key_file, "Idempotency-Key secret").encode()
+    if len(raw) < 16:
+        raise PermanentError("the Idempotency-Key secret must be at least 16 bytes")
+    return hmac.new(raw, b"rotator-derive\x00idempotency-key", hashlib.sha256).digest()
 
 
 def build_sinks(settings: Settings, fingerprint: Fingerprinter | None = None) -> list[SecretSink]:
@@ -40,6 +55,7 @@ def build_engine(settings: Settings, publisher: EventPublisher | None = None, ac
         sink_retry_s=settings.engine.sink_retry_s, verify=settings.engine.verify,
         lock_ttl_s=settings.state.lock_ttl_s, actor=actor or _whoami(), clients=settings.keyservice.clients,
         horizon_s=settings.engine.in_doubt_horizon_s, window=settings.policy.rotation_window(),
+        idempotency_secret=build_idempotency_secret(settings),
     )
     return engine
 

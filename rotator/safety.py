@@ -84,8 +84,17 @@ def redact_url(url: object) -> str:
 
 
 def redact_urls_in(text: str) -> str:
-    """Every URL inside a text (a log line, an error) with its credentials redacted."""
-    return _USERINFO_RE.sub(_redacted_userinfo, text) if "@" in text else text
+    """Every URL inside a text (a log line, an error) with its credentials redacted, and the
+    Idempotency-Key of a stored-answer path (`…/responses/<key>`, which reads the live secret)
+    replaced by `{IdempotencyKey}`."""
+    if "@" in text:
+        text = _USERINFO_RE.sub(_redacted_userinfo, text)
+    if "responses/" in text:
+        text = _STORED_ANSWER_RE.sub(r"\1{IdempotencyKey}", text)
+    return text
+
+
+_STORED_ANSWER_RE: Final = re.compile(r"(/responses/+)[^/\s\"'?#]+")
 
 
 def _redacted_userinfo(match: re.Match[str]) -> str:

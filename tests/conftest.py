@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,20 @@ def write_config(path: Path, keyservice_url: str, redis_url: str, *, clients: li
     path.write_text(f'[keyservice]\nurl = "{keyservice_url}"\n{listed}[state]\nredis_url = "{redis_url}/0"\n'
                     f'[celery]\nbroker_url = "{redis_url}/1"\n[[sinks]]\n{sinks}\n')
     return path
+
+
+def redis_text(client: Any, match: str = "*") -> str:
+    """Every key matching `match` with its value read by type, as text: what a leak test searches.
+    (DUMP's serialisation may LZF-compress a value, which hides a string inside it.)"""
+    parts: list[str] = []
+    for key in client.scan_iter(match):
+        kind = client.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        value: object = {"string": client.get, "hash": client.hgetall, "set": client.smembers,
+                         "list": lambda k: client.lrange(k, 0, -1), "zset": lambda k: client.zrange(k, 0, -1),
+                         "stream": lambda k: client.xrange(k)}.get(kind, lambda k: f"<{kind}>")(key)
+        parts.append(f"{key!r} {value!r}")
+    return "\n".join(parts)
 
 
 @pytest.fixture

@@ -162,6 +162,7 @@ LIES = {
     "reset_secret_in_environment": "the reset answer puts the secret in Environment",
     "reset_secret_in_alias": "the reset answer puts the secret in Alias",
     "replay_secret_in_alias": "the reset answer is cut; the stored answer puts the secret in Alias",
+    "replay_unavailable": "the reset answer is cut; the stored answer's endpoint answers 503 naming its URL",
     "double_gzip_listing": "the listing comes gzip inside gzip (Content-Encoding: gzip, gzip)",
     "pages_alternating": "pages alternate between the two keys, X-Number-Of-Pages: 1000",
     "get_keeps_old_dates": "a reset answers with the new LastResetDate, but gets and listings keep the old one",
@@ -201,6 +202,7 @@ class LyingKeyService:
         self.resets: list[str] = []  # key ids, one per reset that ran
         self.stored: dict[str, tuple[str, int, bytes]] = {}  # idempotency key -> (path, status, body)
         self.issued: list[str] = []  # every secret this service handed out
+        self.idempotency_keys: list[str] = []  # every key a write or a replay came with: each reads a secret
         self._lock = threading.Lock()
 
     def _new_secret(self) -> str:
@@ -258,6 +260,9 @@ class LyingKeyService:
             return self._reset(path, path.removeprefix(prefix).removesuffix("/reset"),
                                request.headers.get("Idempotency-Key", ""))
         if path.startswith("/v2.01/acme/responses/") and request.method == "GET":
+            self.idempotency_keys.append(path.rsplit("/", 1)[1])
+            if self.lie == "replay_unavailable":  # a gateway's page, naming what was asked
+                return self._error(503, "internal_error", f"upstream unavailable for {path}")
             stored = self.stored.get(path.rsplit("/", 1)[1])
             if stored is None:
                 return self._error(404, "ressource_not_found", "nothing stored")
@@ -291,6 +296,7 @@ class LyingKeyService:
         return json_reply(rows, headers=headers)
 
     def _reset(self, path: str, key_id: str, idempotency_key: str) -> Reply:
+        self.idempotency_keys.append(idempotency_key)
         if idempotency_key in self.stored:
             stored_path, status, body = self.stored[idempotency_key]
             if stored_path != path:
@@ -323,7 +329,7 @@ class LyingKeyService:
         self.stored[idempotency_key] = (path, 200, body)  # what a replay returns: the whole answer
         if self.lie == "replay_secret_in_alias":
             return Reply(200, body[: len(body) // 2], {"Content-Type": "application/json"})
-        if self.lie == "reset_cut":
+        if self.lie in ("reset_cut", "replay_unavailable"):
             return Reply(200, body[: len(body) // 2], {"Content-Type": "application/json"})
         if self.lie == "reset_not_json":
             return Reply(200, b"<html>upstream says hi</html>", {"Content-Type": "text/html"})

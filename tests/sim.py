@@ -225,6 +225,7 @@ class FakeKeyService:
         self.keys: dict[str, FakeKey] = {}
         self.stored: dict[str, tuple[float, str, int, IssuedKey | None]] = {}  # ik -> (date, key, status, answer)
         self.pending: set[str] = set()  # Idempotency-Keys whose call is running at the origin
+        self.keys_seen: set[str] = set()  # every Idempotency-Key that reached the service (none may leak)
         self.issued: dict[str, tuple[float, str, int, IssuedKey | None]] = {}
         self.previous: dict[str, tuple[int | None, float]] = {}  # key -> (LastResetDate before, when)
         self.ledger: list[tuple[str, Generation, str]] = []  # (key id, generation replaced, ik)
@@ -328,10 +329,12 @@ class FakeKeyService:
         """The key service's answers over the wire: the idempotent POSTs and the responses endpoint."""
         parts = request.url.path.split("/")[3:]  # after /v2.01/sim
         if request.method == "GET" and parts[0] == "responses":
+            self.keys_seen.add(parts[1])
             return self._stored_response(parts[1])
         if request.method == "GET":
             return self._read_key(parts[1])
         ik = request.headers["Idempotency-Key"]
+        self.keys_seen.add(ik)
         if parts[-1] == "reset":
             key_id = parts[1]
             seen = self.keys[key_id].generation if key_id in self.keys else Generation(0, 0)
@@ -627,6 +630,7 @@ class FakeState:
         self.locks: dict[str, tuple[str, float, Worker | None]] = {}
         self.leases: list[FakeLease] = []
         self.records: dict[KeyRef, AttemptRecord] = {}
+        self.written: list[str] = []  # every record as stored (JSON, as in Redis): searched for leaks
         self.epochs: dict[KeyRef, tuple[str, int]] = {}
         self.last: dict[KeyRef, dict[str, Any]] = {}
         self.stored_slots: dict[KeyRef, dict[str, Any]] = {}
@@ -686,7 +690,9 @@ class FakeState:
     def save_attempt(self, attempt: AttemptRecord, lease: FakeLease) -> None:
         self._fenced(lease, f"save {attempt.key_id} {attempt.phase}")
         if not self._lose():
-            self.records[attempt.ref] = attempt
+            stored = json.dumps(attempt.to_dict())  # what Redis holds; read back as a worker would
+            self.written.append(stored)
+            self.records[attempt.ref] = AttemptRecord.from_dict(json.loads(stored))
 
     def get_attempt(self, ref: KeyRef) -> AttemptRecord | None:
         self.sim.point(f"redis get {ref.key_id}")
@@ -732,6 +738,11 @@ class FakeState:
 
 
 # --- one run -------------------------------------------------------------------------------------
+def key_of(sim: Sim, record: AttemptRecord) -> str:
+    """The Idempotency-Key a record stands for, derived as every worker derives it."""
+    return engine_for(sim, "invariants")._key_of(record)
+
+
 def engine_for(sim: Sim, actor: str) -> Engine:
     policy = Policy(strategy="overlap", overlap_grace_s=GRACE_S) if sim.overlap else Policy()
     return Engine(sim.service, list(sim.sinks), sim.state, sim.events, FP, policy, sink_retry_s=5.0,
@@ -873,7 +884,7 @@ def covered_or_alarmed(sim: Sim) -> None:
         owners = {key_id} | {replaced for replaced, _, _, new in sim.service.creates if new == key_id}
         records = [r for r in sim.state.records.values() if r.key_id in owners]
         alarmed = any(e.name == "rotation.secret_at_risk" and e.key_id in owners for e in sim.events.events)
-        if not any(r.idempotency_key in issuers for r in records) and not alarmed:
+        if not any(key_of(sim, r) in issuers for r in records) and not alarmed:
             raise Violation(f"seed {sim.seed}: the live secret of {key_id} is not in every sink, and neither its "
                             "attempt record nor a critical event says so")
 
@@ -888,7 +899,7 @@ def unstored(sim: Sim) -> list[str]:
 
 def check_delete(sim: Sim, record: AttemptRecord) -> None:
     """No attempt record is deleted while the live secret its reset issued is in no sink."""
-    found = sim.service.issued.get(record.idempotency_key)
+    found = sim.service.issued.get(key_of(sim, record))
     if found is None or found[2] != 200 or found[3] is None:
         return
     if sim.now - found[0] >= REPLAY_TTL_S and "rotation.secret_at_risk" in [
@@ -933,6 +944,11 @@ def check(sim: Sim) -> None:
     blob = "\n".join(texts)
     if any(s in blob for s in secrets):
         raise Violation(f"seed {sim.seed}: a secret reached an event, a result or the history")
+    # An Idempotency-Key reads the live secret from the stored answer for a day: as secret.
+    blob += "\n".join(sim.state.written)
+    if leaked := [ik for ik in sim.service.keys_seen if ik in blob]:
+        raise Violation(f"seed {sim.seed}: {len(leaked)} Idempotency-Keys reached an event, a result, the history "
+                        "or an attempt record")
 
 
 def main(argv: list[str] | None = None) -> int:

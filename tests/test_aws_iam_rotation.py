@@ -60,6 +60,7 @@ from rotator.sinks import registry
 from rotator.state import RedisState
 from tests import test_aws_iam
 from tests.aws_helpers import CuttingQueryProxy, QueryFaultProxy
+from tests.conftest import redis_text
 from tests.test_aws_iam import DAY, FakeTime, client, statuses, writer
 from tests.test_engine import FP
 from tests.test_overlap import Clock
@@ -545,9 +546,9 @@ def test_the_new_secret_is_in_no_log_event_result_or_state(
         assert statuses(rig.iam, user) == {new: "Active"}
         secret = holds_successor(rig, user, new)
         metadata = json.dumps(rig.sinks[1].metadata(rig.key(new)), default=str)
-        redis_dump = [(k, state.client.dump(k)) for k in state.client.scan_iter(f"{state.ns}:*")]
+        redis_dump = redis_text(state.client, f"{state.ns}:*")
         out, err = capfd.readouterr()
-        blob = "\n".join([caplog.text, out, err, metadata, repr(redis_dump), json.dumps(state.history(100)),
+        blob = "\n".join([caplog.text, out, err, metadata, redis_dump, json.dumps(state.history(100)),
                           json.dumps([r.to_dict() for r in rig.results]),
                           json.dumps([e.to_dict() for e in rig.events.events])])
         assert "rotation.finished" in blob and new in blob and len(redis_dump) > 0

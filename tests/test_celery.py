@@ -28,7 +28,7 @@ from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
 from rotator.keyservice.http import HttpKeyService
 from rotator.sinks import registry
-from tests.conftest import FP_KEY, TOKEN
+from tests.conftest import FP_KEY, TOKEN, redis_text
 from tests.signed import local_signer, publishing_as
 from tests.vault_server import VaultTestServer
 
@@ -68,7 +68,8 @@ class Cluster:
         self.db.flushall()
         self.env = {**os.environ, "ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": FP_KEY,
                     "ROTATOR_FILE_KEY": Fernet.generate_key().decode(), "VAULT_TOKEN": vault_token,
-                    "ROTATOR_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1", "HOOK_SECRET": "hook-secret-1"}
+                    "ROTATOR_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1", "HOOK_SECRET": "hook-secret-1",
+                    "ROTATOR_IDEMPOTENCY_KEY": "workers-own-idempotency-secret"}
         self.config = tmp / "rotator.toml"
         broker = broker or f'broker_url = "{redis_url}/1"\nresult_backend = "{redis_url}/2"'
         self.config.write_text(f"""
@@ -90,6 +91,7 @@ visibility_timeout_s = 600
 concurrency = 2
 [engine]
 sink_retry_s = 30
+idempotency_key_env = "ROTATOR_IDEMPOTENCY_KEY"
 [[sinks]]
 kind = "file"
 {chr(10).join(f"{k} = {json.dumps(v)}" for k, v in self.file.items())}
@@ -143,9 +145,7 @@ kind = "vault"
         for db in (0, 1, 2):
             conn = self.db.connection_pool.connection_kwargs
             r = redis.Redis(host=conn["host"], port=conn["port"], db=db)
-            for key in r.scan_iter("*"):
-                parts.append(repr(key))
-                parts.append(repr(r.dump(key)))
+            parts.append(redis_text(r))
         return "\n".join(parts)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rotator.cli import app
-from rotator.config import load_settings
-from rotator.errors import ConfigError
+from rotator.config import config_warnings, load_settings, settings_from_mapping
+from rotator.errors import ConfigError, PermanentError
 
 VALID = """
 [keyservice]
@@ -50,6 +51,7 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.fixture
 def file_key(env: pytest.MonkeyPatch) -> None:
     env.setenv("ROTATOR_FILE_KEY", "x" * 43 + "=")
+    env.setenv("ROTATOR_IDEMPOTENCY_KEY", "i" * 32)
 
 
 def test_valid_file_loads(tmp_path: Path, file_key: None) -> None:
@@ -178,6 +180,8 @@ broker_url = "amqp://rotator@127.0.0.1:5672/rotator"
 password_env = "ROTATOR_FILE_KEY"
 visibility_timeout_s = 60
 {extra}
+[engine]
+idempotency_key_env = "ROTATOR_IDEMPOTENCY_KEY"
 [state]""")
 
 
@@ -226,3 +230,33 @@ def test_quorum_queues_settings(tmp_path: Path, file_key: None) -> None:
     redis_conf = _celeryconf(write(tmp_path, VALID))
     assert redis_conf["broker_transport_options"] == {"visibility_timeout": 3600}
     assert redis_conf["task_default_queue"] == "rotator" and "task_default_queue_type" not in redis_conf
+
+
+def test_idempotency_keys_derive_from_a_secret_only_the_workers_hold(tmp_path: Path) -> None:
+    """`rotator keys init` makes the workers' Idempotency-Key secret; with it the keys no longer
+    derive from the fingerprint key (which a live page holds); without it check-config warns, and
+    a secret under 16 bytes is refused."""
+    from rotator.keys import init_keys
+    from rotator.protocol import derivation_id
+    from rotator.runtime import build_fingerprinter, build_idempotency_secret
+
+    keys = init_keys(tmp_path / "keys", ["worker"])
+    assert keys.idempotency_key in keys.made and keys.idempotency_key.stat().st_mode & 0o777 == 0o600
+    engine = tomllib.loads(keys.config())["engine"]
+    base: dict[str, Any] = {"keyservice": {"kind": "emulator"}, "sinks": [{"kind": "memory"}]}
+    own = settings_from_mapping({**base, "engine": engine}, environ={})
+    shared = settings_from_mapping({**base, "engine": {"fingerprint_key_file": engine["fingerprint_key_file"]}},
+                                   environ={})
+    assert "engine.idempotency_key_file" in [w.key for w in config_warnings(shared, "f")]
+    assert "engine.idempotency_key_file" not in [w.key for w in config_warnings(own, "f")]
+    secret = build_idempotency_secret(own)
+    assert secret is not None and build_idempotency_secret(shared) is None
+    assert derivation_id(secret) != derivation_id(build_fingerprinter(own).derive(b"idempotency-key"))
+    (tmp_path / "short").write_text("only-15-bytes!!")
+    short = settings_from_mapping({**base, "engine": {**engine, "idempotency_key_file": str(tmp_path / "short")}},
+                                  environ={})
+    with pytest.raises(PermanentError, match="at least 16 bytes"):
+        build_idempotency_secret(short)
+    with pytest.raises(ConfigError, match="idempotency_key_file"):
+        settings_from_mapping({**base, "engine": {**engine, "idempotency_key_file": str(tmp_path / "gone")}},
+                              environ={})

@@ -39,7 +39,8 @@ def test_examples_validate(example: Path, monkeypatch: pytest.MonkeyPatch) -> No
     from rotator.config import settings_from_mapping
 
     data = tomllib.loads(example.read_text())
-    env = {"ROTATOR_KEYSERVICE_TOKEN": "x", "ROTATOR_FINGERPRINT_KEY": "x" * 32, "VAULT_TOKEN": "x",
+    env = {"ROTATOR_KEYSERVICE_TOKEN": "x", "ROTATOR_FINGERPRINT_KEY": "x" * 32, "ROTATOR_IDEMPOTENCY_KEY": "i" * 32,
+           "VAULT_TOKEN": "x",
            "VAULT_ROLE_ID": "x", "VAULT_SECRET_ID": "x", "ROTATOR_FILE_KEY": "x", "ROTATOR_WEBHOOK_SECRET": "x",
            "AWS_REGION": "eu-west-1", "ROTATOR_REDIS_PASSWORD": "x",
            "ROTATOR_RABBITMQ_PASSWORD": "x"}

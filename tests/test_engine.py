@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from rotator import logs
-from rotator.domain import KeyRef, Secret
+from rotator.domain import KeyRef, Replay, Secret
 from rotator.engine import Engine
+from rotator.errors import RefusedError
 from rotator.events import CapturePublisher
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice.emulator import Emulator, Fault
@@ -21,7 +22,7 @@ from rotator.keyservice.http import HttpKeyService
 from rotator.policy import Policy
 from rotator.sinks import registry
 from rotator.state import RedisState
-from tests.conftest import FP_KEY
+from tests.conftest import FP_KEY, redis_text
 from tests.vault_server import VaultTestServer
 
 FP = Fingerprinter(FP_KEY)
@@ -123,7 +124,7 @@ def test_every_reset_answers_500_is_in_doubt_until_the_horizon_then_sent_again_w
     emulator.clear_faults()
     time.sleep(0.6)
     assert [r.status for r in engine.recover_all()] == ["recovered"]
-    assert [e.idempotency_key for e in emulator.ledger] == [record.idempotency_key]
+    assert [e.idempotency_key for e in emulator.ledger] == [engine._key_of(record)]
     assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
     assert state.attempts() == [] and "rotation.secret_at_risk" not in events.names()
 
@@ -136,12 +137,78 @@ def plant(engine: Engine, state: RedisState, ref: KeyRef, keyservice: HttpKeySer
 
     key = keyservice.get_key(ref.client_id, ref.key_id)
     now = state.now() if since is None else since
-    record = AttemptRecord(ref.client_id, ref.key_id, "crashed-worker-attempt", idempotency_key(
-        engine._ik_mac, ref, key.generation, 0), str(key.generation), 0, trigger, now, "resetting", now)
+    record = AttemptRecord(ref.client_id, ref.key_id, "crashed-worker-attempt", str(key.generation), 0, trigger,
+                           now, "resetting", now, derived_with=engine._ik_id)
+    assert engine._key_of(record) == idempotency_key(engine._ik_mac, ref, key.generation, 0)
     lease = state.acquire(f"key:{ref}", 5)
     state.save_attempt(record, lease)
     lease.release()
     return record
+
+
+def test_a_record_an_older_version_wrote_is_settled_with_the_key_it_holds(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
+) -> None:
+    """Upgrade: a record as versions before this one wrote it holds the Idempotency-Key itself. The
+    reset under it ran and its answer was lost with the worker; the upgraded worker settles it with
+    that very key (one reset, the secret stored) and nothing of the key is left in Redis."""
+    from rotator.state import _SAVE_FENCED
+
+    sink = memory()
+    engine, _ = make_engine(keyservice, state, [sink])
+    ref = KeyRef("acme", seeded["due"])
+    key = keyservice.get_key(ref.client_id, ref.key_id)
+    ik = "r2-" + "5" * 32  # whatever the older version derived: it is used as stored
+    now = state.now()
+    older = {"client_id": ref.client_id, "key_id": ref.key_id, "attempt_id": "older-worker", "idempotency_key": ik,
+             "generation": str(key.generation), "epoch": 0, "trigger": "schedule", "started_at": now,
+             "phase": "resetting", "since": now, "issued_generation": None, "fingerprint": None, "action": "reset",
+             "issued_key_id": None, "replaces": None, "doubt_since": 0.0}
+    lease = state.acquire(f"key:{ref}", 5)
+    assert state.client.eval(_SAVE_FENCED, 3, lease.name, state._k("attempt", str(ref)), state._k("attempts"),
+                             lease.token, str(ref), json.dumps(older))
+    lease.release()
+    keyservice.reset_key(ref.client_id, ref.key_id, ik)  # the answer died with the older worker
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
+    assert [e.idempotency_key for e in emulator.ledger] == [ik]
+    assert holds_current(sink, emulator, ref.client_id, ref.key_id, keyservice)
+    assert state.attempts() == [] and ik not in redis_text(state.client)
+
+
+def test_a_record_this_version_writes_is_left_in_doubt_by_an_older_one(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
+) -> None:
+    """During a rolling upgrade an older worker reads this version's record: its `idempotency_key`
+    is empty (without the field it would read the record as the first protocol's and might reset
+    afresh), and an empty key is neither sent nor replayed, so the older worker leaves the attempt
+    in doubt for an upgraded one; the new fields say how to derive the key again."""
+    engine, _ = make_engine(keyservice, state, [memory()])
+    record = plant(engine, state, KeyRef("acme", seeded["due"]), keyservice)
+    stored = json.loads(state.client.get(state._k("attempt", str(record.ref))))
+    assert stored["idempotency_key"] == "" and stored["derived_with"] == engine._ik_id
+    assert stored["generation"] == record.generation and stored["epoch"] == 0
+    assert keyservice.replay("acme", seeded["due"], "").kind is Replay.UNKNOWN
+    with pytest.raises(RefusedError, match="nothing was sent"):
+        keyservice.reset_key("acme", seeded["due"], "")
+    assert emulator.idempotency_keys() == [] and emulator.ledger == []
+
+
+def test_a_record_derived_with_another_secret_waits_for_it(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
+) -> None:
+    """The workers' Idempotency-Key secret changed while an attempt was in flight: that record is
+    never sent under the new secret's key (a second reset of the generation); it waits, saying why,
+    and settles once the earlier secret is back."""
+    sink = memory()
+    before, _ = make_engine(keyservice, state, [sink])
+    record = plant(before, state, KeyRef("acme", seeded["due"]), keyservice)
+    keyservice.reset_key("acme", seeded["due"], before._key_of(record))  # ran; the answer was lost
+    after, _ = make_engine(keyservice, state, [sink], idempotency_secret=b"another-secret-of-the-workers")
+    [waiting] = after.recover_all()
+    assert waiting.status == "in_doubt" and "derived with another secret" in waiting.reason, waiting.reason
+    assert len(emulator.ledger) == 1 and len(state.attempts()) == 1
+    assert [r.status for r in before.recover_all()] == ["recovered"]
+    assert len(emulator.ledger) == 1 and holds_current(sink, emulator, "acme", seeded["due"], keyservice)
 
 
 def test_crash_after_reset_before_store_is_recovered_by_replay(
@@ -151,7 +218,7 @@ def test_crash_after_reset_before_store_is_recovered_by_replay(
     sink = memory()
     engine, events = make_engine(keyservice, state, [sink])
     record = plant(engine, state, KeyRef("acme", seeded["due"]), keyservice)
-    keyservice.reset_key("acme", seeded["due"], record.idempotency_key)  # the answer dies with the process
+    keyservice.reset_key("acme", seeded["due"], engine._key_of(record))  # the answer dies with the process
     results = engine.recover_all()
     assert [r.status for r in results] == ["recovered"]
     assert len(emulator.ledger) == 1
@@ -172,7 +239,7 @@ def test_attempt_whose_reset_never_ran_is_sent_again_with_the_same_key_after_the
     assert [r.status for r in engine.recover_all()] == ["in_doubt"]
     time.sleep(0.4)
     assert [r.status for r in engine.recover_all()] == ["recovered"]
-    assert [e.idempotency_key for e in emulator.ledger] == [record.idempotency_key]
+    assert [e.idempotency_key for e in emulator.ledger] == [engine._key_of(record)]
     assert holds_current(sink, emulator, "acme", seeded["young"], keyservice) and state.attempts() == []
 
 
@@ -183,7 +250,7 @@ def test_replay_expired_resets_afresh_with_critical_event(
     sink = memory()
     engine, events = make_engine(keyservice, state, [sink], horizon_s=0.0)
     record = plant(engine, state, KeyRef("acme", seeded["due"]), keyservice)
-    keyservice.reset_key("acme", seeded["due"], record.idempotency_key)
+    keyservice.reset_key("acme", seeded["due"], engine._key_of(record))
     emulator.clock_offset_s = 25 * 3600
     results = engine.recover_all()
     assert [r.status for r in results] == ["succeeded"]
@@ -305,19 +372,28 @@ def test_secret_canary_in_process(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str],
     caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """Fault 7 (in-process): at DEBUG, the new secret is in no log, Redis value, event or result."""
+    """Fault 7 (in-process): at DEBUG, the new secret is in no log, Redis value, event or result; nor
+    is any Idempotency-Key (it reads the secret from the stored answer), even while the replay of
+    that answer fails and the attempt waits in doubt."""
     logs.configure("DEBUG", json_lines=True)
     caplog.set_level(logging.DEBUG)
     engine, events = make_engine(keyservice, state, [memory()])
     emulator.add_fault(Fault(method="POST", path="/reset$", drop="after"))
-    result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
+    emulator.add_fault(Fault(method="GET", path="/responses/", status=503, times=100))
+    doubt = engine.rotate(KeyRef("acme", seeded["due"]), trigger="test")
+    assert doubt.status == "in_doubt" and "replay of the stored answer failed: 503" in doubt.reason
+    waiting = redis_text(state.client)  # the in-doubt record, as it waits
+    emulator.clear_faults()
+    [result] = engine.recover_all()
     secret = emulator.current_secret("acme", seeded["due"])
-    redis_dump = [(k, state.client.dump(k)) for k in state.client.scan_iter("*")]
+    redis_dump = redis_text(state.client)
     out, err = capfd.readouterr()
-    blob = "\n".join([caplog.text, out, err, json.dumps(result.to_dict()), repr(redis_dump),
-                      json.dumps([e.to_dict() for e in events.events])])
-    assert result.status == "succeeded" and len(redis_dump) > 0
+    blob = "\n".join([caplog.text, out, err, json.dumps(doubt.to_dict()), json.dumps(result.to_dict()), waiting,
+                      redis_dump, json.dumps(state.history(50)), json.dumps([e.to_dict() for e in events.events])])
+    assert result.status == "recovered" and "in_doubt" in waiting and len(redis_dump) > 0
     assert secret not in blob
+    [ik] = emulator.idempotency_keys()
+    assert ik not in blob and f"responses/{ik}" not in blob
     assert repr(Secret(secret)) == "Secret('**********')"
     logs.configure("WARNING")
 

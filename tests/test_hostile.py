@@ -23,7 +23,7 @@ import pytest
 import redis
 from cryptography.fernet import Fernet
 
-from tests.conftest import FP_KEY
+from tests.conftest import FP_KEY, redis_text
 from tests.hostile_server import TOKEN, LyingKeyService, RawServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,7 @@ class World:
     sink_root: Path
     fernet: Fernet
     env: dict[str, str]
+    redis_url: str
 
     def cli(self, *args: str, timeout: float = 60.0) -> Run:
         started = time.monotonic()
@@ -106,7 +107,7 @@ dir = "{sink_root}"
         env.update({"ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": FP_KEY,
                     "ROTATOR_FILE_KEY": file_key.decode(), "COLUMNS": "200", "PYTHONPATH": str(ROOT),
                     "XDG_STATE_HOME": str(tmp_path / "state")})
-        yield World(service, server, config, tmp_path, sink_root, Fernet(file_key), env)
+        yield World(service, server, config, tmp_path, sink_root, Fernet(file_key), env, f"{redis_url}/0")
 
 
 def check_run(w: World, run: Run, before: dict[str, bytes | str], deadline_s: float) -> None:
@@ -114,6 +115,8 @@ def check_run(w: World, run: Run, before: dict[str, bytes | str], deadline_s: fl
     for secret in w.service.issued:
         assert secret not in printed, "a secret was printed"
         assert secret[5:25] not in printed, "part of a secret was printed"
+    for key in w.service.idempotency_keys:  # each reads a live secret from the stored answer
+        assert key not in printed, "an Idempotency-Key was printed"
     assert not CONTROL.search(printed), f"raw control characters printed: {CONTROL.findall(printed)[:5]}"
     assert "Traceback" not in printed, run.err[-2000:]
     assert w.outside() == before, "something was written outside the sink root"
@@ -151,6 +154,7 @@ CASES = [
     Case("reset_secret_in_environment", 0, 1, 1, False, "'Environment' must be"),
     Case("reset_secret_in_alias", 0, 1, 1, False, "repeats its Secret"),
     Case("replay_secret_in_alias", 0, 1, 1, False, "repeats its Secret"),
+    Case("replay_unavailable", 0, 1, 1, False, "replay of the stored answer failed: 503"),
     Case("double_gzip_listing", 1, 1, 0, False, "Content-Encoding is not one of gzip or deflate"),
     Case("pages_alternating", 1, 1, 0, False, "twice"),
     Case("dates_in_ms", 1, 1, 0, False, "'LastResetDate' is not a date"),
@@ -181,6 +185,12 @@ def test_cli_against_a_lying_key_service(case: Case, tmp_path: Path, redis_serve
         else:
             assert doc is None
         assert w.stored("key_young") is None, "a secret was stored under another key"
+        status = w.cli("status", "--history")
+        check_run(w, status, before, case.deadline_s)
+        with redis.Redis.from_url(w.redis_url) as r:
+            stored = redis_text(r)
+        assert not [s for s in w.service.issued if s in stored], "a secret is in Redis"
+        assert not [k for k in w.service.idempotency_keys if k in stored], "an Idempotency-Key is in Redis"
 
 
 def test_a_gzip_bomb_is_not_read_whole(tmp_path: Path, redis_server: str) -> None:

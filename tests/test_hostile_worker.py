@@ -1,5 +1,5 @@
-"""A real Celery worker against a lying key service: whatever the answer, no secret reaches the
-result backend, a log line or Redis, nothing is stored under another key, and the task's stored
+"""A real Celery worker against a lying key service: whatever the answer, no secret (nor an
+Idempotency-Key, which reads one) reaches the result backend, a log line or Redis, nothing is stored under another key, and the task's stored
 failure (when one is stored) is rotator's own sanitised one."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 __all__ = ["vault"]  # the Vault test server fixture, shared with test_celery
 
 
-@pytest.fixture(params=["reset_surrogate_secret", "reset_secret_in_environment", "reset_names_other_key"])
+@pytest.fixture(params=["reset_surrogate_secret", "reset_secret_in_environment", "reset_names_other_key",
+                        "replay_unavailable"])
 def lying(request: pytest.FixtureRequest) -> Iterator[tuple[LyingKeyService, str]]:
     service = LyingKeyService(request.param)
     with RawServer(service.handle) as server:
@@ -53,6 +54,9 @@ def test_a_worker_keeps_every_secret_of_a_lying_key_service_to_itself(
         written = cluster.everything_written() + json.dumps(outcome)
         for secret in service.issued:
             assert secret not in written and secret[:24] not in written
+        assert service.idempotency_keys  # each reads a live secret from the stored answer: as secret
+        for key in service.idempotency_keys:
+            assert key not in written
     finally:
         cluster.stop()
 

@@ -212,7 +212,7 @@ def test_4_fenced_writes_refuse_a_lost_lease_and_a_dead_owner_is_taken_over(
     from rotator.domain import AttemptRecord
 
     ref = KeyRef(CLIENT, "key_fenced")
-    record = AttemptRecord(CLIENT, "key_fenced", "a1", "r2-" + "0" * 32, "1:1", 0, "test", 0.0)
+    record = AttemptRecord(CLIENT, "key_fenced", "a1", "1:1", 0, "test", 0.0)
     old = state.acquire(f"key:{ref}", 60)
     assert old is not None
     state.client.delete(old.name)
@@ -223,7 +223,7 @@ def test_4_fenced_writes_refuse_a_lost_lease_and_a_dead_owner_is_taken_over(
     state.save_attempt(record, new)
     with pytest.raises(LeaseLostError):
         state.delete_attempt(record, old)
-    stranger = AttemptRecord(CLIENT, "key_fenced", "a2", "r2-" + "1" * 32, "1:1", 0, "test", 0.0)
+    stranger = AttemptRecord(CLIENT, "key_fenced", "a2", "1:1", 0, "test", 0.0)
     with pytest.raises(LeaseLostError):  # compare-and-delete: only the record's own attempt deletes it
         state.delete_attempt(stranger, new)
     assert state.get_attempt(ref) == record

@@ -159,8 +159,8 @@ def test_a_key_blocked_past_a_day_raises_the_critical_event(
     ik = idempotency_key(engine._ik_mac, due, key.generation, 0)
     long_ago = state.now() - 2 * DAY
     lease = state.acquire(f"key:{due}", 5)
-    state.save_attempt(AttemptRecord(due.client_id, due.key_id, "two-days-ago", ik, str(key.generation), 0,
-                                     "schedule", long_ago, "in_doubt", long_ago), lease)
+    state.save_attempt(AttemptRecord(due.client_id, due.key_id, "two-days-ago", str(key.generation), 0,
+                                     "schedule", long_ago, "in_doubt", long_ago, derived_with=engine._ik_id), lease)
     lease.release()
     emulator.add_fault(Fault(method="POST", path="/reset$", delay_s=1.5))  # a call with the key runs meanwhile
     running = threading.Thread(target=lambda: keyservice.reset_key(due.client_id, due.key_id, ik))
@@ -227,7 +227,7 @@ def test_a_stored_origin_5xx_spends_the_key_and_the_next_epoch_rotates(
     time.sleep(0.4)
     assert [r.status for r in engine.recover_all()] == ["recovered"]
     [reset] = emulator.ledger
-    assert reset.idempotency_key != record.idempotency_key and state.epoch(due, record.generation) == 1
+    assert reset.idempotency_key != engine._key_of(record) and state.epoch(due, record.generation) == 1
     assert stored_everywhere(sinks, emulator, due, keyservice) and state.attempts() == []
     assert "rotation.secret_at_risk" not in events.names()
     # Then Redis and every sink lose it all: the repair reads past the spent epoch to the next one.
@@ -252,7 +252,7 @@ def test_nothing_stored_past_the_horizon_sends_the_same_key_again(
     [record] = state.attempts()
     time.sleep(0.4)
     assert [r.status for r in engine.recover_all()] == ["recovered"]
-    assert [r.idempotency_key for r in emulator.ledger] == [record.idempotency_key]
+    assert [r.idempotency_key for r in emulator.ledger] == [engine._key_of(record)]
     assert stored_everywhere(sinks, emulator, due, keyservice)
 
 

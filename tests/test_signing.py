@@ -319,7 +319,7 @@ def test_no_forged_message_resets_a_key_or_sends_an_alert(
     for claim in ("ceo-forged-actor", "PAY-ATTACKER", "wire the float"):  # no refused message's free text
         assert claim not in written, claim
 
-    for name in ("ROTATOR_KEYSERVICE_TOKEN", "ROTATOR_FINGERPRINT_KEY", "HOOK_SECRET"):
+    for name in ("ROTATOR_KEYSERVICE_TOKEN", "ROTATOR_FINGERPRINT_KEY", "ROTATOR_IDEMPOTENCY_KEY", "HOOK_SECRET"):
         monkeypatch.setenv(name, cluster.env[name])
     from prometheus_client import generate_latest
     from prometheus_client.registry import CollectorRegistry

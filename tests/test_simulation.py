@@ -95,10 +95,30 @@ def test_it_catches_the_next_epoch_sent_when_nothing_is_stored(monkeypatch: pyte
 def test_it_catches_a_fresh_idempotency_key_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first engine's other bug: a new Idempotency-Key per attempt instead of per generation.
     Once Redis loses the record, nothing can find the answer again: a live secret stays unstored."""
-    import uuid
+    import hashlib
 
-    monkeypatch.setattr("rotator.engine.idempotency_key", lambda *args: "r1-" + uuid.uuid4().hex)
+    monkeypatch.setattr(Engine, "_key_of", lambda self, record: "r1-" + hashlib.sha256(
+        record.attempt_id.encode()).hexdigest()[:32])
     assert first_violation(2000, containing="not stored") is not None
+
+
+def test_it_catches_an_idempotency_key_in_a_replay_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reason of a failed replay once named the stored answer's path, and with it the key that
+    reads the live secret; it went into results, events and the history."""
+    from dataclasses import replace
+
+    from rotator.domain import Replay
+    from rotator.keyservice.http import HttpKeyService
+
+    real = HttpKeyService._replay
+
+    def naming_the_path(self: Any, client_id: str, wanted: str, key: str, judge: Any) -> Any:
+        answer = real(self, client_id, wanted, key, judge)
+        failed = answer.kind is Replay.UNKNOWN
+        return replace(answer, reason=f"{answer.reason} (GET /responses/{key})") if failed else answer
+
+    monkeypatch.setattr(HttpKeyService, "_replay", naming_the_path)
+    assert first_violation(300, "Idempotency-Keys reached") is not None
 
 
 def test_it_catches_a_record_deleted_before_the_read_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,7 +46,7 @@ from rotator.web import source as web_source
 from rotator.web.app import create_app
 from rotator.web.server import WebOptions, build_app, listening_socket, server
 from rotator.web.source import FleetSource, Quiet
-from tests.conftest import FP_KEY
+from tests.conftest import FP_KEY, redis_text
 
 DAY = 86_400
 FP = Fingerprinter(FP_KEY)
@@ -126,7 +126,10 @@ name = "replica"
     emulator.add_fault(Fault(method="POST", path="/reset$", status=403))
     assert both.rotate(KeyRef("acme", keys["billing"]), trigger="schedule").status == "failed"
     emulator.add_fault(Fault(method="POST", path="/reset$", status=500, times=100))
-    assert both.rotate(KeyRef("acme", keys["stuck"]), trigger="schedule").status == "in_doubt"
+    # The replay that would settle it fails too, behind a gateway whose error names the URL.
+    emulator.add_fault(Fault(method="GET", path="/responses/", status=503, times=100))
+    stuck = both.rotate(KeyRef("acme", keys["stuck"]), trigger="schedule")
+    assert stuck.status == "in_doubt" and "replay of the stored answer failed: 503" in stuck.reason, stuck.reason
     emulator.clear_faults()
     return f
 
@@ -202,6 +205,12 @@ def test_json_is_status_json_with_the_counts_and_no_secret(fleet: Fleet, page: s
                                                      f"/api/keys/acme/{fleet.keys['ledger']}")]
     for secret in fleet.secrets():
         assert not any(secret in t or FP(secret) in t for t in texts)
+    # The Idempotency-Keys read the live secrets from the stored answers: as secret as they are.
+    keys_sent = fleet.emulator.idempotency_keys()
+    assert len(keys_sent) >= 4
+    everything = "\n".join([*texts, json.dumps(cli_report), redis_text(fleet.state.client, f"{fleet.state.ns}:*")])
+    for ik in keys_sent:
+        assert ik not in everything and f"responses/{ik}" not in everything
 
 
 def redis_contents(fleet: Fleet) -> dict[bytes, bytes]:
@@ -443,8 +452,8 @@ def test_one_report_at_a_time_and_nothing_else_waits_for_it(fleet: Fleet, monkey
 
 
 def test_healthz_answers_with_every_worker_thread_busy(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """/healthz runs on the event loop: with every worker thread held by slow key pages, the
-    liveness probe still answers at once."""
+    """/healthz runs on the event loop: with every key-page thread held by slow key pages and
+    their waiting line full (the rest refused at once), the liveness probe still answers at once."""
     gate, started = threading.Event(), threading.Event()
     real_key_report = web_source.key_report
 
@@ -459,13 +468,15 @@ def test_healthz_answers_with_every_worker_thread_busy(fleet: Fleet, monkeypatch
         try:
             waiting = [pool.submit(client.get, f"/keys/acme/{fleet.keys['ledger']}") for _ in range(48)]
             assert started.wait(5)
-            time.sleep(0.3)  # the thread pool (40 threads) is taken
+            time.sleep(0.3)  # the key pages' threads are taken, their waiting line full
             asked = time.monotonic()
             assert client.get("/healthz", timeout=2).text == "ok\n"
             assert time.monotonic() - asked < 1
         finally:
             gate.set()
-        assert {f.result().status_code for f in waiting} == {200}
+        codes = Counter(f.result().status_code for f in waiting)
+        assert codes == {200: web_app.KEY_THREADS + web_app.KEY_WAITING,
+                         503: 48 - web_app.KEY_THREADS - web_app.KEY_WAITING}, codes
     source.close()
 
 

@@ -166,7 +166,7 @@ def test_a_409_whose_stored_answer_is_a_refusal_is_a_stored_refusal() -> None:
 @pytest.mark.parametrize(("responses", "why"), [
     (lambda request: httpx.Response(400, json=PUBLISHED_400), "nothing is stored"),  # still running
     (stored(StatusCode="500", Resource={"Type": "internal_error"}), "no secret"),
-    (lambda request: httpx.Response(503, json={"Type": "internal_error"}), "replay failed"),
+    (lambda request: httpx.Response(503, json={"Type": "internal_error"}), "replay of the stored answer failed: 503"),
     (stored(RequestURL=f"/v2.01/{CLIENT}/apikeys/key_other/reset"), "another request"),
 ])
 def test_a_409_without_a_readable_answer_is_in_doubt(responses: Handler, why: str) -> None:
@@ -236,7 +236,9 @@ def test_no_message_of_the_409_path_carries_the_secret_or_the_key_that_reads_it(
         with pytest.raises(InDoubtError) as info:
             adapter(conflict_then(responses)).reset_key(CLIENT, KEY, IDEM)
         said = str(info.value) + json.dumps(info.value.args) + adapter(responses).replay(CLIENT, KEY, IDEM).reason
-        assert SECRET not in said and IDEM not in said and "{IdempotencyKey}" in said
+        assert SECRET not in said and IDEM not in said and "responses/" not in said.replace(
+            "responses/{IdempotencyKey}", "")
+        assert "{IdempotencyKey}" in said or "replay of the stored answer failed: " in said, said
 
 
 def test_an_injected_origin_refusal_obeys_the_key_in_use(emulator: Emulator, emulator_server: Any) -> None:

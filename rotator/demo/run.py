@@ -93,6 +93,7 @@ concurrency = 2
 
 [engine]
 fingerprint_key_file = "{fp_key}"
+idempotency_key_file = "{keys.idempotency_key}"
 sink_retry_s = 30
 
 [signing]

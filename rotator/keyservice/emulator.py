@@ -173,6 +173,7 @@ class Emulator:
         self._faults: list[Fault] = []
         self._ledger: list[LedgerEntry] = []
         self._running: dict[tuple[str, str], threading.Event] = {}
+        self._keys_seen: list[str] = []  # every Idempotency-Key a write was sent with, in order
 
     # --- time, faults, ledger -----------------------------------------------------------
     def now(self) -> int:
@@ -379,6 +380,17 @@ class Emulator:
         if wait_s > 0:
             running.wait(wait_s)
         return False
+
+    def saw_idempotency_key(self, key: str) -> None:
+        with self._lock:
+            if key and key not in self._keys_seen:
+                self._keys_seen.append(key)
+
+    def idempotency_keys(self) -> list[str]:
+        """Every Idempotency-Key a request came with, even one a fault dropped (what leak tests
+        search everything for: it reads the live secret from the stored answer)."""
+        with self._lock:
+            return list(self._keys_seen)
 
     def end_call(self, client_id: str, key: str) -> None:
         with self._lock:

@@ -110,6 +110,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if path.startswith("/_emulator/"):
             self._send(self._control(method, path, raw))
             return
+        emulator.saw_idempotency_key(self.headers.get("Idempotency-Key") or "")
         fault = emulator.take_fault(method, path)
         if fault is None:
             self._send(self._dispatch(method, path, url.query, raw))

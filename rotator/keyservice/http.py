@@ -394,8 +394,8 @@ class HttpKeyService:
             if (exc.status, exc.kind) == (400, NOTHING_STORED):  # the published "nothing stored"
                 return ReplayAnswer(Replay.EMPTY)
             # Status and Type only: a gateway's Message might echo the URL, and with it the key.
-            said = str(exc) if exc.status is None else f"{where}: {exc.status} {exc.kind}".rstrip()
-            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay failed: {said}")
+            said = str(exc) if exc.status is None else f"{exc.status} {exc.kind}".rstrip()
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay of the stored answer failed: {said}")
         status = stored_status(stored.get("StatusCode") if isinstance(stored, dict) else None)
         if status is None:
             return ReplayAnswer(Replay.UNKNOWN, reason=f"{where}: answer has no StatusCode of three digits")

@@ -5,7 +5,8 @@ autoescape every value; the page's only script is `static/app.js` (the CSP allow
 
 Every route is async: `/healthz` answers on the event loop and touches nothing else; the fleet's
 pages and JSON are rendered once per snapshot (`FleetSource`) and served as the same bytes; a
-key's page is built in a worker thread of its own. A service that does not answer (the key
+key's page is built in threads kept for key pages (`KEY_THREADS`, with `KEY_WAITING` more waiting,
+then a 503 at once), so a flood of them never holds up the fleet's view. A service that does not answer (the key
 service, Redis, a socket) is a 503 with one log line, never a traceback.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from starlette.applications import Starlette
@@ -42,6 +43,10 @@ HTML = "text/html; charset=utf-8"
 JSON = "application/json"
 #: A cached body goes out in pieces this big: a slow reader holds back one piece, not a copy of it.
 CHUNK = 64 * 1024
+#: Key pages built at once, and how many more may wait for one of those threads; past that a key
+#: page is a 503 at once: a flood of them neither queues without end nor delays the fleet's view.
+KEY_THREADS = 4
+KEY_WAITING = 32
 #: Where the fleet goes in the page's shell (rendered from the template and the mount prefix only,
 #: never from the key service's data): the page is that shell around the fragment's own bytes.
 SLOT = Markup("<!-- the fleet -->")
@@ -95,6 +100,13 @@ def create_app(source: CachedSource, *, credential: Credential | None = None, re
     """The page as an ASGI app, wrapped in its guard; mountable under any prefix, and next to a
     Prometheus app when `metrics` is given (served at `/metrics` behind the same guard)."""
     pages = templates()
+    key_threads: list[CapacityLimiter] = []  # made on first use, inside the event loop
+    key_pages = [0]  # key lookups running or waiting for a thread (only the event loop counts)
+
+    def key_limiter() -> CapacityLimiter:
+        if not key_threads:
+            key_threads.append(CapacityLimiter(KEY_THREADS))
+        return key_threads[0]
 
     def base_of(request: Request) -> str:
         # Paths under wherever the app is mounted (an outer router does not know these routes' names).
@@ -165,19 +177,25 @@ def create_app(source: CachedSource, *, credential: Credential | None = None, re
         client_id, key_id = request.path_params["client_id"], request.path_params["key_id"]
         if not (is_id(client_id) and is_id(key_id)):
             return PlainTextResponse("no such key\n", status_code=404)
+        if key_pages[0] >= KEY_THREADS + KEY_WAITING:
+            return PlainTextResponse("busy: too many key pages asked for at once; try again\n", status_code=503,
+                                     headers={"retry-after": "5"})
+        key_pages[0] += 1
         try:
-            return await to_thread.run_sync(source.key, KeyRef(client_id, key_id))
+            return await to_thread.run_sync(source.key, KeyRef(client_id, key_id), limiter=key_limiter())
         except NotFoundError:
             return PlainTextResponse("no such key\n", status_code=404)
         except Exception as exc:
             return failed(request, exc, as_json)
+        finally:
+            key_pages[0] -= 1
 
     async def key_page(request: Request) -> Response:
         found = await key_lookup(request, as_json=False)
         if isinstance(found, Response):
             return found
         values = context(base_of(request), time.time(), key=found)
-        return Response(await to_thread.run_sync(render, "key.html", values), media_type=HTML)
+        return Response(await to_thread.run_sync(render, "key.html", values, limiter=key_limiter()), media_type=HTML)
 
     async def key_json(request: Request) -> Response:
         found = await key_lookup(request, as_json=True)

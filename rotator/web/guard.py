@@ -1,5 +1,6 @@
 """What stands in front of every route: GET and HEAD only, the credential when one is set, a Host
-check when none is, and headers that keep the page to its own files.
+check when none is, and headers that keep the page to its own files. (Sizes and bodies are
+refused before it: rotator.web.limits.)
 
 A pure ASGI middleware, so it also covers static files and a mounted metrics app.
 """

@@ -11,11 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
-
 from rotator.config import Settings, read_credential
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.web.guard import ASGIApp, Credential, is_loopback
+from rotator.web.limits import Limits, server
 from rotator.web.source import CachedSource, FleetSource, PublishedSource, Quiet
 
 WHERE = "rotator web"
@@ -101,11 +100,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def server(app: ASGIApp) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
-                                         proxy_headers=False, lifespan="off", timeout_graceful_shutdown=5))
-
-
 def serve(settings: Settings, options: WebOptions, announce: Callable[[str], None] = print) -> None:
     """Run until interrupted."""
     app, source = build_app(settings, options)
@@ -114,7 +108,7 @@ def serve(settings: Settings, options: WebOptions, announce: Callable[[str], Non
     shown = f"[{host}]" if ":" in host else host
     announce(f"status page on http://{shown}:{port}/ (JSON at /api/status; Ctrl-C stops it)")
     try:
-        server(app).run(sockets=[sock])
+        server(app, Limits.of(settings)).run(sockets=[sock])
     finally:
         sock.close()
         source.close()

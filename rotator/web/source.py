@@ -4,8 +4,9 @@ each page body rendered once per snapshot.
 Several tabs refreshing every few seconds must not turn into a scan of the key service and a read
 of every sink each time: a request that finds the snapshot too old starts one report, and every
 request arriving meanwhile waits for that same report (never a report each). Reports and renders
-run in a worker thread and are awaited, so nothing else waits for them: `/healthz` answers on the
-event loop, and a key's page is built on its own, without waiting for a fleet report.
+run in worker threads of their own and are awaited, so nothing else waits for them: `/healthz`
+answers on the event loop, and a key's page is built in threads of its own (rotator.web.app),
+without waiting for a fleet report and without taking its threads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 
 from rotator import view
 from rotator.config import PolicyConfig
@@ -26,6 +27,8 @@ from rotator.protocols import Event
 from rotator.state import RedisState
 
 T = TypeVar("T")
+#: Threads for the fleet's report and its renders (one report at a time, a few bodies).
+FLEET_THREADS = 4
 
 
 class Quiet:
@@ -45,9 +48,10 @@ def _shared(task: asyncio.Future[T]) -> asyncio.Future[T]:
 class Snapshot:
     """One fleet report, when it was taken, and the bodies rendered from it (each once)."""
 
-    def __init__(self, report: dict[str, Any], taken: float) -> None:
+    def __init__(self, report: dict[str, Any], taken: float, threads: CapacityLimiter | None = None) -> None:
         self.report = report
         self.taken = taken
+        self._threads = threads
         self._bodies: dict[Hashable, asyncio.Future[Any]] = {}
 
     async def body(self, name: Hashable, render: Callable[[], T]) -> T:
@@ -56,7 +60,8 @@ class Snapshot:
         failed is tried again by the next request."""
         task = self._bodies.get(name)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-            task = self._bodies[name] = _shared(asyncio.ensure_future(to_thread.run_sync(render)))
+            task = self._bodies[name] = _shared(asyncio.ensure_future(
+                to_thread.run_sync(render, limiter=self._threads)))
         result: T = await asyncio.shield(task)
         return result
 
@@ -72,6 +77,9 @@ class CachedSource:
         self._clock = clock
         self._snapshot: Snapshot | None = None
         self._flight: asyncio.Future[Snapshot] | None = None  # the report being taken, if one is
+        # The fleet's report and renders have threads of their own: key pages, however many are
+        # asked for, never hold one of them (made on first use, inside the event loop).
+        self._threads: CapacityLimiter | None = None
 
     async def snapshot(self) -> Snapshot:
         """The fleet as `status --json --history` gives it, plus strategy, sinks and the counts:
@@ -85,9 +93,11 @@ class CachedSource:
         return await asyncio.shield(self._flight)
 
     async def _take(self) -> Snapshot:
+        if self._threads is None:
+            self._threads = CapacityLimiter(FLEET_THREADS)
         try:
-            report = await to_thread.run_sync(self.report)
-            self._snapshot = Snapshot(report, self._clock())
+            report = await to_thread.run_sync(self.report, limiter=self._threads)
+            self._snapshot = Snapshot(report, self._clock(), self._threads)
             return self._snapshot
         finally:
             self._flight = None
