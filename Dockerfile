@@ -2,9 +2,11 @@ FROM python:3.11-slim
 # No .pyc writes (the root filesystem is read-only in Kubernetes), logs unbuffered.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY rotator ./rotator
-RUN pip install --no-cache-dir . \
+# Exactly the versions requirements.lock pins, each file checked against its hash; then rotator.
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock \
+ && pip install --no-cache-dir --no-deps . \
  && groupadd --system --gid 10001 rotator \
  && useradd --system --uid 10001 --gid 10001 --create-home rotator
 # Numeric, so Kubernetes can check runAsNonRoot against the image itself.

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".installed"
+LOCK = "requirements-dev.lock"  # hash-pinned, for every Python 3.11+ (README, "Dependencies")
 
 
 def run(*args: str | Path) -> None:
@@ -30,14 +31,17 @@ def run(*args: str | Path) -> None:
 
 
 def ensure_env() -> None:
-    """Create .venv and install the project with its dev extra, again only when pyproject changes."""
+    """Create .venv and install exactly what requirements-dev.lock pins (every file checked against
+    its hash), then the project itself; again only when pyproject.toml or the lock changes."""
     if not (BIN / "python").exists():
         venv.EnvBuilder(with_pip=True).create(VENV)
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / LOCK).read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest:
         return
     run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    run(BIN / "python", "-m", "pip", "install", "--quiet", "--require-hashes", "-r", LOCK)
+    # Its build backend (setuptools) comes from the lock too: nothing unpinned is fetched.
+    run(BIN / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", ".")
     STAMP.write_text(digest)
 
 

