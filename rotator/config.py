@@ -269,9 +269,10 @@ class EngineConfig(Section):
     )
     fingerprint_key_file: Path | None = Field(None, description="File holding that key.")
     idempotency_key_env: EnvName | None = Field(
-        None, description=("Variable holding the secret the Idempotency-Keys are derived with (16 bytes or more; "
-                           "the same on every worker, only workers need it). Unset: derived from the fingerprint "
-                           "key, which a live status page holds too."))
+        None, description=("Variable holding the secret the Idempotency-Keys are derived with (16 bytes or more): "
+                           "the same for every process that builds an engine (workers, beat, `rotate --apply`, "
+                           "`reconcile`, a live page or `status`); readers of the published view need none. "
+                           "Unset: derived from the fingerprint key."))
     idempotency_key_file: Path | None = Field(None, description="File holding that secret.")
 
 
@@ -678,10 +679,10 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
             "the fleet signs and that count stays flat")))
     if not s.reader_only and s.engine.idempotency_key_env is None and s.engine.idempotency_key_file is None:
         warnings.append(ConfigProblem(source, "engine.idempotency_key_file", (
-            "not set: the Idempotency-Keys are derived from the fingerprint key, which a live status page or "
-            "`rotator status` holds too, and a key read from the key service's stored answer is the live secret; "
-            "give the workers a secret of their own (`rotator keys init` makes idempotency.key). Set it only while "
-            "no attempt is in doubt (`rotator status` shows none in flight)")))
+            "not set: the Idempotency-Keys, each of which reads a live secret from the key service's stored answer, "
+            "are derived from the fingerprint key, which also proves a guessed secret; give them a secret of their "
+            "own (`rotator keys init` makes idempotency.key), the same for every process that builds an engine. "
+            "Set it only while no attempt is in doubt (`rotator status` shows none in flight)")))
     warnings.extend(_one_underscore_overrides(os.environ))
     for key, env_name in names:
         if isinstance(env_name, str) and looks_like_secret(env_name):

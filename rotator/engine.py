@@ -775,8 +775,9 @@ class Engine:
             return record.legacy_key
         if record.derived_with and record.derived_with != self._ik_id:
             raise _Outcome(self._unsettled(record, (
-                "its Idempotency-Key was derived with another secret (engine.idempotency_key_* changed while it "
-                "was in flight); put that secret back until the attempt is settled")))
+                "its Idempotency-Key was derived with another secret than this process's (engine.idempotency_key_*: "
+                "a process configured differently started it, or the setting changed while it was in flight); "
+                "settle it where that secret is, or put that secret back")))
         generation = record.generation if record.derived_generation is None else record.derived_generation
         return idempotency_key(self._ik_mac, record.key_named, Generation.parse(generation), record.epoch,
                                record.action)

@@ -58,7 +58,7 @@ relays = [{relays}]
 
 [engine]
 fingerprint_key_file = "{self.fingerprint_key}"
-idempotency_key_file = "{self.idempotency_key}"  # workers only
+idempotency_key_file = "{self.idempotency_key}"  # every process that rotates or shows live status
 
 # For the encrypted file sink: key_file = "{self.file_key}"
 """

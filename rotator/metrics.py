@@ -122,6 +122,28 @@ def scrape_host(name: str) -> bool:
     return True
 
 
+def exposition_app(registry: CollectorRegistry) -> Any:
+    """The scrape as an ASGI app that collects in a thread (prometheus_client's own app collects
+    on the event loop, and a collect can wait on Redis or the key service: nothing else would be
+    served meanwhile). One collect at a time; scrapes that come meanwhile wait for a thread."""
+    from anyio import CapacityLimiter, to_thread
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    threads: list[CapacityLimiter] = []  # made on first use, inside the event loop
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if not threads:
+            threads.append(CapacityLimiter(1))
+        body = await to_thread.run_sync(generate_latest, registry, limiter=threads[0])
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", CONTENT_TYPE_LATEST.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+    return app
+
+
 class MetricsServer:
     """The endpoint running in a background thread; `shutdown()` stops it and frees the port."""
 
@@ -140,8 +162,6 @@ def serve(settings: Settings, port: int, host: str = "127.0.0.1", cache_s: float
     only to a Host that is an IP address or a loopback name (421 otherwise), so a web page elsewhere
     cannot read it through DNS rebinding (Prometheus scrapes by address), and runs under the status
     page's limits (rotator.web.limits: read time-out, connection cap, no request body)."""
-    from prometheus_client import make_asgi_app
-
     from rotator.runtime import build_state
     from rotator.web.guard import Receive, Scope, Send, host_name
     from rotator.web.limits import Limits, refuse, server
@@ -149,7 +169,7 @@ def serve(settings: Settings, port: int, host: str = "127.0.0.1", cache_s: float
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RotatorCollector(settings, build_state(settings), cache_s))
-    app = make_asgi_app(registry)
+    app = exposition_app(registry)
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

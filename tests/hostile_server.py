@@ -163,6 +163,7 @@ LIES = {
     "reset_secret_in_alias": "the reset answer puts the secret in Alias",
     "replay_secret_in_alias": "the reset answer is cut; the stored answer puts the secret in Alias",
     "replay_unavailable": "the reset answer is cut; the stored answer's endpoint answers 503 naming its URL",
+    "gateway_echoes_key": "a gateway answers the reset 502, its Message quoting the Idempotency-Key header",
     "double_gzip_listing": "the listing comes gzip inside gzip (Content-Encoding: gzip, gzip)",
     "pages_alternating": "pages alternate between the two keys, X-Number-Of-Pages: 1000",
     "get_keeps_old_dates": "a reset answers with the new LastResetDate, but gets and listings keep the old one",
@@ -297,6 +298,9 @@ class LyingKeyService:
 
     def _reset(self, path: str, key_id: str, idempotency_key: str) -> Reply:
         self.idempotency_keys.append(idempotency_key)
+        if self.lie == "gateway_echoes_key":
+            return self._error(502, "bad_gateway", f"upstream timed out; retry with Idempotency-Key: "
+                                                   f"{idempotency_key.upper()}")
         if idempotency_key in self.stored:
             stored_path, status, body = self.stored[idempotency_key]
             if stored_path != path:

@@ -116,7 +116,7 @@ def check_run(w: World, run: Run, before: dict[str, bytes | str], deadline_s: fl
         assert secret not in printed, "a secret was printed"
         assert secret[5:25] not in printed, "part of a secret was printed"
     for key in w.service.idempotency_keys:  # each reads a live secret from the stored answer
-        assert key not in printed, "an Idempotency-Key was printed"
+        assert key[:16].lower() not in printed.lower(), "an Idempotency-Key, or half of one, was printed"
     assert not CONTROL.search(printed), f"raw control characters printed: {CONTROL.findall(printed)[:5]}"
     assert "Traceback" not in printed, run.err[-2000:]
     assert w.outside() == before, "something was written outside the sink root"
@@ -155,6 +155,7 @@ CASES = [
     Case("reset_secret_in_alias", 0, 1, 1, False, "repeats its Secret"),
     Case("replay_secret_in_alias", 0, 1, 1, False, "repeats its Secret"),
     Case("replay_unavailable", 0, 1, 1, False, "replay of the stored answer failed: 503"),
+    Case("gateway_echoes_key", 0, 1, 0, False, "retry with Idempotency-Key: {IdempotencyKey}"),
     Case("double_gzip_listing", 1, 1, 0, False, "Content-Encoding is not one of gzip or deflate"),
     Case("pages_alternating", 1, 1, 0, False, "twice"),
     Case("dates_in_ms", 1, 1, 0, False, "'LastResetDate' is not a date"),
@@ -190,7 +191,7 @@ def test_cli_against_a_lying_key_service(case: Case, tmp_path: Path, redis_serve
         with redis.Redis.from_url(w.redis_url) as r:
             stored = redis_text(r)
         assert not [s for s in w.service.issued if s in stored], "a secret is in Redis"
-        assert not [k for k in w.service.idempotency_keys if k in stored], "an Idempotency-Key is in Redis"
+        assert not [k for k in w.service.idempotency_keys if k[:16].lower() in stored.lower()], "a key is in Redis"
 
 
 def test_a_gzip_bomb_is_not_read_whole(tmp_path: Path, redis_server: str) -> None:

@@ -47,9 +47,11 @@ def test_server_binaries_come_from_path_else_from_the_wheel_that_ships_them(monk
 
 @pytest.mark.parametrize(("lock", "extras"), [("requirements.lock", ()), ("requirements-dev.lock", ("dev", "embedded"))])
 def test_a_lock_agrees_with_pyproject(lock: str, extras: tuple[str, ...]) -> None:
-    """Every requirement of pyproject.toml (and of the extras the lock is for) is pinned in the lock
-    at a version its range allows; every pin carries a hash; the lock was made for every Python the
-    project supports (`--universal --python-version 3.11`, README "Dependencies")."""
+    """Every requirement of pyproject.toml (the extras the lock is for, and the build backend, which
+    builds rotator from it with nothing unpinned) is pinned in the lock at a version its range
+    allows, and nothing is pinned for pyproject.toml that it no longer asks for; every pin carries
+    a hash; the lock was made for every Python the project supports (`--universal --python-version
+    3.11`, README "Dependencies")."""
     path = ROOT / lock
     text = path.read_text()
     assert "--universal" in text.splitlines()[1] and "--python-version 3.11" in text.splitlines()[1]
@@ -58,9 +60,14 @@ def test_a_lock_agrees_with_pyproject(lock: str, extras: tuple[str, ...]) -> Non
     assert len(pinned) > 40
     for block in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2]):
         assert "--hash=sha256:" in block, block.splitlines()[0]
-    wanted = list(PYPROJECT["project"]["dependencies"])
+    wanted = list(PYPROJECT["project"]["dependencies"]) + list(PYPROJECT["build-system"]["requires"])
     for extra in extras:
         wanted += PYPROJECT["project"]["optional-dependencies"][extra]
+    named = {canonicalize_name(Requirement(line).name) for line in wanted}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2]):  # a pin nothing asks for any more
+        if "rotator (pyproject.toml)" in block:
+            name = canonicalize_name(block.split("==", 1)[0])
+            assert name in named, f"{lock} pins {name} for pyproject.toml, which no longer asks for it"
     for line in wanted:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
@@ -70,3 +77,20 @@ def test_a_lock_agrees_with_pyproject(lock: str, extras: tuple[str, ...]) -> Non
         for version, _ in pinned[name]:
             assert requirement.specifier.contains(version, prereleases=True), (
                 f"{lock} pins {requirement.name}=={version}, outside pyproject.toml's {requirement.specifier}")
+
+
+#: The first release after each package's last known advisory (README "Dependencies" says how to
+#: check again): pyproject.toml must not allow anything older.
+FIXED_IN = {
+    "cryptography": "50.0.0", "jinja2": "3.1.6", "starlette": "1.3.1", "h11": "0.16.0", "urllib3": "2.8.0",
+    "requests": "2.33.0", "idna": "3.15", "certifi": "2026.10.19", "anyio": "4.14.2", "click": "8.3.3",
+    "pygments": "2.20.0", "markdown": "3.8.1",
+}
+
+
+@pytest.mark.parametrize(("package", "fixed"), sorted(FIXED_IN.items()))
+def test_floors_leave_out_releases_with_known_advisories(package: str, fixed: str) -> None:
+    ranges = [Requirement(line) for line in PYPROJECT["project"]["dependencies"]]
+    [requirement] = [r for r in ranges if canonicalize_name(r.name) == package]
+    floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+    assert floors and max(floors) >= Version(fixed), f"{requirement} allows releases before {fixed}"

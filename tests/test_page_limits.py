@@ -76,9 +76,12 @@ def slowloris(port: int, count: int) -> list[socket.socket]:
 
 
 def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server ended the connection (what it had sent is read and dropped)."""
     sock.setblocking(False)
     try:
-        return sock.recv(65536) == b""
+        while sock.recv(1 << 20):
+            pass
+        return True
     except BlockingIOError:
         return False
     except OSError:
@@ -146,3 +149,105 @@ def test_a_flood_of_key_pages_does_not_hold_up_the_fleet_view(fleet: Fleet, page
     assert view.status_code == 200 and took < 5, f"the fleet view took {took:.1f}s behind the key pages"
     assert refused and all(r.status_code == 503 and "busy" in r.text for r in refused)
     assert all(f.result().status_code in (200, 503) for f in flood)
+
+
+def test_a_kept_alive_connection_that_trickles_its_next_request_is_closed(fleet: Fleet) -> None:
+    """One request answered, then the next one's head a byte at a time: the read time-out counts
+    from its first byte, not only from the connection."""
+    with command(fleet, "web") as (_, port), socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"ok\n"):
+            answer += sock.recv(4096)
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaa":
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            if closed_by_server(sock):
+                closed = True
+                break
+            sock.setblocking(True)
+            time.sleep(0.25)
+        took = time.monotonic() - started
+        assert closed and took < 2.0 + 3, f"the trickling connection was still open after {took:.1f}s"
+
+
+def test_clients_that_stop_reading_their_answers_do_not_lock_others_out() -> None:
+    """Under the page's server (rotator.web.limits), with room for 8 connections: eight clients ask
+    for a 4 MB answer and never read it. One is dropped for room, so a ninth client is answered,
+    and the rest end after the read time-out: a close() would wait for them to read, for ever."""
+    import threading
+
+    from rotator.web.guard import Receive, Scope, Send
+    from rotator.web.limits import Limits, server
+    from rotator.web.server import listening_socket
+
+    big = b"x" * (4 << 20)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        body = big if scope["path"] == "/big" else b"ok\n"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    sock = listening_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    running = server(app, Limits(read_timeout_s=1.0, max_connections=8))
+    thread = threading.Thread(target=running.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    readers: list[socket.socket] = []
+    try:
+        while not running.started:
+            time.sleep(0.02)
+        for _ in range(8):
+            reader = socket.socket()
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect(("127.0.0.1", port))
+            reader.sendall(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            readers.append(reader)
+        time.sleep(0.5)  # every answer is stuck in a full socket
+        deadline, answered = time.monotonic() + 10, False
+        while not answered and time.monotonic() < deadline:
+            try:
+                answered = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=3).text == "ok\n"
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert answered, "a client was shut out by eight that stopped reading"
+        # Without reading a byte more (a read would let the answer drain): the server holds none of them.
+        deadline = time.monotonic() + 1.0 + 5
+        while running.server_state.connections and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running.server_state.connections, "a reader that stopped reading kept its connection"
+    finally:
+        for reader in readers:
+            reader.close()
+        running.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_a_slow_scrape_holds_up_nothing_else(fleet: Fleet) -> None:
+    """The metrics endpoint collects in a thread: while one scrape waits 4 s on the key service's
+    listing, another request is answered at once (here, a 421 for a Host it refuses)."""
+    import threading
+
+    from rotator.metrics import serve
+
+    fleet.emulator.add_fault(Fault(method="GET", path=r"/apikeys$", delay_s=4, times=1))
+    running = serve(fleet.settings, free_port(), cache_s=0)
+    try:
+        url = f"http://127.0.0.1:{running.port}/metrics"
+        scrape = threading.Thread(target=httpx.get, args=(url,), kwargs={"timeout": 30})
+        scrape.start()
+        time.sleep(0.5)  # the scrape is waiting on the listing
+        started = time.monotonic()
+        refused = httpx.get(url, headers={"Host": "rebind.example"}, timeout=30)
+        took = time.monotonic() - started
+        assert refused.status_code == 421 and took < 2, f"answered after {took:.1f}s, behind the scrape"
+        scrape.join(30)
+    finally:
+        running.shutdown()

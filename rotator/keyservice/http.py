@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -478,7 +479,8 @@ class HttpKeyService:
             if truncated:
                 raise ProtocolError(f"{where}: the answer is larger than {self.max_body_bytes} bytes")
             return answer
-        raise _status_error(where, answer)
+        # The Idempotency-Key reads the live secret: a gateway that echoes the header never gets it quoted.
+        raise _status_error(where, answer, hidden=(kwargs.get("headers") or {}).get("Idempotency-Key", ""))
 
     def _wait(self, state: RetryCallState) -> float:
         outcome = state.outcome
@@ -535,7 +537,9 @@ def parse_count(value: str | None, name: str, where: str) -> int | None:
     return int(value)
 
 
-def _status_error(where: str, answer: _Answer) -> Exception:
+def _status_error(where: str, answer: _Answer, hidden: str = "") -> Exception:
+    """The error for an answer that is not the one expected; `hidden` (the call's Idempotency-Key)
+    is never quoted from it."""
     status = answer.status
     kind, message = "", ""
     if not answer.truncated:
@@ -544,7 +548,7 @@ def _status_error(where: str, answer: _Answer) -> Exception:
         except (ValueError, RecursionError):
             body = None
         if isinstance(body, dict):
-            raw_kind, raw_message = body.get("Type"), body.get("Message")
+            raw_kind, raw_message = (_without(body.get(name), hidden) for name in ("Type", "Message"))
             if isinstance(raw_kind, str) and raw_kind:
                 kind = raw_kind if ID_RE.fullmatch(raw_kind) and len(raw_kind) <= 40 else excerpt(raw_kind)
             if isinstance(raw_message, str) and raw_message:
@@ -619,6 +623,13 @@ def same_request(url: object, wanted: str) -> bool:
     if start < 0 or have[start].lower() != version or have[start + 1:] != want[1:]:
         return False
     return all(segment.lower() != version for segment in have[:start])  # no other call's path nested before
+
+
+def _without(value: object, hidden: str) -> object:
+    """`value` with every copy of `hidden` (in any case) replaced by `{IdempotencyKey}`."""
+    if not hidden or not isinstance(value, str):
+        return value
+    return re.sub(re.escape(hidden), "{IdempotencyKey}", value, flags=re.IGNORECASE)
 
 
 def _message(text: str) -> str:

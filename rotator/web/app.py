@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -177,29 +177,41 @@ def create_app(source: CachedSource, *, credential: Credential | None = None, re
         client_id, key_id = request.path_params["client_id"], request.path_params["key_id"]
         if not (is_id(client_id) and is_id(key_id)):
             return PlainTextResponse("no such key\n", status_code=404)
-        if key_pages[0] >= KEY_THREADS + KEY_WAITING:
-            return PlainTextResponse("busy: too many key pages asked for at once; try again\n", status_code=503,
-                                     headers={"retry-after": "5"})
-        key_pages[0] += 1
         try:
             return await to_thread.run_sync(source.key, KeyRef(client_id, key_id), limiter=key_limiter())
         except NotFoundError:
             return PlainTextResponse("no such key\n", status_code=404)
         except Exception as exc:
             return failed(request, exc, as_json)
+
+    async def admitted(request: Request, build: Callable[[Request], Awaitable[Response]]) -> Response:
+        """A key page (HTML or JSON), built whole (lookup and render) within the count of those
+        running or waiting for a thread; past it, a 503 at once."""
+        if key_pages[0] >= KEY_THREADS + KEY_WAITING:
+            return PlainTextResponse("busy: too many key pages asked for at once; try again\n", status_code=503,
+                                     headers={"retry-after": "5"})
+        key_pages[0] += 1
+        try:
+            return await build(request)
         finally:
             key_pages[0] -= 1
 
-    async def key_page(request: Request) -> Response:
+    async def build_key_page(request: Request) -> Response:
         found = await key_lookup(request, as_json=False)
         if isinstance(found, Response):
             return found
         values = context(base_of(request), time.time(), key=found)
         return Response(await to_thread.run_sync(render, "key.html", values, limiter=key_limiter()), media_type=HTML)
 
-    async def key_json(request: Request) -> Response:
+    async def build_key_json(request: Request) -> Response:
         found = await key_lookup(request, as_json=True)
         return found if isinstance(found, Response) else JSONResponse(found)
+
+    async def key_page(request: Request) -> Response:
+        return await admitted(request, build_key_page)
+
+    async def key_json(request: Request) -> Response:
+        return await admitted(request, build_key_json)
 
     async def healthz(request: Request) -> Response:
         # On the event loop: never behind a report, a render or a busy thread pool.

@@ -4,11 +4,14 @@ uvicorn reads a request's head for as long as the client cares to send it, and a
 connection until the process runs out of file descriptors: a few hundred idle sockets
 (slowloris) and the page stops answering anyone. Here, on top of uvicorn's HTTP/1.1 protocol:
 
-- a request must arrive whole, head and body, within `read_timeout_s` of its first byte (or of
-  the connection); after a response, uvicorn's keep-alive time-out closes an idle connection;
+- a request must arrive whole, head and body, within `read_timeout_s` of the connection (the
+  first) or of its first byte (the next ones on a kept-alive connection); after a response,
+  uvicorn's keep-alive time-out closes an idle connection;
+- an answer the client does not read (the socket's buffers full) for `read_timeout_s` ends the
+  connection: a slow reader holds its slot no longer than a slow writer;
 - at most `max_connections` are open, kept below the process's file-descriptor limit; one more
-  closes the connection that has waited longest for a request (idle, or trickling one in), or,
-  when every connection has a request in flight, the newcomer;
+  closes the connection that has waited longest (for a request, idle or trickling one in, or for
+  the client to read its answer), or, when every other one has a request running, the newcomer;
 - a request head over `MAX_HEAD_BYTES` is a 431 (a 400 when it comes in pieces), a request with a
   body a 413, both before the app sees them; requests in flight are bounded by the connections
   (one at a time per connection).
@@ -58,8 +61,9 @@ def bounded_protocol(limits: Limits, cap: int) -> type[H11Protocol]:
     """uvicorn's HTTP/1.1 protocol with the limits above (a class per server: uvicorn builds it)."""
 
     class Bounded(H11Protocol):
-        waiting_since: float | None = None  # when it began to wait for a whole request
+        waiting_since: float | None = None  # when it began to wait for the client (a request, or a read)
         _expiry: asyncio.TimerHandle | None = None
+        _stall: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -69,12 +73,30 @@ def bounded_protocol(limits: Limits, cap: int) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_waiting()
+            self._unstall()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self.waiting_since is None and self.conn.their_state in _WAITING:
+            if self._expiry is None and self.conn.their_state in _WAITING:
                 self._wait()  # the next request on a kept-alive connection: its own deadline
             super().data_received(data)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall is None:
+                self._stall = self.loop.call_later(limits.read_timeout_s, self.transport.abort)
+                self.waiting_since = self.waiting_since or self.loop.time()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._unstall()
+            if self.conn.their_state not in _WAITING:
+                self.waiting_since = None
+
+        def _unstall(self) -> None:
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
 
         def handle_events(self) -> None:
             super().handle_events()
@@ -108,10 +130,11 @@ def bounded_protocol(limits: Limits, cap: int) -> type[H11Protocol]:
             waiting = [c for c in self.connections
                        if isinstance(c, Bounded) and c is not self and c.waiting_since is not None
                        and not c.transport.is_closing()]
+            # abort(): a connection whose client stopped reading would never finish a close().
             if waiting:
-                min(waiting, key=lambda c: c.waiting_since or 0.0).transport.close()
-            else:  # every other connection has a request in flight: this one waits for none of them
-                self.transport.close()
+                min(waiting, key=lambda c: c.waiting_since or 0.0).transport.abort()
+            else:  # every other connection has a request running: this one waits for none of them
+                self.transport.abort()
 
     return Bounded
 

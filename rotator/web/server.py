@@ -80,14 +80,14 @@ def build_app(settings: Settings, options: WebOptions) -> tuple[ASGIApp, CachedS
                              history_max=settings.state.history_max)
     metrics = None
     if options.metrics:
-        from prometheus_client import CollectorRegistry, make_asgi_app
+        from prometheus_client import CollectorRegistry
 
-        from rotator.metrics import RotatorCollector
+        from rotator.metrics import RotatorCollector, exposition_app
         from rotator.runtime import build_state
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(RotatorCollector(settings, build_state(settings)))
-        metrics = make_asgi_app(registry)
+        metrics = exposition_app(registry)
     return create_app(source, credential=guard, refresh_s=settings.web.refresh_s, metrics=metrics), source
 
 
