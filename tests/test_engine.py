@@ -180,8 +180,9 @@ def test_a_record_this_version_writes_is_left_in_doubt_by_an_older_one(
 ) -> None:
     """During a rolling upgrade an older worker reads this version's record: its `idempotency_key`
     is empty (without the field it would read the record as the first protocol's and might reset
-    afresh), and an empty key is neither sent nor replayed, so the older worker leaves the attempt
-    in doubt for an upgraded one; the new fields say how to derive the key again."""
+    afresh), and the adapter neither sends nor replays an empty key (the same check as the previous
+    release's adapter, so its judge keeps the attempt in doubt for an upgraded worker); the new
+    fields say how to derive the key again."""
     engine, _ = make_engine(keyservice, state, [memory()])
     record = plant(engine, state, KeyRef("acme", seeded["due"]), keyservice)
     stored = json.loads(state.client.get(state._k("attempt", str(record.ref))))
