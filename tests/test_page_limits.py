@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -176,58 +177,96 @@ def test_a_kept_alive_connection_that_trickles_its_next_request_is_closed(fleet:
         assert closed and took < 2.0 + 3, f"the trickling connection was still open after {took:.1f}s"
 
 
-def test_clients_that_stop_reading_their_answers_do_not_lock_others_out() -> None:
-    """Under the page's server (rotator.web.limits), with room for 8 connections: eight clients ask
-    for a 4 MB answer and never read it. One is dropped for room, so a ninth client is answered,
-    and the rest end after the read time-out: a close() would wait for them to read, for ever."""
+@contextmanager
+def bounded_app(limits: Any, body: bytes, sndbuf: int | None = None) -> Iterator[tuple[int, Any]]:
+    """A stand-in app under the page's server (rotator.web.limits): `/big` answers `body`, the rest
+    `ok`; yields (port, server)."""
     import threading
 
     from rotator.web.guard import Receive, Scope, Send
-    from rotator.web.limits import Limits, server
+    from rotator.web.limits import server
     from rotator.web.server import listening_socket
 
-    big = b"x" * (4 << 20)
-
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        body = big if scope["path"] == "/big" else b"ok\n"
+        answer = body if scope["path"] == "/big" else b"ok\n"
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+                    "headers": [(b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
 
     sock = listening_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    running = server(app, Limits(read_timeout_s=1.0, max_connections=8))
+    if sndbuf is not None:  # accepted sockets inherit it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    running = server(app, limits)
     thread = threading.Thread(target=running.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    readers: list[socket.socket] = []
     try:
         while not running.started:
             time.sleep(0.02)
-        for _ in range(8):
-            reader = socket.socket()
-            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            reader.connect(("127.0.0.1", port))
-            reader.sendall(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            readers.append(reader)
-        time.sleep(0.5)  # every answer is stuck in a full socket
-        deadline, answered = time.monotonic() + 10, False
-        while not answered and time.monotonic() < deadline:
-            try:
-                answered = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=3).text == "ok\n"
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert answered, "a client was shut out by eight that stopped reading"
-        # Without reading a byte more (a read would let the answer drain): the server holds none of them.
-        deadline = time.monotonic() + 1.0 + 5
-        while running.server_state.connections and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not running.server_state.connections, "a reader that stopped reading kept its connection"
+        yield sock.getsockname()[1], running
     finally:
-        for reader in readers:
-            reader.close()
         running.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def readers_that_never_read(port: int, count: int) -> list[socket.socket]:
+    readers = []
+    for _ in range(count):
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", port))
+        reader.sendall(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        readers.append(reader)
+    return readers
+
+
+def answered(port: int, within_s: float = 10) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=3).text == "ok\n"
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return False
+
+
+def test_connections_closed_before_their_client_read_everything_give_way() -> None:
+    """An answer small enough to sit in the socket buffers whole, never read: the response is
+    complete, the keep-alive time-out closes the connection, and a close() then waits for the
+    client for ever. With room for 8, eight such connections do not shut a ninth client out."""
+    from rotator.web.limits import Limits
+
+    with bounded_app(Limits(read_timeout_s=30, max_connections=8, keep_alive_s=1), b"x" * 40_000,
+                     sndbuf=4096) as (port, running):
+        readers = readers_that_never_read(port, 8)
+        try:
+            time.sleep(2.5)  # answered, then closed by the keep-alive time-out, unread
+            assert len(running.server_state.connections) == 8
+            assert answered(port), "a client was shut out by eight connections closing for ever"
+        finally:
+            for reader in readers:
+                reader.close()
+
+
+def test_clients_that_stop_reading_their_answers_do_not_lock_others_out() -> None:
+    """Under the page's server, with room for 8 connections: eight clients ask for a 4 MB answer
+    and never read it. One is dropped for room, so a ninth client is answered, and the rest end
+    after the read time-out: a close() would wait for them to read, for ever."""
+    from rotator.web.limits import Limits
+
+    with bounded_app(Limits(read_timeout_s=1.0, max_connections=8), b"x" * (4 << 20)) as (port, running):
+        readers = readers_that_never_read(port, 8)
+        try:
+            time.sleep(0.5)  # every answer is stuck in a full socket
+            assert answered(port), "a client was shut out by eight that stopped reading"
+            # Without reading a byte more (a read would let the answer drain): the server holds none of them.
+            deadline = time.monotonic() + 1.0 + 5
+            while running.server_state.connections and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not running.server_state.connections, "a reader that stopped reading kept its connection"
+        finally:
+            for reader in readers:
+                reader.close()
 
 
 def test_a_slow_scrape_holds_up_nothing_else(fleet: Fleet) -> None:

@@ -10,8 +10,9 @@ connection until the process runs out of file descriptors: a few hundred idle so
 - an answer the client does not read (the socket's buffers full) for `read_timeout_s` ends the
   connection: a slow reader holds its slot no longer than a slow writer;
 - at most `max_connections` are open, kept below the process's file-descriptor limit; one more
-  closes the connection that has waited longest (for a request, idle or trickling one in, or for
-  the client to read its answer), or, when every other one has a request running, the newcomer;
+  drops a connection already closed whose client has not read all it was sent, else the one that
+  has waited longest (for a request, idle or trickling one in, or for the client to read its
+  answer), or, when every other one has a request running, the newcomer;
 - a request head over `MAX_HEAD_BYTES` is a 431 (a 400 when it comes in pieces), a request with a
   body a 413, both before the app sees them; requests in flight are bounded by the connections
   (one at a time per connection).
@@ -64,6 +65,7 @@ def bounded_protocol(limits: Limits, cap: int) -> type[H11Protocol]:
         waiting_since: float | None = None  # when it began to wait for the client (a request, or a read)
         _expiry: asyncio.TimerHandle | None = None
         _stall: asyncio.TimerHandle | None = None
+        dropped = False  # aborted for room (it stays among the connections until the loop notices)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -127,14 +129,15 @@ def bounded_protocol(limits: Limits, cap: int) -> type[H11Protocol]:
                 self.transport.close()
 
         def _make_room(self) -> None:
-            waiting = [c for c in self.connections
-                       if isinstance(c, Bounded) and c is not self and c.waiting_since is not None
-                       and not c.transport.is_closing()]
-            # abort(): a connection whose client stopped reading would never finish a close().
-            if waiting:
-                min(waiting, key=lambda c: c.waiting_since or 0.0).transport.abort()
-            else:  # every other connection has a request running: this one waits for none of them
-                self.transport.abort()
+            """Drop one connection: one already closing whose client has not read all it was sent (a
+            close() waits for that, for ever), else the one waiting longest for its client, else,
+            when every other one has a request running, this one. abort(), never close()."""
+            others = [c for c in self.connections if isinstance(c, Bounded) and c is not self and not c.dropped]
+            closing = [c for c in others if c.transport.is_closing()]
+            waiting = [c for c in others if c.waiting_since is not None and not c.transport.is_closing()]
+            victim = closing[0] if closing else min(waiting, key=lambda c: c.waiting_since or 0.0) if waiting else self
+            victim.dropped = True
+            victim.transport.abort()
 
     return Bounded
 
