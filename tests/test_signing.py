@@ -298,6 +298,9 @@ def test_no_forged_message_resets_a_key_or_sends_an_alert(
     sent = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", keys["due2"], "--apply", "--enqueue")
     assert sent.returncode == 0, sent.stderr
     wait_for(lambda: settled(cluster, emulator, keyservice, [keys["due2"]]), 45, "the enqueued rotation")
+    wait_for(lambda: {keys["due1"], keys["due2"]} <= {h["key_id"] for h in state.history(100)
+                                                      if h.get("kind") == "rotation"},
+             15, "both rotations in the history (written after the read-back)")
     assert reset_counts(emulator) == {keys["due1"]: 1, keys["due2"]: 1}  # nothing else was ever reset
 
     rotations = {h["key_id"]: h for h in state.history(100) if h.get("kind") == "rotation"}
@@ -381,8 +384,13 @@ def test_a_rolling_upgrade_what_each_mode_accepts_and_refuses(
             app.send_task("rotator.rotate_key", args=["acme-prod", k2, "manual", seen2], queue="q-off")
         wait_for(lambda: settled(old, emulator, keyservice, [k2]), 45, "the signed message's rotation")
         assert reset_counts(emulator) == {k1: 1, k2: 1}
-        actors = {h["key_id"]: h["actor"] for h in state.history(20) if h.get("kind") == "rotation"}
-        assert actors == {k1: "unsigned-message", k2: "unsigned-message"}
+
+        def actors() -> dict[str, str]:
+            return {h["key_id"]: h["actor"] for h in state.history(20) if h.get("kind") == "rotation"}
+
+        # The audit entry follows the sinks' read-back that `settled` sees: wait for it too.
+        wait_for(lambda: len(actors()) == 2, 15, "both rotations in the history")
+        assert actors() == {k1: "unsigned-message", k2: "unsigned-message"}
         lines = transition.outputs[0].read_text()
         assert '"message.unsigned_accepted"' in lines and '"reason": "bad_signature"' in lines
         assert '"signing.off"' in old.outputs[0].read_text()  # the older-worker stand-in says what it is
