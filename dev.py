@@ -70,7 +70,7 @@ def main() -> None:
             run(BIN / "python", f"benchmarks/{name}.py")
     else:
         print(__doc__)
-        sys.exit(0 if command == "help" else 2)
+        sys.exit(0 if command in ("help", "-h", "--help") else 2)
 
 
 if __name__ == "__main__":

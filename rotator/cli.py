@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="rotator",
-    help="Rotate production API keys on a schedule and store each one-time secret safely.",
+    help=("Rotate production API keys on a schedule and store each one-time secret safely.\n\n"
+          "Every command reads its configuration from --config FILE (or $ROTATOR_CONFIG, else ./rotator.toml); "
+          "`rotator config-reference` lists every key, `rotator keys init DIR` makes the keys it needs."),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -11,7 +11,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -265,8 +265,10 @@ class EngineConfig(Section):
                                   "request deadline, 60 s in the contract, plus time in flight) before an unchanged "
                                   "key counts as not run and the same Idempotency-Key is sent again."))
     fingerprint_key_env: EnvName | None = Field(
-        "ROTATOR_FINGERPRINT_KEY", description="Variable holding the fingerprint HMAC key."
-    )
+        "ROTATOR_FINGERPRINT_KEY", description=(
+            "Variable holding the fingerprint key: the HMAC key (16 bytes or more) that proves a stored copy of a "
+            "secret is the live one without revealing either; `rotator keys init DIR` makes one. Keep it as long "
+            "as the sinks hold fingerprints made with it."))
     fingerprint_key_file: Path | None = Field(None, description="File holding that key.")
     idempotency_key_env: EnvName | None = Field(
         None, description=("Variable holding the secret the Idempotency-Keys are derived with (16 bytes or more): "
@@ -366,7 +368,11 @@ class SinkConfig(BaseModel):
 
 
 class AlertConfig(Section):
-    url: str = Field(description="An Apprise URL, or `webhook+https://…` for a signed webhook.")
+    url: str | None = Field(None, description=(
+        "An Apprise URL, or `webhook+https://…` for a signed webhook, when it holds no credential; one that "
+        "holds a password or a token goes in url_env or url_file."))
+    url_env: EnvName | None = Field(None, description="Variable holding that URL (one with a credential).")
+    url_file: Path | None = Field(None, description="File holding that URL (one with a credential).")
     events: list[str] | None = Field(None, description="Events to send; omitted: every event.")
     min_severity: Literal["info", "warning", "error", "critical"] = Field(
         "info", description="Send only events at least this severe."
@@ -376,6 +382,20 @@ class AlertConfig(Section):
     dedupe_window_s: int = Field(
         86_400, ge=0, description="The same event for the same key is not repeated within this."
     )
+
+    @model_validator(mode="after")
+    def _one_url(self) -> AlertConfig:
+        given = [name for name in ("url", "url_env", "url_file") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of url, url_env or url_file (given: {', '.join(given) or 'none'})")
+        return self
+
+    def resolved_url(self, env: Mapping[str, str] | None = None) -> str:
+        """The URL, read from its variable or file when it is kept there."""
+        if self.url is not None:
+            return self.url
+        return read_credential(self.url_env, self.url_file, "alert URL") if env is None else \
+            credential_value(self.url_env, self.url_file, env) or ""
 
     @field_validator("events")
     @classmethod
@@ -461,7 +481,8 @@ def settings_from_mapping(
     except ValidationError as exc:
         overrides = _env_overrides(os.environ)  # what pydantic-settings read
         raise ConfigError([ConfigProblem(_origin(e["loc"], source, overrides), _dotted(e["loc"]),
-                                         _reason(e, _dotted(e["loc"]))) for e in exc.errors()]) from None
+                                         _reason(e, _dotted(e["loc"]))) for e in exc.errors()]
+                          + _raw_sink_problems(data, source, env)) from None
     except SettingsError as exc:  # an override that is not even JSON for a list or a table
         field = re.search(r'field "([^"]+)"', str(exc))
         section = field.group(1) if field else ""
@@ -472,6 +493,20 @@ def settings_from_mapping(
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _raw_sink_problems(data: Mapping[str, Any], source: str, env: Mapping[str, str]) -> list[ConfigProblem]:
+    """The sinks' own problems while another part of the file is invalid: every problem in one run."""
+    from rotator.sinks import registry
+
+    sinks = data.get("sinks")
+    problems = []
+    for index, raw in enumerate(sinks if isinstance(sinks, list) else []):
+        if isinstance(raw, Mapping) and isinstance(raw.get("kind"), str):
+            options = {k: v for k, v in raw.items() if k != "kind"}
+            problems += [ConfigProblem(source, f"sinks[{index}].{key}", reason)
+                         for key, reason in registry.check(raw["kind"], options, env)]
+    return problems
 
 
 def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list[ConfigProblem]:
@@ -506,6 +541,15 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     if s.engine.idempotency_key_env is not None or s.engine.idempotency_key_file is not None:
         need("engine.idempotency_key_env", s.engine.idempotency_key_env, s.engine.idempotency_key_file,
              "Idempotency-Key secret")
+    for key, env_name, file, what in (
+            ("engine.fingerprint_key", s.engine.fingerprint_key_env, s.engine.fingerprint_key_file, "fingerprint key"),
+            ("engine.idempotency_key", s.engine.idempotency_key_env, s.engine.idempotency_key_file,
+             "Idempotency-Key secret")):
+        value = credential_value(env_name, file, env)
+        if value is not None and len(value.encode()) < MIN_KEY_BYTES:  # its length is never shown
+            problems.append(ConfigProblem(source, f"{key}_{'file' if file is not None else 'env'}", (
+                f"{what}: shorter than {MIN_KEY_BYTES} bytes; `rotator keys init DIR` makes one (32 random "
+                "bytes, base64), or `openssl rand -base64 32`")))
     if not s.sinks:
         problems.append(ConfigProblem(source, "sinks", "at least one [[sinks]] entry is needed"))
     problems += _broker_problems(s, source)
@@ -526,25 +570,45 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
                     f"{template!r} names the key id, which changes with every rotation ({why}): consumers "
                     f"would not find the successor's secret; use {{alias}}, e.g. {suggestion!r}")))
     for index, alert in enumerate(s.alerts):
-        key = f"alerts[{index}]"
-        if alert.secret_file is not None:
-            need(f"{key}.secret_env", None, alert.secret_file, "webhook secret")
-        elif alert.secret_env and not env.get(alert.secret_env):
-            reason = f"{variable_named(alert.secret_env)} is not set"
-            problems.append(ConfigProblem(source, f"{key}.secret_env", reason))
-        form = _webhook_secret_problem(alert, env) if alert.url.startswith("webhook+") else None
-        if form is not None:
-            problems.append(ConfigProblem(source, f"{key}.secret_env", f"webhook secret: {form}"))
-        if alert.url.startswith("webhook+"):
-            if not alert.secret_env and alert.secret_file is None:
-                problems.append(ConfigProblem(source, f"{key}.secret_env",
-                                              "a signed webhook needs secret_env or secret_file"))
-            if not alert.url.removeprefix("webhook+").startswith(("http://", "https://")):
-                problems.append(ConfigProblem(source, f"{key}.url", "a signed webhook is webhook+http(s)://…"))
-        elif not _apprise_understands(alert.url):
-            scheme = alert.url.partition("://")[0]
+        problems += _alert_problems(f"alerts[{index}]", alert, source, env, need)
+    return problems
+
+
+def _alert_problems(key: str, alert: AlertConfig, source: str, env: Mapping[str, str],
+                    need: Callable[[str, str | None, Path | None, str], None]) -> list[ConfigProblem]:
+    """An alert's URL (from the file, a variable or a file) and its webhook secret. A URL with a
+    credential in the file itself is refused: it shows wherever the file does."""
+    problems: list[ConfigProblem] = []
+    if alert.url is None:
+        need(f"{key}.url_env", alert.url_env, alert.url_file, "alert URL")
+    url = alert.resolved_url(env)
+    if alert.secret_file is not None:
+        need(f"{key}.secret_env", None, alert.secret_file, "webhook secret")
+    elif alert.secret_env and not env.get(alert.secret_env):
+        problems.append(ConfigProblem(source, f"{key}.secret_env", f"{variable_named(alert.secret_env)} is not set"))
+    form = _webhook_secret_problem(alert, env) if url.startswith("webhook+") else None
+    if form is not None:
+        problems.append(ConfigProblem(source, f"{key}.secret_env", f"webhook secret: {form}"))
+    if not url:
+        return problems
+    if url.startswith("webhook+"):
+        if not alert.secret_env and alert.secret_file is None:
+            problems.append(ConfigProblem(source, f"{key}.secret_env",
+                                          "a signed webhook needs secret_env or secret_file"))
+        if not url.removeprefix("webhook+").startswith(("http://", "https://")):
+            problems.append(ConfigProblem(source, f"{key}.url", "a signed webhook is webhook+http(s)://…"))
+        inline = url_has_credentials(url.removeprefix("webhook+"))
+    else:
+        described = _apprise_privacy(url)
+        if described is None:
+            scheme = url.partition("://")[0]
             problems.append(ConfigProblem(source, f"{key}.url",
                                           f"Apprise does not understand a {scheme!r}:// URL (or its form)"))
+        inline = described is not None and described[0] != described[1]
+    if inline and alert.url is not None:  # the credential is not quoted
+        problems.append(ConfigProblem(source, f"{key}.url", (
+            "holds a password or a token inline, where the file shows it to whoever reads it: put the URL in a "
+            "file only rotator reads (url_file) or in a variable (url_env)")))
     return problems
 
 
@@ -652,9 +716,7 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
             elif name.endswith("_env"):
                 names.append((f"sinks[{index}].{name}", value))
     for index, alert in enumerate(s.alerts):
-        names.append((f"alerts[{index}].secret_env", alert.secret_env))
-        if alert.url.startswith("webhook+"):  # Apprise URLs carry their service's credentials by design
-            urls.append((f"alerts[{index}].url", alert.url.removeprefix("webhook+")))
+        names += [(f"alerts[{index}].secret_env", alert.secret_env), (f"alerts[{index}].url_env", alert.url_env)]
     # A user name alone (`amqp://rotator@host`, `redis://rotator@host`) is no credential where the
     # password comes from that section's password_env/password_file: that is the intended form.
     user_only_ok = {"state.redis_url": s.state.password_env or s.state.password_file,
@@ -692,10 +754,15 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
     return warnings
 
 
-def _apprise_understands(url: str) -> bool:
+def _apprise_privacy(url: str) -> tuple[str, str] | None:
+    """Apprise's own rendering of the URL with its secrets masked and without (they differ when the
+    URL holds a password or a token); None when Apprise does not understand it."""
     import apprise  # only configs with alerts pay for the import
 
-    return apprise.Apprise.instantiate(url, suppress_exceptions=True) is not None
+    plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
+    if plugin is None:
+        return None
+    return str(plugin.url(privacy=True)), str(plugin.url(privacy=False))  # type: ignore[no-untyped-call]
 
 
 def longest_rotation_s(s: Settings) -> float:
@@ -719,6 +786,21 @@ def url_with_password(url: str, env_name: str | None, file: Path | None) -> str:
     host = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{password}@{host}"))
+
+
+#: The shortest HMAC key accepted (fingerprints, Idempotency-Keys): a guessable one protects nothing.
+MIN_KEY_BYTES = 16
+
+
+def credential_value(env_name: str | None, file: Path | None, env: Mapping[str, str]) -> str | None:
+    """The credential a `*_env`/`*_file` pair names, as the process will read it; None when it is
+    not there (that problem is reported on its own)."""
+    try:
+        if file is not None:
+            return file.read_text(encoding="utf-8").strip() if file.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+    return env.get(env_name or "") or None
 
 
 def read_credential(env_name: str | None, file: Path | None, what: str) -> str:
@@ -877,5 +959,10 @@ def _reason(error: Any, key: str = "") -> str:
         return f"{message} (got {excerpt(shown, 80)})"
     if isinstance(value, str | int | float | bool) and kind != "value_error":
         shown = excerpt(value, 80) if isinstance(value, str) else repr(value)
-        return f"{message} (got {shown})"
+        choices = re.findall(r"'([^']*)'", str((error.get("ctx") or {}).get("expected", "")))
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6) if isinstance(value, str) else []
+        return f"{message} (got {shown}" + (f"; did you mean {close[0]!r}?)" if close else ")")
     return message
+
+
+validation_reason = _reason  # the same reasons for a sink's own options (rotator.sinks.registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -134,6 +135,32 @@ def test_the_webhook_secret_may_come_from_a_file(tmp_path: Any, receiver: Receiv
     routes(config(tmp_path / "hook.secret"))[0].notifier().send(EVENT)
     got = receiver.wait_for(1)[0]
     assert Webhook(HOOK_SECRET.encode()).verify(got.body, got.headers)["key_id"] == "key_1"
+
+
+def test_an_alert_url_with_a_credential_comes_from_a_file_or_a_variable(tmp_path: Any, receiver: Receiver) -> None:
+    """`url_file` / `url_env` hold a URL with its credential (here json://user:password@…, which
+    Apprise masks): the alert is delivered with it, while the same URL inline is refused."""
+    from rotator.alerts.dispatch import routes
+    from rotator.errors import ConfigError
+
+    port = receiver.url.rsplit(":", 1)[1]
+    url = f"json://ops:pa55-w0rd-9@127.0.0.1:{port}/apprise"
+    base = {"keyservice": {"kind": "emulator"}, "engine": {"fingerprint_key_env": "FP"}, "sinks": [{"kind": "memory"}]}
+    (tmp_path / "alert.url").write_text(url + "\n")
+    with pytest.raises(ConfigError, match=r"alerts\[0\]\.url: holds a password or a token inline") as refused:
+        settings_from_mapping({**base, "alerts": [{"url": url}]}, environ={"FP": "x" * 32})
+    assert "pa55-w0rd-9" not in str(refused.value)
+    for alert, environ in (({"url_file": str(tmp_path / "alert.url")}, {}), ({"url_env": "HOOK_URL"}, {"HOOK_URL": url})):
+        os.environ.update(environ)
+        try:
+            routes(settings_from_mapping({**base, "alerts": [alert]}, environ={"FP": "x" * 32, **environ}))[0] \
+                .notifier().send(EVENT)
+        finally:
+            for name in environ:
+                os.environ.pop(name)
+    first, second = receiver.wait_for(2)
+    assert first.headers["Authorization"].startswith("Basic ") and "rotation.failed" in first.json()["title"]
+    assert second.headers["Authorization"] == first.headers["Authorization"]
 
 
 def test_webhook_5xx_is_transient(receiver: Receiver) -> None:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from rotator.cli import app
 from rotator.config import config_warnings, load_settings, settings_from_mapping
-from rotator.errors import ConfigError, PermanentError
+from rotator.errors import ConfigError
 
 VALID = """
 [keyservice]
@@ -253,10 +253,9 @@ def test_idempotency_keys_derive_from_a_secret_only_the_workers_hold(tmp_path: P
     assert secret is not None and build_idempotency_secret(shared) is None
     assert derivation_id(secret) != derivation_id(build_fingerprinter(own).derive(b"idempotency-key"))
     (tmp_path / "short").write_text("only-15-bytes!!")
-    short = settings_from_mapping({**base, "engine": {**engine, "idempotency_key_file": str(tmp_path / "short")}},
-                                  environ={})
-    with pytest.raises(PermanentError, match="at least 16 bytes"):
-        build_idempotency_secret(short)
+    with pytest.raises(ConfigError, match="idempotency_key_file: Idempotency-Key secret: shorter than 16 bytes"):
+        settings_from_mapping({**base, "engine": {**engine, "idempotency_key_file": str(tmp_path / "short")}},
+                              environ={})
     with pytest.raises(ConfigError, match="idempotency_key_file"):
         settings_from_mapping({**base, "engine": {**engine, "idempotency_key_file": str(tmp_path / "gone")}},
                               environ={})

@@ -123,3 +123,57 @@ def test_sink_keys_get_the_same_hints(env: pytest.MonkeyPatch, sink: dict[str, s
 def test_a_url_that_does_not_parse_never_shows_its_password(env: pytest.MonkeyPatch) -> None:
     found = problems({**SINKS, "state": {"redis_url": "redis//:hunter2PW@127.0.0.1:16399/0"}})
     assert found and not any("hunter2PW" in p for p in found), found
+
+
+FERNET = "x" * 43 + "="
+SLACK = "slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ/"
+
+
+@pytest.mark.parametrize(("extra_toml", "environ", "says", "hidden"), [
+    ("", {"ROTATOR_FINGERPRINT_KEY": "tiny-fp-9"},
+     "engine.fingerprint_key_env: fingerprint key: shorter than 16 bytes; `rotator keys init DIR` makes one", "tiny-fp-9"),
+    ('[engine]\nidempotency_key_env = "IK"\n', {"IK": "0123456789"},
+     "engine.idempotency_key_env: Idempotency-Key secret: shorter than 16 bytes", "0123456789"),
+    ('[[sinks]]\nkind = "file"\nkey_env = "FILE_KEY"\n', {"FILE_KEY": "not-a-fernet-key"},
+     "sinks[1].key_env: not a Fernet key (32 bytes, url-safe base64)", "not-a-fernet-key"),
+    ('[[alerts]]\nurl = "mailtos://alerts:hunter2hunter2@smtp.example.com?to=ops@example.com"\n', {},
+     "alerts[0].url: holds a password or a token inline", "hunter2hunter2"),
+    (f'[[alerts]]\nurl = "{SLACK}"\n', {}, "alerts[0].url: holds a password or a token inline", "TIiajkdnlazkcOXrIdevi7FQ"),
+    ('[[alerts]]\nurl = "webhook+https://ops:pw-0f9e8d@hooks.example.com/x"\nsecret_env = "WHS"\n',
+     {"WHS": "a-long-webhook-secret"}, "alerts[0].url: holds a password or a token inline", "pw-0f9e8d"),
+    ('[[alerts]]\nurl_env = "SLACK_URL"\n', {}, "alerts[0].url_env: alert URL: environment variable SLACK_URL is not set",
+     "SLACK_URL="),
+    ('[[alerts]]\nurl = "json://localhost"\nurl_env = "X"\n', {}, "give exactly one of url, url_env or url_file", None),
+    ('[[sinks]]\nkind = "vault"\nurl = "https://vault.example.com"\nauth = "aprole"\n', {},
+     "sinks[1].auth: Input should be 'token', 'approle' or 'kubernetes' (got 'aprole'; did you mean 'approle'?)", None),
+], ids=["short-fingerprint-key", "short-idempotency-secret", "file-key-not-fernet", "mail-password-inline",
+        "slack-token-inline", "webhook-password-inline", "alert-url-variable-unset", "alert-url-twice", "vault-auth-typo"])
+def test_a_bad_configuration_is_one_line_from_every_command(tmp_path: Path, extra_toml: str, environ: dict[str, str],
+                                                            says: str, hidden: str | None) -> None:
+    """Each bad file: `check-config` exits 2 with a one-line reason that names the key and never
+    quotes a credential; `check-config --ping` and `rotate --all-due` say the same, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "rotator.toml"
+    config.write_text(f'[keyservice]\nurl = "http://127.0.0.1:9"\ntoken_env = "TOKEN"\n[[sinks]]\nkind = "memory"\n'
+                      f"{extra_toml}")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}, "TOKEN": "t" * 20,
+           "ROTATOR_FINGERPRINT_KEY": "f" * 32, "ROTATOR_FILE_KEY": FERNET, "XDG_STATE_HOME": str(tmp_path), **environ}
+    for command in (["check-config"], ["check-config", "--ping"], ["rotate", "--all-due"]):
+        run = subprocess.run([sys.executable, "-m", "rotator.cli", *command, "--config", str(config)], env=env,
+                             capture_output=True, text=True, timeout=60)
+        said = run.stdout + run.stderr
+        assert run.returncode == 2 and says in said, (command, said[-1500:])
+        assert "Traceback" not in said and (hidden is None or hidden not in said), (command, said[-1500:])
+
+
+def test_every_problem_of_the_file_in_one_run(env: pytest.MonkeyPatch) -> None:
+    """Mistakes in [policy] and in [[sinks]]: all of them in one round, not the sinks' after the
+    policy's are fixed."""
+    found = problems({"policy": {"max_age_days": "ninety", "mode": "enforcee"},
+                      "sinks": [{"kind": "vault", "url": "https://vault.example.com", "auth": "aprole", "pth": "x"}]})
+    keys = [p.split(": ")[1] for p in found]
+    assert keys == ["policy.max_age_days", "policy.mode", "sinks[0].auth", "sinks[0].pth"], found
+    assert any("did you mean 'enforce'?" in p for p in found) and any("did you mean 'path'?" in p for p in found)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def test_examples_validate(example: Path, monkeypatch: pytest.MonkeyPatch) -> No
            "VAULT_TOKEN": "x",
            "VAULT_ROLE_ID": "x", "VAULT_SECRET_ID": "x", "ROTATOR_FILE_KEY": "x", "ROTATOR_WEBHOOK_SECRET": "x",
            "AWS_REGION": "eu-west-1", "ROTATOR_REDIS_PASSWORD": "x",
-           "ROTATOR_RABBITMQ_PASSWORD": "x"}
+           "ROTATOR_RABBITMQ_PASSWORD": "x", "ROTATOR_ALERT_SLACK_URL": "slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrI/",
+           "ROTATOR_ALERT_MAIL_URL": "mailtos://alerts:pw@smtp.example.com?to=oncall@example.com"}
     settings_from_mapping(data, source=str(example), environ=env)
 
 
@@ -98,3 +100,17 @@ def test_compose_publishes_nothing_beyond_loopback_and_signs_its_messages() -> N
         assert env["ROTATOR_SIGNING__PRIVATE_KEY_FILE"].startswith("/run/rotator-keys/")
         assert env["ROTATOR_SIGNING__PRIVATE_KEY_FILE"].endswith(f"/{env['ROTATOR_SIGNING__NAME']}.ed25519")
         assert services[name]["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
+
+
+def test_help_says_where_the_configuration_comes_from() -> None:
+    """`rotator --help` names --config (no command would otherwise say it exists before one is
+    picked), and `python3 dev.py --help` is help, not a usage error."""
+    from typer.testing import CliRunner
+
+    from rotator.cli import app
+
+    top = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert top.exit_code == 0 and "--config FILE" in top.stdout and "rotator keys init DIR" in top.stdout
+    for flag in ("--help", "-h", "help"):
+        dev = subprocess.run([sys.executable, str(ROOT / "dev.py"), flag], capture_output=True, text=True, timeout=30)
+        assert dev.returncode == 0 and "python3 dev.py test" in dev.stdout, (flag, dev.stderr)

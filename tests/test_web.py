@@ -213,6 +213,23 @@ def test_json_is_status_json_with_the_counts_and_no_secret(fleet: Fleet, page: s
         assert ik not in everything and f"responses/{ik}" not in everything
 
 
+def test_out_of_scope_keys_are_never_due_and_unrotated_sinks_read_neutral(fleet: Fleet, page: str) -> None:
+    """The sandbox key shows no due date; the sinks of a key never rotated read neutral (`idle`),
+    on the fleet page and the key's page, while those of a key whose rotation went wrong stay amber."""
+    html = httpx.get(f"{page}/").text
+
+    def row(key_id: str) -> str:
+        found = re.search(rf'<tr data-client="[^"]*" data-key="{re.escape(key_id)}".*?</tr>', html, re.S)
+        assert found is not None, key_id
+        return found.group(0)
+
+    due = row(fleet.keys_sbx).split('<td class="due', 1)[1].split("</td>", 1)[0]
+    assert due.startswith(' due-none"') and "<time" not in due and "ago" not in due
+    assert row(fleet.keys["young"]).count("sink sink-idle") == 2 and "sink-empty" not in row(fleet.keys["young"])
+    assert row(fleet.keys["stuck"]).count("sink sink-empty") == 2
+    assert httpx.get(f"{page}/keys/acme/{fleet.keys['young']}").text.count("sink sink-idle") == 2
+
+
 def redis_contents(fleet: Fleet) -> dict[bytes, bytes]:
     """Every key of the fleet's namespace with its serialised value."""
     with redis.Redis.from_url(fleet.redis_url) as raw:
@@ -601,6 +618,20 @@ def test_the_page_in_chromium(fleet: Fleet, page: str, browser: Any, tmp_path: P
     ledger_sinks = [s.text for s in row_of(browser, fleet.keys["ledger"]).find_elements(By.CSS_SELECTOR, ".sink")]
     assert ledger_sinks == ["memory:primary: fresh", "memory:replica: stale"]
     assert "attempt in_doubt" in row_of(browser, fleet.keys["stuck"]).text
+    # A key the policy leaves alone is never due; an empty sink of a key never rotated is no warning
+    # (one whose rotation went wrong still is); at 800 px a pill never wraps inside, an alias only
+    # between words.
+    assert row_of(browser, fleet.keys_sbx).find_element(By.CSS_SELECTOR, "td.due").text == "—"
+    pills = "return [...arguments[0].querySelectorAll('.sink')].map(e => e.className);"
+    assert browser.execute_script(pills, row_of(browser, fleet.keys["young"])) == ["sink sink-idle"] * 2
+    assert browser.execute_script(pills, row_of(browser, fleet.keys["stuck"])) == ["sink sink-empty"] * 2
+    browser.set_window_size(800, 900)
+    assert browser.execute_script(
+        "return [...document.querySelectorAll('.sink, .result, .flight')].every("
+        "e => e.getBoundingClientRect().height < 2 * parseFloat(getComputedStyle(e).fontSize));")
+    assert browser.execute_script("return getComputedStyle(document.querySelector('td.alias')).overflowWrap") == \
+        "break-word"
+    browser.set_window_size(1500, 1100)
     assert {r.find_element(By.CSS_SELECTOR, "td.strategy").text for r in rows} == {"reset"}
 
     # The page refreshes its table while the test runs: each click and read is one script, so no

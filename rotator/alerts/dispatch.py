@@ -24,14 +24,15 @@ class Route:
         return Severity[event.severity.upper()] >= self.config.severity
 
     def notifier(self) -> Notifier:
-        if self.config.url.startswith("webhook+"):
+        url = self.config.resolved_url()
+        if url.startswith("webhook+"):
             from rotator.alerts.webhook import SignedWebhook
 
             secret = read_credential(self.config.secret_env, self.config.secret_file, "webhook secret")
-            return SignedWebhook(self.config.url, secret)
+            return SignedWebhook(url, secret)
         from rotator.alerts.apprise_notifier import AppriseNotifier
 
-        return AppriseNotifier(self.config.url)
+        return AppriseNotifier(url)
 
     def dedupe_key(self, event: Event) -> str:
         return f"alert:{self.index}:{event.name}:{event.client_id}/{event.key_id}:{event.attempt_id or '-'}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +63,20 @@ auth = "approle"
 role_id_file = "{role_id}"
 secret_id_file = "{secret_id}"
 """
+
+
+def rotator_command() -> str:
+    """How this shell runs rotator: `rotator` when that is this install on PATH, else the path of
+    this install's script (`.venv/bin/rotator` after `python3 dev.py demo`)."""
+    script = Path(sys.executable).parent / "rotator"
+    found = shutil.which("rotator")
+    if found is not None and script.exists() and Path(found).resolve() == script.resolve():
+        return "rotator"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m rotator.cli"
+    with contextlib.suppress(ValueError):
+        return shlex.quote(str(script.relative_to(Path.cwd())))
+    return shlex.quote(str(script))
 
 
 def write_config(home: Path, redis_url: str, emulator_url: str, extra_sinks: str = "") -> Path:
@@ -174,7 +190,7 @@ def main(home: Path, port: int, duration: float | None, plain: bool, vault: bool
         worker = subprocess.Popen([sys.executable, "-m", "rotator.cli", "run", "--config", str(config)],
                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         console.print(f"key-service emulator: {server.url} · worker log: {home / 'worker.log'}")
-        console.print(f"in another terminal: rotator status --config {config}")
+        console.print(f"in another terminal: {rotator_command()} status --config {config}", soft_wrap=True)
         if bao is not None:
             console.print(f"OpenBao (a real Vault API): {bao.url} · read a stored secret with\n"
                           f"  BAO_ADDR={bao.url} BAO_TOKEN=$(cat {home / 'openbao-root.token'}) "

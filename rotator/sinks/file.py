@@ -19,14 +19,14 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import Field, field_validator
 
-from rotator.config import read_credential
+from rotator.config import credential_value, read_credential
 from rotator.domain import ApiKey, KeyRef, Secret
 from rotator.errors import PermanentError, ProtocolError, TransientError
 from rotator.fingerprint import Fingerprinter
@@ -67,16 +67,20 @@ class EncryptedFileSink:
 
         _check_path = field_validator("path")(check_template)
 
+        def credential_problems(self, env: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+            yield from super().credential_problems(env)
+            value = credential_value(self.key_env, self.key_file, env)
+            if value is not None and not _is_fernet_key(value):  # the value is never shown
+                yield ("key_file" if self.key_file is not None else "key_env",
+                       "not a Fernet key (32 bytes, url-safe base64); `rotator keys init DIR` makes one (file.key)")
+
     def __init__(self, config: Config, fingerprint: Fingerprinter) -> None:
         self.config = config
         self._fingerprint = fingerprint
         key = read_credential(config.key_env, config.key_file, "file sink key")
-        try:
-            self._fernet = Fernet(key.encode())
-        except ValueError:
-            raise PermanentError(
-                "file sink key is not a Fernet key (32 bytes, url-safe base64)"
-            ) from None
+        if not _is_fernet_key(key):
+            raise PermanentError("file sink key is not a Fernet key (32 bytes, url-safe base64)")
+        self._fernet = Fernet(key.encode())
 
     def location(self, key: ApiKey) -> str:
         """Where this key's secret lives in this sink (two keys must never share one)."""
@@ -311,3 +315,9 @@ def _classify(exc: OSError, where: str) -> Exception:
     return PermanentError(f"{where}: {reason}")
 
 
+def _is_fernet_key(value: str) -> bool:
+    try:
+        Fernet(value.encode())
+    except ValueError:
+        return False
+    return True

@@ -55,13 +55,13 @@ def check(kind: str, options: Mapping[str, Any], env: Mapping[str, str]) -> list
     try:
         config = cls.Config(**options)
     except ValidationError as exc:
-        from rotator.config import unknown_key_reason
+        from rotator.config import unknown_key_reason, validation_reason
 
         problems = []
         for error in exc.errors():
             key = ".".join(str(p) for p in error["loc"]) or "-"
             reason = (unknown_key_reason(key, ["kind", *cls.Config.model_fields])
-                      if error["type"] == "extra_forbidden" else error["msg"])
+                      if error["type"] == "extra_forbidden" else validation_reason(error, key))
             problems.append((key, str(reason).removeprefix("Value error, ")))
         return problems
     return list(config.credential_problems(env))
