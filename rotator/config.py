@@ -13,8 +13,8 @@ import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Annotated, Any, Final, Literal, get_args
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from pydantic import (
     AnyUrl,
@@ -36,6 +36,7 @@ from rotator.safety import (
     ID_RULE,
     excerpt,
     looks_like_secret,
+    might_be_secret,
     redact_url,
     shown_path,
     url_has_credentials,
@@ -499,6 +500,8 @@ def _raw_sink_problems(data: Mapping[str, Any], source: str, env: Mapping[str, s
     """The sinks' own problems while another part of the file is invalid: every problem in one run."""
     from rotator.sinks import registry
 
+    if any(path and path[0] == "sinks" for path in _env_overrides(os.environ)):
+        return []  # the environment replaces the file's sinks: those are checked once the rest is valid
     sinks = data.get("sinks")
     problems = []
     for index, raw in enumerate(sinks if isinstance(sinks, list) else []):
@@ -517,9 +520,9 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
 
     def need(key: str, env_name: str | None, file: Path | None, what: str) -> None:
         if file is not None:
-            if not file.is_file():
-                file_key = key.replace("_env", "_file")
-                problems.append(ConfigProblem(source, file_key, f"{what}: {shown_path(file)} does not exist"))
+            wrong = credential_file_problem(file)
+            if wrong is not None:
+                problems.append(ConfigProblem(source, key.replace("_env", "_file"), f"{what}: {wrong}"))
         elif env_name is None:
             problems.append(ConfigProblem(source, key, f"{what}: name an environment variable or a file"))
         elif not env.get(env_name):
@@ -591,20 +594,23 @@ def _alert_problems(key: str, alert: AlertConfig, source: str, env: Mapping[str,
         problems.append(ConfigProblem(source, f"{key}.secret_env", f"webhook secret: {form}"))
     if not url:
         return problems
+    # Whatever is wrong with a URL read from a variable or a file is said of that key.
+    where = f"{key}.url" if alert.url is not None else f"{key}.url_env" if alert.url_env else f"{key}.url_file"
+    scheme = url.partition("://")[0] if re.fullmatch(r"[a-z][a-z0-9+.-]{0,30}://.*", url, re.S) else ""
     if url.startswith("webhook+"):
         if not alert.secret_env and alert.secret_file is None:
             problems.append(ConfigProblem(source, f"{key}.secret_env",
                                           "a signed webhook needs secret_env or secret_file"))
         if not url.removeprefix("webhook+").startswith(("http://", "https://")):
-            problems.append(ConfigProblem(source, f"{key}.url", "a signed webhook is webhook+http(s)://…"))
-        inline = url_has_credentials(url.removeprefix("webhook+"))
+            problems.append(ConfigProblem(source, where, "a signed webhook is webhook+http(s)://…"))
+        inline = _holds_credential(url.removeprefix("webhook+"))
     else:
-        described = _apprise_privacy(url)
-        if described is None:
-            scheme = url.partition("://")[0]
-            problems.append(ConfigProblem(source, f"{key}.url",
-                                          f"Apprise does not understand a {scheme!r}:// URL (or its form)"))
-        inline = described is not None and described[0] != described[1]
+        described = _apprise_privacy(url) if scheme else None
+        if described is None:  # the value itself is never quoted: it may be a token pasted whole
+            problems.append(ConfigProblem(source, where, (
+                f"Apprise does not understand a {scheme!r}:// URL (or its form)" if scheme else
+                "not a URL (scheme://…); the value is not shown")))
+        inline = described is not None and (described[0] != described[1] or _holds_credential(url))
     if inline and alert.url is not None:  # the credential is not quoted
         problems.append(ConfigProblem(source, f"{key}.url", (
             "holds a password or a token inline, where the file shows it to whoever reads it: put the URL in a "
@@ -757,12 +763,31 @@ def config_warnings(s: Settings, source: str) -> list[ConfigProblem]:
 def _apprise_privacy(url: str) -> tuple[str, str] | None:
     """Apprise's own rendering of the URL with its secrets masked and without (they differ when the
     URL holds a password or a token); None when Apprise does not understand it."""
-    import apprise  # only configs with alerts pay for the import
+    from rotator.alerts.apprise_notifier import plugin_for  # only configs with alerts pay for Apprise
 
-    plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
+    plugin = plugin_for(url)
     if plugin is None:
         return None
-    return str(plugin.url(privacy=True)), str(plugin.url(privacy=False))  # type: ignore[no-untyped-call]
+    return str(plugin.url(privacy=True)), str(plugin.url(privacy=False))
+
+
+#: A query parameter (or, for json/form/xml, a header: `+Name`, `-name`, `:name`) whose name says
+#: it grants something.
+_CREDENTIAL_PARAM: Final = re.compile(r"token|key|secret|auth|pass|pwd|sig|bearer|session|cookie|credential",
+                                      re.IGNORECASE)
+
+
+def _holds_credential(url: str) -> bool:
+    """A password in the user part, or a query parameter or header whose name says it is a credential.
+    (A token that is a path segment, as in some webhook URLs, cannot be told: the docs say to keep
+    every URL that grants something in url_file.)"""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return True
+    if parts.password or (parts.username and parts.scheme.startswith("http")):
+        return True
+    return any(_CREDENTIAL_PARAM.search(name.lstrip("+-:")) for name, _ in parse_qsl(parts.query))
 
 
 def longest_rotation_s(s: Settings) -> float:
@@ -792,6 +817,21 @@ def url_with_password(url: str, env_name: str | None, file: Path | None) -> str:
 MIN_KEY_BYTES = 16
 
 
+def credential_file_problem(file: Path) -> str | None:
+    """Why a credential file cannot be used as it is (never quoting its content); None when it can."""
+    if not file.exists():
+        return f"{shown_path(file)} does not exist"
+    if not file.is_file():
+        return f"{shown_path(file)} is not a regular file"
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return f"{shown_path(file)} is not UTF-8 text"
+    except OSError as exc:
+        return f"{shown_path(file)} cannot be read ({type(exc).__name__})"
+    return f"{shown_path(file)} is empty" if not text.strip() else None
+
+
 def credential_value(env_name: str | None, file: Path | None, env: Mapping[str, str]) -> str | None:
     """The credential a `*_env`/`*_file` pair names, as the process will read it; None when it is
     not there (that problem is reported on its own)."""
@@ -806,6 +846,9 @@ def credential_value(env_name: str | None, file: Path | None, env: Mapping[str, 
 def read_credential(env_name: str | None, file: Path | None, what: str) -> str:
     """The value of a credential named by a `*_env` or `*_file` key, stripped of a newline."""
     if file is not None:
+        wrong = credential_file_problem(file)
+        if wrong is not None:
+            raise PermanentError(f"{what}: {wrong}")
         value = file.read_text(encoding="utf-8").strip()
     elif env_name is not None:
         value = os.environ.get(env_name, "")
@@ -957,6 +1000,8 @@ def _reason(error: Any, key: str = "") -> str:
         if "@" in shown and "***@" not in shown:  # not a URL that parses: keep only what follows the credentials
             shown = "…@" + shown.rsplit("@", 1)[1]
         return f"{message} (got {excerpt(shown, 80)})"
+    if isinstance(value, str) and kind != "value_error" and might_be_secret(value):  # a token in the wrong key
+        return message + " (the value is not shown: it looks like a credential)"
     if isinstance(value, str | int | float | bool) and kind != "value_error":
         shown = excerpt(value, 80) if isinstance(value, str) else repr(value)
         choices = re.findall(r"'([^']*)'", str((error.get("ctx") or {}).get("expected", "")))

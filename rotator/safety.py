@@ -135,6 +135,17 @@ def looks_like_secret(name: str) -> bool:
     return len(name) >= 20 and _entropy(name) >= 4.3
 
 
+def might_be_secret(value: str) -> bool:
+    """Any value that could be a pasted credential (quoted in no message): long, a run that mixes
+    letters and digits, or random-looking. A word, a path or a small number is not."""
+    if len(value) > 40:
+        return True
+    for run in re.split(r"[\s/:._-]+", value):
+        if len(run) >= 12 and any(c.isdigit() for c in run) and any(c.isalpha() for c in run):
+            return True
+    return len(value) >= 16 and re.fullmatch(r"[A-Za-z0-9+/=_.~-]+", value) is not None and _entropy(value) >= 3.8
+
+
 def variable_named(name: str) -> str:
     """How a message names the variable of a `*_env` key: by name, unless the name looks like a
     pasted secret (then it is not repeated)."""

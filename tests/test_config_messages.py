@@ -129,36 +129,64 @@ FERNET = "x" * 43 + "="
 SLACK = "slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ/"
 
 
-@pytest.mark.parametrize(("extra_toml", "environ", "says", "hidden"), [
-    ("", {"ROTATOR_FINGERPRINT_KEY": "tiny-fp-9"},
+NOT_UTF8 = b"\xff\xfe\x00fingerprint-key-\xff"
+
+
+@pytest.mark.parametrize(("extra_toml", "environ", "files", "says", "hidden"), [
+    ("", {"ROTATOR_FINGERPRINT_KEY": "tiny-fp-9"}, {},
      "engine.fingerprint_key_env: fingerprint key: shorter than 16 bytes; `rotator keys init DIR` makes one", "tiny-fp-9"),
-    ('[engine]\nidempotency_key_env = "IK"\n', {"IK": "0123456789"},
+    ('[engine]\nfingerprint_key_file = "{tmp}/fp.key"\n', {}, {"fp.key": NOT_UTF8},
+     "engine.fingerprint_key_file: fingerprint key: ", None),
+    ('[engine]\nidempotency_key_env = "IK"\n', {"IK": "0123456789"}, {},
      "engine.idempotency_key_env: Idempotency-Key secret: shorter than 16 bytes", "0123456789"),
-    ('[[sinks]]\nkind = "file"\nkey_env = "FILE_KEY"\n', {"FILE_KEY": "not-a-fernet-key"},
+    ('[[sinks]]\nkind = "file"\nkey_env = "FILE_KEY"\n', {"FILE_KEY": "not-a-fernet-key"}, {},
      "sinks[1].key_env: not a Fernet key (32 bytes, url-safe base64)", "not-a-fernet-key"),
-    ('[[alerts]]\nurl = "mailtos://alerts:hunter2hunter2@smtp.example.com?to=ops@example.com"\n', {},
+    ('[[sinks]]\nkind = "file"\nkey_file = "{tmp}/file.key"\n', {}, {"file.key": NOT_UTF8},
+     "sinks[1].key_file: ", None),
+    ('[[alerts]]\nurl = "mailtos://alerts:hunter2hunter2@smtp.example.com?to=ops@example.com"\n', {}, {},
      "alerts[0].url: holds a password or a token inline", "hunter2hunter2"),
-    (f'[[alerts]]\nurl = "{SLACK}"\n', {}, "alerts[0].url: holds a password or a token inline", "TIiajkdnlazkcOXrIdevi7FQ"),
+    (f'[[alerts]]\nurl = "{SLACK}"\n', {}, {}, "alerts[0].url: holds a password or a token inline",
+     "TIiajkdnlazkcOXrIdevi7FQ"),
+    ('[[alerts]]\nurl = "json://hooks.example.com/x?+Authorization=Bearer%20SEKRETbearer3"\n', {}, {},
+     "alerts[0].url: holds a password or a token inline", "SEKRETbearer3"),
     ('[[alerts]]\nurl = "webhook+https://ops:pw-0f9e8d@hooks.example.com/x"\nsecret_env = "WHS"\n',
-     {"WHS": "a-long-webhook-secret"}, "alerts[0].url: holds a password or a token inline", "pw-0f9e8d"),
-    ('[[alerts]]\nurl_env = "SLACK_URL"\n', {}, "alerts[0].url_env: alert URL: environment variable SLACK_URL is not set",
-     "SLACK_URL="),
-    ('[[alerts]]\nurl = "json://localhost"\nurl_env = "X"\n', {}, "give exactly one of url, url_env or url_file", None),
-    ('[[sinks]]\nkind = "vault"\nurl = "https://vault.example.com"\nauth = "aprole"\n', {},
+     {"WHS": "a-long-webhook-secret"}, {}, "alerts[0].url: holds a password or a token inline", "pw-0f9e8d"),
+    ('[[alerts]]\nurl = "webhook+https://hooks.example.com/x?token=SEKRETquery9"\nsecret_env = "WHS"\n',
+     {"WHS": "a-long-webhook-secret"}, {}, "alerts[0].url: holds a password or a token inline", "SEKRETquery9"),
+    ('[[alerts]]\nurl_env = "SLACK_URL"\n', {}, {},
+     "alerts[0].url_env: alert URL: environment variable SLACK_URL is not set", None),
+    ('[[alerts]]\nurl_file = "{tmp}/alert.url"\n', {}, {"alert.url": b"msteams://team/tokenA/SEKRETteamsB/tokenC\n"},
+     "alerts[0].url_file: Apprise does not understand", "SEKRETteamsB"),
+    ('[[alerts]]\nurl_file = "{tmp}/alert.url"\n', {}, {"alert.url": b"hunter2SEKRETtoken\n"},
+     "alerts[0].url_file: not a URL (scheme://", "hunter2SEKRETtoken"),
+    ('[[alerts]]\nurl_file = "{tmp}/alert.url"\n', {}, {"alert.url": b"\n"}, "alerts[0].url_file: alert URL: ", None),
+    ('[[alerts]]\nurl = "json://localhost"\nurl_env = "X"\n', {}, {}, "give exactly one of url, url_env or url_file",
+     None),
+    ('[[sinks]]\nkind = "vault"\nurl = "https://vault.example.com"\nauth = "aprole"\n', {}, {},
      "sinks[1].auth: Input should be 'token', 'approle' or 'kubernetes' (got 'aprole'; did you mean 'approle'?)", None),
-], ids=["short-fingerprint-key", "short-idempotency-secret", "file-key-not-fernet", "mail-password-inline",
-        "slack-token-inline", "webhook-password-inline", "alert-url-variable-unset", "alert-url-twice", "vault-auth-typo"])
+    ('[[sinks]]\nkind = "vault"\nurl = "https://vault.example.com"\nauth = "hvs.CAESIJSEKRETvaulttoken0123"\n', {},
+     {}, "sinks[1].auth: Input should be 'token', 'approle' or 'kubernetes' (the value is not shown",
+     "SEKRETvaulttoken"),
+], ids=["short-fingerprint-key", "fingerprint-key-not-utf8", "short-idempotency-secret", "file-key-not-fernet",
+        "file-key-not-utf8", "mail-password-inline", "slack-token-inline", "json-header-token-inline",
+        "webhook-password-inline", "webhook-query-token-inline", "alert-url-variable-unset",
+        "alert-url-file-apprise-cannot-read", "alert-url-file-bare-token", "alert-url-file-empty", "alert-url-twice",
+        "vault-auth-typo", "vault-token-in-auth"])
 def test_a_bad_configuration_is_one_line_from_every_command(tmp_path: Path, extra_toml: str, environ: dict[str, str],
-                                                            says: str, hidden: str | None) -> None:
+                                                            files: dict[str, bytes], says: str,
+                                                            hidden: str | None) -> None:
     """Each bad file: `check-config` exits 2 with a one-line reason that names the key and never
-    quotes a credential; `check-config --ping` and `rotate --all-due` say the same, no traceback."""
+    quotes a credential (nor does any library's log line); `check-config --ping` and `rotate
+    --all-due` say the same, no traceback."""
     import os
     import subprocess
     import sys
 
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
     config = tmp_path / "rotator.toml"
     config.write_text(f'[keyservice]\nurl = "http://127.0.0.1:9"\ntoken_env = "TOKEN"\n[[sinks]]\nkind = "memory"\n'
-                      f"{extra_toml}")
+                      f"{extra_toml.replace('{tmp}', str(tmp_path))}")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}, "TOKEN": "t" * 20,
            "ROTATOR_FINGERPRINT_KEY": "f" * 32, "ROTATOR_FILE_KEY": FERNET, "XDG_STATE_HOME": str(tmp_path), **environ}
     for command in (["check-config"], ["check-config", "--ping"], ["rotate", "--all-due"]):

@@ -52,8 +52,8 @@ def test_demo_rotates_due_keys_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> No
     with rotating_demo(home, out) as demo:
         # The command the banner gives works as printed, from a shell where no virtualenv is active.
         [told] = re.findall(r"in another terminal: (.+)", out.read_text())
-        status = subprocess.run(told, shell=True, capture_output=True, text=True, timeout=60,
-                                env={**os.environ, "PATH": "/usr/bin:/bin"})
+        status = subprocess.run(told, shell=True, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                                env={**os.environ, "PATH": "/usr/bin:/bin"})  # a new terminal, elsewhere
         assert status.returncode == 0 and "acme" in status.stdout + status.stderr, (told, status.stderr[-500:])
     output = out.read_text()
     assert demo.returncode == 0, output

@@ -228,6 +228,8 @@ def test_out_of_scope_keys_are_never_due_and_unrotated_sinks_read_neutral(fleet:
     assert row(fleet.keys["young"]).count("sink sink-idle") == 2 and "sink-empty" not in row(fleet.keys["young"])
     assert row(fleet.keys["stuck"]).count("sink sink-empty") == 2
     assert httpx.get(f"{page}/keys/acme/{fleet.keys['young']}").text.count("sink sink-idle") == 2
+    sandbox_page = httpx.get(f"{page}/keys/sbx/{fleet.keys_sbx}").text
+    assert "never: the policy leaves this key alone" in sandbox_page and " ago)" not in sandbox_page
 
 
 def redis_contents(fleet: Fleet) -> dict[bytes, bytes]:

@@ -323,3 +323,21 @@ def test_emulator_faults_model_gateways_not_stored_answers(emulator: Emulator, e
     started = time.monotonic()
     assert httpx.post(url, headers=headers, timeout=5).status_code == 504
     assert time.monotonic() - started >= 0.5
+
+
+def test_a_token_request_that_gets_no_answer_is_not_called_in_doubt() -> None:
+    """Asking for a token changes nothing: after its tries the message says it gave up, not that
+    an outcome is unknown (as it rightly does for a reset)."""
+    from rotator.domain import Secret
+    from rotator.errors import TransientError
+
+    def cut(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    service = HttpKeyService("https://keys.example.com", "t", max_attempts=2, retry_max_wait_s=0.01,
+                             transport=httpx.MockTransport(cut))
+    with pytest.raises(TransientError) as info:
+        service.verify_secret(CLIENT, Secret("prod_" + "s" * 30))
+    assert "gave up after 2 attempts" in str(info.value) and "outcome unknown" not in str(info.value)
+    with pytest.raises(InDoubtError, match="outcome unknown"):
+        service.reset_key(CLIENT, KEY, IDEM)

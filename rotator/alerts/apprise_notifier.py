@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
 
 import apprise
 
@@ -13,13 +18,43 @@ _TYPES = {"info": apprise.NotifyType.INFO, "warning": apprise.NotifyType.WARNING
           "error": apprise.NotifyType.FAILURE, "critical": apprise.NotifyType.FAILURE}
 
 
+@contextlib.contextmanager
+def quiet_apprise() -> Iterator[None]:
+    """Apprise logs a URL it cannot parse whole, credentials and all: not while it reads ours."""
+    logger = logging.getLogger("apprise")
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
+def plugin_for(url: str) -> Any:
+    """Apprise's plugin for `url`, or None when it does not understand it (never logging the URL)."""
+    with quiet_apprise():
+        return apprise.Apprise.instantiate(url, suppress_exceptions=True)
+
+
+def described(url: str) -> str:
+    """A URL named in messages: its scheme, host and port only (a path, a query or a header may hold
+    a token that Apprise's own privacy mode leaves in place)."""
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}/…"
+
+
 class AppriseNotifier:
     def __init__(self, url: str) -> None:
         self._apprise = apprise.Apprise()
-        if not self._apprise.add(url):
-            # Apprise's privacy mode masks credentials in the URL for this message.
+        with quiet_apprise():
+            added = self._apprise.add(url)
+        if not added:
             raise PermanentError("alert URL is not one Apprise understands")
-        self._describe = ", ".join(s.url(privacy=True) for s in self._apprise)  # type: ignore[no-untyped-call]
+        self._describe = described(url)
 
     def describe(self) -> str:
         return self._describe

@@ -66,17 +66,16 @@ secret_id_file = "{secret_id}"
 
 
 def rotator_command() -> str:
-    """How this shell runs rotator: `rotator` when that is this install on PATH, else the path of
-    this install's script (`.venv/bin/rotator` after `python3 dev.py demo`)."""
+    """How any shell runs this install of rotator: `rotator` when that is it on PATH, else the
+    absolute path of its script (`…/.venv/bin/rotator` after `python3 dev.py demo`), which works
+    from any directory in a new terminal."""
     script = Path(sys.executable).parent / "rotator"
     found = shutil.which("rotator")
     if found is not None and script.exists() and Path(found).resolve() == script.resolve():
         return "rotator"
     if not script.exists():
         return f"{shlex.quote(sys.executable)} -m rotator.cli"
-    with contextlib.suppress(ValueError):
-        return shlex.quote(str(script.relative_to(Path.cwd())))
-    return shlex.quote(str(script))
+    return shlex.quote(str(script.absolute()))
 
 
 def write_config(home: Path, redis_url: str, emulator_url: str, extra_sinks: str = "") -> Path:
@@ -190,7 +189,8 @@ def main(home: Path, port: int, duration: float | None, plain: bool, vault: bool
         worker = subprocess.Popen([sys.executable, "-m", "rotator.cli", "run", "--config", str(config)],
                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         console.print(f"key-service emulator: {server.url} · worker log: {home / 'worker.log'}")
-        console.print(f"in another terminal: {rotator_command()} status --config {config}", soft_wrap=True)
+        console.print(f"in another terminal: {rotator_command()} status --config {shlex.quote(str(config))}",
+                      soft_wrap=True, markup=False, highlight=False)
         if bao is not None:
             console.print(f"OpenBao (a real Vault API): {bao.url} · read a stored secret with\n"
                           f"  BAO_ADDR={bao.url} BAO_TOKEN=$(cat {home / 'openbao-root.token'}) "

@@ -431,7 +431,8 @@ class HttpKeyService:
                     try:
                         return self._send(method, path, expect, auth or self._auth, kwargs, shown)
                     except (UnansweredError, ServerError, BusyError):
-                        in_doubt = method != "GET"  # a read runs nothing: its last answer is what counts
+                        # A read or a token request changes nothing: its last answer is what counts.
+                        in_doubt = method != "GET" and not path.endswith("/oauth/token")
                         raise
         except RotatorError as exc:
             if isinstance(exc, IdempotencyConflictError):  # the key was used: the caller reads its answer

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from rotator.domain import ApiKey, KeyRef, Secret, slug, utc_iso
 from rotator.errors import PermanentError, ProtocolError, StaleWriteError
 from rotator.protocols import SecretRecord, StoredState
-from rotator.safety import ID_RULE, UNSAFE_TEXT_RE, excerpt, is_id, shown_path, variable_named
+from rotator.safety import ID_RULE, UNSAFE_TEXT_RE, excerpt, is_id, variable_named
 
 TEMPLATE_FIELDS = ("client_id", "key_id", "alias", "environment")
 
@@ -30,8 +30,11 @@ class SinkSettings(BaseModel):
                 continue
             file_twin = getattr(self, name[:-4] + "_file", None)
             if file_twin is not None:
-                if not Path(file_twin).is_file():
-                    yield (name[:-4] + "_file", f"{shown_path(Path(file_twin))} does not exist")
+                from rotator.config import credential_file_problem
+
+                wrong = credential_file_problem(Path(file_twin))
+                if wrong is not None:
+                    yield (name[:-4] + "_file", wrong)
             elif not env.get(value):
                 yield (name, f"{variable_named(value)} is not set")
 

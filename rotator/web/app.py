@@ -58,7 +58,7 @@ def templates() -> Environment:
     env = Environment(loader=PackageLoader("rotator.web", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.globals.update(iso=view.iso, urgency=view.urgency, last_message=view.last_message,
-                       entry_keys=view.entry_keys, relative=view.relative)
+                       entry_keys=view.entry_keys, relative=view.relative, sink_tone=view.sink_tone)
     return env
 
 

@@ -56,6 +56,19 @@ def urgency(key: dict[str, Any], now: float, warn_before_days: int) -> str:
     return "fine"
 
 
+#: Results of an attempt that reached the key service: after one, an empty sink is a warning.
+_REACHED = ("succeeded", "recovered", "in_doubt", "at_risk")
+
+
+def sink_tone(state: str, key: dict[str, Any]) -> str:
+    """The pill of a sink's state: `idle` (neutral) for an empty sink of a key rotator never reset
+    (no attempt in flight, none that reached the key service), else the state itself."""
+    last = key.get("last_rotation") or {}
+    if state == "empty" and not key.get("in_flight") and not key.get("attempt") and last.get("status") not in _REACHED:
+        return "idle"
+    return state
+
+
 def cards(summary: dict[str, int]) -> list[dict[str, Any]]:
     return [{"id": key, "label": label, "value": summary.get(key, 0),
              "tone": tone if summary.get(key, 0) else "quiet"} for key, label, tone in CARDS]
