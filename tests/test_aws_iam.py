@@ -122,7 +122,7 @@ def iam(moto: dict[str, Any]) -> dict[str, Any]:
 def service(iam: dict[str, Any], **options: Any) -> Any:
     config = settings_from_mapping({"keyservice": {"kind": "aws-iam", "endpoint_url": iam["url"],
                                                    "user_path_prefix": iam["path"], **options},
-                                    "sinks": [MEMORY]}, environ={"ROTATOR_FINGERPRINT_KEY": "x"})
+                                    "sinks": [MEMORY]}, environ={"ROTATOR_FINGERPRINT_KEY": "x" * 32})
     return build_keyservice(config.keyservice)
 
 
@@ -146,7 +146,7 @@ def writer(iam: dict[str, Any], url: str | None = None, grace_s: float = 7 * DAY
     """The service with the runtime's keyword arguments, and its account."""
     config = settings_from_mapping({"keyservice": {"kind": "aws-iam", "endpoint_url": url or iam["url"],
                                                    "user_path_prefix": iam["path"], "max_attempts": 1, **options},
-                                    "sinks": [MEMORY]}, environ={"ROTATOR_FINGERPRINT_KEY": "x"})
+                                    "sinks": [MEMORY]}, environ={"ROTATOR_FINGERPRINT_KEY": "x" * 32})
     fake = fake or FakeTime()
     ks = AwsIamKeyService(config.keyservice, grace_s=grace_s, sleep=fake.sleep, clock=fake.clock)
     return ks, ks.account()
@@ -424,7 +424,7 @@ def test_verification_gives_up_at_its_bound(iam: dict[str, Any]) -> None:
 def test_verification_waits_in_real_time_by_default(iam: dict[str, Any]) -> None:
     config = settings_from_mapping({"keyservice": {"kind": "aws-iam", "endpoint_url": iam["url"],
                                                    "verify_timeout_s": 0.3}, "sinks": [MEMORY]},
-                                   environ={"ROTATOR_FINGERPRINT_KEY": "x"})
+                                   environ={"ROTATOR_FINGERPRINT_KEY": "x" * 32})
     ks = AwsIamKeyService(config.keyservice)
     started = time.monotonic()
     assert ks.verify_secret(ks.account(), Secret("not-the-secret"), iam["keys"]["loose"][0]) is False

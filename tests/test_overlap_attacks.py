@@ -289,7 +289,7 @@ def test_revoking_the_replaced_key_loses_the_successors_secret(emulator, keyserv
 def test_key_id_template_variants_pass_check_config(path: str) -> None:
     with pytest.raises(ConfigError, match=r"alias"):
         settings_from_mapping({"keyservice": {"url": "http://127.0.0.1:1"}, "policy": {"strategy": "overlap"},
-                               "sinks": [{"kind": "memory", "path": path}]}, environ={"ROTATOR_FINGERPRINT_KEY": "x", "ROTATOR_KEYSERVICE_TOKEN": "t"})
+                               "sinks": [{"kind": "memory", "path": path}]}, environ={"ROTATOR_FINGERPRINT_KEY": "x" * 32, "ROTATOR_KEYSERVICE_TOKEN": "t"})
 
 
 
