@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rotator.embedded import free_port
+from rotator.embedded import end_process, free_port
 from rotator.keyservice.emulator import Fault
 from tests.test_web import Fleet, fleet, page
 
@@ -55,12 +55,7 @@ def command(fleet: Fleet, *args: str, read_timeout_s: float = 2.0) -> Iterator[t
                 time.sleep(0.1)
         yield proc.pid, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        end_process(proc)
 
 
 def slowloris(port: int, count: int) -> list[socket.socket]:
