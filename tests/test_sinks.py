@@ -685,3 +685,19 @@ def test_no_secret_in_exceptions_or_logs(
     assert len(texts) >= 6
     assert secret not in everything
     logs.configure("WARNING")
+
+
+def test_an_unreachable_vault_is_named_with_the_step_that_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`check-config --ping` with AppRole and no Vault listening: the AppRole login is what failed,
+    and the message says Vault could not be reached and where (not `token lookup: ConnectionError`)."""
+    from rotator.embedded import free_port
+    from rotator.errors import TransientError
+
+    monkeypatch.setenv("ROLE_ID", "role-1")
+    monkeypatch.setenv("SECRET_ID", "secret-1")
+    url = f"http://127.0.0.1:{free_port()}"
+    sink = registry.build("vault", {"url": url, "auth": "approle", "role_id_env": "ROLE_ID",
+                                    "secret_id_env": "SECRET_ID"}, FP)
+    with pytest.raises(TransientError) as info:
+        sink.ping()
+    assert str(info.value) == f"vault login (approle): cannot reach Vault at {url}/ (ConnectionError)"

@@ -34,7 +34,7 @@ from rotator.errors import (
 )
 from rotator.fingerprint import Fingerprinter
 from rotator.protocols import SecretRecord, StoredState
-from rotator.safety import shown_path
+from rotator.safety import redact_url, shown_path
 from rotator.sinks.base import (
     SinkSettings,
     check_template,
@@ -285,8 +285,10 @@ class VaultSink:
         """The login works and the token may do everything a rotation of any key does, at a sample
         path from the template (both `create` and `update`: every key's second rotation writes over
         its first), so a missing capability is named before any reset."""
-        with self._errors("vault token lookup"):
+        logins = self.logins  # a login made here makes a refusal below the policy's answer
+        with self._errors("vault token lookup" if self.config.auth == "token" else f"vault login ({self.config.auth})"):
             client = self._client_or_login()
+        with self._errors("vault token lookup", logins_before=logins):
             self._needs = ("a valid token (token_env or token_file) with 'read' on auth/token/lookup-self (the "
                            "`default` policy)" if self.config.auth == "token" else
                            "'read' on auth/token/lookup-self (the token's `default` policy)")
@@ -392,15 +394,16 @@ class VaultSink:
         self.logins += 1
         return client
 
-    def _errors(self, where: str) -> contextlib.AbstractContextManager[None]:
+    def _errors(self, where: str, logins_before: int | None = None) -> contextlib.AbstractContextManager[None]:
         self._needs = None
-        return _vault_errors(self, where)
+        return _vault_errors(self, where, logins_before)
 
 
 @contextlib.contextmanager
-def _vault_errors(sink: VaultSink, where: str) -> Iterator[None]:
-    """Map hvac and requests errors to the project's tree, in one place."""
-    logins = sink.logins
+def _vault_errors(sink: VaultSink, where: str, logins_before: int | None = None) -> Iterator[None]:
+    """Map hvac and requests errors to the project's tree, in one place; a login since
+    `logins_before` (default: since this block began) makes a refusal the policy's answer."""
+    logins = sink.logins if logins_before is None else logins_before
     try:
         yield
     except RotatorError:
@@ -410,6 +413,9 @@ def _vault_errors(sink: VaultSink, where: str) -> Iterator[None]:
         if exc.errors:
             first = str(exc.errors[0] if isinstance(exc.errors, list) else exc.errors).strip()[:160]
         raise _mapped(sink, exc, first, where, fresh_login=sink.logins != logins) from None
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise TransientError(f"{where}: cannot reach Vault at {redact_url(sink.config.url)} ({type(exc).__name__})") \
+            from None
     except (requests.RequestException, OSError) as exc:
         raise TransientError(f"{where}: {type(exc).__name__}") from None
 
