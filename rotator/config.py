@@ -579,8 +579,9 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
 
 def _alert_problems(key: str, alert: AlertConfig, source: str, env: Mapping[str, str],
                     need: Callable[[str, str | None, Path | None, str], None]) -> list[ConfigProblem]:
-    """An alert's URL (from the file, a variable or a file) and its webhook secret. A URL with a
-    credential in the file itself is refused: it shows wherever the file does."""
+    """An alert's URL (in the configuration, or read from its url_env or url_file) and its webhook
+    secret. A URL with a credential in the configuration itself is refused: it shows wherever the
+    configuration does. `need` reports a missing variable or unusable file, as for every credential."""
     problems: list[ConfigProblem] = []
     if alert.url is None:
         need(f"{key}.url_env", alert.url_env, alert.url_file, "alert URL")
