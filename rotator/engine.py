@@ -252,8 +252,8 @@ class Engine:
         self.window = window
         self._sleep = sleep
         self._monotonic = monotonic
-        # Only workers hold `idempotency_secret`; without one, the keys come from the fingerprint key
-        # (as before there was a setting), which a live status page holds too.
+        # Every process that builds an engine holds the same `idempotency_secret` (engine.idempotency_key_*);
+        # without one, the keys come from the fingerprint key, as before there was a setting.
         self._ik_mac = idempotency_secret or fingerprint.derive(b"idempotency-key")
         self._ik_id = derivation_id(self._ik_mac)
         # One thread per sink plus one for the token check, so no sink write waits for a free thread.
@@ -769,8 +769,9 @@ class Engine:
 
     def _key_of(self, record: AttemptRecord) -> str:
         """The record's Idempotency-Key, derived again from what the record holds (never stored: it
-        reads the live secret). One derived with another secret (the setting changed while it was in
-        flight) is never sent under a different key: it waits for that secret to come back."""
+        reads the live secret). One derived with another secret (a process configured differently,
+        or the setting changed while it was in flight) is never sent under a different key: it waits
+        for a process that holds that secret."""
         if record.legacy_key:
             return record.legacy_key
         if record.derived_with and record.derived_with != self._ik_id:
