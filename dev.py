@@ -30,6 +30,11 @@ def run(*args: str | Path) -> None:
     subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
 
 
+# The project itself, editable. `-qq`: setuptools' notice about editable installs (a 7-line block on
+# every install) says nothing to whoever runs dev.py; an error still shows, and still fails the install.
+PROJECT_INSTALL = ("-m", "pip", "install", "-qq", "--no-deps", "--no-build-isolation", "-e", ".")
+
+
 def ensure_env() -> None:
     """Create .venv and install exactly what requirements-dev.lock pins (every file checked against
     its hash), then the project itself; again only when pyproject.toml or the lock changes."""
@@ -41,7 +46,7 @@ def ensure_env() -> None:
     run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
     run(BIN / "python", "-m", "pip", "install", "--quiet", "--require-hashes", "-r", LOCK)
     # Its build backend (setuptools) comes from the lock too: nothing unpinned is fetched.
-    run(BIN / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", ".")
+    run(BIN / "python", *PROJECT_INSTALL)
     STAMP.write_text(digest)
 
 

@@ -15,12 +15,15 @@ import enum
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer import _click as click
+from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.models import CommandFunctionType
 
 from rotator import logs
 from rotator.config import Settings, config_path, load_settings
@@ -30,7 +33,34 @@ from rotator.errors import ConfigError, RotatorError
 if TYPE_CHECKING:
     from rotator.engine import Engine
 
-app = typer.Typer(
+def _as_flag(option: TyperOption | None) -> TyperOption | None:
+    """`--help` takes no value, so it shows none (typer's own help option would read `--help <bool>`)."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class _Command(TyperCommand):
+    def get_help_option(self, ctx: click.Context) -> TyperOption | None:
+        return _as_flag(super().get_help_option(ctx))
+
+
+class _Group(TyperGroup):
+    def get_help_option(self, ctx: click.Context) -> TyperOption | None:
+        return _as_flag(super().get_help_option(ctx))
+
+
+class _App(typer.Typer):
+    """A Typer whose commands and groups show `--help` as the flag it is."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(cls=_Group, **options)
+
+    def command(self, *names: Any, **options: Any) -> Callable[[CommandFunctionType], CommandFunctionType]:
+        return super().command(*names, cls=_Command, **options)
+
+
+app = _App(
     name="rotator",
     help=("Rotate production API keys on a schedule and store each one-time secret safely.\n\n"
           "Every command reads its configuration from --config FILE (or $ROTATOR_CONFIG, else ./rotator.toml); "
@@ -589,7 +619,7 @@ def metrics(config: ConfigOption = None, port: Annotated[int, typer.Option(help=
         pass
 
 
-keys_app = typer.Typer(help="Signing keys and the other keys an installation needs.", no_args_is_help=True)
+keys_app = _App(help="Signing keys and the other keys an installation needs.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
 

@@ -94,3 +94,21 @@ def test_floors_leave_out_releases_with_known_advisories(package: str, fixed: st
     [requirement] = [r for r in ranges if canonicalize_name(r.name) == package]
     floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
     assert floors and max(floors) >= Version(fixed), f"{requirement} allows releases before {fixed}"
+
+
+def test_the_project_installs_without_a_notice(tmp_path: Path) -> None:
+    """dev.py's install of the project itself prints nothing: setuptools' 7-line "Editable installation"
+    block came before anything else on a first `python3 dev.py demo`. An error would still print."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        import dev
+    finally:
+        sys.path.remove(str(ROOT))
+    install = subprocess.run([sys.executable, *dev.PROJECT_INSTALL, "--prefix", str(tmp_path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert install.returncode == 0, install.stderr[-2000:]
+    assert (install.stdout, install.stderr) == ("", "")
+    assert list(tmp_path.rglob("__editable__*rotator*.pth")), "the project was not installed"
