@@ -107,7 +107,8 @@ def test_the_project_installs_without_a_notice(tmp_path: Path) -> None:
         import dev
     finally:
         sys.path.remove(str(ROOT))
-    install = subprocess.run([sys.executable, *dev.PROJECT_INSTALL, "--prefix", str(tmp_path)], cwd=ROOT,
+    # --target implies --ignore-installed: the environment running this test keeps its own install.
+    install = subprocess.run([sys.executable, *dev.PROJECT_INSTALL, "--target", str(tmp_path)], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert install.returncode == 0, install.stderr[-2000:]
     assert (install.stdout, install.stderr) == ("", "")
