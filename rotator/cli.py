@@ -653,7 +653,8 @@ def keys_init(
         err.print(f"made {show(path)}", highlight=False)
     for path in keys.kept:
         err.print(f"kept {show(path)} (exists; never replaced)", highlight=False)
-    out.print(show(keys.config()), highlight=False, soft_wrap=True)
+    for line in keys.config().splitlines():  # line by line: `show` would join lines that a pipe must keep
+        out.print(show(line), highlight=False, soft_wrap=True)
 
 
 @keys_app.command("public")

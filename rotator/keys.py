@@ -8,6 +8,7 @@ replaced: running it again adds the signers that are new and prints the whole co
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +58,16 @@ relays = [{relays}]
 {trusted}
 
 [engine]
-fingerprint_key_file = "{self.fingerprint_key}"
-idempotency_key_file = "{self.idempotency_key}"  # every process that rotates or shows live status
+fingerprint_key_file = {toml_string(self.fingerprint_key)}
+idempotency_key_file = {toml_string(self.idempotency_key)}  # every process that rotates or shows live status
 
-# For the encrypted file sink: key_file = "{self.file_key}"
+# For the encrypted file sink: key_file = {toml_string(self.file_key)}
 """
+
+
+def toml_string(path: Path) -> str:
+    """A path as a TOML basic string (JSON's escapes are TOML's; a quote or backslash stays inside)."""
+    return json.dumps(str(path), ensure_ascii=False)
 
 
 def init_keys(directory: Path, signers: list[str], operators: tuple[str, ...] = ()) -> KeySet:

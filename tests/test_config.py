@@ -259,3 +259,19 @@ def test_idempotency_keys_derive_from_a_secret_only_the_workers_hold(tmp_path: P
     with pytest.raises(ConfigError, match="idempotency_key_file"):
         settings_from_mapping({**base, "engine": {**engine, "idempotency_key_file": str(tmp_path / "gone")}},
                               environ={})
+
+
+def test_keys_init_prints_toml_for_any_directory(tmp_path: Path) -> None:
+    """The lines `keys init` prints are TOML that names the files it made, piped or not, whatever
+    the directory is called (a quote or a backslash in it used to end the string early)."""
+    from typer.testing import CliRunner
+
+    from rotator.cli import app
+
+    directory = tmp_path / 'ops "rotator" \\ keys'
+    result = CliRunner().invoke(app, ["keys", "init", str(directory)])
+    assert result.exit_code == 0, result.output
+    engine = tomllib.loads(result.stdout)["engine"]
+    assert engine == {"fingerprint_key_file": str(directory / "fingerprint.key"),
+                      "idempotency_key_file": str(directory / "idempotency.key")}
+    assert Path(engine["fingerprint_key_file"]).stat().st_mode & 0o777 == 0o600
