@@ -132,6 +132,21 @@ SLACK = "slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ/"
 NOT_UTF8 = b"\xff\xfe\x00fingerprint-key-\xff"
 
 
+def bad_configuration(tmp_path: Path, extra_toml: str, environ: dict[str, str],
+                      files: dict[str, bytes]) -> tuple[Path, dict[str, str]]:
+    """One case of the table as files on disk: the config file and the environment it is read in."""
+    import os
+
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    config = tmp_path / "rotator.toml"
+    config.write_text(f'[keyservice]\nurl = "http://127.0.0.1:9"\ntoken_env = "TOKEN"\n[[sinks]]\nkind = "memory"\n'
+                      f"{extra_toml.replace('{tmp}', str(tmp_path))}")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}, "TOKEN": "t" * 20,
+           "ROTATOR_FINGERPRINT_KEY": "f" * 32, "ROTATOR_FILE_KEY": FERNET, "XDG_STATE_HOME": str(tmp_path), **environ}
+    return config, env
+
+
 @pytest.mark.parametrize(("extra_toml", "environ", "files", "says", "hidden"), [
     ("", {"ROTATOR_FINGERPRINT_KEY": "tiny-fp-9"}, {},
      "engine.fingerprint_key_env: fingerprint key: shorter than 16 bytes; `rotator keys init DIR` makes one", "tiny-fp-9"),
@@ -172,29 +187,89 @@ NOT_UTF8 = b"\xff\xfe\x00fingerprint-key-\xff"
         "webhook-password-inline", "webhook-query-token-inline", "alert-url-variable-unset",
         "alert-url-file-apprise-cannot-read", "alert-url-file-bare-token", "alert-url-file-empty", "alert-url-twice",
         "vault-auth-typo", "vault-token-in-auth"])
-def test_a_bad_configuration_is_one_line_from_every_command(tmp_path: Path, extra_toml: str, environ: dict[str, str],
-                                                            files: dict[str, bytes], says: str,
-                                                            hidden: str | None) -> None:
+def test_a_bad_configuration_is_one_line_from_check_config_and_rotate(
+        tmp_path: Path, extra_toml: str, environ: dict[str, str], files: dict[str, bytes], says: str,
+        hidden: str | None) -> None:
     """Each bad file: `check-config` exits 2 with a one-line reason that names the key and never
     quotes a credential (nor does any library's log line); `check-config --ping` and `rotate
-    --all-due` say the same, no traceback."""
-    import os
+    --all-due` say the same, no traceback. Separate processes, so logging is set up as in use."""
     import subprocess
     import sys
 
-    for name, content in files.items():
-        (tmp_path / name).write_bytes(content)
-    config = tmp_path / "rotator.toml"
-    config.write_text(f'[keyservice]\nurl = "http://127.0.0.1:9"\ntoken_env = "TOKEN"\n[[sinks]]\nkind = "memory"\n'
-                      f"{extra_toml.replace('{tmp}', str(tmp_path))}")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}, "TOKEN": "t" * 20,
-           "ROTATOR_FINGERPRINT_KEY": "f" * 32, "ROTATOR_FILE_KEY": FERNET, "XDG_STATE_HOME": str(tmp_path), **environ}
+    config, env = bad_configuration(tmp_path, extra_toml, environ, files)
     for command in (["check-config"], ["check-config", "--ping"], ["rotate", "--all-due"]):
         run = subprocess.run([sys.executable, "-m", "rotator.cli", *command, "--config", str(config)], env=env,
                              capture_output=True, text=True, timeout=60)
         said = run.stdout + run.stderr
         assert run.returncode == 2 and says in said, (command, said[-1500:])
         assert "Traceback" not in said and (hidden is None or hidden not in said), (command, said[-1500:])
+
+
+#: Every command that reads a configuration, with what it needs besides.
+EVERY_COMMAND = [["check-config"], ["check-config", "--ping"], ["health"], ["health", "--worker"], ["scan"],
+                 ["rotate", "--all-due"], ["rotate", "--all-due", "--apply"], ["rotate", "--client-id", "c",
+                 "--key-id", "k", "--apply", "--enqueue"], ["status"], ["status", "--history"], ["reconcile"],
+                 ["reconcile", "--repair"], ["run"], ["worker"], ["beat"], ["metrics", "--port", "0"],
+                 ["web", "--port", "0"], ["keys", "public"]]
+
+
+@pytest.mark.parametrize(("extra_toml", "environ", "files", "says", "hidden"), [
+    ("", {"ROTATOR_FINGERPRINT_KEY": "tiny-fp-9"}, {},
+     "engine.fingerprint_key_env: fingerprint key: shorter than 16 bytes; `rotator keys init DIR` makes one", "tiny-fp-9"),
+    ('[engine]\nfingerprint_key_file = "{tmp}/fp.key"\n', {}, {"fp.key": NOT_UTF8},
+     "engine.fingerprint_key_file: fingerprint key: ", None),
+    ('[engine]\nidempotency_key_env = "IK"\n', {"IK": "0123456789"}, {},
+     "engine.idempotency_key_env: Idempotency-Key secret: shorter than 16 bytes", "0123456789"),
+    ('[[sinks]]\nkind = "file"\nkey_env = "FILE_KEY"\n', {"FILE_KEY": "not-a-fernet-key"}, {},
+     "sinks[1].key_env: not a Fernet key (32 bytes, url-safe base64)", "not-a-fernet-key"),
+    ('[[sinks]]\nkind = "file"\nkey_file = "{tmp}/file.key"\n', {}, {"file.key": NOT_UTF8},
+     "sinks[1].key_file: ", None),
+    ('[[alerts]]\nurl = "mailtos://alerts:hunter2hunter2@smtp.example.com?to=ops@example.com"\n', {}, {},
+     "alerts[0].url: holds a password or a token inline", "hunter2hunter2"),
+    (f'[[alerts]]\nurl = "{SLACK}"\n', {}, {}, "alerts[0].url: holds a password or a token inline",
+     "TIiajkdnlazkcOXrIdevi7FQ"),
+    ('[[alerts]]\nurl = "json://hooks.example.com/x?+Authorization=Bearer%20SEKRETbearer3"\n', {}, {},
+     "alerts[0].url: holds a password or a token inline", "SEKRETbearer3"),
+    ('[[alerts]]\nurl = "webhook+https://ops:pw-0f9e8d@hooks.example.com/x"\nsecret_env = "WHS"\n',
+     {"WHS": "a-long-webhook-secret"}, {}, "alerts[0].url: holds a password or a token inline", "pw-0f9e8d"),
+    ('[[alerts]]\nurl = "webhook+https://hooks.example.com/x?token=SEKRETquery9"\nsecret_env = "WHS"\n',
+     {"WHS": "a-long-webhook-secret"}, {}, "alerts[0].url: holds a password or a token inline", "SEKRETquery9"),
+    ('[[alerts]]\nurl_env = "SLACK_URL"\n', {}, {},
+     "alerts[0].url_env: alert URL: environment variable SLACK_URL is not set", None),
+    ('[[alerts]]\nurl_file = "{tmp}/alert.url"\n', {}, {"alert.url": b"msteams://team/tokenA/SEKRETteamsB/tokenC\n"},
+     "alerts[0].url_file: Apprise does not understand", "SEKRETteamsB"),
+    ('[[alerts]]\nurl_file = "{tmp}/alert.url"\n', {}, {"alert.url": b"hunter2SEKRETtoken\n"},
+     "alerts[0].url_file: not a URL (scheme://", "hunter2SEKRETtoken"),
+    ('[[alerts]]\nurl_file = "{tmp}/alert.url"\n', {}, {"alert.url": b"\n"}, "alerts[0].url_file: alert URL: ", None),
+    ('[[alerts]]\nurl = "json://localhost"\nurl_env = "X"\n', {}, {}, "give exactly one of url, url_env or url_file",
+     None),
+    ('[[sinks]]\nkind = "vault"\nurl = "https://vault.example.com"\nauth = "aprole"\n', {}, {},
+     "sinks[1].auth: Input should be 'token', 'approle' or 'kubernetes' (got 'aprole'; did you mean 'approle'?)", None),
+    ('[[sinks]]\nkind = "vault"\nurl = "https://vault.example.com"\nauth = "hvs.CAESIJSEKRETvaulttoken0123"\n', {},
+     {}, "sinks[1].auth: Input should be 'token', 'approle' or 'kubernetes' (the value is not shown",
+     "SEKRETvaulttoken"),
+], ids=["short-fingerprint-key", "fingerprint-key-not-utf8", "short-idempotency-secret", "file-key-not-fernet",
+        "file-key-not-utf8", "mail-password-inline", "slack-token-inline", "json-header-token-inline",
+        "webhook-password-inline", "webhook-query-token-inline", "alert-url-variable-unset",
+        "alert-url-file-apprise-cannot-read", "alert-url-file-bare-token", "alert-url-file-empty", "alert-url-twice",
+        "vault-auth-typo", "vault-token-in-auth"])
+def test_a_bad_configuration_stops_every_command_before_it_starts(
+        tmp_path: Path, extra_toml: str, environ: dict[str, str], files: dict[str, bytes], says: str,
+        hidden: str | None) -> None:
+    """The same table through every command that reads a configuration: each exits 2 with the same
+    line before it reaches anything (no worker, server or call starts on a file check-config refuses)."""
+    from typer.testing import CliRunner
+
+    from rotator.cli import app
+
+    config, env = bad_configuration(tmp_path, extra_toml, environ, files)
+    env["ROTATOR_CONFIG"] = str(config)  # restored after each run (commands export the path for Celery)
+    for command in EVERY_COMMAND:
+        result = CliRunner().invoke(app, [*command, "--config", str(config)], env=env)
+        said = result.stdout + result.stderr
+        assert result.exit_code == 2 and says in said, (command, result.exception, said[-1500:])
+        assert isinstance(result.exception, SystemExit | None), (command, result.exception)
+        assert hidden is None or hidden not in said, command
 
 
 def test_every_problem_of_the_file_in_one_run(env: pytest.MonkeyPatch) -> None:
