@@ -12,6 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
@@ -31,12 +32,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rotator.domain import Environment, Severity
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.policy import Policy, RotationWindow
+from rotator.reasons import validation_reason
 from rotator.safety import (
     ID_RE,
     ID_RULE,
     excerpt,
     looks_like_secret,
-    might_be_secret,
     redact_url,
     shown_path,
     url_has_credentials,
@@ -454,6 +455,12 @@ class Settings(BaseSettings):
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     """`--config FILE`, else `$ROTATOR_CONFIG`, else `./rotator.toml`."""
     return Path(explicit or os.environ.get("ROTATOR_CONFIG") or DEFAULT_PATH)
+
+
+@cache
+def process_settings() -> Settings:
+    """This process's configuration, read once: a worker's tasks, its gate and its heartbeat share it."""
+    return load_settings()
 
 
 def load_settings(
@@ -952,24 +959,6 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def _unknown_key(loc: tuple[int | str, ...]) -> str:
-    return unknown_key_reason(str(loc[-1]) if loc else "", _known_keys(loc))
-
-
-def unknown_key_reason(leaf: str, known: list[str]) -> str:
-    """Why a key is unknown: an inline credential, a typo with its likely meaning, or neither."""
-    credential = next((f"{leaf}{end}" for end in ("_env", "_file") if f"{leaf}{end}" in known), None)
-    if credential is None and leaf in ("key", "token", "password", "secret", "secret_id", "role_id"):
-        credential = next((k for k in known if k.endswith(("_env", "_file"))), None)
-        leaf = credential.rsplit("_", 1)[0] if credential else leaf
-    if credential is not None:
-        ways = " or ".join(f"`{leaf}{end}`" for end in ("_env", "_file") if f"{leaf}{end}" in known)
-        return f"unknown key: credentials are never inline; use {ways} (the value is not shown)"
-    close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
-    return f"unknown key; did you mean {close[0]!r}?" if close else (
-        f"unknown key; known here: {', '.join(known)}" if known else "unknown key")
-
-
 def _dotted(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -980,35 +969,6 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return out or "-"
 
 
-_SENSITIVE_KEY_PARTS = ("_env", "_file", "token", "secret", "password", "key")
-
-
 def _reason(error: Any, key: str = "") -> str:
-    """A validation error's reason; it quotes the value only where the value cannot be a credential
-    (never for `*_env`, `*_file`, tokens, secrets, keys; URLs with their credentials redacted)."""
-    kind = error.get("type", "")
-    if kind == "extra_forbidden":
-        return _unknown_key(tuple(error.get("loc", ())))
-    if kind == "missing":
-        return "required key is missing"
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    value = error.get("input")
-    leaf = key.rsplit(".", 1)[-1].lower()
-    if any(part in leaf for part in _SENSITIVE_KEY_PARTS):
-        return message + " (the value is not shown)"
-    if isinstance(value, str) and "url" in leaf:
-        shown = redact_url(value)
-        if "@" in shown and "***@" not in shown:  # not a URL that parses: keep only what follows the credentials
-            shown = "…@" + shown.rsplit("@", 1)[1]
-        return f"{message} (got {excerpt(shown, 80)})"
-    if isinstance(value, str) and kind != "value_error" and might_be_secret(value):  # a token in the wrong key
-        return message + " (the value is not shown: it looks like a credential)"
-    if isinstance(value, str | int | float | bool) and kind != "value_error":
-        shown = excerpt(value, 80) if isinstance(value, str) else repr(value)
-        choices = re.findall(r"'([^']*)'", str((error.get("ctx") or {}).get("expected", "")))
-        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6) if isinstance(value, str) else []
-        return f"{message} (got {shown}" + (f"; did you mean {close[0]!r}?)" if close else ")")
-    return message
-
-
-validation_reason = _reason  # the same reasons for a sink's own options (rotator.sinks.registry)
+    """A validation error's reason, an unknown key's with the keys known at its place."""
+    return validation_reason(error, key, _known_keys)

@@ -26,8 +26,9 @@ from celery.worker.consumer import Consumer
 from celery.worker.strategy import default as default_strategy
 
 from rotator import logs
-from rotator.config import Settings
-from rotator.protocols import Event
+from rotator.config import Settings, process_settings
+from rotator.events import SEVERITY, LogPublisher
+from rotator.protocols import Event, EventPublisher
 from rotator.safety import private_state_dir
 from rotator.signing import (
     CLOCK_SKEW_S,
@@ -55,10 +56,16 @@ TIMEOUT_S = 2.0  # the gate runs in the loop that takes tasks: a hung Redis must
 log = logs.get("rotator.gate")
 
 
-def _settings() -> Settings:
-    from rotator.tasks import settings
+_settings = process_settings
+#: Makes the publisher of the forged-message alert: rotator.tasks hands over its own (the gate sits
+#: below the tasks, so it does not import them); unset, the alert is a log line only.
+_alert_publisher: Callable[[], EventPublisher] = LogPublisher
 
-    return settings()
+
+def alert_through(make_publisher: Callable[[], EventPublisher]) -> None:
+    """Send the gate's alerts through this publisher (the worker's, which notifies every channel)."""
+    global _alert_publisher
+    _alert_publisher = make_publisher
 
 
 def key_path(settings: Settings) -> Path:
@@ -177,9 +184,6 @@ class Gate:
             self._alert(verdict, task, slot)
 
     def _alert(self, verdict: Verdict, task: str, slot: int) -> None:
-        from rotator.events import SEVERITY
-        from rotator.tasks import CeleryPublisher
-
         event = Event("security.forged_message", SEVERITY["security.forged_message"], "-", "-",
                       attempt_id=f"slot-{slot}", time=time.time(),
                       error=(f"a worker refused a task message ({verdict.reason}); more within "
@@ -188,7 +192,7 @@ class Gate:
                       details={"reason": verdict.reason, "task": task,
                                "signer": verdict.signer if verdict.signer in self.verifier.trusted else ""})
         try:
-            CeleryPublisher().publish(event)
+            _alert_publisher().publish(event)
         except Exception as exc:  # the refusal stands whether or not the alert goes out
             log.error("message.alert_failed", error=type(exc).__name__)
 

@@ -17,6 +17,7 @@ import redis
 from celery import bootsteps
 
 from rotator import logs
+from rotator.config import process_settings
 from rotator.state import RedisState
 
 INTERVAL_S = 5.0
@@ -52,9 +53,7 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         self.failing = False
 
     def start(self, c: Any) -> None:
-        from rotator.tasks import settings
-
-        s = settings()
+        s = process_settings()
         self.state = RedisState.from_url(s.state.url(), s.state.namespace, timeout_s=TIMEOUT_S)
         self.failing = False
         self._beat(c.hostname)

@@ -164,8 +164,7 @@ def serve(settings: Settings, port: int, host: str = "127.0.0.1", cache_s: float
     page's limits (rotator.web.limits: read time-out, connection cap, no request body)."""
     from rotator.runtime import build_state
     from rotator.web.guard import Receive, Scope, Send, host_name
-    from rotator.web.limits import Limits, refuse, server
-    from rotator.web.server import listening_socket
+    from rotator.web.limits import Limits, listening_socket, refuse, server
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RotatorCollector(settings, build_state(settings), cache_s))

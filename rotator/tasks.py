@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 from celery import Celery, signals
 from celery.exceptions import Ignore, Reject, Retry
 
-from rotator import logs
+from rotator import gate, logs
 from rotator.alerts.dispatch import already_sent, event_from_dict, mark_sent, routes
-from rotator.config import Settings, load_settings
+from rotator.config import process_settings
 from rotator.domain import KeyRef
 from rotator.engine import Engine
 from rotator.errors import RotatorError, TransientError
@@ -62,9 +62,7 @@ log = logs.get("rotator.tasks")
 _QUICK = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
 
-@cache
-def settings() -> Settings:
-    return load_settings()
+settings = process_settings  # this worker's configuration, read once
 
 
 class CeleryPublisher:
@@ -79,6 +77,9 @@ class CeleryPublisher:
         for route in self._routes:
             if route.wants(event):
                 notify.apply_async((route.index, event.to_dict()), retry=True, retry_policy=_QUICK)
+
+
+gate.alert_through(CeleryPublisher)  # the gate's forged-message alert goes out like every other event
 
 
 @cache

@@ -179,8 +179,7 @@ def bounded_app(limits: Any, body: bytes, sndbuf: int | None = None) -> Iterator
     import threading
 
     from rotator.web.guard import Receive, Scope, Send
-    from rotator.web.limits import server
-    from rotator.web.server import listening_socket
+    from rotator.web.limits import listening_socket, server
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         answer = body if scope["path"] == "/big" else b"ok\n"

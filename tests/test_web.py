@@ -44,7 +44,8 @@ from rotator.state import RedisState
 from rotator.web import app as web_app
 from rotator.web import source as web_source
 from rotator.web.app import create_app
-from rotator.web.server import WebOptions, build_app, listening_socket, server
+from rotator.web.limits import listening_socket
+from rotator.web.server import WebOptions, build_app, server
 from rotator.web.source import FleetSource, Quiet
 from tests.conftest import FP_KEY, redis_text
 

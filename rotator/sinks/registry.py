@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rotator.errors import PermanentError
 from rotator.fingerprint import Fingerprinter
 from rotator.protocols import SecretSink
+from rotator.reasons import unknown_key_reason, validation_reason
 
 ENTRY_POINT_GROUP = "rotator.sinks"
 BUILTIN: dict[str, str] = {
@@ -55,8 +56,6 @@ def check(kind: str, options: Mapping[str, Any], env: Mapping[str, str]) -> list
     try:
         config = cls.Config(**options)
     except ValidationError as exc:
-        from rotator.config import unknown_key_reason, validation_reason
-
         problems = []
         for error in exc.errors():
             key = ".".join(str(p) for p in error["loc"]) or "-"

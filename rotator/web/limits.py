@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
 from dataclasses import dataclass
 
 import h11
@@ -185,3 +186,12 @@ def server(app: ASGIApp, limits: Limits | None = None) -> uvicorn.Server:
         # connection closed for room that has not yet gone.
         timeout_keep_alive=int(max(1, limits.keep_alive_s)), limit_concurrency=2 * cap,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES))
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bound before uvicorn starts, so `--port 0` works and the address in use is known."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock

@@ -6,7 +6,6 @@ credential; one on loopback takes a credential too when one is named.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 from rotator.config import Settings, read_credential
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.web.guard import ASGIApp, Credential, is_loopback
-from rotator.web.limits import Limits, server
+from rotator.web.limits import Limits, listening_socket, server
 from rotator.web.source import CachedSource, FleetSource, PublishedSource, Quiet
 
 WHERE = "rotator web"
@@ -89,15 +88,6 @@ def build_app(settings: Settings, options: WebOptions) -> tuple[ASGIApp, CachedS
         registry.register(RotatorCollector(settings, build_state(settings)))
         metrics = exposition_app(registry)
     return create_app(source, credential=guard, refresh_s=settings.web.refresh_s, metrics=metrics), source
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """Bound before uvicorn starts, so `--port 0` works and the address in use is known."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
 
 
 def serve(settings: Settings, options: WebOptions, announce: Callable[[str], None] = print) -> None:

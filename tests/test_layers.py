@@ -1,0 +1,60 @@
+"""Arrows one way: no module of rotator imports, however late, a module that imports it back.
+
+Every import counts: at the top, inside a function (a late import hides a cycle from Python, not
+from a reader) and under TYPE_CHECKING. A graph without a cycle is one that can be drawn as floors
+with every arrow pointing down.
+"""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rotator"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The rotator modules `path` imports anywhere in it (`from a import b` counts `a.b` when it is one)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {m for m in found if m in modules and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imports_of(p, modules) for p in paths}
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    graph = import_graph()
+    assert graph["rotator.cli"] and graph["rotator.engine"]  # the scan reads real imports
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        raise AssertionError(f"an import cycle: {' -> '.join(exc.args[1])}") from None
+
+
+def test_the_scan_sees_a_late_import() -> None:
+    """An import inside a function is an arrow too (how the last cycles hid): the CLI imports the
+    key service only inside its commands, and the graph has that arrow."""
+    top = {node.module for node in ast.parse((PACKAGE / "cli.py").read_text()).body
+           if isinstance(node, ast.ImportFrom)}
+    assert "rotator.keyservice" not in top and "rotator.keyservice" in import_graph()["rotator.cli"]
