@@ -225,6 +225,9 @@ class AttemptRecord:
     doubt_since: float = 0.0  # when the attempt first went in doubt; kept when it is sent again (0: `since`)
     derived_with: str = ""  # the id of the secret the Idempotency-Key is derived with ("": not recorded)
     derived_generation: str | None = None  # a repair's: the generation its key was derived from
+    # This attempt replaces a secret proved lost (the key's live secret is in no sink): "not run"
+    # does not end it, since the loss stands; it is sent again with the next epoch's key.
+    after_loss: bool = False
     legacy_key: str | None = field(default=None, repr=False)  # an older version's record: the key itself
 
     @property

@@ -420,7 +420,7 @@ class Engine:
         if trigger == "schedule" and self.window is not None and not self.window.contains(
                 datetime.fromtimestamp(self.clock(), UTC)):
             return self._skipped(key, trigger, "outside the rotation window")
-        return self._reset(key, lease, trigger, new_key=new_key, strategy=strategy)
+        return self._reset(key, lease, trigger, new_key=new_key, strategy=strategy, after_loss=resumed)
 
     def _unmoved_since_rotation(self, key: ApiKey) -> float | None:
         """Seconds since rotator stored a rotation that replaced this very generation, which the key
@@ -442,7 +442,7 @@ class Engine:
             return settled
         if settled.force:
             return self._reset(self._get_key(ref, "recovery"), lease, "recovery",
-                               strategy="overlap" if settled.action == "create" else "reset")
+                               strategy="overlap" if settled.action == "create" else "reset", after_loss=True)
         return self._rotate_locked(ref, lease, pending.trigger, False, None,
                                    strategy="overlap" if pending.action == "create" else None)
 
@@ -473,7 +473,7 @@ class Engine:
             return self._out_of_scope(key, "reconcile", scope)
         self.emit("rotation.secret_at_risk", key, None,
                   "no sink holds the key's current secret and its reset cannot be replayed; resetting afresh")
-        return self._reset(key, lease, "reconcile")
+        return self._reset(key, lease, "reconcile", after_loss=True)
 
     # --- the overlap strategy's end: retire the replaced key ----------------------------------
     def _retire(self, key: ApiKey, lease: Any, trigger: str) -> RotationResult:
@@ -578,10 +578,10 @@ class Engine:
 
     # --- the protocol's steps ------------------------------------------------------------------
     def _reset(self, key: ApiKey, lease: Any, trigger: str, new_key: bool = False,
-               strategy: str | None = None) -> RotationResult:
+               strategy: str | None = None, after_loss: bool = False) -> RotationResult:
         """Reset (or, by the overlap strategy, create the successor) under the generation's
         Idempotency-Key; `new_key`: under the next epoch's (the current one's answer is a rotation
-        already stored)."""
+        already stored); `after_loss`: it replaces a secret proved lost, so a refusal does not end it."""
         ref = key.ref
         cannot = getattr(self.keyservice, "cannot_reset", None)
         action = "create" if strategy_for(key, self.policy, strategy, can_reset=cannot is None) == "overlap" \
@@ -609,7 +609,8 @@ class Engine:
             self.state.set_epoch(ref, generation, epoch, lease)
         now = self.state.now()
         record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), generation, epoch, trigger, now,
-                               advance(Phase.IDLE, Step.START).to.value, now, action=action, derived_with=self._ik_id)
+                               advance(Phase.IDLE, Step.START).to.value, now, action=action, derived_with=self._ik_id,
+                               after_loss=after_loss)
         return self._send(key, record, lease, prepared, "rotation.succeeded")
 
     def _resend(self, key: ApiKey, record: AttemptRecord, lease: Any, success_event: str,
@@ -671,6 +672,8 @@ class Engine:
         nothing stored (a gateway's 4xx) leaves the attempt in doubt."""
         answer = ReplayAnswer(Replay.REFUSED) if exc.stored else self._replay(record)
         if answer.kind is Replay.REFUSED or not getattr(self.keyservice, "stores_answers", True):
+            if record.after_loss:
+                return self._still_lost(key, record, lease, f"the fresh reset was refused ({exc})")
             self._refused(record, lease)
             return self._failed(key, record, f"reset refused, nothing was reset: {exc}")
         return self._doubt(key, record, lease, f"reset refused ({exc}), but the key service stored no refusal "
@@ -728,6 +731,8 @@ class Engine:
                      self.state.now() - record.since, self.horizon_s)
         if gone:
             step = Step.LOST
+        if step is Step.REFUSED and record.after_loss:  # "not run" does not end the loss it was to repair
+            step = Step.STILL_LOST
         try:
             advance(phase, step)
         except ProtocolViolation as exc:
@@ -738,6 +743,8 @@ class Engine:
         if step is Step.NO_ANSWER:
             detail = replay.reason or "nothing stored yet"
             return self._unsettled(record, "; ".join(filter(None, [why, f"replay: {detail}"])), key)
+        if step is Step.STILL_LOST:
+            return self._still_lost(key, record, lease, "the fresh reset's stored answer is a refusal")
         if step is Step.REFUSED:
             self._refused(record, lease)
             log.info("rotation.settled", client_id=ref.client_id, key_id=ref.key_id, outcome="not run (refused)")
@@ -962,6 +969,27 @@ class Engine:
             except RotatorError as exc:
                 return f"cannot tell whether it was used ({exc})"
         return ""
+
+    def _still_lost(self, key: ApiKey, record: AttemptRecord, lease: Any, why: str) -> RotationResult:
+        """The fresh reset that replaces a lost secret did not run: the loss stands. The record
+        stays, in doubt with the next epoch's key (never sent, so the next sweep past the horizon
+        finds it not run and sends it), and a person hears of it each time."""
+        epoch = record.epoch + 1
+        if epoch >= MAX_EPOCHS:  # beyond what recovery without Redis reads: kept as it is, for a person
+            self.emit("rotation.secret_at_risk", key, record, f"{why}; {MAX_EPOCHS} Idempotency-Keys of this "
+                                                               "generation are used up, so a person must look")
+            return self._result(record.ref, record, "at_risk", f"{why}; the key's live secret is in no sink and "
+                                f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up; the record is kept")
+        phase = advance(Phase(record.phase), Step.STILL_LOST).to
+        self.state.set_epoch(record.ref, record.generation, epoch, lease)
+        now = self.state.now()
+        record = replace(record, epoch=epoch, phase=phase.value, since=now, doubt_since=record.doubt_since or now,
+                         legacy_key=None, derived_with=self._ik_id)
+        self.state.save_attempt(record, lease)
+        reason = (f"{why}; the key's live secret is still in no sink, so the record is kept and the next sweep "
+                  "resets it afresh with the next epoch's key")
+        self.emit("rotation.secret_at_risk", key, record, reason)
+        return self._result(record.ref, record, "at_risk", reason)
 
     def _refused(self, record: AttemptRecord, lease: Any) -> None:
         """A conclusive 4xx: the next try of this generation needs a new Idempotency-Key."""

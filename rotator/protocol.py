@@ -25,6 +25,8 @@ drive it step by step. The rules:
    sends the next epoch's key, since the used one stays blocked for 24 h.
 5. **The record ends only when every sink reads back the fingerprint** (or the token check proved
    the issued secret dead), when the service proved "not run", or when the secret is proved lost.
+   A fresh reset that replaces a lost secret is the exception to "not run": refused, the loss
+   still stands, so its record stays, with the next epoch's key, for the next sweep to send.
 6. **Fenced.** Every record write and delete checks the lease; a lost lease aborts before the next
    side effect.
 7. **A create is a reset of the lineage.** The overlap strategy's create of a successor key goes
@@ -70,6 +72,7 @@ class Step(enum.StrEnum):
     NOT_RUN = "not_run"  # nothing stored, generation unchanged, horizon passed
     SPENT = "spent"  # a stored 5xx (the key is used up), generation unchanged, horizon passed
     LOST = "lost"  # nothing to replay, generation changed, horizon passed
+    STILL_LOST = "still_lost"  # a refusal (or a stored one) of the fresh reset that replaces a lost secret
     STORED = "stored"  # every sink reads back the fingerprint, or the secret is proved dead
     NOT_STORED = "not_stored"  # a sink failed or read back another fingerprint
 
@@ -94,6 +97,10 @@ TRANSITIONS: Final[dict[tuple[Phase, Step], Transition]] = {
     (P.IN_DOUBT, S.NOT_RUN): Transition(P.RESETTING, "save record (the same idempotency key), send it again"),
     (P.IN_DOUBT, S.SPENT): Transition(P.RESETTING, "advance the epoch, save record (the next epoch's key), send it"),
     (P.IN_DOUBT, S.LOST): Transition(P.IDLE, "critical event; the record stays until a fresh attempt's replaces it"),
+    (P.RESETTING, S.STILL_LOST): Transition(P.IN_DOUBT, "advance the epoch, save record (the next epoch's key, "
+                                                         "unsent), critical event; the next sweep sends it"),
+    (P.IN_DOUBT, S.STILL_LOST): Transition(P.IN_DOUBT, "advance the epoch, save record (the next epoch's key, "
+                                                        "unsent), critical event; the next sweep sends it"),
     (P.STORING, S.STORED): Transition(P.DONE, "delete record (fenced), then history"),
     (P.STORING, S.NOT_STORED): Transition(P.STORING, "critical event, then save record (storing)"),
     (P.STORING, S.ANSWERED): Transition(P.STORING, "none: the sink writes come first"),

@@ -14,7 +14,7 @@ import pytest
 from rotator import logs
 from rotator.domain import KeyRef, Replay, Secret
 from rotator.engine import Engine
-from rotator.errors import RefusedError
+from rotator.errors import RefusedError, TransientError
 from rotator.events import CapturePublisher
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice.emulator import Emulator, Fault
@@ -258,6 +258,43 @@ def test_replay_expired_resets_afresh_with_critical_event(
     assert "rotation.secret_at_risk" in events.names()
     assert len(emulator.ledger) == 2
     assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
+
+
+@pytest.mark.parametrize("heard", [True, False], ids=["refusal-answered", "refusal-found-by-replay"])
+def test_a_refused_fresh_reset_after_a_lost_secret_keeps_the_loss_on_record(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str], heard: bool
+) -> None:
+    """The reset ran, its answer expired unread, and the fresh reset that replaces the lost secret is
+    refused (a stored 403, answered, or found by the replay after its answer was lost): the live
+    secret is still in no sink, so "not run" must not end the attempt. The record stays (the next
+    epoch's key) and the next sweep resets afresh; before, the record was deleted, no sweep or
+    repair ever came back to the key, and its live secret stayed unstored (simulation seed 11281)."""
+    sink = memory()
+    engine, events = make_engine(keyservice, state, [sink], horizon_s=0.0)
+    ref = KeyRef("acme", seeded["due"])
+    record = plant(engine, state, ref, keyservice)
+    keyservice.reset_key("acme", seeded["due"], engine._key_of(record))
+    emulator.clock_offset_s = 25 * 3600
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=403, stored=True))
+    if not heard:  # the refusal is stored, its answer lost on the way: the call is in doubt
+        reset = keyservice.reset_key
+
+        def unheard(*args: Any) -> Any:
+            try:
+                return reset(*args)
+            except RefusedError:
+                raise TransientError("no answer (the connection dropped)") from None
+
+        keyservice.reset_key = unheard  # type: ignore[method-assign]
+    [refused] = engine.recover_all()
+    keyservice.__dict__.pop("reset_key", None)
+    assert refused.status in ("at_risk", "in_doubt") and not refused.ok, refused.reason
+    kept = state.get_attempt(ref)
+    assert kept is not None and kept.after_loss, "the loss is no longer on record"
+    assert events.names().count("rotation.secret_at_risk") >= 1
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
+    assert holds_current(sink, emulator, "acme", seeded["due"], keyservice) and state.attempts() == []
+    assert len(emulator.ledger) == 2  # the planted reset and the fresh one; the refused one never ran
 
 
 def seal_after_reset(keyservice: HttpKeyService, vault: VaultTestServer, unseal_after_s: float | None = None) -> None:
