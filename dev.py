@@ -25,14 +25,16 @@ STAMP = VENV / ".installed"
 LOCK = "requirements-dev.lock"  # hash-pinned, for every Python 3.11+ (README, "Dependencies")
 
 
-def run(*args: str | Path) -> None:
+def run(*args: str | Path, env: dict[str, str] | None = None) -> None:
     print("+", " ".join(str(a) for a in args), flush=True)
-    subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
+    subprocess.run([str(a) for a in args], cwd=ROOT, check=True, env={**os.environ, **env} if env else None)
 
 
-# The project itself, editable. `-qq`: setuptools' notice about editable installs (a 7-line block on
-# every install) says nothing to whoever runs dev.py; an error still shows, and still fails the install.
-PROJECT_INSTALL = ("-m", "pip", "install", "-qq", "--no-deps", "--no-build-isolation", "-e", ".")
+# The project itself, editable. setuptools' notice about editable installs (a 7-line block on every
+# install) says nothing to whoever runs dev.py, so that one warning is filtered in the build backend;
+# any other warning, and every error, still shows.
+PROJECT_INSTALL = ("-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", ".")
+PROJECT_INSTALL_ENV = {"PYTHONWARNINGS": "ignore:Editable installation"}
 
 
 def ensure_env() -> None:
@@ -46,7 +48,7 @@ def ensure_env() -> None:
     run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
     run(BIN / "python", "-m", "pip", "install", "--quiet", "--require-hashes", "-r", LOCK)
     # Its build backend (setuptools) comes from the lock too: nothing unpinned is fetched.
-    run(BIN / "python", *PROJECT_INSTALL)
+    run(BIN / "python", *PROJECT_INSTALL, env=PROJECT_INSTALL_ENV)
     STAMP.write_text(digest)
 
 

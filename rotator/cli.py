@@ -627,9 +627,9 @@ app.add_typer(keys_app, name="keys")
 def keys_init(
     directory: Annotated[Path, typer.Argument(help="Where the key files go (made 0700; files 0600).")],
     signer: Annotated[list[str] | None, typer.Option(
-        "--signer", help="A fleet signer (beat, a worker host); repeat it. Default: beat and worker.")] = None,
+        "--signer", metavar="NAME", help="A fleet signer (beat, a worker host); repeat it. Default: beat and worker.")] = None,
     operator: Annotated[list[str] | None, typer.Option(
-        "--operator", help="An operator who runs `rotate --enqueue` (not a relay); repeat it.")] = None,
+        "--operator", metavar="NAME", help="An operator who runs `rotate --enqueue` (not a relay); repeat it.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Make the signing keys (one per signer), the fingerprint key, the workers' Idempotency-Key secret
@@ -659,7 +659,7 @@ def keys_init(
 
 @keys_app.command("public")
 def keys_public(config: ConfigOption = None) -> None:
-    """This process's signer name and public key, as a `[signing.trusted]` line for the workers'
+    """This process's signer name and public key, as a `\\[signing.trusted]` line for the workers'
     configuration (makes the embedded default key if it is missing)."""
     settings = _use_config(config)
     me = _need_signer(settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
@@ -544,9 +545,8 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         return problems
     if s.keyservice.kind == "http":
         need("keyservice.token_env", s.keyservice.token_env, s.keyservice.token_file, "management token")
-    elif s.keyservice.seed is not None and not s.keyservice.seed.is_file():
-        seed = str(s.keyservice.seed)
-        problems.append(ConfigProblem(source, "keyservice.seed", f"seed file {seed!r} does not exist"))
+    elif s.keyservice.seed is not None and file_problem(s.keyservice.seed) is not None:
+        problems.append(ConfigProblem(source, "keyservice.seed", f"seed file: {file_problem(s.keyservice.seed)}"))
     need("engine.fingerprint_key_env", s.engine.fingerprint_key_env, s.engine.fingerprint_key_file, "fingerprint key")
     if s.engine.idempotency_key_env is not None or s.engine.idempotency_key_file is not None:
         need("engine.idempotency_key_env", s.engine.idempotency_key_env, s.engine.idempotency_key_file,
@@ -633,7 +633,8 @@ def _webhook_secret_problem(alert: AlertConfig, env: Mapping[str, str]) -> str |
 
     try:
         if alert.secret_file is not None:
-            value = alert.secret_file.read_text(encoding="utf-8").strip() if alert.secret_file.is_file() else ""
+            value = (alert.secret_file.read_text(encoding="utf-8").strip()
+                     if file_problem(alert.secret_file) is None else "")
         else:
             value = env.get(alert.secret_env or "", "")
         if value:
@@ -692,9 +693,19 @@ def _signing_problems(s: Settings, source: str) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     if g.mode == "off":
         return problems
-    if g.private_key_file is not None and not g.private_key_file.is_file():
-        problems.append(ConfigProblem(source, "signing.private_key_file", (
-            f"{shown_path(g.private_key_file)} does not exist; `rotator keys init DIR` makes signing keys")))
+    if g.private_key_file is not None:
+        wrong = file_problem(g.private_key_file)
+        if wrong is None:  # there: what every signing process would refuse (its form, who may read it)
+            from rotator.signing import KeyFileError, read_private_key
+
+            try:
+                read_private_key(g.private_key_file)
+            except KeyFileError as exc:
+                wrong = str(exc)
+        elif "does not exist" in wrong:
+            wrong += "; `rotator keys init DIR` makes signing keys"
+        if wrong is not None:
+            problems.append(ConfigProblem(source, "signing.private_key_file", wrong))
     for name in g.relays:
         if name not in g.trusted and name != g.name:
             problems.append(ConfigProblem(source, "signing.relays", (
@@ -825,12 +836,25 @@ def url_with_password(url: str, env_name: str | None, file: Path | None) -> str:
 MIN_KEY_BYTES = 16
 
 
+def file_problem(file: Path) -> str | None:
+    """Why `file` is not a regular file this process can reach, never raising (a directory on the
+    way closed to this user, or a name too long, is a reason, not a traceback); None when it is one."""
+    try:
+        mode = file.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return f"{shown_path(file)} does not exist"
+    except PermissionError:
+        return f"{shown_path(file)} cannot be reached by this user (a directory on its path is closed to it)"
+    except OSError as exc:
+        return f"{shown_path(file)} cannot be reached ({exc.strerror or type(exc).__name__})"
+    return None if stat.S_ISREG(mode) else f"{shown_path(file)} is not a regular file"
+
+
 def credential_file_problem(file: Path) -> str | None:
     """Why a credential file cannot be used as it is (never quoting its content); None when it can."""
-    if not file.exists():
-        return f"{shown_path(file)} does not exist"
-    if not file.is_file():
-        return f"{shown_path(file)} is not a regular file"
+    wrong = file_problem(file)
+    if wrong is not None:
+        return wrong
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -845,7 +869,7 @@ def credential_value(env_name: str | None, file: Path | None, env: Mapping[str, 
     not there (that problem is reported on its own)."""
     try:
         if file is not None:
-            return file.read_text(encoding="utf-8").strip() if file.is_file() else None
+            return file.read_text(encoding="utf-8").strip() if file_problem(file) is None else None
     except (OSError, UnicodeDecodeError):
         return None
     return env.get(env_name or "") or None

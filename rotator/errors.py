@@ -82,7 +82,8 @@ class ConfigProblem:
         self.reason = reason
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.key}: {self.reason}"
+        """`file: key: reason`; a problem of the whole file (key "-") is `file: reason`."""
+        return f"{self.file}: {self.reason}" if self.key == "-" else f"{self.file}: {self.key}: {self.reason}"
 
     def __repr__(self) -> str:
         return f"ConfigProblem({self.file!r}, {self.key!r}, {self.reason!r})"

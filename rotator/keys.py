@@ -48,7 +48,15 @@ class KeySet:
         relays = ", ".join(f'"{name}"' for name in self.relays)
         hosts = "\n".join(f"#   {name}: ROTATOR_SIGNING__NAME={name} "
                           f"ROTATOR_SIGNING__PRIVATE_KEY_FILE={self.signing_key(name)}" for name in self.public)
-        return f"""[signing]
+        return f"""[engine]
+fingerprint_key_file = {toml_string(self.fingerprint_key)}
+idempotency_key_file = {toml_string(self.idempotency_key)}  # every process that rotates or shows live status
+
+# For the encrypted file sink: key_file = {toml_string(self.file_key)}
+
+# Signed task messages across hosts. One host needs none of what follows (its worker and beat sign
+# with a key of their own); a fleet adds it to every process's configuration.
+[signing]
 mode = "enforce"
 relays = [{relays}]
 # Each process signs as itself: set its name and key file in its own environment (or file), e.g.
@@ -56,12 +64,6 @@ relays = [{relays}]
 
 [signing.trusted]
 {trusted}
-
-[engine]
-fingerprint_key_file = {toml_string(self.fingerprint_key)}
-idempotency_key_file = {toml_string(self.idempotency_key)}  # every process that rotates or shows live status
-
-# For the encrypted file sink: key_file = {toml_string(self.file_key)}
 """
 
 

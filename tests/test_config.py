@@ -103,7 +103,9 @@ def test_check_config_reports_file_key_and_reason(
     result = runner.invoke(app, ["check-config", "--config", str(path)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if "config error" in line]
-    assert any(f"{path}: {key}: " in line and reason in line for line in lines), result.output
+    where = f"{path}: " if key == "-" else f"{path}: {key}: "  # a problem of the whole file names no key
+    assert any(f"{where}{reason}" in line or (where in line and reason in line) for line in lines), result.output
+    assert all(": -: " not in line for line in lines), result.output
 
 
 def test_every_problem_reported_at_once(tmp_path: Path, file_key: None) -> None:

@@ -147,7 +147,17 @@ def bad_configuration(tmp_path: Path, extra_toml: str, environ: dict[str, str],
     return config, env
 
 
-@pytest.mark.parametrize(("extra_toml", "environ", "files", "says", "hidden"), [
+def _signing_key_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption())
+
+
+PASTED_TOKEN = "eyJhbGciOiJSUzI1NiJ9." + "eyJzdWIiOiJyb3RhdG9yIn0" * 14  # a JWT pasted where a path belongs
+#: Bad configurations, each with what check-config says of it and what must never show (a credential).
+BAD_CONFIGURATIONS = [
     ("", {"ROTATOR_FINGERPRINT_KEY": "tiny-fp-9"}, {},
      "engine.fingerprint_key_env: fingerprint key: shorter than 16 bytes; `rotator keys init DIR` makes one", "tiny-fp-9"),
     ('[engine]\nfingerprint_key_file = "{tmp}/fp.key"\n', {}, {"fp.key": NOT_UTF8},
@@ -182,11 +192,23 @@ def bad_configuration(tmp_path: Path, extra_toml: str, environ: dict[str, str],
     ('[[sinks]]\nkind = "vault"\nurl = "https://vault.example.com"\nauth = "hvs.CAESIJSEKRETvaulttoken0123"\n', {},
      {}, "sinks[1].auth: Input should be 'token', 'approle' or 'kubernetes' (the value is not shown",
      "SEKRETvaulttoken"),
-], ids=["short-fingerprint-key", "fingerprint-key-not-utf8", "short-idempotency-secret", "file-key-not-fernet",
-        "file-key-not-utf8", "mail-password-inline", "slack-token-inline", "json-header-token-inline",
-        "webhook-password-inline", "webhook-query-token-inline", "alert-url-variable-unset",
-        "alert-url-file-apprise-cannot-read", "alert-url-file-bare-token", "alert-url-file-empty", "alert-url-twice",
-        "vault-auth-typo", "vault-token-in-auth"])
+    (f'[engine]\nfingerprint_key_file = "{PASTED_TOKEN}"\n', {}, {},  # too long for a file name: no traceback
+     "engine.fingerprint_key_file: fingerprint key: the file named there (not shown", PASTED_TOKEN),
+    (f'[engine]\nfingerprint_key_file = "{{tmp}}/{"k" * 300}/fp.key"\n', {}, {},
+     "engine.fingerprint_key_file: fingerprint key: the file named there (not shown", None),
+    # written 0644 (a Kubernetes Secret's default mode): every signing process refuses it
+    ('[signing]\nname = "beat"\nprivate_key_file = "{tmp}/beat.ed25519"\n', {}, {"beat.ed25519": _signing_key_pem()},
+     "beat.ed25519 is open to other users (or writable by its group): chmod 600 it", None),
+]
+BAD_IDS = ["short-fingerprint-key", "fingerprint-key-not-utf8", "short-idempotency-secret", "file-key-not-fernet",
+           "file-key-not-utf8", "mail-password-inline", "slack-token-inline", "json-header-token-inline",
+           "webhook-password-inline", "webhook-query-token-inline", "alert-url-variable-unset",
+           "alert-url-file-apprise-cannot-read", "alert-url-file-bare-token", "alert-url-file-empty", "alert-url-twice",
+           "vault-auth-typo", "vault-token-in-auth", "token-pasted-as-a-file-name", "file-name-too-long",
+           "signing-key-open-to-others"]
+
+
+@pytest.mark.parametrize(("extra_toml", "environ", "files", "says", "hidden"), BAD_CONFIGURATIONS, ids=BAD_IDS)
 def test_a_bad_configuration_is_one_line_from_check_config_and_rotate(
         tmp_path: Path, extra_toml: str, environ: dict[str, str], files: dict[str, bytes], says: str,
         hidden: str | None) -> None:
@@ -213,46 +235,7 @@ EVERY_COMMAND = [["check-config"], ["check-config", "--ping"], ["health"], ["hea
                  ["web", "--port", "0"], ["keys", "public"]]
 
 
-@pytest.mark.parametrize(("extra_toml", "environ", "files", "says", "hidden"), [
-    ("", {"ROTATOR_FINGERPRINT_KEY": "tiny-fp-9"}, {},
-     "engine.fingerprint_key_env: fingerprint key: shorter than 16 bytes; `rotator keys init DIR` makes one", "tiny-fp-9"),
-    ('[engine]\nfingerprint_key_file = "{tmp}/fp.key"\n', {}, {"fp.key": NOT_UTF8},
-     "engine.fingerprint_key_file: fingerprint key: ", None),
-    ('[engine]\nidempotency_key_env = "IK"\n', {"IK": "0123456789"}, {},
-     "engine.idempotency_key_env: Idempotency-Key secret: shorter than 16 bytes", "0123456789"),
-    ('[[sinks]]\nkind = "file"\nkey_env = "FILE_KEY"\n', {"FILE_KEY": "not-a-fernet-key"}, {},
-     "sinks[1].key_env: not a Fernet key (32 bytes, url-safe base64)", "not-a-fernet-key"),
-    ('[[sinks]]\nkind = "file"\nkey_file = "{tmp}/file.key"\n', {}, {"file.key": NOT_UTF8},
-     "sinks[1].key_file: ", None),
-    ('[[alerts]]\nurl = "mailtos://alerts:hunter2hunter2@smtp.example.com?to=ops@example.com"\n', {}, {},
-     "alerts[0].url: holds a password or a token inline", "hunter2hunter2"),
-    (f'[[alerts]]\nurl = "{SLACK}"\n', {}, {}, "alerts[0].url: holds a password or a token inline",
-     "TIiajkdnlazkcOXrIdevi7FQ"),
-    ('[[alerts]]\nurl = "json://hooks.example.com/x?+Authorization=Bearer%20SEKRETbearer3"\n', {}, {},
-     "alerts[0].url: holds a password or a token inline", "SEKRETbearer3"),
-    ('[[alerts]]\nurl = "webhook+https://ops:pw-0f9e8d@hooks.example.com/x"\nsecret_env = "WHS"\n',
-     {"WHS": "a-long-webhook-secret"}, {}, "alerts[0].url: holds a password or a token inline", "pw-0f9e8d"),
-    ('[[alerts]]\nurl = "webhook+https://hooks.example.com/x?token=SEKRETquery9"\nsecret_env = "WHS"\n',
-     {"WHS": "a-long-webhook-secret"}, {}, "alerts[0].url: holds a password or a token inline", "SEKRETquery9"),
-    ('[[alerts]]\nurl_env = "SLACK_URL"\n', {}, {},
-     "alerts[0].url_env: alert URL: environment variable SLACK_URL is not set", None),
-    ('[[alerts]]\nurl_file = "{tmp}/alert.url"\n', {}, {"alert.url": b"msteams://team/tokenA/SEKRETteamsB/tokenC\n"},
-     "alerts[0].url_file: Apprise does not understand", "SEKRETteamsB"),
-    ('[[alerts]]\nurl_file = "{tmp}/alert.url"\n', {}, {"alert.url": b"hunter2SEKRETtoken\n"},
-     "alerts[0].url_file: not a URL (scheme://", "hunter2SEKRETtoken"),
-    ('[[alerts]]\nurl_file = "{tmp}/alert.url"\n', {}, {"alert.url": b"\n"}, "alerts[0].url_file: alert URL: ", None),
-    ('[[alerts]]\nurl = "json://localhost"\nurl_env = "X"\n', {}, {}, "give exactly one of url, url_env or url_file",
-     None),
-    ('[[sinks]]\nkind = "vault"\nurl = "https://vault.example.com"\nauth = "aprole"\n', {}, {},
-     "sinks[1].auth: Input should be 'token', 'approle' or 'kubernetes' (got 'aprole'; did you mean 'approle'?)", None),
-    ('[[sinks]]\nkind = "vault"\nurl = "https://vault.example.com"\nauth = "hvs.CAESIJSEKRETvaulttoken0123"\n', {},
-     {}, "sinks[1].auth: Input should be 'token', 'approle' or 'kubernetes' (the value is not shown",
-     "SEKRETvaulttoken"),
-], ids=["short-fingerprint-key", "fingerprint-key-not-utf8", "short-idempotency-secret", "file-key-not-fernet",
-        "file-key-not-utf8", "mail-password-inline", "slack-token-inline", "json-header-token-inline",
-        "webhook-password-inline", "webhook-query-token-inline", "alert-url-variable-unset",
-        "alert-url-file-apprise-cannot-read", "alert-url-file-bare-token", "alert-url-file-empty", "alert-url-twice",
-        "vault-auth-typo", "vault-token-in-auth"])
+@pytest.mark.parametrize(("extra_toml", "environ", "files", "says", "hidden"), BAD_CONFIGURATIONS, ids=BAD_IDS)
 def test_a_bad_configuration_stops_every_command_before_it_starts(
         tmp_path: Path, extra_toml: str, environ: dict[str, str], files: dict[str, bytes], says: str,
         hidden: str | None) -> None:
@@ -280,3 +263,37 @@ def test_every_problem_of_the_file_in_one_run(env: pytest.MonkeyPatch) -> None:
     keys = [p.split(": ")[1] for p in found]
     assert keys == ["policy.max_age_days", "policy.mode", "sinks[0].auth", "sinks[0].pth"], found
     assert any("did you mean 'enforce'?" in p for p in found) and any("did you mean 'path'?" in p for p in found)
+
+
+def test_a_credential_behind_a_directory_closed_to_the_user_is_one_line(tmp_path: Path) -> None:
+    """The README's steps run as root make /etc/rotator 0700; a service running as another user
+    cannot even look inside. Every command says so in one line (it was a PermissionError traceback).
+    Run as root, the command drops the capabilities that let root read anything (setpriv)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    closed = tmp_path / "keys"
+    closed.mkdir()
+    (closed / "fp.key").write_text("f" * 32)
+    config = tmp_path / "rotator.toml"
+    config.write_text(f'[keyservice]\nkind = "emulator"\n[engine]\nfingerprint_key_file = "{closed}/fp.key"\n'
+                      '[[sinks]]\nkind = "memory"\n')
+    closed.chmod(0)
+    as_a_user: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "util-linux's setpriv is needed to run as root without reading every file"
+        as_a_user = [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
+        for command in (["check-config"], ["scan"], ["rotate", "--all-due"], ["status"]):
+            run = subprocess.run([*as_a_user, sys.executable, "-m", "rotator.cli", *command, "--config", str(config)],
+                                 env=env, capture_output=True, text=True, timeout=60)
+            said = run.stdout + run.stderr
+            assert run.returncode == 2, (command, said[-1500:])
+            assert "engine.fingerprint_key_file: fingerprint key: the file" in said, (command, said[-1500:])
+            assert "cannot be reached by this user" in said and "Traceback" not in said, (command, said[-1500:])
+    finally:
+        closed.chmod(0o700)

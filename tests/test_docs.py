@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,6 +103,34 @@ def test_compose_publishes_nothing_beyond_loopback_and_signs_its_messages() -> N
         assert services[name]["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
 
 
+def every_command() -> list[list[str]]:
+    """Every command and group of the CLI, as the arguments that name it ([] is the top level)."""
+    import typer
+
+    from rotator.cli import app
+
+    found: list[list[str]] = []
+
+    def walk(command: Any, path: list[str]) -> None:
+        found.append(path)
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def help_of(path: list[str]) -> str:
+    import typer
+
+    from rotator.cli import app
+
+    command: Any = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return (command.help or "").replace("\\[", "[")
+
+
 def test_help_says_where_the_configuration_comes_from() -> None:
     """`rotator --help` names --config (no command would otherwise say it exists before one is
     picked), and `python3 dev.py --help` is help, not a usage error."""
@@ -111,11 +140,14 @@ def test_help_says_where_the_configuration_comes_from() -> None:
 
     top = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert top.exit_code == 0 and "--config FILE" in top.stdout and "rotator keys init DIR" in top.stdout
-    for command in ([], ["keys"], ["scan"], ["rotate"], ["check-config"], ["status"], ["reconcile"], ["health"], ["demo"], ["web"],
-                    ["keys", "init"]):
+    for command in every_command():
         shown = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).stdout
-        flags = [line for line in shown.splitlines() if "<bool>" in line]
-        assert flags == [], (command, flags)  # a flag takes no value: `--apply`, never `--apply true`
+        # A flag takes no value (`--apply`, never `--apply true`), and no option shows a Python type.
+        noise = [line for line in shown.splitlines() if "<bool>" in line or "<list[" in line]
+        assert noise == [], (command, noise)
+        # Square brackets in a help text are shown, not eaten as markup (`[signing.trusted]` was).
+        for bracketed in re.findall(r"\[[a-z][a-z_.]*\]", help_of(command)):
+            assert bracketed in " ".join(shown.split()), (command, bracketed)
     for flag in ("--help", "-h", "help"):
         dev = subprocess.run([sys.executable, str(ROOT / "dev.py"), flag], capture_output=True, text=True, timeout=30)
         assert dev.returncode == 0 and "python3 dev.py test" in dev.stdout, (flag, dev.stderr)

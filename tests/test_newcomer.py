@@ -50,7 +50,9 @@ def test_the_readme_first_configuration_passes_check_config_ping_in_one_round(
     files_steps = marked_block(readme, "first-configuration:files")
     config = marked_block(readme, "first-configuration:toml")
     check_step = marked_block(readme, "first-configuration:check")
-    approle_steps = marked_block((ROOT / "docs" / "operations.md").read_text(), "vault-approle")
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    approle_steps = marked_block(operations, "vault-approle")
+    approle_intro = operations.split("<!-- vault-approle")[0].rstrip().rsplit("\n\n", 1)[-1]
 
     home = tmp_path / "etc-rotator"
     with EmulatorServer(Emulator(token=TOKEN)) as keyservice:
@@ -68,8 +70,9 @@ def test_the_readme_first_configuration_passes_check_config_ping_in_one_round(
         base = {"PATH": path, "HOME": str(tmp_path), "LANG": "C.UTF-8"}
 
         def step(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+            # umask 022, a usual login's: the files come out 0600 because the README says `umask 077`.
             return subprocess.run(["bash", "-euo", "pipefail", "-c", filled(script)], cwd=tmp_path,
-                                  env={**base, **env}, capture_output=True, text=True, timeout=120)
+                                  env={**base, **env}, capture_output=True, text=True, timeout=120, umask=0o022)
 
         # 1. The files the README has the reader make.
         made = step(files_steps, KEYSERVICE_TOKEN=TOKEN, ALERT_URL=ALERT_URL)
@@ -78,10 +81,12 @@ def test_the_readme_first_configuration_passes_check_config_ping_in_one_round(
         printed = tomllib.loads(made.stdout)
         assert printed["engine"] == tomllib.loads(filled(config))["engine"]
 
-        # 2. Vault as docs/operations.md sets it up; OpenBao's dev server has the KV v2 mount already,
-        # and that step says to skip it then. The policy file is the doc's policy, filled in.
+        # 2. Vault as docs/operations.md sets it up, as the administrator it names (BAO_ADDR, BAO_TOKEN);
+        # OpenBao's dev server has the KV v2 mount already, and that step says to skip it then. The
+        # policy file is the doc's policy, filled in.
         skip, *rest = approle_steps.splitlines()
         assert skip.startswith("bao secrets enable") and "skip if the KV v2 mount exists" in skip
+        assert "`BAO_ADDR`" in approle_intro and "`BAO_TOKEN`" in approle_intro
         (tmp_path / "rotator.hcl").write_text(doc_policy("secret", "rotator"))
         approle = step("\n".join(rest), BAO_ADDR=vault.url, BAO_TOKEN=vault.root_token)
         assert approle.returncode == 0, approle.stderr

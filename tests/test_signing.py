@@ -411,7 +411,9 @@ def test_a_process_with_an_unreadable_key_refuses_to_start(tmp_path: Path, redis
     done = subprocess.run([sys.executable, "-m", "rotator.cli", "worker", "--config", str(config)], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert re.search(r"no signing key: .*beat\.ed25519 is not an unencrypted PEM private key", done.stderr), done.stderr
+    # Found when the configuration is read (check-config says the same), before anything starts.
+    assert re.search(r"signing\.private_key_file: .*beat\.ed25519 is not an unencrypted PEM private key",
+                     done.stderr), done.stderr
 
 
 class _Delivered:
