@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rotator.domain import KeyRef
 from rotator.embedded import PrivateRedis
-from rotator.engine import Engine
+from rotator.engine import Engine, sinkio
 from rotator.events import CapturePublisher
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice.emulator import Emulator
@@ -61,16 +61,16 @@ def main() -> None:
         state = RedisState.from_url(redis_server.url + "/0")
         engine = Engine(keyservice, [sink], state, CapturePublisher(), FP, Policy(), verify=False)
         in_window: list[int] = []
-        write_everywhere = engine._write_everywhere
+        write_everywhere = sinkio.write_everywhere
 
-        def counted(record: SecretRecord, prepared: dict[int, object]) -> Any:
+        def counted(ctx: Any, record: SecretRecord, prepared: dict[int, object]) -> Any:
             before = len(vault.state.requests)
             try:
-                return write_everywhere(record, prepared)
+                return write_everywhere(ctx, record, prepared)
             finally:
                 in_window.append(len(vault.state.requests) - before)
 
-        engine._write_everywhere = counted  # type: ignore[method-assign]
+        sinkio.write_everywhere = counted  # type: ignore[assignment]
         windows = []
         for key_id in ids:
             result = engine.rotate(KeyRef("bench", key_id), trigger="bench")

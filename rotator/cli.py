@@ -376,7 +376,7 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
     from rotator.tasks import rotate_key
 
     me = signer()
-    actor = me.name if me is not None else engine.actor  # the identity the workers will record
+    actor = me.name if me is not None else engine.ctx.actor  # the identity the workers will record
     now = time.time()
     sent: list[tuple[str, str]] = []
     refused = []
@@ -627,7 +627,8 @@ app.add_typer(keys_app, name="keys")
 def keys_init(
     directory: Annotated[Path, typer.Argument(help="Where the key files go (made 0700; files 0600).")],
     signer: Annotated[list[str] | None, typer.Option(
-        "--signer", metavar="NAME", help="A fleet signer (beat, a worker host); repeat it. Default: beat and worker.")] = None,
+        "--signer", metavar="NAME",
+        help="A fleet signer (beat, a worker host); repeat it. Default: beat and worker.")] = None,
     operator: Annotated[list[str] | None, typer.Option(
         "--operator", metavar="NAME", help="An operator who runs `rotate --enqueue` (not a relay); repeat it.")] = None,
     as_json: JsonOption = False,

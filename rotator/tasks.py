@@ -109,7 +109,7 @@ def rotate_key(self: Any, client_id: str, key_id: str, trigger: str = "manual", 
                         reason=reason, actor=verified or actor or None, include_out_of_scope=include_out_of_scope,
                         strategy=strategy if strategy in ("reset", "overlap") else None)
     if result.status == "busy":
-        raise self.retry(countdown=max(1.0, eng.lock_ttl_s / 3))
+        raise self.retry(countdown=max(1.0, eng.ctx.lock_ttl_s / 3))
     return result.to_dict()
 
 
@@ -157,9 +157,9 @@ def recover(self: Any) -> list[dict[str, Any]]:
     eng = engine()
     results = eng.recover_all()
     if any(r.status == "busy" for r in results):
-        raise self.retry(countdown=max(1.0, eng.lock_ttl_s / 3))
+        raise self.retry(countdown=max(1.0, eng.ctx.lock_ttl_s / 3))
     if any(r.status == "in_doubt" for r in results):
-        raise self.retry(countdown=max(1.0, eng.horizon_s / 2))
+        raise self.retry(countdown=max(1.0, eng.ctx.horizon_s / 2))
     return [r.to_dict() for r in results]
 
 

@@ -20,7 +20,8 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The rotator modules `path` imports anywhere in it (`from a import b` counts `a.b` when it is one)."""
+    """The rotator modules `path` imports anywhere in it (`from a import b` counts `a.b` when that is a
+    module, and `a` when `b` is a name defined in `a`)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
@@ -32,8 +33,10 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([node.module] if node.module else [])])
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & modules
+            found.update(submodules)
+            if len(submodules) < len(node.names):  # a name defined in `base` itself, not a submodule of it
+                found.add(base)
     return {m for m in found if m in modules and m != name}
 
 
@@ -58,3 +61,28 @@ def test_the_scan_sees_a_late_import() -> None:
     top = {node.module for node in ast.parse((PACKAGE / "cli.py").read_text()).body
            if isinstance(node, ast.ImportFrom)}
     assert "rotator.keyservice" not in top and "rotator.keyservice" in import_graph()["rotator.cli"]
+
+
+def test_the_rotation_core_is_in_rooms_a_reader_can_hold() -> None:
+    """rotator/engine: no module over 400 lines, no function over 60, the Engine facade under 150."""
+    for path in sorted((PACKAGE / "engine").glob("*.py")):
+        text = path.read_text()
+        assert text.count("\n") <= 400, path.name
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 60, f"{path.name}: {node.name}"  # type: ignore[operator]
+            if isinstance(node, ast.ClassDef) and node.name == "Engine":
+                assert node.end_lineno - node.lineno < 150  # type: ignore[operator]
+
+
+def test_every_transition_is_performed_by_one_linked_function() -> None:
+    """Each row of protocol.TRANSITIONS names the function that performs it, and docs/protocol.md
+    shows that table (with its "Reading the code" walk)."""
+    from rotator.engine import PERFORMED_BY, steps_table
+    from rotator.protocol import TRANSITIONS
+
+    assert set(PERFORMED_BY) == set(TRANSITIONS)
+    for function in PERFORMED_BY.values():
+        assert function.__module__.startswith("rotator.engine."), function
+    doc = (PACKAGE.parent / "docs" / "protocol.md").read_text()
+    assert steps_table() in doc and "## Reading the code" in doc

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from rotator import logs, protocol
-from rotator.engine import Engine
+from rotator.engine import attempt, lineage, overlap, records, report, sinkio
 from tests import sim
 
 SEEDS = int(os.environ.get("ROTATOR_SIM_SEEDS", "10000"))
@@ -71,17 +71,17 @@ def test_it_catches_an_in_doubt_reset_read_as_never_ran(monkeypatch: pytest.Monk
     """The first engine's bug: "no stored answer yet" read as "did not run" (no horizon), and the
     record cleared instead of the same key being sent again."""
     real = protocol.judge
-    monkeypatch.setattr("rotator.engine.judge", lambda phase, replaced, now, replay, answered, waited, horizon:
+    monkeypatch.setattr(attempt, "judge", lambda phase, replaced, now, replay, answered, waited, horizon:
                         real(phase, replaced, now, replay, answered, waited, 0.0))
 
-    def clear(self: Any, key: Any, record: Any, lease: Any, success_event: str, step: Any = None) -> Any:
-        self.state.delete_attempt(record, lease)
-        return self._skipped(key, record.trigger, "the reset never ran; record cleared")
+    def clear(ctx: Any, key: Any, record: Any, lease: Any, success_event: str, step: Any = None) -> Any:
+        ctx.state.delete_attempt(record, lease)
+        return report.skipped(ctx, key, record.trigger, "the reset never ran; record cleared")
 
-    settle = Engine._settle
-    monkeypatch.setattr(Engine, "_resend", clear)
-    monkeypatch.setattr(Engine, "_settle", lambda self, record, lease, why="", success_event="rotation.recovered",
-                        resend=True: settle(self, record, lease, why, success_event, True))
+    settle = attempt.settle
+    monkeypatch.setattr(attempt, "send_again", clear)
+    monkeypatch.setattr(attempt, "settle", lambda ctx, record, lease, why="", success_event="rotation.recovered",
+                        resend=True: settle(ctx, record, lease, why, success_event, True))
     assert first_violation(2000, "not in every sink", durable=True) is not None
 
 
@@ -96,7 +96,7 @@ def test_it_catches_the_next_epoch_sent_when_nothing_is_stored(monkeypatch: pyte
         step = real(*args)
         return protocol.Step.SPENT if step is protocol.Step.NOT_RUN else step
 
-    monkeypatch.setattr("rotator.engine.judge", next_epoch)
+    monkeypatch.setattr(attempt, "judge", next_epoch)
     assert first_violation(1200, "reset twice") is not None
 
 
@@ -105,7 +105,7 @@ def test_it_catches_a_fresh_idempotency_key_per_attempt(monkeypatch: pytest.Monk
     Once Redis loses the record, nothing can find the answer again: a live secret stays unstored."""
     import hashlib
 
-    monkeypatch.setattr(Engine, "_key_of", lambda self, record: "r1-" + hashlib.sha256(
+    monkeypatch.setattr(records, "key_of", lambda ctx, record: "r1-" + hashlib.sha256(
         record.attempt_id.encode()).hexdigest()[:32])
     assert first_violation(2000, containing="not stored") is not None
 
@@ -132,7 +132,7 @@ def test_it_catches_an_idempotency_key_in_a_replay_failure(monkeypatch: pytest.M
 def test_it_catches_a_record_deleted_before_the_read_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sink that acknowledged a write it lost must keep the record: ending on the write's
     acknowledgement alone would delete it while the secret is in no sink."""
-    monkeypatch.setattr("rotator.engine.Engine._read_back", lambda self, record, skip: {})
+    monkeypatch.setattr(sinkio, "read_back", lambda ctx, record, skip: {})
     assert first_violation(3000) is not None
 
 
@@ -140,22 +140,22 @@ def test_it_catches_a_revoke_while_a_sink_still_holds_the_old_key(monkeypatch: p
     """The overlap strategy's rule: the replaced key is revoked only while every sink holds the
     successor. Without the check, a sink that lost the successor's write still serves the old
     key when it is revoked."""
-    monkeypatch.setattr("rotator.engine.Engine._successor_problem", lambda self, successor: None)
+    monkeypatch.setattr(lineage, "successor_problem", lambda ctx, successor: None)
     assert first_violation(3000, "still holds") is not None
 
 
 def test_it_catches_a_revoke_before_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("rotator.engine.Engine.retire_at", lambda self, key, successor: 0.0)
+    monkeypatch.setattr(lineage, "retire_at", lambda ctx, key, successor: 0.0)
     assert first_violation(3000, "before its successor's grace") is not None
 
 
 def test_it_catches_a_lost_create_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     """A create whose answer is gone must not be forgotten: its successor, held by nobody, would
     stay (and block the next one). Recovery that drops the record without revoking it fails."""
-    def forget(self: Any, key: Any, successor: Any, record: Any, lease: Any) -> None:
-        self.state.delete_attempt(record, lease)
+    def forget(ctx: Any, key: Any, successor: Any, record: Any, lease: Any) -> None:
+        ctx.state.delete_attempt(record, lease)
 
-    monkeypatch.setattr("rotator.engine.Engine._drop_orphan", forget)
+    monkeypatch.setattr(overlap, "drop_orphan", forget)
     assert first_violation(3000) is not None
 
 
@@ -163,5 +163,5 @@ def test_it_catches_a_grace_counted_from_the_creation(monkeypatch: pytest.Monkey
     """A sink that was down when the successor was created and is written later gives its
     consumers the whole grace: counting it from the successor's creation revokes the old key
     while they have only just been able to move over."""
-    monkeypatch.setattr("rotator.engine.Engine.stored_at", lambda self, successor: float(successor.created_at))
+    monkeypatch.setattr(lineage, "stored_at", lambda ctx, successor: float(successor.created_at))
     assert first_violation(3000, "counted from when every sink held it") is not None

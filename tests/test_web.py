@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from rotator.cli import app as cli
 from rotator.config import Settings, settings_from_mapping
 from rotator.domain import KeyRef
-from rotator.engine import Engine
+from rotator.engine import Engine, report
 from rotator.events import CapturePublisher
 from rotator.fingerprint import Fingerprinter
 from rotator.fleet import status_report
@@ -244,7 +244,7 @@ def test_read_only_headers_and_hostile_input_on_the_wire(fleet: Fleet, monkeypat
     without a credential (DNS rebinding); ids outside the id rule are 404; aliases arrive escaped;
     looking sends no event (the fleet has drift, which reconcile alerts)."""
     emitted: list[str] = []
-    monkeypatch.setattr(Engine, "emit", lambda self, name, *args, **kwargs: emitted.append(name))
+    monkeypatch.setattr(report, "emit", lambda ctx, name, *args, **kwargs: emitted.append(name))
     app, source = build_app(fleet.settings, WebOptions.of(fleet.settings))
     assert isinstance(source.engine.publisher, Quiet)
     with running(app) as client:

@@ -1,0 +1,142 @@
+"""A rotation under the key's lease: settle what an earlier attempt left, decide whether the key
+is due (or retiring), and start the attempt; recovery of every record left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+from rotator import logs
+from rotator.domain import (
+    ApiKey,
+    KeyRef,
+)
+from rotator.engine import attempt, overlap, report
+from rotator.engine.context import Context
+from rotator.engine.values import (
+    LOCKED,
+    REPLAY_LOOKBACK_S,
+    Outcome,
+    RotationResult,
+)
+from rotator.policy import (
+    is_due,
+    scope_problem,
+)
+from rotator.state import LeaseLostError
+
+log = logs.get("rotator.engine")
+
+
+def rotate(ctx: Context, ref: KeyRef, *, trigger: str, force: bool = False, generation: str | None = None,
+           reason: str = "", actor: str | None = None, include_out_of_scope: bool = False,
+           strategy: str | None = None) -> RotationResult:
+    """Rotate one key once, however many triggers fire for it.
+
+    `generation` is the key's generation the trigger saw (`str(key.generation)`): if the key
+    has moved on since, this trigger is already served and nothing is reset. A key the policy
+    leaves alone (another environment, excluded) is refused, even with `force`, unless
+    `include_out_of_scope` says so too. `strategy` overrides the policy's for this run; a key
+    that a successor replaces is retired (revoked once its grace is over) instead."""
+    report.begin(ctx, reason, actor)
+    return leased(ctx, ref, trigger, lambda lease: rotate_locked(
+        ctx,         ref, lease, trigger, force, generation, include_out_of_scope, strategy))
+
+
+def recover_all(ctx: Context) -> list[RotationResult]:
+    """Settle every attempt a crash, an outage or a lost answer left behind."""
+    report.begin(ctx, "recovery", None)
+    results = []
+    for pending in ctx.state.attempts():
+        results.append(leased(ctx, pending.ref, pending.trigger, partial(recover_locked, ctx, pending.ref)))
+    return results
+
+
+def leased(ctx: Context, ref: KeyRef, trigger: str, work: Callable[[Any], RotationResult]) -> RotationResult:
+    lease = ctx.state.acquire(f"key:{ref}", ctx.lock_ttl_s)
+    if lease is None:
+        return RotationResult(ref.client_id, ref.key_id, "busy", LOCKED, trigger=trigger)
+    with lease.kept_alive():
+        try:
+            return work(lease)
+        except Outcome as outcome:
+            return outcome.result
+        except LeaseLostError as exc:
+            log.error("rotation.lease_lost", client_id=ref.client_id, key_id=ref.key_id, error=str(exc))
+            return RotationResult(ref.client_id, ref.key_id, "busy",
+                                  f"{exc}; stopped there, the lease's new holder settles this key", trigger=trigger)
+
+
+def rotate_locked(ctx: Context, ref: KeyRef, lease: Any, trigger: str, force: bool,
+                  generation: str | None, include_out_of_scope: bool = False,
+                  strategy: str | None = None) -> RotationResult:
+    pending = ctx.state.get_attempt(ref)
+    resumed = False  # an earlier attempt, already allowed, must be finished by a fresh reset
+    if pending is not None:
+        settled = attempt.settle(ctx, pending, lease)
+        if isinstance(settled, RotationResult):
+            return settled
+        resumed = settled.force
+        force = force or settled.force
+        generation = None if settled.force else generation
+        strategy = "overlap" if settled.action == "create" else strategy
+    key = report.get_key(ctx, ref, trigger)
+    if generation is not None and str(key.generation) != generation:
+        return report.skipped(ctx, key, trigger, "rotated since the trigger")
+    if key.replaced_by is not None:  # a successor holds its place: retire it, never rotate it
+        scope = scope_problem(replace(key, status="ACTIVE"), ctx.policy)
+        if scope is not None and not include_out_of_scope:
+            return report.out_of_scope(ctx, key, trigger, scope)
+        return overlap.retire(ctx, key, lease, trigger)
+    scope = scope_problem(key, ctx.policy)
+    if scope is not None and not include_out_of_scope and not resumed:
+        return report.out_of_scope(ctx, key, trigger, scope)
+    if not force and not is_due(key, ctx.clock(), ctx.policy):
+        return report.skipped(ctx, key, trigger, "not due")
+    # Since rotator's last stored reset of this key, did its dates stay where they were (a key
+    # service that does not update them, or two resets within one second)?
+    unmoved_for = unmoved_since_rotation(ctx, key)
+    new_key = False
+    if force and unmoved_for is not None and unmoved_for < REPLAY_LOOKBACK_S:
+        # A reset now would send that reset's Idempotency-Key and get its answer replayed.
+        if generation is not None:  # a message: a rotation has served the dates it saw
+            return report.skipped(ctx, key, trigger, "rotated since the trigger (the key's dates did not move)")
+        new_key = True  # a person forced it: the next epoch's key
+    if not force and unmoved_for is not None and unmoved_for < ctx.policy.max_age_days * 86_400:
+        why = ("rotated by rotator, but the key service still shows the reset date it replaced (a protocol "
+               "error of the key service); the key's age counts from that rotation, so it is not reset again")
+        report.emit(ctx, "keyservice.protocol_error", key, None, why)
+        return report.skipped(ctx, key, trigger, why)
+    if trigger == "schedule" and ctx.window is not None and not ctx.window.contains(
+            datetime.fromtimestamp(ctx.clock(), UTC)):
+        return report.skipped(ctx, key, trigger, "outside the rotation window")
+    return attempt.reset(ctx, key, lease, trigger, new_key=new_key, strategy=strategy, after_loss=resumed)
+
+
+def unmoved_since_rotation(ctx: Context, key: ApiKey) -> float | None:
+    """Seconds since rotator stored a rotation that replaced this very generation, which the key
+    service still shows (its dates did not move); None when there is none. Within the replay
+    window a reset would only replay that rotation; within `max_age_days` the key's age counts
+    from it, so there is no reset loop. (The slot is its own: later failures do not overwrite it.)"""
+    slot = ctx.state.stored_rotation(key.ref)
+    when = slot.get("time") if slot else None
+    if slot is None or slot.get("replaced") != str(key.generation) or not isinstance(when, int | float):
+        return None
+    return ctx.clock() - when
+
+
+def recover_locked(ctx: Context, ref: KeyRef, lease: Any) -> RotationResult:
+    pending = ctx.state.get_attempt(ref)
+    if pending is None:
+        return RotationResult(ref.client_id, ref.key_id, "skipped", "settled meanwhile")
+    settled = attempt.settle(ctx, pending, lease)
+    if isinstance(settled, RotationResult):
+        return settled
+    if settled.force:
+        return attempt.reset(ctx, report.get_key(ctx, ref, "recovery"), lease, "recovery",
+                             strategy="overlap" if settled.action == "create" else "reset", after_loss=True)
+    return rotate_locked(ctx, ref, lease, pending.trigger, False, None,
+                         strategy="overlap" if pending.action == "create" else None)

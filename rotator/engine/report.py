@@ -1,0 +1,151 @@
+"""What a rotation tells people: results, the audit history, events, and the warnings of keys
+coming due. Every outcome of every step goes out through here."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rotator import logs
+from rotator.domain import (
+    ApiKey,
+    AttemptRecord,
+    KeyRef,
+    KeyState,
+)
+from rotator.engine.context import Context
+from rotator.engine.values import (
+    STUCK_S,
+    Outcome,
+    RotationResult,
+)
+from rotator.errors import (
+    RotatorError,
+)
+from rotator.events import SEVERITY, sanitize
+from rotator.policy import (
+    age_days,
+    classify,
+    in_scope,
+    is_due,
+    scope_problem,
+)
+from rotator.protocol import (
+    Phase,
+)
+from rotator.protocols import (
+    Event,
+)
+from rotator.scan import every_key
+
+log = logs.get("rotator.engine")
+
+
+def record_refusal(ctx: Context, ref: KeyRef, reason: str, note: str = "", actor: str | None = None) -> RotationResult:
+    """A rotation someone asked for and a plan refused (no such key, out of scope, a shared sink
+    place): nothing is sent, and the refusal goes into the audit history."""
+    begin(ctx, note, actor)
+    result = RotationResult(ref.client_id, ref.key_id, "failed", reason, trigger="manual")
+    history(ctx, result)
+    return result
+
+
+def warn(ctx: Context, now: float) -> dict[str, int]:
+    """`key.due_soon` for keys in the warning period; `key.overdue` for keys past due and not
+    rotated (audit mode, excluded, outside the window, failing)."""
+    counts = {"due_soon": 0, "overdue": 0}
+    for key in every_key(ctx.keyservice, ctx.clients):
+        state = classify(key, now, ctx.policy)
+        if state is KeyState.DUE_SOON:
+            emit(ctx, "key.due_soon", key)
+            counts["due_soon"] += 1
+        elif key.replaced_by is None and in_scope(key, ctx.policy) and is_due(key, now, ctx.policy):
+            why = scope_problem(key, ctx.policy) or "due and not rotated yet"  # excluded or exempt: why
+            emit(ctx, "key.overdue", key, error=why)
+            counts["overdue"] += 1
+    return counts
+
+
+def begin(ctx: Context, note: str, actor: str | None) -> None:
+    ctx.call.note, ctx.call.actor, ctx.call.entered = note, actor or ctx.actor, time.monotonic()
+
+
+def actor(ctx: Context) -> str:
+    return getattr(ctx.call, "actor", "") or ctx.actor
+
+
+def get_key(ctx: Context, ref: KeyRef, trigger: str) -> ApiKey:
+    try:
+        return ctx.keyservice.get_key(ref.client_id, ref.key_id)
+    except RotatorError as exc:
+        result = RotationResult(ref.client_id, ref.key_id, "failed", str(exc), trigger=trigger)
+        history(ctx, result)
+        raise Outcome(result) from None
+
+
+def skipped(ctx: Context, key: ApiKey, trigger: str, reason: str) -> RotationResult:
+    return RotationResult(key.client_id, key.key_id, "skipped", reason, trigger=trigger)
+
+
+def out_of_scope(ctx: Context, key: ApiKey, trigger: str, scope: str) -> RotationResult:
+    """Refused, not skipped: someone asked for this key, and the policy says no."""
+    result = RotationResult(key.client_id, key.key_id, "failed",
+                            f"{scope}; nothing reset (--force --include-out-of-scope rotates it anyway)",
+                            trigger=trigger)
+    history(ctx, result)
+    return result
+
+
+def unsettled(ctx: Context, record: AttemptRecord, reason: str, key: ApiKey | None = None) -> RotationResult:
+    status = "at_risk" if record.phase == Phase.STORING.value else "in_doubt"
+    began = record.doubt_since or record.since  # sending it again keeps the first doubt
+    if ctx.state.now() - began > STUCK_S:  # a replay that never settles (or a key always blocked) needs a person
+        if key is not None:
+            emit(ctx, "rotation.secret_at_risk", key, record, f"unsettled for over a day: {reason}")
+        else:
+            log.error("rotation.stuck", client_id=record.client_id, key_id=record.key_id, reason=reason)
+    text = (f"attempt {record.attempt_id} ({record.phase}): {reason}; "
+            "the record is kept and nothing is reset until it is settled")
+    outcome = result(ctx, record.ref, record, status, text)
+    log.warning("rotation.unsettled", client_id=record.client_id, key_id=record.key_id, status=status,
+                reason=text)
+    return outcome
+
+
+def result(ctx: Context, ref: KeyRef, record: AttemptRecord, status: str, reason: str) -> RotationResult:
+    result = RotationResult(ref.client_id, ref.key_id, status, reason, record.attempt_id, record.trigger)
+    history(ctx, result)
+    return result
+
+
+def failed(ctx: Context, key: ApiKey, record: AttemptRecord | None, reason: str, status: str = "failed",
+           trigger: str = "") -> RotationResult:
+    result = RotationResult(key.client_id, key.key_id, status, reason,
+                            record.attempt_id if record else None, record.trigger if record else trigger)
+    emit(ctx, "rotation.failed", key, record, reason)
+    history(ctx, result)
+    return result
+
+
+def history(ctx: Context, result: RotationResult) -> None:
+    call = ctx.call
+    result.note = result.note or getattr(call, "note", "")
+    if hasattr(call, "entered"):
+        result.timings["engine_s"] = round(time.monotonic() - call.entered, 4)
+    try:
+        ctx.state.record({"kind": "rotation", "time": ctx.clock(), "actor": actor(ctx), **result.to_dict()})
+    except Exception as exc:  # history is for people; it must not undo a rotation's outcome
+        log.error("history.write_failed", error_type=type(exc).__name__)
+    log.info("rotation.finished", **{k: v for k, v in result.to_dict().items() if k != "timings"},
+             actor=actor(ctx))
+
+
+def emit(ctx: Context, name: str, key: ApiKey, attempt: AttemptRecord | None = None, error: str | None = None,
+         details: dict[str, Any] | None = None) -> None:
+    event = Event(name, SEVERITY[name], key.client_id, key.key_id, key.alias, key.environment.value,
+                  round(age_days(key, ctx.clock()), 2), attempt.attempt_id if attempt else None,
+                  sanitize(error), ctx.clock(), details)
+    try:
+        ctx.publisher.publish(event)
+    except Exception as exc:  # an alert channel must never break a rotation
+        log.error("event.publish_failed", event_name=name, error_type=type(exc).__name__)
