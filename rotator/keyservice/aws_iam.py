@@ -51,6 +51,7 @@ from rotator.errors import (
     TransientError,
     UnusableAnswerError,
 )
+from rotator.keyservice.transport import judged
 from rotator.safety import excerpt, is_id, text_problem
 
 PROVIDER = "aws-iam"
@@ -271,9 +272,8 @@ class AwsIamKeyService:
             return self._iam_once.create_access_key(UserName=user)
         except bx.ClientError as exc:
             code, status = _code(exc), _status(exc)
-            if 400 <= status < 500:
-                raise RefusedError(f"{where}: {code or status}; nothing was created", status=status) from None
-            raise InDoubtError(f"{where}: {code or status}; the key may exist") from None
+            raise judged(status, f"{where}: {code or status}", refused="nothing was created",
+                         in_doubt="the key may exist") from None
         except bx.NoCredentialsError:
             raise RefusedError(f"{where}: no AWS credentials; nothing was sent", status=None) from None
         except (bx.BotoCoreError, OSError) as exc:

@@ -1,38 +1,25 @@
-"""The HTTP adapter for docs/keyservice-api.md (docs/keyservice-openapi.yaml), with httpx and tenacity.
-
-Every transport or status error is mapped here, in one place, into the project's error tree.
-Messages carry the method and path; never a token, a secret or a response body (a reset's body
-holds the secret), and at most a short, escaped excerpt of any value the service sent.
+"""The adapter for docs/keyservice-api.md (docs/keyservice-openapi.yaml): the key-service API over
+`rotator.keyservice.transport` (one call, its retries and deadlines, and the judging of its answer).
 
 The key service is not trusted: every id it sends is checked against one strict rule (ids are
-data, never paths), every URL path segment is percent-encoded, every call has an overall deadline
-(connect, headers and the whole body), answers are size-capped after decompression, listings are
-capped in pages and refused when a page repeats, and dates must be sane Unix seconds.
+data, never paths), every URL path segment is percent-encoded, listings are capped in pages and
+refused when a page repeats, and dates must be sane Unix seconds; the transport bounds every call
+by a deadline and every answer by a size cap.
 """
 
 from __future__ import annotations
 
-import json
-import random
-import re
-import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
-import httpcore
 import httpx
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
 from rotator.config import KeyServiceConfig
 from rotator.domain import ApiKey, ClientInfo, Environment, IssuedKey, Replay, ReplayAnswer, Scope, Secret
 from rotator.errors import (
     AuthenticationError,
-    BusyError,
-    ConflictError,
-    ForbiddenError,
     IdempotencyConflictError,
     InDoubtError,
     NotFoundError,
@@ -40,121 +27,31 @@ from rotator.errors import (
     ProtocolError,
     RefusedError,
     RotatorError,
-    ServerError,
     ThrottledError,
-    TransientError,
-    UnansweredError,
     UnusableAnswerError,
+)
+from rotator.keyservice.transport import (
+    KEY_USED,
+    MAX_BODY_BYTES,
+    NOTHING_STORED,
+    Answer,
+    Transport,
+    decode,
+    judged,
 )
 from rotator.safety import ID_RE, ID_RULE, MAX_ALIAS_LEN, UNSAFE_TEXT_RE, excerpt, text_problem
 
 API = "/v2.01"
-_CODINGS = frozenset({"", "identity", "gzip", "deflate"})
 MAX_SECRET_LEN = 4096
-MAX_BODY_BYTES: Final = 1 << 20  # one answer (one page), after decompression
-MAX_ERROR_BODY_BYTES: Final = 64 << 10  # an error answer: only its Type and Message are read
 MAX_PAGES: Final = 10_000
 MAX_COUNT_DIGITS: Final = 18
 MIN_DATE: Final = 946_684_800  # 2000-01-01T00:00:00Z
 DEFAULT_CLOCK_SKEW_S: Final = 86_400
 MAX_STATUS_LEN: Final = 64
-MAX_MESSAGE_EXCERPT: Final = 80
 MAX_REQUEST_URL_LEN: Final = 2048
-#: The error Types of the idempotency store (docs/keyservice-api.md, "Idempotency").
-KEY_USED: Final = "idempotent_creation_conflict"  # a POST with a used Idempotency-Key: blocked
-NOTHING_STORED: Final = "correlationid_not_found"  # the responses endpoint: no answer under that key
 
 #: Judges a write's 200 body (`body`, `where`, latest date): the usable answer, or ProtocolError.
 _Judge = Callable[[Any, str, float], IssuedKey]
-
-
-class _Bearer(httpx.Auth):
-    def __init__(self, token: str) -> None:
-        self._header = f"Bearer {token}"
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = self._header
-        yield request
-
-
-# --- the overall deadline of one call ---------------------------------------------------------------
-# httpx's time-outs bound each socket operation, so a body trickled one byte at a time never times
-# out. The network backend below bounds every connect, read and write by what is left of the
-# calling thread's deadline instead (sync httpx does all I/O of a call in the calling thread).
-
-_DEADLINE = threading.local()
-
-
-def _left(timeout: float | None, error: type[Exception]) -> float | None:
-    deadline: float | None = getattr(_DEADLINE, "at", None)
-    if deadline is None:
-        return timeout
-    left = deadline - time.monotonic()
-    if left <= 0.001:
-        raise error("the call's deadline has passed")
-    return left if timeout is None else min(timeout, left)
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
-        self._inner = inner
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _left(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname,
-                                                     _left(timeout, httpcore.ConnectTimeout)))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _DeadlineBackend(httpcore.NetworkBackend):
-    def __init__(self) -> None:
-        self._inner = httpcore.SyncBackend()
-
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.connect_tcp(host, port, _left(timeout, httpcore.ConnectTimeout),
-                                                       local_address, socket_options))
-
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.connect_unix_socket(path, _left(timeout, httpcore.ConnectTimeout),
-                                                               socket_options))
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
-
-
-class _DeadlineTransport(httpx.HTTPTransport):
-    """httpx's own transport (its request and error mapping) over the deadline-bound backend."""
-
-    def __init__(self) -> None:
-        tls = httpx.create_ssl_context()  # loading the CA bundle is the costly part: once, not twice
-        super().__init__(verify=tls)
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=tls, max_connections=20, max_keepalive_connections=10,
-            keepalive_expiry=5.0, network_backend=_DeadlineBackend(),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """A whole answer, read within the deadline and the size cap."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes
-    truncated: bool = False  # an error answer larger than its cap: only its status is used
 
 
 class HttpKeyService:
@@ -169,18 +66,12 @@ class HttpKeyService:
         transport: httpx.BaseTransport | None = None, max_body_bytes: int = MAX_BODY_BYTES,
         max_pages: int = MAX_PAGES, clock_skew_s: float = DEFAULT_CLOCK_SKEW_S, call_deadline_s: float = 120.0,
     ) -> None:
-        self._client = httpx.Client(
-            base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport or _DeadlineTransport(),
-            headers={"Accept": "application/json", "Accept-Encoding": "gzip, deflate", "User-Agent": "rotator"},
-        )
-        self._auth = _Bearer(token)
-        self._timeout_s = timeout_s
-        self._max_attempts = max_attempts
-        self._call_deadline_s = call_deadline_s  # every try and every wait of one call, together
-        self._max_wait = retry_max_wait_s
-        self._initial_wait = retry_initial_s
+        self._transport = Transport(
+            base_url, token, timeout_s=timeout_s, max_attempts=max_attempts, retry_max_wait_s=retry_max_wait_s,
+            retry_initial_s=retry_initial_s, transport=transport, max_body_bytes=max_body_bytes,
+            call_deadline_s=call_deadline_s)
+        self._client = self._transport.client
         self.per_page = per_page
-        self.max_body_bytes = max_body_bytes
         self.max_pages = max_pages
         self.clock_skew_s = clock_skew_s
 
@@ -191,7 +82,7 @@ class HttpKeyService:
                    clock_skew_s=config.clock_skew_s, call_deadline_s=config.call_deadline_s)
 
     def close(self) -> None:
-        self._client.close()
+        self._transport.close()
 
     def __enter__(self) -> HttpKeyService:
         return self
@@ -334,7 +225,7 @@ class HttpKeyService:
             if page > self.max_pages:
                 raise ProtocolError(f"{where}: more than {self.max_pages} pages; refusing to go on")
             answer = self._request("GET", path, params={"page": page, "per_page": self.per_page})
-            rows = _decode(answer, where)
+            rows = decode(answer, where)
             if not isinstance(rows, list):
                 raise ProtocolError(f"{where}: expected a JSON array")
             if len(rows) > self.per_page:
@@ -350,8 +241,11 @@ class HttpKeyService:
             previous = rows
             page += 1
 
+    def _request(self, method: str, path: str, **kwargs: Any) -> Answer:
+        return self._transport.request(method, path, **kwargs)
+
     def _json(self, method: str, path: str, shown: str | None = None, **kwargs: Any) -> Any:
-        return _decode(self._request(method, path, shown=shown, **kwargs), f"{method} {shown or path}")
+        return decode(self._request(method, path, shown=shown, **kwargs), f"{method} {shown or path}")
 
     def _write_once(self, path: str, judge: _Judge, client_id: str, idempotency_key: str,
                     **kwargs: Any) -> IssuedKey:
@@ -365,14 +259,12 @@ class HttpKeyService:
             return _after_conflict(where, self._replay(client_id, path, idempotency_key, judge))
         except InDoubtError:
             raise
-        except (PermanentError, ThrottledError) as exc:
-            if exc.status is not None and 400 <= exc.status < 500:
-                raise RefusedError(str(exc), status=exc.status) from None
-            raise InDoubtError(f"{exc}; the call may have run") from None  # a 3xx, a cut or oversized answer
+        except (PermanentError, ThrottledError) as exc:  # a 4xx did not run; a 3xx, a cut or oversized answer may have
+            raise judged(exc.status, str(exc), in_doubt="the call may have run") from None
         except RotatorError as exc:
             raise InDoubtError(str(exc)) from None
         try:
-            return judge(_decode(answer, where), where, self._latest())
+            return judge(decode(answer, where), where, self._latest())
         except ProtocolError as exc:  # a 200 that is no usable answer: it ran, the answer is not in hand
             raise UnusableAnswerError(f"{exc}; the call may have run") from None
 
@@ -413,99 +305,8 @@ class HttpKeyService:
         except ProtocolError as exc:
             return ReplayAnswer(Replay.UNKNOWN, reason=str(exc))
 
-    def _request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,),
-                 auth: httpx.Auth | None = None, shown: str | None = None, **kwargs: Any) -> _Answer:
-        """One call with its retries; `shown` names the path in messages instead of `path`."""
-        retrying = Retrying(
-            retry=retry_if_exception_type(TransientError),
-            stop=stop_after_attempt(self._max_attempts) | stop_after_delay(self._call_deadline_s),
-            wait=self._wait,
-            reraise=True,
-        )
-        in_doubt = False  # once a write's try proved nothing (no answer, a 5xx), the call may have run
-        tries = 0
-        try:
-            for attempt in retrying:
-                with attempt:
-                    tries += 1
-                    try:
-                        return self._send(method, path, expect, auth or self._auth, kwargs, shown)
-                    except (UnansweredError, ServerError, BusyError):
-                        # A read or a token request changes nothing: its last answer is what counts.
-                        in_doubt = method != "GET" and not path.endswith("/oauth/token")
-                        raise
-        except RotatorError as exc:
-            if isinstance(exc, IdempotencyConflictError):  # the key was used: the caller reads its answer
-                raise
-            if in_doubt:
-                raise InDoubtError(f"{exc} (after {tries} attempts; outcome unknown)") from None
-            if isinstance(exc, TransientError):
-                again = type(exc)(f"{exc} (gave up after {tries} attempts)", retry_after=exc.retry_after)
-                again.status, again.kind = exc.status, exc.kind
-                raise again from None
-            raise
-        raise AssertionError("unreachable")
-
-    def _send(self, method: str, path: str, expect: tuple[int, ...], auth: httpx.Auth,
-              kwargs: dict[str, Any], shown: str | None = None) -> _Answer:
-        """One try, within the deadline: connect, send, read the headers and the capped body."""
-        where = f"{method} {shown or path}"
-        deadline = time.monotonic() + self._timeout_s
-        _DEADLINE.at = deadline
-        try:
-            request = self._client.build_request(method, path, **kwargs)
-            response = self._client.send(request, auth=auth, stream=True)
-            try:
-                codings = [c.strip().lower() for c in response.headers.get("Content-Encoding", "").split(",")]
-                if len([c for c in codings if c not in ("", "identity")]) > 1 or not set(codings) <= _CODINGS:
-                    # Each layer multiplies what one network read expands to before the cap sees it.
-                    raise ProtocolError(f"{where}: the answer's Content-Encoding is not one of gzip or deflate")
-                wanted = response.status_code in expect
-                limit = self.max_body_bytes if wanted else MAX_ERROR_BODY_BYTES
-                body, truncated = _read_capped(response, limit, deadline)
-            finally:
-                response.close()
-        except httpx.TimeoutException:
-            raise UnansweredError(f"{where}: no answer within {self._timeout_s:g}s") from None
-        except httpx.TransportError as exc:
-            raise UnansweredError(f"{where}: connection failed ({type(exc).__name__})") from None
-        except httpx.DecodingError:
-            raise ProtocolError(f"{where}: the answer's Content-Encoding does not decode") from None
-        finally:
-            _DEADLINE.at = None
-        if time.monotonic() > deadline:
-            raise UnansweredError(f"{where}: no whole answer within {self._timeout_s:g}s")
-        answer = _Answer(response.status_code, response.headers, body, truncated)
-        if wanted:
-            if truncated:
-                raise ProtocolError(f"{where}: the answer is larger than {self.max_body_bytes} bytes")
-            return answer
-        # The Idempotency-Key reads the live secret: a gateway that echoes the header never gets it quoted.
-        raise _status_error(where, answer, hidden=(kwargs.get("headers") or {}).get("Idempotency-Key", ""))
-
-    def _wait(self, state: RetryCallState) -> float:
-        outcome = state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        # Never wait past the call's deadline.
-        left = max(0.0, self._call_deadline_s - (state.seconds_since_start or 0.0))
-        if isinstance(exc, TransientError) and exc.retry_after is not None:
-            return min(exc.retry_after, self._max_wait, left)
-        backoff = self._initial_wait * 2 ** (state.attempt_number - 1)
-        return float(min(self._max_wait, backoff, left) * random.uniform(0.5, 1.0))
 
 
-def _read_capped(response: httpx.Response, limit: int, deadline: float) -> tuple[bytes, bool]:
-    """The decompressed body, read until `limit` bytes or the deadline; (body, truncated)."""
-    chunks: list[bytes] = []
-    total = 0
-    for chunk in response.iter_bytes():
-        total += len(chunk)
-        if total > limit:
-            return b"", True
-        chunks.append(chunk)
-        if time.monotonic() > deadline:
-            raise httpx.ReadTimeout("the call's deadline has passed")
-    return b"".join(chunks), False
 
 
 def _path(method: str, template: str, *segments: str | tuple[str, str]) -> str:
@@ -536,45 +337,6 @@ def parse_count(value: str | None, name: str, where: str) -> int | None:
     if not (value.isascii() and value.isdigit()) or len(value) > MAX_COUNT_DIGITS:
         raise ProtocolError(f"{where}: header {name} is {excerpt(value)}, not a count")
     return int(value)
-
-
-def _status_error(where: str, answer: _Answer, hidden: str = "") -> Exception:
-    """The error for an answer that is not the one expected; `hidden` (the call's Idempotency-Key)
-    is never quoted from it."""
-    status = answer.status
-    kind, message = "", ""
-    if not answer.truncated:
-        try:
-            body = json.loads(answer.body)
-        except (ValueError, RecursionError):
-            body = None
-        if isinstance(body, dict):
-            raw_kind, raw_message = (_without(body.get(name), hidden) for name in ("Type", "Message"))
-            if isinstance(raw_kind, str) and raw_kind:
-                kind = raw_kind if ID_RE.fullmatch(raw_kind) and len(raw_kind) <= 40 else excerpt(raw_kind)
-            if isinstance(raw_message, str) and raw_message:
-                message = _message(raw_message)
-    text = f"{where}: {status}" + (f" {kind}" if kind else "") + (f": {message}" if message else "")
-    transient: TransientError | None = None
-    if (status, kind) == (409, KEY_USED):
-        used = IdempotencyConflictError(text)
-        used.status, used.kind = status, kind
-        return used
-    if status >= 500:
-        transient = ServerError(text, retry_after=_retry_after(answer))
-    elif status == 429:
-        transient = ThrottledError(text, retry_after=_retry_after(answer))
-    elif status == 409 and answer.headers.get("Retry-After") is not None:
-        transient = BusyError(text, retry_after=_retry_after(answer))
-    if transient is not None:
-        transient.status, transient.kind = status, kind
-        return transient
-    # "Gone" only on the service's own word: a proxy's 404 (no such Type) must not end an attempt.
-    gone = NotFoundError if kind == "ressource_not_found" else PermanentError
-    error = {401: AuthenticationError, 403: ForbiddenError, 404: gone,
-             409: ConflictError}.get(status, PermanentError)(text)
-    error.status, error.kind = status, kind
-    return error
 
 
 def _after_conflict(where: str, found: ReplayAnswer) -> IssuedKey:
@@ -624,42 +386,6 @@ def same_request(url: object, wanted: str) -> bool:
     if start < 0 or have[start].lower() != version or have[start + 1:] != want[1:]:
         return False
     return all(segment.lower() != version for segment in have[:start])  # no other call's path nested before
-
-
-def _without(value: object, hidden: str) -> object:
-    """`value` with every copy of `hidden` (in any case) replaced by `{IdempotencyKey}`."""
-    if not hidden or not isinstance(value, str):
-        return value
-    return re.sub(re.escape(hidden), "{IdempotencyKey}", value, flags=re.IGNORECASE)
-
-
-def _message(text: str) -> str:
-    """An error Message as plain text if it is short and clean, else an escaped excerpt."""
-    if len(text) <= MAX_MESSAGE_EXCERPT and text.isprintable():
-        return text
-    return excerpt(text, MAX_MESSAGE_EXCERPT)
-
-
-def _retry_after(answer: _Answer) -> float | None:
-    value = answer.headers.get("Retry-After", "")
-    if value.isascii() and value.isdigit() and len(value) <= 6:
-        return float(value)
-    return None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _decode(answer: _Answer, where: str) -> Any:
-    try:
-        return json.loads(answer.body, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
-        kind = answer.headers.get("Content-Type", "no content type")
-        raise ProtocolError(
-            f"{where}: answer is not valid JSON (status {answer.status}, {excerpt(kind)}, "
-            f"{len(answer.body)} bytes)"
-        ) from None
 
 
 _ENVIRONMENTS = {e.value: e for e in Environment}
