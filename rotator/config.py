@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     HttpUrl,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -73,10 +74,13 @@ class Section(BaseModel):
 
 
 class KeyServiceConfig(Section):
-    kind: Literal["http", "emulator", "aws-iam"] = Field(
+    kind: str = Field(
         "http", description=("`http`: the API of docs/keyservice-api.md; `emulator`: in-process; `aws-iam`: the "
-                             "access keys of AWS IAM users, rotated by the overlap strategy (docs/strategies.md).")
+                             "access keys of AWS IAM users, rotated by the overlap strategy (docs/strategies.md); "
+                             "or a plugin's, from the `rotator.keyservices` entry point (docs/plugins.md).")
     )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="A plugin key service's own settings; the built-in kinds take none.")
     url: HttpUrl = Field(HttpUrl("http://127.0.0.1:8400"), description="Base URL (http kind).")
     token_env: EnvName | None = Field(
         "ROTATOR_KEYSERVICE_TOKEN", description="Variable holding the management token."
@@ -116,6 +120,26 @@ class KeyServiceConfig(Section):
     verify_timeout_s: float = Field(
         60.0, gt=0, le=900, description=("aws-iam: how long a new access key is retried with sts:GetCallerIdentity "
                                          "while IAM propagates it (often 5-15 s)."))
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from rotator.keyservice.registry import unknown  # the registry imports no configuration
+
+        problem = unknown(kind)
+        if problem is not None:
+            raise ValueError(problem)
+        return kind
+
+    @field_validator("options")
+    @classmethod
+    def _options_for_a_plugin(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from rotator.keyservice.registry import BUILTIN
+
+        kind = info.data.get("kind")
+        if options and kind in BUILTIN:
+            raise ValueError(f"the built-in kind {kind!r} takes none (they are a plugin's settings)")
+        return options
 
     @field_validator("clients")
     @classmethod

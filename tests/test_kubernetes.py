@@ -288,9 +288,15 @@ def test_config_has_no_credential_and_every_file_is_a_mounted_secret(tmp_path: P
         assert len(files) >= (4 if name == "rotator-config" else 1), name
         # Valid as it stands once each named file exists (check-config's own checks).
         text = named("ConfigMap", name)["data"]["rotator.toml"]
+        signing_key = (data.get("signing") or {}).get("private_key_file")
         for index, path in enumerate(sorted(set(files))):
-            stand_in = tmp_path / f"credential-{index}"
-            stand_in.write_text("x" * 32)
+            stand_in = tmp_path / f"{name}-credential-{index}"
+            if path == signing_key:  # check-config reads it as every signer would: a real key, 0600
+                from rotator.signing import write_private_key
+
+                write_private_key(stand_in)
+            else:
+                stand_in.write_text("x" * 32)
             text = text.replace(f'"{path}"', f'"{stand_in}"')
         _validated(tomllib.loads(text))
     for workload in workloads():

@@ -411,3 +411,8 @@ def _identity_or_none(sts: Any) -> Any:
         if _code(exc) in NOT_YET:
             return None
         raise
+
+
+def build(config: KeyServiceConfig, grace_s: float) -> AwsIamKeyService:
+    """`kind = "aws-iam"`: the access keys of IAM users; `grace_s` dates a deactivated key's deletion."""
+    return AwsIamKeyService(config, grace_s=grace_s)

@@ -25,8 +25,12 @@ from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
+
+if TYPE_CHECKING:
+    from rotator.config import KeyServiceConfig
+    from rotator.keyservice.http import HttpKeyService
 
 from rotator.keyservice.emulator import (
     IDEMPOTENCY_KEY_RE,
@@ -450,3 +454,11 @@ def start_in_process(seed: Path | None) -> EmulatorServer:
     if seed is not None:
         emulator.load_seed_file(seed)
     return EmulatorServer(emulator).start()
+
+
+def build(config: KeyServiceConfig, grace_s: float = 0.0) -> HttpKeyService:
+    """`kind = "emulator"`: a seeded emulator served inside this process, spoken to over HTTP."""
+    from rotator.keyservice.http import HttpKeyService
+
+    server = start_in_process(config.seed)
+    return HttpKeyService.from_config(config, url=server.url, token=server.emulator.token)

@@ -16,7 +16,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
-from rotator.config import KeyServiceConfig
+from rotator.config import KeyServiceConfig, read_credential
 from rotator.domain import ApiKey, ClientInfo, Environment, IssuedKey, Replay, ReplayAnswer, Scope, Secret
 from rotator.errors import (
     AuthenticationError,
@@ -594,3 +594,9 @@ def _env(row: dict[str, Any], where: str) -> Environment:
     if environment is None:  # never quoted: a lying answer may put the secret here
         raise ProtocolError(f"{where}: field 'Environment' must be 'PRODUCTION' or 'SANDBOX'")
     return environment
+
+
+def build(config: KeyServiceConfig, grace_s: float = 0.0) -> HttpKeyService:
+    """`kind = "http"`: the contract at `url`, with the management token from `token_env`/`token_file`."""
+    token = read_credential(config.token_env, config.token_file, "keyservice management token")
+    return HttpKeyService.from_config(config, url=str(config.url), token=token)
