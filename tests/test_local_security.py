@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rotator import cli, logs
+from rotator import logs
 from rotator.alerts.webhook import sign, verify_signature
 from rotator.cli import app
+from rotator.cli import services as cli
 from rotator.keyservice.http import HttpKeyService
 from rotator.safety import looks_like_secret, private_state_dir, redact_url, redact_urls_in
 from tests.hostile_server import LyingKeyService, RawServer

@@ -1,0 +1,5 @@
+"""`python -m rotator.cli`."""
+
+from rotator.cli import main
+
+main()

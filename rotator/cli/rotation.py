@@ -1,0 +1,229 @@
+"""Rotating by hand: `rotate` (a plan, `--apply`, `--enqueue`) and `reconcile` (drift, `--repair`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from rotator.cli.base import (
+    ConfigOption,
+    Flag,
+    JsonOption,
+    Strategy,
+    app,
+    engine_for,
+    errors_exit,
+    fail,
+    need_signer,
+    use_config,
+)
+from rotator.console import err, out, print_json, show, unreachable
+
+if TYPE_CHECKING:
+    from rotator.engine import Engine
+
+
+@app.command()
+def rotate(
+    config: ConfigOption = None,
+    all_due: Annotated[bool, Flag("--all-due", help="Every due key in scope.")] = False,
+    client_id: Annotated[str | None, typer.Option("--client-id", help="One key: its Client ID.")] = None,
+    key_id: Annotated[str | None, typer.Option("--key-id", help="One key: its id.")] = None,
+    apply: Annotated[bool, Flag("--apply", help="Rotate now; without it only the plan is shown.")] = False,
+    force: Annotated[bool, Flag("--force", help="Rotate a key that is not due yet.")] = False,
+    include_out_of_scope: Annotated[bool, Flag(
+        "--include-out-of-scope",
+        help="With --force: also a key the policy leaves alone (another environment, excluded).")] = False,
+    enqueue: Annotated[bool, Flag(
+        "--enqueue", help="With --apply: hand the rotations to the Celery workers instead of rotating here.")] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Why: kept in the audit history.")] = "",
+    strategy: Annotated[Strategy | None, typer.Option(
+        "--strategy", help="reset or overlap for this run instead of the policy's strategy (docs/strategies.md).",
+    )] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Rotate due keys or one key by hand: a plan by default (what --apply would do), --apply to act.
+
+    Exit 1 when a key was refused (no such key, out of scope) or a rotation did not finish."""
+    if all_due == bool(client_id and key_id) or (client_id is None) != (key_id is None):
+        fail("give --all-due, or both --client-id and --key-id", 2)
+    if include_out_of_scope and not force:
+        fail("--include-out-of-scope goes with --force: an out-of-scope key is never due", 2)
+    settings = use_config(config)
+    how = Strategy(strategy).value if strategy is not None else None  # a plain str from here on
+    from rotator.plan import plan_all_due, plan_one
+
+    if apply and enqueue:
+        need_signer(settings)  # a message nobody signed would be refused by every worker
+    with errors_exit():
+        engine = engine_for(settings)
+        if all_due:
+            steps = plan_all_due(engine, how)
+        else:
+            steps = iter([plan_one(engine, str(client_id), str(key_id), force, include_out_of_scope, how)])
+        if apply and enqueue:
+            _enqueue(engine, steps, force, include_out_of_scope, reason, as_json, how)
+            return
+        plan = list(steps)
+        if not apply:
+            _print_plan(plan, as_json, enqueue)
+            return
+        results = []
+        for step in plan:
+            if step.action == "skip":
+                results.append(step.as_skipped())
+                continue
+            if step.action == "refuse":  # nothing is sent; the refusal goes into the history
+                results.append(engine.record_refusal(step.ref, step.why, reason))
+                continue
+            # --all-due: the generation planned travels along, so a key a worker rotated meanwhile is
+            # not rotated again; one key named by a person is rotated as asked.
+            with err.status(f"rotating {show(step.ref)}…"):
+                results.append(engine.rotate(step.ref, trigger="manual", force=force, reason=reason,
+                                             generation=step.generation if all_due else None,
+                                             include_out_of_scope=include_out_of_scope, strategy=how))
+        engine.close()
+    if not plan:
+        err.print("no key is due")
+    if as_json:
+        print_json({"applied": True, "results": [r.to_dict() for r in results]})
+    else:
+        for res in results:
+            colour = "green" if res.ok else ("yellow" if res.status == "skipped" else "red")
+            out.print(f"[{colour}]{show(res.status)}[/{colour}] {show(res.client_id)}/{show(res.key_id)} "
+                      f"{show(res.reason)}")
+    # Exit 0 only if every rotation finished and verified; a key behind a lease, in doubt or at
+    # risk is not finished, and neither is a forced key that was skipped or a refused one.
+    if not all(r.status in ("succeeded", "recovered") or (r.status == "skipped" and not force) for r in results):
+        raise typer.Exit(1)
+
+
+def _print_plan(plan: list[Any], as_json: bool, enqueue: bool) -> None:
+    """What --apply would do, key by key; exit 1 when a key would be refused."""
+    if as_json:
+        print_json({"applied": False, "plan": [step.to_dict() for step in plan]})
+    else:
+        colours = {"rotate": "green", "skip": "yellow", "refuse": "red"}
+        for step in plan:
+            colour = colours[step.action]
+            out.print(f"[{colour}]{'would ' + step.action}[/{colour}] {show(step.ref)}: {show(step.why)}")
+        rotating = sum(step.action == "rotate" for step in plan)
+        how = "--apply --enqueue to send them to the workers" if enqueue else "--apply to rotate"
+        err.print(f"{len(plan)} key(s), {rotating} to rotate; nothing changed (add {how})" if plan
+                  else "no key is due; nothing changed")
+    if any(step.action == "refuse" for step in plan):
+        raise typer.Exit(1)
+
+
+def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_scope: bool, reason: str,
+             as_json: bool, strategy: str | None = None) -> None:
+    """One rotate_key message per key to rotate, sent while the pages arrive, on one connection."""
+    from rotator.gate import signer
+    from rotator.tasks import app as celery_app
+    from rotator.tasks import rotate_key
+
+    me = signer()
+    actor = me.name if me is not None else engine.ctx.actor  # the identity the workers will record
+    now = time.time()
+    sent: list[tuple[str, str]] = []
+    refused = []
+    failed = ""
+    engine.state.now()  # Redis answers (the audit entry is written there) before anything is sent
+    with celery_app.producer_or_acquire() as producer:
+        for step in steps:
+            if step.action != "rotate":
+                refused.append(step)
+                if step.action == "refuse":
+                    engine.record_refusal(step.ref, step.why, reason)
+                if not as_json:
+                    out.print(f"[yellow]not sent[/yellow] {show(step.ref)}: {show(step.why)}")
+                continue
+            # The generation this command saw travels with it: a redelivered message for a key
+            # rotated since is skipped, even with --force.
+            args = (step.ref.client_id, step.ref.key_id, "manual", step.generation, force, reason, actor,
+                    include_out_of_scope, strategy)
+            try:
+                sent.append((str(step.ref), rotate_key.apply_async(args, producer=producer).id))
+            except Exception as exc:
+                lost = _publish_refused(exc)
+                if lost is None:
+                    raise
+                failed = f"{show(step.ref)}: {lost}; {len(sent)} sent before it, the rest not sent"
+                break
+    engine.state.record({"kind": "manual", "time": now, "actor": actor, "action": "enqueue",
+                         "keys": [k for k, _ in sent], "reason": reason})
+    if failed:
+        err.print(f"[red]not sent[/red] {failed}", highlight=False)
+    if as_json:
+        print_json({"applied": True, "enqueued": [i for _, i in sent],
+                    "not_sent": [step.to_dict() for step in refused], **({"failed": failed} if failed else {})})
+    else:
+        err.print(f"{len(sent)} rotation(s) sent to the workers")
+    if failed or any(step.action == "refuse" for step in refused):
+        raise typer.Exit(1)
+
+
+def _publish_refused(exc: BaseException) -> str | None:
+    """Why the broker did not take a message, in one line; None for an error that is not the
+    broker's (a bug, which keeps its traceback)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ == "MessageNacked":
+            return ("RabbitMQ refused the message (a publisher-confirm nack: a full queue that rejects "
+                    "publishes, or a resource alarm)")
+        seen = seen.__cause__ or seen.__context__
+    return unreachable(exc)
+
+
+@app.command()
+def reconcile(config: ConfigOption = None,
+              repair: Annotated[bool, Flag("--repair", help="Recover attempts and re-rotate drift.")] = False,
+              as_json: JsonOption = False) -> None:
+    """Compare the key service with every sink; --repair fixes what drifted.
+
+    Exit 0 only when nothing drifted, or --repair left nothing unrepaired (behind a lease, in
+    doubt, at risk, failed). Sink entries of keys the key service no longer lists are reported as
+    orphans (never deleted, not failures)."""
+    settings = use_config(config)
+    with errors_exit():
+        engine = engine_for(settings)
+        if repair:
+            drift, results = engine.repair()
+        else:
+            drift, results = engine.drift(), []
+        orphans, unlisted = engine.orphans()
+    repaired = [r.to_dict() for r in results]
+    fixed = [r for r in repaired if r["status"] in ("succeeded", "recovered")]
+    left = [r for r in repaired if not r["ok"]]
+    from rotator.fleet import drift_dict
+
+    report: dict[str, Any] = {
+        "drift": [drift_dict(d) for d in drift],
+        "repaired": repaired, "unrepaired": len(left),
+        "orphans": [{"sink": o.sink, "where": o.where, "client_id": o.ref.client_id, "key_id": o.ref.key_id}
+                    for o in orphans],
+        "orphans_not_checked": [{"sink": sink, "reason": why} for sink, why in unlisted]}
+    if as_json:
+        print_json(report)
+    else:
+        for d in report["drift"]:
+            where = f"{d['client_id']}/{d['key_id']} {d['sink']}"
+            out.print(f"drift {show(where)}: {show(d['reason'])}")
+        for r in left:
+            out.print(f"[red]{show(r['status'])}[/red] {show(r['client_id'])}/{show(r['key_id'])}: {show(r['reason'])}")
+        for o in orphans:
+            out.print(f"[yellow]orphan[/yellow] {show(o.where)}: {show(o.ref)} is no longer at the key service "
+                      "(a dead secret; delete it by hand when no application reads it)")
+        for sink, why in unlisted:
+            err.print(f"[yellow]orphans not checked[/yellow] in {show(sink)}: {show(why)}")
+        summary = f"{len(drift)} drifted"
+        if repair:
+            summary += f"; {len(fixed)} repaired; {len(left)} left unrepaired"
+        if orphans:
+            summary += f"; {len(orphans)} orphaned sink entries (not counted as failures)"
+        err.print(summary)
+    if left or (drift and not repair):
+        raise typer.Exit(1)
