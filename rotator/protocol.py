@@ -120,13 +120,19 @@ def advance(phase: Phase, step: Step) -> Transition:
         raise ProtocolViolation(f"{step.value} is not allowed while {phase.value}") from None
 
 
+def refusal(after_loss: bool) -> Step:
+    """A 4xx, answered or stored: the call did not run. That ends an attempt, unless the attempt
+    replaces a secret proved lost: then the loss stands, and so does the attempt."""
+    return Step.STILL_LOST if after_loss else Step.REFUSED
+
+
 def judge(phase: Phase, replaced: Generation | None, now: Generation, replay: Replay,
-          answered: Generation | None, waited_s: float, horizon_s: float) -> Step:
+          answered: Generation | None, waited_s: float, horizon_s: float, after_loss: bool = False) -> Step:
     """Settle an attempt found in `phase` from the key's generation `now` and a replay.
 
     `replaced` is the generation the attempt set out to replace (None for a record of the first
     protocol); `answered` the generation a stored 200 names; `waited_s` the time since the doubt
-    began, on the state store's clock.
+    began, on the state store's clock; `after_loss`: the attempt replaces a lost secret.
     """
     if replay is Replay.ANSWER and answered is not None:
         if answered == now:
@@ -135,7 +141,7 @@ def judge(phase: Phase, replaced: Generation | None, now: Generation, replay: Re
         # that only lags behind the answer (a stale read) is waited for.
         return Step.LOST if now > answered else Step.NO_ANSWER
     if replay is Replay.REFUSED:
-        return Step.REFUSED
+        return refusal(after_loss)
     if replay not in (Replay.EMPTY, Replay.SPENT) or waited_s < horizon_s:
         return Step.NO_ANSWER
     if replay is Replay.SPENT and phase is Phase.STORING:

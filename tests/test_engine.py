@@ -297,6 +297,33 @@ def test_a_refused_fresh_reset_after_a_lost_secret_keeps_the_loss_on_record(
     assert len(emulator.ledger) == 2  # the planted reset and the fresh one; the refused one never ran
 
 
+def test_a_fresh_reset_after_a_lost_secret_that_uses_up_every_key_is_kept(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
+) -> None:
+    """The fresh reset that replaces a lost secret fails with a stored 5xx on every try, sweep after
+    sweep, until the generation's Idempotency-Keys are used up: the record is kept (and said on
+    every sweep), never cleared with the loss forgotten; once the key service forgets the failed
+    calls, the last key runs and the secret is stored."""
+    from rotator.protocol import MAX_EPOCHS
+
+    sink = memory()
+    engine, events = make_engine(keyservice, state, [sink], horizon_s=0.0)
+    ref = KeyRef("acme", seeded["due"])
+    record = plant(engine, state, ref, keyservice)
+    keyservice.reset_key("acme", seeded["due"], engine._key_of(record))
+    emulator.clock_offset_s = 25 * 3600
+    emulator.add_fault(Fault(method="POST", path="/reset$", status=500, stored=True, times=-1))
+    statuses = [r.status for _ in range(MAX_EPOCHS + 3) for r in engine.recover_all()]
+    kept = state.get_attempt(ref)
+    assert kept is not None and kept.after_loss and kept.epoch == MAX_EPOCHS - 1, statuses[-3:]
+    assert statuses[-1] == "at_risk" and "failed" not in statuses
+    assert events.names().count("rotation.secret_at_risk") >= 2  # the loss, then the used-up keys
+    emulator.clear_faults()
+    emulator.clock_offset_s += 25 * 3600  # the failed calls are forgotten: the last key may run
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
+    assert holds_current(sink, emulator, "acme", seeded["due"], keyservice) and state.attempts() == []
+
+
 def seal_after_reset(keyservice: HttpKeyService, vault: VaultTestServer, unseal_after_s: float | None = None) -> None:
     """Vault goes down right after the key service answered the reset (after the sinks were prepared)."""
     reset = keyservice.reset_key

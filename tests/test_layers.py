@@ -21,7 +21,7 @@ def module_name(path: Path) -> str:
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
     """The rotator modules `path` imports anywhere in it (`from a import b` counts `a.b` when that is a
-    module, and `a` when `b` is a name defined in `a`)."""
+    module, and `a`, whose __init__ runs first, unless `a` is the importing module's own package)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
@@ -33,9 +33,10 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([node.module] if node.module else [])])
-            submodules = {f"{base}.{alias.name}" for alias in node.names} & modules
-            found.update(submodules)
-            if len(submodules) < len(node.names):  # a name defined in `base` itself, not a submodule of it
+            found.update({f"{base}.{alias.name}" for alias in node.names} & modules)
+            # Python runs `base`'s __init__ for any import from it; only a module's own package is
+            # exempt (importing a sibling from its package is no arrow back up).
+            if not name.startswith(f"{base}."):
                 found.add(base)
     return {m for m in found if m in modules and m != name}
 
@@ -86,3 +87,18 @@ def test_every_transition_is_performed_by_one_linked_function() -> None:
         assert function.__module__.startswith("rotator.engine."), function
     doc = (PACKAGE.parent / "docs" / "protocol.md").read_text()
     assert steps_table() in doc and "## Reading the code" in doc
+
+
+#: The rotation core's floors, lowest first, as rotator/engine/__init__.py and docs/protocol.md list them.
+ENGINE_ORDER = ["values", "context", "report", "sinkio", "lineage", "records", "store", "overlap", "attempt", "flow",
+                "reconcile"]
+
+
+def test_the_rotation_core_imports_only_the_floors_below() -> None:
+    """Each module of rotator/engine imports only modules listed before it (an arrow up the list,
+    even one that makes no cycle yet, is what a later change turns into one)."""
+    graph = import_graph()
+    assert sorted(ENGINE_ORDER) == sorted(p.stem for p in (PACKAGE / "engine").glob("*.py") if p.stem != "__init__")
+    for index, name in enumerate(ENGINE_ORDER):
+        above = {f"rotator.engine.{n}" for n in ENGINE_ORDER[index:]}
+        assert not graph[f"rotator.engine.{name}"] & above, (name, graph[f"rotator.engine.{name}"] & above)

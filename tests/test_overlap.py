@@ -258,6 +258,29 @@ def test_a_lost_create_revokes_the_successor_nobody_holds_and_creates_again(
     assert len([k for k in keyservice.list_keys("acme") if k.alias == "payments"]) == 2
 
 
+def test_a_refused_create_after_a_lost_create_is_an_ordinary_refusal(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, keys: dict[str, str], file_sink: Any,
+) -> None:
+    """A lost create loses no secret anyone holds (its orphan is revoked; the old key and its stored
+    secret live on), so the fresh create after it is no repair: refused, it ends like any refusal
+    and the next trigger creates again. It must not be kept as a lost secret, burning an epoch and
+    raising a critical event on every sweep."""
+    old = keys["payments"]
+    emulator.add_fault(Fault(method="POST", path=r"/acme/apikeys$", drop="after"))
+    emulator.add_fault(Fault(method="GET", path=r"/responses/", status=503, times=-1))  # cannot settle it now
+    patient, _ = overlap_engine(keyservice, state, [file_sink], horizon_s=3600.0)
+    assert patient.rotate(KeyRef("acme", old), trigger="test").status == "in_doubt"
+    emulator.clear_faults()
+    emulator.clock_offset_s = 25 * 3600  # the create's stored answer expires: it is lost
+    emulator.add_fault(Fault(method="POST", path=r"/acme/apikeys$", status=403, stored=True))
+    engine, events = overlap_engine(keyservice, state, [file_sink], horizon_s=0.0)
+    refused = engine.rotate(KeyRef("acme", old), trigger="test")
+    assert refused.status == "failed" and "refused" in refused.reason, refused.reason
+    assert state.attempts() == [] and events.names().count("rotation.secret_at_risk") == 1  # the lost create's
+    assert keyservice.get_key("acme", old).status == "ACTIVE"  # the key consumers use lives on
+    assert engine.rotate(KeyRef("acme", old), trigger="test").status == "succeeded"
+
+
 def test_a_failed_revoke_is_retried_and_never_revokes_twice(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, keys: dict[str, str], file_sink: Any,
 ) -> None:

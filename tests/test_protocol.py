@@ -112,3 +112,18 @@ def test_attempt_records_of_the_previous_release_still_read() -> None:
     assert (record.doubt_since, record.since, record.phase) == (0.0, 20.0, "in_doubt")
     newer = {**record.to_dict(), "doubt_since": 15.0, "a_field_of_a_later_release": 1}
     assert AttemptRecord.from_dict(newer).doubt_since == 15.0
+
+
+def test_a_refusal_ends_an_attempt_unless_it_replaces_a_lost_secret() -> None:
+    """`judge`: a stored 4xx is REFUSED (the record is cleared), but for an attempt that replaces a
+    lost secret it is STILL_LOST, a transition that keeps the record in doubt with the next key."""
+    from rotator.domain import Generation, Replay
+    from rotator.protocol import TRANSITIONS, Phase, Step, advance, judge, refusal
+
+    g = Generation(1_700_000_000, 1_700_000_000)
+    for phase in (Phase.RESETTING, Phase.IN_DOUBT):
+        assert judge(phase, g, g, Replay.REFUSED, None, 999.0, 90.0) is Step.REFUSED
+        step = judge(phase, g, g, Replay.REFUSED, None, 999.0, 90.0, after_loss=True)
+        assert step is Step.STILL_LOST and advance(phase, step).to is Phase.IN_DOUBT
+        assert "the next sweep sends it" in TRANSITIONS[(phase, step)].durable
+    assert refusal(False) is Step.REFUSED and refusal(True) is Step.STILL_LOST

@@ -71,8 +71,8 @@ def test_it_catches_an_in_doubt_reset_read_as_never_ran(monkeypatch: pytest.Monk
     """The first engine's bug: "no stored answer yet" read as "did not run" (no horizon), and the
     record cleared instead of the same key being sent again."""
     real = protocol.judge
-    monkeypatch.setattr(attempt, "judge", lambda phase, replaced, now, replay, answered, waited, horizon:
-                        real(phase, replaced, now, replay, answered, waited, 0.0))
+    monkeypatch.setattr(attempt, "judge", lambda phase, replaced, now, replay, answered, waited, horizon, **kw:
+                        real(phase, replaced, now, replay, answered, waited, 0.0, **kw))
 
     def clear(ctx: Any, key: Any, record: Any, lease: Any, success_event: str, step: Any = None) -> Any:
         ctx.state.delete_attempt(record, lease)
@@ -92,8 +92,8 @@ def test_it_catches_the_next_epoch_sent_when_nothing_is_stored(monkeypatch: pyte
     the late commit's answer."""
     real = protocol.judge
 
-    def next_epoch(*args: Any) -> protocol.Step:
-        step = real(*args)
+    def next_epoch(*args: Any, **kwargs: Any) -> protocol.Step:
+        step = real(*args, **kwargs)
         return protocol.Step.SPENT if step is protocol.Step.NOT_RUN else step
 
     monkeypatch.setattr(attempt, "judge", next_epoch)

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
 
 from rotator.domain import ApiKey, AttemptRecord, KeyRef
 from rotator.engine import attempt, flow, lineage, reconcile, records, report, store
@@ -42,7 +43,8 @@ from rotator.policy import Policy, RotationWindow
 from rotator.protocol import DEFAULT_HORIZON_S, TRANSITIONS, Phase, Step, derivation_id
 from rotator.protocols import EventPublisher, KeyService, SecretSink, StateStore
 
-__all__ = ["INLINE", "LOCKED", "OK_STATUSES", "PERFORMED_BY", "Drift", "Engine", "Orphan", "RotationResult",
+__all__ = ["CLOCK_ROOM_S", "INLINE", "IN_USE_WINDOW_S", "LOCKED", "OK_STATUSES", "PERFORMED_BY", "REPLAY_LOOKBACK_S",
+           "STORED_SUCCESSOR", "STUCK_S", "Drift", "Engine", "Orphan", "RotationResult",
            "SinkReads", "freshness", "grace_start", "steps_table"]
 
 P, S = Phase, Step
@@ -98,9 +100,17 @@ class Engine:
         # without one, the keys come from the fingerprint key, as before there was a setting.
         mac = idempotency_secret or fingerprint.derive(b"idempotency-key")
         self.ctx = Context(
-            keyservice, sinks, state, publisher, fingerprint, policy, sink_retry_s, verify, lock_ttl_s, clock, actor,
-            clients, horizon_s, window, sleep, monotonic, mac, derivation_id(mac),
-            executor or ThreadPoolExecutor(max_workers=len(sinks) + 1, thread_name_prefix="sink"), threading.local())
+            keyservice=keyservice, sinks=sinks, state=state, publisher=publisher, fingerprint=fingerprint,
+            policy=policy, sink_retry_s=sink_retry_s, verify=verify, lock_ttl_s=lock_ttl_s, clock=clock, actor=actor,
+            clients=clients, horizon_s=horizon_s, window=window, sleep=sleep, monotonic=monotonic, ik_mac=mac,
+            ik_id=derivation_id(mac), call=threading.local(),
+            pool=executor or ThreadPoolExecutor(max_workers=len(sinks) + 1, thread_name_prefix="sink"))
+
+    def __getattr__(self, name: str) -> Any:
+        """The rest of the set-up, read-only, as the engine's attributes were (`lock_ttl_s`, `actor`, …)."""
+        if name == "ctx" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.ctx, name)
 
     # What callers read of the engine's set-up (plans, the fleet view, tests).
     @property

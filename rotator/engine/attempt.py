@@ -41,6 +41,7 @@ from rotator.protocol import (
     advance,
     judge,
 )
+from rotator.protocol import refusal as refusal_step
 
 log = logs.get("rotator.engine")
 
@@ -95,6 +96,8 @@ def send_again(ctx: Context, key: ApiKey, record: AttemptRecord, lease: Any, suc
                                              "once it is", key)
     if step is Step.SPENT:
         epoch = record.epoch + 1
+        if epoch >= MAX_EPOCHS and record.after_loss:  # clearing it would forget the lost secret
+            return records.used_up(ctx, key, record, "the fresh reset's calls failed (stored 5xx)")
         if epoch >= MAX_EPOCHS:
             records.refused(ctx, record, lease)
             return report.failed(ctx, key, record, f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up "
@@ -143,7 +146,7 @@ def refusal(ctx: Context, key: ApiKey, record: AttemptRecord, lease: Any, exc: R
     nothing stored (a gateway's 4xx) leaves the attempt in doubt."""
     answer = ReplayAnswer(Replay.REFUSED) if exc.stored else records.replay_of(ctx, record)
     if answer.kind is Replay.REFUSED or not getattr(ctx.keyservice, "stores_answers", True):
-        if record.after_loss:
+        if refusal_step(record.after_loss) is Step.STILL_LOST:
             return records.still_lost(ctx, key, record, lease, f"the fresh reset was refused ({exc})")
         records.refused(ctx, record, lease)
         return report.failed(ctx, key, record, f"reset refused, nothing was reset: {exc}")
@@ -242,11 +245,9 @@ def judge_attempt(ctx: Context, record: AttemptRecord, lease: Any, success_event
             return report.unsettled(ctx, record, f"cannot read the successor: {exc}", key)
     now_generation = successor.generation if successor is not None else key.generation
     step = judge(phase, replaced, now_generation, replay.kind, answered, ctx.state.now() - record.since,
-                 ctx.horizon_s)
+                 ctx.horizon_s, after_loss=record.after_loss)
     if gone:
         step = Step.LOST
-    if step is Step.REFUSED and record.after_loss:  # "not run" does not end the loss it was to repair
-        step = Step.STILL_LOST
     return Judged(key, record, phase, step, replay, successor)
 
 

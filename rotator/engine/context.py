@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rotator.fingerprint import Fingerprinter
 from rotator.policy import (
@@ -42,7 +42,7 @@ class Context:
     window: RotationWindow | None
     sleep: Callable[[float], None]
     monotonic: Callable[[], float]
-    ik_mac: bytes  # the secret the Idempotency-Keys are derived with
+    ik_mac: bytes = field(repr=False)  # the secret the Idempotency-Keys are derived with: never shown
     ik_id: str  # its public name (`protocol.derivation_id`)
     pool: Executor  # one thread per sink plus one for the token check
     call: threading.local  # who asked and why, for the rotation running in this thread

@@ -75,11 +75,13 @@ def rotate_locked(ctx: Context, ref: KeyRef, lease: Any, trigger: str, force: bo
                   strategy: str | None = None) -> RotationResult:
     pending = ctx.state.get_attempt(ref)
     resumed = False  # an earlier attempt, already allowed, must be finished by a fresh reset
+    lost_secret = False  # ... and its secret is lost: the fresh reset replaces it (a create's orphan is revoked)
     if pending is not None:
         settled = attempt.settle(ctx, pending, lease)
         if isinstance(settled, RotationResult):
             return settled
         resumed = settled.force
+        lost_secret = settled.force and settled.action == "reset"
         force = force or settled.force
         generation = None if settled.force else generation
         strategy = "overlap" if settled.action == "create" else strategy
@@ -113,7 +115,7 @@ def rotate_locked(ctx: Context, ref: KeyRef, lease: Any, trigger: str, force: bo
     if trigger == "schedule" and ctx.window is not None and not ctx.window.contains(
             datetime.fromtimestamp(ctx.clock(), UTC)):
         return report.skipped(ctx, key, trigger, "outside the rotation window")
-    return attempt.reset(ctx, key, lease, trigger, new_key=new_key, strategy=strategy, after_loss=resumed)
+    return attempt.reset(ctx, key, lease, trigger, new_key=new_key, strategy=strategy, after_loss=lost_secret)
 
 
 def unmoved_since_rotation(ctx: Context, key: ApiKey) -> float | None:
@@ -137,6 +139,7 @@ def recover_locked(ctx: Context, ref: KeyRef, lease: Any) -> RotationResult:
         return settled
     if settled.force:
         return attempt.reset(ctx, report.get_key(ctx, ref, "recovery"), lease, "recovery",
-                             strategy="overlap" if settled.action == "create" else "reset", after_loss=True)
+                             strategy="overlap" if settled.action == "create" else "reset",
+                             after_loss=settled.action == "reset")
     return rotate_locked(ctx, ref, lease, pending.trigger, False, None,
                          strategy="overlap" if pending.action == "create" else None)

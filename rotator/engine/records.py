@@ -57,16 +57,23 @@ def to_doubt(ctx: Context, record: AttemptRecord, lease: Any) -> AttemptRecord:
     return record
 
 
+def used_up(ctx: Context, key: ApiKey, record: AttemptRecord, why: str) -> RotationResult:
+    """An attempt that replaces a lost secret has no Idempotency-Key left for its generation: it is
+    kept as it is (never cleared: the loss stands) and said loudly on every sweep, until the key
+    service forgets the keys that failed (24 h) and the last one can be sent again, or a person acts."""
+    used = f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up"
+    report.emit(ctx, "rotation.secret_at_risk", key, record, f"{why}; {used}, so a person must look")
+    return report.result(ctx, record.ref, record, "at_risk",
+                         f"{why}; the key's live secret is in no sink and {used}; the record is kept")
+
+
 def still_lost(ctx: Context, key: ApiKey, record: AttemptRecord, lease: Any, why: str) -> RotationResult:
     """The fresh reset that replaces a lost secret did not run: the loss stands. The record
     stays, in doubt with the next epoch's key (never sent, so the next sweep past the horizon
     finds it not run and sends it), and a person hears of it each time."""
     epoch = record.epoch + 1
     if epoch >= MAX_EPOCHS:  # beyond what recovery without Redis reads: kept as it is, for a person
-        used_up = f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up"
-        report.emit(ctx, "rotation.secret_at_risk", key, record, f"{why}; {used_up}, so a person must look")
-        return report.result(ctx, record.ref, record, "at_risk",
-                             f"{why}; the key's live secret is in no sink and {used_up}; the record is kept")
+        return used_up(ctx, key, record, why)
     phase = advance(Phase(record.phase), Step.STILL_LOST).to
     ctx.state.set_epoch(record.ref, record.generation, epoch, lease)
     now = ctx.state.now()
