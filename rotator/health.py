@@ -35,8 +35,7 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
         yield "state redis", ping_redis(settings.state.url)
         yield "fleet view", view_problem(settings)
         return
-    from rotator.keyservice import build_keyservice
-    from rotator.runtime import build_sinks
+    from rotator.runtime import build_keyservice, build_sinks
 
     where = f"keyservice {settings.keyservice.kind}"
     service: KeyService | None = None

@@ -46,7 +46,7 @@ class RotatorCollector:
     def _scan(self) -> list[ScanRow]:
         with self._lock:
             if time.monotonic() - self._rows_at > self.cache_s:
-                from rotator.keyservice import build_keyservice
+                from rotator.runtime import build_keyservice
 
                 service = build_keyservice(self.settings.keyservice)
                 try:

@@ -7,13 +7,14 @@ import hashlib
 import hmac
 import os
 
-from rotator.config import Settings, read_credential
+from rotator.config import KeyServiceConfig, Settings, read_credential
 from rotator.engine import Engine
-from rotator.errors import PermanentError
+from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.events import LogPublisher
 from rotator.fingerprint import Fingerprinter
-from rotator.keyservice import build_keyservice
-from rotator.protocols import EventPublisher, SecretSink
+from rotator.keyservice import registry as keyservices
+from rotator.protocols import EventPublisher, KeyService, SecretSink
+from rotator.safety import excerpt
 from rotator.sinks import registry
 from rotator.state import RedisState
 
@@ -65,3 +66,22 @@ def _whoami() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
+
+
+def build_keyservice(config: KeyServiceConfig, grace_s: float = 7 * 86_400) -> KeyService:
+    """The adapter a configuration names (`kind`, through `rotator.keyservice.registry`). `grace_s`
+    is the policy's overlap grace (AWS IAM: when a deactivated key may be deleted). A plugin's
+    builder that fails on its own options is a configuration problem in one line, never a traceback."""
+    builder = keyservices.resolve(config.kind)
+    try:
+        return builder(config, grace_s)
+    except KeyError as exc:
+        if config.kind in keyservices.BUILTIN:
+            raise
+        raise ConfigError([ConfigProblem("[keyservice]", "keyservice.options", (
+            f"the {config.kind!r} key service needs option {excerpt(exc.args[0] if exc.args else '')}"))]) from None
+    except (TypeError, ValueError) as exc:
+        if config.kind in keyservices.BUILTIN:
+            raise
+        raise ConfigError([ConfigProblem("[keyservice]", "keyservice.options", (
+            f"the {config.kind!r} key service cannot be built from its options ({type(exc).__name__})"))]) from None

@@ -44,9 +44,9 @@ from rotator.cli import app
 from rotator.config import settings_from_mapping
 from rotator.domain import KeyState, LastUse, Replay, Secret
 from rotator.errors import ConfigError, InDoubtError, NotFoundError, RefusedError
-from rotator.keyservice import build_keyservice
 from rotator.keyservice.aws_iam import AwsIamKeyService
 from rotator.policy import Policy
+from rotator.runtime import build_keyservice
 from rotator.scan import scan
 from tests.aws_helpers import MotoProcess, QueryFaultProxy
 

@@ -38,6 +38,9 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
             # exempt (importing a sibling from its package is no arrow back up).
             if not name.startswith(f"{base}."):
                 found.add(base)
+    # Importing `a.b.c` runs `a.b`'s __init__ first: an arrow too, unless `a.b` is the importer's own package.
+    parents = {".".join(m.split(".")[:i]) for m in found for i in range(2, len(m.split(".")))}
+    found |= {p for p in parents if not name.startswith(f"{p}.")}
     return {m for m in found if m in modules and m != name}
 
 
@@ -58,10 +61,10 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
 
 def test_the_scan_sees_a_late_import() -> None:
     """An import inside a function is an arrow too (how the last cycles hid): the CLI's `scan`
-    imports the key service only inside the command, and the graph has that arrow."""
+    imports what builds the key service only inside the command, and the graph has that arrow."""
     top = {node.module for node in ast.parse((PACKAGE / "cli" / "views.py").read_text()).body
            if isinstance(node, ast.ImportFrom)}
-    assert "rotator.keyservice" not in top and "rotator.keyservice" in import_graph()["rotator.cli.views"]
+    assert "rotator.runtime" not in top and "rotator.runtime" in import_graph()["rotator.cli.views"]
 
 
 def test_the_rotation_core_is_in_rooms_a_reader_can_hold() -> None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 @app.command()
 def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List every key with its age and state: due, due_soon, ok, excluded, out_of_scope."""
-    from rotator.keyservice import build_keyservice
+    from rotator.runtime import build_keyservice
     from rotator.scan import scan as run_scan
 
     settings = settings_or_exit(config)

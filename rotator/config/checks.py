@@ -78,6 +78,11 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         need("keyservice.token_env", s.keyservice.token_env, s.keyservice.token_file, "management token")
     elif s.keyservice.seed is not None and file_problem(s.keyservice.seed) is not None:
         problems.append(ConfigProblem(source, "keyservice.seed", f"seed file: {file_problem(s.keyservice.seed)}"))
+    for name, value in s.keyservice.options.items():  # a plugin's credentials: there, like every other
+        if name.endswith("_env") and isinstance(value, str):
+            need(f"keyservice.options.{name}", value, None, "plugin credential")
+        elif name.endswith("_file") and isinstance(value, str):
+            need(f"keyservice.options.{name.removesuffix('_file')}_env", None, Path(value), "plugin credential")
     need("engine.fingerprint_key_env", s.engine.fingerprint_key_env, s.engine.fingerprint_key_file, "fingerprint key")
     if s.engine.idempotency_key_env is not None or s.engine.idempotency_key_file is not None:
         need("engine.idempotency_key_env", s.engine.idempotency_key_env, s.engine.idempotency_key_file,

@@ -26,11 +26,15 @@ from rotator.config.credentials import (
     url_with_password,
 )
 from rotator.domain import Environment, Severity
+from rotator.errors import PermanentError
 from rotator.policy import Policy, RotationWindow
 from rotator.safety import (
     ID_RE,
     ID_RULE,
     excerpt,
+    looks_like_secret,
+    might_be_secret,
+    url_has_credentials,
 )
 
 DEFAULT_PATH = "rotator.toml"
@@ -67,6 +71,25 @@ class Section(BaseModel):
     """Every section refuses keys it does not know, so a typo is an error, not a silent default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_CREDENTIAL_WORDS = ("token", "password", "secret", "key", "credential")
+
+
+def _inline_credential(name: str, value: object) -> str | None:
+    """Why a plugin's option holds a credential inline (named, never quoted), as every built-in key
+    refuses one; None when it does not. `*_env` must name a variable, `*_file` a file."""
+    if name.endswith("_env"):
+        ok = isinstance(value, str) and not looks_like_secret(value)
+        return None if ok else f"option {name} must name an environment variable (the value is not shown)"
+    if name.endswith("_file"):
+        return None
+    if any(word in name.lower() for word in _CREDENTIAL_WORDS):
+        return (f"option {name}: credentials are never inline; use `{name}_env` or `{name}_file` "
+                "(the value is not shown)")
+    if isinstance(value, str) and (url_has_credentials(value) if "://" in value else might_be_secret(value)):
+        return f"option {name} looks like a credential or a URL with one; keep it in a `*_env` or `*_file` option"
+    return None
 
 
 class KeyServiceConfig(Section):
@@ -120,11 +143,13 @@ class KeyServiceConfig(Section):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, kind: str) -> str:
-        from rotator.keyservice.registry import unknown  # the registry imports no configuration
+        """A kind the registry knows and can import (a plugin whose module fails is said here)."""
+        from rotator.keyservice import registry  # imports no configuration
 
-        problem = unknown(kind)
-        if problem is not None:
-            raise ValueError(problem)
+        try:
+            registry.resolve(kind)
+        except PermanentError as exc:
+            raise ValueError(str(exc)) from None
         return kind
 
     @field_validator("options")
@@ -135,6 +160,9 @@ class KeyServiceConfig(Section):
         kind = info.data.get("kind")
         if options and kind in BUILTIN:
             raise ValueError(f"the built-in kind {kind!r} takes none (they are a plugin's settings)")
+        wrong = [why for name, value in options.items() if (why := _inline_credential(str(name), value))]
+        if wrong:
+            raise ValueError("; ".join(wrong))
         return options
 
     @field_validator("clients")

@@ -126,7 +126,7 @@ key_file = "{file_key}"
 
 def _table(config: Path, started: float) -> Table:
     settings = load_settings(config)
-    from rotator.keyservice import build_keyservice
+    from rotator.runtime import build_keyservice
 
     service = build_keyservice(settings.keyservice)
     state = build_state(settings)

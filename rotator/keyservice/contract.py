@@ -11,11 +11,14 @@ rests on what an adapter does with an Idempotency-Key. In the plugin's test modu
         yield ContractKey(service, client_id="...", key_id="...")  # a key the tests may reset
         service.close()
 
-Each test resets that key at most twice, with Idempotency-Keys of its own.
+Each test resets that key at most twice, with Idempotency-Keys of its own. They check what an
+adapter does with a working provider; how it judges a failed call (a 4xx refused, anything else
+in doubt: `rotator.keyservice.transport.judged`) is for its own tests against injected faults.
 """
 
 from __future__ import annotations
 
+import hmac
 import uuid
 from dataclasses import dataclass
 
@@ -23,10 +26,16 @@ from rotator.domain import ApiKey, IssuedKey, Replay, Secret
 from rotator.errors import RotatorError
 from rotator.protocols import KeyService
 
-__all__ = ["ContractKey", "test_a_reset_answers_the_key_with_a_new_generation_and_a_secret",
-           "test_a_reset_sent_again_with_its_key_is_the_same_reset", "test_a_used_key_replays_the_answer",
-           "test_an_unused_key_replays_nothing", "test_the_keys_are_listed_as_they_are_read",
-           "test_the_new_secret_authenticates_and_never_prints"]
+__all__ = [
+    "ContractKey",
+    "same",
+    "test_a_reset_answers_the_key_with_a_new_generation_and_a_secret",
+    "test_a_reset_sent_again_with_its_key_is_the_same_reset",
+    "test_a_used_key_replays_the_answer",
+    "test_an_unused_key_replays_nothing",
+    "test_the_keys_are_listed_as_they_are_read",
+    "test_the_new_secret_authenticates_and_never_prints",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,11 @@ class ContractKey:
 
     def reset(self, idempotency_key: str) -> IssuedKey:
         return self.service.reset_key(self.client_id, self.key_id, idempotency_key)
+
+
+def same(a: Secret, b: Secret) -> bool:
+    """Whether two secrets are equal, as a bool: an assert on it never prints either."""
+    return hmac.compare_digest(a.reveal().encode(), b.reveal().encode())
 
 
 def fresh_key() -> str:
@@ -77,7 +91,7 @@ def test_a_reset_sent_again_with_its_key_is_the_same_reset(contract_key: Contrac
     key = fresh_key()
     first = contract_key.reset(key)
     again = contract_key.reset(key)
-    assert again.secret.reveal() == first.secret.reveal()
+    assert same(again.secret, first.secret), "the same Idempotency-Key gave another secret: a second reset"
     assert contract_key.read().generation == first.key.generation
 
 
@@ -88,7 +102,7 @@ def test_a_used_key_replays_the_answer(contract_key: ContractKey) -> None:
     issued = contract_key.reset(key)
     answer = contract_key.service.replay(contract_key.client_id, contract_key.key_id, key)
     assert answer.kind is Replay.ANSWER and answer.issued is not None
-    assert answer.issued.secret.reveal() == issued.secret.reveal()
+    assert same(answer.issued.secret, issued.secret), "the replay gave another secret than the reset"
     assert answer.issued.key.generation == issued.key.generation
 
 
@@ -100,10 +114,15 @@ def test_an_unused_key_replays_nothing(contract_key: ContractKey) -> None:
 
 
 def test_the_new_secret_authenticates_and_never_prints(contract_key: ContractKey) -> None:
-    """The token check passes for the new secret, and no error or repr of the answer shows it."""
+    """The token check passes for the new secret and fails for the one it replaced (a reset kills
+    it at once) and for a made-up one; no error or repr of the answer shows the secret."""
+    old = contract_key.reset(fresh_key())
     issued = contract_key.reset(fresh_key())
     secret = issued.secret.reveal()
-    assert contract_key.service.verify_secret(contract_key.client_id, issued.secret, key_id=contract_key.key_id)
+    verify = contract_key.service.verify_secret
+    assert verify(contract_key.client_id, issued.secret, key_id=contract_key.key_id)
+    assert not verify(contract_key.client_id, old.secret, key_id=contract_key.key_id), "the old secret still works"
+    assert not verify(contract_key.client_id, Secret("made-up-" + uuid.uuid4().hex), key_id=contract_key.key_id)
     assert secret not in repr(issued) and secret not in str(issued.secret)
     try:
         contract_key.service.get_key(contract_key.client_id, contract_key.key_id + "-no-such-key")

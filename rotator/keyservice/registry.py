@@ -9,10 +9,9 @@ the same name.
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable
 from functools import cache
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
 from rotator.errors import PermanentError
@@ -49,10 +48,13 @@ def unknown(kind: str) -> str | None:
 
 
 def resolve(kind: str) -> Builder:
-    """The builder for `kind`."""
+    """The builder for `kind` (imported now); a kind that names none, or cannot be imported, is one line."""
     problem = unknown(kind)
     if problem is not None:
         raise PermanentError(problem)
-    module_name, _, attr = kinds()[kind].partition(":")
-    builder: Builder = getattr(importlib.import_module(module_name), attr)
+    try:
+        builder: Builder = EntryPoint(kind, kinds()[kind], ENTRY_POINT_GROUP).load()
+    except (ImportError, AttributeError) as exc:
+        raise PermanentError(f"key service kind {kind!r} cannot be imported ({kinds()[kind]}: "
+                             f"{type(exc).__name__}: {exc})") from None
     return builder
