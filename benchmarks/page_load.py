@@ -75,7 +75,8 @@ def main() -> None:
         ks_port, web_port = free_port(), free_port()
         env = {**os.environ, "ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": "bench-fingerprint-key-000",
                "ROTATOR_LOG_LEVEL": "WARNING"}
-        procs = [subprocess.Popen([sys.executable, "-m", "rotator.cli", "emulator", "--port", str(ks_port), "--seed",
+        procs = [subprocess.Popen([sys.executable, "-m", "rotator.cli", "emulator",
+                                   "--rate-limits", "off", "--port", str(ks_port), "--seed",
                                    str(home / "seed.json"), "--token", TOKEN], env=env, stderr=subprocess.DEVNULL)]
         config = home / "rotator.toml"
         config.write_text(f"""

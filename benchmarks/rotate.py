@@ -52,7 +52,8 @@ def main() -> None:
         port = free_port()
         env = {**os.environ, "ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": "bench-fingerprint-key-000",
                "ROTATOR_FILE_KEY": Fernet.generate_key().decode(), "ROTATOR_LOG_LEVEL": "WARNING"}
-        emulator = subprocess.Popen([sys.executable, "-m", "rotator.cli", "emulator", "--port", str(port), "--seed",
+        emulator = subprocess.Popen([sys.executable, "-m", "rotator.cli", "emulator",
+                                     "--rate-limits", "off", "--port", str(port), "--seed",
                                      str(home / "seed.json"), "--token", TOKEN], env=env, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         config = home / "rotator.toml"

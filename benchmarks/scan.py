@@ -135,7 +135,7 @@ def run_size(keys: int, folder: Path, whole: bool = False) -> None:
 
     port = free_port()
     emulator = subprocess.Popen(
-        [sys.executable, "-m", "rotator.cli", "emulator", "--port", str(port), "--seed",
+        [sys.executable, "-m", "rotator.cli", "emulator", "--rate-limits", "off", "--port", str(port), "--seed",
          str(seed_file(keys, folder)), "--token", TOKEN],
         stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

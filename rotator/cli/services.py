@@ -36,15 +36,22 @@ def emulator(
                                            "(this project's earlier imitation).")] = "published",
     public_url: Annotated[str, typer.Option(help="Host its gateway names in a stored RequestURL.")]
     = "https://api.keyservice.example",
+    rate_limits: Annotated[str, typer.Option(
+        help="Calls per Client ID in the 15-minute, 30-minute, 1-hour and 1-day windows, or 'off'.")]
+    = "2300,4500,8800,105600",
 ) -> None:
     """Serve the key-service API (docs/keyservice-api.md) for development and tests."""
     from rotator.keyservice.emulator import Emulator
-    from rotator.keyservice.emulator_http import EmulatorServer
+    from rotator.keyservice.emulator_http import EmulatorServer, parse_rate_limits
 
     try:
         emu = Emulator(token=token, wire=wire, public_url=public_url)
     except ValueError as exc:
         fail(f"--wire: {exc}", 2)
+    try:
+        emu.rate_limits = parse_rate_limits(rate_limits)
+    except ValueError as exc:
+        fail(f"--rate-limits: {exc}", 2)
     if seed is not None:
         try:
             emu.load_seed_file(seed)

@@ -25,6 +25,9 @@ DAY = 86_400
 #: this project's earlier imitation (a reused key replays its stored body, integer StatusCode, a bare
 #: path in RequestURL, 404 for an unknown key), kept to test that the adapter still reads it.
 WIRE_FORMATS = ("published", "legacy")
+#: The published rate-limit windows (15 minutes, 30 minutes, an hour, a day) and their default limits.
+RATE_WINDOWS_S = (900, 1800, 3600, 86_400)
+DEFAULT_RATE_LIMITS = (2300, 4500, 8800, 105_600)
 PUBLIC_URL = "https://api.keyservice.example"  # the host its gateway names in a stored RequestURL
 
 
@@ -174,6 +177,9 @@ class Emulator:
         self._ledger: list[LedgerEntry] = []
         self._running: dict[tuple[str, str], threading.Event] = {}
         self._keys_seen: list[str] = []  # every Idempotency-Key a write was sent with, in order
+        #: Calls each Client ID may make per window (RATE_WINDOWS_S); None: no limits and no headers.
+        self.rate_limits: tuple[int, ...] | None = DEFAULT_RATE_LIMITS
+        self._windows: dict[str, list[list[int]]] = {}  # client -> per window [start, calls made]
 
     # --- time, faults, ledger -----------------------------------------------------------
     def now(self) -> int:
@@ -359,6 +365,44 @@ class Emulator:
         """For tests and the demo: the secret the service accepts now (any environment)."""
         with self._lock:
             return self._key(self._client(client_id), key_id).secret
+
+    # --- rate limits (shared with everything the Client ID does) ------------------------------
+    def spend_calls(self, client_id: str, count: int) -> None:
+        """Count `count` calls as made in every window of `client_id` (the platform's own traffic)."""
+        with self._lock:
+            for window in self._current_windows(client_id):
+                window[1] += count
+
+    def rate_call(self, client_id: str) -> tuple[dict[str, str], int | None]:
+        """One call of `client_id`: the rate-limit headers every answer carries (calls made, calls
+        left and reset time per window), and, past any window, the seconds until the last one of
+        those resets (the call is refused and not counted). A window starts at its first call."""
+        with self._lock:
+            if self.rate_limits is None:
+                return {}, None
+            windows = self._current_windows(client_id)
+            now = self.now()
+            full = [start + length - now for (start, made), limit, length in
+                    zip(windows, self.rate_limits, RATE_WINDOWS_S, strict=False) if made >= limit]
+            if not full:
+                for window in windows:
+                    window[1] += 1
+            headers = {
+                "X-RateLimit": ",".join(str(made) for _, made in windows),
+                "X-RateLimit-Remaining": ",".join(str(max(0, limit - made)) for (_, made), limit in
+                                                  zip(windows, self.rate_limits, strict=False)),
+                "X-RateLimit-Reset": ",".join(str(start + length) for (start, _), length in
+                                              zip(windows, RATE_WINDOWS_S, strict=False)),
+            }
+            return headers, (max(1, max(full)) if full else None)
+
+    def _current_windows(self, client_id: str) -> list[list[int]]:
+        now = self.now()
+        windows = self._windows.setdefault(client_id, [[now, 0] for _ in RATE_WINDOWS_S])
+        for window, length in zip(windows, RATE_WINDOWS_S, strict=True):
+            if now >= window[0] + length:
+                window[0], window[1] = now, 0
+        return windows
 
     # --- idempotency --------------------------------------------------------------------
     def stored(self, client_id: str, key: str) -> StoredResponse | None:

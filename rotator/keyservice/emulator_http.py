@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 from rotator.keyservice.emulator import (
     IDEMPOTENCY_KEY_RE,
+    RATE_WINDOWS_S,
     ApiError,
     Emulator,
     Fault,
@@ -44,6 +45,8 @@ PREFIX = "/v2.01"
 _ERROR_TYPES = {400: "param_error", 401: "unauthorized", 403: "forbidden_ressource",
                 404: "ressource_not_found", 409: "conflict", 429: "rate_limit"}
 _SLASHES = re.compile(r"/{2,}")
+#: A call of one Client ID (its path names it): counted against that client's rate limits.
+_RATED = re.compile(r"^/v2\.01/(?!oauth/|clients$)([^/]+)/")
 KEY_USED = "idempotent_creation_conflict"  # the published 409 of a POST whose Idempotency-Key was used
 NOTHING_STORED = "correlationid_not_found"  # the published 400 of the responses endpoint
 
@@ -105,6 +108,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
     # ---------------------------------------------------------------------------------------
     def _handle(self, method: str) -> None:
         emulator = self.server.emulator
+        self._rate_headers: dict[str, str] = {}  # this request's (a kept-alive connection has many)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         url = urlsplit(self.path)
@@ -115,6 +119,13 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             self._send(self._control(method, path, raw))
             return
         emulator.saw_idempotency_key(self.headers.get("Idempotency-Key") or "")
+        client = _RATED.match(path)
+        wait = None
+        if client:
+            self._rate_headers, wait = emulator.rate_call(client.group(1))
+        if wait is not None:  # past a window: refused before anything runs, and not counted
+            self._send(_error(emulator, ApiError(429, "rate_limit", "rate limit exceeded"), {"Retry-After": str(wait)}))
+            return
         fault = emulator.take_fault(method, path)
         if fault is None:
             self._send(self._dispatch(method, path, url.query, raw))
@@ -340,6 +351,13 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             if (method, action) == ("POST", "seed"):
                 emulator.load_seed(_body(raw))
                 return _Answer(204, b"")
+            if (method, action) == ("POST", "rate"):  # {"limits": [..] or null, "spend": {"client": calls}}
+                body = _body(raw)
+                if "limits" in body:
+                    emulator.rate_limits = parse_rate_limits(body["limits"])
+                for client, calls in (body.get("spend") or {}).items():
+                    emulator.spend_calls(str(client), int(calls))
+                return _Answer(204, b"")
             raise ApiError(404, "ressource_not_found", f"no control action {method} {action}")
         except (ValueError, TypeError) as exc:
             return _error(emulator, ApiError(400, "param_error", str(exc)))
@@ -350,7 +368,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         self.send_response(answer.status, HTTPStatus(answer.status).phrase)
         if answer.body:
             self.send_header("Content-Type", answer.headers.pop("Content-Type", "application/json"))
-        for name, value in answer.headers.items():
+        for name, value in {**self._rate_headers, **answer.headers}.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(answer.body)))
         self.end_headers()
@@ -462,3 +480,17 @@ def build(config: KeyServiceConfig, grace_s: float = 0.0) -> HttpKeyService:
 
     server = start_in_process(config.seed)
     return HttpKeyService.from_config(config, url=server.url, token=server.emulator.token)
+
+
+def parse_rate_limits(value: object) -> tuple[int, ...] | None:
+    """Rate limits as given on the command line ("2300,4500,8800,105600", or "off") or in JSON (a
+    list, or null): one positive count per published window, in order; fewer windows are allowed."""
+    if value is None or value == "off":
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not 1 <= len(items) <= len(RATE_WINDOWS_S):
+        raise ValueError(f"rate limits: 1 to {len(RATE_WINDOWS_S)} counts (15 min, 30 min, 1 h, 1 day), or off")
+    limits = tuple(int(str(item).strip()) for item in items)
+    if any(limit <= 0 for limit in limits):
+        raise ValueError("rate limits must be positive")
+    return limits

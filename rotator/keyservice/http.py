@@ -9,8 +9,10 @@ by a deadline and every answer by a size cap.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
@@ -74,6 +76,8 @@ class HttpKeyService:
         self.per_page = per_page
         self.max_pages = max_pages
         self.clock_skew_s = clock_skew_s
+        #: The last rate-limit windows each Client ID's answers carried (docs/keyservice-api.md).
+        self.rate_limits: dict[str, tuple[RateWindow, ...]] = {}
 
     @classmethod
     def from_config(cls, config: KeyServiceConfig, *, url: str, token: str) -> HttpKeyService:
@@ -242,7 +246,12 @@ class HttpKeyService:
             page += 1
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Answer:
-        return self._transport.request(method, path, **kwargs)
+        answer = self._transport.request(method, path, **kwargs)
+        client = _CLIENT_PATH.match(path)
+        windows = rate_windows(answer.headers)
+        if client and windows:
+            self.rate_limits[client.group(1)] = windows
+        return answer
 
     def _json(self, method: str, path: str, shown: str | None = None, **kwargs: Any) -> Any:
         return decode(self._request(method, path, shown=shown, **kwargs), f"{method} {shown or path}")
@@ -307,6 +316,37 @@ class HttpKeyService:
 
 
 
+
+
+@dataclass(frozen=True, slots=True)
+class RateWindow:
+    """One window of the key service's rate limit, as an answer's headers give it."""
+
+    made: int  # calls the Client ID made in it
+    left: int  # calls it has left
+    resets_at: int  # Unix time at which it starts again
+
+
+_CLIENT_PATH = re.compile(r"^/v2\.01/(?!oauth/|clients$)([^/]+)/")
+MAX_RATE_WINDOWS: Final = 8
+
+
+def rate_windows(headers: httpx.Headers) -> tuple[RateWindow, ...]:
+    """`X-RateLimit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` read together, window by
+    window in the published order: as many windows as all three give (fewer or more than the
+    published four), up to the first value that is not a count; () without them. Never raises."""
+    reset = headers.get("X-RateLimit-Reset")
+    if reset is None:  # a service that publishes no rate limit: one lookup per answer, not three
+        return ()
+    columns = [(headers.get("X-RateLimit") or "").split(","),
+               (headers.get("X-RateLimit-Remaining") or "").split(","), reset.split(",")]
+    windows: list[RateWindow] = []
+    for made, left, reset in list(zip(*columns, strict=False))[:MAX_RATE_WINDOWS]:
+        values = [value.strip() for value in (made, left, reset)]
+        if not all(v.isascii() and v.isdigit() and len(v) <= MAX_COUNT_DIGITS for v in values):
+            break
+        windows.append(RateWindow(*(int(v) for v in values)))
+    return tuple(windows)
 
 
 def _path(method: str, template: str, *segments: str | tuple[str, str]) -> str:
