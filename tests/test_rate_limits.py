@@ -50,6 +50,24 @@ def test_the_adapter_keeps_the_windows_each_client_answered(emulator: Emulator, 
     emulator.spend_calls("acme", DEFAULT_RATE_LIMITS[0])
     with pytest.raises(ThrottledError, match="429 rate_limit"):
         keyservice.get_key("acme", next(iter(emulator._clients["acme"].keys)))
+    assert keyservice.rate_limits["acme"][0].left == 0  # the 429's own windows: the one that shows none left
+
+
+def test_only_a_clients_own_calls_count(emulator: Emulator, emulator_server: EmulatorServer,
+                                        keyservice: HttpKeyService) -> None:
+    """A call refused for its credentials, or naming no client the service has, counts for nobody;
+    a Client ID's OAuth token call (rotator's check of a new secret) counts for it."""
+    from rotator.domain import Secret
+
+    client = emulator.add_client("acme", "Acme")
+    with httpx.Client(base_url=emulator_server.url) as http:
+        anonymous = http.get("/v2.01/acme/apikeys")
+        assert anonymous.status_code == 401 and "X-RateLimit" not in anonymous.headers
+        assert http.get("/v2.01/ghost/apikeys", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+    key = next(iter(client.keys))
+    keyservice.verify_secret("acme", Secret(emulator.current_secret("acme", key)), key_id=key)
+    list(keyservice.list_keys("acme"))
+    assert [w.made for w in keyservice.rate_limits["acme"]] == [2, 2, 2, 2]  # the token call, then the listing
 
 
 @pytest.mark.parametrize(("made", "left", "reset", "expected"), [
@@ -74,7 +92,7 @@ def test_the_payment_apis_sdk_reads_the_emulators_windows(emulator: Emulator, em
 
     emulator.add_client("acme", "Acme")
     handler = sdk(emulator_server, "acme", "unused", ManagementToken(TOKEN))
-    handler.request("GET", f"{emulator_server.url}/v2.01/acme/apikeys")
+    handler.request("GET", "/apikeys")  # the SDK prefixes its API URL and the Client ID
     limits = handler.get_rate_limits()
     assert [(r.interval_minutes, r.calls_made, r.calls_remaining) for r in limits] == [
         (minutes, 1, limit - 1) for minutes, limit in zip((15, 30, 60, 1440), DEFAULT_RATE_LIMITS, strict=True)]
@@ -99,13 +117,20 @@ def test_the_limits_are_set_over_the_control_api_and_the_command_line(emulator: 
 
     emulator.add_client("acme", "Acme")
     with httpx.Client(base_url=emulator_server.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-        assert http.post("/_emulator/rate", json={"limits": [3, 10], "spend": {"acme": 2}}).status_code == 204
+        assert http.post("/_emulator/rate", json={"limits": [3, 10, 100, 1000], "spend": {"acme": 2}}).status_code \
+            == 204
         answer = http.get("/v2.01/acme/apikeys")
-        assert answer.headers["X-RateLimit-Remaining"] == "0,7"
+        assert answer.headers["X-RateLimit-Remaining"] == "0,7,97,997"
         assert http.get("/v2.01/acme/apikeys").status_code == 429
         assert http.post("/_emulator/rate", json={"limits": None}).status_code == 204
         assert http.get("/v2.01/acme/apikeys").status_code == 200
-        assert http.post("/_emulator/rate", json={"limits": [0]}).status_code == 400
-    assert parse_rate_limits("off") is None and parse_rate_limits("10, 20") == (10, 20)
+        for wrong in ({"limits": [0, 1, 1, 1]}, {"limits": [3, 10]}, {"spend": {"acme": -5}}, {"spend": [1]},
+                      {"spend": {"acme": 1.5}}):
+            assert http.post("/_emulator/rate", json=wrong).status_code == 400, wrong
+        huge = http.post("/_emulator/rate", content=b'{"spend": {"acme": 1e999}}',
+                         headers={"Content-Type": "application/json"})
+        assert huge.status_code == 400
+        assert http.get("/v2.01/acme/apikeys").headers.get("X-RateLimit") is None  # nothing applied part-way
+    assert parse_rate_limits("off") is None and parse_rate_limits("10, 20,30,40") == (10, 20, 30, 40)
     refused = CliRunner().invoke(app, ["emulator", "--port", "0", "--rate-limits", "1,2,3,4,5"])
-    assert refused.exit_code == 2 and "--rate-limits: rate limits: 1 to 4 counts" in refused.stderr
+    assert refused.exit_code == 2 and "--rate-limits: rate limits: 4 counts" in refused.stderr

@@ -367,6 +367,10 @@ class Emulator:
             return self._key(self._client(client_id), key_id).secret
 
     # --- rate limits (shared with everything the Client ID does) ------------------------------
+    def has_client(self, client_id: str) -> bool:
+        with self._lock:
+            return client_id in self._clients
+
     def spend_calls(self, client_id: str, count: int) -> None:
         """Count `count` calls as made in every window of `client_id` (the platform's own traffic)."""
         with self._lock:
@@ -378,21 +382,22 @@ class Emulator:
         left and reset time per window), and, past any window, the seconds until the last one of
         those resets (the call is refused and not counted). A window starts at its first call."""
         with self._lock:
-            if self.rate_limits is None:
+            limits = self.rate_limits
+            if limits is None:
                 return {}, None
             windows = self._current_windows(client_id)
             now = self.now()
             full = [start + length - now for (start, made), limit, length in
-                    zip(windows, self.rate_limits, RATE_WINDOWS_S, strict=False) if made >= limit]
+                    zip(windows, limits, RATE_WINDOWS_S, strict=True) if made >= limit]
             if not full:
                 for window in windows:
                     window[1] += 1
             headers = {
                 "X-RateLimit": ",".join(str(made) for _, made in windows),
                 "X-RateLimit-Remaining": ",".join(str(max(0, limit - made)) for (_, made), limit in
-                                                  zip(windows, self.rate_limits, strict=False)),
+                                                  zip(windows, limits, strict=True)),
                 "X-RateLimit-Reset": ",".join(str(start + length) for (start, _), length in
-                                              zip(windows, RATE_WINDOWS_S, strict=False)),
+                                              zip(windows, RATE_WINDOWS_S, strict=True)),
             }
             return headers, (max(1, max(full)) if full else None)
 
@@ -400,7 +405,7 @@ class Emulator:
         now = self.now()
         windows = self._windows.setdefault(client_id, [[now, 0] for _ in RATE_WINDOWS_S])
         for window, length in zip(windows, RATE_WINDOWS_S, strict=True):
-            if now >= window[0] + length:
+            if now >= window[0] + length or window[0] > now:  # over, or a clock moved back past its start
                 window[0], window[1] = now, 0
         return windows
 

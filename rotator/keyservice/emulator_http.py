@@ -119,10 +119,10 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             self._send(self._control(method, path, raw))
             return
         emulator.saw_idempotency_key(self.headers.get("Idempotency-Key") or "")
-        client = _RATED.match(path)
+        client = self._rated_client(path)
         wait = None
-        if client:
-            self._rate_headers, wait = emulator.rate_call(client.group(1))
+        if client is not None:
+            self._rate_headers, wait = emulator.rate_call(client)
         if wait is not None:  # past a window: refused before anything runs, and not counted
             self._send(_error(emulator, ApiError(429, "rate_limit", "rate limit exceeded"), {"Retry-After": str(wait)}))
             return
@@ -321,6 +321,24 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         return _json(200, {"access_token": secrets.token_urlsafe(24), "token_type": "bearer",
                            "expires_in": 3600})
 
+    def _rated_client(self, path: str) -> str | None:
+        """The Client ID a call is counted against: one the emulator knows, named in the path of a
+        call made with the management token, or in the Basic credentials of its OAuth token call
+        (the platform's own). A call that will be refused for its credentials counts for nobody."""
+        emulator = self.server.emulator
+        if path == "/v2.01/oauth/token":
+            header = self.headers.get("Authorization", "")
+            try:
+                client: str | None = base64.b64decode(header[6:]).decode().partition(":")[0] \
+                    if header.startswith("Basic ") else None
+            except (ValueError, UnicodeDecodeError):
+                client = None
+        else:
+            named = _RATED.match(path)
+            authorized = secrets.compare_digest(self.headers.get("Authorization", ""), f"Bearer {emulator.token}")
+            client = named.group(1) if named and authorized else None
+        return client if client is not None and emulator.has_client(client) else None
+
     def _require_token(self) -> None:
         expected = f"Bearer {self.server.emulator.token}"
         if not secrets.compare_digest(self.headers.get("Authorization", ""), expected):
@@ -353,10 +371,13 @@ class EmulatorHandler(BaseHTTPRequestHandler):
                 return _Answer(204, b"")
             if (method, action) == ("POST", "rate"):  # {"limits": [..] or null, "spend": {"client": calls}}
                 body = _body(raw)
-                if "limits" in body:
-                    emulator.rate_limits = parse_rate_limits(body["limits"])
-                for client, calls in (body.get("spend") or {}).items():
-                    emulator.spend_calls(str(client), int(calls))
+                limits = parse_rate_limits(body["limits"]) if "limits" in body else emulator.rate_limits
+                spend = body.get("spend") or {}
+                if not isinstance(spend, dict) or not all(type(n) is int and 0 <= n <= 10**9 for n in spend.values()):
+                    raise ValueError("spend: an object of Client ID -> calls made (0 to 10^9)")
+                emulator.rate_limits = limits
+                for client, calls in spend.items():
+                    emulator.spend_calls(str(client), calls)
                 return _Answer(204, b"")
             raise ApiError(404, "ressource_not_found", f"no control action {method} {action}")
         except (ValueError, TypeError) as exc:
@@ -484,13 +505,17 @@ def build(config: KeyServiceConfig, grace_s: float = 0.0) -> HttpKeyService:
 
 def parse_rate_limits(value: object) -> tuple[int, ...] | None:
     """Rate limits as given on the command line ("2300,4500,8800,105600", or "off") or in JSON (a
-    list, or null): one positive count per published window, in order; fewer windows are allowed."""
+    list, or null): one positive count per published window, in order (all four: every header
+    carries four values, as published)."""
     if value is None or value == "off":
         return None
     items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list) or not 1 <= len(items) <= len(RATE_WINDOWS_S):
-        raise ValueError(f"rate limits: 1 to {len(RATE_WINDOWS_S)} counts (15 min, 30 min, 1 h, 1 day), or off")
-    limits = tuple(int(str(item).strip()) for item in items)
-    if any(limit <= 0 for limit in limits):
-        raise ValueError("rate limits must be positive")
+    if not isinstance(items, list) or len(items) != len(RATE_WINDOWS_S):
+        raise ValueError(f"rate limits: {len(RATE_WINDOWS_S)} counts (15 min, 30 min, 1 h, 1 day), or off")
+    try:
+        limits = tuple(int(str(item).strip()) for item in items)
+    except ValueError:
+        raise ValueError("rate limits: whole numbers") from None
+    if any(not 0 < limit <= 10**9 for limit in limits):
+        raise ValueError("rate limits: each from 1 to 10^9")
     return limits

@@ -78,6 +78,7 @@ class HttpKeyService:
         self.clock_skew_s = clock_skew_s
         #: The last rate-limit windows each Client ID's answers carried (docs/keyservice-api.md).
         self.rate_limits: dict[str, tuple[RateWindow, ...]] = {}
+        self._transport.on_answer = self._saw_answer
 
     @classmethod
     def from_config(cls, config: KeyServiceConfig, *, url: str, token: str) -> HttpKeyService:
@@ -246,12 +247,19 @@ class HttpKeyService:
             page += 1
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Answer:
-        answer = self._transport.request(method, path, **kwargs)
+        return self._transport.request(method, path, **kwargs)
+
+    def _saw_answer(self, path: str, headers: httpx.Headers) -> None:
+        """Every answer's rate-limit windows (a 429's and a 5xx's too), kept per Client ID; an
+        answer without them forgets the last ones rather than keep them for ever."""
         client = _CLIENT_PATH.match(path)
-        windows = rate_windows(answer.headers)
-        if client and windows:
+        if client is None:
+            return
+        windows = rate_windows(headers)
+        if windows:
             self.rate_limits[client.group(1)] = windows
-        return answer
+        else:
+            self.rate_limits.pop(client.group(1), None)
 
     def _json(self, method: str, path: str, shown: str | None = None, **kwargs: Any) -> Any:
         return decode(self._request(method, path, shown=shown, **kwargs), f"{method} {shown or path}")

@@ -16,7 +16,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -171,6 +171,8 @@ class Transport:
         self._max_wait = retry_max_wait_s
         self._initial_wait = retry_initial_s
         self.max_body_bytes = max_body_bytes
+        #: Called with the path and headers of every whole answer, an error's too (rate limits).
+        self.on_answer: Callable[[str, httpx.Headers], None] | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -238,6 +240,8 @@ class Transport:
         if time.monotonic() > deadline:
             raise UnansweredError(f"{where}: no whole answer within {self._timeout_s:g}s")
         answer = Answer(response.status_code, response.headers, body, truncated)
+        if self.on_answer is not None:
+            self.on_answer(path, answer.headers)
         if wanted:
             if truncated:
                 raise ProtocolError(f"{where}: the answer is larger than {self.max_body_bytes} bytes")
