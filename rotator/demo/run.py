@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,13 +176,18 @@ def services(home: Path, port: int, vault: bool = False) -> Iterator[tuple[Path,
         yield config, redis_server, server, bao
 
 
-def _hang_up(*_: object) -> None:
-    raise KeyboardInterrupt  # a closed terminal stops the demo like Ctrl-C: nothing left running
+#: Set by Ctrl-C, a closed terminal (SIGHUP) or SIGTERM. A flag, not KeyboardInterrupt: an exception
+#: raised while a finalizer runs (a Redis client being collected) is dropped, and the demo would go on.
+STOP = threading.Event()
+
+
+def _stop_requested(*_: object) -> None:
+    STOP.set()
 
 
 def main(home: Path, port: int, duration: float | None, plain: bool, vault: bool = False) -> int:
-    signal.signal(signal.SIGHUP, _hang_up)
-    signal.signal(signal.SIGTERM, _hang_up)
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, _stop_requested)
     console = Console()
     started = time.time()
     with services(home, port, vault) as (config, _redis, server, bao):
@@ -197,13 +203,12 @@ def main(home: Path, port: int, duration: float | None, plain: bool, vault: bool
                           f"  BAO_ADDR={bao.url} BAO_TOKEN=$(cat {home / 'openbao-root.token'}) "
                           f"{bao_binary()} kv get -mount={VAULT_MOUNT} rotator/<client_id>/<key_id>",
                           highlight=False, soft_wrap=True)
-        interrupted = False
         try:
             deadline = None if duration is None else started + duration
             seen: set[str] = set()
             if plain:
-                while deadline is None or time.time() < deadline:
-                    state = build_state(load_settings(config))
+                state = build_state(load_settings(config))
+                while not STOP.is_set() and (deadline is None or time.time() < deadline):
                     for entry in reversed(state.history(50)):
                         mark = f"{entry.get('attempt_id')}:{entry.get('status')}"
                         if mark not in seen:
@@ -212,19 +217,19 @@ def main(home: Path, port: int, duration: float | None, plain: bool, vault: bool
                                           f"trigger={entry['trigger']} sinks={entry['sinks']}", highlight=False)
                     if worker.poll() is not None:
                         break
-                    time.sleep(1)
+                    STOP.wait(1)
             else:
                 with Live(_table(config, started), console=console, refresh_per_second=1) as live:
-                    while deadline is None or time.time() < deadline:
-                        time.sleep(1)
+                    while not STOP.is_set() and (deadline is None or time.time() < deadline):
+                        STOP.wait(1)
                         live.update(_table(config, started))
                         if worker.poll() is not None:
                             break
-        except KeyboardInterrupt:
-            interrupted = True
-            console.print("Ctrl-C: stopping the worker and beat (a rotation in flight finishes first), "
-                          "then Redis and the emulator…")
         finally:
+            interrupted = STOP.is_set()
+            if interrupted:
+                console.print("Ctrl-C: stopping the worker and beat (a rotation in flight finishes first), "
+                              "then Redis and the emulator…")
             _stop(worker)
             log.close()
         if worker.returncode not in (0, -signal.SIGTERM, None) and not interrupted and duration is None:
