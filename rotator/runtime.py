@@ -14,7 +14,7 @@ from rotator.events import LogPublisher
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice import registry as keyservices
 from rotator.protocols import EventPublisher, KeyService, SecretSink
-from rotator.safety import excerpt
+from rotator.safety import excerpt, might_be_secret
 from rotator.sinks import registry
 from rotator.state import RedisState
 
@@ -78,8 +78,10 @@ def build_keyservice(config: KeyServiceConfig, grace_s: float = 7 * 86_400) -> K
     except KeyError as exc:
         if config.kind in keyservices.BUILTIN:
             raise
+        name = exc.args[0] if exc.args else ""
+        shown = excerpt(name) if isinstance(name, str) and not might_be_secret(name) else "(not shown)"
         raise ConfigError([ConfigProblem("[keyservice]", "keyservice.options", (
-            f"the {config.kind!r} key service needs option {excerpt(exc.args[0] if exc.args else '')}"))]) from None
+            f"the {config.kind!r} key service needs option {shown}"))]) from None
     except (TypeError, ValueError) as exc:
         if config.kind in keyservices.BUILTIN:
             raise

@@ -146,6 +146,15 @@ def plant(engine: Engine, state: RedisState, ref: KeyRef, keyservice: HttpKeySer
     return record
 
 
+def lose_the_answer(engine: Engine, state: RedisState, ref: KeyRef, keyservice: HttpKeyService,
+                    emulator: Emulator) -> None:
+    """A reset that ran under a worker's record, whose answer nobody read and whose stored answer has
+    since expired (25 h): the key's live secret is in no sink and cannot be replayed."""
+    record = plant(engine, state, ref, keyservice)
+    keyservice.reset_key(ref.client_id, ref.key_id, engine._key_of(record))
+    emulator.clock_offset_s = 25 * 3600
+
+
 def test_a_record_an_older_version_wrote_is_settled_with_the_key_it_holds(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str]
 ) -> None:
@@ -272,9 +281,7 @@ def test_a_refused_fresh_reset_after_a_lost_secret_keeps_the_loss_on_record(
     sink = memory()
     engine, events = make_engine(keyservice, state, [sink], horizon_s=0.0)
     ref = KeyRef("acme", seeded["due"])
-    record = plant(engine, state, ref, keyservice)
-    keyservice.reset_key("acme", seeded["due"], engine._key_of(record))
-    emulator.clock_offset_s = 25 * 3600
+    lose_the_answer(engine, state, ref, keyservice, emulator)
     emulator.add_fault(Fault(method="POST", path="/reset$", status=403, stored=True))
     if not heard:  # the refusal is stored, its answer lost on the way: the call is in doubt
         reset = keyservice.reset_key
@@ -309,9 +316,7 @@ def test_a_fresh_reset_after_a_lost_secret_that_uses_up_every_key_is_kept(
     sink = memory()
     engine, events = make_engine(keyservice, state, [sink], horizon_s=0.0)
     ref = KeyRef("acme", seeded["due"])
-    record = plant(engine, state, ref, keyservice)
-    keyservice.reset_key("acme", seeded["due"], engine._key_of(record))
-    emulator.clock_offset_s = 25 * 3600
+    lose_the_answer(engine, state, ref, keyservice, emulator)
     emulator.add_fault(Fault(method="POST", path="/reset$", status=500, stored=True, times=-1))
     statuses = [r.status for _ in range(MAX_EPOCHS + 3) for r in engine.recover_all()]
     kept = state.get_attempt(ref)

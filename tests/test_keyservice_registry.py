@@ -49,26 +49,15 @@ def test_a_plugin_kind_is_resolved_through_its_entry_point(tmp_path: Path, emula
     install it) is what `kind = "acme"` builds: `rotator scan` lists the keys through it."""
     now = emulator.now()
     client = emulator.add_client("acme-prod", "Acme", created_at=now - 400 * 86_400)
-    site = tmp_path / "site"
-    (site / "rotator_acme").mkdir(parents=True)
-    (site / "rotator_acme" / "__init__.py").write_text(PLUGIN)
-    info = site / "rotator_acme-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: rotator-acme\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[rotator.keyservices]\nacme = rotator_acme:build\n")
+    site = plugin_site(tmp_path, PLUGIN)
     config = tmp_path / "rotator.toml"
     config.write_text(f'[keyservice]\nkind = "acme"\n[keyservice.options]\nurl = "{emulator_server.url}"\n'
                       'token_env = "ACME_TOKEN"\n[[sinks]]\nkind = "memory"\n')
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")},
-           "PYTHONPATH": str(site), "ACME_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": FP_KEY}
-    run = subprocess.run([sys.executable, "-m", "rotator.cli", "scan", "--json", "--config", str(config)],
-                         env=env, capture_output=True, text=True, timeout=60)
+    run = run_cli(site, config, "scan", "--json", ACME_TOKEN=TOKEN)
     assert run.returncode == 0, run.stderr[-1500:]
     assert next(iter(client.keys)) in run.stdout and TOKEN not in run.stdout + run.stderr
     # The same file without the plugin installed: the kind is unknown, said in one line.
-    del env["PYTHONPATH"]
-    missing = subprocess.run([sys.executable, "-m", "rotator.cli", "check-config", "--config", str(config)],
-                             env=env, capture_output=True, text=True, timeout=60)
+    missing = run_cli(tmp_path / "nothing-installed", config, "check-config", ACME_TOKEN=TOKEN)
     assert missing.returncode == 2 and "unknown key service kind 'acme'" in missing.stderr
 
 
