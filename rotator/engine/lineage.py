@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from rotator import logs
 from rotator.domain import (
     ApiKey,
     AttemptRecord,
@@ -23,8 +22,6 @@ from rotator.errors import (
     NotFoundError,
     RotatorError,
 )
-
-log = logs.get("rotator.engine")
 
 
 def stored_at(ctx: Context, successor: ApiKey) -> float:

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
-from rotator import logs
 from rotator.domain import (
     ApiKey,
     AttemptRecord,
@@ -41,8 +40,6 @@ from rotator.protocol import (
     idempotency_key,
 )
 from rotator.scan import every_key
-
-log = logs.get("rotator.engine")
 
 
 def repair(ctx: Context) -> tuple[list[Drift], list[RotationResult]]:

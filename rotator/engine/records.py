@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from rotator import logs
 from rotator.domain import (
     ApiKey,
     AttemptRecord,
@@ -26,8 +25,6 @@ from rotator.protocol import (
     advance,
     idempotency_key,
 )
-
-log = logs.get("rotator.engine")
 
 
 def key_of(ctx: Context, record: AttemptRecord) -> str:
