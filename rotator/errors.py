@@ -7,6 +7,8 @@ never carry a secret or a credential.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 
 class RotatorError(Exception):
     """Root of every error rotator raises on purpose."""
@@ -61,6 +63,33 @@ class RefusedError(RotatorError):
 
 class PermanentError(RotatorError):
     """Retrying the same call will not help: a person or a config change must act."""
+
+
+class BudgetSpent(Exception):
+    """The fleet's share of the key service's rate limit is spent (or a 429 paused it) until
+    `until` (Unix time): the call was not sent. Deliberately outside `RotatorError`, so that no
+    handler of failures takes it for one: what it stops is deferred, never failed."""
+
+    def __init__(self, client_id: str, until: float, why: str, *, announce: bool = False) -> None:
+        self.client_id = client_id
+        self.until = until
+        self.why = why
+        self.announce = announce  # the first process held back until `until`: it tells the fleet
+        super().__init__(f"the key service's rate budget for {client_id} is spent until "
+                         f"{_clock(until)} ({describe_hold(why)}); nothing was sent")
+
+
+def describe_hold(why: str) -> str:
+    """`share:1` and the like, in words."""
+    kind, _, window = why.partition(":")
+    named = f"window {window}" if window else ""
+    return {"share": f"rotator's share of {named} is used", "reserve": f"{named} is down to its reserve",
+            "rate": "the configured requests_per_second", "429": "the key service answered 429"}.get(
+        kind, why or "paused")
+
+
+def _clock(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ConfigError(PermanentError):

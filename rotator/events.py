@@ -14,6 +14,7 @@ SEVERITY: Final = {
     "rotation.secret_at_risk": "critical",
     "rotation.in_doubt": "error",
     "rotation.recovered": "warning",
+    "rotation.deferred": "warning",
     "key.due_soon": "warning",
     "key.overdue": "error",
     "drift.detected": "critical",

@@ -27,6 +27,8 @@ drive it step by step. The rules:
    the issued secret dead), when the service proved "not run", or when the secret is proved lost.
    A fresh reset that replaces a lost secret is the exception to "not run": refused, the loss
    still stands, so its record stays, with the next epoch's key, for the next sweep to send.
+   A call the fleet's rate budget held back never went: a first attempt's record is deleted (the
+   key is deferred); any other waits in doubt, its key unsent, for the next sweep.
 6. **Fenced.** Every record write and delete checks the lease; a lost lease aborts before the next
    side effect.
 7. **A create is a reset of the lineage.** The overlap strategy's create of a successor key goes
@@ -73,6 +75,8 @@ class Step(enum.StrEnum):
     SPENT = "spent"  # a stored 5xx (the key is used up), generation unchanged, horizon passed
     LOST = "lost"  # nothing to replay, generation changed, horizon passed
     STILL_LOST = "still_lost"  # a refusal (or a stored one) of the fresh reset that replaces a lost secret
+    DEFERRED = "deferred"  # the rate budget held a first attempt's call back before it went: nothing ran
+    HELD = "held"  # ... the call of an attempt that was in doubt or replaces a lost secret
     STORED = "stored"  # every sink reads back the fingerprint, or the secret is proved dead
     NOT_STORED = "not_stored"  # a sink failed or read back another fingerprint
 
@@ -101,6 +105,9 @@ TRANSITIONS: Final[dict[tuple[Phase, Step], Transition]] = {
                                                          "unsent), critical event; the next sweep sends it"),
     (P.IN_DOUBT, S.STILL_LOST): Transition(P.IN_DOUBT, "advance the epoch, save record (the next epoch's key, "
                                                         "unsent), critical event; the next sweep sends it"),
+    (P.RESETTING, S.DEFERRED): Transition(P.IDLE, "delete record (its key was never sent; the epoch stays)"),
+    (P.RESETTING, S.HELD): Transition(P.IN_DOUBT, "save record (in doubt, its key unsent); the next sweep "
+                                                   "sends it"),
     (P.STORING, S.STORED): Transition(P.DONE, "delete record (fenced), then history"),
     (P.STORING, S.NOT_STORED): Transition(P.STORING, "critical event, then save record (storing)"),
     (P.STORING, S.ANSWERED): Transition(P.STORING, "none: the sink writes come first"),
@@ -124,6 +131,13 @@ def refusal(after_loss: bool) -> Step:
     """A 4xx, answered or stored: the call did not run. That ends an attempt, unless the attempt
     replaces a secret proved lost: then the loss stands, and so does the attempt."""
     return Step.STILL_LOST if after_loss else Step.REFUSED
+
+
+def deferral(first: bool) -> Step:
+    """The rate budget held the call back before it went, so nothing ran under its key. A first
+    attempt ends as if it had never started; one that was in doubt, or that replaces a lost
+    secret, must not be forgotten: it waits in doubt for the next sweep, which sends its key."""
+    return Step.DEFERRED if first else Step.HELD
 
 
 def judge(phase: Phase, replaced: Generation | None, now: Generation, replay: Replay,

@@ -6,6 +6,7 @@ import getpass
 import hashlib
 import hmac
 import os
+from typing import TYPE_CHECKING
 
 from rotator.config import KeyServiceConfig, Settings, read_credential
 from rotator.engine import Engine
@@ -17,6 +18,9 @@ from rotator.protocols import EventPublisher, KeyService, SecretSink
 from rotator.safety import excerpt, might_be_secret
 from rotator.sinks import registry
 from rotator.state import RedisState
+
+if TYPE_CHECKING:
+    from rotator.budget import RateBudget
 
 
 def build_fingerprinter(settings: Settings) -> Fingerprinter:
@@ -43,15 +47,27 @@ def build_sinks(settings: Settings, fingerprint: Fingerprinter | None = None) ->
     return [registry.build(s.kind, s.options, fp) for s in settings.sinks]
 
 
-def build_state(settings: Settings) -> RedisState:
-    return RedisState.from_url(settings.state.url(), settings.state.namespace, settings.state.history_max)
+def build_state(settings: Settings, timeout_s: float = 10.0) -> RedisState:
+    return RedisState.from_url(settings.state.url(), settings.state.namespace, settings.state.history_max,
+                               timeout_s=timeout_s)
+
+
+def build_budget(settings: Settings, state: RedisState) -> RateBudget:
+    """The fleet's share of the key service's rate limit, kept in the state store."""
+    from rotator.budget import RateBudget
+
+    config = settings.keyservice
+    return RateBudget(state.client, state.ns, share=config.max_share_of_rate_limit,
+                      reserve=config.rate_limit_reserve, requests_per_second=config.requests_per_second,
+                      burst=config.burst, longest_wait_s=config.retry_max_wait_s)
 
 
 def build_engine(settings: Settings, publisher: EventPublisher | None = None, actor: str | None = None) -> Engine:
     fingerprint = build_fingerprinter(settings)
+    state = build_state(settings)
     engine = Engine(
-        build_keyservice(settings.keyservice, settings.policy.overlap_grace_s), build_sinks(settings, fingerprint),
-        build_state(settings),
+        build_keyservice(settings.keyservice, settings.policy.overlap_grace_s, budget=build_budget(settings, state)),
+        build_sinks(settings, fingerprint), state,
         publisher or LogPublisher(), fingerprint, settings.policy.to_policy(),
         sink_retry_s=settings.engine.sink_retry_s, verify=settings.engine.verify,
         lock_ttl_s=settings.state.lock_ttl_s, actor=actor or _whoami(), clients=settings.keyservice.clients,
@@ -68,13 +84,18 @@ def _whoami() -> str:
         return str(os.getuid())
 
 
-def build_keyservice(config: KeyServiceConfig, grace_s: float = 7 * 86_400) -> KeyService:
+def build_keyservice(config: KeyServiceConfig, grace_s: float = 7 * 86_400,
+                     budget: RateBudget | None = None) -> KeyService:
     """The adapter a configuration names (`kind`, through `rotator.keyservice.registry`). `grace_s`
-    is the policy's overlap grace (AWS IAM: when a deactivated key may be deleted). A plugin's
+    is the policy's overlap grace (AWS IAM: when a deactivated key may be deleted); `budget`, the
+    fleet's rate budget, goes to an adapter that spends from one (a `budget` attribute). A plugin's
     builder that fails on its own options is a configuration problem in one line, never a traceback."""
     builder = keyservices.resolve(config.kind)
     try:
-        return builder(config, grace_s)
+        service = builder(config, grace_s)
+        if budget is not None and hasattr(service, "budget"):
+            service.budget = budget
+        return service
     except KeyError as exc:
         if config.kind in keyservices.BUILTIN:
             raise

@@ -17,7 +17,7 @@ from rotator.alerts.dispatch import already_sent, event_from_dict, mark_sent, ro
 from rotator.config import process_settings
 from rotator.domain import KeyRef
 from rotator.engine import Engine
-from rotator.errors import RotatorError, TransientError
+from rotator.errors import BudgetSpent, RotatorError, TransientError
 from rotator.events import LogPublisher
 from rotator.gate import actor_of
 from rotator.heartbeat import Heartbeat
@@ -44,6 +44,9 @@ def contained(task: Callable[..., T]) -> Callable[..., T]:
             return task(*args, **kwargs)
         except (Retry, Ignore, Reject):
             raise
+        except BudgetSpent as exc:  # not a failure: the next run takes what is left
+            log.warning("task.deferred", task=task.__name__, client_id=exc.client_id, until=exc.until, why=exc.why)
+            return {"deferred_until": exc.until, "reason": str(exc)}  # type: ignore[return-value]
         except RotatorError as exc:
             failure = TaskFailed(f"{type(exc).__name__}: {str(exc)[:500]}")
         except Exception as exc:

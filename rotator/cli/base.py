@@ -19,7 +19,7 @@ from typer.models import CommandFunctionType
 from rotator import logs
 from rotator.config import Settings, config_path, load_settings
 from rotator.console import err, show, unreachable
-from rotator.errors import ConfigError, RotatorError
+from rotator.errors import BudgetSpent, ConfigError, RotatorError
 
 if TYPE_CHECKING:
     from rotator.engine import Engine
@@ -106,6 +106,8 @@ def errors_exit() -> Iterator[None]:
         config_failure(exc)
     except RotatorError as exc:
         fail(str(exc), 1)
+    except BudgetSpent as exc:  # nothing failed: it stops here and says when to come back
+        fail(f"stopped: {exc}; run it again after that", 1)
     except Exception as exc:
         down = unreachable(exc)
         if down is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -71,8 +72,12 @@ def rotate(
         if not apply:
             _print_plan(plan, as_json, enqueue)
             return
-        results = []
+        results: list[Any] = []
         for step in plan:
+            held = results[-1] if results and results[-1].status == "deferred" else None
+            if held is not None and step.action == "rotate":  # the rate budget is spent: stop at once
+                results.append(replace(held, client_id=step.ref.client_id, key_id=step.ref.key_id))
+                continue
             if step.action == "skip":
                 results.append(step.as_skipped())
                 continue
@@ -91,10 +96,17 @@ def rotate(
     if as_json:
         print_json({"applied": True, "results": [r.to_dict() for r in results]})
     else:
-        for res in results:
+        tried = [r for r in results if r.status != "deferred"]
+        for res in tried:
             colour = "green" if res.ok else ("yellow" if res.status == "skipped" else "red")
             out.print(f"[{colour}]{show(res.status)}[/{colour}] {show(res.client_id)}/{show(res.key_id)} "
                       f"{show(res.reason)}")
+        if len(tried) < len(results):
+            held = next(r for r in results if r.status == "deferred")
+            waiting = [f"{r.client_id}/{r.key_id}" for r in results if r.status == "deferred"]
+            named = ", ".join(waiting[:10]) + (f" and {len(waiting) - 10} more" if len(waiting) > 10 else "")
+            err.print(f"[yellow]stopped[/yellow]: {len(waiting)} key(s) deferred ({show(named)}): "
+                      f"{show(held.reason)}", highlight=False)
     # Exit 0 only if every rotation finished and verified; a key behind a lease, in doubt or at
     # risk is not finished, and neither is a forced key that was skipped or a refused one.
     if not all(r.status in ("succeeded", "recovered") or (r.status == "skipped" and not force) for r in results):

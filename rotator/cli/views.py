@@ -14,11 +14,13 @@ from rotator.cli.base import (
     app,
     engine_for,
     errors_exit,
+    fail,
     need_full,
     settings_or_exit,
     use_config,
 )
 from rotator.console import err, print_json, print_table, show
+from rotator.errors import BudgetSpent
 
 if TYPE_CHECKING:
     pass
@@ -27,15 +29,16 @@ if TYPE_CHECKING:
 @app.command()
 def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List every key with its age and state: due, due_soon, ok, excluded, out_of_scope."""
-    from rotator.runtime import build_keyservice
+    from rotator.runtime import build_budget, build_keyservice, build_state
     from rotator.scan import scan as run_scan
 
     settings = settings_or_exit(config)
     need_full(settings)
     with errors_exit():
-        service = build_keyservice(settings.keyservice)
+        budget = build_budget(settings, build_state(settings, timeout_s=2.0))
+        service = build_keyservice(settings.keyservice, budget=budget)
+        rows = []
         try:
-            rows = []
             now = time.time()
             with err.status("Scanning…") as status:
                 for count, row in enumerate(
@@ -44,6 +47,8 @@ def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
                     rows.append(row)
                     if count % 100 == 0:
                         status.update(f"Scanning… {count} keys")
+        except BudgetSpent as exc:
+            fail(f"stopped after {len(rows)} keys: {exc}; run it again after that", 1)
         finally:
             service.close()
     if as_json:

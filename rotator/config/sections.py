@@ -118,6 +118,17 @@ class KeyServiceConfig(Section):
         30.0, ge=0, description="Longest wait between tries, also the cap on `Retry-After`."
     )
     per_page: int = Field(100, ge=1, le=100, description="Keys fetched per page while listing.")
+    max_share_of_rate_limit: float = Field(
+        0.2, gt=0, le=1, description=("The share of each rate-limit window (of the calls it had left when the "
+                                      "fleet first saw it) that the whole fleet may spend; the rest is the "
+                                      "platform's (docs/operations.md, \"The rate budget\")."))
+    rate_limit_reserve: float = Field(
+        0.1, ge=0, lt=1, description=("Below this share of a window's limit left, the fleet sends nothing until "
+                                      "the window resets."))
+    requests_per_second: float | None = Field(
+        None, gt=0, description=("Pace every worker together to this many calls a second (a shared token "
+                                 "bucket), for a key service that publishes no rate-limit headers (AWS IAM)."))
+    burst: int = Field(10, ge=1, le=10_000, description="Calls that may go at once under `requests_per_second`.")
     seed: Path | None = Field(None, description="Seed file for the emulator kind.")
     clock_skew_s: float = Field(
         86_400, ge=0, description="A date from the key service may be this far ahead of this host's clock."

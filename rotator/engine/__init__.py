@@ -63,6 +63,8 @@ PERFORMED_BY: dict[tuple[Phase, Step], Callable[..., object]] = {
     (P.IN_DOUBT, S.LOST): attempt.lost,
     (P.RESETTING, S.STILL_LOST): records.still_lost,
     (P.IN_DOUBT, S.STILL_LOST): records.still_lost,
+    (P.RESETTING, S.DEFERRED): attempt.held_back,
+    (P.RESETTING, S.HELD): attempt.held_back,
     (P.STORING, S.STORED): store.stored,
     (P.STORING, S.NOT_STORED): store.not_stored,
     (P.STORING, S.ANSWERED): attempt.settle,

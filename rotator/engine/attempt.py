@@ -23,6 +23,7 @@ from rotator.engine.values import (
     RotationResult,
 )
 from rotator.errors import (
+    BudgetSpent,
     InDoubtError,
     NotFoundError,
     RefusedError,
@@ -39,6 +40,7 @@ from rotator.protocol import (
     ProtocolViolation,
     Step,
     advance,
+    deferral,
     judge,
 )
 from rotator.protocol import refusal as refusal_step
@@ -129,6 +131,8 @@ def send(ctx: Context, key: ApiKey, record: AttemptRecord, lease: Any, prepared:
             issued = ctx.keyservice.reset_key(ref.client_id, ref.key_id, records.key_of(ctx, record))
     except RefusedError as exc:
         return refusal(ctx, key, record, lease, exc)
+    except BudgetSpent as spent:
+        return held_back(ctx, key, record, lease, spent)
     except (InDoubtError, TransientError) as exc:
         if isinstance(exc, UnusableAnswerError):  # it ran and answered something unusable: loud
             report.emit(ctx, "keyservice.protocol_error", key, record, f"reset answer unusable: {exc}")
@@ -152,6 +156,24 @@ def refusal(ctx: Context, key: ApiKey, record: AttemptRecord, lease: Any, exc: R
         return report.failed(ctx, key, record, f"reset refused, nothing was reset: {exc}")
     return doubt(ctx, key, record, lease, f"reset refused ({exc}), but the key service stored no refusal "
                                           "for its key: another call with it may have run")
+
+
+def held_back(ctx: Context, key: ApiKey, record: AttemptRecord, lease: Any, spent: BudgetSpent) -> RotationResult:
+    """The rate budget held the reset back before it went (`protocol.deferral`): a first attempt
+    is dropped and the key deferred; one sent again, or replacing a lost secret, waits in doubt."""
+    step = deferral(first=record.doubt_since is None and not record.after_loss)
+    transition = advance(Phase.RESETTING, step)
+    if step is Step.DEFERRED:
+        ctx.state.delete_attempt(record, lease)
+        return report.deferred(ctx, key.ref, record.trigger, spent, key)
+    now = ctx.state.now()
+    record = replace(record, phase=transition.to.value, since=now, doubt_since=record.doubt_since or now)
+    ctx.state.save_attempt(record, lease)
+    if record.after_loss:
+        why = f"the fresh reset that replaces a lost secret is held back: {spent}; the record is kept"
+        report.emit(ctx, "rotation.secret_at_risk", key, record, why)
+        return report.result(ctx, record.ref, record, "at_risk", why)
+    return report.deferred(ctx, key.ref, record.trigger, spent, key)
 
 
 def doubt(ctx: Context, key: ApiKey, record: AttemptRecord, lease: Any, why: str) -> RotationResult:

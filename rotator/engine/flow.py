@@ -22,6 +22,7 @@ from rotator.engine.values import (
     Outcome,
     RotationResult,
 )
+from rotator.errors import BudgetSpent
 from rotator.policy import (
     is_due,
     scope_problem,
@@ -49,9 +50,14 @@ def rotate(ctx: Context, ref: KeyRef, *, trigger: str, force: bool = False, gene
 def recover_all(ctx: Context) -> list[RotationResult]:
     """Settle every attempt a crash, an outage or a lost answer left behind."""
     report.begin(ctx, "recovery", None)
-    results = []
+    results: list[RotationResult] = []
+    held: RotationResult | None = None
     for pending in ctx.state.attempts():
+        if held is not None:  # the rate budget is spent: the rest wait for it too, untried
+            results.append(report.deferred_too(pending.ref, pending.trigger, held))
+            continue
         results.append(leased(ctx, pending.ref, pending.trigger, partial(recover_locked, ctx, pending.ref)))
+        held = results[-1] if results[-1].status == "deferred" else None
     return results
 
 
@@ -64,6 +70,8 @@ def leased(ctx: Context, ref: KeyRef, trigger: str, work: Callable[[Any], Rotati
             return work(lease)
         except Outcome as outcome:
             return outcome.result
+        except BudgetSpent as spent:  # a call held back before it went; every step before it is crash-safe
+            return report.deferred(ctx, ref, trigger, spent)
         except LeaseLostError as exc:
             log.error("rotation.lease_lost", client_id=ref.client_id, key_id=ref.key_id, error=str(exc))
             return RotationResult(ref.client_id, ref.key_id, "busy",

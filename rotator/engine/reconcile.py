@@ -47,10 +47,17 @@ def repair(ctx: Context) -> tuple[list[Drift], list[RotationResult]]:
     by replaying the reset that produced its generation when that is possible (no second
     reset, even without any state in Redis) and by a fresh reset only when it is not."""
     results = flow.recover_all(ctx)
+    held = next((r for r in results if r.status == "deferred"), None)
+    if held is not None:  # the rate budget is spent: stop here, before the drift comparison's calls
+        return [], results
     drifted = drift(ctx)
     for ref in dict.fromkeys(d.key.ref for d in drifted):
+        if held is not None:
+            results.append(report.deferred_too(ref, "reconcile", held))
+            continue
         report.begin(ctx, "reconcile --repair", None)
         results.append(flow.leased(ctx, ref, "reconcile", partial(repair_locked, ctx, ref)))
+        held = results[-1] if results[-1].status == "deferred" else None
     return drifted, results
 
 

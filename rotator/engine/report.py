@@ -20,6 +20,7 @@ from rotator.engine.values import (
     RotationResult,
 )
 from rotator.errors import (
+    BudgetSpent,
     RotatorError,
 )
 from rotator.events import SEVERITY, sanitize
@@ -81,6 +82,31 @@ def get_key(ctx: Context, ref: KeyRef, trigger: str) -> ApiKey:
         result = RotationResult(ref.client_id, ref.key_id, "failed", str(exc), trigger=trigger)
         history(ctx, result)
         raise Outcome(result) from None
+
+
+def deferred(ctx: Context, ref: KeyRef, trigger: str, spent: BudgetSpent, key: ApiKey | None = None) -> RotationResult:
+    """Held back by the fleet's rate budget before the call went: nothing ran, and the next scan
+    takes it. The first process held back until that time tells people, once for the fleet
+    (`rotation.deferred`); no history entry (a spent budget would fill it with one per key)."""
+    reason = f"{spent}; deferred: the next scan takes it"
+    if spent.announce:
+        event = Event("rotation.deferred", SEVERITY["rotation.deferred"], ref.client_id, ref.key_id,
+                      key.alias if key else "", key.environment.value if key else "",
+                      round(age_days(key, ctx.clock()), 2) if key else None, None, sanitize(reason), ctx.clock(),
+                      {"until": spent.until, "why": spent.why})
+        try:
+            ctx.publisher.publish(event)
+        except Exception as exc:  # an alert channel must never break a rotation
+            log.error("event.publish_failed", event_name=event.name, error_type=type(exc).__name__)
+    log.info("rotation.deferred", client_id=ref.client_id, key_id=ref.key_id, until=spent.until, why=spent.why)
+    return RotationResult(ref.client_id, ref.key_id, "deferred", reason, trigger=trigger,
+                          deferred_until=spent.until)
+
+
+def deferred_too(ref: KeyRef, trigger: str, first: RotationResult) -> RotationResult:
+    """A key after the first one a command deferred: not tried at all (it stops at once)."""
+    return RotationResult(ref.client_id, ref.key_id, "deferred", first.reason, trigger=trigger,
+                          deferred_until=first.deferred_until)
 
 
 def skipped(ctx: Context, key: ApiKey, trigger: str, reason: str) -> RotationResult:

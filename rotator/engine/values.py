@@ -40,7 +40,8 @@ class RotationResult:
 
     `status`: succeeded | recovered | skipped (nothing to do) | busy (behind another actor's lease)
     | in_doubt (a reset may have run; recovery settles it) | at_risk (a secret is not in every
-    sink; recovery finishes it) | failed."""
+    sink; recovery finishes it) | deferred (the fleet's rate budget held it back before anything
+    was sent, until `deferred_until`; the next scan takes it) | failed."""
 
     client_id: str
     key_id: str
@@ -52,6 +53,7 @@ class RotationResult:
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""  # the operator's --reason, kept in the audit history
     generation: str = ""  # the key's generation this rotation replaced (the key service's dates)
+    deferred_until: float | None = None  # deferred: when the rate budget returns (Unix time)
 
     @property
     def ok(self) -> bool:
@@ -61,7 +63,8 @@ class RotationResult:
         return {"client_id": self.client_id, "key_id": self.key_id, "status": self.status, "ok": self.ok,
                 "reason": self.reason, "attempt_id": self.attempt_id, "trigger": self.trigger,
                 "sinks": dict(self.sinks), "timings": dict(self.timings), "note": self.note,
-                "generation": self.generation}
+                "generation": self.generation,
+                **({"deferred_until": self.deferred_until} if self.deferred_until is not None else {})}
 
 
 @dataclass

@@ -10,18 +10,22 @@ by a deadline and every answer by a size cap.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
+from rotator.budget import FINISH, PREPAID, READ, WRITE, RateBudget
 from rotator.config import KeyServiceConfig, read_credential
 from rotator.domain import ApiKey, ClientInfo, Environment, IssuedKey, Replay, ReplayAnswer, Scope, Secret
 from rotator.errors import (
     AuthenticationError,
+    BudgetSpent,
     IdempotencyConflictError,
     InDoubtError,
     NotFoundError,
@@ -67,6 +71,7 @@ class HttpKeyService:
         retry_max_wait_s: float = 30.0, retry_initial_s: float = 0.25, per_page: int = 100,
         transport: httpx.BaseTransport | None = None, max_body_bytes: int = MAX_BODY_BYTES,
         max_pages: int = MAX_PAGES, clock_skew_s: float = DEFAULT_CLOCK_SKEW_S, call_deadline_s: float = 120.0,
+        budget: RateBudget | None = None,
     ) -> None:
         self._transport = Transport(
             base_url, token, timeout_s=timeout_s, max_attempts=max_attempts, retry_max_wait_s=retry_max_wait_s,
@@ -78,6 +83,10 @@ class HttpKeyService:
         self.clock_skew_s = clock_skew_s
         #: The last rate-limit windows each Client ID's answers carried (docs/keyservice-api.md).
         self.rate_limits: dict[str, tuple[RateWindow, ...]] = {}
+        #: The fleet's rate budget (rotator.budget): every call of a Client ID spends from it.
+        self.budget = budget
+        self._unreported: dict[str, tuple[tuple[int, int, int], ...]] = {}  # told with the next call
+        self._calling = threading.local()  # the Client ID of the call in hand (a token call names none)
         self._transport.on_answer = self._saw_answer
 
     @classmethod
@@ -211,10 +220,12 @@ class HttpKeyService:
         try:
             self._request(
                 "POST", f"{API}/oauth/token", data={"grant_type": "client_credentials"},
-                auth=httpx.BasicAuth(client_id, secret.reveal()),
+                auth=httpx.BasicAuth(client_id, secret.reveal()), client=client_id, kind=PREPAID,
             )
         except AuthenticationError:
             return False
+        except BudgetSpent as exc:  # a 429's pause: the check is not made now, said like any failure
+            raise ThrottledError(str(exc)) from None
         return True
 
     # --- transport ---------------------------------------------------------------------------
@@ -246,20 +257,48 @@ class HttpKeyService:
             previous = rows
             page += 1
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Answer:
-        return self._transport.request(method, path, **kwargs)
+    def _request(self, method: str, path: str, *, kind: str | None = None, client: str | None = None,
+                 **kwargs: Any) -> Answer:
+        """One call, spent from the rate budget of its Client ID (`client`, else the one its path
+        names): `kind` as `rotator.budget` counts it (a GET or DELETE reads, a POST writes)."""
+        if client is None:
+            named = _CLIENT_PATH.match(path)
+            client = named.group(1) if named is not None else None
+        self._calling.client = client
+        gate = None
+        if self.budget is not None and client is not None:
+            gate = partial(self._gate, client, kind or (READ if method in ("GET", "DELETE") else WRITE))
+        return self._transport.request(method, path, gate=gate, **kwargs)
 
-    def _saw_answer(self, path: str, headers: httpx.Headers) -> None:
-        """Every answer's rate-limit windows (a 429's and a 5xx's too), kept per Client ID; an
-        answer without them forgets the last ones rather than keep them for ever."""
-        client = _CLIENT_PATH.match(path)
+    def _gate(self, client: str, kind: str, deadline: float) -> None:
+        assert self.budget is not None
+        self.budget.wait_or_defer(client, kind, self._unreported.pop(client, ()), deadline)
+
+    def _saw_answer(self, path: str, answer: Answer) -> None:
+        """Every answer's rate-limit windows (a 429's and a 5xx's too), kept per Client ID (an
+        answer without them forgets the last ones rather than keep them for ever) and told to the
+        fleet's budget with the next call; a 429 pauses the fleet at once, until its Retry-After
+        (else until the windows it shows spent reset, else a minute)."""
+        client = getattr(self._calling, "client", None)
         if client is None:
             return
-        windows = rate_windows(headers)
+        windows = rate_windows(answer.headers)
         if windows:
-            self.rate_limits[client.group(1)] = windows
+            self.rate_limits[client] = windows
         else:
-            self.rate_limits.pop(client.group(1), None)
+            self.rate_limits.pop(client, None)
+        if self.budget is None:
+            return
+        seen = tuple((w.made, w.left, w.resets_at) for w in windows)
+        if answer.status != 429:
+            self._unreported[client] = seen
+            return
+        self._unreported.pop(client, None)
+        now = self.budget.clock()
+        wait = _retry_after_s(answer.headers.get("Retry-After"))
+        spent = [w.resets_at for w in windows if w.left == 0 and w.resets_at > now]
+        until = now + wait if wait is not None else (max(spent) if spent else now + 60.0)
+        self.budget.observe(client, seen, pause_until=until, pause_why="429")
 
     def _json(self, method: str, path: str, shown: str | None = None, **kwargs: Any) -> Any:
         return decode(self._request(method, path, shown=shown, **kwargs), f"{method} {shown or path}")
@@ -297,7 +336,9 @@ class HttpKeyService:
         shown = path.rsplit("/", 1)[0] + "/{IdempotencyKey}"
         where = f"GET {shown}"
         try:
-            stored = self._json("GET", path, shown=shown)
+            stored = self._json("GET", path, shown=shown, client=client_id, kind=FINISH)
+        except BudgetSpent as exc:  # only a 429's pause holds back a replay
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"replay not sent: {exc}")
         except NotFoundError:  # a 404: nothing stored
             return ReplayAnswer(Replay.EMPTY)
         except RotatorError as exc:
@@ -337,6 +378,12 @@ class RateWindow:
 
 _CLIENT_PATH = re.compile(r"^/v2\.01/(?!oauth/|clients$)([^/]+)/")
 MAX_RATE_WINDOWS: Final = 8
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    if value is not None and value.isascii() and value.strip().isdigit() and len(value.strip()) <= 6:
+        return float(value.strip())
+    return None
 
 
 def rate_windows(headers: httpx.Headers) -> tuple[RateWindow, ...]:

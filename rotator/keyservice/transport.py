@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import httpcore
@@ -26,6 +27,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from rotator.errors import (
     AuthenticationError,
+    BudgetSpent,
     BusyError,
     ConflictError,
     ForbiddenError,
@@ -171,19 +173,23 @@ class Transport:
         self._max_wait = retry_max_wait_s
         self._initial_wait = retry_initial_s
         self.max_body_bytes = max_body_bytes
-        #: Called with the path and headers of every whole answer, an error's too (rate limits).
-        self.on_answer: Callable[[str, httpx.Headers], None] | None = None
+        #: Called with the path and every whole answer, an error's too (rate limits).
+        self.on_answer: Callable[[str, Answer], None] | None = None
 
     def close(self) -> None:
         self.client.close()
 
     def request(self, method: str, path: str, *, expect: tuple[int, ...] = (200,),
-                 auth: httpx.Auth | None = None, shown: str | None = None, **kwargs: Any) -> Answer:
-        """One call with its retries; `shown` names the path in messages instead of `path`."""
+                 auth: httpx.Auth | None = None, shown: str | None = None,
+                 gate: Callable[[float], None] | None = None, **kwargs: Any) -> Answer:
+        """One call with its retries; `shown` names the path in messages instead of `path`.
+        `gate` is asked before every try, with the call's deadline (monotonic): it waits for the
+        rate budget or raises `BudgetSpent`, which ends the call (in doubt if a try went out)."""
+        deadline = time.monotonic() + self._call_deadline_s
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_attempt(self._max_attempts) | stop_after_delay(self._call_deadline_s),
-            wait=self.wait,
+            wait=partial(self.wait, gated=gate is not None),
             reraise=True,
         )
         in_doubt = False  # once a write's try proved nothing (no answer, a 5xx), the call may have run
@@ -191,6 +197,8 @@ class Transport:
         try:
             for attempt in retrying:
                 with attempt:
+                    if gate is not None:
+                        gate(deadline)
                     tries += 1
                     try:
                         return self.send(method, path, expect, auth or self.auth, kwargs, shown)
@@ -198,6 +206,10 @@ class Transport:
                         # A read or a token request changes nothing: its last answer is what counts.
                         in_doubt = method != "GET" and not path.endswith("/oauth/token")
                         raise
+        except BudgetSpent as exc:
+            if in_doubt:
+                raise InDoubtError(f"{exc} (after {tries} attempts; outcome unknown)") from None
+            raise
         except RotatorError as exc:
             if isinstance(exc, IdempotencyConflictError):  # the key was used: the caller reads its answer
                 raise
@@ -241,7 +253,7 @@ class Transport:
             raise UnansweredError(f"{where}: no whole answer within {self._timeout_s:g}s")
         answer = Answer(response.status_code, response.headers, body, truncated)
         if self.on_answer is not None:
-            self.on_answer(path, answer.headers)
+            self.on_answer(path, answer)
         if wanted:
             if truncated:
                 raise ProtocolError(f"{where}: the answer is larger than {self.max_body_bytes} bytes")
@@ -249,11 +261,15 @@ class Transport:
         # The Idempotency-Key reads the live secret: a gateway that echoes the header never gets it quoted.
         raise status_error(where, answer, hidden=(kwargs.get("headers") or {}).get("Idempotency-Key", ""))
 
-    def wait(self, state: RetryCallState) -> float:
+    def wait(self, state: RetryCallState, gated: bool = False) -> float:
+        """Before the next try: a 429's `Retry-After` (capped), else backoff with jitter; with a
+        rate budget (`gated`), none after a 429: the budget's gate waits it out or defers."""
         outcome = state.outcome
         exc = outcome.exception() if outcome is not None else None
         # Never wait past the call's deadline.
         left = max(0.0, self._call_deadline_s - (state.seconds_since_start or 0.0))
+        if isinstance(exc, ThrottledError) and gated:
+            return 0.0
         if isinstance(exc, TransientError) and exc.retry_after is not None:
             return min(exc.retry_after, self._max_wait, left)
         backoff = self._initial_wait * 2 ** (state.attempt_number - 1)
