@@ -36,6 +36,8 @@ WANTED: Final = {READ: 1, WRITE: 2, FINISH: 1, PREPAID: 0}
 #: How long a budget no worker touches is kept (the longest published window is a day).
 KEEP_S: Final = 2 * 86_400
 MAX_WINDOWS: Final = 8
+#: After the state store fails to answer, calls go unmetered this long before it is asked again.
+UNMETERED_S: Final = 30.0
 
 #: KEYS[1]: the budget. ARGV: now, want (-1: only record what was seen), priority (1/0), share,
 #: reserve, interval (GCRA; 0: none), tolerance, longest wait, pause until (0: none), why of that
@@ -53,20 +55,26 @@ for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
 local out = {}
 local function set(f, v) h[f] = tostring(v); out[#out + 1] = f; out[#out + 1] = h[f] end
 local function num(f) return tonumber(h[f] or '') end
+local unmetered, first = 0, false
+if (num('ut') or 0) >= now - 60 then unmetered = num('u') or 0 end
 for i = 1, n do
   local made, left, reset = tonumber(ARGV[10 + 3 * i]), tonumber(ARGV[11 + 3 * i]), tonumber(ARGV[12 + 3 * i])
   local r = num('r' .. i)
   if reset > now then
-    if r == nil or now >= r then
-      set('r' .. i, reset); set('l' .. i, left); set('m' .. i, made + left)
-      set('a' .. i, math.floor(share * left)); set('s' .. i, 0)
+    -- A new window: none known, the known one is over by this clock, or the service started it
+    -- again before this clock says (a later reset, and fewer calls made than already seen).
+    if r == nil or now >= r or (reset > r and made < (num('k' .. i) or 0)) then
+      set('r' .. i, reset); set('l' .. i, left); set('m' .. i, made + left); set('k' .. i, made)
+      set('a' .. i, math.floor(share * left)); set('s' .. i, unmetered); first = true
     else
       if left < (num('l' .. i) or left + 1) then set('l' .. i, left) end
       if made + left > (num('m' .. i) or 0) then set('m' .. i, made + left) end
+      if made > (num('k' .. i) or 0) then set('k' .. i, made) end
     end
   end
   if i > (num('w') or 0) then set('w', i) end
 end
+if first and unmetered > 0 then set('u', 0) end
 if pause_until > (num('p') or 0) then set('p', pause_until); set('pw', pause_why) end
 local granted, seconds, why, announce = 1, 0, '', 0
 if want >= 0 then
@@ -90,9 +98,15 @@ if want >= 0 then
     granted, seconds = 0, held
     if held > (num('ann') or 0) then set('ann', held); announce = 1 end
   else
+    local metered = false
     for i = 1, (num('w') or 0) do
       local r = num('r' .. i)
-      if r ~= nil and r > now then set('s' .. i, num('s' .. i) + want); set('l' .. i, num('l' .. i) - want) end
+      if r ~= nil and r > now then
+        set('s' .. i, num('s' .. i) + want); set('l' .. i, num('l' .. i) - want); metered = true
+      end
+    end
+    if not metered and want > 0 then  -- counted at the first sight of a window, if it comes soon
+      if (num('ut') or 0) < now - 60 then set('u', want); set('ut', now) else set('u', (num('u') or 0) + want) end
     end
     if interval > 0 then set('t', tat + interval); seconds = at - now end
   end
@@ -150,6 +164,7 @@ class RateBudget:
         self.clock = clock
         self._script = client.register_script(_TAKE)
         self._warned = False
+        self._down_until = 0.0  # monotonic: the state store failed; calls go unmetered until then
 
     def key(self, client_id: str) -> str:
         return f"{self.namespace}:budget:{client_id}"
@@ -174,20 +189,22 @@ class RateBudget:
                            repr(pause_until), pause_why, int(KEEP_S * 1000), len(windows)]
         for made, left, reset in windows:
             args.extend((made, left, reset))
+        if time.monotonic() < self._down_until:
+            return Verdict(True, 0.0, "", False)
         try:
             granted, seconds, why, announce = self._script(keys=[self.key(client_id)], args=args)
         except redis.RedisError as exc:
+            self._down_until = time.monotonic() + UNMETERED_S  # not one time-out per call
             if not self._warned:
                 self._warned = True
                 log.warning("budget.unreachable", error_type=type(exc).__name__,
                             detail="calls go unmetered until the state store answers")
             return Verdict(True, 0.0, "", False)
-        return Verdict(bool(int(granted)), float(seconds), str(why), bool(int(announce)))
+        return Verdict(bool(int(granted)), float(_text(seconds)), _text(why), bool(int(announce)))
 
     def view(self, client_id: str) -> BudgetView:
         raw = self.client.hgetall(self.key(client_id))
-        fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                  for k, v in raw.items()}
+        fields = {_text(k): _text(v) for k, v in raw.items()}
         now = self.clock()
         windows = []
         for i in range(1, int(fields.get("w", "0")) + 1):
@@ -216,3 +233,8 @@ class RateBudget:
                 sleep(max(wait, 0.0))
                 continue
             raise BudgetSpent(client_id, verdict.seconds, verdict.why, announce=verdict.announce)
+
+
+def _text(value: object) -> str:
+    """A reply as text, whether the client decodes replies or not."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -161,7 +161,7 @@ def refusal(ctx: Context, key: ApiKey, record: AttemptRecord, lease: Any, exc: R
 def held_back(ctx: Context, key: ApiKey, record: AttemptRecord, lease: Any, spent: BudgetSpent) -> RotationResult:
     """The rate budget held the reset back before it went (`protocol.deferral`): a first attempt
     is dropped and the key deferred; one sent again, or replacing a lost secret, waits in doubt."""
-    step = deferral(first=record.doubt_since is None and not record.after_loss)
+    step = deferral(first=not record.doubt_since and not record.after_loss)
     transition = advance(Phase.RESETTING, step)
     if step is Step.DEFERRED:
         ctx.state.delete_attempt(record, lease)

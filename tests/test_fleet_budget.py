@@ -1,0 +1,157 @@
+"""The engine under the fleet's rate budget, against the emulator over HTTP with its published rate
+limits and a real Redis: what the budget holds back is deferred (never failed, nothing lost), a
+429 stops every worker, and the calls the emulator counts never pass the share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from rotator.budget import RateBudget
+from rotator.domain import KeyRef
+from rotator.errors import BudgetSpent
+from rotator.keyservice.emulator import DEFAULT_RATE_LIMITS, RATE_WINDOWS_S, Emulator
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.keyservice.http import HttpKeyService
+from rotator.state import RedisState
+from tests.conftest import TOKEN
+from tests.test_engine import holds_current, lose_the_answer, make_engine, memory, plant
+
+DAY = 86_400
+
+
+class Counted:
+    """Every call the emulator's rate limit sees for a Client ID, and how many it refused (429)."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.calls = 0
+        self.refused = 0
+        real = emulator.rate_call
+
+        def counting(client_id: str) -> tuple[dict[str, str], int | None]:
+            headers, wait = real(client_id)
+            self.calls += 1
+            self.refused += wait is not None
+            return headers, wait
+
+        emulator.rate_call = counting  # type: ignore[method-assign]
+
+
+def with_budget(service: HttpKeyService, state: RedisState, emulator: Emulator, **kwargs: Any) -> RateBudget:
+    service.budget = RateBudget(state.client, state.ns, clock=emulator.now, longest_wait_s=0.2,
+                                **{"share": 0.5, "reserve": 0.0, **kwargs})
+    return service.budget
+
+
+@pytest.fixture
+def fleet(emulator: Emulator) -> list[str]:
+    """Twelve due production keys of one Client ID."""
+    now = emulator.now()
+    client = emulator.add_client("acme", "Acme", created_at=now - 400 * DAY)
+    return [next(iter(client.keys))] + [
+        emulator.add_key("acme", f"key-{n}", created_at=now - 100 * DAY).id for n in range(11)]
+
+
+@pytest.fixture
+def second(emulator_server: EmulatorServer) -> Iterator[HttpKeyService]:
+    """Another worker's adapter: its own connection, the same fleet budget."""
+    with HttpKeyService(emulator_server.url, TOKEN, timeout_s=2, max_attempts=4, retry_initial_s=0.01,
+                        retry_max_wait_s=0.2, clock_skew_s=3 * 86_400) as service:
+        yield service
+
+
+def test_keys_past_the_share_are_deferred_and_rotated_after_the_window(
+        emulator: Emulator, keyservice: HttpKeyService, second: HttpKeyService, state: RedisState,
+        fleet: list[str]) -> None:
+    """With 40 calls left in the 15-minute window and a share of 0.5, the fleet sends at most 20:
+    the keys it gets to are rotated and stored, the rest deferred (no record, no failure, one
+    `rotation.deferred` for the fleet), and rotated once the window starts again."""
+    emulator.spend_calls("acme", DEFAULT_RATE_LIMITS[0] - 40)  # the platform's payments
+    unmetered = second  # the test's own look at the key service, outside the fleet's budget
+    counted = Counted(emulator)
+    with_budget(keyservice, state, emulator)
+    sink = memory()
+    engine, events = make_engine(keyservice, state, [sink])
+    results = [engine.rotate(KeyRef("acme", key_id), trigger="schedule") for key_id in fleet]
+    statuses = [r.status for r in results]
+    assert counted.calls <= 20 and counted.refused == 0, counted.calls  # before the test's own look
+    assert set(statuses) == {"succeeded", "deferred"} and statuses.index("deferred") >= 5, statuses
+    done = [r.key_id for r in results if r.status == "succeeded"]
+    assert all(holds_current(sink, emulator, "acme", key_id, unmetered) for key_id in done)
+    assert state.attempts() == [] and len(emulator.ledger) == len(done), [r.to_dict() for r in results]
+    assert events.names().count("rotation.deferred") == 1
+    deferred = [r for r in results if r.status == "deferred"]
+    assert all(r.deferred_until and "deferred: the next scan takes it" in r.reason for r in deferred)
+    assert "rotation.failed" not in events.names()
+
+    emulator.clock_offset_s += RATE_WINDOWS_S[0] + 1  # the window starts again
+    again = [engine.rotate(KeyRef("acme", r.key_id), trigger="schedule") for r in deferred]
+    assert [r.status for r in again] == ["succeeded"] * len(deferred)
+    assert sorted(e.key_id for e in emulator.ledger) == sorted(fleet)  # each key reset once
+    assert all(holds_current(sink, emulator, "acme", key_id, unmetered) for key_id in fleet)
+
+
+def test_a_429_stops_every_worker_before_it_sends(emulator: Emulator, keyservice: HttpKeyService,
+                                                  second: HttpKeyService, state: RedisState,
+                                                  fleet: list[str]) -> None:
+    """One worker's 429 (with Retry-After) pauses the fleet: it does not retry into the limit, and
+    another worker's next call is held back without reaching the key service."""
+    with_budget(keyservice, state, emulator, reserve=0.1)
+    with_budget(second, state, emulator, reserve=0.1)
+    keyservice.get_key("acme", fleet[0])
+    emulator.spend_calls("acme", DEFAULT_RATE_LIMITS[0])  # the platform spent the window meanwhile
+    counted = Counted(emulator)
+    with pytest.raises(BudgetSpent, match="spent until"):
+        keyservice.get_key("acme", fleet[0])
+    assert (counted.calls, counted.refused) == (1, 1)  # one try, not max_attempts of them
+    with pytest.raises(BudgetSpent):
+        second.get_key("acme", fleet[1])
+    assert (counted.calls, counted.refused) == (1, 1)
+    # A replay (settling an attempt already sent) is held back by the pause too, and says so.
+    answer = second.replay("acme", fleet[1], "r2-" + "0" * 32)
+    assert answer.kind.value == "unknown" and "spent until" in (answer.reason or "")
+
+
+def test_a_held_back_reset_sent_again_waits_in_doubt_for_the_next_sweep(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, fleet: list[str]) -> None:
+    """A record whose reset never ran is sent again with the same key; held back, it stays in
+    doubt (never dropped) and the next sweep after the window sends that same key: one reset."""
+    sink = memory()
+    engine, events = make_engine(keyservice, state, [sink], horizon_s=0.0)
+    ref = KeyRef("acme", fleet[0])
+    record = plant(engine, state, ref, keyservice)
+    budget = with_budget(keyservice, state, emulator)
+    budget.observe("acme", [(0, 4, int(emulator.now()) + 900)])  # two calls: the read and the replay
+    [held] = engine.recover_all()
+    assert held.status == "deferred", held.reason
+    kept = state.get_attempt(ref)
+    assert kept is not None and kept.phase == "in_doubt" and kept.epoch == record.epoch
+    emulator.clock_offset_s += RATE_WINDOWS_S[0] + 1
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
+    assert [e.idempotency_key for e in emulator.ledger] == [engine._key_of(record)]
+    keyservice.budget = None
+    assert holds_current(sink, emulator, "acme", fleet[0], keyservice) and state.attempts() == []
+
+
+def test_a_held_back_fresh_reset_after_a_lost_secret_keeps_the_loss(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, fleet: list[str]) -> None:
+    """The fresh reset that replaces a lost secret, held back, is not deferred away: the record
+    stays (its loss on record), `rotation.secret_at_risk` says so, and the next sweep sends it."""
+    sink = memory()
+    engine, events = make_engine(keyservice, state, [sink], horizon_s=0.0)
+    ref = KeyRef("acme", fleet[0])
+    lose_the_answer(engine, state, ref, keyservice, emulator)
+    budget = with_budget(keyservice, state, emulator)
+    budget.observe("acme", [(0, 6, int(emulator.now()) + 900)])  # three: two reads and the replay
+    [held] = engine.recover_all()
+    assert held.status == "at_risk" and "held back" in held.reason, held.reason
+    kept = state.get_attempt(ref)
+    assert kept is not None and kept.after_loss and kept.phase == "in_doubt"
+    assert events.names().count("rotation.secret_at_risk") == 2  # the loss, then the held reset
+    emulator.clock_offset_s += RATE_WINDOWS_S[0] + 1
+    assert [r.status for r in engine.recover_all()] == ["recovered"]
+    keyservice.budget = None
+    assert holds_current(sink, emulator, "acme", fleet[0], keyservice) and state.attempts() == []
+    assert len(emulator.ledger) == 2  # the lost reset and the one that replaced it
