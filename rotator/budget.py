@@ -14,6 +14,7 @@ A call the budget holds back is deferred (`BudgetSpent`, with the time it return
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -162,6 +163,7 @@ class RateBudget:
         self.tolerance = self.interval * max(0, burst - 1)
         self.longest_wait_s = longest_wait_s
         self.clock = clock
+        self.looking = False  # a person's look (`status`, the page): counted, past the share and reserve
         self._script = client.register_script(_TAKE)
         self._warned = False
         self._down_until = 0.0  # monotonic: the state store failed; calls go unmetered until then
@@ -174,7 +176,15 @@ class RateBudget:
         """Spend one call of `kind` (`seen`: the windows the last answer showed, (made, left,
         reset) each). Redis out of reach: the call goes (logged once); the key service's own
         429 still stops it."""
-        return self._run(client_id, WANTED[kind], kind in (FINISH, PREPAID), seen, pause_until, pause_why)
+        return self._run(client_id, WANTED[kind], kind in (FINISH, PREPAID) or self.looking, seen, pause_until,
+                         pause_why)
+
+    def for_people(self) -> RateBudget:
+        """The same budget for what a person looks at (`status`, the page): its calls count, and
+        only a 429's pause holds them back, so the fleet's view stays readable when it is spent."""
+        look = copy.copy(self)
+        look.looking = True
+        return look
 
     def observe(self, client_id: str, seen: Sequence[tuple[int, int, int]] = (), pause_until: float = 0.0,
                 pause_why: str = "") -> Verdict:
@@ -203,19 +213,7 @@ class RateBudget:
         return Verdict(bool(int(granted)), float(_text(seconds)), _text(why), bool(int(announce)))
 
     def view(self, client_id: str) -> BudgetView:
-        raw = self.client.hgetall(self.key(client_id))
-        fields = {_text(k): _text(v) for k, v in raw.items()}
-        now = self.clock()
-        windows = []
-        for i in range(1, int(fields.get("w", "0")) + 1):
-            reset = float(fields.get(f"r{i}", "0"))
-            if reset <= now:
-                continue
-            windows.append(WindowView(int(float(fields[f"m{i}"])), max(0, int(float(fields[f"l{i}"]))),
-                                      int(float(fields[f"a{i}"])), int(float(fields[f"s{i}"])), reset))
-        paused = float(fields.get("p", "0"))
-        return BudgetView(client_id, tuple(windows), paused if paused > now else 0.0,
-                          fields.get("pw", "") if paused > now else "")
+        return _view(client_id, self.client.hgetall(self.key(client_id)), self.clock())
 
     def wait_or_defer(self, client_id: str, kind: str, seen: Sequence[tuple[int, int, int]] = (),
                       deadline: float = math.inf, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -238,3 +236,49 @@ class RateBudget:
 def _text(value: object) -> str:
     """A reply as text, whether the client decodes replies or not."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def views(client: redis.Redis, namespace: str, now: float | None = None) -> list[BudgetView]:
+    """Every Client ID's budget the fleet keeps (for `status`, the page and the metrics); a
+    read-only user of the state store can read them."""
+    moment = time.time() if now is None else now
+    found = []
+    for key in sorted(_text(k) for k in client.scan_iter(match=f"{namespace}:budget:*", count=500)):
+        found.append(_view(key.rsplit(":", 1)[-1], client.hgetall(key), moment))
+    return [v for v in found if v.windows or v.paused_until]
+
+
+def _view(client_id: str, raw: dict[Any, Any], now: float) -> BudgetView:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    windows = []
+    for i in range(1, int(fields.get("w", "0")) + 1):
+        reset = float(fields.get(f"r{i}", "0"))
+        if reset <= now:
+            continue
+        windows.append(WindowView(int(float(fields[f"m{i}"])), max(0, int(float(fields[f"l{i}"]))),
+                                  int(float(fields[f"a{i}"])), int(float(fields[f"s{i}"])), reset))
+    paused = float(fields.get("p", "0"))
+    return BudgetView(client_id, tuple(windows), paused if paused > now else 0.0,
+                      fields.get("pw", "") if paused > now else "")
+
+
+def from_dict(data: dict[str, Any]) -> BudgetView:
+    """`BudgetView.to_dict` read back (a published view, `status --json`)."""
+    return BudgetView(str(data["client_id"]), tuple(
+        WindowView(int(w["limit"]), int(w["left"]), int(w["allowance"]), int(w["spent"]), float(w["resets_at"]))
+        for w in data.get("windows") or []), float(data.get("paused_until") or 0.0), str(data.get("pause_reason", "")))
+
+
+def describe(view: BudgetView) -> str:
+    """One line for people: each window's calls left of rotator's allowance, and any pause."""
+    from datetime import UTC, datetime
+
+    def clock(when: float) -> str:
+        return datetime.fromtimestamp(when, UTC).strftime("%H:%M:%SZ")
+
+    parts = [f"window {i}: {max(0, w.allowance - w.spent)} of {w.allowance} calls left to rotator "
+             f"({w.left} of {w.limit} to the Client ID), resets {clock(w.resets_at)}"
+             for i, w in enumerate(view.windows, 1)]
+    if view.paused_until:
+        parts.insert(0, f"paused until {clock(view.paused_until)} ({view.pause_reason})")
+    return "; ".join(parts)

@@ -132,11 +132,22 @@ def status_report(engine: Engine, *, history: int = 0, now: float | None = None,
         "in_flight": [attempt_dict(a) for a in attempts.values()],
         "drift": [drift_dict(d) for d in drift],
         "history": engine.state.history(history) if history > 0 else [],
+        "rate_budget": rate_budget(engine.state, moment),
     }
     if with_sinks:
         report["summary"] = summary(keys, attempts.values(), drift, moment)
         report["generated_at"] = moment
     return report
+
+
+def rate_budget(state: Any, now: float) -> list[dict[str, Any]]:
+    """The fleet's rate budget per Client ID (rotator.budget), as the state store holds it."""
+    from rotator import budget
+
+    client = getattr(state, "client", None)
+    if client is None:  # a state store of another kind keeps no budget
+        return []
+    return [v.to_dict() for v in budget.views(client, state.ns, now)]
 
 
 def mentions(entry: dict[str, Any], ref: KeyRef) -> bool:

@@ -102,10 +102,36 @@ class RotatorCollector:
             if published_at is not None:
                 stamp.add_metric([], published_at)
             yield stamp
+        yield from budget_metrics(self.state, now)
         last = GaugeMetricFamily("rotator_last_scan_timestamp_seconds", "When the last scheduled scan ran.")
         if m["last_scan"] is not None:
             last.add_metric([], m["last_scan"])
         yield last
+
+
+def budget_metrics(state: RedisState, now: float) -> Iterator[Metric]:
+    """The fleet's rate budget per Client ID and window (1 = the key service's first published)."""
+    from rotator.budget import views
+
+    labels = ["client_id", "window"]
+    left = GaugeMetricFamily("rotator_rate_budget_calls_left", "Calls rotator may still send in the window "
+                             "(its allowance less what the fleet sent).", labels=labels)
+    service = GaugeMetricFamily("rotator_rate_limit_calls_left", "Calls the Client ID has left in the window, "
+                                "as the key service last said, less what the fleet sent since.", labels=labels)
+    resets = GaugeMetricFamily("rotator_rate_limit_reset_timestamp_seconds", "When the window starts again.",
+                               labels=labels)
+    paused = GaugeMetricFamily("rotator_rate_budget_paused_until_timestamp_seconds",
+                               "Nothing is sent for the Client ID until then (a 429's Retry-After).",
+                               labels=["client_id"])
+    for found in views(state.client, state.ns, now):
+        for index, window in enumerate(found.windows, 1):
+            names = [found.client_id, str(index)]
+            left.add_metric(names, max(0, window.allowance - window.spent))
+            service.add_metric(names, window.left)
+            resets.add_metric(names, window.resets_at)
+        if found.paused_until:
+            paused.add_metric([found.client_id], found.paused_until)
+    yield from (left, service, resets, paused)
 
 
 def scrape_host(name: str) -> bool:

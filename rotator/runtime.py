@@ -62,11 +62,16 @@ def build_budget(settings: Settings, state: RedisState) -> RateBudget:
                       burst=config.burst, longest_wait_s=config.retry_max_wait_s)
 
 
-def build_engine(settings: Settings, publisher: EventPublisher | None = None, actor: str | None = None) -> Engine:
+def build_engine(settings: Settings, publisher: EventPublisher | None = None, actor: str | None = None,
+                 looking: bool = False) -> Engine:
+    """`looking`: the engine of what a person looks at (`status`, the page), whose calls a spent
+    rate budget does not hold back (`RateBudget.for_people`)."""
     fingerprint = build_fingerprinter(settings)
     state = build_state(settings)
+    budget = build_budget(settings, state)
     engine = Engine(
-        build_keyservice(settings.keyservice, settings.policy.overlap_grace_s, budget=build_budget(settings, state)),
+        build_keyservice(settings.keyservice, settings.policy.overlap_grace_s,
+                         budget=budget.for_people() if looking else budget),
         build_sinks(settings, fingerprint), state,
         publisher or LogPublisher(), fingerprint, settings.policy.to_policy(),
         sink_retry_s=settings.engine.sink_retry_s, verify=settings.engine.verify,

@@ -4,7 +4,10 @@ limits and a real Redis: what the budget holds back is deferred (never failed, n
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +19,7 @@ from rotator.keyservice.emulator import DEFAULT_RATE_LIMITS, RATE_WINDOWS_S, Emu
 from rotator.keyservice.emulator_http import EmulatorServer
 from rotator.keyservice.http import HttpKeyService
 from rotator.state import RedisState
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, write_config
 from tests.test_engine import holds_current, lose_the_answer, make_engine, memory, plant
 
 DAY = 86_400
@@ -125,7 +128,7 @@ def test_a_held_back_reset_sent_again_waits_in_doubt_for_the_next_sweep(
     budget = with_budget(keyservice, state, emulator)
     budget.observe("acme", [(0, 4, int(emulator.now()) + 900)])  # two calls: the read and the replay
     [held] = engine.recover_all()
-    assert held.status == "deferred", held.reason
+    assert held.status == "deferred" and "rotation.failed" not in events.names(), held.reason
     kept = state.get_attempt(ref)
     assert kept is not None and kept.phase == "in_doubt" and kept.epoch == record.epoch
     emulator.clock_offset_s += RATE_WINDOWS_S[0] + 1
@@ -155,3 +158,44 @@ def test_a_held_back_fresh_reset_after_a_lost_secret_keeps_the_loss(
     keyservice.budget = None
     assert holds_current(sink, emulator, "acme", fleet[0], keyservice) and state.attempts() == []
     assert len(emulator.ledger) == 2  # the lost reset and the one that replaced it
+
+
+def test_the_commands_stop_at_once_and_say_until_when(tmp_path: Path, env: pytest.MonkeyPatch, redis_server: str,
+                                                      emulator: Emulator, emulator_server: EmulatorServer,
+                                                      fleet: list[str]) -> None:
+    """`rotate --all-due --apply` rotates what the share allows, then stops and lists what it
+    deferred and until when (exit 1, nothing failed); `status` and the metrics show the budget;
+    `scan` meeting a spent budget stops at once."""
+    from prometheus_client import generate_latest
+    from prometheus_client.core import CollectorRegistry
+    from typer.testing import CliRunner
+
+    from rotator.cli import app
+    from rotator.config import load_settings
+    from rotator.metrics import RotatorCollector
+
+    env.setenv("ROTATOR_STATE__NAMESPACE", f"budget-{uuid.uuid4().hex[:8]}")
+    env.setenv("ROTATOR_KEYSERVICE__MAX_SHARE_OF_RATE_LIMIT", "0.5")
+    env.setenv("ROTATOR_KEYSERVICE__RATE_LIMIT_RESERVE", "0")
+    config = write_config(tmp_path / "rotator.toml", emulator_server.url, redis_server)
+    emulator.spend_calls("acme", DEFAULT_RATE_LIMITS[0] - 40)
+    counted = Counted(emulator)
+    runner = CliRunner()
+    applied = runner.invoke(app, ["rotate", "--all-due", "--apply", "--config", str(config)])
+    assert applied.exit_code == 1, applied.output
+    assert counted.calls <= 20 and counted.refused == 0
+    assert re.search(r"stopped: \d+ key\(s\) deferred \(acme/key_\w+.*spent until \d{4}-\d\d-\d\dT", applied.stderr)
+    assert "succeeded" in applied.stdout and "failed" not in applied.output
+
+    status = runner.invoke(app, ["status", "--config", str(config)])
+    assert re.search(r"rate budget acme: window 1: 0 of 19 calls left to rotator", status.stderr), status.stderr
+    registry = CollectorRegistry()
+    settings = load_settings(config)
+    registry.register(RotatorCollector(settings, RedisState.from_url(settings.state.url(), settings.state.namespace)))
+    scraped = generate_latest(registry).decode()
+    assert 'rotator_rate_budget_calls_left{client_id="acme",window="1"} 0.0' in scraped
+
+    looked = counted.calls  # a person's look spends its page past the share
+    scanned = runner.invoke(app, ["scan", "--config", str(config)])
+    assert scanned.exit_code == 1 and "stopped after 0 keys" in scanned.stderr, scanned.output
+    assert counted.calls == looked  # not one call more

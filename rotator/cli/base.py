@@ -143,8 +143,9 @@ def need_full(settings: Settings) -> None:
              "(web, metrics, status) but not rotate, scan or run workers; use the workers' configuration", 2)
 
 
-def engine_for(settings: Settings) -> Engine:
-    """An engine for a command run by a person: its events reach the alert channels via the workers."""
+def engine_for(settings: Settings, looking: bool = False) -> Engine:
+    """An engine for a command run by a person: its events reach the alert channels via the workers.
+    `looking` (`status`): its calls spend from the rate budget past the share (`RateBudget.for_people`)."""
     from rotator.runtime import build_engine
     from rotator.safety import no_core_dumps
 
@@ -153,8 +154,8 @@ def engine_for(settings: Settings) -> Engine:
     if settings.alerts:
         from rotator.tasks import CeleryPublisher
 
-        return build_engine(settings, publisher=CeleryPublisher())
-    return build_engine(settings)
+        return build_engine(settings, publisher=CeleryPublisher(), looking=looking)
+    return build_engine(settings, looking=looking)
 
 
 def use_config(config: Path | None) -> Settings:

@@ -80,7 +80,8 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
 
             report = view.report(build_state(settings), limit if history else 0)
         else:
-            report = status_report(engine_for(settings), history=limit if history else 0, with_sinks=False)
+            report = status_report(engine_for(settings, looking=True), history=limit if history else 0,
+                                   with_sinks=False)
     if as_json:
         print_json(report)
         return
@@ -95,6 +96,11 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
     for d in drift:
         err.print(f"[red]drift[/red] {show(d['client_id'])}/{show(d['key_id'])} {show(d['sink'])}: "
                   f"{show(d['reason'])}")
+    from rotator.budget import describe, from_dict
+
+    for found in report.get("rate_budget") or []:  # a view an older worker published has none
+        paused = "[yellow]rate budget[/yellow]" if found.get("paused_until") else "rate budget"
+        err.print(f"{paused} {show(found['client_id'])}: {show(describe(from_dict(found)))}", highlight=False)
     if entries:
         print_table(("time", "actor", "kind", "key", "trigger", "result", "note / reason / sinks"),
                     [_audit_row(e) for e in entries])

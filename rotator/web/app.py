@@ -29,6 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from rotator import logs
+from rotator.budget import describe, from_dict
 from rotator.console import unreachable
 from rotator.domain import KeyRef
 from rotator.errors import NotFoundError, RotatorError
@@ -115,7 +116,8 @@ def create_app(source: CachedSource, *, credential: Credential | None = None, re
     def context(base: str, now: float, **extra: Any) -> dict[str, Any]:
         return {"refresh_s": refresh_s, "now": now, "home": f"{base}/", "fragment_url": f"{base}/fragment/fleet",
                 "warn_days": source.warn_before_days, "static": lambda name: f"{base}/static/{quote(name)}",
-                "key_url": lambda c, k: f"{base}/keys/{quote(c, safe='')}/{quote(k, safe='')}", **extra}
+                "key_url": lambda c, k: f"{base}/keys/{quote(c, safe='')}/{quote(k, safe='')}",
+                "budget_line": lambda found: describe(from_dict(found)), **extra}
 
     def render(name: str, values: dict[str, Any]) -> bytes:
         return pages.get_template(name).render(values).encode()

@@ -75,7 +75,7 @@ def build_app(settings: Settings, options: WebOptions) -> tuple[ASGIApp, CachedS
         source = PublishedSource(build_state(settings), cache_s=settings.web.cache_s,
                                  history_max=settings.state.history_max)
     else:
-        source = FleetSource(build_engine(settings, publisher=Quiet()), cache_s=settings.web.cache_s,
+        source = FleetSource(build_engine(settings, publisher=Quiet(), looking=True), cache_s=settings.web.cache_s,
                              history_max=settings.state.history_max)
     metrics = None
     if options.metrics:
