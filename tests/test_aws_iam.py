@@ -429,3 +429,25 @@ def test_verification_waits_in_real_time_by_default(iam: dict[str, Any]) -> None
     started = time.monotonic()
     assert ks.verify_secret(ks.account(), Secret("not-the-secret"), iam["keys"]["loose"][0]) is False
     assert 0.3 <= time.monotonic() - started < 2
+
+
+def test_iam_calls_of_every_process_share_one_paced_rate(iam: dict[str, Any], state: Any) -> None:
+    """IAM publishes no rate-limit headers: `requests_per_second` and `burst` pace every process
+    together (rotator.budget's shared token bucket). Past the burst, another process's IAM call is
+    held back before botocore sends it (the engine defers its key); STS's token check is not IAM's."""
+    from rotator.budget import RateBudget
+    from rotator.errors import BudgetSpent
+
+    first, _ = writer(iam)
+    second, _ = writer(iam)
+    for ks in (first, second):
+        ks.budget = RateBudget(state.client, state.ns, requests_per_second=1, burst=3, longest_wait_s=0,
+                               clock=lambda: 1_000_000.0)
+    sent: list[str] = []
+    second._iam.meta.events.register("before-send.iam.*", lambda **_: sent.append("iam"))
+    for _ in range(3):
+        first._iam.list_users(PathPrefix=iam["path"])
+    with pytest.raises(BudgetSpent, match="requests_per_second"):
+        second._iam.list_users(PathPrefix=iam["path"])
+    assert sent == []  # held back before anything went
+    assert second._sts.get_caller_identity()["Account"]  # STS is not paced by IAM's rate

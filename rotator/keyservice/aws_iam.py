@@ -27,6 +27,7 @@ import botocore.loaders
 import botocore.session
 from botocore.config import Config as BotoConfig
 
+from rotator.budget import READ, WRITE, RateBudget
 from rotator.config import KeyServiceConfig
 from rotator.domain import (
     ApiKey,
@@ -55,6 +56,7 @@ from rotator.keyservice.transport import judged
 from rotator.safety import excerpt, is_id, text_problem
 
 PROVIDER = "aws-iam"
+BUDGET_ID = "aws-iam"  # the budget's name in the state store: IAM's rate is the account's
 NOT_RESET = ("AWS IAM access keys cannot be reset, only created, deactivated and deleted: they rotate by "
              "the overlap strategy only")
 DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "InvalidClientTokenId",
@@ -95,14 +97,26 @@ class AwsIamKeyService:
         self._iam_once: Any = self._client("iam", self._settings.merge(
             BotoConfig(retries={"total_max_attempts": 1, "mode": "standard"})))
         self._account: str | None = None
+        #: The fleet's rate budget (rotator.budget): IAM publishes no rate-limit headers, so only
+        #: `requests_per_second` paces it, for every process together; each IAM call spends from it.
+        self.budget: RateBudget | None = None
 
     @property
     def delete_after_s(self) -> float:
         return self.config.delete_after_s
 
     def _client(self, name: str, settings: BotoConfig | None = None, **credentials: str) -> Any:
-        return self._session.client(name, endpoint_url=self._endpoint, config=settings or self._settings,
+        made = self._session.client(name, endpoint_url=self._endpoint, config=settings or self._settings,
                                     **credentials)
+        if name == "iam":  # IAM's throttling is account-wide; STS's token check is not IAM's
+            made.meta.events.register("before-call.iam.*", self._spend)
+        return made
+
+    def _spend(self, model: Any, **_: Any) -> None:
+        """Before each IAM call (not botocore's own retries): wait for the shared rate's slot, or
+        raise `BudgetSpent` (the engine defers the key)."""
+        if self.budget is not None:
+            self.budget.wait_or_defer(BUDGET_ID, WRITE if model.name == "CreateAccessKey" else READ)
 
     # --- reading ---------------------------------------------------------------------------
     def account(self) -> str:
