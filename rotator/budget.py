@@ -154,7 +154,8 @@ class RateBudget:
 
     def __init__(self, client: redis.Redis, namespace: str = "rotator", *, share: float = 0.2,
                  reserve: float = 0.1, requests_per_second: float | None = None, burst: int = 1,
-                 longest_wait_s: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+                 longest_wait_s: float = 30.0, clock: Callable[[], float] = time.time,
+                 fail_open: bool = False) -> None:
         self.client = client
         self.namespace = namespace
         self.share = share
@@ -163,6 +164,7 @@ class RateBudget:
         self.tolerance = self.interval * max(0, burst - 1)
         self.longest_wait_s = longest_wait_s
         self.clock = clock
+        self.fail_open = fail_open  # the state store out of reach: calls go (a scan) rather than fail
         self.looking = False  # a person's look (`status`, the page): counted, past the share and reserve
         self._script = client.register_script(_TAKE)
         self._warned = False
@@ -174,8 +176,8 @@ class RateBudget:
     def take(self, client_id: str, kind: str = READ, seen: Sequence[tuple[int, int, int]] = (),
              pause_until: float = 0.0, pause_why: str = "") -> Verdict:
         """Spend one call of `kind` (`seen`: the windows the last answer showed, (made, left,
-        reset) each). Redis out of reach: the call goes (logged once); the key service's own
-        429 still stops it."""
+        reset) each). Redis out of reach: with `fail_open`, the call goes (logged once; the key
+        service's own 429 still stops it), else the Redis error is raised."""
         return self._run(client_id, WANTED[kind], kind in (FINISH, PREPAID) or self.looking, seen, pause_until,
                          pause_why)
 
@@ -204,6 +206,8 @@ class RateBudget:
         try:
             granted, seconds, why, announce = self._script(keys=[self.key(client_id)], args=args)
         except redis.RedisError as exc:
+            if not self.fail_open:  # a rotation cannot run without the state store anyway
+                raise
             self._down_until = time.monotonic() + UNMETERED_S  # not one time-out per call
             if not self._warned:
                 self._warned = True

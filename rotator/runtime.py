@@ -52,14 +52,15 @@ def build_state(settings: Settings, timeout_s: float = 10.0) -> RedisState:
                                timeout_s=timeout_s)
 
 
-def build_budget(settings: Settings, state: RedisState) -> RateBudget:
-    """The fleet's share of the key service's rate limit, kept in the state store."""
+def build_budget(settings: Settings, state: RedisState, fail_open: bool = False) -> RateBudget:
+    """The fleet's share of the key service's rate limit, kept in the state store; `fail_open`
+    (a scan, which needs no state store otherwise): calls go unmetered while it does not answer."""
     from rotator.budget import RateBudget
 
     config = settings.keyservice
     return RateBudget(state.client, state.ns, share=config.max_share_of_rate_limit,
                       reserve=config.rate_limit_reserve, requests_per_second=config.requests_per_second,
-                      burst=config.burst, longest_wait_s=config.retry_max_wait_s)
+                      burst=config.burst, longest_wait_s=config.retry_max_wait_s, fail_open=fail_open)
 
 
 def build_engine(settings: Settings, publisher: EventPublisher | None = None, actor: str | None = None,

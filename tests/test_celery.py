@@ -33,6 +33,7 @@ from tests.signed import local_signer, publishing_as
 from tests.vault_server import VaultTestServer
 
 pytestmark = pytest.mark.slow
+WINDOW_S = 12  # the rate-limit test's first window: long enough for one run, short enough to wait for
 FP = Fingerprinter(FP_KEY)
 DAY = 86_400
 ROOT = Path(__file__).resolve().parents[1]
@@ -380,3 +381,49 @@ def test_a_broker_client_can_neither_stop_nor_steer_the_workers(
     worker.wait(30)
     stopped = cluster.cli("health", "--worker")
     assert stopped.returncode == 1 and "no heartbeat within" in stopped.stderr, stopped.stderr
+
+
+def test_workers_spend_only_their_share_and_finish_the_rest_after_the_window(
+    world: tuple[Cluster, dict[str, str]], emulator: Emulator, keyservice: HttpKeyService
+) -> None:
+    """Two workers of two processes each, twelve due keys, 40 calls left in the 15-minute window
+    and a share of 0.5: counted at the emulator, the fleet (the workers and the CLI that enqueued)
+    sends at most 20 calls and draws no 429; what it rotated is in every sink, the rest is deferred
+    (no attempt left, nothing failed), and once the window starts again the next run rotates the
+    rest, each key once, and nothing written holds a secret."""
+    from rotator.keyservice.emulator import DEFAULT_RATE_LIMITS, RATE_WINDOWS_S
+    from tests.test_fleet_budget import Counted
+
+    cluster, keys = world
+    now = emulator.now()
+    due = list(keys.values()) + [emulator.add_key("acme-prod", f"bulk-{n}", created_at=now - 100 * DAY).id
+                                 for n in range(10)]
+    cluster.env.update({"ROTATOR_KEYSERVICE__MAX_SHARE_OF_RATE_LIMIT": "0.5",
+                        "ROTATOR_KEYSERVICE__RATE_LIMIT_RESERVE": "0"})
+    cluster.worker()
+    cluster.worker()
+    emulator.rate_windows_s = (WINDOW_S, *RATE_WINDOWS_S[1:])  # a first window that resets within the test
+    emulator.spend_calls("acme-prod", DEFAULT_RATE_LIMITS[0] - 40)  # the platform's payments
+    started = time.monotonic()
+    counted = Counted(emulator)
+
+    def deferred() -> set[str]:
+        lines = "\n".join(p.read_text(errors="replace") for p in cluster.outputs if p.exists()).splitlines()
+        return {m.group(1) for line in lines if '"rotation.deferred"' in line
+                for m in [re.search(r'"key_id": "([^"]+)"', line)] if m}
+
+    assert cluster.cli("rotate", "--all-due", "--apply", "--enqueue").returncode == 0
+    wait_for(lambda: len(emulator.ledger) + len(deferred()) == len(due), 60, "every key rotated or deferred")
+    assert time.monotonic() - started < WINDOW_S, "the window reset before the first run was over"
+    assert counted.calls <= 20 and counted.refused == 0, (counted.calls, counted.refused)
+    rotated = [e.key_id for e in emulator.ledger]
+    assert rotated and deferred() and not set(rotated) & deferred()
+    assert settled(cluster, emulator, keyservice, rotated)
+    assert not cluster.db.smembers(b"rotator:attempts")
+
+    time.sleep(max(0.0, WINDOW_S + 1 - (time.monotonic() - started)))  # the window starts again
+    assert cluster.cli("rotate", "--all-due", "--apply", "--enqueue").returncode == 0
+    wait_for(lambda: settled(cluster, emulator, keyservice, due), 60, "the deferred keys rotated")
+    assert reset_counts(emulator) == dict.fromkeys(due, 1)
+    written = cluster.everything_written()
+    assert not any(emulator.current_secret("acme-prod", key_id) in written for key_id in due)

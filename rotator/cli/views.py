@@ -35,7 +35,7 @@ def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     settings = settings_or_exit(config)
     need_full(settings)
     with errors_exit():
-        budget = build_budget(settings, build_state(settings, timeout_s=2.0))
+        budget = build_budget(settings, build_state(settings, timeout_s=2.0), fail_open=True)
         service = build_keyservice(settings.keyservice, budget=budget)
         rows = []
         try:

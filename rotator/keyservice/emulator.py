@@ -177,6 +177,8 @@ class Emulator:
         self._ledger: list[LedgerEntry] = []
         self._running: dict[tuple[str, str], threading.Event] = {}
         self._keys_seen: list[str] = []  # every Idempotency-Key a write was sent with, in order
+        #: The windows' lengths, seconds (the published ones; a test may shorten them to see one reset).
+        self.rate_windows_s: tuple[int, ...] = RATE_WINDOWS_S
         #: Calls each Client ID may make per window (RATE_WINDOWS_S); None: no limits and no headers.
         self.rate_limits: tuple[int, ...] | None = DEFAULT_RATE_LIMITS
         self._windows: dict[str, list[list[int]]] = {}  # client -> per window [start, calls made]
@@ -388,7 +390,7 @@ class Emulator:
             windows = self._current_windows(client_id)
             now = self.now()
             full = [start + length - now for (start, made), limit, length in
-                    zip(windows, limits, RATE_WINDOWS_S, strict=True) if made >= limit]
+                    zip(windows, limits, self.rate_windows_s, strict=True) if made >= limit]
             if not full:
                 for window in windows:
                     window[1] += 1
@@ -397,14 +399,14 @@ class Emulator:
                 "X-RateLimit-Remaining": ",".join(str(max(0, limit - made)) for (_, made), limit in
                                                   zip(windows, limits, strict=True)),
                 "X-RateLimit-Reset": ",".join(str(start + length) for (start, _), length in
-                                              zip(windows, RATE_WINDOWS_S, strict=True)),
+                                              zip(windows, self.rate_windows_s, strict=True)),
             }
             return headers, (max(1, max(full)) if full else None)
 
     def _current_windows(self, client_id: str) -> list[list[int]]:
         now = self.now()
-        windows = self._windows.setdefault(client_id, [[now, 0] for _ in RATE_WINDOWS_S])
-        for window, length in zip(windows, RATE_WINDOWS_S, strict=True):
+        windows = self._windows.setdefault(client_id, [[now, 0] for _ in self.rate_windows_s])
+        for window, length in zip(windows, self.rate_windows_s, strict=True):
             if now >= window[0] + length or window[0] > now:  # over, or a clock moved back past its start
                 window[0], window[1] = now, 0
         return windows
