@@ -73,7 +73,7 @@ def main() -> None:
         os.execv(BIN / "python", [str(BIN / "python"), "-m", "rotator.openbao", *rest])
     elif command == "bench":
         ensure_env()
-        for name in rest or ["scan", "rotate", "window", "page_load"]:
+        for name in rest or ["scan", "rotate", "window", "page_load", "budget"]:
             run(BIN / "python", f"benchmarks/{name}.py")
     else:
         print(__doc__)

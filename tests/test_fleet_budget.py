@@ -4,6 +4,7 @@ limits and a real Redis: what the budget holds back is deferred (never failed, n
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator
@@ -199,3 +200,18 @@ def test_the_commands_stop_at_once_and_say_until_when(tmp_path: Path, env: pytes
     scanned = runner.invoke(app, ["scan", "--config", str(config)])
     assert scanned.exit_code == 1 and "stopped after 0 keys" in scanned.stderr, scanned.output
     assert counted.calls == looked  # not one call more
+
+
+def test_scan_goes_on_without_the_state_store(tmp_path: Path, env: pytest.MonkeyPatch, emulator: Emulator,
+                                              emulator_server: EmulatorServer, fleet: list[str]) -> None:
+    """`scan` needs no state store but for the budget: with Redis down it lists every key, unmetered,
+    and says so once; a rotation could not run without Redis anyway, so only the scan goes on."""
+    from typer.testing import CliRunner
+
+    from rotator.cli import app
+
+    config = write_config(tmp_path / "rotator.toml", emulator_server.url, "redis://127.0.0.1:9")
+    scanned = CliRunner().invoke(app, ["scan", "--json", "--config", str(config)])
+    assert scanned.exit_code == 0, scanned.output
+    assert sorted(row["key_id"] for row in json.loads(scanned.stdout)) == sorted(fleet)
+    assert scanned.stderr.count("budget.unreachable") == 1

@@ -124,8 +124,15 @@ def test_the_limits_are_set_over_the_control_api_and_the_command_line(emulator: 
         assert http.get("/v2.01/acme/apikeys").status_code == 429
         assert http.post("/_emulator/rate", json={"limits": None}).status_code == 204
         assert http.get("/v2.01/acme/apikeys").status_code == 200
+        # Shorter windows, for a test or a benchmark that must see one start again.
+        assert http.post("/_emulator/rate", json={"limits": [3, 10, 100, 1000], "windows_s": [5, 60, 600, 6000]}
+                         ).status_code == 204
+        emulator.add_client("fresh", "Fresh")
+        resets = http.get("/v2.01/fresh/apikeys").headers["X-RateLimit-Reset"].split(",")
+        assert [int(r) - int(emulator.now()) for r in resets] == pytest.approx([5, 60, 600, 6000], abs=1)
+        assert http.post("/_emulator/rate", json={"limits": None, "windows_s": None}).status_code == 204
         for wrong in ({"limits": [0, 1, 1, 1]}, {"limits": [3, 10]}, {"spend": {"acme": -5}}, {"spend": [1]},
-                      {"spend": {"acme": 1.5}}):
+                      {"spend": {"acme": 1.5}}, {"windows_s": [0, 1, 1, 1]}):
             assert http.post("/_emulator/rate", json=wrong).status_code == 400, wrong
         huge = http.post("/_emulator/rate", content=b'{"spend": {"acme": 1e999}}',
                          headers={"Content-Type": "application/json"})

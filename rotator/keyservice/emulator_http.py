@@ -369,13 +369,15 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             if (method, action) == ("POST", "seed"):
                 emulator.load_seed(_body(raw))
                 return _Answer(204, b"")
-            if (method, action) == ("POST", "rate"):  # {"limits": [..] or null, "spend": {"client": calls}}
+            if (method, action) == ("POST", "rate"):  # {"limits": [..] or null, "spend": {..}, "windows_s": [..]}
                 body = _body(raw)
                 limits = parse_rate_limits(body["limits"]) if "limits" in body else emulator.rate_limits
+                lengths = parse_rate_limits(body["windows_s"]) if "windows_s" in body else emulator.rate_windows_s
                 spend = body.get("spend") or {}
                 if not isinstance(spend, dict) or not all(type(n) is int and 0 <= n <= 10**9 for n in spend.values()):
                     raise ValueError("spend: an object of Client ID -> calls made (0 to 10^9)")
                 emulator.rate_limits = limits
+                emulator.rate_windows_s = lengths or RATE_WINDOWS_S
                 for client, calls in spend.items():
                     emulator.spend_calls(str(client), calls)
                 return _Answer(204, b"")

@@ -32,7 +32,7 @@ from rotator import logs
 from rotator.budget import describe, from_dict
 from rotator.console import unreachable
 from rotator.domain import KeyRef
-from rotator.errors import NotFoundError, RotatorError
+from rotator.errors import BudgetSpent, NotFoundError, RotatorError
 from rotator.safety import is_id, redact_urls_in
 from rotator.web import view
 from rotator.web.guard import ASGIApp, Credential, Guard, Message, Receive, Scope, Send
@@ -66,7 +66,7 @@ def templates() -> Environment:
 def service_failure(exc: BaseException) -> str | None:
     """One line for an error of a service the page reads (rotator's own errors, Redis, the broker,
     a socket); None for anything else, which is a bug and keeps its traceback."""
-    if isinstance(exc, RotatorError):
+    if isinstance(exc, RotatorError | BudgetSpent):  # a 429's pause holds back even a person's look
         return str(exc)
     down = unreachable(exc)
     if down is None and isinstance(exc, OSError):
