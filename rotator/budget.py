@@ -37,6 +37,9 @@ WANTED: Final = {READ: 1, WRITE: 2, FINISH: 1, PREPAID: 0}
 #: How long a budget no worker touches is kept (the longest published window is a day).
 KEEP_S: Final = 2 * 86_400
 MAX_WINDOWS: Final = 8
+#: A budget with nothing to meter (no window published, no pause, no paced rate) is asked again
+#: after this long, not before every call; another worker's 429 is seen at most this late.
+IDLE_S: Final = 1.0
 #: After the state store fails to answer, calls go unmetered this long before it is asked again.
 UNMETERED_S: Final = 30.0
 
@@ -114,7 +117,12 @@ if want >= 0 then
 end
 if #out > 0 then redis.call('HSET', key, unpack(out)) end
 redis.call('PEXPIRE', key, keep)
-return {granted, tostring(seconds), why, announce}
+local idle = 1  -- nothing to meter: no live window, no pause, no paced rate
+if interval > 0 or (num('p') or 0) > now then idle = 0 end
+for i = 1, (num('w') or 0) do
+  if (num('r' .. i) or 0) > now then idle = 0 end
+end
+return {granted, tostring(seconds), why, announce, idle}
 """
 
 
@@ -169,6 +177,7 @@ class RateBudget:
         self._script = client.register_script(_TAKE)
         self._warned = False
         self._down_until = 0.0  # monotonic: the state store failed; calls go unmetered until then
+        self._idle_until: dict[str, float] = {}  # monotonic, per Client ID: nothing to meter until then
 
     def key(self, client_id: str) -> str:
         return f"{self.namespace}:budget:{client_id}"
@@ -201,10 +210,11 @@ class RateBudget:
                            repr(pause_until), pause_why, int(KEEP_S * 1000), len(windows)]
         for made, left, reset in windows:
             args.extend((made, left, reset))
-        if time.monotonic() < self._down_until:
+        if time.monotonic() < self._down_until or (want >= 0 and not windows and not pause_until
+                                                   and time.monotonic() < self._idle_until.get(client_id, 0.0)):
             return Verdict(True, 0.0, "", False)
         try:
-            granted, seconds, why, announce = self._script(keys=[self.key(client_id)], args=args)
+            granted, seconds, why, announce, idle = self._script(keys=[self.key(client_id)], args=args)
         except redis.RedisError as exc:
             if not self.fail_open:  # a rotation cannot run without the state store anyway
                 raise
@@ -214,6 +224,10 @@ class RateBudget:
                 log.warning("budget.unreachable", error_type=type(exc).__name__,
                             detail="calls go unmetered until the state store answers")
             return Verdict(True, 0.0, "", False)
+        if int(idle):  # a key service that publishes no windows: ask again in a second, not each call
+            self._idle_until[client_id] = time.monotonic() + IDLE_S
+        else:
+            self._idle_until.pop(client_id, None)
         return Verdict(bool(int(granted)), float(_text(seconds)), _text(why), bool(int(announce)))
 
     def view(self, client_id: str) -> BudgetView:

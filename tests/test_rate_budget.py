@@ -161,3 +161,22 @@ def test_without_redis_a_scan_goes_on_and_says_so_once(clock: Clock, capsys: pyt
     assert b.take("acme").granted and b.take("acme").granted  # the second without asking again
     written = capsys.readouterr()
     assert (written.out + written.err).count("budget.unreachable") == 1
+
+
+def test_a_budget_with_nothing_to_meter_is_asked_once_a_second(client: redis.Redis, clock: Clock) -> None:
+    """A key service that publishes no windows (and no paced rate): one round trip a second per
+    process, not one per call; a window seen, or a pause, is told at once and metered again."""
+    import time
+
+    b = budget(client, clock, share=0.5)
+    asked = []
+    script = b._script
+    b._script = lambda **kw: asked.append(1) or script(**kw)  # type: ignore[assignment, func-returns-value]
+    for _ in range(5):
+        assert b.take("acme").granted
+    assert len(asked) == 1
+    assert b.take("acme", READ, (window(clock, 0, 10),)).granted and len(asked) == 2  # told at once
+    assert granted(b) == 3 and len(asked) == 6  # metered again: 0.5 x 10, less the first call and that one
+    b._idle_until["other"] = time.monotonic() + 60
+    b.observe("other", pause_until=clock.now + 5, pause_why="429")  # a pause is told at once ...
+    assert not b.take("other").granted  # ... and the next call asks
