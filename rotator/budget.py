@@ -173,7 +173,7 @@ class RateBudget:
         self.longest_wait_s = longest_wait_s
         self.clock = clock
         self.fail_open = fail_open  # the state store out of reach: calls go (a scan) rather than fail
-        self.looking = False  # a person's look (`status`, the page): counted, past the share and reserve
+        self.looking = False  # a person's look (`status`, the page): not counted, held back only by a pause
         self._script = client.register_script(_TAKE)
         self._warned = False
         self._down_until = 0.0  # monotonic: the state store failed; calls go unmetered until then
@@ -187,12 +187,12 @@ class RateBudget:
         """Spend one call of `kind` (`seen`: the windows the last answer showed, (made, left,
         reset) each). Redis out of reach: with `fail_open`, the call goes (logged once; the key
         service's own 429 still stops it), else the Redis error is raised."""
-        return self._run(client_id, WANTED[kind], kind in (FINISH, PREPAID) or self.looking, seen, pause_until,
-                         pause_why)
+        return self._run(client_id, WANTED[kind], kind in (FINISH, PREPAID), seen, pause_until, pause_why)
 
     def for_people(self) -> RateBudget:
-        """The same budget for what a person looks at (`status`, the page): its calls count, and
-        only a 429's pause holds them back, so the fleet's view stays readable when it is spent."""
+        """The same budget for what a person looks at (`status`, the page): read, never written
+        (looking changes nothing in the state store), and only a 429's pause holds it back, so the
+        fleet's view stays readable when the share is spent. (A page caches its scan.)"""
         look = copy.copy(self)
         look.looking = True
         return look
@@ -204,6 +204,8 @@ class RateBudget:
 
     def _run(self, client_id: str, want: int, priority: bool, seen: Sequence[tuple[int, int, int]],
              pause_until: float, pause_why: str) -> Verdict:
+        if self.looking:  # read, never written: only a pause holds a person's look back
+            return self._look(client_id) if want >= 0 else Verdict(True, 0.0, "", False)
         windows = list(seen)[:MAX_WINDOWS]
         args: list[Any] = [repr(self.clock()), want, int(priority), repr(self.share), repr(self.reserve),
                            repr(self.interval), repr(self.tolerance), repr(self.longest_wait_s),
@@ -229,6 +231,17 @@ class RateBudget:
         else:
             self._idle_until.pop(client_id, None)
         return Verdict(bool(int(granted)), float(_text(seconds)), _text(why), bool(int(announce)))
+
+    def _look(self, client_id: str) -> Verdict:
+        try:
+            paused = self.view(client_id)
+        except redis.RedisError:
+            if not self.fail_open:
+                raise
+            return Verdict(True, 0.0, "", False)
+        if paused.paused_until:
+            return Verdict(False, paused.paused_until, paused.pause_reason, False)
+        return Verdict(True, 0.0, "", False)
 
     def view(self, client_id: str) -> BudgetView:
         return _view(client_id, self.client.hgetall(self.key(client_id)), self.clock())

@@ -196,7 +196,7 @@ def test_the_commands_stop_at_once_and_say_until_when(tmp_path: Path, env: pytes
     scraped = generate_latest(registry).decode()
     assert 'rotator_rate_budget_calls_left{client_id="acme",window="1"} 0.0' in scraped
 
-    looked = counted.calls  # a person's look spends its page past the share
+    looked = counted.calls  # a person's look goes past the share (not counted by the fleet's budget)
     scanned = runner.invoke(app, ["scan", "--config", str(config)])
     assert scanned.exit_code == 1 and "stopped after 0 keys" in scanned.stderr, scanned.output
     assert counted.calls == looked  # not one call more
