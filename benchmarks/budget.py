@@ -107,7 +107,9 @@ def share_run(keys: int, processes: int, window_s: int) -> None:
     emulator.latency_s = LATENCY
     with tempfile.TemporaryDirectory() as tmp, PrivateRedis() as private, EmulatorServer(emulator) as server:
         config, env = fleet(Path(tmp), private.url, server.url, processes,
-                            "max_share_of_rate_limit = 0.5\nrate_limit_reserve = 0")
+                            # A hold shorter than retry_max_wait_s is waited, not deferred: the
+                            # shortened window must be longer than that.
+                            "max_share_of_rate_limit = 0.5\nrate_limit_reserve = 0\nretry_max_wait_s = 1")
         worker = subprocess.Popen([sys.executable, "-m", "rotator.cli", "worker", "--config", str(config),
                                    "--loglevel", "WARNING"], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
@@ -188,9 +190,12 @@ def main() -> None:
     parser.add_argument("--paced-keys", type=int, default=100)
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--window", type=int, default=20, help="The first window's length, seconds.")
+    parser.add_argument("--only", choices=("share", "paced"))
     args = parser.parse_args()
-    share_run(args.keys, args.processes, args.window)
-    paced_run(args.paced_keys, args.processes, 20.0)
+    if args.only != "paced":
+        share_run(args.keys, args.processes, args.window)
+    if args.only != "share":
+        paced_run(args.paced_keys, args.processes, 20.0)
 
 
 if __name__ == "__main__":
