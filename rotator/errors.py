@@ -70,13 +70,12 @@ class BudgetSpent(Exception):
     `until` (Unix time): the call was not sent. Deliberately outside `RotatorError`, so that no
     handler of failures takes it for one: what it stops is deferred, never failed."""
 
-    def __init__(self, client_id: str, until: float, why: str, *, announce: bool = False) -> None:
+    def __init__(self, client_id: str, until: float, why: str) -> None:
         self.client_id = client_id
         self.until = until
         self.why = why
-        self.announce = announce  # the first process held back until `until`: it tells the fleet
         super().__init__(f"the key service's rate budget for {client_id} is spent until "
-                         f"{_clock(until)} ({describe_hold(why)}); nothing was sent")
+                         f"{_clock(until)} ({describe_hold(why)}); this call was not sent")
 
 
 def describe_hold(why: str) -> str:

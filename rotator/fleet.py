@@ -132,7 +132,7 @@ def status_report(engine: Engine, *, history: int = 0, now: float | None = None,
         "in_flight": [attempt_dict(a) for a in attempts.values()],
         "drift": [drift_dict(d) for d in drift],
         "history": engine.state.history(history) if history > 0 else [],
-        "rate_budget": rate_budget(engine.state, moment),
+        "rate_budget": rate_budget(engine.state),
     }
     if with_sinks:
         report["summary"] = summary(keys, attempts.values(), drift, moment)
@@ -140,14 +140,14 @@ def status_report(engine: Engine, *, history: int = 0, now: float | None = None,
     return report
 
 
-def rate_budget(state: Any, now: float) -> list[dict[str, Any]]:
-    """The fleet's rate budget per Client ID (rotator.budget), as the state store holds it."""
+def rate_budget(state: Any) -> list[dict[str, Any]]:
+    """The fleet's rate budget per Client ID (rotator.budget), as the state store holds it now."""
     from rotator import budget
 
     client = getattr(state, "client", None)
     if client is None:  # a state store of another kind keeps no budget
         return []
-    return [v.to_dict() for v in budget.views(client, state.ns, now)]
+    return [v.to_dict() for v in budget.views(client, state.ns)]
 
 
 def mentions(entry: dict[str, Any], ref: KeyRef) -> bool:

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from rotator import view
 from rotator.config import Settings
+from rotator.errors import BudgetSpent
 from rotator.scan import ScanRow, scan
 from rotator.signing import REASONS
 from rotator.state import DURATION_BUCKETS, RedisState
@@ -46,12 +47,16 @@ class RotatorCollector:
     def _scan(self) -> list[ScanRow]:
         with self._lock:
             if time.monotonic() - self._rows_at > self.cache_s:
-                from rotator.runtime import build_keyservice
+                from rotator.runtime import build_budget, build_keyservice
 
-                service = build_keyservice(self.settings.keyservice)
+                # A look, like the page's: held back by a pause or a window at its reserve, not counted.
+                budget = build_budget(self.settings, self.state).for_people()
+                service = build_keyservice(self.settings.keyservice, budget=budget)
                 try:
                     self._rows = list(scan(service, self.settings.policy.to_policy(), time.time(),
                                            self.settings.keyservice.clients))
+                except BudgetSpent:  # a 429's pause: the last scan's gauges until it is over
+                    pass
                 finally:
                     service.close()
                 self._rows_at = time.monotonic()
@@ -123,9 +128,9 @@ def budget_metrics(state: RedisState, now: float) -> Iterator[Metric]:
     paused = GaugeMetricFamily("rotator_rate_budget_paused_until_timestamp_seconds",
                                "Nothing is sent for the Client ID until then (a 429's Retry-After).",
                                labels=["client_id"])
-    for found in views(state.client, state.ns, now):
-        for index, window in enumerate(found.windows, 1):
-            names = [found.client_id, str(index)]
+    for found in views(state.client, state.ns):
+        for window in found.windows:
+            names = [found.client_id, str(window.index)]
             left.add_metric(names, max(0, window.allowance - window.spent))
             service.add_metric(names, window.left)
             resets.add_metric(names, window.resets_at)

@@ -76,10 +76,14 @@ def read(state: RedisState) -> dict[str, Any]:
 
 
 def report(state: RedisState, history: int, view: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The published report (of `view`, read when not given), with the audit trail as Redis has it now."""
+    """The published report (of `view`, read when not given), with the audit trail and the rate
+    budget as Redis has them now (a spent or paused budget is what may hold the next view back)."""
+    from rotator.fleet import rate_budget
+
     view = read(state) if view is None else view
     result = {**view["report"], "published_at": view["published_at"]}
     result["history"] = state.history(history) if history > 0 else []
+    result["rate_budget"] = rate_budget(state)
     return result
 
 

@@ -42,11 +42,12 @@ def budget(client: redis.Redis, clock: Clock, **kwargs: object) -> RateBudget:
     return RateBudget(client, client.ns, clock=clock, **kwargs)  # type: ignore[attr-defined, arg-type]
 
 
-def window(clock: Clock, made: int, left: int, length: int = 900) -> tuple[int, int, int]:
-    return (made, left, int(clock.now) + length)
+def window(clock: Clock, made: int, left: int, length: int = 900) -> tuple[int, int, float]:
+    """What an answer shows: calls made, calls left, seconds until the window resets."""
+    return (made, left, float(length))
 
 
-def granted(b: RateBudget, kind: str = READ, seen: tuple[tuple[int, int, int], ...] = ()) -> int:
+def granted(b: RateBudget, kind: str = READ, seen: tuple[tuple[int, int, float], ...] = ()) -> int:
     """How many calls of `kind` go before the budget holds one back."""
     count = 0
     while b.take("acme", kind, seen).granted:
@@ -62,10 +63,14 @@ def test_the_share_is_of_what_was_left_at_first_sight_and_fixed_until_the_window
     assert b.take("acme").granted  # no window known yet: the first call goes (and counts at first sight)
     assert granted(b, READ, (window(clock, 2_000, 300),)) == 149  # 0.5 x 300, less the call before
     held = b.take("acme")
-    assert not held.granted and held.seconds == int(clock.now) + 900 and held.why == "share:1"
+    assert not held.granted and held.until == clock.now + 900 and held.why == "share:1"
     # Later answers showing more left (the platform quiet) do not raise the allowance in the window.
     assert not b.take("acme", READ, (window(clock, 2_100, 500),)).granted
     assert b.view("acme").windows[0].allowance == 150
+    # A late answer of an older window (its reset well before the known one's) changes nothing.
+    clock.now += 100
+    assert b.take("acme", FINISH, (window(clock, 50, 10, 200),)).granted and b.view("acme").windows[0].left > 10
+    clock.now -= 100
     clock.now += 901  # the window is over: the next answer's window gets its own allowance
     assert granted(b, READ, (window(clock, 1, 2_299),)) == 1_149
     # The service starting its window again before this clock says so (fewer calls made, a later
@@ -79,7 +84,7 @@ def test_every_window_binds_and_a_write_spends_two(client: redis.Redis, clock: C
     seen = (window(clock, 0, 2_300), window(clock, 0, 50, 1_800), window(clock, 0, 8_800, 3_600))
     assert granted(b, WRITE, seen) == 5  # the 30-minute window's 0.2 x 50 = 10 calls, two a write
     held = b.take("acme", WRITE)
-    assert held.why == "share:2" and held.seconds == int(clock.now) + 1_800
+    assert held.why == "share:2" and held.until == clock.now + 1_800
 
 
 def test_below_the_reserve_nothing_goes_until_the_window_resets(client: redis.Redis, clock: Clock) -> None:
@@ -89,30 +94,39 @@ def test_below_the_reserve_nothing_goes_until_the_window_resets(client: redis.Re
     assert b.take("acme", FINISH).granted  # settling an attempt already sent spends past the reserve
 
 
-def test_a_429_pauses_every_call_even_a_replay_and_tells_the_fleet_once(client: redis.Redis, clock: Clock) -> None:
+def test_a_429_pauses_every_call_even_a_replay(client: redis.Redis, clock: Clock) -> None:
     worker, other = budget(client, clock), budget(client, clock)
-    worker.observe("acme", (window(clock, 100, 2_200),), pause_until=clock.now + 120, pause_why="429")
+    worker.observe("acme", (window(clock, 100, 2_200),), pause_s=120, pause_why="429")
     first, second = other.take("acme"), worker.take("acme", FINISH)
-    assert not first.granted and not second.granted and first.seconds == clock.now + 120
-    assert first.why == "429" and first.announce and not second.announce  # said once for the fleet
+    assert not first.granted and not second.granted and first.until == clock.now + 120 and first.why == "429"
     assert not other.take("acme", PREPAID).granted
     clock.now += 121
     assert other.take("acme").granted and worker.take("acme", PREPAID).granted
     # A 429 whose windows show none left holds back until that window resets, the pause aside.
-    worker.observe("acme", (window(clock, 2_300, 0, 600),), pause_until=clock.now + 5, pause_why="429")
+    worker.observe("acme", (window(clock, 2_300, 0, 779),), pause_s=5, pause_why="429")
     assert other.take("acme").why == "reserve:1"
     clock.now += 6
     assert other.take("acme").why == "reserve:1" and other.take("acme", FINISH).granted
 
 
+def test_a_pause_is_at_most_fifteen_minutes(client: redis.Redis, clock: Clock) -> None:
+    """A gateway's Retry-After of days pauses the fleet for 15 minutes at most (a replay may look
+    again then); windows the answer shows spent still hold the share's calls until they reset."""
+    from rotator.budget import MAX_PAUSE_S
+
+    b = budget(client, clock)
+    b.observe("acme", pause_s=999_999, pause_why="429")
+    assert b.take("acme", FINISH).until == clock.now + MAX_PAUSE_S == clock.now + 900
+
+
 def test_a_paced_rate_is_shared_and_waits_rather_than_defers(client: redis.Redis, clock: Clock) -> None:
     a, b = (budget(client, clock, requests_per_second=10, burst=2, longest_wait_s=0.35) for _ in range(2))
-    waits = [x.take("acme").seconds for x in (a, b, a, b, a)]  # two at once, then one each 0.1 s
+    waits = [x.take("acme").wait_s for x in (a, b, a, b, a)]  # two at once, then one each 0.1 s
     assert waits == pytest.approx([0, 0, 0.1, 0.2, 0.3], abs=1e-6)
     held = b.take("acme")  # the next slot is more than the longest wait away
-    assert not held.granted and held.why == "rate" and held.seconds == pytest.approx(clock.now + 0.4)
+    assert not held.granted and held.why == "rate" and held.until == pytest.approx(clock.now + 0.4)
     clock.now += 1
-    assert a.take("acme").granted and a.take("acme").seconds == 0
+    assert a.take("acme").granted and a.take("acme").wait_s == 0
 
 
 def test_wait_or_defer_sleeps_for_a_short_hold_and_raises_past_it(client: redis.Redis, clock: Clock) -> None:
@@ -123,12 +137,12 @@ def test_wait_or_defer_sleeps_for_a_short_hold_and_raises_past_it(client: redis.
         slept.append(seconds)
         clock.now += seconds
 
-    b.observe("acme", pause_until=clock.now + 10, pause_why="429")
+    b.observe("acme", pause_s=10, pause_why="429")
     b.wait_or_defer("acme", READ, sleep=sleep)  # a short pause is waited out
     assert slept == [pytest.approx(10)]
     b.observe("acme", (window(clock, 2_000, 4),))  # 0.5 x 4, less the call made before it was seen
     b.wait_or_defer("acme", READ, sleep=sleep)
-    with pytest.raises(BudgetSpent, match=r"spent until .*rotator's share of window 1 is used.*nothing was sent"):
+    with pytest.raises(BudgetSpent, match=r"spent until .*rotator's share of window 1 is used.*this call was not sent"):
         b.wait_or_defer("acme", READ, sleep=sleep)
 
 
@@ -178,5 +192,5 @@ def test_a_budget_with_nothing_to_meter_is_asked_once_a_second(client: redis.Red
     assert b.take("acme", READ, (window(clock, 0, 10),)).granted and len(asked) == 2  # told at once
     assert granted(b) == 3 and len(asked) == 6  # metered again: 0.5 x 10, less the first call and that one
     b._idle_until["other"] = time.monotonic() + 60
-    b.observe("other", pause_until=clock.now + 5, pause_why="429")  # a pause is told at once ...
+    b.observe("other", pause_s=5, pause_why="429")  # a pause is told at once ...
     assert not b.take("other").granted  # ... and the next call asks

@@ -22,6 +22,7 @@ from rotator.cli.base import (
     use_config,
 )
 from rotator.console import err, out, print_json, show, unreachable
+from rotator.errors import BudgetSpent
 
 if TYPE_CHECKING:
     from rotator.engine import Engine
@@ -73,10 +74,10 @@ def rotate(
             _print_plan(plan, as_json, enqueue)
             return
         results: list[Any] = []
+        held: dict[str, Any] = {}  # per Client ID: its rate budget is spent, its other keys wait untried
         for step in plan:
-            held = results[-1] if results and results[-1].status == "deferred" else None
-            if held is not None and step.action == "rotate":  # the rate budget is spent: stop at once
-                results.append(replace(held, client_id=step.ref.client_id, key_id=step.ref.key_id))
+            if step.ref.client_id in held and step.action == "rotate":
+                results.append(replace(held[step.ref.client_id], key_id=step.ref.key_id))
                 continue
             if step.action == "skip":
                 results.append(step.as_skipped())
@@ -90,6 +91,8 @@ def rotate(
                 results.append(engine.rotate(step.ref, trigger="manual", force=force, reason=reason,
                                              generation=step.generation if all_due else None,
                                              include_out_of_scope=include_out_of_scope, strategy=how))
+            if results[-1].status == "deferred":
+                held[step.ref.client_id] = results[-1]
         engine.close()
     if not plan:
         err.print("no key is due")
@@ -101,12 +104,11 @@ def rotate(
             colour = "green" if res.ok else ("yellow" if res.status == "skipped" else "red")
             out.print(f"[{colour}]{show(res.status)}[/{colour}] {show(res.client_id)}/{show(res.key_id)} "
                       f"{show(res.reason)}")
-        if len(tried) < len(results):
-            held = next(r for r in results if r.status == "deferred")
-            waiting = [f"{r.client_id}/{r.key_id}" for r in results if r.status == "deferred"]
+        for client, first in held.items():
+            waiting = [f"{r.client_id}/{r.key_id}" for r in results if r.status == "deferred" and r.client_id == client]
             named = ", ".join(waiting[:10]) + (f" and {len(waiting) - 10} more" if len(waiting) > 10 else "")
             err.print(f"[yellow]stopped[/yellow]: {len(waiting)} key(s) deferred ({show(named)}): "
-                      f"{show(held.reason)}", highlight=False)
+                      f"{show(first.reason)}", highlight=False)
     # Exit 0 only if every rotation finished and verified; a key behind a lease, in doubt or at
     # risk is not finished, and neither is a forced key that was skipped or a refused one.
     if not all(r.status in ("succeeded", "recovered") or (r.status == "skipped" and not force) for r in results):
@@ -200,13 +202,19 @@ def reconcile(config: ConfigOption = None,
     doubt, at risk, failed). Sink entries of keys the key service no longer lists are reported as
     orphans (never deleted, not failures)."""
     settings = use_config(config)
+    stopped = None
+    orphans: list[Any] = []
+    unlisted: list[tuple[str, str]] = []
     with errors_exit():
         engine = engine_for(settings)
-        if repair:
-            drift, results = engine.repair()
-        else:
-            drift, results = engine.drift(), []
-        orphans, unlisted = engine.orphans()
+        try:
+            if repair:
+                drift, results = engine.repair()
+            else:
+                drift, results = engine.drift(), []
+            orphans, unlisted = engine.orphans()
+        except BudgetSpent as exc:  # say what was done, and until when the rest waits
+            stopped, drift, results = exc, [], list(getattr(exc, "done", []))
     repaired = [r.to_dict() for r in results]
     fixed = [r for r in repaired if r["status"] in ("succeeded", "recovered")]
     left = [r for r in repaired if not r["ok"]]
@@ -217,7 +225,9 @@ def reconcile(config: ConfigOption = None,
         "repaired": repaired, "unrepaired": len(left),
         "orphans": [{"sink": o.sink, "where": o.where, "client_id": o.ref.client_id, "key_id": o.ref.key_id}
                     for o in orphans],
-        "orphans_not_checked": [{"sink": sink, "reason": why} for sink, why in unlisted]}
+        "orphans_not_checked": [{"sink": sink, "reason": why} for sink, why in unlisted],
+        **({"stopped": {"client_id": stopped.client_id, "until": stopped.until, "reason": str(stopped)}}
+           if stopped is not None else {})}
     if as_json:
         print_json(report)
     else:
@@ -237,5 +247,7 @@ def reconcile(config: ConfigOption = None,
         if orphans:
             summary += f"; {len(orphans)} orphaned sink entries (not counted as failures)"
         err.print(summary)
-    if left or (drift and not repair):
+        if stopped is not None:
+            err.print(f"[yellow]stopped[/yellow]: {show(str(stopped))}; run it again after that", highlight=False)
+    if left or (drift and not repair) or stopped is not None:
         raise typer.Exit(1)

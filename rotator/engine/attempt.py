@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rotator import logs
+from rotator.budget import finishing
 from rotator.domain import (
     ApiKey,
     AttemptRecord,
@@ -205,7 +206,8 @@ def settle(ctx: Context, record: AttemptRecord, lease: Any, why: str = "", succe
            resend: bool = True) -> RotationResult | Again:
     """Decide an earlier attempt by replay and the key's generation (protocol.judge), and act on
     the verdict; `resend=False` leaves a not-run attempt for the next sweep to send."""
-    judged = judge_attempt(ctx, record, lease, success_event)
+    with finishing():  # reading the key and replaying settle an attempt already sent: past the share
+        judged = judge_attempt(ctx, record, lease, success_event)
     if not isinstance(judged, Judged):
         return judged
     key, record, step, replay = judged.key, judged.record, judged.step, judged.replay

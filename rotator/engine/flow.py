@@ -51,13 +51,14 @@ def recover_all(ctx: Context) -> list[RotationResult]:
     """Settle every attempt a crash, an outage or a lost answer left behind."""
     report.begin(ctx, "recovery", None)
     results: list[RotationResult] = []
-    held: RotationResult | None = None
+    held: dict[str, RotationResult] = {}  # per Client ID: its budget is spent, the rest of it waits untried
     for pending in ctx.state.attempts():
-        if held is not None:  # the rate budget is spent: the rest wait for it too, untried
-            results.append(report.deferred_too(pending.ref, pending.trigger, held))
+        if pending.client_id in held:
+            results.append(report.deferred_too(pending.ref, pending.trigger, held[pending.client_id]))
             continue
         results.append(leased(ctx, pending.ref, pending.trigger, partial(recover_locked, ctx, pending.ref)))
-        held = results[-1] if results[-1].status == "deferred" else None
+        if results[-1].status == "deferred":
+            held[pending.client_id] = results[-1]
     return results
 
 

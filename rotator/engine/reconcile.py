@@ -29,6 +29,7 @@ from rotator.engine.values import (
     freshness,
 )
 from rotator.errors import (
+    BudgetSpent,
     RotatorError,
 )
 from rotator.policy import (
@@ -47,18 +48,28 @@ def repair(ctx: Context) -> tuple[list[Drift], list[RotationResult]]:
     by replaying the reset that produced its generation when that is possible (no second
     reset, even without any state in Redis) and by a fresh reset only when it is not."""
     results = flow.recover_all(ctx)
-    held = next((r for r in results if r.status == "deferred"), None)
-    if held is not None:  # the rate budget is spent: stop here, before the drift comparison's calls
-        return [], results
-    drifted = drift(ctx)
+    try:
+        drifted = drift(ctx)
+    except BudgetSpent as spent:  # what was settled so far goes with it, to be said
+        raise Stopped(spent, results) from None
+    held = {r.client_id: r for r in results if r.status == "deferred"}
     for ref in dict.fromkeys(d.key.ref for d in drifted):
-        if held is not None:
-            results.append(report.deferred_too(ref, "reconcile", held))
+        if ref.client_id in held:  # its Client ID's budget is spent: untried
+            results.append(report.deferred_too(ref, "reconcile", held[ref.client_id]))
             continue
         report.begin(ctx, "reconcile --repair", None)
         results.append(flow.leased(ctx, ref, "reconcile", partial(repair_locked, ctx, ref)))
-        held = results[-1] if results[-1].status == "deferred" else None
+        if results[-1].status == "deferred":
+            held[ref.client_id] = results[-1]
     return drifted, results
+
+
+class Stopped(BudgetSpent):
+    """`reconcile --repair` stopped by a spent budget part-way: `done`, what it settled before."""
+
+    def __init__(self, spent: BudgetSpent, done: list[RotationResult]) -> None:
+        super().__init__(spent.client_id, spent.until, spent.why)
+        self.done = done
 
 
 def drift(ctx: Context, alert: bool = True, keys: Iterable[ApiKey] | None = None,

@@ -85,11 +85,11 @@ def get_key(ctx: Context, ref: KeyRef, trigger: str) -> ApiKey:
 
 
 def deferred(ctx: Context, ref: KeyRef, trigger: str, spent: BudgetSpent, key: ApiKey | None = None) -> RotationResult:
-    """Held back by the fleet's rate budget before the call went: nothing ran, and the next scan
-    takes it. The first process held back until that time tells people, once for the fleet
+    """Held back by the fleet's rate budget before the call went: the next scan or sweep takes it.
+    The first rotation held back until that time tells people, once for the fleet
     (`rotation.deferred`); no history entry (a spent budget would fill it with one per key)."""
-    reason = f"{spent}; deferred: the next scan takes it"
-    if spent.announce:
+    reason = f"{spent}; deferred: the next scan or sweep takes it"
+    if _first_to_say(ctx, spent):
         event = Event("rotation.deferred", SEVERITY["rotation.deferred"], ref.client_id, ref.key_id,
                       key.alias if key else "", key.environment.value if key else "",
                       round(age_days(key, ctx.clock()), 2) if key else None, None, sanitize(reason), ctx.clock(),
@@ -101,6 +101,16 @@ def deferred(ctx: Context, ref: KeyRef, trigger: str, spent: BudgetSpent, key: A
     log.info("rotation.deferred", client_id=ref.client_id, key_id=ref.key_id, until=spent.until, why=spent.why)
     return RotationResult(ref.client_id, ref.key_id, "deferred", reason, trigger=trigger,
                           deferred_until=spent.until)
+
+
+def _first_to_say(ctx: Context, spent: BudgetSpent) -> bool:
+    """Whether this rotation is the fleet's first held back until this time (a claim in the state
+    store, kept until then); a state store that cannot say: say it."""
+    try:
+        return bool(ctx.state.once(f"deferred:{spent.client_id}:{int(spent.until)}",
+                                   max(1, int(spent.until - ctx.clock()) + 60)))
+    except Exception:  # an alert is better twice than never
+        return True
 
 
 def deferred_too(ref: KeyRef, trigger: str, first: RotationResult) -> RotationResult:

@@ -13,6 +13,7 @@ from rotator.domain import (
 )
 from rotator.engine.context import Context
 from rotator.errors import (
+    BudgetSpent,
     RotatorError,
     TransientError,
 )
@@ -107,4 +108,7 @@ def check_token(ctx: Context, record: SecretRecord) -> list[str]:
             return ["the new secret does not authenticate"]
     except RotatorError as exc:
         return [f"could not check the new secret: {exc}"]
+    except BudgetSpent as spent:  # not a failure: every sink reads the secret back; it is not tried now
+        log.warning("rotation.unchecked", client_id=record.key.client_id, key_id=record.key.key_id,
+                    until=spent.until, why=spent.why)
     return []

@@ -93,6 +93,11 @@ class EmulatorHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read their own output
         pass
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """`Date` on the emulator's own clock, as a service's answers carry its clock (the rate
+        limit's reset times are on it too)."""
+        return super().date_time_string(self.server.emulator.now() if timestamp is None else timestamp)
+
     def do_GET(self) -> None:
         self._handle("GET")
 

@@ -14,13 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
-from rotator.budget import FINISH, PREPAID, READ, WRITE, RateBudget
+from rotator.budget import FINISH, PREPAID, READ, WRITE, RateBudget, Seen
 from rotator.config import KeyServiceConfig, read_credential
 from rotator.domain import ApiKey, ClientInfo, Environment, IssuedKey, Replay, ReplayAnswer, Scope, Secret
 from rotator.errors import (
@@ -85,7 +86,7 @@ class HttpKeyService:
         self.rate_limits: dict[str, tuple[RateWindow, ...]] = {}
         #: The fleet's rate budget (rotator.budget): every call of a Client ID spends from it.
         self.budget = budget
-        self._unreported: dict[str, tuple[tuple[int, int, int], ...]] = {}  # told with the next call
+        self._unreported: dict[str, tuple[Seen, ...]] = {}  # told with the next call
         self._calling = threading.local()  # the Client ID of the call in hand (a token call names none)
         self._transport.on_answer = self._saw_answer
 
@@ -224,8 +225,6 @@ class HttpKeyService:
             )
         except AuthenticationError:
             return False
-        except BudgetSpent as exc:  # a 429's pause: the check is not made now, said like any failure
-            raise ThrottledError(str(exc)) from None
         return True
 
     # --- transport ---------------------------------------------------------------------------
@@ -277,8 +276,9 @@ class HttpKeyService:
     def _saw_answer(self, path: str, answer: Answer) -> None:
         """Every answer's rate-limit windows (a 429's and a 5xx's too), kept per Client ID (an
         answer without them forgets the last ones rather than keep them for ever) and told to the
-        fleet's budget with the next call; a 429 pauses the fleet at once, until its Retry-After
-        (else until the windows it shows spent reset, else a minute)."""
+        fleet's budget with the next call, each reset as seconds from the answer's own `Date`
+        (the key service's clock, so no host's clock skews it); a 429 pauses the fleet at once,
+        for its Retry-After (else until the windows it shows spent reset, else a minute)."""
         client = getattr(self._calling, "client", None)
         if client is None:
             return
@@ -289,16 +289,16 @@ class HttpKeyService:
             self.rate_limits.pop(client, None)
         if self.budget is None:
             return
-        seen = tuple((w.made, w.left, w.resets_at) for w in windows)
+        said = _service_time(answer.headers.get("Date"))
+        seen = tuple((w.made, w.left, float(w.resets_at) - said) for w in windows)
         if answer.status != 429:
             self._unreported[client] = seen
             return
         self._unreported.pop(client, None)
-        now = self.budget.clock()
         wait = _retry_after_s(answer.headers.get("Retry-After"))
-        spent = [w.resets_at for w in windows if w.left == 0 and w.resets_at > now]
-        until = now + wait if wait is not None else (max(spent) if spent else now + 60.0)
-        self.budget.observe(client, seen, pause_until=until, pause_why="429")
+        spent = [reset_in for (_, left, reset_in) in seen if left == 0 and reset_in > 0]
+        self.budget.observe(client, seen, pause_s=wait if wait is not None else (max(spent) if spent else 60.0),
+                            pause_why="429")
 
     def _json(self, method: str, path: str, shown: str | None = None, **kwargs: Any) -> Any:
         return decode(self._request(method, path, shown=shown, **kwargs), f"{method} {shown or path}")
@@ -378,6 +378,16 @@ class RateWindow:
 
 _CLIENT_PATH = re.compile(r"^/v2\.01/(?!oauth/|clients$)([^/]+)/")
 MAX_RATE_WINDOWS: Final = 8
+
+
+def _service_time(value: str | None) -> float:
+    """The key service's clock, from its answer's `Date` (this host's when it sends none)."""
+    if value:
+        try:
+            return parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass
+    return time.time()
 
 
 def _retry_after_s(value: str | None) -> float | None:
