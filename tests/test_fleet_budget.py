@@ -215,3 +215,95 @@ def test_scan_goes_on_without_the_state_store(tmp_path: Path, env: pytest.Monkey
     assert scanned.exit_code == 0, scanned.output
     assert sorted(row["key_id"] for row in json.loads(scanned.stdout)) == sorted(fleet)
     assert scanned.stderr.count("budget.unreachable") == 1
+
+
+def test_recovery_of_one_client_is_not_held_back_by_anothers_budget_nor_by_the_share(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState) -> None:
+    """A reset that ran and whose answer was lost is settled by its replay, however spent the share
+    is: the reads that settle it go past the share (a secret depends on them), and a Client ID
+    whose own budget is spent holds back only its own keys (attempts are swept in order, and
+    `aaa` comes before `bbb`)."""
+    now = emulator.now()
+    for client in ("aaa", "bbb"):
+        emulator.add_client(client, client.upper(), created_at=now - 400 * DAY)
+    sink = memory()
+    engine, events = make_engine(keyservice, state, [sink], horizon_s=0.0)
+    stuck = {}
+    for client in ("aaa", "bbb"):
+        ref = KeyRef(client, emulator.add_key(client, "payouts", created_at=now - 100 * DAY).id)
+        record = plant(engine, state, ref, keyservice)
+        keyservice.reset_key(ref.client_id, ref.key_id, engine._key_of(record))  # ran; its answer lost
+        stuck[client] = ref
+    budget = with_budget(keyservice, state, emulator, reserve=0.1)
+    budget.observe("aaa", [(2_290, 10, 900.0)], pause_s=600, pause_why="429")  # aaa: paused and spent
+    budget.observe("bbb", [(2_299, 1, 900.0)])  # bbb: no share and no reserve left
+    results = {r.client_id: r for r in engine.recover_all()}
+    assert results["aaa"].status == "deferred" and results["bbb"].status == "recovered", results
+    keyservice.budget = None
+    assert holds_current(sink, emulator, "bbb", stuck["bbb"].key_id, keyservice)
+    assert "rotation.secret_at_risk" not in events.names()
+
+
+def test_the_budget_runs_on_the_key_services_clock_not_a_hosts(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, fleet: list[str]) -> None:
+    """With the key service's clock an hour ahead of every host's, its windows still reset when it
+    says: each reset is taken relative to the answer's own `Date`, and the budget reads the state
+    store's clock (one for every worker), not a host's."""
+    emulator.clock_offset_s = 3_600
+    keyservice.budget = RateBudget(state.client, state.ns, share=0.5, reserve=0.0, longest_wait_s=0.2)
+    emulator.spend_calls("acme", DEFAULT_RATE_LIMITS[0] - 10)
+    with pytest.raises(BudgetSpent) as held:
+        for _ in range(10):
+            keyservice.get_key("acme", fleet[0])
+    assert 890 < held.value.until - state.now() <= 901  # not an hour off
+
+
+def test_a_held_back_token_check_is_no_failure(emulator: Emulator, keyservice: HttpKeyService,
+                                               state: RedisState, fleet: list[str]) -> None:
+    """The reset ran and every sink reads the secret back; a token check the budget holds back (a
+    429's pause) is not made now, and the rotation is not failed for it."""
+    sink = memory()
+    engine, events = make_engine(keyservice, state, [sink])
+    budget = with_budget(keyservice, state, emulator)
+    reset = keyservice.reset_key
+
+    def then_paused(*args: Any) -> Any:
+        issued = reset(*args)
+        budget.observe("acme", pause_s=600, pause_why="429")  # another worker's 429, just now
+        return issued
+
+    keyservice.reset_key = then_paused  # type: ignore[method-assign]
+    result = engine.rotate(KeyRef("acme", fleet[0]), trigger="schedule")
+    assert result.status == "succeeded", result.reason
+    assert "rotation.failed" not in events.names() and state.attempts() == []
+
+
+def test_reconcile_repair_says_what_it_did_before_the_budget_stopped_it(
+        tmp_path: Path, env: pytest.MonkeyPatch, redis_server: str, emulator: Emulator,
+        emulator_server: EmulatorServer, fleet: list[str]) -> None:
+    """`reconcile --repair` settles a lost answer, then meets a paused budget in the drift
+    comparison: it lists what it repaired and says it stopped, and until when (exit 1)."""
+    from typer.testing import CliRunner
+
+    from rotator.cli import app
+    from rotator.config import load_settings
+    from rotator.runtime import build_engine
+
+    env.setenv("ROTATOR_STATE__NAMESPACE", f"budget-{uuid.uuid4().hex[:8]}")
+    config = write_config(tmp_path / "rotator.toml", emulator_server.url, redis_server)
+    engine = build_engine(load_settings(config))
+    ref = KeyRef("acme", fleet[0])
+    record = plant(engine, engine.state, ref, engine.keyservice, since=engine.state.now() - 3_600)
+    engine.keyservice.reset_key("acme", fleet[0], engine._key_of(record))  # ran; its answer lost
+    listing = HttpKeyService.list_keys
+
+    def paused_after_settling(self: HttpKeyService, client_id: str) -> Any:
+        self.budget.observe(client_id, pause_s=600, pause_why="429")  # type: ignore[union-attr]
+        return listing(self, client_id)
+
+    env.setattr(HttpKeyService, "list_keys", paused_after_settling)
+    done = CliRunner().invoke(app, ["reconcile", "--repair", "--json", "--config", str(config)])
+    assert done.exit_code == 1, done.output
+    report = json.loads(done.stdout)
+    assert [(r["key_id"], r["status"]) for r in report["repaired"]] == [(fleet[0], "recovered")]
+    assert report["stopped"]["client_id"] == "acme" and "429" in report["stopped"]["reason"]
