@@ -320,11 +320,9 @@ def _text(value: object) -> str:
 
 def views(client: redis.Redis, namespace: str, now: float | None = None) -> list[BudgetView]:
     """Every Client ID's budget the fleet keeps (for `status`, the page and the metrics); a
-    read-only user of the state store can read them. `now`: the state store's clock by default."""
-    if now is None:
-        seconds, micros = client.time()
-        now = float(seconds) + micros / 1e6
-    moment = now
+    read-only user of the state store can read them (it may not ask the store's clock: which
+    windows are over is told by this host's, for display only)."""
+    moment = time.time() if now is None else now
     found = []
     for key in sorted(_text(k) for k in client.scan_iter(match=f"{namespace}:budget:*", count=500)):
         found.append(_view(key.rsplit(":", 1)[-1], client.hgetall(key), moment))
