@@ -218,6 +218,9 @@ class RateBudget:
         self._warned = False
         self._down_until = 0.0  # monotonic: the state store failed; calls go unmetered until then
         self._idle_until: dict[str, float] = {}  # monotonic, per Client ID: nothing to meter until then
+        #: Per Client ID, a 429's pause this process could not tell the fleet (a look writes nothing;
+        #: the state store down): (until, why), kept here so its own retries wait for it.
+        self._paused_here: dict[str, tuple[float, str]] = {}
 
     def key(self, client_id: str) -> str:
         return f"{self.namespace}:budget:{client_id}"
@@ -245,6 +248,8 @@ class RateBudget:
         the share is spent. (A page and the metrics cache their scan.)"""
         look = copy.copy(self)
         look.looking = True
+        look._paused_here = {}  # its own, not the worker's budget's
+        look._idle_until = {}
         return look
 
     def observe(self, client_id: str, seen: Sequence[Seen] = (), pause_s: float = 0.0,
@@ -254,11 +259,17 @@ class RateBudget:
 
     def _run(self, client_id: str, want: int, priority: bool, seen: Sequence[Seen], pause_s: float,
              pause_why: str) -> Verdict:
+        down = time.monotonic() < self._down_until
+        if pause_s > 0 and (self.looking or down):  # a 429 this process cannot tell the fleet: it keeps it
+            self._pause_here(client_id, pause_s, pause_why)
+        here = self._paused_here.get(client_id)
+        if want >= 0 and here is not None and here[0] > time.time():
+            return Verdict(False, here[0] - time.time(), here[0], here[1])
         if self.looking:
             return self._look(client_id) if want >= 0 else Verdict(True, 0.0, 0.0, "")
         windows = list(seen)[:MAX_WINDOWS]
-        if time.monotonic() < self._down_until or (want >= 0 and not windows and not pause_s
-                                                   and time.monotonic() < self._idle_until.get(client_id, 0.0)):
+        if down or (want >= 0 and not windows and not pause_s
+                    and time.monotonic() < self._idle_until.get(client_id, 0.0)):
             return Verdict(True, 0.0, 0.0, "")
         args: list[Any] = ["" if self.clock is None else repr(self.clock()), want, int(priority), repr(self.share),
                            repr(self.reserve), repr(self.interval), repr(self.tolerance), repr(self.longest_wait_s),
@@ -272,6 +283,8 @@ class RateBudget:
             if not self.fail_open:  # a rotation cannot run without the state store anyway
                 raise
             self._down_until = time.monotonic() + UNMETERED_S  # not one time-out per call
+            if pause_s > 0:
+                self._pause_here(client_id, pause_s, pause_why)
             if not self._warned:
                 self._warned = True
                 log.warning("budget.unreachable", error_type=type(exc).__name__,
@@ -282,6 +295,11 @@ class RateBudget:
         else:
             self._idle_until.pop(client_id, None)
         return Verdict(bool(int(granted)), float(_text(wait)), float(_text(until)), _text(why))
+
+    def _pause_here(self, client_id: str, pause_s: float, why: str) -> None:
+        until = time.time() + min(pause_s, MAX_PAUSE_S)
+        if until > self._paused_here.get(client_id, (0.0, ""))[0]:
+            self._paused_here[client_id] = (until, why)
 
     def _look(self, client_id: str) -> Verdict:
         try:
@@ -356,6 +374,8 @@ def describe(view: BudgetView) -> str:
     from datetime import UTC, datetime
 
     def clock(when: float) -> str:
+        if not 0 <= when < 253_402_300_800:
+            return "never"
         return datetime.fromtimestamp(when, UTC).strftime("%H:%M:%SZ")
 
     parts = [f"window {w.index}: {max(0, w.allowance - w.spent)} of {w.allowance} calls left to rotator "

@@ -88,6 +88,8 @@ def describe_hold(why: str) -> str:
 
 
 def _clock(when: float) -> str:
+    if not 0 <= when < 253_402_300_800:  # year 10000: beyond what a date can say
+        return "a time beyond any date"
     return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

@@ -52,13 +52,14 @@ class RotatorCollector:
                 # A look, like the page's: held back by a pause or a window at its reserve, not counted.
                 budget = build_budget(self.settings, self.state).for_people()
                 service = build_keyservice(self.settings.keyservice, budget=budget)
+                held: list[BudgetSpent] = []
                 try:
-                    self._rows = list(scan(service, self.settings.policy.to_policy(), time.time(),
-                                           self.settings.keyservice.clients))
-                except BudgetSpent:  # a 429's pause: the last scan's gauges until it is over
-                    pass
+                    rows = list(scan(service, self.settings.policy.to_policy(), time.time(),
+                                     self.settings.keyservice.clients, held))
                 finally:
                     service.close()
+                waiting = {spent.client_id for spent in held}  # paused: its last gauges until it is over
+                self._rows = rows + [row for row in self._rows if row.key.client_id in waiting]
                 self._rows_at = time.monotonic()
             return self._rows
 

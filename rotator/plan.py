@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from rotator.domain import ApiKey, KeyRef, utc_iso
-from rotator.errors import NotFoundError, PermanentError, RotatorError
+from rotator.errors import BudgetSpent, NotFoundError, PermanentError, RotatorError
 from rotator.places import due_with_places
 from rotator.policy import DAY, age_seconds, due_at, is_due, scope_problem, strategy_for
 from rotator.scan import scan
@@ -63,11 +63,12 @@ def plan_one(engine: Engine, client_id: str, key_id: str, force: bool, include_o
     return step
 
 
-def plan_all_due(engine: Engine, strategy: str | None = None) -> Iterator[Step]:
+def plan_all_due(engine: Engine, strategy: str | None = None, held: list[BudgetSpent] | None = None) -> Iterator[Step]:
     """Every due key in scope, and every retiring key whose grace is over; one whose sink place
-    another key would share is refused (found over the whole listing, so both keys are)."""
+    another key would share is refused (found over the whole listing, so both keys are). With
+    `held`, a Client ID whose rate budget is spent is not listed (its `BudgetSpent` goes there)."""
     now = engine.clock()
-    rows = scan(engine.keyservice, engine.policy, now, engine.clients)
+    rows = scan(engine.keyservice, engine.policy, now, engine.clients, held)
     for key, conflict in due_with_places(rows, engine.sinks, engine.retire_at, now):
         if conflict is not None:
             age = round(age_seconds(key, now) / DAY, 2)

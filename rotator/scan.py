@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rotator.domain import ApiKey, KeyState
+from rotator.errors import BudgetSpent
 from rotator.policy import DAY, Policy, assess
 from rotator.protocols import KeyService
 
@@ -39,15 +40,23 @@ def client_ids(service: KeyService, configured: Iterable[str] | None) -> Iterato
             yield client.client_id
 
 
-def every_key(service: KeyService, clients: Iterable[str] | None = None) -> Iterator[ApiKey]:
-    """Every key of the managed Client IDs, page by page."""
+def every_key(service: KeyService, clients: Iterable[str] | None = None,
+              held: list[BudgetSpent] | None = None) -> Iterator[ApiKey]:
+    """Every key of the managed Client IDs, page by page. With `held`, a Client ID whose rate
+    budget is spent is skipped (its `BudgetSpent` added there) and the others go on."""
     for client_id in client_ids(service, clients):
-        yield from service.list_keys(client_id)
+        try:
+            yield from service.list_keys(client_id)
+        except BudgetSpent as spent:
+            if held is None:
+                raise
+            held.append(spent)
 
 
 def scan(
-    service: KeyService, policy: Policy, now: float, clients: Iterable[str] | None = None
+    service: KeyService, policy: Policy, now: float, clients: Iterable[str] | None = None,
+    held: list[BudgetSpent] | None = None,
 ) -> Iterator[ScanRow]:
-    for key in every_key(service, clients):
+    for key in every_key(service, clients, held):
         state, age, due = assess(key, now, policy)
         yield ScanRow(key, state, age / DAY, due)

@@ -138,7 +138,8 @@ def scan() -> dict[str, Any]:
             yield row
 
     # Keys that would share a sink place are found across the whole scan, before anything is queued.
-    rows = counted(scan_keys(eng.keyservice, eng.policy, now, s.keyservice.clients))
+    held: list[BudgetSpent] = []  # a Client ID whose rate budget is spent waits; the others go on
+    rows = counted(scan_keys(eng.keyservice, eng.policy, now, s.keyservice.clients, held))
     for key, conflict in due_with_places(rows, eng.sinks, eng.retire_at if enforce else None, now):
         if conflict is not None:  # never reset a key whose secret would take another key's place
             eng.emit("rotation.failed", key, error=f"not rotated: {conflict}")
@@ -148,8 +149,10 @@ def scan() -> dict[str, Any]:
         else:  # reported, not rotated; alert channels de-duplicate it to one a day
             eng.emit("key.overdue", key, error="audit mode" if not enforce else "outside the rotation window")
     eng.state.mark_scan(now)  # type: ignore[attr-defined]
-    log.info("scan.finished", queued=queued, mode=s.policy.mode, inside_window=inside, **counts)
-    return {"queued": queued, "counts": counts, "mode": s.policy.mode, "inside_window": inside}
+    deferred = {spent.client_id: spent.until for spent in held}
+    log.info("scan.finished", queued=queued, mode=s.policy.mode, inside_window=inside, deferred=deferred, **counts)
+    return {"queued": queued, "counts": counts, "mode": s.policy.mode, "inside_window": inside,
+            **({"deferred_until": deferred} if deferred else {})}
 
 
 @app.task(name="rotator.recover", bind=True, max_retries=20)

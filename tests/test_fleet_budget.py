@@ -198,7 +198,7 @@ def test_the_commands_stop_at_once_and_say_until_when(tmp_path: Path, env: pytes
 
     looked = counted.calls  # a person's look goes past the share (not counted by the fleet's budget)
     scanned = runner.invoke(app, ["scan", "--config", str(config)])
-    assert scanned.exit_code == 1 and "stopped after 0 keys" in scanned.stderr, scanned.output
+    assert scanned.exit_code == 1 and "stopped listing acme" in scanned.stderr, scanned.output
     assert counted.calls == looked  # not one call more
 
 
@@ -307,3 +307,88 @@ def test_reconcile_repair_says_what_it_did_before_the_budget_stopped_it(
     report = json.loads(done.stdout)
     assert [(r["key_id"], r["status"]) for r in report["repaired"]] == [(fleet[0], "recovered")]
     assert report["stopped"]["client_id"] == "acme" and "429" in report["stopped"]["reason"]
+
+
+def test_an_answer_told_late_keeps_to_its_window(emulator: Emulator, keyservice: HttpKeyService,
+                                                 second: HttpKeyService, state: RedisState,
+                                                 fleet: list[str]) -> None:
+    """An answer's windows are told with the process's next call, maybe much later: its reset is
+    taken less the time since, so it is the same window (not a new one with its share afresh)."""
+    emulator.spend_calls("acme", DEFAULT_RATE_LIMITS[0] - 40)
+    with_budget(keyservice, state, emulator)
+    with_budget(second, state, emulator)
+    counted = Counted(emulator)
+    keyservice.get_key("acme", fleet[0])  # A's answer: told with its next call
+    with pytest.raises(BudgetSpent):
+        for _ in range(40):
+            second.get_key("acme", fleet[1])
+    emulator.clock_offset_s += 30  # half a minute later, A calls again
+    seen, at = keyservice._unreported["acme"]
+    keyservice._unreported["acme"] = (seen, at - 30)
+    with pytest.raises(BudgetSpent):
+        for _ in range(40):
+            keyservice.get_key("acme", fleet[0])
+    assert counted.calls <= 20, counted.calls
+
+
+def test_a_held_resend_does_not_hold_back_settling_another_key(
+        emulator: Emulator, keyservice: HttpKeyService, state: RedisState, fleet: list[str]) -> None:
+    """Within one Client ID too: a resend the share holds back (a write) leaves the next attempt,
+    whose reset ran and whose answer was lost, to be settled by its replay past the share."""
+    sink = memory()
+    engine, _ = make_engine(keyservice, state, [sink], horizon_s=0.0)
+    first, lost = (KeyRef("acme", key_id) for key_id in sorted(fleet[:2]))  # swept in this order
+    plant(engine, state, first, keyservice)  # never ran: the sweep sends it again (a write)
+    record = plant(engine, state, lost, keyservice)
+    keyservice.reset_key("acme", lost.key_id, engine._key_of(record))  # ran; its answer lost
+    budget = with_budget(keyservice, state, emulator, reserve=0.1)
+    budget.observe("acme", [(2_299, 1, 900.0)])  # no share and no reserve left
+    results = {r.key_id: r.status for r in engine.recover_all()}
+    assert results == {first.key_id: "deferred", lost.key_id: "recovered"}, results
+    keyservice.budget = None
+    assert holds_current(sink, emulator, "acme", lost.key_id, keyservice)
+
+
+def test_a_spent_client_id_is_skipped_and_the_others_scanned(
+        tmp_path: Path, env: pytest.MonkeyPatch, redis_server: str, emulator: Emulator,
+        emulator_server: EmulatorServer, state: RedisState) -> None:
+    """`scan` (and beat's scan, and `rotate --all-due`) skips a Client ID whose budget is spent,
+    says so, and lists the others (exit 1)."""
+    from typer.testing import CliRunner
+
+    from rotator.cli import app
+
+    now = emulator.now()
+    for client in ("aaa", "bbb"):
+        emulator.add_client(client, client.upper(), created_at=now - 400 * DAY)
+    env.setenv("ROTATOR_STATE__NAMESPACE", state.ns)
+    config = write_config(tmp_path / "rotator.toml", emulator_server.url, redis_server)
+    RateBudget(state.client, state.ns).observe("aaa", pause_s=600, pause_why="429")
+    scanned = CliRunner().invoke(app, ["scan", "--json", "--config", str(config)])
+    assert scanned.exit_code == 1 and "stopped listing aaa" in scanned.stderr, scanned.output
+    assert {row["client_id"] for row in json.loads(scanned.stdout)} == {"bbb"}
+
+
+def test_a_look_that_meets_a_429_does_not_retry_into_it(emulator: Emulator, keyservice: HttpKeyService,
+                                                       state: RedisState, fleet: list[str]) -> None:
+    """A person's look writes nothing to the fleet's budget, so it keeps a 429's pause itself:
+    one try, then it stops and says until when (not `max_attempts` tries at once)."""
+    keyservice.budget = RateBudget(state.client, state.ns, longest_wait_s=0.2).for_people()
+    emulator.spend_calls("acme", DEFAULT_RATE_LIMITS[0])
+    counted = Counted(emulator)
+    with pytest.raises(BudgetSpent, match="429"):
+        keyservice.get_key("acme", fleet[0])
+    assert (counted.calls, counted.refused) == (1, 1)
+    assert state.client.keys(f"{state.ns}:budget:*") == []  # and wrote nothing
+
+
+def test_a_hostile_date_or_reset_neither_stalls_nor_unmeters_the_budget() -> None:
+    """`Date` and `X-RateLimit-Reset` come from an untrusted service: a `Date` a day or more off is
+    not the service's clock, a reset beyond a day is no window's, and a time beyond any date is
+    said in words, not a crash."""
+    from rotator.errors import BudgetSpent as Spent
+    from rotator.keyservice.http import _service_time
+
+    assert abs(_service_time("Thu, 01 Jan 1970 00:00:00 GMT") - __import__("time").time()) < 5
+    assert abs(_service_time("Fri, 31 Dec 9999 23:59:59 GMT") - __import__("time").time()) < 5
+    assert "beyond any date" in str(Spent("acme", 10.0 ** 18, "share:1"))

@@ -60,18 +60,21 @@ def rotate(
 
     if apply and enqueue:
         need_signer(settings)  # a message nobody signed would be refused by every worker
+    unlisted: list[BudgetSpent] = []  # Client IDs whose rate budget is spent: not listed, the others go on
     with errors_exit():
         engine = engine_for(settings)
         if all_due:
-            steps = plan_all_due(engine, how)
+            steps = plan_all_due(engine, how, unlisted)
         else:
             steps = iter([plan_one(engine, str(client_id), str(key_id), force, include_out_of_scope, how)])
         if apply and enqueue:
             _enqueue(engine, steps, force, include_out_of_scope, reason, as_json, how)
+            _say_unlisted(unlisted)
             return
         plan = list(steps)
         if not apply:
             _print_plan(plan, as_json, enqueue)
+            _say_unlisted(unlisted)
             return
         results: list[Any] = []
         held: dict[str, Any] = {}  # per Client ID: its rate budget is spent, its other keys wait untried
@@ -109,9 +112,19 @@ def rotate(
             named = ", ".join(waiting[:10]) + (f" and {len(waiting) - 10} more" if len(waiting) > 10 else "")
             err.print(f"[yellow]stopped[/yellow]: {len(waiting)} key(s) deferred ({show(named)}): "
                       f"{show(first.reason)}", highlight=False)
+    _say_unlisted(unlisted)
     # Exit 0 only if every rotation finished and verified; a key behind a lease, in doubt or at
     # risk is not finished, and neither is a forced key that was skipped or a refused one.
     if not all(r.status in ("succeeded", "recovered") or (r.status == "skipped" and not force) for r in results):
+        raise typer.Exit(1)
+
+
+def _say_unlisted(unlisted: list[BudgetSpent]) -> None:
+    """Client IDs the rate budget kept from being listed: said, and exit 1 (after the rest)."""
+    for spent in unlisted:
+        err.print(f"[yellow]stopped[/yellow] listing {show(spent.client_id)}: {show(str(spent))}; its due keys "
+                  "were not planned; run it again after that", highlight=False)
+    if unlisted:
         raise typer.Exit(1)
 
 
@@ -212,9 +225,13 @@ def reconcile(config: ConfigOption = None,
                 drift, results = engine.repair()
             else:
                 drift, results = engine.drift(), []
-            orphans, unlisted = engine.orphans()
         except BudgetSpent as exc:  # say what was done, and until when the rest waits
             stopped, drift, results = exc, [], list(getattr(exc, "done", []))
+        if stopped is None:
+            try:
+                orphans, unlisted = engine.orphans()
+            except BudgetSpent as exc:
+                stopped = exc
     repaired = [r.to_dict() for r in results]
     fixed = [r for r in repaired if r["status"] in ("succeeded", "recovered")]
     left = [r for r in repaired if not r["ok"]]

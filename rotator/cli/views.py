@@ -14,7 +14,6 @@ from rotator.cli.base import (
     app,
     engine_for,
     errors_exit,
-    fail,
     need_full,
     settings_or_exit,
     use_config,
@@ -38,21 +37,25 @@ def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         budget = build_budget(settings, build_state(settings, timeout_s=2.0), fail_open=True)
         service = build_keyservice(settings.keyservice, budget=budget)
         rows = []
+        held: list[BudgetSpent] = []  # a Client ID whose rate budget is spent is skipped; the others go on
         try:
             now = time.time()
             with err.status("Scanning…") as status:
                 for count, row in enumerate(
-                    run_scan(service, settings.policy.to_policy(), now, settings.keyservice.clients), 1
+                    run_scan(service, settings.policy.to_policy(), now, settings.keyservice.clients, held), 1
                 ):
                     rows.append(row)
                     if count % 100 == 0:
                         status.update(f"Scanning… {count} keys")
-        except BudgetSpent as exc:
-            fail(f"stopped after {len(rows)} keys: {exc}; run it again after that", 1)
         finally:
             service.close()
+    for spent in held:
+        err.print(f"[yellow]stopped[/yellow] listing {show(spent.client_id)}: {show(str(spent))}; "
+                  "run it again after that", highlight=False)
     if as_json:
         print_json([r.to_dict() for r in rows])
+        if held:
+            raise typer.Exit(1)
         return
     colours = {"due": "red", "due_soon": "yellow", "ok": "green"}
     print_table(("client_id", "key_id", "alias", "environment", "age_days", "state"), [
@@ -62,6 +65,8 @@ def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     for r in rows:
         counts[r.state.value] = counts.get(r.state.value, 0) + 1
     err.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no keys", highlight=False)
+    if held:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -52,15 +52,9 @@ def repair(ctx: Context) -> tuple[list[Drift], list[RotationResult]]:
         drifted = drift(ctx)
     except BudgetSpent as spent:  # what was settled so far goes with it, to be said
         raise Stopped(spent, results) from None
-    held = {r.client_id: r for r in results if r.status == "deferred"}
-    for ref in dict.fromkeys(d.key.ref for d in drifted):
-        if ref.client_id in held:  # its Client ID's budget is spent: untried
-            results.append(report.deferred_too(ref, "reconcile", held[ref.client_id]))
-            continue
+    for ref in dict.fromkeys(d.key.ref for d in drifted):  # each tried: a replay goes past the share
         report.begin(ctx, "reconcile --repair", None)
         results.append(flow.leased(ctx, ref, "reconcile", partial(repair_locked, ctx, ref)))
-        if results[-1].status == "deferred":
-            held[ref.client_id] = results[-1]
     return drifted, results
 
 

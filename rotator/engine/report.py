@@ -113,12 +113,6 @@ def _first_to_say(ctx: Context, spent: BudgetSpent) -> bool:
         return True
 
 
-def deferred_too(ref: KeyRef, trigger: str, first: RotationResult) -> RotationResult:
-    """A key after the first one a command deferred: not tried at all (it stops at once)."""
-    return RotationResult(ref.client_id, ref.key_id, "deferred", first.reason, trigger=trigger,
-                          deferred_until=first.deferred_until)
-
-
 def skipped(ctx: Context, key: ApiKey, trigger: str, reason: str) -> RotationResult:
     return RotationResult(key.client_id, key.key_id, "skipped", reason, trigger=trigger)
 

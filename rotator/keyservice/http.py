@@ -86,7 +86,9 @@ class HttpKeyService:
         self.rate_limits: dict[str, tuple[RateWindow, ...]] = {}
         #: The fleet's rate budget (rotator.budget): every call of a Client ID spends from it.
         self.budget = budget
-        self._unreported: dict[str, tuple[Seen, ...]] = {}  # told with the next call
+        #: Per Client ID, the windows the last answer showed and when it came (monotonic): told
+        #: with the next call, each reset less the time since (a minute on, no longer told).
+        self._unreported: dict[str, tuple[tuple[Seen, ...], float]] = {}
         self._calling = threading.local()  # the Client ID of the call in hand (a token call names none)
         self._transport.on_answer = self._saw_answer
 
@@ -271,7 +273,10 @@ class HttpKeyService:
 
     def _gate(self, client: str, kind: str, deadline: float) -> None:
         assert self.budget is not None
-        self.budget.wait_or_defer(client, kind, self._unreported.pop(client, ()), deadline)
+        seen, at = self._unreported.pop(client, ((), 0.0))
+        since = time.monotonic() - at
+        told = tuple((made, left, reset_in - since) for made, left, reset_in in seen) if since < STALE_ANSWER_S else ()
+        self.budget.wait_or_defer(client, kind, told, deadline)
 
     def _saw_answer(self, path: str, answer: Answer) -> None:
         """Every answer's rate-limit windows (a 429's and a 5xx's too), kept per Client ID (an
@@ -290,9 +295,11 @@ class HttpKeyService:
         if self.budget is None:
             return
         said = _service_time(answer.headers.get("Date"))
-        seen = tuple((w.made, w.left, float(w.resets_at) - said) for w in windows)
+        # A window is at most a day long: a reset further off (or past) is no window's.
+        seen = tuple((w.made, w.left, float(w.resets_at) - said) for w in windows
+                     if 0 < float(w.resets_at) - said <= MAX_RESET_IN_S)
         if answer.status != 429:
-            self._unreported[client] = seen
+            self._unreported[client] = (seen, time.monotonic())
             return
         self._unreported.pop(client, None)
         wait = _retry_after_s(answer.headers.get("Retry-After"))
@@ -376,18 +383,26 @@ class RateWindow:
     resets_at: int  # Unix time at which it starts again
 
 
+#: The longest a published window lasts (a day), with room: a reset further off is no window's.
+MAX_RESET_IN_S: Final = 86_400 + 3_600
+#: An answer's windows told this late would be stale: dropped (the next answer tells them again).
+STALE_ANSWER_S: Final = 60.0
 _CLIENT_PATH = re.compile(r"^/v2\.01/(?!oauth/|clients$)([^/]+)/")
 MAX_RATE_WINDOWS: Final = 8
 
 
 def _service_time(value: str | None) -> float:
-    """The key service's clock, from its answer's `Date` (this host's when it sends none)."""
+    """The key service's clock, from its answer's `Date`; this host's when it sends none, or one
+    more than a day from this host's (a broken or hostile header, not a clock)."""
+    here = time.time()
     if value:
         try:
-            return parsedate_to_datetime(value).timestamp()
+            said = parsedate_to_datetime(value).timestamp()
         except (TypeError, ValueError, IndexError, OverflowError):
-            pass
-    return time.time()
+            return here
+        if abs(said - here) <= 86_400:
+            return said
+    return here
 
 
 def _retry_after_s(value: str | None) -> float | None:
