@@ -146,7 +146,19 @@
     }
   }
 
+  // The table as the server sent it (before any sorting here), so that the first refresh, like
+  // every later one, replaces it only when it changed.
+  function served(fleet) {
+    const copy = fleet.cloneNode(true);
+    copy.removeAttribute("data-updated");
+    return new DOMParser().parseFromString(copy.outerHTML, "text/html").getElementById("fleet").outerHTML;
+  }
+
   function start() {
+    const fleet = document.getElementById("fleet");
+    if (fleet) {
+      lastFleet = served(fleet);
+    }
     const input = document.getElementById("filter");
     const select = document.getElementById("show");
     if (input) {
