@@ -41,7 +41,7 @@ class RotationResult:
     `status`: succeeded | recovered | skipped (nothing to do) | busy (behind another actor's lease)
     | in_doubt (a reset may have run; recovery settles it) | at_risk (a secret is not in every
     sink; recovery finishes it) | deferred (the fleet's rate budget held it back before anything
-    was sent, until `deferred_until`; the next scan takes it) | failed."""
+    was sent, until `deferred_until`; the next scan or sweep takes it) | failed."""
 
     client_id: str
     key_id: str

@@ -45,6 +45,7 @@ from rotator.keyservice.transport import (
     Transport,
     decode,
     judged,
+    retry_after,
 )
 from rotator.safety import ID_RE, ID_RULE, MAX_ALIAS_LEN, UNSAFE_TEXT_RE, excerpt, text_problem
 
@@ -302,7 +303,7 @@ class HttpKeyService:
             self._unreported[client] = (seen, time.monotonic())
             return
         self._unreported.pop(client, None)
-        wait = _retry_after_s(answer.headers.get("Retry-After"))
+        wait = retry_after(answer)
         spent = [reset_in for (_, left, reset_in) in seen if left == 0 and reset_in > 0]
         self.budget.observe(client, seen, pause_s=wait if wait is not None else (max(spent) if spent else 60.0),
                             pause_why="429")
@@ -403,12 +404,6 @@ def _service_time(value: str | None) -> float:
         if abs(said - here) <= 86_400:
             return said
     return here
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    if value is not None and value.isascii() and value.strip().isdigit() and len(value.strip()) <= 6:
-        return float(value.strip())
-    return None
 
 
 def rate_windows(headers: httpx.Headers) -> tuple[RateWindow, ...]:

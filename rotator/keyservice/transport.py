@@ -313,11 +313,11 @@ def status_error(where: str, answer: Answer, hidden: str = "") -> Exception:
         used.status, used.kind = status, kind
         return used
     if status >= 500:
-        transient = ServerError(text, retry_after=_retry_after(answer))
+        transient = ServerError(text, retry_after=retry_after(answer))
     elif status == 429:
-        transient = ThrottledError(text, retry_after=_retry_after(answer))
+        transient = ThrottledError(text, retry_after=retry_after(answer))
     elif status == 409 and answer.headers.get("Retry-After") is not None:
-        transient = BusyError(text, retry_after=_retry_after(answer))
+        transient = BusyError(text, retry_after=retry_after(answer))
     if transient is not None:
         transient.status, transient.kind = status, kind
         return transient
@@ -343,7 +343,8 @@ def _message(text: str) -> str:
     return excerpt(text, MAX_MESSAGE_EXCERPT)
 
 
-def _retry_after(answer: Answer) -> float | None:
+def retry_after(answer: Answer) -> float | None:
+    """An answer's `Retry-After` in seconds (digits only, at most six), else None."""
     value = answer.headers.get("Retry-After", "")
     if value.isascii() and value.isdigit() and len(value) <= 6:
         return float(value)
