@@ -148,16 +148,46 @@ def _table(config: Path, started: float) -> Table:
     return table
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+def _group_left(pgid: int) -> bool:
+    """Whether any process of the group still runs. A zombie does not count: an orphan's exit is reaped
+    by PID 1, which in a container may never do it."""
+    proc = Path("/proc")
+    if not proc.is_dir():
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20) -> None:
+    """SIGTERM the whole process group (`rotator run`, its worker's pool, beat) and wait for all of it,
+    not only its leader: the leader can exit while its pool's processes are still finishing, and
+    "stopped" would then be said too early. SIGKILL whatever is left after the grace."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace_s)
+    while _group_left(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if proc.poll() is None or _group_left(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        deadline = time.monotonic() + 5
+        while _group_left(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager
