@@ -7,7 +7,10 @@ The emulator runs in its own process, seeded with N keys in 100 Client IDs. Two 
 - in-process: the scan path against the loop, each in a fresh child process (timed inside it), so
   its peak RSS is its own (goal <= 150 MB, flat from 10k to 100k keys);
 - whole process (at `--whole`, 20,000 keys): the `rotator scan --json` command, start-up, config,
-  imports and output included, against `python -c <the loop>` doing the same requests.
+  imports and output included, against `python -c <the loop>` doing the same requests and what
+  the rate budget needs of Redis here (the emulator publishes no rate limits, so the budget is
+  asked once: one round trip); and the import time of each (`import rotator.cli` against
+  `import httpx, redis`).
 
 Prints wall times and their ratios (goal <= 1.1 for both), best of several interleaved runs.
 """
@@ -30,9 +33,11 @@ TOKEN = "bench-token"
 CLIENTS = 100
 REPEATS = 3
 WHOLE_REPEATS = 5
+SCAN_IMPORTS = "rotator.cli, rotator.runtime, rotator.keyservice.http"  # what `rotator scan` imports
 BARE_LOOP = """
-import sys, httpx
-url, token, clients = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import sys, httpx, redis
+url, token, clients, redis_url = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+redis.Redis.from_url(redis_url).incr("bench:budget")
 count = 0
 with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
     for c in range(clients):
@@ -106,11 +111,19 @@ def measure(mode: str, url: str) -> dict[str, float]:
 
 def whole_processes(keys: int, url: str, folder: Path) -> None:
     """`rotator scan --json` as an operator runs it, against the bare loop as a process of its own."""
-    config = folder / "rotator.toml"
-    config.write_text(f'[keyservice]\nurl = "{url}"\nper_page = 100\n[[sinks]]\nkind = "memory"\n')
+    from rotator.embedded import PrivateRedis
+
+    with PrivateRedis() as private:
+        config = folder / "rotator.toml"
+        config.write_text(f'[keyservice]\nurl = "{url}"\nper_page = 100\n[state]\nredis_url = "{private.url}/0"\n'
+                          '[[sinks]]\nkind = "memory"\n')
+        compare(keys, url, config, f"{private.url}/0")
+
+
+def compare(keys: int, url: str, config: Path, redis_url: str) -> None:
     env = {**os.environ, "ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": "bench-fingerprint-key"}
     rotator = [str(Path(sys.executable).with_name("rotator")), "scan", "--json", "--config", str(config)]
-    bare = [sys.executable, "-c", BARE_LOOP, url, TOKEN, str(CLIENTS)]
+    bare = [sys.executable, "-c", BARE_LOOP, url, TOKEN, str(CLIENTS), redis_url]
 
     def timed(argv: list[str]) -> tuple[float, bytes]:
         start = time.perf_counter()
@@ -128,6 +141,11 @@ def whole_processes(keys: int, url: str, folder: Path) -> None:
     b, s = min(bare_s), min(rot_s)
     print(f"{keys:>7} keys | whole process: bare loop {b:6.3f}s | rotator scan --json {s:6.3f}s | "
           f"ratio {s / b:5.3f} (goal <= 1.1)", flush=True)
+    bare_imports, rotator_imports = (
+        min(timed([sys.executable, "-c", f"import {names}"])[0] for _ in range(WHOLE_REPEATS))
+        for names in ("httpx, redis", SCAN_IMPORTS))
+    print(f"{'':>7}      | imports: the loop's {bare_imports:6.3f}s | rotator scan's {rotator_imports:6.3f}s "
+          f"(a process that only imports them, Python's start-up included)", flush=True)
 
 
 def run_size(keys: int, folder: Path, whole: bool = False) -> None:

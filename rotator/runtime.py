@@ -9,7 +9,6 @@ import os
 from typing import TYPE_CHECKING
 
 from rotator.config import KeyServiceConfig, Settings, read_credential
-from rotator.engine import Engine
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.events import LogPublisher
 from rotator.fingerprint import Fingerprinter
@@ -21,6 +20,7 @@ from rotator.state import RedisState
 
 if TYPE_CHECKING:
     from rotator.budget import RateBudget
+    from rotator.engine import Engine
 
 
 def build_fingerprinter(settings: Settings) -> Fingerprinter:
@@ -67,6 +67,8 @@ def build_engine(settings: Settings, publisher: EventPublisher | None = None, ac
                  looking: bool = False) -> Engine:
     """`looking`: the engine of what a person looks at (`status`, the page), whose calls a spent
     rate budget does not hold back (`RateBudget.for_people`)."""
+    from rotator.engine import Engine  # `rotator scan` needs none of it
+
     fingerprint = build_fingerprinter(settings)
     state = build_state(settings)
     budget = build_budget(settings, state)
