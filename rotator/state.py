@@ -217,6 +217,16 @@ class RedisState:
         raw = self.client.get(self._k("attempt", str(ref)))
         return AttemptRecord.from_dict(json.loads(raw)) if raw else None
 
+    def key_state(self, ref: KeyRef) -> tuple[AttemptRecord | None, dict[str, Any] | None]:
+        """The key's attempt record and its stored-rotation slot, read in one round trip (what a
+        rotation reads first, under the key's lease)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self._k("attempt", str(ref)))
+        pipe.get(self._k("stored", str(ref)))
+        record, slot = pipe.execute()
+        return (AttemptRecord.from_dict(json.loads(record)) if record else None,
+                json.loads(slot) if slot else None)
+
     def delete_attempt(self, attempt: AttemptRecord, lease: Lease) -> None:
         """Delete the record only if it still is this attempt's and the lease is still ours."""
         ref = str(attempt.ref)
@@ -239,11 +249,15 @@ class RedisState:
 
     def epoch(self, ref: KeyRef, generation: str) -> int:
         """How many conclusive refusals this generation of the key has had (0 when unknown)."""
-        raw = self.client.get(self._k("epoch", str(ref)))
-        if not raw:
-            return 0
-        stored_generation, _, epoch = str(raw).rpartition("/")
-        return int(epoch) if stored_generation == generation and epoch.isdigit() else 0
+        return _epoch_of(self.client.get(self._k("epoch", str(ref))), generation)
+
+    def epoch_and_now(self, ref: KeyRef, generation: str) -> tuple[int, float]:
+        """`epoch` and `now` in one round trip (what an attempt reads before its record is saved)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self._k("epoch", str(ref)))
+        pipe.time()
+        raw, (seconds, micros) = pipe.execute()
+        return _epoch_of(raw, generation), float(seconds) + micros / 1e6
 
     def set_epoch(self, ref: KeyRef, generation: str, epoch: int, lease: Lease) -> None:
         done = self.client.eval(_SET_FENCED, 2, lease.name, self._k("epoch", str(ref)), lease.token,
@@ -348,3 +362,11 @@ class RedisState:
     def last_rotation(self, ref: KeyRef) -> dict[str, Any] | None:
         raw = self.client.get(self._k("last", str(ref)))
         return json.loads(raw) if raw else None
+
+
+def _epoch_of(raw: Any, generation: str) -> int:
+    """The epoch an `epoch` slot holds for `generation` (0 when it holds another's, or none)."""
+    if not raw:
+        return 0
+    stored_generation, _, epoch = str(raw).rpartition("/")
+    return int(epoch) if stored_generation == generation and epoch.isdigit() else 0

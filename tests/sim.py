@@ -698,6 +698,10 @@ class FakeState:
         self.sim.point(f"redis get {ref.key_id}")
         return self.records.get(ref)
 
+    def key_state(self, ref: KeyRef) -> tuple[AttemptRecord | None, dict[str, Any] | None]:
+        self.sim.point(f"redis get {ref.key_id}")
+        return self.records.get(ref), self.stored_slots.get(ref)
+
     def delete_attempt(self, attempt: AttemptRecord, lease: FakeLease) -> None:
         self._fenced(lease, f"delete {attempt.key_id}")
         current = self.records.get(attempt.ref)
@@ -713,6 +717,9 @@ class FakeState:
     def epoch(self, ref: KeyRef, generation: str) -> int:
         stored = self.epochs.get(ref)
         return stored[1] if stored is not None and stored[0] == generation else 0
+
+    def epoch_and_now(self, ref: KeyRef, generation: str) -> tuple[int, float]:
+        return self.epoch(ref, generation), self.now()
 
     def set_epoch(self, ref: KeyRef, generation: str, epoch: int, lease: FakeLease) -> None:
         self._fenced(lease, f"epoch {ref.key_id} {epoch}")

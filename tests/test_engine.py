@@ -605,3 +605,39 @@ def test_a_reset_answer_naming_another_key_is_never_stored_under_it(
     assert len(emulator.ledger) == 1 and emulator.ledger[0].key_id == seeded["due"]
     assert holds_current(sink, emulator, "acme", seeded["due"], keyservice)
     assert "stolen-looking-secret" not in json.dumps([e.to_dict() for e in events.events])
+
+
+def documented_round_trips() -> dict[str, int]:
+    """The rows of docs/protocol.md's table "Round trips of one rotation", counted by where each goes."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    table = text.split("### Round trips of one rotation", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[2].strip() for line in ("|" + table).splitlines()[2:] if line.startswith("|")]
+    return {"redis": rows.count("Redis"), "http": rows.count("key service")}
+
+
+def test_a_clean_rotation_takes_the_round_trips_the_protocol_doc_lists(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every Redis command or pipeline and every key-service call of one clean rotation, counted where
+    they leave this process, is a row of the table in docs/protocol.md, and no more."""
+    import redis
+
+    engine, _ = make_engine(keyservice, state, [memory()])
+    counted = {"redis": 0, "http": 0}
+
+    def counting(kind: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counted[kind] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(state.client, "execute_command", counting("redis", state.client.execute_command))
+    monkeypatch.setattr(redis.client.Pipeline, "execute",
+                        counting("redis", redis.client.Pipeline.execute))
+    monkeypatch.setattr(keyservice._transport, "send", counting("http", keyservice._transport.send))
+    result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule")
+    assert result.status == "succeeded", result
+    assert counted == documented_round_trips() == {"redis": 8, "http": 3}

@@ -263,7 +263,7 @@ def test_number_of_pages_is_parsed_strictly(serve: Any, pages: str) -> None:
     ("CreationDate", True),
     ("CreationDate", "1700000000"),
     ("LastResetDate", NOW - 200 * 86_400),  # before the creation
-])
+], ids=["milliseconds", "huge", "beyond-skew", "1999", "negative", "float", "bool", "string", "before-creation"])
 def test_dates_must_be_sane_unix_seconds(serve: Any, field: str, value: Any) -> None:
     _, service = serve(listing([key_obj(**{field: value})]))
     with pytest.raises(ProtocolError, match=field):

@@ -72,14 +72,14 @@ def reset(ctx: Context, key: ApiKey, lease: Any, trigger: str, new_key: bool = F
     if isinstance(prepared, str):
         return report.failed(ctx, key, None, f"{prepared}; the key was not reset", trigger=trigger)
     generation = str(key.generation)
-    epoch = ctx.state.epoch(ref, generation) + (1 if new_key else 0)
+    epoch, now = ctx.state.epoch_and_now(ref, generation)
+    epoch += 1 if new_key else 0
     if epoch >= MAX_EPOCHS:  # beyond what recovery without Redis reads: never sent
         return report.failed(ctx, key, None, f"{MAX_EPOCHS} Idempotency-Keys of this generation are used up (refused, "
                                              "failed or forced); nothing reset. The count expires two days after its "
                                              "last use", trigger=trigger)
     if new_key:
         ctx.state.set_epoch(ref, generation, epoch, lease)
-    now = ctx.state.now()
     record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), generation, epoch, trigger, now,
                            advance(Phase.IDLE, Step.START).to.value, now, action=action, derived_with=ctx.ik_id,
                            after_loss=after_loss)

@@ -76,13 +76,14 @@ def leased(ctx: Context, ref: KeyRef, trigger: str, work: Callable[[Any], Rotati
 def rotate_locked(ctx: Context, ref: KeyRef, lease: Any, trigger: str, force: bool,
                   generation: str | None, include_out_of_scope: bool = False,
                   strategy: str | None = None) -> RotationResult:
-    pending = ctx.state.get_attempt(ref)
+    pending, slot = ctx.state.key_state(ref)
     resumed = False  # an earlier attempt, already allowed, must be finished by a fresh reset
     lost_secret = False  # ... and its secret is lost: the fresh reset replaces it (a create's orphan is revoked)
     if pending is not None:
         settled = attempt.settle(ctx, pending, lease)
         if isinstance(settled, RotationResult):
             return settled
+        slot = ctx.state.stored_rotation(ref)  # settling may have stored a rotation
         resumed = settled.force
         lost_secret = settled.force and settled.action == "reset"
         force = force or settled.force
@@ -103,7 +104,7 @@ def rotate_locked(ctx: Context, ref: KeyRef, lease: Any, trigger: str, force: bo
         return report.skipped(ctx, key, trigger, "not due")
     # Since rotator's last stored reset of this key, did its dates stay where they were (a key
     # service that does not update them, or two resets within one second)?
-    unmoved_for = unmoved_since_rotation(ctx, key)
+    unmoved_for = unmoved_since_rotation(ctx, key, slot)
     new_key = False
     if force and unmoved_for is not None and unmoved_for < REPLAY_LOOKBACK_S:
         # A reset now would send that reset's Idempotency-Key and get its answer replayed.
@@ -121,12 +122,12 @@ def rotate_locked(ctx: Context, ref: KeyRef, lease: Any, trigger: str, force: bo
     return attempt.reset(ctx, key, lease, trigger, new_key=new_key, strategy=strategy, after_loss=lost_secret)
 
 
-def unmoved_since_rotation(ctx: Context, key: ApiKey) -> float | None:
+def unmoved_since_rotation(ctx: Context, key: ApiKey, slot: dict[str, Any] | None) -> float | None:
     """Seconds since rotator stored a rotation that replaced this very generation, which the key
     service still shows (its dates did not move); None when there is none. Within the replay
     window a reset would only replay that rotation; within `max_age_days` the key's age counts
-    from it, so there is no reset loop. (The slot is its own: later failures do not overwrite it.)"""
-    slot = ctx.state.stored_rotation(key.ref)
+    from it, so there is no reset loop. (The slot is its own: later failures do not overwrite it.)
+    `slot` is the key's stored-rotation slot as read under this lease."""
     when = slot.get("time") if slot else None
     if slot is None or slot.get("replaced") != str(key.generation) or not isinstance(when, int | float):
         return None
