@@ -58,10 +58,13 @@ def ensure_env() -> None:
 PARALLEL = ("--numprocesses=4", "--dist=loadfile")
 
 
+# Arguments that choose their own parallelism, or need one process (a debugger, uncaptured output).
+ONE_PROCESS = ("-n", "--numprocesses", "--dist", "-pno:xdist", "--pdb", "--trace", "-s", "--capture")
+
+
 def parallel(args: list[str]) -> tuple[str, ...]:
     """The default parallelism, unless the arguments choose their own (`-n 0` runs in one process)."""
-    chosen = any(a == "-n" or a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist" for a in args)
-    return () if chosen else PARALLEL
+    return () if any(a.startswith(ONE_PROCESS) or a == "no:xdist" for a in args) else PARALLEL
 
 
 def main() -> None:

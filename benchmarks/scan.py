@@ -9,8 +9,8 @@ The emulator runs in its own process, seeded with N keys in 100 Client IDs. Two 
 - whole process (at `--whole`, 20,000 keys): the `rotator scan --json` command, start-up, config,
   imports and output included, against `python -c <the loop>` doing the same requests and what
   the rate budget needs of Redis here (the emulator publishes no rate limits, so the budget is
-  asked once: one round trip); and the import time of each (`import rotator.cli` against
-  `import httpx, redis`).
+  asked once per Client ID, then not again within a second: one round trip per listing); and the
+  import time of each.
 
 Prints wall times and their ratios (goal <= 1.1 for both), best of several interleaved runs.
 """
@@ -38,10 +38,11 @@ BARE_IMPORTS = "import httpx, redis; httpx.Client()"  # httpx imports its transp
 BARE_LOOP = """
 import sys, httpx, redis
 url, token, clients, redis_url = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-redis.Redis.from_url(redis_url).incr("bench:budget")
+budget = redis.Redis.from_url(redis_url)
 count = 0
 with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
     for c in range(clients):
+        budget.incr(f"bench:budget:c{c:03d}")
         page = 1
         while True:
             r = http.get(f"/v2.01/c{c:03d}/apikeys", params={"page": page, "per_page": 100})

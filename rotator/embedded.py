@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -42,6 +44,48 @@ def free_port() -> int:
         return port
 
 
+def _answering_pid(port: int) -> int | None:
+    """The process id of the Redis answering on `port` (`INFO server`), or None."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as sock:
+        sock.sendall(b"INFO server\r\n")
+        answer = b""
+        while b"process_id:" not in answer or not answer.split(b"process_id:", 1)[1].count(b"\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            answer += chunk
+        found = re.search(rb"process_id:(\d+)", answer)
+        return int(found.group(1)) if found else None
+    return None
+
+
+def _tail(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")[-2000:]
+    except OSError:
+        return ""
+
+
+def group_running(pgid: int) -> bool:
+    """Whether any process of the process group still runs. A zombie does not count: an orphan's
+    exit is reaped by PID 1, which in a container may never do it. (Without /proc: any process.)"""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def end_process(proc: subprocess.Popen[bytes] | None) -> None:
     """A private server stopped and reaped: SIGTERM, then SIGKILL after 5 s."""
     if proc is None or proc.poll() is not None:
@@ -69,6 +113,16 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> PrivateRedis:
+        """Start it and wait until it answers. The port was free when chosen, not reserved: when
+        another process took it meanwhile (a Redis of its own, say), ours cannot bind and exits,
+        and another free port is tried, so a Redis that answers is always this one."""
+        for _ in range(3):
+            if self._started(timeout_s):
+                return self
+            self.port = free_port()
+        raise PermanentError("redis-server could not bind a free port three times")
+
+    def _started(self, timeout_s: float) -> bool:
         self._proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir),
@@ -78,11 +132,11 @@ class PrivateRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                if "Address already in use" in _tail(self.dir / "redis.log"):
+                    return False
                 raise PermanentError(f"redis-server exited with {self._proc.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return self
+            if _answering_pid(self.port) == self._proc.pid:
+                return True
             time.sleep(0.05)
         self.stop()
         raise PermanentError(f"redis-server did not answer on port {self.port} within {timeout_s}s")

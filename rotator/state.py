@@ -227,11 +227,21 @@ class RedisState:
         return (AttemptRecord.from_dict(json.loads(record)) if record else None,
                 json.loads(slot) if slot else None)
 
-    def delete_attempt(self, attempt: AttemptRecord, lease: Lease) -> None:
-        """Delete the record only if it still is this attempt's and the lease is still ours."""
+    def delete_attempt(self, attempt: AttemptRecord, lease: Lease, stored_at: float | None = None) -> None:
+        """Delete the record only if it still is this attempt's and the lease is still ours. With
+        `stored_at`, the key's stored-rotation slot (`mark_stored_rotation` of the attempt's
+        generation) is written first, in the same round trip: Redis runs the two in that order,
+        so a crash leaves what it left when they were sent apart."""
         ref = str(attempt.ref)
-        done = self.client.eval(_DELETE_FENCED, 3, lease.name, self._k("attempt", ref), self._k("attempts"),
-                                lease.token, ref, attempt.attempt_id)
+        fenced = (_DELETE_FENCED, 3, lease.name, self._k("attempt", ref), self._k("attempts"), lease.token, ref,
+                  attempt.attempt_id)
+        if stored_at is None:
+            done = self.client.eval(*fenced)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self._k("stored", ref), _stored_slot(attempt.generation, stored_at))
+            pipe.eval(*fenced)
+            done = pipe.execute()[1]
         if done == 0:
             lease.lost = True
             raise LeaseLostError(f"lease of {ref} lost: attempt record not deleted")
@@ -286,7 +296,7 @@ class RedisState:
         pipe.execute()
 
     def mark_stored_rotation(self, ref: KeyRef, replaced: str, when: float) -> None:
-        self.client.set(self._k("stored", str(ref)), json.dumps({"replaced": replaced, "time": when}))
+        self.client.set(self._k("stored", str(ref)), _stored_slot(replaced, when))
 
     def stored_rotation(self, ref: KeyRef) -> dict[str, Any] | None:
         raw = self.client.get(self._k("stored", str(ref)))
@@ -370,3 +380,8 @@ def _epoch_of(raw: Any, generation: str) -> int:
         return 0
     stored_generation, _, epoch = str(raw).rpartition("/")
     return int(epoch) if stored_generation == generation and epoch.isdigit() else 0
+
+
+def _stored_slot(replaced: str, when: float) -> str:
+    """The stored-rotation slot: the generation rotator's stored rotation replaced, and when."""
+    return json.dumps({"replaced": replaced, "time": when})

@@ -702,7 +702,9 @@ class FakeState:
         self.sim.point(f"redis get {ref.key_id}")
         return self.records.get(ref), self.stored_slots.get(ref)
 
-    def delete_attempt(self, attempt: AttemptRecord, lease: FakeLease) -> None:
+    def delete_attempt(self, attempt: AttemptRecord, lease: FakeLease, stored_at: float | None = None) -> None:
+        if stored_at is not None:  # sent before the fenced delete, and written whatever the fence says
+            self.mark_stored_rotation(attempt.ref, attempt.generation, stored_at)
         self._fenced(lease, f"delete {attempt.key_id}")
         current = self.records.get(attempt.ref)
         if current is not None and current.attempt_id != attempt.attempt_id:

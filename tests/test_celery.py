@@ -23,6 +23,7 @@ import redis
 from cryptography.fernet import Fernet
 
 from rotator.domain import ApiKey
+from rotator.embedded import group_running
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
@@ -37,18 +38,6 @@ WINDOW_S = 12  # the rate-limit test's first window: long enough for one run, sh
 FP = Fingerprinter(FP_KEY)
 DAY = 86_400
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _group_running(pgid: int) -> bool:
-    """Whether any process of the group is still alive (zombies do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
 
 
 class Cluster:
@@ -126,7 +115,11 @@ kind = "vault"
         return result
 
     def sinks(self) -> list[Any]:
-        os.environ.update({k: self.env[k] for k in ("ROTATOR_FILE_KEY", "VAULT_TOKEN")})
+        """The run's sinks, read in this process: their credentials stay in its environment until `stop`."""
+        names = ("ROTATOR_FILE_KEY", "VAULT_TOKEN")
+        if not hasattr(self, "_env_before"):
+            self._env_before = {k: os.environ.get(k) for k in names}
+        os.environ.update({k: self.env[k] for k in names})
         return [registry.build("file", self.file, FP),
                 registry.build("vault", self.vault, FP)]
 
@@ -135,10 +128,15 @@ kind = "vault"
         (a child can outlive its parent's exit by a few scheduler ticks on a loaded machine)."""
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        wait_for(lambda: not _group_running(proc.pid), 10, "the worker's process group to die")
+        wait_for(lambda: not group_running(proc.pid), 10, "the worker's process group to die")
 
     def stop(self) -> None:
         stop_groups(self.procs)
+        for name, value in getattr(self, "_env_before", {}).items():  # no later test inherits them
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     def everything_written(self) -> str:
         """Every log line, CLI output and Redis key and value the run produced."""

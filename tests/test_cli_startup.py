@@ -46,6 +46,6 @@ def test_a_command_imports_only_what_it_uses(command: list[str], tmp_path: Path,
     ran, modules = imported(tmp_path, *command, "--config", str(config))
     assert ran.returncode == 0, ran.stderr
     assert [name for name in NEVER if used(modules, name)] == []
-    assert used(modules, "rotator.config")  # one settings object, loaded as every command loads it
+    assert used(modules, "rotator.config")  # it read its configuration as every command does
     if command[0] == "scan":
         assert json.loads(ran.stdout) == []  # the emulator has no keys: the command did run

@@ -640,4 +640,4 @@ def test_a_clean_rotation_takes_the_round_trips_the_protocol_doc_lists(
     monkeypatch.setattr(keyservice._transport, "send", counting("http", keyservice._transport.send))
     result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule")
     assert result.status == "succeeded", result
-    assert counted == documented_round_trips() == {"redis": 8, "http": 3}
+    assert counted == documented_round_trips() == {"redis": 7, "http": 3}

@@ -18,7 +18,7 @@ from rotator.cli.base import (
     settings_or_exit,
     use_config,
 )
-from rotator.console import err, print_json, print_table, progress, show
+from rotator.console import err, print_json, print_table, show
 from rotator.errors import BudgetSpent
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def scan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         held: list[BudgetSpent] = []  # a Client ID whose rate budget is spent is skipped; the others go on
         try:
             now = time.time()
-            with progress("Scanning…") as status:
+            with err.status("Scanning…") as status:
                 for count, row in enumerate(
                     run_scan(service, settings.policy.to_policy(), now, settings.keyservice.clients, held), 1
                 ):

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from rotator.config import load_settings
 from rotator.console import show
-from rotator.embedded import PrivateRedis
+from rotator.embedded import PrivateRedis, group_running
 from rotator.keys import init_keys
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.emulator_http import EmulatorServer
@@ -148,46 +148,29 @@ def _table(config: Path, started: float) -> Table:
     return table
 
 
-def _group_left(pgid: int) -> bool:
-    """Whether any process of the group still runs. A zombie does not count: an orphan's exit is reaped
-    by PID 1, which in a container may never do it."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
-def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20) -> None:
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20) -> bool:
     """SIGTERM the whole process group (`rotator run`, its worker's pool, beat) and wait for all of it,
     not only its leader: the leader can exit while its pool's processes are still finishing, and
-    "stopped" would then be said too early. SIGKILL whatever is left after the grace."""
+    "stopped" would then be said too early. SIGKILL whatever is left after the grace. Whether
+    nothing of the group runs any more."""
+    if proc.poll() is not None and not group_running(proc.pid):
+        return True  # all gone: the group's number may be another's by now
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(grace_s)
-    while _group_left(proc.pid) and time.monotonic() < deadline:
+    while group_running(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if proc.poll() is None or _group_left(proc.pid):
+    if proc.poll() is None or group_running(proc.pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
         deadline = time.monotonic() + 5
-        while _group_left(proc.pid) and time.monotonic() < deadline:
+        while group_running(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
+    return proc.poll() is not None and not group_running(proc.pid)
 
 
 @contextlib.contextmanager
@@ -260,8 +243,12 @@ def main(home: Path, port: int, duration: float | None, plain: bool, vault: bool
             if interrupted:
                 console.print("Ctrl-C: stopping the worker and beat (a rotation in flight finishes first), "
                               "then Redis and the emulator…")
-            _stop(worker)
+            stopped = _stop(worker)
             log.close()
+        if not stopped:
+            console.print(f"[red]a process of the worker's group {worker.pid} did not stop even after SIGKILL; "
+                          f"see `ps -g {worker.pid}`[/red]")
+            return 1
         if worker.returncode not in (0, -signal.SIGTERM, None) and not interrupted and duration is None:
             console.print(f"[red]the worker exited with {worker.returncode}; see {home / 'worker.log'}[/red]")
             return 1

@@ -83,7 +83,9 @@ def rotate_locked(ctx: Context, ref: KeyRef, lease: Any, trigger: str, force: bo
         settled = attempt.settle(ctx, pending, lease)
         if isinstance(settled, RotationResult):
             return settled
-        slot = ctx.state.stored_rotation(ref)  # settling may have stored a rotation
+        # Read again (recovery only): no settling path that goes on writes the slot today, but one
+        # that did would leave the slot read above stale, and the reset-loop guard below reads it.
+        slot = ctx.state.stored_rotation(ref)
         resumed = settled.force
         lost_secret = settled.force and settled.action == "reset"
         force = force or settled.force

@@ -102,11 +102,11 @@ def stored(ctx: Context, issued: IssuedKey, record: AttemptRecord, lease: Any, s
         problems.append("the key service changed the key's alias or scopes on reset")
     stale_dates = bool(record.generation) and not issued.key.generation > Generation.parse(record.generation)
     advance(Phase.STORING, Step.STORED)
-    if record.generation and not problems and record.action != "create":  # its age may count from it
-        ctx.state.mark_stored_rotation(record.ref, record.generation, ctx.clock())
+    # Its age may count from this rotation: the stored-rotation slot goes with the record's deletion.
+    counts = bool(record.generation) and not problems and record.action != "create"
     if record.action == "create":  # the grace counts from here: every sink holds the successor
         lineage.mark_successor_stored(ctx, record, issued.key)
-    ctx.state.delete_attempt(record, lease)
+    ctx.state.delete_attempt(record, lease, stored_at=ctx.clock() if counts else None)
     status = "failed" if problems else "recovered" if success_event == "rotation.recovered" else "succeeded"
     if problems:
         report.emit(ctx, "rotation.failed", issued.key, record, "; ".join(problems))
