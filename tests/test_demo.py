@@ -162,3 +162,24 @@ def test_demo_with_vault_stores_into_a_real_openbao_read_back_with_bao(tmp_path:
     port = int(re.search(r"OpenBao \(a real Vault API\): http://127\.0\.0\.1:(\d+)", output).group(1))  # type: ignore[union-attr]
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass
+
+
+def test_a_private_redis_never_adopts_another_redis_on_its_port() -> None:
+    """The port a PrivateRedis chose was free, not reserved: when another Redis holds it by the time
+    its own starts, it moves to another port instead of taking the other one for its own (four test
+    processes start Redis servers at once)."""
+    import redis
+
+    from rotator.embedded import PrivateRedis, _answering_pid
+
+    with PrivateRedis() as first:
+        second = PrivateRedis()
+        second.port = first.port  # as if `first` had taken it between the choice and the start
+        second.start()
+        try:
+            assert second.port != first.port
+            assert _answering_pid(second.port) != _answering_pid(first.port)
+            redis.Redis.from_url(second.url).set("whose", "second")
+            assert redis.Redis.from_url(first.url).get("whose") is None
+        finally:
+            second.stop()
