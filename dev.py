@@ -64,7 +64,11 @@ ONE_PROCESS = ("-n", "--numprocesses", "--dist", "-pno:xdist", "--pdb", "--trace
 
 def parallel(args: list[str]) -> tuple[str, ...]:
     """The default parallelism, unless the arguments choose their own (`-n 0` runs in one process)."""
-    return () if any(a.startswith(ONE_PROCESS) or a == "no:xdist" for a in args) else PARALLEL
+    def alone(arg: str) -> bool:
+        short = arg[1:] if arg.startswith("-") and not arg.startswith("--") else ""
+        return arg.startswith(ONE_PROCESS) or arg == "no:xdist" or (short.isalpha() and "s" in short)  # -vs, -xs
+
+    return () if any(alone(a) for a in args) else PARALLEL
 
 
 def main() -> None:

@@ -45,17 +45,20 @@ def free_port() -> int:
 
 
 def _answering_pid(port: int) -> int | None:
-    """The process id of the Redis answering on `port` (`INFO server`), or None."""
+    """The process id of the Redis answering on `port` (`INFO server`, a bulk reply of a few KB),
+    or None: nothing there, an error (a password is needed), or not Redis at all."""
+    deadline = time.monotonic() + 1.0
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as sock:
         sock.sendall(b"INFO server\r\n")
         answer = b""
-        while b"process_id:" not in answer or not answer.split(b"process_id:", 1)[1].count(b"\r\n"):
+        while time.monotonic() < deadline and len(answer) < 65536:
             chunk = sock.recv(65536)
-            if not chunk:
+            if not chunk or not (answer + chunk).startswith(b"$"):
                 return None
             answer += chunk
-        found = re.search(rb"process_id:(\d+)", answer)
-        return int(found.group(1)) if found else None
+            found = re.search(rb"\r\nprocess_id:(\d+)\r\n", answer)
+            if found:
+                return int(found.group(1))
     return None
 
 
@@ -123,6 +126,7 @@ class PrivateRedis:
         raise PermanentError("redis-server could not bind a free port three times")
 
     def _started(self, timeout_s: float) -> bool:
+        (self.dir / "redis.log").unlink(missing_ok=True)  # this try's own: a port clash is read from it
         self._proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir),

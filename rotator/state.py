@@ -230,15 +230,16 @@ class RedisState:
     def delete_attempt(self, attempt: AttemptRecord, lease: Lease, stored_at: float | None = None) -> None:
         """Delete the record only if it still is this attempt's and the lease is still ours. With
         `stored_at`, the key's stored-rotation slot (`mark_stored_rotation` of the attempt's
-        generation) is written first, in the same round trip: Redis runs the two in that order,
-        so a crash leaves what it left when they were sent apart."""
+        generation) is written first, in the same round trip and one transaction: a Redis that
+        refuses the `SET` (full, say) runs neither, so the record stays for recovery, as when the
+        two were sent apart; a lost lease still leaves the slot written, as it did then."""
         ref = str(attempt.ref)
         fenced = (_DELETE_FENCED, 3, lease.name, self._k("attempt", ref), self._k("attempts"), lease.token, ref,
                   attempt.attempt_id)
         if stored_at is None:
             done = self.client.eval(*fenced)
         else:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=True)
             pipe.set(self._k("stored", ref), _stored_slot(attempt.generation, stored_at))
             pipe.eval(*fenced)
             done = pipe.execute()[1]

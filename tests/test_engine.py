@@ -641,3 +641,27 @@ def test_a_clean_rotation_takes_the_round_trips_the_protocol_doc_lists(
     result = engine.rotate(KeyRef("acme", seeded["due"]), trigger="schedule")
     assert result.status == "succeeded", result
     assert counted == documented_round_trips() == {"redis": 7, "http": 3}
+
+
+def test_a_full_redis_refuses_the_slot_and_the_deletion_together(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, seeded: dict[str, str],
+) -> None:
+    """The stored-rotation slot and the record's deletion go in one round trip and one transaction:
+    a Redis that refuses the slot's `SET` (out of memory) deletes nothing either, so recovery still
+    finds the record, as when the two were sent apart."""
+    import redis
+
+    engine, _ = make_engine(keyservice, state, [memory()])
+    ref = KeyRef("acme", seeded["due"])
+    record = plant(engine, state, ref, keyservice)
+    lease = state.acquire(f"key:{ref}", 30)
+    assert lease is not None
+    state.client.config_set("maxmemory", 1)  # the default policy, noeviction: every write refused
+    try:
+        with pytest.raises(redis.RedisError):
+            state.delete_attempt(record, lease, stored_at=state.now())
+    finally:
+        state.client.config_set("maxmemory", 0)
+    lease.release()
+    assert state.get_attempt(ref) == record and ref.key_id in str(state.client.smembers(f"{state.ns}:attempts"))
+    assert state.stored_rotation(ref) is None
