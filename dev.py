@@ -54,7 +54,7 @@ def ensure_env() -> None:
 
 # The suite spends most of its time waiting on real services (workers, brokers, timeouts), so four
 # processes finish it in about half the time on two cores. Each file stays in one process (its
-# module fixtures are made once); the slowest files are sent first (tests/conftest.py).
+# module fixtures are made once); the simulation, the longest file, is sent first (tests/conftest.py).
 PARALLEL = ("--numprocesses=4", "--dist=loadfile")
 
 
