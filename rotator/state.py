@@ -258,17 +258,16 @@ class RedisState:
                 out.append(found)
         return out
 
-    def epoch(self, ref: KeyRef, generation: str) -> int:
-        """How many conclusive refusals this generation of the key has had (0 when unknown)."""
-        return _epoch_of(self.client.get(self._k("epoch", str(ref))), generation)
-
     def epoch_and_now(self, ref: KeyRef, generation: str) -> tuple[int, float]:
-        """`epoch` and `now` in one round trip (what an attempt reads before its record is saved)."""
+        """How many conclusive refusals this generation of the key has had (0 when unknown), and
+        `now`, in one round trip (what an attempt reads before its record is saved)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self._k("epoch", str(ref)))
         pipe.time()
         raw, (seconds, micros) = pipe.execute()
-        return _epoch_of(raw, generation), float(seconds) + micros / 1e6
+        stored_generation, _, epoch = str(raw or "").rpartition("/")
+        count = int(epoch) if raw and stored_generation == generation and epoch.isdigit() else 0
+        return count, float(seconds) + micros / 1e6
 
     def set_epoch(self, ref: KeyRef, generation: str, epoch: int, lease: Lease) -> None:
         done = self.client.eval(_SET_FENCED, 2, lease.name, self._k("epoch", str(ref)), lease.token,
@@ -373,14 +372,6 @@ class RedisState:
     def last_rotation(self, ref: KeyRef) -> dict[str, Any] | None:
         raw = self.client.get(self._k("last", str(ref)))
         return json.loads(raw) if raw else None
-
-
-def _epoch_of(raw: Any, generation: str) -> int:
-    """The epoch an `epoch` slot holds for `generation` (0 when it holds another's, or none)."""
-    if not raw:
-        return 0
-    stored_generation, _, epoch = str(raw).rpartition("/")
-    return int(epoch) if stored_generation == generation and epoch.isdigit() else 0
 
 
 def _stored_slot(replaced: str, when: float) -> str:

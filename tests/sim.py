@@ -716,12 +716,9 @@ class FakeState:
         self.sim.point("redis attempts")
         return [self.records[r] for r in sorted(self.records, key=str)]
 
-    def epoch(self, ref: KeyRef, generation: str) -> int:
-        stored = self.epochs.get(ref)
-        return stored[1] if stored is not None and stored[0] == generation else 0
-
     def epoch_and_now(self, ref: KeyRef, generation: str) -> tuple[int, float]:
-        return self.epoch(ref, generation), self.now()
+        stored = self.epochs.get(ref)
+        return (stored[1] if stored is not None and stored[0] == generation else 0), self.now()
 
     def set_epoch(self, ref: KeyRef, generation: str, epoch: int, lease: FakeLease) -> None:
         self._fenced(lease, f"epoch {ref.key_id} {epoch}")

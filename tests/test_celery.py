@@ -92,6 +92,7 @@ kind = "vault"
 """)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.outputs: list[Path] = []
+        self.env_before: dict[str, str | None] = {}  # what `sinks` changed in this process's environment
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
         log = self.tmp / f"proc-{len(self.procs)}.log"
@@ -117,8 +118,7 @@ kind = "vault"
     def sinks(self) -> list[Any]:
         """The run's sinks, read in this process: their credentials stay in its environment until `stop`."""
         names = ("ROTATOR_FILE_KEY", "VAULT_TOKEN")
-        if not hasattr(self, "_env_before"):
-            self._env_before = {k: os.environ.get(k) for k in names}
+        self.env_before = self.env_before or {k: os.environ.get(k) for k in names}
         os.environ.update({k: self.env[k] for k in names})
         return [registry.build("file", self.file, FP),
                 registry.build("vault", self.vault, FP)]
@@ -132,7 +132,7 @@ kind = "vault"
 
     def stop(self) -> None:
         stop_groups(self.procs)
-        for name, value in getattr(self, "_env_before", {}).items():  # no later test inherits them
+        for name, value in self.env_before.items():  # no later test inherits them
             if value is None:
                 os.environ.pop(name, None)
             else:

@@ -227,7 +227,7 @@ def test_a_stored_origin_5xx_spends_the_key_and_the_next_epoch_rotates(
     time.sleep(0.4)
     assert [r.status for r in engine.recover_all()] == ["recovered"]
     [reset] = emulator.ledger
-    assert reset.idempotency_key != engine._key_of(record) and state.epoch(due, record.generation) == 1
+    assert reset.idempotency_key != engine._key_of(record) and state.epoch_and_now(due, record.generation)[0] == 1
     assert stored_everywhere(sinks, emulator, due, keyservice) and state.attempts() == []
     assert "rotation.secret_at_risk" not in events.names()
     # Then Redis and every sink lose it all: the repair reads past the spent epoch to the next one.
