@@ -71,6 +71,10 @@ beat_schedule = {
     "reconcile": {"task": "rotator.reconcile", "schedule": float(_c.reconcile_every_s)},
     "warn_due_soon": {"task": "rotator.warn_due_soon", "schedule": float(_c.warn_every_s)},
 }
+if _c.repair_every_s and _settings.policy.mode == "enforce":
+    # One not started within its interval is dropped: the next one is as good.
+    beat_schedule["repair"] = {"task": "rotator.repair", "schedule": float(_c.repair_every_s),
+                               "options": {"expires": float(_c.repair_every_s)}}
 if _settings.view.publish_every_s:
     # One not started within its interval is dropped: the next one is as good.
     beat_schedule["publish_view"] = {"task": "rotator.publish_view", "schedule": float(_settings.view.publish_every_s),

@@ -171,9 +171,40 @@ def recover(self: Any) -> list[dict[str, Any]]:
 
 @app.task(name="rotator.reconcile")
 @contained
-def reconcile() -> list[dict[str, str]]:
+def reconcile() -> dict[str, Any]:
+    """On the beat (`celery.reconcile_every_s`, daily): every key against every sink. In `enforce`
+    mode it repairs what a replay can repair and tells the rest; in `audit` mode it only tells."""
+    if settings().policy.mode != "enforce":
+        return {"drift": _drift_rows(engine().drift()), "repaired": []}
+    return _repaired(*engine().repair(fresh=False))
+
+
+@app.task(name="rotator.repair")
+@contained
+def repair() -> dict[str, Any]:
+    """On the beat (`celery.repair_every_s`, enforce mode): attempt records, and the sinks of keys
+    reset within the replay lookback; a secret a sink or a wiped Redis lost is replayed and stored,
+    never reset afresh. Claimed once per interval however many beats fire."""
+    s = settings()
+    eng = engine()
+    every = s.celery.repair_every_s
+    if s.policy.mode != "enforce" or not every:
+        return {"skipped": "automatic repair is off (audit mode, or celery.repair_every_s = 0)"}
+    if not eng.state.once(f"repair:{int(time.time() // every)}", every):
+        return {"skipped": "another beat already ordered this interval's repair"}
+    return _repaired(*eng.repair(fresh=False, recent_only=True))
+
+
+def _drift_rows(drifted: list[Any]) -> list[dict[str, str]]:
     return [{"client_id": d.key.client_id, "key_id": d.key.key_id, "sink": d.sink, "reason": d.reason}
-            for d in engine().drift()]
+            for d in drifted]
+
+
+def _repaired(drifted: list[Any], results: list[Any]) -> dict[str, Any]:
+    rows = [r.to_dict() for r in results]
+    log.info("repair.finished", drift=len(drifted), settled=len(rows),
+             unrepaired=sum(1 for r in rows if not r["ok"]))
+    return {"drift": _drift_rows(drifted), "repaired": rows}
 
 
 @app.task(name="rotator.publish_view")

@@ -45,10 +45,11 @@ class Cluster:
 
     def __init__(self, tmp: Path, redis_url: str, emulator_url: str, vault_url: str, vault_token: str,
                  mode: str = "enforce", extra: str = "", broker: str = "", policy: str = "",
-                 vault: dict[str, Any] | None = None, file_path: str = "{client_id}/{key_id}.secret") -> None:
+                 vault: dict[str, Any] | None = None, file_path: str = "{client_id}/{key_id}.secret",
+                 celery: str = "", sink_retry_s: float = 30) -> None:
         """`broker`: the `[celery]` lines naming another broker (and no result backend) instead of
-        the private Redis's databases 1 and 2; `policy`: more `[policy]` lines; `vault`: the Vault
-        sink's settings (AppRole on OpenBao, say) instead of a root token on `vault_url`."""
+        the private Redis's databases 1 and 2; `policy`, `celery`: more `[policy]`, `[celery]` lines;
+        `vault`: the Vault sink's settings (AppRole on OpenBao, say) instead of a root token on `vault_url`."""
         self.tmp = tmp
         self.vault_url = vault_url
         self.vault = vault or {"url": vault_url}
@@ -79,8 +80,9 @@ scan_every_s = 2
 recover_every_s = 3600
 visibility_timeout_s = 600
 concurrency = 2
+{celery}
 [engine]
-sink_retry_s = 30
+sink_retry_s = {sink_retry_s}
 idempotency_key_env = "ROTATOR_IDEMPOTENCY_KEY"
 [[sinks]]
 kind = "file"

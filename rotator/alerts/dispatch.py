@@ -35,7 +35,20 @@ class Route:
         return AppriseNotifier(url)
 
     def dedupe_key(self, event: Event) -> str:
-        return f"alert:{self.index}:{event.name}:{event.client_id}/{event.key_id}:{event.attempt_id or '-'}"
+        """One alert per event, key and attempt within the window; an at-risk secret's alert is
+        repeated as the time left before the key service forgets its answer passes each stage."""
+        key = f"alert:{self.index}:{event.name}:{event.client_id}/{event.key_id}:{event.attempt_id or '-'}"
+        left = (event.details or {}).get("time_left_s")
+        return key + f":left<={countdown_stage(left)}h" if isinstance(left, int | float) else key
+
+
+#: The stages (hours left) at which an at-risk alert is repeated however short the channel's window.
+COUNTDOWN_STAGES_H = (24, 12, 6, 3, 1, 0)
+
+
+def countdown_stage(time_left_s: float) -> int:
+    """The smallest stage that still holds `time_left_s`: 24, 12, 6, 3, 1, or 0 (none left)."""
+    return min(h for h in COUNTDOWN_STAGES_H if time_left_s <= h * 3600 or h == COUNTDOWN_STAGES_H[0])
 
 
 def routes(settings: Settings) -> list[Route]:

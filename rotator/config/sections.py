@@ -289,7 +289,15 @@ class CeleryConfig(Section):
         return url_with_password(str(self.result_backend), self.password_env, self.password_file)
     scan_every_s: int = Field(3600, ge=1, description="Beat: seconds between scans.")
     recover_every_s: int = Field(300, ge=1, description="Beat: seconds between recovery sweeps.")
-    reconcile_every_s: int = Field(86_400, ge=60, description="Beat: seconds between reconciles.")
+    reconcile_every_s: int = Field(
+        86_400, ge=60, description=("Beat: seconds between full reconciles (every key against every sink); in "
+                                    "`enforce` mode each also repairs what a replay can repair."))
+    repair_every_s: int = Field(
+        900, ge=0, le=21_600, description=(
+            "Beat, `enforce` mode: seconds between automatic repair sweeps (attempt records, and the sinks of keys "
+            "reset in the last two days), which replay and store a secret a sink or a wiped Redis lost, never "
+            "resetting afresh. At most 6 h, so it runs at least four times while the key service keeps a reset's "
+            "answer (24 h); 0: off."))
     warn_every_s: int = Field(86_400, ge=60, description="Beat: seconds between due-soon sweeps.")
     visibility_timeout_s: int = Field(
         3600, ge=60, description=("Redis (any non-RabbitMQ) broker: redeliver an unacknowledged task after this; "

@@ -157,9 +157,10 @@ class Engine:
         """Settle every attempt a crash, an outage or a lost answer left behind."""
         return flow.recover_all(self.ctx)
 
-    def repair(self) -> tuple[list[Drift], list[RotationResult]]:
-        """`reconcile --repair` (`reconcile.repair`)."""
-        return reconcile.repair(self.ctx)
+    def repair(self, fresh: bool = True, recent_only: bool = False) -> tuple[list[Drift], list[RotationResult]]:
+        """`reconcile --repair`, or beat's automatic repair (`fresh=False`: never a new reset)
+        (`reconcile.repair`)."""
+        return reconcile.repair(self.ctx, fresh, recent_only)
 
     def drift(self, alert: bool = True, keys: Iterable[ApiKey] | None = None,
               reads: SinkReads | None = None) -> list[Drift]:

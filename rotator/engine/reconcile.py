@@ -43,19 +43,36 @@ from rotator.protocol import (
 from rotator.scan import every_key
 
 
-def repair(ctx: Context) -> tuple[list[Drift], list[RotationResult]]:
-    """`reconcile --repair`: settle attempts, then bring every drifted key's sinks up to date,
-    by replaying the reset that produced its generation when that is possible (no second
-    reset, even without any state in Redis) and by a fresh reset only when it is not."""
+def repair(ctx: Context, fresh: bool = True, recent_only: bool = False) -> tuple[list[Drift], list[RotationResult]]:
+    """Settle attempts, then bring every drifted key's sinks up to date by replaying the reset
+    that produced its generation (no second reset, even without any state in Redis).
+
+    `fresh`: `reconcile --repair`, a person's command, also resets afresh where no replay can be
+    had; every drift is told (`drift.detected`). Beat's automatic repair (`fresh=False`) never
+    sends a new reset: what a replay cannot repair is told (`drift.detected`, or
+    `rotation.secret_at_risk` with the time left while a replay may still succeed) and waits for
+    a person. `recent_only`: the frequent sweep, which reads the sinks only of keys reset within
+    the replay lookback (the only ones a replay can repair)."""
     results = flow.recover_all(ctx)
+    keys: Iterable[ApiKey] = every_key(ctx.keyservice, ctx.clients)
+    if recent_only:
+        keys = (key for key in keys if born_recently(ctx, key))
     try:
-        drifted = drift(ctx)
+        drifted = drift(ctx, alert=fresh, keys=keys)
     except BudgetSpent as spent:  # what was settled so far goes with it, to be said
         raise Stopped(spent, results) from None
+    trigger = "reconcile" if fresh else "repair"
     for ref in dict.fromkeys(d.key.ref for d in drifted):  # each tried: a replay goes past the share
-        report.begin(ctx, "reconcile --repair", None)
-        results.append(flow.leased(ctx, ref, "reconcile", partial(repair_locked, ctx, ref)))
+        report.begin(ctx, "reconcile --repair" if fresh else "beat's automatic repair", None)
+        results.append(flow.leased(ctx, ref, trigger, partial(repair_locked, ctx, ref, fresh=fresh)))
     return drifted, results
+
+
+def born_recently(ctx: Context, key: ApiKey) -> bool:
+    """Reset (or, a successor, created) within the replay lookback: only such a key's current
+    secret can be rotator's and still be replayed."""
+    since = key.last_reset_at if key.last_reset_at is not None else key.created_at if key.replaces is not None else None
+    return since is not None and ctx.clock() - since < REPLAY_LOOKBACK_S
 
 
 class Stopped(BudgetSpent):
@@ -109,16 +126,17 @@ def orphans(ctx: Context) -> tuple[list[Orphan], list[tuple[str, str]]]:
     return found, unchecked
 
 
-def repair_locked(ctx: Context, ref: KeyRef, lease: Any) -> RotationResult:
+def repair_locked(ctx: Context, ref: KeyRef, lease: Any, fresh: bool = True) -> RotationResult:
+    trigger = "reconcile" if fresh else "repair"
     if ctx.state.get_attempt(ref) is not None:
         return flow.recover_locked(ctx, ref, lease)
-    key = report.get_key(ctx, ref, "reconcile")
+    key = report.get_key(ctx, ref, trigger)
     lookup = replay_lost(ctx, key)
     if lookup.found is not None:
         issued, derived = lookup.found
         now = ctx.state.now()
         created = issued.key.replaces if derived.action == "create" else None  # a successor's create
-        record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), "", derived.epoch, "reconcile", now,
+        record = AttemptRecord(ref.client_id, ref.key_id, str(uuid.uuid4()), "", derived.epoch, trigger, now,
                                Phase.STORING.value, now, str(issued.key.generation), action=derived.action,
                                issued_key_id=issued.key.key_id, replaces=created, derived_with=ctx.ik_id,
                                derived_generation=str(derived.generation))
@@ -126,15 +144,23 @@ def repair_locked(ctx: Context, ref: KeyRef, lease: Any) -> RotationResult:
         return store.store(ctx, issued, record, lease, "rotation.recovered", prepared=None)
     drifted = drift_of(ctx, key)
     if not drifted:
-        return report.skipped(ctx, key, "reconcile", "no drift any more")
+        return report.skipped(ctx, key, trigger, "no drift any more")
     doubts = [f"{d.sink}: {d.reason}" for d in drifted if not d.certain]
     doubts += [lookup.unknown] if lookup.unknown else []
     if doubts:  # a replay may still find the secret, or a sink cannot be read: never reset afresh on that
-        return report.failed(ctx, key, None, f"not repaired, not reset afresh: {'; '.join(doubts)}",
-                             trigger="reconcile")
+        why = f"not repaired, not reset afresh: {'; '.join(doubts)}"
+        if not fresh and born_recently(ctx, key):  # told again on every sweep, with the time left
+            report.emit(ctx, "rotation.secret_at_risk", key, None, why, report.replay_left(ctx, key))
+        return report.failed(ctx, key, None, why, trigger=trigger)
     scope = scope_problem(key, ctx.policy)
     if scope is not None:  # a key the policy leaves alone is never reset by a repair
-        return report.out_of_scope(ctx, key, "reconcile", scope)
+        return report.out_of_scope(ctx, key, trigger, scope)
+    if not fresh:  # someone reset it outside rotator, or the answer expired: a person decides
+        for d in drifted:
+            report.emit(ctx, "drift.detected", d.key, error=f"{d.sink}: {d.reason}")
+        return report.failed(ctx, key, None, "not repaired: no sink holds the key's current secret and no replay "
+                                             "gives it; `rotator reconcile --repair` resets it afresh",
+                             trigger=trigger)
     report.emit(ctx, "rotation.secret_at_risk", key, None,
                 "no sink holds the key's current secret and its reset cannot be replayed; resetting afresh")
     return attempt.reset(ctx, key, lease, "reconcile", after_loss=True)
@@ -168,9 +194,7 @@ def drift_of(ctx: Context, key: ApiKey, reads: SinkReads | None = None) -> list[
     last = ctx.state.last_rotation(key.ref)
     managed = bool(certain) or current or (last is not None and last.get("status") in ("succeeded", "recovered"))
     lookup = Lookup()
-    recent = ctx.clock() - (key.last_reset_at if key.last_reset_at is not None else
-                            key.created_at if key.replaces is not None else 0) < REPLAY_LOOKBACK_S
-    if not managed and recent:
+    if not managed and born_recently(ctx, key):
         lookup = replay_lost(ctx, key)
         managed = lookup.found is not None
     if managed:

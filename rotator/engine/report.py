@@ -12,9 +12,11 @@ from rotator.domain import (
     AttemptRecord,
     KeyRef,
     KeyState,
+    utc_iso,
 )
 from rotator.engine.context import Context
 from rotator.engine.values import (
+    REPLAY_KEPT_S,
     STUCK_S,
     Outcome,
     RotationResult,
@@ -168,6 +170,14 @@ def history(ctx: Context, result: RotationResult) -> None:
         log.error("history.write_failed", error_type=type(exc).__name__)
     log.info("rotation.finished", **{k: v for k, v in result.to_dict().items() if k != "timings"},
              actor=actor(ctx))
+
+
+def replay_left(ctx: Context, key: ApiKey) -> dict[str, Any]:
+    """Until when the key service replays the answer that produced the key's current generation
+    (its secret), and how long that leaves: what an at-risk alert tells the person who must act
+    before a replay can no longer save the secret (by the key service's own dates)."""
+    until = float(key.born_at) + REPLAY_KEPT_S
+    return {"replayable_until": utc_iso(until), "time_left_s": max(0, int(until - ctx.clock()))}
 
 
 def emit(ctx: Context, name: str, key: ApiKey, attempt: AttemptRecord | None = None, error: str | None = None,

@@ -74,7 +74,8 @@ def not_stored(ctx: Context, issued: IssuedKey, record: AttemptRecord, lease: An
                failed: dict[str, str]) -> RotationResult:
     """(storing, not_stored): the critical event first, then the record kept for recovery's replay."""
     why = "; ".join(f"{k}: {v}" for k, v in failed.items())
-    report.emit(ctx, "rotation.secret_at_risk", issued.key, record, why)  # first: no state write can swallow it
+    # First: no state write can swallow it. Every sweep that replays and fails again says it again.
+    report.emit(ctx, "rotation.secret_at_risk", issued.key, record, why, report.replay_left(ctx, issued.key))
     at_risk = RotationResult(record.client_id, record.key_id, "at_risk",
                              f"not stored in {len(failed)} of {len(written.statuses)} sinks ({why}); "
                              "the attempt is kept and recovery replays it",

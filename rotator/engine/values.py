@@ -24,6 +24,7 @@ from rotator.protocols import (
 
 LOCKED = "another rotation of this key is running"
 OK_STATUSES = ("succeeded", "recovered", "skipped")
+REPLAY_KEPT_S = 86_400  # how long the key service keeps a reset's or create's answer to replay
 # Replays are kept 24 h; look for one only for keys reset within twice that (a cost filter, with
 # room for clock skew; no causality is decided with it).
 REPLAY_LOOKBACK_S = 2 * 86_400
