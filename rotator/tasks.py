@@ -14,6 +14,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from rotator import gate, logs
 from rotator.alerts.dispatch import already_sent, event_from_dict, mark_sent, routes
+from rotator.alerts.outbox import Deliverer, Outbox
 from rotator.config import process_settings
 from rotator.domain import KeyRef
 from rotator.engine import Engine
@@ -69,7 +70,8 @@ settings = process_settings  # this worker's configuration, read once
 
 
 class CeleryPublisher:
-    """Logs every event and hands each channel's copy to the `notify` task."""
+    """Logs every event and hands each channel's copy to the `notify` task; a critical one goes to
+    the worker's own outbox instead, delivered without the broker (rotator.alerts.outbox)."""
 
     def __init__(self) -> None:
         self._log = LogPublisher()
@@ -78,8 +80,35 @@ class CeleryPublisher:
     def publish(self, event: Event) -> None:
         self._log.publish(event)
         for route in self._routes:
-            if route.wants(event):
-                notify.apply_async((route.index, event.to_dict()), retry=True, retry_policy=_QUICK)
+            if not route.wants(event):
+                continue
+            box = outbox() if event.severity == "critical" else None
+            if box is not None:
+                try:
+                    box.add(route.index, event)
+                    continue
+                except OSError as exc:  # a full or read-only disk: the broker is the way left
+                    log.error("alert.outbox_failed", event_name=event.name, error_type=type(exc).__name__)
+            notify.apply_async((route.index, event.to_dict()), retry=True, retry_policy=_QUICK)
+
+
+@cache
+def outbox() -> Outbox | None:
+    """This worker's outbox of critical alerts, in its private state directory; None when it has
+    none (they then go through the broker, as every other alert does)."""
+    from rotator.safety import private_state_dir
+
+    try:
+        return Outbox(private_state_dir() / f"alert-outbox-{settings().state.namespace}.jsonl")
+    except OSError as exc:
+        log.warning("alert.no_outbox", error=str(exc))
+        return None
+
+
+def _start_delivering() -> None:
+    box = outbox()
+    if box is not None and settings().alerts:
+        Deliverer(box, routes(settings()), lambda: engine().state).start()
 
 
 gate.alert_through(CeleryPublisher)  # the gate's forged-message alert goes out like every other event
@@ -272,6 +301,15 @@ def _recover_at_start(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _logging_in_child(**_: Any) -> None:
     logs.configure()
+    _start_delivering()  # after the fork: no thread of this kind is ever forked
+
+
+@signals.worker_init.connect
+def _deliver_without_children(sender: Any = None, **_: Any) -> None:
+    """The solo and thread pools fork no child to deliver the outbox: the worker's own process does."""
+    pool = str(getattr(sender, "pool_cls", "") or "")
+    if pool and "prefork" not in pool:
+        _start_delivering()
 
 
 @signals.worker_init.connect

@@ -1,0 +1,132 @@
+"""Critical alerts without the broker: real Celery workers, a broker Redis (and a state Redis)
+that die mid-rotation, a Vault API whose writes fail, and a real HTTP receiver."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from rotator.alerts.dispatch import Route
+from rotator.alerts.outbox import Deliverer, Outbox
+from rotator.config import AlertConfig
+from rotator.embedded import PrivateRedis
+from rotator.errors import TransientError
+from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.protocols import Event
+from tests.receiver import Receiver
+from tests.test_celery import DAY, Cluster, wait_for
+from tests.vault_server import VaultTestServer
+
+AT_RISK = "rotation.secret_at_risk"
+
+
+def at_risk(received: list) -> list:  # type: ignore[type-arg]
+    return [r for r in list(received) if r.json()["event"] == AT_RISK]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("redis_too", [False, True], ids=["broker-down", "broker-and-redis-down"])
+def test_an_at_risk_alert_reaches_the_receiver_with_the_broker_down_even_after_a_restart(
+    tmp_path: Path, emulator: Emulator, emulator_server: EmulatorServer, redis_too: bool,
+) -> None:
+    """The broker (and, in one case, the state Redis) dies while a worker holds a new secret it
+    cannot store: the worker delivers the at-risk alert itself. The receiver is down at first;
+    the worker is killed with the alert still pending; a new worker, started with the broker
+    still down, delivers it: the same event, with the same webhook id."""
+    key_id = next(iter(emulator.add_client("acme-prod", created_at=emulator.now() - 400 * DAY).keys))
+    with PrivateRedis() as broker, PrivateRedis() as state, VaultTestServer() as vault, Receiver() as receiver:
+        cluster = Cluster(tmp_path, state.url, emulator_server.url, vault.url, vault.root_token, sink_retry_s=2,
+                          broker=f'broker_url = "{broker.url}/1"', extra=f"""
+[[alerts]]
+url = "webhook+{receiver.url}/hook"
+secret_env = "HOOK_SECRET"
+events = ["{AT_RISK}"]
+""")
+        cluster.env["XDG_STATE_HOME"] = str(tmp_path / "state")
+        receiver.answers = [503] * 10_000  # down until told otherwise
+        try:
+            first = cluster.worker()
+            vault.state.hold_writes.clear()  # the worker is caught holding the new secret
+            enqueued = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", key_id, "--apply", "--enqueue")
+            assert enqueued.returncode == 0, enqueued.stderr
+            wait_for(lambda: ("POST", f"secret/data/rotator/acme-prod/{key_id}") in vault.state.requests, 30,
+                     "the Vault write")
+            broker.stop()
+            if redis_too:
+                state.stop()
+            vault.state.fail_data_writes = 10_000
+            vault.state.hold_writes.set()
+            wait_for(lambda: bool(at_risk(receiver.attempts)), 60, "a first delivery try")
+            assert not at_risk(receiver.received)
+            cluster.kill(first)
+
+            receiver.answers = []
+            cluster.start("worker", "--loglevel", "DEBUG")  # the broker is still down
+            wait_for(lambda: bool(at_risk(receiver.received)), 60, "the pending alert to be delivered")
+            got = at_risk(receiver.received)
+            assert len(got) == 1 and got[0].json()["key_id"] == key_id
+            assert {a.headers["webhook-id"] for a in at_risk(receiver.attempts)} == {got[0].headers["webhook-id"]}
+            outbox = tmp_path / "state" / "rotator" / "alert-outbox-rotator.jsonl"
+            wait_for(lambda: outbox.read_text() == "", 10, "the outbox to be emptied")
+            secret = emulator.current_secret("acme-prod", key_id)
+            written = "".join(p.read_text(errors="replace") for p in cluster.outputs if p.exists())
+            assert secret not in written + "".join(a.body.decode() for a in receiver.attempts)
+        finally:
+            vault.state.hold_writes.set()
+            cluster.stop()
+
+
+def test_the_outbox_keeps_what_was_not_delivered_and_delivers_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry stays until its channel takes it (a torn line from a crash is skipped); it is
+    delivered once however many deliverers share the state directory; the file is emptied after."""
+    with Receiver() as receiver:
+        receiver.answers = [503, 503]
+        monkeypatch.setenv("HOOK_SECRET", "hook-secret-1")
+        route = Route(0, AlertConfig(url=f"webhook+{receiver.url}/hook", secret_env="HOOK_SECRET"))
+        box = Outbox(tmp_path / "outbox.jsonl")
+        event = Event(AT_RISK, "critical", "acme", "k1", attempt_id="a1", time=1.0, details={"time_left_s": 10})
+        ident = box.add(0, event)
+        with box.path.open("a") as torn:
+            torn.write('{"id": "torn-by-a-cras')
+        assert [p.id for p in box.pending()] == [ident]
+        now = [0.0]
+        one = Deliverer(box, [route], lambda: None, clock=lambda: now[0])
+        other = Deliverer(box, [route], lambda: None, clock=lambda: now[0])
+        assert one.holds_the_lock() and not other.holds_the_lock()
+        assert one.deliver_due() == 0 and one.deliver_due() == 0  # 503, then waiting out its back-off
+        now[0] += 2.5
+        assert one.deliver_due() == 0
+        now[0] += 4.5
+        assert one.deliver_due() == 1 and box.pending() == [] and box.path.read_text() == ""
+        assert len(receiver.received) == 1 and len(receiver.attempts) == 3
+        assert receiver.received[0].json() == event.to_dict()
+        assert len({a.headers["webhook-id"] for a in receiver.attempts}) == 1
+
+
+def test_a_transient_failure_is_retried_and_a_refusal_is_not(tmp_path: Path) -> None:
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def send(self, event: Event) -> None:
+            self.calls += 1
+            raise TransientError("down")
+
+    flaky = Flaky()
+
+    class FlakyRoute(Route):
+        def notifier(self):  # type: ignore[no-untyped-def]
+            return flaky
+
+    box = Outbox(tmp_path / "outbox.jsonl")
+    box.add(0, Event(AT_RISK, "critical", "acme", "k1", time=time.time()))
+    deliverer = Deliverer(box, [FlakyRoute(0, AlertConfig(url="json://127.0.0.1:9/x"))], lambda: None)
+    deliverer.deliver_due()
+    assert flaky.calls == 1 and len(box.pending()) == 1
+    assert json.loads(box.path.read_text().splitlines()[0])["event"]["event"] == AT_RISK
