@@ -65,6 +65,9 @@ try:
 except OSError as _exc:  # only beat needs it: workers start anyway, and `rotator beat` says why it cannot
     beat_schedule_filename = ""
     beat_schedule_problem = f"{type(_exc).__name__}: {_exc}"
+# Every beat runs rotator's scheduler: only the one holding the beat lease in the state Redis
+# schedules (rotator.beat); the others wait as standbys and take over when it goes.
+beat_scheduler = "rotator.beat:LeaderScheduler"
 beat_schedule = {
     "scan": {"task": "rotator.scan", "schedule": float(_c.scan_every_s)},
     "recover": {"task": "rotator.recover", "schedule": float(_c.recover_every_s)},

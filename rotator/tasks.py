@@ -203,6 +203,9 @@ def recover(self: Any) -> list[dict[str, Any]]:
 def reconcile() -> dict[str, Any]:
     """On the beat (`celery.reconcile_every_s`, daily): every key against every sink. In `enforce`
     mode it repairs what a replay can repair and tells the rest; in `audit` mode it only tells."""
+    every = settings().celery.reconcile_every_s
+    if not engine().state.once(f"reconcile:{int(time.time() // every)}", every):
+        return {"skipped": "another beat already ordered this interval's reconcile"}
     if settings().policy.mode != "enforce":
         return {"drift": _drift_rows(engine().drift()), "repaired": []}
     return _repaired(*engine().repair(fresh=False))
@@ -266,6 +269,9 @@ def publish_view() -> dict[str, Any]:
 @contained
 def warn_due_soon() -> dict[str, int]:
     """Daily: `key.due_soon` inside the warning period, `key.overdue` for keys past due."""
+    every = settings().celery.warn_every_s
+    if not engine().state.once(f"warn:{int(time.time() // every)}", every):
+        return {"skipped": 1}
     return engine().warn(time.time())
 
 

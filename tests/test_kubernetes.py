@@ -176,12 +176,20 @@ def test_each_kustomization_lists_exactly_its_files() -> None:
         assert listed == present, kustomization
 
 
-def test_one_beat_that_never_overlaps_a_new_one() -> None:
-    """Beat: one replica, `Recreate`, not scaled by the kustomization, a private writable state dir."""
+def test_two_beats_on_two_nodes_one_always_there() -> None:
+    """Beat: two replicas (rotator.beat lets one schedule), spread over nodes, a rollout and a drain
+    that never stop both, not scaled by the kustomization, a private writable state dir."""
     beats = [w for w in workloads() if w["metadata"]["labels"].get("app.kubernetes.io/component") == "beat"]
     assert [b["metadata"]["name"] for b in beats] == ["rotator-beat"]
     beat = beats[0]
-    assert beat["spec"]["replicas"] == 1 and beat["spec"]["strategy"] == {"type": "Recreate"}
+    assert beat["spec"]["replicas"] == 2
+    assert beat["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    [spread] = beat["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["podAffinityTerm"]["labelSelector"]["matchLabels"] == beat["spec"]["selector"]["matchLabels"]
+    budget = named("PodDisruptionBudget", "rotator-beat")
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": beat["spec"]["selector"]}
     scaled = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text()).get("replicas", [])
     assert "rotator-beat" not in {r["name"] for r in scaled}
     [container] = containers(beat)

@@ -299,6 +299,11 @@ class CeleryConfig(Section):
             "resetting afresh. At most 6 h, so it runs at least four times while the key service keeps a reset's "
             "answer (24 h); 0: off."))
     warn_every_s: int = Field(86_400, ge=60, description="Beat: seconds between due-soon sweeps.")
+    beat_lock_ttl_s: int = Field(
+        30, ge=3, le=600, description=(
+            "Beat: the lease that lets one of several beats schedule. A standby takes over within this plus "
+            "a sixth of it (at most 5 s) once the leader is frozen or unreachable, at once when it stopped or "
+            "died on the standby's machine."))
     visibility_timeout_s: int = Field(
         3600, ge=60, description=("Redis (any non-RabbitMQ) broker: redeliver an unacknowledged task after this; "
                                   "must exceed the longest rotation. Not used with RabbitMQ.")
