@@ -48,8 +48,10 @@ def build_sinks(settings: Settings, fingerprint: Fingerprinter | None = None) ->
 
 
 def build_state(settings: Settings, timeout_s: float = 10.0) -> RedisState:
+    key_file = settings.audit.hmac_key_file
+    audit_key = read_credential(None, key_file, "audit HMAC key").encode() if key_file is not None else None
     return RedisState.from_url(settings.state.url(), settings.state.namespace, settings.state.history_max,
-                               timeout_s=timeout_s)
+                               timeout_s=timeout_s, audit_key=audit_key)
 
 
 def build_budget(settings: Settings, state: RedisState, fail_open: bool = False) -> RateBudget:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import socket
 import threading
@@ -54,6 +55,24 @@ _SET_FENCED = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('set', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
+"""
+# The audit chain's append (rotator.audit): only when the chain's head is still the one the entry
+# was hashed after. KEYS = head, history, then the keys the increments name; ARGV = expected head
+# ("" for none), entry, new head, history length, the index in KEYS of the key's last-rotation slot
+# (0: none), then per increment: KEYS index, field, amount, 1 for a float.
+_APPEND_CHAINED = """
+local head = redis.call('get', KEYS[1]) or ''
+if head ~= ARGV[1] then return {0, head} end
+redis.call('lpush', KEYS[2], ARGV[2])
+redis.call('ltrim', KEYS[2], 0, tonumber(ARGV[4]) - 1)
+redis.call('set', KEYS[1], ARGV[3])
+if tonumber(ARGV[5]) > 0 then redis.call('set', KEYS[tonumber(ARGV[5])], ARGV[2]) end
+for i = 6, #ARGV, 4 do
+  local key, field, amount = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
+  if ARGV[i + 3] == '1' then redis.call('hincrbyfloat', key, field, amount)
+  else redis.call('hincrby', key, field, amount) end
+end
+return {1, ''}
 """
 EPOCH_TTL_S = 2 * 86_400  # longer than the key service keeps a stored answer (24 h)
 
@@ -158,19 +177,24 @@ class Lease:
 
 
 class RedisState:
-    def __init__(self, client: redis.Redis, namespace: str = "rotator", history_max: int = 1000) -> None:
+    def __init__(self, client: redis.Redis, namespace: str = "rotator", history_max: int = 1000,
+                 audit_key: bytes | None = None) -> None:
+        """`audit_key`: the audit chain's HMAC key (`audit.hmac_key_file`); None: plain SHA-256."""
         self.client = client
         self.ns = namespace
         self.history_max = history_max
+        self.audit_key = audit_key
+        self._head = ""  # the audit chain's head as this process last saw it ("seq:hash")
+        self._head_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "rotator", history_max: int = 1000,
-                 timeout_s: float = 10.0) -> RedisState:
+                 timeout_s: float = 10.0, audit_key: bytes | None = None) -> RedisState:
         """`timeout_s` bounds connecting and each answer: short (2 s) where a hung Redis would hold up
         the loop that takes tasks (the gate, the heartbeat) or a probe."""
         return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
                                         socket_connect_timeout=timeout_s, health_check_interval=30),
-                   namespace, history_max)
+                   namespace, history_max, audit_key)
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
@@ -277,23 +301,41 @@ class RedisState:
             raise LeaseLostError(f"lease of {ref} lost: epoch not written")
 
     # --- history -----------------------------------------------------------------------------
-    def record(self, entry: dict[str, Any]) -> None:
-        """Append to the global audit history and the key's last-rotation slot (bounded)."""
-        text = json.dumps(entry, sort_keys=True)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.lpush(self._k("history"), text)
-        pipe.ltrim(self._k("history"), 0, self.history_max - 1)
+    def record(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Append to the audit history, chained to the entry before (`rotator.audit`), and to the
+        key's last-rotation slot and the shared counters, in one script. The chain's head this
+        process saw last is tried first (one round trip); when another process wrote since, the
+        script answers the head it holds and the entry is hashed again after it. Returns the entry
+        as stored (with `seq`, `prev`, `hash`)."""
+        from rotator.audit import GENESIS, chained
+
+        keys = [self._k("history", "head"), self._k("history")]
+        args: list[Any] = []
+        increments: list[Any] = []
         if entry.get("client_id") and entry.get("key_id") and entry.get("kind") == "rotation":
-            pipe.set(self._k("last", f"{entry['client_id']}/{entry['key_id']}"), text)
-            pipe.hincrby(self._k("metrics", "rotations"), str(entry.get("status")), 1)
+            keys.append(self._k("last", f"{entry['client_id']}/{entry['key_id']}"))
+            keys += [self._k("metrics", "rotations"), self._k("metrics", "duration")]
+            increments += [4, str(entry.get("status")), 1, 0]
             seconds = (entry.get("timings") or {}).get("total_s")
             if isinstance(seconds, int | float):
-                for bound in DURATION_BUCKETS:
-                    if seconds <= bound:
-                        pipe.hincrby(self._k("metrics", "duration"), f"le:{bound}", 1)
-                pipe.hincrby(self._k("metrics", "duration"), "count", 1)
-                pipe.hincrbyfloat(self._k("metrics", "duration"), "sum", float(seconds))
-        pipe.execute()
+                increments += [x for bound in DURATION_BUCKETS if seconds <= bound
+                               for x in (5, f"le:{bound}", 1, 0)]
+                increments += [5, "count", 1, 0, 5, "sum", float(seconds), 1]
+        last = 3 if len(keys) > 2 else 0
+        with self._head_lock:
+            for tries in range(200):
+                if tries >= 3:  # writers racing: let the others through
+                    time.sleep(random.uniform(0, 0.001 * min(tries, 20)))
+                seq_text, _, prev = self._head.partition(":")
+                stored = chained(entry, int(seq_text or 0) + 1, prev or GENESIS, self.audit_key)
+                head = f"{stored['seq']}:{stored['hash']}"
+                args = [self._head, json.dumps(stored, sort_keys=True), head, self.history_max, last, *increments]
+                done, current = self.client.eval(_APPEND_CHAINED, len(keys), *keys, *args)
+                if int(done) == 1:
+                    self._head = head
+                    return stored
+                self._head = str(current or "")
+        raise RotatorError("the audit history's head kept moving: 200 appends lost the race in a row")
 
     def mark_stored_rotation(self, ref: KeyRef, replaced: str, when: float) -> None:
         self.client.set(self._k("stored", str(ref)), _stored_slot(replaced, when))
@@ -368,6 +410,16 @@ class RedisState:
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.client.lrange(self._k("history"), 0, limit - 1)]
+
+    def audit_snapshot(self) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+        """The whole history Redis keeps (newest first) and the audit chain's head (`seq`, hash;
+        None before its first entry), read in one transaction so that the two agree."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lrange(self._k("history"), 0, -1)
+        pipe.get(self._k("history", "head"))
+        raw_entries, raw_head = pipe.execute()
+        seq, _, digest = str(raw_head or "").partition(":")
+        return [json.loads(x) for x in raw_entries], ((int(seq), digest) if seq.isdigit() and digest else None)
 
     def last_rotation(self, ref: KeyRef) -> dict[str, Any] | None:
         raw = self.client.get(self._k("last", str(ref)))

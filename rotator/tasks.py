@@ -82,7 +82,7 @@ class CeleryPublisher:
         for route in self._routes:
             if not route.wants(event):
                 continue
-            box = outbox() if event.severity == "critical" else None
+            box = outbox() if event.severity == "critical" and _in_worker else None
             if box is not None:
                 try:
                     box.add(route.index, event)
@@ -92,20 +92,33 @@ class CeleryPublisher:
             notify.apply_async((route.index, event.to_dict()), retry=True, retry_policy=_QUICK)
 
 
+_in_worker = False  # a worker's process (its children included); a CLI process sends through the broker
+
+
 @cache
 def outbox() -> Outbox | None:
-    """This worker's outbox of critical alerts, in its private state directory; None when it has
-    none (they then go through the broker, as every other alert does)."""
-    from rotator.safety import private_state_dir
+    """This worker's outbox of critical alerts (`celery.alert_outbox_dir`, else its private state
+    directory); None when it has none (they then go through the broker, as every other alert does)."""
+    from rotator.safety import private_dir_problem, private_state_dir
 
     try:
-        return Outbox(private_state_dir() / f"alert-outbox-{settings().state.namespace}.jsonl")
+        directory = settings().celery.alert_outbox_dir
+        if directory is None:
+            directory = private_state_dir()
+        else:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            problem = private_dir_problem(directory)
+            if problem is not None:
+                raise PermissionError(f"alert outbox directory {directory} {problem}")
+        return Outbox(directory / f"alert-outbox-{settings().state.namespace}.jsonl")
     except OSError as exc:
         log.warning("alert.no_outbox", error=str(exc))
         return None
 
 
 def _start_delivering() -> None:
+    global _in_worker
+    _in_worker = True
     box = outbox()
     if box is not None and settings().alerts:
         Deliverer(box, routes(settings()), lambda: engine().state).start()
@@ -312,7 +325,10 @@ def _logging_in_child(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _deliver_without_children(sender: Any = None, **_: Any) -> None:
-    """The solo and thread pools fork no child to deliver the outbox: the worker's own process does."""
+    """The worker's own process writes its critical alerts (the gate's) to the outbox too; the solo
+    and thread pools fork no child to deliver it, so there this process does."""
+    global _in_worker
+    _in_worker = True
     pool = str(getattr(sender, "pool_cls", "") or "")
     if pool and "prefork" not in pool:
         _start_delivering()

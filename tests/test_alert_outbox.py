@@ -46,7 +46,6 @@ url = "webhook+{receiver.url}/hook"
 secret_env = "HOOK_SECRET"
 events = ["{AT_RISK}"]
 """)
-        cluster.env["XDG_STATE_HOME"] = str(tmp_path / "state")
         receiver.answers = [503] * 10_000  # down until told otherwise
         try:
             first = cluster.worker()
@@ -70,7 +69,7 @@ events = ["{AT_RISK}"]
             got = at_risk(receiver.received)
             assert len(got) == 1 and got[0].json()["key_id"] == key_id
             assert {a.headers["webhook-id"] for a in at_risk(receiver.attempts)} == {got[0].headers["webhook-id"]}
-            outbox = tmp_path / "state" / "rotator" / "alert-outbox-rotator.jsonl"
+            outbox = tmp_path / "outbox" / "alert-outbox-rotator.jsonl"
             wait_for(lambda: outbox.read_text() == "", 10, "the outbox to be emptied")
             secret = emulator.current_secret("acme-prod", key_id)
             written = "".join(p.read_text(errors="replace") for p in cluster.outputs if p.exists())

@@ -80,6 +80,7 @@ scan_every_s = 2
 recover_every_s = 3600
 visibility_timeout_s = 600
 concurrency = 2
+alert_outbox_dir = "{tmp / 'outbox'}"
 {celery}
 [engine]
 sink_retry_s = {sink_retry_s}

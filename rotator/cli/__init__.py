@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 # Each module adds its commands to `app` when imported; this order is the order of `--help`.
-from rotator.cli import checks, keys, rotation, services, views  # noqa: F401
+from rotator.cli import audit, checks, keys, rotation, services, views  # noqa: F401
 from rotator.cli.base import app
 from rotator.console import err, out
 

@@ -70,6 +70,12 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     for section, config in (("state", s.state), ("celery", s.celery)):
         if config.password_env is not None or config.password_file is not None:
             need(f"{section}.password_env", config.password_env, config.password_file, "password")
+    if s.audit.hmac_key_file is not None:
+        wrong = credential_file_problem(s.audit.hmac_key_file)
+        if wrong is None and len(s.audit.hmac_key_file.read_bytes().strip()) < MIN_KEY_BYTES:
+            wrong = f"shorter than {MIN_KEY_BYTES} bytes; `openssl rand -base64 32` makes one"
+        if wrong is not None:
+            problems.append(ConfigProblem(source, "audit.hmac_key_file", f"audit HMAC key: {wrong}"))
     if s.reader_only:
         # A reader (web, metrics, status) of the view the workers publish: Redis is all it needs,
         # and it holds no token, no sink credential, no fingerprint or signing key.

@@ -299,6 +299,10 @@ class CeleryConfig(Section):
             "resetting afresh. At most 6 h, so it runs at least four times while the key service keeps a reset's "
             "answer (24 h); 0: off."))
     warn_every_s: int = Field(86_400, ge=60, description="Beat: seconds between due-soon sweeps.")
+    alert_outbox_dir: Path | None = Field(
+        None, description=("Worker: the directory of its outbox of critical alerts, which it delivers without the "
+                            "broker (made 0700; keep it across restarts); omitted: the private state directory "
+                            "(`$XDG_STATE_HOME/rotator`)."))
     beat_lock_ttl_s: int = Field(
         30, ge=3, le=600, description=(
             "Beat: the lease that lets one of several beats schedule. A standby takes over within this plus "
@@ -485,6 +489,19 @@ class AlertConfig(Section):
         return Severity[self.min_severity.upper()]
 
 
+class AuditConfig(Section):
+    """The tamper-evident audit trail (docs/operations.md, "The audit trail")."""
+
+    hmac_key_file: Path | None = Field(
+        None, description=("File holding the key the audit chain's hashes are keyed with (HMAC-SHA256, at least 16 "
+                           "bytes; `openssl rand -base64 32`): whoever can write Redis but not read this file cannot "
+                           "recompute the chain after an edit. Every process that writes history (workers, the CLI) "
+                           "and `rotator audit verify` need the same file; omitted: plain SHA-256."))
+    origin: str | None = Field(
+        None, pattern=r"^[!-~][ -~]{0,199}$",
+        description="The checkpoint's origin line, the trail's name; omitted: `rotator/<state.namespace>`.")
+
+
 class Settings(BaseSettings):
     """The whole configuration. Environment variables override the file."""
 
@@ -503,6 +520,7 @@ class Settings(BaseSettings):
     web: WebConfig = WebConfig()
     signing: SigningConfig = SigningConfig()
     view: ViewConfig = ViewConfig()
+    audit: AuditConfig = AuditConfig()
     sinks: list[SinkConfig] = Field(default_factory=list)
     alerts: list[AlertConfig] = Field(default_factory=list)
 

@@ -1,0 +1,185 @@
+"""The tamper-evident audit trail: each history entry chained to the one before, exports with a
+signed checkpoint, and their verification. Pure: no Redis, no files (rotator.state writes the
+chain; `rotator audit` reads and writes the exports).
+
+An entry's `hash` is SHA-256 over the previous entry's hash (32 bytes) and the entry's canonical
+JSON (RFC 8785) without its `hash`; the entry holds its place (`seq`, from 1) and the previous hash
+(`prev`; the first entry's is 64 zeros). With `audit.hmac_key_file` it is HMAC-SHA256 under that key
+instead, so that whoever can write Redis but does not hold the key cannot recompute the chain
+after an edit. An export is JSON Lines, oldest first, ending with a checkpoint in the signed-note
+form of transparency logs: the origin, the count of entries chained so far and the head hash
+(base64), signed with the exporting process's Ed25519 signing key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import rfc8785
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+GENESIS = "0" * 64
+CHAIN_FIELDS = ("seq", "prev", "hash")
+_ED25519 = b"\x01"  # the signed-note algorithm byte of Ed25519
+
+
+class AuditError(Exception):
+    """An export that is not intact, or cannot be read; the message names the first bad entry."""
+
+
+def canonical(entry: Mapping[str, Any]) -> bytes:
+    return rfc8785.dumps(dict(entry))
+
+
+def link(prev: str, body: Mapping[str, Any], key: bytes | None = None) -> str:
+    """The hash of an entry (`body`: the entry with `seq` and `prev`, without `hash`)."""
+    data = bytes.fromhex(prev) + canonical(body)
+    return hmac.new(key, data, hashlib.sha256).hexdigest() if key else hashlib.sha256(data).hexdigest()
+
+
+def chained(entry: Mapping[str, Any], seq: int, prev: str, key: bytes | None = None) -> dict[str, Any]:
+    """`entry` as the chain's entry number `seq` after `prev`."""
+    body = {k: v for k, v in entry.items() if k not in CHAIN_FIELDS} | {"seq": seq, "prev": prev}
+    return body | {"hash": link(prev, body, key)}
+
+
+# --- the signed note (C2SP signed-note, tlog-checkpoint) ------------------------------------------
+def key_id(name: str, public: Ed25519PublicKey) -> bytes:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(name.encode() + b"\n" + _ED25519 + raw).digest()[:4]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    origin: str
+    count: int
+    head: str  # hex
+
+    def text(self) -> str:
+        return f"{self.origin}\n{self.count}\n{base64.b64encode(bytes.fromhex(self.head)).decode()}\n"
+
+    def sign(self, name: str, key: Ed25519PrivateKey) -> str:
+        """The signed note: the checkpoint's text, a blank line and one signature line."""
+        signature = key_id(name, key.public_key()) + key.sign(self.text().encode())
+        return f"{self.text()}\n\u2014 {name} {base64.b64encode(signature).decode()}\n"
+
+
+def open_note(note: str, trusted: Mapping[str, Iterable[Ed25519PublicKey]]) -> tuple[Checkpoint, str]:
+    """The checkpoint of a signed note and who signed it, if one signature line verifies under a
+    trusted key of its name; raises `AuditError` otherwise."""
+    text, sep, signatures = note.partition("\n\n")
+    if not sep or len(lines := text.split("\n")) != 3:
+        raise AuditError("the checkpoint is not a signed note of three lines")
+    try:
+        checkpoint = Checkpoint(lines[0], int(lines[1]), base64.b64decode(lines[2], validate=True).hex())
+    except ValueError:
+        raise AuditError("the checkpoint's count or head hash cannot be read") from None
+    for line in signatures.splitlines():
+        dash, _, rest = line.partition(" ")
+        name, _, blob = rest.rpartition(" ")
+        if dash != "\u2014" or not name:
+            continue
+        try:
+            raw = base64.b64decode(blob, validate=True)
+        except ValueError:
+            continue
+        for public in trusted.get(name, ()):
+            if raw[:4] != key_id(name, public):
+                continue
+            try:
+                public.verify(raw[4:], (text + "\n").encode())
+            except InvalidSignature:
+                continue
+            return checkpoint, name
+    raise AuditError("the checkpoint is not signed by a trusted key (--public-key NAME=ed25519:…)")
+
+
+# --- verification ----------------------------------------------------------------------------
+def joins(entries: list[dict[str, Any]], after: Checkpoint) -> None:
+    """That an export continues the previous one (`after`): its first entry follows the previous
+    head, or, where the two overlap, its entry at the previous count is the previous head."""
+    first = entries[0]
+    if first["seq"] == after.count + 1 and first["prev"] == after.head:
+        return
+    same = next((e for e in entries if e.get("seq") == after.count), None)
+    if same is not None and same.get("hash") == after.head:
+        return
+    where = f"line 1 (seq {first['seq']})" if same is None else f"seq {after.count}"
+    raise AuditError(f"{where}: does not continue the previous export (which ends at seq {after.count}); entries "
+                     "up to there were changed since, or entries between the two are missing")
+
+
+
+@dataclass(frozen=True)
+class Verified:
+    count: int  # entries in the file
+    first_seq: int
+    last_seq: int
+    head: str
+    signer: str
+
+
+def verify(lines: list[str], trusted: Mapping[str, Iterable[Ed25519PublicKey]], key: bytes | None = None,
+           after: Checkpoint | None = None) -> Verified:
+    """Check an export: every entry's hash, each entry following the one before (`seq`, `prev`),
+    the checkpoint's signature, count and head; with `after` (the previous export's checkpoint),
+    that this export continues it. Raises `AuditError` naming the first entry that is not intact."""
+    if not lines or not lines[-1].strip():
+        raise AuditError("the file is empty")
+    try:
+        note = json.loads(lines[-1])["checkpoint"]
+    except (ValueError, KeyError, TypeError):
+        raise AuditError("the last line is not the export's checkpoint (the file was cut short?)") from None
+    checkpoint, signer = open_note(str(note), trusted)
+    entries: list[dict[str, Any]] = []
+    for number, line in enumerate(lines[:-1], 1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            raise AuditError(f"line {number}: not JSON") from None
+    line_of = {e.get("seq"): n for n, e in enumerate(entries, 1)}
+    previous: dict[str, Any] | None = None
+    for number, entry in enumerate(entries, 1):
+        where = f"line {number} (seq {entry.get('seq')})"
+        if not all(isinstance(entry.get(f), t) for f, t in (("seq", int), ("prev", str), ("hash", str))):
+            raise AuditError(f"{where}: inserted (it has no place in the chain)")
+        seq, prev = entry["seq"], entry["prev"]
+        if previous is not None:
+            expected = previous["seq"] + 1
+            if seq == previous["seq"]:
+                raise AuditError(f"{where}: seq {seq} twice (lines {number - 1} and {number}): one of them was "
+                                 "inserted")
+            if seq < previous["seq"]:
+                raise AuditError(f"{where}: reordered or inserted (seq {seq} after {previous['seq']})")
+            if seq > expected and line_of.get(expected, 0) > number:
+                raise AuditError(f"{where}: reordered (seq {expected}, which belongs before it, is at line "
+                                 f"{line_of[expected]})")
+            if seq > expected:
+                raise AuditError(f"{where}: deleted entries before it (seq {expected} to {seq - 1} are missing)")
+            if prev != previous["hash"]:
+                raise AuditError(f"{where}: inserted, or the entry before it was edited (it does not follow line "
+                                 f"{number - 1})")
+        elif after is not None:
+            joins(entries, after)
+        if link(prev, {k: v for k, v in entry.items() if k != "hash"}, key) != entry["hash"]:
+            hint = "" if previous is not None else " (or the HMAC key differs: --hmac-key-file)"
+            raise AuditError(f"{where}: edited (its hash does not match its content){hint}")
+        previous = entry
+    if previous is None:
+        if after is not None and (checkpoint.count, checkpoint.head) != (after.count, after.head):
+            raise AuditError("no entries, yet the checkpoint moved since the previous export")
+        return Verified(0, checkpoint.count, checkpoint.count, checkpoint.head, signer)
+    if previous["seq"] != checkpoint.count:
+        raise AuditError(f"deleted entries at the end: the file ends at seq {previous['seq']}, the checkpoint "
+                         f"counts {checkpoint.count}")
+    if previous["hash"] != checkpoint.head:
+        raise AuditError(f"line {len(entries)} (seq {previous['seq']}): edited (the checkpoint's head differs)")
+    return Verified(len(entries), entries[0]["seq"], previous["seq"], previous["hash"], signer)
