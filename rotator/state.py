@@ -413,13 +413,17 @@ class RedisState:
 
     def audit_snapshot(self) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
         """The whole history Redis keeps (newest first) and the audit chain's head (`seq`, hash;
-        None before its first entry), read in one transaction so that the two agree."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.lrange(self._k("history"), 0, -1)
+        None before its first entry). The head is read first and entries appended after it are
+        left out, so the two agree without a transaction (which a read-only user may not open)."""
+        pipe = self.client.pipeline(transaction=False)
         pipe.get(self._k("history", "head"))
-        raw_entries, raw_head = pipe.execute()
+        pipe.lrange(self._k("history"), 0, -1)
+        raw_head, raw_entries = pipe.execute()
         seq, _, digest = str(raw_head or "").partition(":")
-        return [json.loads(x) for x in raw_entries], ((int(seq), digest) if seq.isdigit() and digest else None)
+        head = (int(seq), digest) if seq.isdigit() and digest else None
+        entries = [json.loads(x) for x in raw_entries]
+        last = head[0] if head is not None else 0
+        return [e for e in entries if not isinstance(e.get("seq"), int) or e["seq"] <= last], head
 
     def last_rotation(self, ref: KeyRef) -> dict[str, Any] | None:
         raw = self.client.get(self._k("last", str(ref)))

@@ -42,7 +42,7 @@ from rotator.domain import (
     Secret,
 )
 from rotator.engine import INLINE, Engine
-from rotator.errors import InDoubtError, NotFoundError, PermanentError, TransientError
+from rotator.errors import BudgetSpent, InDoubtError, NotFoundError, PermanentError, TransientError
 from rotator.events import CapturePublisher
 from rotator.fingerprint import Fingerprinter
 from rotator.keyservice.http import HttpKeyService
@@ -86,6 +86,7 @@ class Sim:
     def __init__(self, seed: int, *, chaos: bool = True) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        self.fault_scale = 1.0  # every fault's probability, scaled (the long run's are rarer)
         self.now = 1_800_000_000.0
         self.chaos = chaos
         self.trace: list[str] = []
@@ -113,7 +114,7 @@ class Sim:
         return getattr(self._local, "worker", None)
 
     def chance(self, p: float) -> bool:
-        return self.chaos and self.rng.random() < p
+        return self.chaos and self.rng.random() < p * self.fault_scale
 
     def at(self, delay_s: float, fn: Callable[[], None]) -> None:
         self.timers.append((self.now + delay_s, next(self._seq), fn))
@@ -209,6 +210,7 @@ class FakeKey:
     alias: str = ""
     replaces: str | None = None  # the overlap strategy's links, as the contract's Replaces/ReplacedBy
     replaced_by: str | None = None
+    client_id: str = "sim"
 
     @property
     def generation(self) -> Generation:
@@ -235,20 +237,29 @@ class FakeKeyService:
         self.sinks: list[FakeSink] = []  # what consumers read: a revoke is checked against it
         self.grace_s = 0.0
         self.faulty = True
+        self.spent_until: dict[str, float] = {}  # Client ID -> until when its rate budget is spent
+        self.client_of: dict[str, str] = {}  # key id -> its Client ID (revoked keys' too)
         self.http = HttpKeyService("https://keys.example.com", "sim-token", max_attempts=1, timeout_s=3600,
                                    clock_skew_s=10 * 365 * DAY, transport=httpx.MockTransport(self._wire))
 
-    def add(self, key_id: str, created_at: int) -> None:
-        self.keys[key_id] = FakeKey(created_at, None, f"seed-secret-{key_id}", f"alias {key_id}")
+    def add(self, key_id: str, created_at: int, client_id: str = "sim") -> None:
+        self.keys[key_id] = FakeKey(created_at, None, f"seed-secret-{key_id}", f"alias {key_id}", client_id=client_id)
+        self.client_of[key_id] = client_id
 
     def _api_key(self, key_id: str, replaced_by: str | bool | None = False) -> ApiKey:
         k = self.keys[key_id]
         link = k.replaced_by if replaced_by is False else replaced_by
-        return ApiKey("sim", key_id, k.alias, Environment.PRODUCTION, (), k.created_at, k.last_reset_at,
+        return ApiKey(k.client_id, key_id, k.alias, Environment.PRODUCTION, (), k.created_at, k.last_reset_at,
                       replaces=k.replaces, replaced_by=link if isinstance(link, str) else None)
 
     def _p(self, p: float) -> bool:
         return self.faulty and self.sim.chance(p)
+
+    def _budget(self, client_id: str) -> None:
+        """The fleet's share of this Client ID's rate limit, spent until a time the run chose."""
+        until = self.spent_until.get(client_id, 0.0)
+        if self.sim.now < until:
+            raise BudgetSpent(client_id, until, "the fleet's share of the rate limit is spent")
 
     # KeyService
     def list_clients(self) -> Iterator[Any]:
@@ -256,10 +267,12 @@ class FakeKeyService:
 
     def list_keys(self, client_id: str) -> Iterator[ApiKey]:
         self.sim.point("ks list")
-        return iter([self._api_key(k) for k in sorted(self.keys)])
+        self._budget(client_id)
+        return iter([self._api_key(k) for k in sorted(self.keys) if self.keys[k].client_id == client_id])
 
     def get_key(self, client_id: str, key_id: str) -> ApiKey:
         self.sim.point(f"ks get {key_id}")
+        self._budget(client_id)
         return self.http.get_key(client_id, key_id)
 
     def _read_key(self, key_id: str) -> httpx.Response:
@@ -310,6 +323,7 @@ class FakeKeyService:
     # answers in the payment API's published wire format (docs/keyservice-api.md).
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
         self.sim.point(f"ks reset {key_id} ik={idempotency_key[:10]}")
+        self._budget(client_id)
         return self.http.reset_key(client_id, key_id, idempotency_key)
 
     def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
@@ -348,7 +362,7 @@ class FakeKeyService:
         """The contract's answers to one idempotent POST, faults drawn by the seed."""
         if ik in self.pending or self._live(ik):  # a used key is blocked, whatever its first answer was
             return _error(409, "idempotent_creation_conflict")
-        roll = self.sim.rng.random() if self.faulty and self.sim.chaos else 1.0
+        roll = self.sim.rng.random() / self.sim.fault_scale if self.faulty and self.sim.chaos else 1.0
         if roll < 0.03:  # a gateway (rate limiter, WAF) refuses: the origin never sees it, stores nothing
             return _error(429, "rate_limit")
         if roll < 0.06:  # the origin refuses, and stores the refusal under the key
@@ -384,7 +398,8 @@ class FakeKeyService:
         if not self._live(ik):
             return _error(400, "correlationid_not_found")
         date, stored_as, status, answer = self.stored[ik]
-        path = "/V2.01/sim/apikeys" + ("" if stored_as.startswith("create:") else f"/{stored_as}/reset")
+        owner = self.client_of.get(stored_as.removeprefix("create:"), "sim")
+        path = f"/V2.01/{owner}/apikeys" + ("" if stored_as.startswith("create:") else f"/{stored_as}/reset")
         resource = _issued_json(answer) if answer is not None else {"Type": "refused", "Message": "stored"}
         return httpx.Response(200, json={
             "StatusCode": str(status), "ContentLength": str(len(json.dumps(resource))),
@@ -789,6 +804,8 @@ def _run(sim: Sim, durable: bool) -> Sim:
         ref = KeyRef("sim", key_id)
         if kind == "recover":
             work: Callable[[], Any] = engine.recover_all
+        elif kind == "repair" and n % 2:  # beat's automatic repair: replays only, never a fresh reset
+            work = lambda: engine.repair(fresh=False, recent_only=True)  # noqa: E731
         elif kind == "repair":
             work = engine.repair
         else:

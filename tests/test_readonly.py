@@ -99,6 +99,13 @@ source = "published"
         row = next(r for r in report["keys"] if r["key_id"] == key_id)
         assert row["last_rotation"]["status"] == "succeeded" and set(row["sinks"].values()) == {"fresh"}
         assert any(h.get("key_id") == key_id for h in report["history"])
+        # An auditor with the read-only user exports the audit trail and verifies it.
+        trail = tmp_path / "audit.jsonl"
+        for args in (["export", "--output", str(trail)], ["verify", str(trail)]):
+            audit = subprocess.run([sys.executable, "-m", "rotator.cli", "audit", *args, "--config",
+                                    str(reader_config)], env=reader_env, capture_output=True, text=True, timeout=60)
+            assert audit.returncode == 0, audit.stderr
+        assert audit.stdout.startswith("intact: ") and key_id in trail.read_text()
 
         web_port, metrics_port = free_port(), free_port()
         for args in (["web", "--port", str(web_port)], ["metrics", "--port", str(metrics_port)]):
