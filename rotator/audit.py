@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 GENESIS = "0" * 64
-CHAIN_FIELDS = ("seq", "prev", "hash")
+CHAIN_FIELDS = ("seq", "prev", "alg", "hash")
+KEYED = "hmac-sha256"
 _ED25519 = b"\x01"  # the signed-note algorithm byte of Ed25519
 
 
@@ -36,18 +37,35 @@ class AuditError(Exception):
 
 
 def canonical(entry: Mapping[str, Any]) -> bytes:
-    return rfc8785.dumps(dict(entry))
+    """RFC 8785. A string RFC 8785 cannot hold (a lone surrogate, as Python reads a byte that is
+    not UTF-8 in an argument) is hashed in its backslash-escaped form, the same at every reading."""
+    return rfc8785.dumps(_encodable(dict(entry)))
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    return value
 
 
 def link(prev: str, body: Mapping[str, Any], key: bytes | None = None) -> str:
-    """The hash of an entry (`body`: the entry with `seq` and `prev`, without `hash`)."""
+    """The hash of an entry (`body`: the entry with `seq`, `prev` and `alg`, without `hash`)."""
     data = bytes.fromhex(prev) + canonical(body)
     return hmac.new(key, data, hashlib.sha256).hexdigest() if key else hashlib.sha256(data).hexdigest()
 
 
 def chained(entry: Mapping[str, Any], seq: int, prev: str, key: bytes | None = None) -> dict[str, Any]:
-    """`entry` as the chain's entry number `seq` after `prev`."""
-    body = {k: v for k, v in entry.items() if k not in CHAIN_FIELDS} | {"seq": seq, "prev": prev}
+    """`entry` as the chain's entry number `seq` after `prev`; `alg` says whether it is keyed."""
+    body = {k: v for k, v in entry.items() if k not in CHAIN_FIELDS} | {
+        "seq": seq, "prev": prev, "alg": KEYED if key else "sha256"}
     return body | {"hash": link(prev, body, key)}
 
 
@@ -59,12 +77,18 @@ def key_id(name: str, public: Ed25519PublicKey) -> bytes:
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """The tlog-checkpoint lines (origin, count, head hash), and one extension line naming the
+    export's first entry (`first`: the count plus one for an export with none), so that entries
+    cut from its start are caught without the previous export."""
+
     origin: str
     count: int
     head: str  # hex
+    first: int | None = None
 
     def text(self) -> str:
-        return f"{self.origin}\n{self.count}\n{base64.b64encode(bytes.fromhex(self.head)).decode()}\n"
+        extension = f"export first {self.first}\n" if self.first is not None else ""
+        return f"{self.origin}\n{self.count}\n{base64.b64encode(bytes.fromhex(self.head)).decode()}\n{extension}"
 
     def sign(self, name: str, key: Ed25519PrivateKey) -> str:
         """The signed note: the checkpoint's text, a blank line and one signature line."""
@@ -76,12 +100,14 @@ def open_note(note: str, trusted: Mapping[str, Iterable[Ed25519PublicKey]]) -> t
     """The checkpoint of a signed note and who signed it, if one signature line verifies under a
     trusted key of its name; raises `AuditError` otherwise."""
     text, sep, signatures = note.partition("\n\n")
-    if not sep or len(lines := text.split("\n")) != 3:
-        raise AuditError("the checkpoint is not a signed note of three lines")
+    lines = text.split("\n")
+    if not sep or len(lines) not in (3, 4) or (len(lines) == 4 and not lines[3].startswith("export first ")):
+        raise AuditError("the checkpoint is not a signed note of an origin, a count, a head hash and its export line")
     try:
-        checkpoint = Checkpoint(lines[0], int(lines[1]), base64.b64decode(lines[2], validate=True).hex())
+        checkpoint = Checkpoint(lines[0], int(lines[1]), base64.b64decode(lines[2], validate=True).hex(),
+                                int(lines[3].removeprefix("export first ")) if len(lines) == 4 else None)
     except ValueError:
-        raise AuditError("the checkpoint's count or head hash cannot be read") from None
+        raise AuditError("the checkpoint's count, head hash or first entry cannot be read") from None
     for line in signatures.splitlines():
         dash, _, rest = line.partition(" ")
         name, _, blob = rest.rpartition(" ")
@@ -113,6 +139,9 @@ def joins(entries: list[dict[str, Any]], after: Checkpoint) -> None:
     if same is not None and same.get("hash") == after.head:
         return
     where = f"line 1 (seq {first['seq']})" if same is None else f"seq {after.count}"
+    if first["seq"] == 1 and first["prev"] == GENESIS and after.count > 0:
+        raise AuditError(f"{where}: the chain restarted at seq 1 after the previous export (which ends at seq "
+                         f"{after.count}): Redis lost its history, or someone deleted it")
     raise AuditError(f"{where}: does not continue the previous export (which ends at seq {after.count}); entries "
                      "up to there were changed since, or entries between the two are missing")
 
@@ -125,13 +154,15 @@ class Verified:
     last_seq: int
     head: str
     signer: str
+    unkeyed: int = 0  # with an HMAC key: entries written before it was set
 
 
 def verify(lines: list[str], trusted: Mapping[str, Iterable[Ed25519PublicKey]], key: bytes | None = None,
            after: Checkpoint | None = None) -> Verified:
     """Check an export: every entry's hash, each entry following the one before (`seq`, `prev`),
-    the checkpoint's signature, count and head; with `after` (the previous export's checkpoint),
-    that this export continues it. Raises `AuditError` naming the first entry that is not intact."""
+    the checkpoint's signature, count, head and first entry; with `after` (the previous export's
+    checkpoint), that this export continues it. Raises `AuditError` naming the first entry that
+    is not intact."""
     if not lines or not lines[-1].strip():
         raise AuditError("the file is empty")
     try:
@@ -145,41 +176,67 @@ def verify(lines: list[str], trusted: Mapping[str, Iterable[Ed25519PublicKey]], 
             entries.append(json.loads(line))
         except ValueError:
             raise AuditError(f"line {number}: not JSON") from None
+    if checkpoint.first is None:
+        raise AuditError("the checkpoint does not say where the export starts")
+    if not entries:
+        if checkpoint.first <= checkpoint.count:
+            raise AuditError(f"every entry deleted: the checkpoint says the export starts at seq {checkpoint.first}")
+        if after is not None and (checkpoint.count, checkpoint.head) != (after.count, after.head):
+            raise AuditError("no entries, yet the checkpoint moved since the previous export")
+        return Verified(0, checkpoint.count, checkpoint.count, checkpoint.head, signer)
+    if entries[0].get("seq") != checkpoint.first:
+        raise AuditError(f"line 1 (seq {entries[0].get('seq')}): entries deleted from the start (the checkpoint says "
+                         f"the export starts at seq {checkpoint.first})")
     line_of = {e.get("seq"): n for n, e in enumerate(entries, 1)}
     previous: dict[str, Any] | None = None
+    keyed_from: int | None = None
     for number, entry in enumerate(entries, 1):
         where = f"line {number} (seq {entry.get('seq')})"
         if not all(isinstance(entry.get(f), t) for f, t in (("seq", int), ("prev", str), ("hash", str))):
             raise AuditError(f"{where}: inserted (it has no place in the chain)")
         seq, prev = entry["seq"], entry["prev"]
         if previous is not None:
-            expected = previous["seq"] + 1
-            if seq == previous["seq"]:
-                raise AuditError(f"{where}: seq {seq} twice (lines {number - 1} and {number}): one of them was "
-                                 "inserted")
-            if seq < previous["seq"]:
-                raise AuditError(f"{where}: reordered or inserted (seq {seq} after {previous['seq']})")
-            if seq > expected and line_of.get(expected, 0) > number:
-                raise AuditError(f"{where}: reordered (seq {expected}, which belongs before it, is at line "
-                                 f"{line_of[expected]})")
-            if seq > expected:
-                raise AuditError(f"{where}: deleted entries before it (seq {expected} to {seq - 1} are missing)")
-            if prev != previous["hash"]:
-                raise AuditError(f"{where}: inserted, or the entry before it was edited (it does not follow line "
-                                 f"{number - 1})")
+            follows(where, number, entry, previous, line_of)
         elif after is not None:
             joins(entries, after)
-        if link(prev, {k: v for k, v in entry.items() if k != "hash"}, key) != entry["hash"]:
-            hint = "" if previous is not None else " (or the HMAC key differs: --hmac-key-file)"
+        if entry.get("alg", "sha256") == KEYED:
+            if key is None:
+                raise AuditError(f"{where}: keyed with the audit HMAC key: pass --hmac-key-file (or configure "
+                                 "audit.hmac_key_file)")
+            keyed_from = seq if keyed_from is None else keyed_from
+        elif keyed_from is not None:
+            raise AuditError(f"{where}: an unkeyed entry after keyed ones (from seq {keyed_from}): edited with the "
+                             "chain recomputed without the key")
+        mac = key if entry.get("alg", "sha256") == KEYED else None
+        if link(prev, {k: v for k, v in entry.items() if k != "hash"}, mac) != entry["hash"]:
+            hint = " (or the HMAC key differs)" if mac is not None and previous is None else ""
             raise AuditError(f"{where}: edited (its hash does not match its content){hint}")
         previous = entry
-    if previous is None:
-        if after is not None and (checkpoint.count, checkpoint.head) != (after.count, after.head):
-            raise AuditError("no entries, yet the checkpoint moved since the previous export")
-        return Verified(0, checkpoint.count, checkpoint.count, checkpoint.head, signer)
+    assert previous is not None
     if previous["seq"] != checkpoint.count:
         raise AuditError(f"deleted entries at the end: the file ends at seq {previous['seq']}, the checkpoint "
                          f"counts {checkpoint.count}")
     if previous["hash"] != checkpoint.head:
         raise AuditError(f"line {len(entries)} (seq {previous['seq']}): edited (the checkpoint's head differs)")
-    return Verified(len(entries), entries[0]["seq"], previous["seq"], previous["hash"], signer)
+    unkeyed = 0 if key is None or keyed_from is None else sum(1 for e in entries if e["seq"] < keyed_from)
+    if key is not None and keyed_from is None:
+        unkeyed = len(entries)
+    return Verified(len(entries), entries[0]["seq"], previous["seq"], previous["hash"], signer, unkeyed)
+
+
+def follows(where: str, number: int, entry: dict[str, Any], previous: dict[str, Any],
+            line_of: Mapping[Any, int]) -> None:
+    """That `entry` (line `number`) is the one after `previous` in the chain."""
+    seq, expected = entry["seq"], previous["seq"] + 1
+    if seq == previous["seq"]:
+        raise AuditError(f"{where}: seq {seq} twice (lines {number - 1} and {number}): one of them was inserted")
+    if seq < previous["seq"]:
+        raise AuditError(f"{where}: reordered or inserted (seq {seq} after {previous['seq']})")
+    if seq > expected and line_of.get(expected, 0) > number:
+        raise AuditError(f"{where}: reordered (seq {expected}, which belongs before it, is at line "
+                         f"{line_of[expected]})")
+    if seq > expected:
+        raise AuditError(f"{where}: deleted entries before it (seq {expected} to {seq - 1} are missing)")
+    if entry["prev"] != previous["hash"]:
+        raise AuditError(f"{where}: inserted, or the entry before it was edited (it does not follow line "
+                         f"{number - 1})")

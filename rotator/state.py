@@ -20,9 +20,11 @@ from typing import Any
 
 import redis
 
+from rotator import logs
 from rotator.domain import AttemptRecord, KeyRef
 from rotator.errors import RotatorError
 
+log = logs.get("rotator.state")
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, float("inf"))
 _EXTEND = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
@@ -334,6 +336,8 @@ class RedisState:
                 if int(done) == 1:
                     self._head = head
                     return stored
+                if self._head and not current:  # the head this process saw is gone: the chain starts again
+                    log.error("audit.chain_restarted", seen_head=self._head.partition(":")[0])
                 self._head = str(current or "")
         raise RotatorError("the audit history's head kept moving: 200 appends lost the race in a row")
 

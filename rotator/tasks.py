@@ -13,7 +13,7 @@ from celery import Celery, signals
 from celery.exceptions import Ignore, Reject, Retry
 
 from rotator import gate, logs
-from rotator.alerts.dispatch import already_sent, event_from_dict, mark_sent, routes
+from rotator.alerts.dispatch import DirectPublisher, already_sent, event_from_dict, mark_sent, routes
 from rotator.alerts.outbox import Deliverer, Outbox
 from rotator.config import process_settings
 from rotator.domain import KeyRef
@@ -89,7 +89,14 @@ class CeleryPublisher:
                     continue
                 except OSError as exc:  # a full or read-only disk: the broker is the way left
                     log.error("alert.outbox_failed", event_name=event.name, error_type=type(exc).__name__)
-            notify.apply_async((route.index, event.to_dict()), retry=True, retry_policy=_QUICK)
+            try:
+                notify.apply_async((route.index, event.to_dict()), retry=True, retry_policy=_QUICK)
+            except Exception as exc:
+                if event.severity != "critical":
+                    raise
+                # No broker and no outbox here (a CLI run): this process delivers it itself, once.
+                log.error("alert.broker_unreachable", event_name=event.name, error_type=type(exc).__name__)
+                DirectPublisher(settings(), engine().state, [route]).publish(event)
 
 
 _in_worker = False  # a worker's process (its children included); a CLI process sends through the broker

@@ -129,3 +129,69 @@ def test_a_transient_failure_is_retried_and_a_refusal_is_not(tmp_path: Path) -> 
     deliverer.deliver_due()
     assert flaky.calls == 1 and len(box.pending()) == 1
     assert json.loads(box.path.read_text().splitlines()[0])["event"]["event"] == AT_RISK
+
+
+def test_a_slow_dead_channel_holds_back_neither_another_channel_nor_its_own_backlog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Channel 0 hangs and fails with ten alerts pending; channel 1 answers. One pass tries channel
+    0 once (it backs off as a whole), channel 1's alert goes out in it, and the same event
+    pending twice is sent once."""
+    monkeypatch.setenv("HOOK_SECRET", "hook-secret-1")
+    with Receiver() as dead, Receiver() as alive:
+        dead.hang_s, dead.answers = 1.0, [503] * 100
+        routes = [Route(i, AlertConfig(url=f"webhook+{r.url}/hook", secret_env="HOOK_SECRET"))
+                  for i, r in enumerate((dead, alive))]
+        box = Outbox(tmp_path / "outbox.jsonl")
+        for n in range(10):
+            box.add(0, Event(AT_RISK, "critical", "acme", f"k{n}", attempt_id="a", time=float(n)))
+        urgent = Event(AT_RISK, "critical", "acme", "k-urgent", attempt_id="b", time=99.0)
+        box.add(1, urgent)
+        box.add(1, Event(AT_RISK, "critical", "acme", "k-urgent", attempt_id="b", time=100.0))  # told again
+        deliverer = Deliverer(box, routes, lambda: None)
+        began = time.monotonic()
+        assert deliverer.deliver_due() == 2  # channel 1's alert, and its duplicate settled unsent
+        assert time.monotonic() - began < 2.5 and len(dead.attempts) == 1
+        assert [r.json()["key_id"] for r in alive.received] == ["k-urgent"]
+        assert len(box.pending()) == 10
+
+
+def test_a_long_outage_keeps_the_file_to_what_is_pending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one channel stays down, the entries the others took are dropped from the file once
+    it grows past its limit; what is pending stays, in order."""
+    box = Outbox(tmp_path / "outbox.jsonl")
+    kept = box.add(0, Event(AT_RISK, "critical", "acme", "k-stuck", time=1.0))
+    for n in range(200):
+        box.done(box.add(1, Event(AT_RISK, "critical", "acme", f"k{n}", time=float(n))), "sent")
+    size = box.path.stat().st_size
+    box.compact(rewrite_at_bytes=size // 2)
+    assert [p.id for p in box.pending()] == [kept] and box.path.stat().st_size < 1_000
+    box.compact(rewrite_at_bytes=size // 2)
+    assert [p.id for p in box.pending()] == [kept]
+
+
+@pytest.mark.slow
+def test_a_cli_run_that_cannot_reach_the_broker_delivers_its_critical_alert_itself(
+    tmp_path: Path, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
+) -> None:
+    """`rotate --apply` leaves a secret at risk (Vault takes no write) while the broker is down: the
+    CLI process delivers the at-risk alert itself; the secret is in no line it prints."""
+    key_id = next(iter(emulator.add_client("acme-prod", created_at=emulator.now() - 400 * DAY).keys))
+    with VaultTestServer() as vault, Receiver() as receiver:
+        cluster = Cluster(tmp_path, redis_server, emulator_server.url, vault.url, vault.root_token, sink_retry_s=1,
+                          broker='broker_url = "redis://127.0.0.1:1/1"', extra=f"""
+[[alerts]]
+url = "webhook+{receiver.url}/hook"
+secret_env = "HOOK_SECRET"
+events = ["{AT_RISK}"]
+""")
+        vault.state.fail_data_writes = 1_000
+        try:
+            done = cluster.cli("rotate", "--client-id", "acme-prod", "--key-id", key_id, "--apply", "--json")
+            assert json.loads(done.stdout)["results"][0]["status"] == "at_risk", done.stdout + done.stderr
+            got = at_risk(receiver.received)
+            assert [g.json()["key_id"] for g in got] == [key_id]
+            assert "alert.broker_unreachable" in done.stderr
+            assert emulator.current_secret("acme-prod", key_id) not in done.stdout + done.stderr
+        finally:
+            cluster.stop()

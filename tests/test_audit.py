@@ -97,6 +97,8 @@ def test_writers_at_once_make_one_chain_and_an_intact_export_verifies(tmp_path: 
     ("swap", "line 3 (seq 4): reordered (seq 3, which belongs before it, is at line 4)"),
     ("insert", "line 4 (seq 3): seq 3 twice (lines 3 and 4): one of them was inserted"),
     ("cut-end", "deleted entries at the end: the file ends at seq 5, the checkpoint counts 6"),
+    ("cut-start", "line 1 (seq 3): entries deleted from the start (the checkpoint says the export starts at seq 1)"),
+    ("cut-all", "every entry deleted: the checkpoint says the export starts at seq 1"),
     ("forge-checkpoint", "the checkpoint is not signed by a trusted key"),
 ])
 def test_each_kind_of_tampering_is_named_at_the_first_bad_entry(
@@ -122,6 +124,10 @@ def test_each_kind_of_tampering_is_named_at_the_first_bad_entry(
         entries.insert(2, json.dumps(chained(entry(99), before["seq"] + 1, before["hash"])))
     elif tamper == "cut-end":
         entries.pop()
+    elif tamper == "cut-start":
+        del entries[:2]
+    elif tamper == "cut-all":
+        entries.clear()
     elif tamper == "forge-checkpoint":  # the file recomputed to the end and signed by another key
         forger = tmp_path / "forger.ed25519"
         head = json.loads(entries[-1])
@@ -176,13 +182,17 @@ def test_with_an_hmac_key_a_rewritten_chain_is_caught_on_its_own(tmp_path: Path,
         trail.state.record(entry(i))
     raw = trail.state.client.lindex(f"{trail.ns}:history", 1)
     old = json.loads(str(raw))
-    forged = chained({k: v for k, v in old.items() if k not in ("seq", "prev", "hash")} | {"status": "failed"},
-                     old["seq"], old["prev"])  # recomputed without the key
-    trail.state.client.lset(f"{trail.ns}:history", 1, json.dumps(forged))
-    path = trail.export("keyed.jsonl")
-    done = trail.verify(path)
-    assert done.returncode == 1 and "line 2 (seq 2): edited" in done.stderr, done.stderr
-    assert trail.verify(path, "--hmac-key-file", str(tmp_path / "audit.key")).returncode == 1
+    forged = chained({k: v for k, v in old.items() if k not in ("seq", "prev", "alg", "hash")}
+                     | {"status": "failed"}, old["seq"], old["prev"])  # recomputed without the key
+    assert forged["alg"] == "sha256" and old["alg"] == "hmac-sha256"
+    for edit, named in ((forged, "line 2 (seq 2): an unkeyed entry after keyed ones (from seq 1)"),
+                        (forged | {"alg": "hmac-sha256"}, "line 2 (seq 2): edited")):
+        trail.state.client.lset(f"{trail.ns}:history", 1, json.dumps(edit))
+        path = trail.export("keyed.jsonl")
+        done = trail.verify(path)
+        assert done.returncode == 1 and named in " ".join(done.stderr.split()), done.stderr
+    without_key = trail.cli("verify", str(path), "--public-key", f"auditor={trail.public}")
+    assert without_key.returncode == 1 and "--hmac-key-file" in without_key.stderr
 
 
 def test_the_chain_and_the_note_are_the_published_forms() -> None:
@@ -222,3 +232,53 @@ def test_an_old_release_entry_without_a_hash_is_left_out_and_said(tmp_path: Path
     done = trail.cli("export", "--output", str(tmp_path / "mixed.jsonl"))
     assert done.returncode == 0 and "1 entries written by a release without the audit chain" in done.stderr
     assert trail.verify(tmp_path / "mixed.jsonl").returncode == 0
+
+
+def test_since_exports_a_contiguous_tail_whatever_the_writers_clocks(tmp_path: Path, redis_server: str) -> None:
+    """Writers' clocks differ: `--since` exports from the first entry at or after the time, and
+    every entry after it, so the export verifies."""
+    trail = Trail(tmp_path, redis_server)
+    for i, when in enumerate((100.0, 200.0, 150.0, 300.0, 250.0)):  # the third writer's clock is behind
+        trail.state.record(entry(i) | {"time": when})
+    path = trail.export("since.jsonl", "--since", "200")
+    assert [json.loads(x)["seq"] for x in lines(path)[:-1]] == [2, 3, 4, 5]
+    assert trail.verify(path).returncode == 0
+
+
+def test_a_chain_that_restarts_is_named_against_the_previous_export(tmp_path: Path, redis_server: str) -> None:
+    """Redis lost its history (or someone deleted it): the new chain starts at seq 1 and verifies on
+    its own; against the previous export it is named for what it is."""
+    trail = Trail(tmp_path, redis_server)
+    for i in range(3):
+        trail.state.record(entry(i))
+    first = trail.export("first.jsonl")
+    trail.state.client.delete(f"{trail.ns}:history", f"{trail.ns}:history:head")
+    trail.state.record(entry(9))
+    second = trail.export("second.jsonl")
+    assert trail.verify(second).returncode == 0
+    done = trail.verify(second, "--after", str(first))
+    assert done.returncode == 1 and "the chain restarted at seq 1" in " ".join(done.stderr.split()), done.stderr
+
+
+def test_an_hmac_key_set_on_a_running_trail_keys_the_entries_from_then_on(tmp_path: Path, redis_server: str) -> None:
+    key = b"audit-hmac-key-" + os.urandom(24).hex().encode()
+    trail = Trail(tmp_path, redis_server, hmac_key=key)
+    plain = RedisState.from_url(f"{redis_server}/0", trail.ns)  # a writer before the key was configured
+    for i in range(3):
+        plain.record(entry(i))
+    for i in range(3, 6):
+        trail.state.record(entry(i))
+    path = trail.export("switched.jsonl")
+    done = trail.verify(path, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) | {"head": "-"} == {"intact": True, "entries": 6, "first_seq": 1, "last_seq": 6,
+                                                       "head": "-", "signer": "auditor", "unkeyed": 3}
+
+
+def test_an_entry_with_a_string_rfc_8785_cannot_hold_is_kept_and_verifies(tmp_path: Path, redis_server: str) -> None:
+    """A byte that is not UTF-8 in a `--reason` reaches Python as a lone surrogate: the entry is
+    still written (hashed in its escaped form) and the export verifies."""
+    trail = Trail(tmp_path, redis_server)
+    trail.state.record(entry(1) | {"note": "bad byte \udcff here"})
+    assert trail.state.history()[0]["note"] == "bad byte \udcff here"
+    assert trail.verify(trail.export("surrogate.jsonl")).returncode == 0

@@ -12,6 +12,7 @@ from rotator.alerts.dispatch import Route, first_time
 from rotator.config import AlertConfig, ConfigError, settings_from_mapping
 from rotator.domain import ApiKey, KeyRef
 from rotator.engine import Engine
+from rotator.errors import TransientError
 from rotator.events import CapturePublisher
 from rotator.keyservice.emulator import Emulator
 from rotator.keyservice.http import HttpKeyService
@@ -121,3 +122,84 @@ def test_a_repair_interval_longer_than_a_quarter_of_the_replay_window_is_refused
     with pytest.raises(ConfigError) as info:
         settings_from_mapping({**base, "celery": {"repair_every_s": 43_200}}, environ=env)
     assert [p.key for p in info.value.problems] == ["celery.repair_every_s"]
+
+
+def test_a_spent_budget_holds_back_only_its_own_client_ids_keys(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState
+) -> None:
+    """Redis was wiped after a reset whose answer nobody stored, and another Client ID's budget is
+    paused (a 429): the sweep replays and stores this one's secret, and says it skipped the other."""
+    from rotator.budget import RateBudget
+    from rotator.engine.reconcile import Stopped
+    from tests.test_engine import plant
+
+    now = emulator.now()
+    for client in ("aaa", "bbb"):
+        emulator.add_client(client, client.upper(), created_at=now - 400 * DAY)
+    ref = KeyRef("bbb", emulator.add_key("bbb", "payouts", created_at=now - 100 * DAY).id)
+    sink = registry.build("memory", {}, FP)
+    engine, _ = engine_at(keyservice, state, [sink])
+    record = plant(engine, state, ref, keyservice)
+    keyservice.reset_key(ref.client_id, ref.key_id, engine._key_of(record))  # ran; its answer lost
+    for key in state.client.scan_iter(f"{state.ns}:*"):
+        state.client.delete(key)  # ... and Redis with it
+    keyservice.budget = RateBudget(state.client, state.ns, clock=emulator.now)
+    keyservice.budget.observe("aaa", pause_s=600, pause_why="429")
+    try:
+        with pytest.raises(Stopped) as stopped:
+            engine.repair(fresh=False, recent_only=True)
+    finally:
+        keyservice.budget = None
+    assert stopped.value.client_id == "aaa"
+    assert [(r.key_id, r.status) for r in stopped.value.done] == [(ref.key_id, "recovered")]
+    assert holds_current(sink, emulator, "bbb", ref.key_id, keyservice) and len(emulator.ledger) == 1
+
+
+def test_an_unsettled_secret_is_told_on_every_sweep_with_the_time_left(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState
+) -> None:
+    """The reset ran, its answer was lost, and the key service's replay endpoint keeps failing:
+    every sweep says the secret is at risk and how long the key service keeps its answer, not
+    only after a day."""
+    from rotator.keyservice.emulator import Fault
+    from tests.test_engine import plant
+
+    key_id = next(iter(emulator.add_client("acme", created_at=emulator.now() - 400 * DAY).keys))
+    ref = KeyRef("acme", key_id)
+    engine, events = engine_at(keyservice, state, [registry.build("memory", {}, FP)])
+    record = plant(engine, state, ref, keyservice)
+    keyservice.reset_key("acme", key_id, engine._key_of(record))
+    emulator.add_fault(Fault(method="GET", path="/responses/", status=503, times=-1))
+    try:
+        for _ in range(2):
+            assert [r.status for r in engine.repair(fresh=False, recent_only=True)[1]] == ["in_doubt"]
+    finally:
+        emulator.clear_faults()
+    told = [e for e in events.events if e.name == "rotation.secret_at_risk"]
+    assert len(told) == 2 and all(0 < (e.details or {})["time_left_s"] <= DAY for e in told)
+    assert len(emulator.ledger) == 1
+
+
+def test_the_daily_reconcile_says_drift_it_cannot_read_as_critical_and_keeps_the_history_clean(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState
+) -> None:
+    """A sink that cannot be read for a key rotated long ago: `drift.detected` (critical), as the
+    daily reconcile always said; what the sweeps leave to a person is not written to the audit
+    history, which a sweep every 15 minutes would fill."""
+    key_id = next(iter(emulator.add_client("acme", created_at=emulator.now() - 400 * DAY).keys))
+    sink = CountingSink()
+    engine, _ = engine_at(keyservice, state, [sink])
+    assert engine.rotate(KeyRef("acme", key_id), trigger="test").status == "succeeded"
+    entries = len(state.history(limit=1000))
+
+    def unreadable(key: ApiKey) -> StoredState | None:
+        raise TransientError("sink: 503")
+
+    sink.read_state = unreadable  # type: ignore[method-assign]
+    emulator.clock_offset_s = 3 * DAY  # the reset's answer is no longer kept
+    later, events = engine_at(keyservice, state, [sink], offset_s=3 * DAY)
+    for _ in range(3):
+        drifted, results = later.repair(fresh=False)
+        assert [d.certain for d in drifted] == [False] and [r.status for r in results] == ["failed"]
+    assert events.names().count("drift.detected") == 3
+    assert len(state.history(limit=1000)) == entries and len(emulator.ledger) == 1

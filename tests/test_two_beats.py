@@ -94,7 +94,7 @@ def test_one_beat_schedules_and_another_takes_over_when_it_is_killed_or_frozen(
         origins = [origin for _, origin, _ in published.seen]
         changes = sum(1 for x, y in pairwise(origins) if x != y)
         assert changes == 2, origins  # A ... A, B ... B, C ... C: never two at a time
-        assert after_kill < takeover_bound_s(TTL_S) + 5, after_kill  # same machine, gone: at once
+        assert after_kill < 0.6 * TTL_S, after_kill  # same machine, gone: at once, not when the lease runs out
         assert TTL_S / 2 < after_freeze < takeover_bound_s(TTL_S) + 5, after_freeze
         scans = [t for t, _, task in published.seen if task == "rotator.scan"]
         assert len(scans) <= (time.monotonic() - began) / SCAN_EVERY_S + 3

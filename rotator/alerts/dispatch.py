@@ -62,6 +62,14 @@ def first_time(route: Route, event: Event, state: StateStore) -> bool:
     return state.once(route.dedupe_key(event), route.config.dedupe_window_s)
 
 
+def _first_time_or_unknown(route: Route, event: Event, state: StateStore) -> bool:
+    """`first_time`, or True when the state store cannot say (an alert twice beats none)."""
+    try:
+        return first_time(route, event, state)
+    except Exception:
+        return True
+
+
 def already_sent(route: Route, event: Event, state: StateStore) -> bool:
     """Whether this event for this key already reached this channel within its window."""
     return route.config.dedupe_window_s != 0 and state.seen(route.dedupe_key(event))
@@ -81,13 +89,13 @@ def event_from_dict(data: dict[str, Any]) -> Event:
 class DirectPublisher:
     """Delivers in the calling thread (tests, and one-shot CLI runs); errors are logged, not raised."""
 
-    def __init__(self, settings: Settings, state: StateStore) -> None:
-        self.routes = routes(settings)
+    def __init__(self, settings: Settings, state: StateStore, only: list[Route] | None = None) -> None:
+        self.routes = routes(settings) if only is None else only
         self.state = state
 
     def publish(self, event: Event) -> None:
         for route in self.routes:
-            if route.wants(event) and first_time(route, event, self.state):
+            if route.wants(event) and _first_time_or_unknown(route, event, self.state):
                 try:
                     route.notifier().send(event)
                 except Exception as exc:

@@ -107,22 +107,31 @@ class Outbox:
                     added.setdefault(str(entry["id"]), Pending(str(entry["id"]), int(entry["route"]), entry["event"]))
         return [p for ident, p in added.items() if ident not in finished]
 
-    def compact(self) -> None:
-        """Empty the file once nothing in it is pending (it never grows past one outage)."""
+    def compact(self, rewrite_at_bytes: int = 256 * 1024) -> None:
+        """Empty the file once nothing in it is pending; past `rewrite_at_bytes`, rewrite it in place
+        with the pending entries only (a channel down for long keeps some pending while others go)."""
         if not self.path.exists():
             return
         with self._locked() as handle:
             handle.seek(0)
-            added: set[str] = set()
+            kept: dict[str, str] = {}
             finished: set[str] = set()
             for line in handle:
                 try:
                     entry = json.loads(line)
                 except ValueError:
                     continue
-                (finished if "done" in entry else added).add(str(entry.get("done", entry.get("id"))))
-            if added <= finished:
-                handle.truncate(0)
+                if "done" in entry:
+                    finished.add(str(entry["done"]))
+                elif "id" in entry:
+                    kept.setdefault(str(entry["id"]), line if line.endswith("\n") else line + "\n")
+            pending = [line for ident, line in kept.items() if ident not in finished]
+            if pending and os.fstat(handle.fileno()).st_size < rewrite_at_bytes:
+                return
+            handle.truncate(0)  # appenders write at the end (O_APPEND) and wait for this lock
+            handle.write("".join(pending))
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 class Deliverer:
@@ -153,24 +162,46 @@ class Deliverer:
         return True
 
     def deliver_due(self) -> int:
-        """One pass: every pending entry whose back-off has passed; returns how many were settled."""
+        """One pass: every pending entry whose channel is not backing off; returns how many were
+        settled. A channel that fails is backed off as a whole (one try per back-off, not one per
+        entry), and channels that answer go first, so one slow or dead channel never holds back
+        another's alerts. An entry whose event is already pending before it (the same de-duplication
+        key) is settled as a duplicate without a send."""
         settled = 0
         pending = self.outbox.pending()
-        for entry in pending:
-            if self.retry_at.get(entry.id, 0.0) > self.clock():
+        now = self.clock()
+        failing: set[str] = set()
+        seen: set[str] = set()
+        for entry in sorted(pending, key=lambda e: self.tries.get(str(e.route), 0)):
+            channel = str(entry.route)
+            if channel in failing or self.retry_at.get(channel, 0.0) > now:
                 continue
+            duplicate = self._dedupe_key(entry)
+            if duplicate is not None and duplicate in seen:
+                self.outbox.done(entry.id, "duplicate")
+                settled += 1
+                continue
+            if duplicate is not None:
+                seen.add(duplicate)
             outcome = self._deliver(entry)
             if outcome is None:
-                tries = self.tries[entry.id] = self.tries.get(entry.id, 0) + 1
-                self.retry_at[entry.id] = self.clock() + min(MAX_BACKOFF_S, 2.0 ** tries)
+                tries = self.tries[channel] = self.tries.get(channel, 0) + 1
+                self.retry_at[channel] = self.clock() + min(MAX_BACKOFF_S, 2.0 ** tries)
+                failing.add(channel)
                 continue
             self.outbox.done(entry.id, outcome)
-            self.retry_at.pop(entry.id, None)
-            self.tries.pop(entry.id, None)
+            self.retry_at.pop(channel, None)
+            self.tries.pop(channel, None)
             settled += 1
-        if pending and settled == len(pending):
+        if settled:
             self.outbox.compact()
         return settled
+
+    def _dedupe_key(self, entry: Pending) -> str | None:
+        route = self.routes.get(entry.route)
+        if route is None or route.config.dedupe_window_s == 0:
+            return None
+        return route.dedupe_key(event_from_dict(entry.event))
 
     def _deliver(self, entry: Pending) -> str | None:
         route = self.routes.get(entry.route)
@@ -188,7 +219,7 @@ class Deliverer:
             route.notifier().send(event)
         except TransientError as exc:
             log.warning("alert.retrying", channel=route.index, event_name=event.name, error=str(exc),
-                        retries=self.tries.get(entry.id, 0), path="outbox")
+                        retries=self.tries.get(str(entry.route), 0), path="outbox")
             return None
         except RotatorError as exc:
             log.error("alert.failed", channel=route.index, event_name=event.name, error=str(exc))

@@ -62,13 +62,16 @@ def audit_export(
     with errors_exit():
         state = build_state(settings)
         entries, head = state.audit_snapshot()
-    chained = [e for e in reversed(entries) if isinstance(e.get("hash"), str) and isinstance(e.get("seq"), int)]
+    chained = sorted((e for e in entries if isinstance(e.get("hash"), str) and isinstance(e.get("seq"), int)),
+                     key=lambda e: int(e["seq"]))
     unchained = len(entries) - len(chained)
-    if from_time is not None:
-        chained = [e for e in chained if float(e.get("time") or 0) >= from_time]
+    if from_time is not None:  # from the first entry at or after it, every later one (writers' clocks differ)
+        start = next((n for n, e in enumerate(chained) if float(e.get("time") or 0) >= from_time), len(chained))
+        chained = chained[start:]
     count, digest = head if head is not None else (0, "0" * 64)
     origin = settings.audit.origin or f"rotator/{settings.state.namespace}"
-    note = Checkpoint(origin, count, digest).sign(signer.name, signer.key)
+    first = int(chained[0]["seq"]) if chained else count + 1
+    note = Checkpoint(origin, count, digest, first).sign(signer.name, signer.key)
     text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in chained) + json.dumps({"checkpoint": note}) + "\n"
     if output is None:
         out.file.write(text)
@@ -77,7 +80,6 @@ def audit_export(
         partial = output.with_name(output.name + ".partial")
         partial.write_text(text, encoding="utf-8")
         os.replace(partial, output)
-    first = chained[0]["seq"] if chained else None
     err.print(f"exported {len(chained)} entries" + (f" (seq {first} to {count})" if chained else "")
               + f"; checkpoint of {count} entries signed by {show(signer.name)}", highlight=False)
     if chained and first != 1 and from_time is None:
@@ -121,11 +123,15 @@ def audit_verify(
         raise typer.Exit(1) from None
     if as_json:
         print_json({"intact": True, "entries": verified.count, "first_seq": verified.first_seq,
-                    "last_seq": verified.last_seq, "head": verified.head, "signer": verified.signer})
+                    "last_seq": verified.last_seq, "head": verified.head, "signer": verified.signer,
+                    "unkeyed": verified.unkeyed})
         return
     span = f" (seq {verified.first_seq} to {verified.last_seq})" if verified.count else ""
     out.print(f"intact: {verified.count} entries{span}, checkpoint signed by {show(verified.signer)}",
               highlight=False)
+    if verified.unkeyed:
+        err.print(f"{verified.unkeyed} entries were written before audit.hmac_key_file was set: they are checked by "
+                  "SHA-256 only", highlight=False)
 
 
 def _lines(path: Path) -> list[str]:

@@ -226,7 +226,7 @@ def reconcile(config: ConfigOption = None,
             else:
                 drift, results = engine.drift(), []
         except BudgetSpent as exc:  # say what was done, and until when the rest waits
-            stopped, drift, results = exc, [], list(getattr(exc, "done", []))
+            stopped, drift, results = exc, list(getattr(exc, "drifted", [])), list(getattr(exc, "done", []))
         if stopped is None:
             try:
                 orphans, unlisted = engine.orphans()

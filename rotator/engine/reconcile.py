@@ -54,7 +54,9 @@ def repair(ctx: Context, fresh: bool = True, recent_only: bool = False) -> tuple
     a person. `recent_only`: the frequent sweep, which reads the sinks only of keys reset within
     the replay lookback (the only ones a replay can repair)."""
     results = flow.recover_all(ctx)
-    keys: Iterable[ApiKey] = every_key(ctx.keyservice, ctx.clients)
+    tried = {KeyRef(r.client_id, r.key_id) for r in results}  # settled (or tried) a moment ago: not twice
+    held: list[BudgetSpent] = []  # a Client ID whose rate budget is spent waits; the others go on
+    keys: Iterable[ApiKey] = every_key(ctx.keyservice, ctx.clients, held)
     if recent_only:
         keys = (key for key in keys if born_recently(ctx, key))
     try:
@@ -63,8 +65,12 @@ def repair(ctx: Context, fresh: bool = True, recent_only: bool = False) -> tuple
         raise Stopped(spent, results) from None
     trigger = "reconcile" if fresh else "repair"
     for ref in dict.fromkeys(d.key.ref for d in drifted):  # each tried: a replay goes past the share
+        if ref in tried:
+            continue
         report.begin(ctx, "reconcile --repair" if fresh else "beat's automatic repair", None)
         results.append(flow.leased(ctx, ref, trigger, partial(repair_locked, ctx, ref, fresh=fresh)))
+    if held:  # the rest of the fleet was repaired; these Client IDs wait for their budget
+        raise Stopped(held[0], results, drifted)
     return drifted, results
 
 
@@ -76,11 +82,13 @@ def born_recently(ctx: Context, key: ApiKey) -> bool:
 
 
 class Stopped(BudgetSpent):
-    """`reconcile --repair` stopped by a spent budget part-way: `done`, what it settled before."""
+    """A repair stopped by a spent budget part-way, or that skipped a Client ID whose budget is
+    spent: `done`, what it settled; `drifted`, what it found."""
 
-    def __init__(self, spent: BudgetSpent, done: list[RotationResult]) -> None:
+    def __init__(self, spent: BudgetSpent, done: list[RotationResult], drifted: list[Drift] | None = None) -> None:
         super().__init__(spent.client_id, spent.until, spent.why)
         self.done = done
+        self.drifted = drifted or []
 
 
 def drift(ctx: Context, alert: bool = True, keys: Iterable[ApiKey] | None = None,
@@ -149,21 +157,30 @@ def repair_locked(ctx: Context, ref: KeyRef, lease: Any, fresh: bool = True) -> 
     doubts += [lookup.unknown] if lookup.unknown else []
     if doubts:  # a replay may still find the secret, or a sink cannot be read: never reset afresh on that
         why = f"not repaired, not reset afresh: {'; '.join(doubts)}"
-        if not fresh and born_recently(ctx, key):  # told again on every sweep, with the time left
+        if fresh:
+            return report.failed(ctx, key, None, why, trigger=trigger)
+        if born_recently(ctx, key):  # told again on every sweep, with the time left
             report.emit(ctx, "rotation.secret_at_risk", key, None, why, report.replay_left(ctx, key))
-        return report.failed(ctx, key, None, why, trigger=trigger)
+        else:
+            told(ctx, drifted)
+        return report.untouched(ctx, key, trigger, why)
     scope = scope_problem(key, ctx.policy)
     if scope is not None:  # a key the policy leaves alone is never reset by a repair
         return report.out_of_scope(ctx, key, trigger, scope)
     if not fresh:  # someone reset it outside rotator, or the answer expired: a person decides
-        for d in drifted:
-            report.emit(ctx, "drift.detected", d.key, error=f"{d.sink}: {d.reason}")
-        return report.failed(ctx, key, None, "not repaired: no sink holds the key's current secret and no replay "
-                                             "gives it; `rotator reconcile --repair` resets it afresh",
-                             trigger=trigger)
+        told(ctx, drifted)
+        return report.untouched(ctx, key, trigger, "not repaired: no sink holds the key's current secret and no "
+                                                   "replay gives it; `rotator reconcile --repair` resets it afresh")
     report.emit(ctx, "rotation.secret_at_risk", key, None,
                 "no sink holds the key's current secret and its reset cannot be replayed; resetting afresh")
     return attempt.reset(ctx, key, lease, "reconcile", after_loss=True)
+
+
+def told(ctx: Context, drifted: list[Drift]) -> None:
+    """Drift the automatic repair leaves to a person: `drift.detected` (critical), as the daily
+    reconcile always said it."""
+    for d in drifted:
+        report.emit(ctx, "drift.detected", d.key, error=f"{d.sink}: {d.reason}")
 
 
 def drift_of(ctx: Context, key: ApiKey, reads: SinkReads | None = None) -> list[Drift]:

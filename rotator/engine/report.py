@@ -10,6 +10,7 @@ from rotator import logs
 from rotator.domain import (
     ApiKey,
     AttemptRecord,
+    Generation,
     KeyRef,
     KeyState,
     utc_iso,
@@ -115,6 +116,13 @@ def _first_to_say(ctx: Context, spent: BudgetSpent) -> bool:
         return True
 
 
+def untouched(ctx: Context, key: ApiKey, trigger: str, reason: str) -> RotationResult:
+    """What beat's automatic repair leaves to a person: told by its events, logged, and kept out of
+    the audit history (a sweep every 15 minutes would fill it with the same line)."""
+    log.warning("repair.left", client_id=key.client_id, key_id=key.key_id, reason=reason)
+    return RotationResult(key.client_id, key.key_id, "failed", reason, trigger=trigger)
+
+
 def skipped(ctx: Context, key: ApiKey, trigger: str, reason: str) -> RotationResult:
     return RotationResult(key.client_id, key.key_id, "skipped", reason, trigger=trigger)
 
@@ -131,7 +139,9 @@ def out_of_scope(ctx: Context, key: ApiKey, trigger: str, scope: str) -> Rotatio
 def unsettled(ctx: Context, record: AttemptRecord, reason: str, key: ApiKey | None = None) -> RotationResult:
     status = "at_risk" if record.phase == Phase.STORING.value else "in_doubt"
     began = record.doubt_since or record.since  # sending it again keeps the first doubt
-    if ctx.state.now() - began > STUCK_S:  # a replay that never settles (or a key always blocked) needs a person
+    if key is not None and secret_issued(record, key):  # told on every sweep, with the time left to replay it
+        emit(ctx, "rotation.secret_at_risk", key, record, f"not settled: {reason}", replay_left(ctx, key))
+    elif ctx.state.now() - began > STUCK_S:  # a replay that never settles (or a key always blocked) needs a person
         if key is not None:
             emit(ctx, "rotation.secret_at_risk", key, record, f"unsettled for over a day: {reason}")
         else:
@@ -142,6 +152,17 @@ def unsettled(ctx: Context, record: AttemptRecord, reason: str, key: ApiKey | No
     log.warning("rotation.unsettled", client_id=record.client_id, key_id=record.key_id, status=status,
                 reason=text)
     return outcome
+
+
+def secret_issued(record: AttemptRecord, key: ApiKey) -> bool:
+    """Whether the attempt's secret exists, so that it is at risk while unsettled: its answer was
+    had (storing), or the key's generation moved past the one the attempt replaced."""
+    if record.phase == Phase.STORING.value:
+        return True
+    try:
+        return bool(record.generation) and key.generation > Generation.parse(record.generation)
+    except ValueError:
+        return False
 
 
 def result(ctx: Context, ref: KeyRef, record: AttemptRecord, status: str, reason: str) -> RotationResult:
