@@ -85,9 +85,10 @@ class Checkpoint:
     count: int
     head: str  # hex
     first: int | None = None
+    keyed: bool = False  # the head entry is keyed: every later entry must be
 
     def text(self) -> str:
-        extension = f"export first {self.first}\n" if self.first is not None else ""
+        extension = f"export first {self.first}{' hmac' if self.keyed else ''}\n" if self.first is not None else ""
         return f"{self.origin}\n{self.count}\n{base64.b64encode(bytes.fromhex(self.head)).decode()}\n{extension}"
 
     def sign(self, name: str, key: Ed25519PrivateKey) -> str:
@@ -104,8 +105,11 @@ def open_note(note: str, trusted: Mapping[str, Iterable[Ed25519PublicKey]]) -> t
     if not sep or len(lines) not in (3, 4) or (len(lines) == 4 and not lines[3].startswith("export first ")):
         raise AuditError("the checkpoint is not a signed note of an origin, a count, a head hash and its export line")
     try:
+        export = lines[3].removeprefix("export first ").split(" ") if len(lines) == 4 else []
+        if export[1:] not in ([], ["hmac"]):
+            raise ValueError(lines[3])
         checkpoint = Checkpoint(lines[0], int(lines[1]), base64.b64decode(lines[2], validate=True).hex(),
-                                int(lines[3].removeprefix("export first ")) if len(lines) == 4 else None)
+                                int(export[0]) if export else None, export[1:] == ["hmac"])
     except ValueError:
         raise AuditError("the checkpoint's count, head hash or first entry cannot be read") from None
     for line in signatures.splitlines():
@@ -199,6 +203,9 @@ def verify(lines: list[str], trusted: Mapping[str, Iterable[Ed25519PublicKey]], 
             follows(where, number, entry, previous, line_of)
         elif after is not None:
             joins(entries, after)
+        if after is not None and after.keyed and seq > after.count and entry.get("alg") != KEYED:
+            raise AuditError(f"{where}: unkeyed, after the previous export's keyed head (seq {after.count}): "
+                             "rewritten without the HMAC key")
         if entry.get("alg", "sha256") == KEYED:
             if key is None:
                 raise AuditError(f"{where}: keyed with the audit HMAC key: pass --hmac-key-file (or configure "

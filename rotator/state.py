@@ -309,7 +309,7 @@ class RedisState:
         process saw last is tried first (one round trip); when another process wrote since, the
         script answers the head it holds and the entry is hashed again after it. Returns the entry
         as stored (with `seq`, `prev`, `hash`)."""
-        from rotator.audit import GENESIS, chained
+        from rotator.audit import GENESIS, KEYED, chained
 
         keys = [self._k("history", "head"), self._k("history")]
         args: list[Any] = []
@@ -328,9 +328,13 @@ class RedisState:
             for tries in range(200):
                 if tries >= 3:  # writers racing: let the others through
                     time.sleep(random.uniform(0, 0.001 * min(tries, 20)))
-                seq_text, _, prev = self._head.partition(":")
+                seq_text, prev, alg = ([*self._head.split(":"), "", "", ""])[:3]
+                if alg == KEYED and self.audit_key is None:  # an unkeyed entry here would read as forged
+                    log.error("audit.key_missing", head_seq=seq_text)
+                    raise RotatorError("the audit history is keyed (audit.hmac_key_file) and this process has no "
+                                       "key: the entry was not written; give it the same audit.hmac_key_file")
                 stored = chained(entry, int(seq_text or 0) + 1, prev or GENESIS, self.audit_key)
-                head = f"{stored['seq']}:{stored['hash']}"
+                head = f"{stored['seq']}:{stored['hash']}:{stored['alg']}"
                 args = [self._head, json.dumps(stored, sort_keys=True), head, self.history_max, last, *increments]
                 done, current = self.client.eval(_APPEND_CHAINED, len(keys), *keys, *args)
                 if int(done) == 1:
@@ -423,7 +427,7 @@ class RedisState:
         pipe.get(self._k("history", "head"))
         pipe.lrange(self._k("history"), 0, -1)
         raw_head, raw_entries = pipe.execute()
-        seq, _, digest = str(raw_head or "").partition(":")
+        seq, digest, *_ = [*str(raw_head or "").split(":"), ""]
         head = (int(seq), digest) if seq.isdigit() and digest else None
         entries = [json.loads(x) for x in raw_entries]
         last = head[0] if head is not None else 0

@@ -195,3 +195,38 @@ events = ["{AT_RISK}"]
             assert emulator.current_secret("acme-prod", key_id) not in done.stdout + done.stderr
         finally:
             cluster.stop()
+
+
+def test_repeats_of_an_alert_pending_for_a_channel_that_is_down_are_settled_at_once(tmp_path: Path) -> None:
+    """A sweep every few minutes tells the same at-risk secret again while its channel is down:
+    the repeats are settled as duplicates of the pending one, so the file holds one per event."""
+    class Down:
+        def send(self, event: Event) -> None:
+            raise TransientError("down")
+
+    class DownRoute(Route):
+        def notifier(self):  # type: ignore[no-untyped-def]
+            return Down()
+
+    box = Outbox(tmp_path / "outbox.jsonl")
+    deliverer = Deliverer(box, [DownRoute(0, AlertConfig(url="json://127.0.0.1:9/x"))], lambda: None)
+    for sweep in range(50):
+        box.add(0, Event(AT_RISK, "critical", "acme", "k1", attempt_id="a", time=float(sweep),
+                         details={"time_left_s": 80_000 - sweep}))
+        deliverer.deliver_due()
+    assert len(box.pending()) == 1 and deliverer.tries == {"0": 1}
+
+
+def test_an_outbox_directory_others_can_write_is_a_configuration_error(tmp_path: Path) -> None:
+    from rotator.config import ConfigError, settings_from_mapping
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    base = {"keyservice": {"kind": "emulator"}, "sinks": [{"kind": "memory"}]}
+    env = {"ROTATOR_FINGERPRINT_KEY": "f" * 32}
+    with pytest.raises(ConfigError) as info:
+        settings_from_mapping({**base, "celery": {"alert_outbox_dir": str(shared)}}, environ=env)
+    assert [p.key for p in info.value.problems] == ["celery.alert_outbox_dir"]
+    shared.chmod(0o700)
+    assert settings_from_mapping({**base, "celery": {"alert_outbox_dir": str(shared)}}, environ=env)

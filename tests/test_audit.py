@@ -282,3 +282,47 @@ def test_an_entry_with_a_string_rfc_8785_cannot_hold_is_kept_and_verifies(tmp_pa
     trail.state.record(entry(1) | {"note": "bad byte \udcff here"})
     assert trail.state.history()[0]["note"] == "bad byte \udcff here"
     assert trail.verify(trail.export("surrogate.jsonl")).returncode == 0
+
+
+def test_a_keyed_trail_rewritten_without_the_key_after_an_export_is_caught(tmp_path: Path, redis_server: str) -> None:
+    """Whoever can write Redis but lacks the HMAC key rewrites the entries after the last export
+    with plain SHA-256 and lets Redis trim the older ones: the next export, verified against the
+    previous one (whose head was keyed), names the first rewritten entry."""
+    key = b"audit-hmac-key-" + os.urandom(24).hex().encode()
+    trail = Trail(tmp_path, redis_server, hmac_key=key)
+    for i in range(5):
+        trail.state.record(entry(i))
+    first = trail.export("first.jsonl")
+    assert "export first 1 hmac" in json.loads(lines(first)[-1])["checkpoint"]
+    for i in range(5, 9):
+        trail.state.record(entry(i) | {"actor": "mallory"})
+    stored = [e for e in trail.state.history(limit=100)[::-1] if e["seq"] > 5]
+    prev, forged = json.loads(lines(first)[-2])["hash"], []
+    for old in stored:
+        body = {k: v for k, v in old.items() if k not in ("seq", "prev", "alg", "hash") and k != "actor"}
+        forged.append(chained(body, old["seq"], prev))  # no key: plain SHA-256
+        prev = forged[-1]["hash"]
+    pipe = trail.state.client.pipeline()
+    pipe.delete(f"{trail.ns}:history")
+    pipe.lpush(f"{trail.ns}:history", *[json.dumps(e) for e in forged])
+    pipe.set(f"{trail.ns}:history:head", f"9:{prev}:sha256")
+    pipe.execute()
+    second = trail.export("second.jsonl")
+    done = trail.verify(second, "--after", str(first))
+    assert done.returncode == 1, done.stdout
+    assert "line 1 (seq 6): unkeyed, after the previous export's keyed head (seq 5)" in " ".join(done.stderr.split())
+
+
+def test_a_writer_without_the_key_never_appends_to_a_keyed_trail(tmp_path: Path, redis_server: str) -> None:
+    """A CLI configured without `[audit]` next to keyed workers: its entry is refused, loudly,
+    instead of breaking the chain for every later export."""
+    from rotator.errors import RotatorError
+
+    key = b"audit-hmac-key-" + os.urandom(24).hex().encode()
+    trail = Trail(tmp_path, redis_server, hmac_key=key)
+    trail.state.record(entry(1))
+    keyless = RedisState.from_url(f"{redis_server}/0", trail.ns)
+    with pytest.raises(RotatorError, match="audit.hmac_key_file"):
+        keyless.record(entry(2))
+    trail.state.record(entry(3))
+    assert trail.verify(trail.export("still.jsonl")).returncode == 0

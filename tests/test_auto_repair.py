@@ -31,6 +31,12 @@ class CountingSink:
     def __init__(self) -> None:
         self.inner: Any = registry.build("memory", {}, FP)
         self.reads: list[str] = []
+        self.writes = 0
+
+    def write(self, record: Any, prepared: object = None) -> StoredState:
+        self.writes += 1
+        written: StoredState = self.inner.write(record, prepared)
+        return written
 
     def read_state(self, key: ApiKey) -> StoredState | None:
         self.reads.append(key.key_id)
@@ -203,3 +209,52 @@ def test_the_daily_reconcile_says_drift_it_cannot_read_as_critical_and_keeps_the
         assert [d.certain for d in drifted] == [False] and [r.status for r in results] == ["failed"]
     assert events.names().count("drift.detected") == 3
     assert len(state.history(limit=1000)) == entries and len(emulator.ledger) == 1
+
+
+def test_a_sink_that_is_briefly_unreadable_is_no_secret_at_risk(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState
+) -> None:
+    """A key stored everywhere, then one read fails (a Vault maintenance minute): the sweep neither
+    writes the secret again nor says it is at risk, and leaves no attempt behind; the daily
+    reconcile tells it as drift it could not read."""
+    key_id = next(iter(emulator.add_client("acme", created_at=emulator.now() - 400 * DAY).keys))
+    sink = CountingSink()
+    engine, events = engine_at(keyservice, state, [sink])
+    assert engine.rotate(KeyRef("acme", key_id), trigger="test").status == "succeeded"
+    written = sink.writes
+
+    def unreadable(key: ApiKey) -> StoredState | None:
+        raise TransientError("sink: 503")
+
+    sink.read_state = unreadable  # type: ignore[method-assign]
+    events.events.clear()
+    drifted, results = engine.repair(fresh=False, recent_only=True)
+    assert [d.certain for d in drifted] == [False] and [r.status for r in results] == ["failed"]
+    assert events.names() == [] and state.attempts() == [] and len(emulator.ledger) == 1
+    assert sink.writes == written == 1
+    engine.repair(fresh=False)
+    assert events.names() == ["drift.detected"]
+
+
+def test_the_sweeps_do_not_fill_the_audit_history(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState
+) -> None:
+    """An attempt that stays unsettled sweep after sweep is told by its events, not by a history
+    entry per sweep (the history keeps the last 1,000 entries)."""
+    from rotator.keyservice.emulator import Fault
+    from tests.test_engine import plant
+
+    key_id = next(iter(emulator.add_client("acme", created_at=emulator.now() - 400 * DAY).keys))
+    engine, events = engine_at(keyservice, state, [registry.build("memory", {}, FP)])
+    record = plant(engine, state, KeyRef("acme", key_id), keyservice)
+    keyservice.reset_key("acme", key_id, engine._key_of(record))
+    emulator.add_fault(Fault(method="GET", path="/responses/", status=503, times=-1))
+    before = len(state.history(limit=1000))
+    try:
+        for _ in range(4):
+            engine.recover_all()
+            engine.repair(fresh=False, recent_only=True)
+    finally:
+        emulator.clear_faults()
+    assert len(state.history(limit=1000)) == before
+    assert events.names().count("rotation.secret_at_risk") == 8

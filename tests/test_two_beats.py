@@ -93,7 +93,10 @@ def test_one_beat_schedules_and_another_takes_over_when_it_is_killed_or_frozen(
 
         origins = [origin for _, origin, _ in published.seen]
         changes = sum(1 for x, y in pairwise(origins) if x != y)
-        assert changes == 2, origins  # A ... A, B ... B, C ... C: never two at a time
+        # A ... A, B ... B, C ... C: never two at a time. (rotator.beat says a leader frozen between its
+        # extension and its publish may still send one message on waking; the window is about a
+        # millisecond in a two-second tick, so this run does not wait for that chance.)
+        assert changes == 2, origins
         assert after_kill < 0.6 * TTL_S, after_kill  # same machine, gone: at once, not when the lease runs out
         assert TTL_S / 2 < after_freeze < takeover_bound_s(TTL_S) + 5, after_freeze
         scans = [t for t, _, task in published.seen if task == "rotator.scan"]

@@ -174,15 +174,15 @@ class Deliverer:
         seen: set[str] = set()
         for entry in sorted(pending, key=lambda e: self.tries.get(str(e.route), 0)):
             channel = str(entry.route)
-            if channel in failing or self.retry_at.get(channel, 0.0) > now:
-                continue
-            duplicate = self._dedupe_key(entry)
+            duplicate = self._dedupe_key(entry)  # settled even while its channel backs off: the file stays small
             if duplicate is not None and duplicate in seen:
                 self.outbox.done(entry.id, "duplicate")
                 settled += 1
                 continue
             if duplicate is not None:
                 seen.add(duplicate)
+            if channel in failing or self.retry_at.get(channel, 0.0) > now:
+                continue
             outcome = self._deliver(entry)
             if outcome is None:
                 tries = self.tries[channel] = self.tries.get(channel, 0) + 1

@@ -51,7 +51,7 @@ def audit_export(
     the chain (`seq`, `prev`, `hash`), and a last line with a checkpoint signed by this process's
     signing key (the count of entries chained so far and the head hash). Keep each export: the next
     one is verified against it (`audit verify --after`), so entries Redis trimmed since stay proven."""
-    from rotator.audit import Checkpoint
+    from rotator.audit import KEYED, Checkpoint
     from rotator.runtime import build_state
 
     settings = use_config(config)
@@ -71,7 +71,8 @@ def audit_export(
     count, digest = head if head is not None else (0, "0" * 64)
     origin = settings.audit.origin or f"rotator/{settings.state.namespace}"
     first = int(chained[0]["seq"]) if chained else count + 1
-    note = Checkpoint(origin, count, digest, first).sign(signer.name, signer.key)
+    keyed = bool(chained) and chained[-1].get("alg") == KEYED
+    note = Checkpoint(origin, count, digest, first, keyed).sign(signer.name, signer.key)
     text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in chained) + json.dumps({"checkpoint": note}) + "\n"
     if output is None:
         out.file.write(text)
@@ -130,8 +131,9 @@ def audit_verify(
     out.print(f"intact: {verified.count} entries{span}, checkpoint signed by {show(verified.signer)}",
               highlight=False)
     if verified.unkeyed:
-        err.print(f"{verified.unkeyed} entries were written before audit.hmac_key_file was set: they are checked by "
-                  "SHA-256 only", highlight=False)
+        err.print(f"{verified.unkeyed} entries are not keyed (written before audit.hmac_key_file was set): they are "
+                  "checked by SHA-256 only, so only an earlier export whose head was keyed (--after) proves they were "
+                  "not rewritten", highlight=False)
 
 
 def _lines(path: Path) -> list[str]:
@@ -158,10 +160,17 @@ def _trust(given: list[str] | None, config: Path | None) -> tuple[dict[str, list
             if not sep or not name:
                 fail(f"--public-key {show(item)}: expected NAME=ed25519:KEY", 2)
         return trusted, None
+    from rotator.gate import key_path
+
     settings = settings_or_exit(config)
     for name, keys in settings.signing.trusted.items():
         trusted.setdefault(name, []).extend(parse_public(k) for k in keys)
-    me = need_signer(settings)
+    own = settings.signing.private_key_file
+    try:
+        exists = (own or key_path(settings)).exists()
+    except OSError:
+        exists = False
+    me = need_signer(settings) if exists else None  # never made here: a verifier signs nothing
     if me is not None:
         trusted.setdefault(me.name, []).append(me.key.public_key())
     key_file = settings.audit.hmac_key_file

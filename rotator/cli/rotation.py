@@ -22,7 +22,7 @@ from rotator.cli.base import (
     use_config,
 )
 from rotator.console import err, out, print_json, show, unreachable
-from rotator.errors import BudgetSpent
+from rotator.errors import BudgetSpent, RotatorError
 
 if TYPE_CHECKING:
     from rotator.engine import Engine
@@ -180,8 +180,11 @@ def _enqueue(engine: Engine, steps: Iterator[Any], force: bool, include_out_of_s
                     raise
                 failed = f"{show(step.ref)}: {lost}; {len(sent)} sent before it, the rest not sent"
                 break
-    engine.state.record({"kind": "manual", "time": now, "actor": actor, "action": "enqueue",
-                         "keys": [k for k, _ in sent], "reason": reason})
+    try:
+        engine.state.record({"kind": "manual", "time": now, "actor": actor, "action": "enqueue",
+                             "keys": [k for k, _ in sent], "reason": reason})
+    except RotatorError as exc:  # the messages are sent: say what was not written, and go on
+        err.print(f"[yellow]not in the audit history:[/yellow] {show(exc)}", highlight=False)
     if failed:
         err.print(f"[red]not sent[/red] {failed}", highlight=False)
     if as_json:

@@ -70,6 +70,14 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
     for section, config in (("state", s.state), ("celery", s.celery)):
         if config.password_env is not None or config.password_file is not None:
             need(f"{section}.password_env", config.password_env, config.password_file, "password")
+    outbox = s.celery.alert_outbox_dir
+    if outbox is not None and outbox.exists():
+        from rotator.safety import private_dir_problem
+
+        wrong = private_dir_problem(outbox) if outbox.is_dir() else "is not a directory"
+        if wrong is not None:
+            problems.append(ConfigProblem(source, "celery.alert_outbox_dir", (
+                f"{outbox} {wrong}; a worker would send its critical alerts through the broker instead")))
     if s.audit.hmac_key_file is not None:
         wrong = credential_file_problem(s.audit.hmac_key_file)
         if wrong is None and len(s.audit.hmac_key_file.read_bytes().strip()) < MIN_KEY_BYTES:

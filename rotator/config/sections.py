@@ -301,7 +301,8 @@ class CeleryConfig(Section):
     warn_every_s: int = Field(86_400, ge=60, description="Beat: seconds between due-soon sweeps.")
     alert_outbox_dir: Path | None = Field(
         None, description=("Worker: the directory of its outbox of critical alerts, which it delivers without the "
-                            "broker (made 0700; keep it across restarts); omitted: the private state directory "
+                            "broker (made 0700 when missing; an existing one must be private, which check-config "
+                            "checks; keep it across restarts); omitted: the private state directory "
                             "(`$XDG_STATE_HOME/rotator`)."))
     beat_lock_ttl_s: int = Field(
         30, ge=3, le=600, description=(

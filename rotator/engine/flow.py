@@ -49,7 +49,7 @@ def rotate(ctx: Context, ref: KeyRef, *, trigger: str, force: bool = False, gene
 
 def recover_all(ctx: Context) -> list[RotationResult]:
     """Settle every attempt a crash, an outage or a lost answer left behind."""
-    report.begin(ctx, "recovery", None)
+    report.begin(ctx, "recovery", None, sweep=True)
     # Each is tried, whatever the rate budget held back before: settling an attempt goes past the
     # share (a held one costs a state-store round trip, no call to the key service).
     return [leased(ctx, pending.ref, pending.trigger, partial(recover_locked, ctx, pending.ref))

@@ -67,8 +67,9 @@ def repair(ctx: Context, fresh: bool = True, recent_only: bool = False) -> tuple
     for ref in dict.fromkeys(d.key.ref for d in drifted):  # each tried: a replay goes past the share
         if ref in tried:
             continue
-        report.begin(ctx, "reconcile --repair" if fresh else "beat's automatic repair", None)
-        results.append(flow.leased(ctx, ref, trigger, partial(repair_locked, ctx, ref, fresh=fresh)))
+        report.begin(ctx, "reconcile --repair" if fresh else "beat's automatic repair", None, sweep=not fresh)
+        results.append(flow.leased(ctx, ref, trigger, partial(repair_locked, ctx, ref, fresh=fresh,
+                                                              quiet=recent_only)))
     if held:  # the rest of the fleet was repaired; these Client IDs wait for their budget
         raise Stopped(held[0], results, drifted)
     return drifted, results
@@ -134,11 +135,21 @@ def orphans(ctx: Context) -> tuple[list[Orphan], list[tuple[str, str]]]:
     return found, unchecked
 
 
-def repair_locked(ctx: Context, ref: KeyRef, lease: Any, fresh: bool = True) -> RotationResult:
+def repair_locked(ctx: Context, ref: KeyRef, lease: Any, fresh: bool = True, quiet: bool = False) -> RotationResult:
+    """`quiet` (the frequent sweep): a sink that merely cannot be read is left to the daily
+    reconcile to tell."""
     trigger = "reconcile" if fresh else "repair"
     if ctx.state.get_attempt(ref) is not None:
         return flow.recover_locked(ctx, ref, lease)
     key = report.get_key(ctx, ref, trigger)
+    seen = drift_of(ctx, key)
+    if seen and all(d.unreadable for d in seen):  # no sink says its secret is missing: nothing to replay
+        why = f"not repaired: {'; '.join(f'{d.sink}: {d.reason}' for d in seen)}"
+        if fresh:
+            return report.failed(ctx, key, None, why, trigger=trigger)
+        if not quiet:
+            told(ctx, seen)
+        return report.untouched(ctx, key, trigger, why)
     lookup = replay_lost(ctx, key)
     if lookup.found is not None:
         issued, derived = lookup.found
@@ -192,7 +203,7 @@ def drift_of(ctx: Context, key: ApiKey, reads: SinkReads | None = None) -> list[
         try:
             stored = reads.read(sink, key) if reads is not None else sink.read_state(key)
         except RotatorError as exc:
-            found.append(Drift(key, name, f"unreadable ({exc}); drift unknown", certain=False))
+            found.append(Drift(key, name, f"unreadable ({exc}); drift unknown", certain=False, unreadable=True))
             continue
         state = freshness(stored, key)
         if state == "empty":

@@ -70,8 +70,11 @@ def warn(ctx: Context, now: float) -> dict[str, int]:
     return counts
 
 
-def begin(ctx: Context, note: str, actor: str | None) -> None:
+def begin(ctx: Context, note: str, actor: str | None, sweep: bool = False) -> None:
+    """Who asked and why, for the rotation this thread runs; `sweep`: one of beat's sweeps, whose
+    unsettled attempts are told by events and logs, not written to the history on every run."""
     ctx.call.note, ctx.call.actor, ctx.call.entered = note, actor or ctx.actor, time.monotonic()
+    ctx.call.sweep = sweep
 
 
 def actor(ctx: Context) -> str:
@@ -148,7 +151,10 @@ def unsettled(ctx: Context, record: AttemptRecord, reason: str, key: ApiKey | No
             log.error("rotation.stuck", client_id=record.client_id, key_id=record.key_id, reason=reason)
     text = (f"attempt {record.attempt_id} ({record.phase}): {reason}; "
             "the record is kept and nothing is reset until it is settled")
-    outcome = result(ctx, record.ref, record, status, text)
+    if getattr(ctx.call, "sweep", False):  # every 5 or 15 minutes: the history would fill with the same line
+        outcome = RotationResult(record.client_id, record.key_id, status, text, record.attempt_id, record.trigger)
+    else:
+        outcome = result(ctx, record.ref, record, status, text)
     log.warning("rotation.unsettled", client_id=record.client_id, key_id=record.key_id, status=status,
                 reason=text)
     return outcome

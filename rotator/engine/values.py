@@ -74,6 +74,7 @@ class Drift:
     sink: str
     reason: str
     certain: bool = True  # False: it could not be told (an unreadable sink, a failed replay)
+    unreadable: bool = False  # the sink could not be read: nothing says its secret is missing
 
 
 def freshness(stored: StoredState | None, key: ApiKey) -> str:
