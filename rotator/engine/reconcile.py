@@ -19,6 +19,7 @@ from rotator.domain import (
 from rotator.engine import attempt, flow, report, store
 from rotator.engine.context import Context
 from rotator.engine.values import (
+    CLOCK_ROOM_S,
     REPLAY_LOOKBACK_S,
     Derived,
     Drift,
@@ -143,7 +144,7 @@ def repair_locked(ctx: Context, ref: KeyRef, lease: Any, fresh: bool = True, qui
         return flow.recover_locked(ctx, ref, lease)
     key = report.get_key(ctx, ref, trigger)
     seen = drift_of(ctx, key)
-    if seen and all(d.unreadable for d in seen):  # no sink says its secret is missing: nothing to replay
+    if seen and all(d.unreadable for d in seen) and stored_per_history(ctx, key):  # a read failed, nothing more
         why = f"not repaired: {'; '.join(f'{d.sink}: {d.reason}' for d in seen)}"
         if fresh:
             return report.failed(ctx, key, None, why, trigger=trigger)
@@ -185,6 +186,15 @@ def repair_locked(ctx: Context, ref: KeyRef, lease: Any, fresh: bool = True, qui
     report.emit(ctx, "rotation.secret_at_risk", key, None,
                 "no sink holds the key's current secret and its reset cannot be replayed; resetting afresh")
     return attempt.reset(ctx, key, lease, "reconcile", after_loss=True)
+
+
+def stored_per_history(ctx: Context, key: ApiKey) -> bool:
+    """Whether the history says a rotation stored the key's current secret in every sink: a sink
+    that cannot be read then is a read that failed, not a secret at risk. Without that word (a
+    wiped Redis, an outside reset) an unreadable sink may be missing it, and the repair goes on."""
+    last = ctx.state.last_rotation(key.ref)
+    return bool(last and last.get("status") in ("succeeded", "recovered")
+                and float(last.get("time") or 0) >= key.born_at - CLOCK_ROOM_S)
 
 
 def told(ctx: Context, drifted: list[Drift]) -> None:
