@@ -43,6 +43,7 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
         service = build_keyservice(settings.keyservice)
         next(iter(service.list_clients()), None)
         yield where, None
+        yield f"overlap strategy: {overlap_mode(service)}", None
     except RotatorError as exc:
         yield where, str(exc)
     try:
@@ -82,6 +83,15 @@ def _shared_places(settings: Settings, service: KeyService, sinks: list[SecretSi
         return None
     first = next(iter(places.conflicts.values()))
     return f"{len(places.conflicts)} keys share a place with another key; e.g. {first}"
+
+
+def overlap_mode(service: KeyService) -> str:
+    """Which mode of the overlap strategy applies with this key service (`check-config --ping`)."""
+    if getattr(service, "cannot_reset", None) is not None:
+        return "the key service's own new keys (it cannot reset)"
+    if getattr(service, "cannot_create_successor", None) is not None:
+        return "not available (keyservice.successors = false); keys are reset"
+    return "successors (Replaces)"
 
 
 def ping_redis(full_url: Callable[[], str]) -> str | None:

@@ -105,6 +105,9 @@ def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_o
                     "--force --include-out-of-scope rotates it anyway", generation, round(age, 2))
     cannot = getattr(engine.keyservice, "cannot_reset", None)
     how = strategy_for(key, engine.policy, strategy, can_reset=cannot is None)
+    no_successor = getattr(engine.keyservice, "cannot_create_successor", None)
+    if how == "overlap" and no_successor is not None:
+        return Step(key.ref, "refuse", f"overlap: {no_successor}", generation, round(age, 2))
     by = "" if how == "reset" else (f"; overlap: a successor with its alias and scopes, this key revoked "
                                     f"{engine.policy.overlap_grace_s / DAY:g} d after it is stored")
     if is_due(key, now, engine.policy):

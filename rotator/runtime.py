@@ -94,6 +94,11 @@ def _whoami() -> str:
         return str(os.getuid())
 
 
+#: Why the overlap strategy is refused against a key service without successors (keyservice.successors).
+NO_SUCCESSORS = ("the key service has no successors (keyservice.successors = false: aliases unique per Client ID, "
+                 "no Replaces), and the overlap strategy's alias-template mode is not built yet; rotate it by reset")
+
+
 def build_keyservice(config: KeyServiceConfig, grace_s: float = 7 * 86_400,
                      budget: RateBudget | None = None) -> KeyService:
     """The adapter a configuration names (`kind`, through `rotator.keyservice.registry`). `grace_s`
@@ -105,6 +110,8 @@ def build_keyservice(config: KeyServiceConfig, grace_s: float = 7 * 86_400,
         service = builder(config, grace_s)
         if budget is not None and hasattr(service, "budget"):
             service.budget = budget
+        if not config.successors and config.kind in ("http", "emulator"):
+            service.cannot_create_successor = NO_SUCCESSORS  # type: ignore[attr-defined]
         return service
     except KeyError as exc:
         if config.kind in keyservices.BUILTIN:

@@ -39,13 +39,17 @@ def emulator(
     rate_limits: Annotated[str, typer.Option(
         help="Calls per Client ID in the 15-minute, 30-minute, 1-hour and 1-day windows, or 'off'.")]
     = "2300,4500,8800,105600",
+    successors: Annotated[bool, Flag(
+        "--successors/--no-successors",
+        help="This project's successor extension (Replaces/ReplacedBy); --no-successors serves the contract as "
+             "the payment API publishes it (unique aliases, no links).")] = True,
 ) -> None:
     """Serve the key-service API (docs/keyservice-api.md) for development and tests."""
     from rotator.keyservice.emulator import Emulator
     from rotator.keyservice.emulator_http import EmulatorServer, parse_rate_limits
 
     try:
-        emu = Emulator(token=token, wire=wire, public_url=public_url)
+        emu = Emulator(token=token, wire=wire, public_url=public_url, successors=successors)
     except ValueError as exc:
         fail(f"--wire: {exc}", 2)
     try:

@@ -130,6 +130,11 @@ class KeyServiceConfig(Section):
                                  "bucket), for a key service that publishes no rate-limit headers (AWS IAM)."))
     burst: int = Field(10, ge=1, le=10_000, description="Calls that may go at once under `requests_per_second`.")
     seed: Path | None = Field(None, description="Seed file for the emulator kind.")
+    successors: bool = Field(
+        True, description=("The key service creates successors (`Replaces`/`ReplacedBy`, docs/keyservice-api.md), "
+                           "which the overlap strategy needs. false: the contract as the payment API publishes it "
+                           "(aliases unique per Client ID, no links): the overlap strategy is refused before "
+                           "anything is created, and keys are reset. http and emulator kinds."))
     clock_skew_s: float = Field(
         86_400, ge=0, description="A date from the key service may be this far ahead of this host's clock."
     )

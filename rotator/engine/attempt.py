@@ -62,6 +62,9 @@ def reset(ctx: Context, key: ApiKey, lease: Any, trigger: str, new_key: bool = F
         action = "reset"  # its predecessor still lives: a successor of a successor is refused
     if action == "reset" and cannot is not None:  # nothing is sent, nothing recorded
         return report.failed(ctx, key, None, f"{cannot}; nothing was sent", trigger=trigger)
+    no_successor = getattr(ctx.keyservice, "cannot_create_successor", None)
+    if action == "create" and no_successor is not None:  # nothing is sent, nothing recorded
+        return report.failed(ctx, key, None, f"overlap: {no_successor}; nothing was created", trigger=trigger)
     if action == "create":
         moving = lineage.places_moving_with_key_id(ctx, key)
         if moving:

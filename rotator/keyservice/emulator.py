@@ -57,8 +57,10 @@ class KeyRecord:
     replaces: str | None = None  # the live key this one succeeds (cleared when that key is revoked)
     replaced_by: str | None = None  # this key's live successor
 
-    def to_json(self, environment: str) -> dict[str, Any]:
-        return {
+    def to_json(self, environment: str, successors: bool = True) -> dict[str, Any]:
+        """The key as the API answers it; without the successor extension, as the published
+        contract writes it (no `Replaces`, no `ReplacedBy`)."""
+        answer = {
             "Id": self.id,
             "ClientId": self.client_id,
             "Alias": self.alias,
@@ -68,9 +70,8 @@ class KeyRecord:
             "CreationDate": self.created_at,
             "LastResetDate": self.last_reset_at,
             "Status": "ACTIVE",
-            "Replaces": self.replaces,
-            "ReplacedBy": self.replaced_by,
         }
+        return {**answer, "Replaces": self.replaces, "ReplacedBy": self.replaced_by} if successors else answer
 
 
 @dataclass
@@ -161,11 +162,15 @@ class Emulator:
     """The whole key service in memory. Thread-safe: one lock around every operation."""
 
     def __init__(self, token: str = "dev-token", clock: Callable[[], float] = time.time, *,
-                 wire: str = "published", public_url: str = PUBLIC_URL) -> None:
+                 wire: str = "published", public_url: str = PUBLIC_URL, successors: bool = True) -> None:
+        """`successors`: this project's successor extension (`Replaces`/`ReplacedBy`,
+        docs/keyservice-api.md); off, the contract as the payment API publishes it: aliases unique
+        within a Client ID, a create's `Replaces` ignored, no links in any answer."""
         if wire not in WIRE_FORMATS:
             raise ValueError(f"wire must be one of {', '.join(WIRE_FORMATS)}, not {wire!r}")
         self.token = token
         self.wire = wire
+        self.successors = successors
         self.public_url = public_url.rstrip("/")
         self._clock = clock
         self.clock_offset_s = 0.0
@@ -301,12 +306,12 @@ class Emulator:
             client = self._client(client_id)
             ordered = client.ordered()
             chunk = ordered[(page - 1) * per_page : page * per_page]
-            return [k.to_json(client.environment) for k in chunk], len(ordered)
+            return [k.to_json(client.environment, self.successors) for k in chunk], len(ordered)
 
     def get_key(self, client_id: str, key_id: str) -> dict[str, Any]:
         with self._lock:
             client = self._client(client_id)
-            return self._key(client, key_id).to_json(client.environment)
+            return self._key(client, key_id).to_json(client.environment, self.successors)
 
     def create_key(self, client_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
         alias = body.get("Alias")
@@ -318,10 +323,12 @@ class Emulator:
         replaces = body.get("Replaces")
         if replaces is not None and not isinstance(replaces, str):
             raise ApiError(400, "param_error", "Replaces must be a key id", {"Replaces": "must be a key id"})
+        if not self.successors:  # the contract as published: a field it does not know is ignored
+            replaces = None
         with self._lock:
             client = self._client(client_id)
             record = self.add_key(client_id, alias, _scopes(scopes), replaces=replaces)
-            return {**record.to_json(client.environment), "Secret": record.secret}
+            return {**record.to_json(client.environment, self.successors), "Secret": record.secret}
 
     def reset_key(self, client_id: str, key_id: str, idempotency_key: str | None) -> dict[str, Any]:
         with self._lock:
@@ -330,7 +337,7 @@ class Emulator:
             record.secret = _new_secret(client.environment)
             record.last_reset_at = self.now()
             self._ledger.append(LedgerEntry(client_id, key_id, idempotency_key, record.last_reset_at))
-            return {**record.to_json(client.environment), "Secret": record.secret}
+            return {**record.to_json(client.environment, self.successors), "Secret": record.secret}
 
     def revoke_key(self, client_id: str, key_id: str) -> None:
         with self._lock:

@@ -494,9 +494,9 @@ class EmulatorServer(ThreadingHTTPServer):
         self.stop()
 
 
-def start_in_process(seed: Path | None) -> EmulatorServer:
+def start_in_process(seed: Path | None, successors: bool = True) -> EmulatorServer:
     """An emulator for `kind = "emulator"`: seeded, on a free loopback port, in this process."""
-    emulator = Emulator(token=secrets.token_urlsafe(16))
+    emulator = Emulator(token=secrets.token_urlsafe(16), successors=successors)
     if seed is not None:
         emulator.load_seed_file(seed)
     return EmulatorServer(emulator).start()
@@ -506,7 +506,7 @@ def build(config: KeyServiceConfig, grace_s: float = 0.0) -> HttpKeyService:
     """`kind = "emulator"`: a seeded emulator served inside this process, spoken to over HTTP."""
     from rotator.keyservice.http import HttpKeyService
 
-    server = start_in_process(config.seed)
+    server = start_in_process(config.seed, config.successors)
     return HttpKeyService.from_config(config, url=server.url, token=server.emulator.token)
 
 
