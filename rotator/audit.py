@@ -182,6 +182,9 @@ def verify(lines: list[str], trusted: Mapping[str, Iterable[Ed25519PublicKey]], 
             raise AuditError(f"line {number}: not JSON") from None
     if checkpoint.first is None:
         raise AuditError("the checkpoint does not say where the export starts")
+    if after is not None and after.keyed and not checkpoint.keyed:
+        raise AuditError(f"the head is unkeyed (seq {checkpoint.count}) after the previous export's keyed head "
+                         f"(seq {after.count}): rewritten without the HMAC key")
     if not entries:
         if checkpoint.first <= checkpoint.count:
             raise AuditError(f"every entry deleted: the checkpoint says the export starts at seq {checkpoint.first}")

@@ -48,6 +48,7 @@ def ping_all(settings: Settings) -> Iterator[tuple[str, str | None]]:
         yield where, str(exc)
     try:
         yield "state redis", ping_redis(settings.state.url)
+        yield "audit history", audit_key_problem(settings)
         if settings.celery.broker_is_amqp() or settings.celery.broker_url.scheme in REDIS_SCHEMES:
             yield "celery broker", ping_broker(settings)
         try:
@@ -83,6 +84,23 @@ def _shared_places(settings: Settings, service: KeyService, sinks: list[SecretSi
         return None
     first = next(iter(places.conflicts.values()))
     return f"{len(places.conflicts)} keys share a place with another key; e.g. {first}"
+
+
+def audit_key_problem(settings: Settings) -> str | None:
+    """A configuration without `audit.hmac_key_file` next to a keyed audit history: every history
+    entry it would write is refused (rotator.state)."""
+    if settings.audit.hmac_key_file is not None:
+        return None
+    from rotator.runtime import build_state
+
+    try:
+        keyed = build_state(settings, timeout_s=5).audit_keyed()
+    except Exception:
+        return None  # the state redis line says why
+    if keyed:
+        return ("the history is keyed, and this configuration has no audit.hmac_key_file: the history entries it "
+                "writes would be refused")
+    return None
 
 
 def overlap_mode(service: KeyService) -> str:

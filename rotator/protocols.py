@@ -220,7 +220,8 @@ class StateStore(Protocol):
         """`get_attempt` and `stored_rotation` together (one round trip)."""
         ...
 
-    def delete_attempt(self, attempt: AttemptRecord, lease: Any, stored_at: float | None = None) -> None:
+    def delete_attempt(self, attempt: AttemptRecord, lease: Any, stored_at: float | None = None,
+                       held: tuple[str, list[str]] | None = None) -> None:
         """Fenced; with `stored_at`, `mark_stored_rotation` of the attempt's generation first (one round trip)."""
         ...
 

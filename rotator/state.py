@@ -253,12 +253,14 @@ class RedisState:
         return (AttemptRecord.from_dict(json.loads(record)) if record else None,
                 json.loads(slot) if slot else None)
 
-    def delete_attempt(self, attempt: AttemptRecord, lease: Lease, stored_at: float | None = None) -> None:
+    def delete_attempt(self, attempt: AttemptRecord, lease: Lease, stored_at: float | None = None,
+                       held: tuple[str, list[str]] | None = None) -> None:
         """Delete the record only if it still is this attempt's and the lease is still ours. With
         `stored_at`, the key's stored-rotation slot (`mark_stored_rotation` of the attempt's
-        generation) is written first, in the same round trip and one transaction: a Redis that
-        refuses the `SET` (full, say) runs neither, so the record stays for recovery, as when the
-        two were sent apart; a lost lease still leaves the slot written, as it did then."""
+        generation; `held`: the generation now in every sink, and those sinks) is written first, in
+        the same round trip and one transaction: a Redis that refuses the `SET` (full, say) runs
+        neither, so the record stays for recovery, as when the two were sent apart; a lost lease
+        still leaves the slot written, as it did then."""
         ref = str(attempt.ref)
         fenced = (_DELETE_FENCED, 3, lease.name, self._k("attempt", ref), self._k("attempts"), lease.token, ref,
                   attempt.attempt_id)
@@ -266,7 +268,7 @@ class RedisState:
             done = self.client.eval(*fenced)
         else:
             pipe = self.client.pipeline(transaction=True)
-            pipe.set(self._k("stored", ref), _stored_slot(attempt.generation, stored_at))
+            pipe.set(self._k("stored", ref), _stored_slot(attempt.generation, stored_at, held))
             pipe.eval(*fenced)
             done = pipe.execute()[1]
         if done == 0:
@@ -419,16 +421,20 @@ class RedisState:
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.client.lrange(self._k("history"), 0, limit - 1)]
 
-    def audit_snapshot(self) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
-        """The whole history Redis keeps (newest first) and the audit chain's head (`seq`, hash;
-        None before its first entry). The head is read first and entries appended after it are
-        left out, so the two agree without a transaction (which a read-only user may not open)."""
+    def audit_keyed(self) -> bool:
+        """Whether the audit chain's head entry is keyed with the HMAC key."""
+        return str(self.client.get(self._k("history", "head")) or "").endswith(":hmac-sha256")
+
+    def audit_snapshot(self) -> tuple[list[dict[str, Any]], tuple[int, str, str] | None]:
+        """The whole history Redis keeps (newest first) and the audit chain's head (`seq`, hash,
+        `alg`; None before its first entry). The head is read first and entries appended after it
+        are left out, so the two agree without a transaction (which a read-only user may not open)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self._k("history", "head"))
         pipe.lrange(self._k("history"), 0, -1)
         raw_head, raw_entries = pipe.execute()
-        seq, digest, *_ = [*str(raw_head or "").split(":"), ""]
-        head = (int(seq), digest) if seq.isdigit() and digest else None
+        seq, digest, alg, *_ = [*str(raw_head or "").split(":"), "", ""]
+        head = (int(seq), digest, alg) if seq.isdigit() and digest else None
         entries = [json.loads(x) for x in raw_entries]
         last = head[0] if head is not None else 0
         return [e for e in entries if not isinstance(e.get("seq"), int) or e["seq"] <= last], head
@@ -438,6 +444,9 @@ class RedisState:
         return json.loads(raw) if raw else None
 
 
-def _stored_slot(replaced: str, when: float) -> str:
-    """The stored-rotation slot: the generation rotator's stored rotation replaced, and when."""
-    return json.dumps({"replaced": replaced, "time": when})
+def _stored_slot(replaced: str, when: float, held: tuple[str, list[str]] | None = None) -> str:
+    """The stored-rotation slot: the generation rotator's stored rotation replaced, and when; with
+    `held`, the generation it stored and the sinks that hold it (a reader of an older slot finds
+    neither, and takes nothing for stored)."""
+    extra = {"generation": held[0], "sinks": held[1]} if held is not None else {}
+    return json.dumps({"replaced": replaced, "time": when, **extra})

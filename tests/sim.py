@@ -717,9 +717,12 @@ class FakeState:
         self.sim.point(f"redis get {ref.key_id}")
         return self.records.get(ref), self.stored_slots.get(ref)
 
-    def delete_attempt(self, attempt: AttemptRecord, lease: FakeLease, stored_at: float | None = None) -> None:
+    def delete_attempt(self, attempt: AttemptRecord, lease: FakeLease, stored_at: float | None = None,
+                       held: tuple[str, list[str]] | None = None) -> None:
         if stored_at is not None:  # sent before the fenced delete, and written whatever the fence says
             self.mark_stored_rotation(attempt.ref, attempt.generation, stored_at)
+            if held is not None:
+                self.stored_slots[attempt.ref] |= {"generation": held[0], "sinks": held[1]}
         self._fenced(lease, f"delete {attempt.key_id}")
         current = self.records.get(attempt.ref)
         if current is not None and current.attempt_id != attempt.attempt_id:

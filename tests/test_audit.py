@@ -326,3 +326,42 @@ def test_a_writer_without_the_key_never_appends_to_a_keyed_trail(tmp_path: Path,
         keyless.record(entry(2))
     trail.state.record(entry(3))
     assert trail.verify(trail.export("still.jsonl")).returncode == 0
+
+
+def test_an_export_with_no_entries_still_says_the_head_is_keyed(tmp_path: Path, redis_server: str) -> None:
+    """A routine `--since` export that holds nothing carries the head's keyed flag, so a rewrite
+    without the key after it is still caught against it."""
+    key = b"audit-hmac-key-" + os.urandom(24).hex().encode()
+    trail = Trail(tmp_path, redis_server, hmac_key=key)
+    for i in range(5):
+        trail.state.record(entry(i))
+    first = trail.export("first.jsonl")
+    empty = trail.export("empty.jsonl", "--since", "4000000000")
+    assert lines(empty)[:-1] == [] and "export first 6 hmac" in json.loads(lines(empty)[-1])["checkpoint"]
+    assert trail.verify(empty, "--after", str(first)).returncode == 0
+    prev, forged = json.loads(lines(first)[-2])["hash"], []
+    for i in range(5, 9):
+        forged.append(chained(entry(i), i + 1, prev))  # without the key
+        prev = forged[-1]["hash"]
+    trail.state.client.lpush(f"{trail.ns}:history", *[json.dumps(e) for e in forged])
+    trail.state.client.set(f"{trail.ns}:history:head", f"9:{prev}:sha256")
+    rewritten = trail.export("rewritten.jsonl")
+    done = trail.verify(rewritten, "--after", str(empty))
+    assert done.returncode == 1 and "rewritten without the HMAC key" in " ".join(done.stderr.split()), done.stderr
+
+
+def test_check_config_ping_names_a_configuration_without_the_key_of_a_keyed_history(
+    tmp_path: Path, redis_server: str
+) -> None:
+    key = b"audit-hmac-key-" + os.urandom(24).hex().encode()
+    trail = Trail(tmp_path, redis_server, hmac_key=key)
+    trail.state.record(entry(1))
+    keyless = tmp_path / "keyless.toml"
+    keyless.write_text(trail.config.read_text().split("[audit]")[0])
+    env = {**os.environ, "ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": FP_KEY}
+    done = subprocess.run([sys.executable, "-m", "rotator.cli", "check-config", "--ping", "--config", str(keyless)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert "fail audit history: the history is keyed" in " ".join(done.stderr.split()), done.stderr
+    with_key = subprocess.run([sys.executable, "-m", "rotator.cli", "check-config", "--ping", "--config",
+                               str(trail.config)], env=env, capture_output=True, text=True, timeout=60)
+    assert "ok   audit history" in with_key.stderr, with_key.stderr

@@ -239,8 +239,8 @@ def test_a_sink_that_is_briefly_unreadable_is_no_secret_at_risk(
 def test_the_sweeps_do_not_fill_the_audit_history(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState
 ) -> None:
-    """An attempt that stays unsettled sweep after sweep is told by its events, not by a history
-    entry per sweep (the history keeps the last 1,000 entries)."""
+    """An attempt that stays unsettled sweep after sweep is told by its events every time, and
+    written to the history once a day, not once a sweep (the history keeps the last 1,000)."""
     from rotator.keyservice.emulator import Fault
     from tests.test_engine import plant
 
@@ -256,5 +256,66 @@ def test_the_sweeps_do_not_fill_the_audit_history(
             engine.repair(fresh=False, recent_only=True)
     finally:
         emulator.clear_faults()
-    assert len(state.history(limit=1000)) == before
+    assert len(state.history(limit=1000)) == before + 1  # once a day, not once a sweep
     assert events.names().count("rotation.secret_at_risk") == 8
+
+
+def unreadable(key: ApiKey) -> StoredState | None:
+    raise TransientError("sink: 503")
+
+
+def test_a_later_reset_whose_record_was_lost_is_told_at_risk_though_its_sink_cannot_be_read(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState
+) -> None:
+    """Stored everywhere at one generation; ten minutes later rotator's next reset runs and its
+    record is lost (a failover), and the sink cannot be read: the slot names the earlier
+    generation, so the sweep replays the new one and says it is at risk."""
+    from tests.test_engine import plant
+
+    key_id = next(iter(emulator.add_client("acme", created_at=emulator.now() - 400 * DAY).keys))
+    ref = KeyRef("acme", key_id)
+    sink = CountingSink()
+    engine, events = engine_at(keyservice, state, [sink])
+    assert engine.rotate(ref, trigger="test").status == "succeeded"
+    emulator.clock_offset_s = 600
+    record = plant(engine, state, ref, keyservice)
+    keyservice.reset_key("acme", key_id, engine._key_of(record))
+    state.client.delete(f"{state.ns}:attempt:{ref}")
+    state.client.srem(f"{state.ns}:attempts", str(ref))
+    sink.read_state = unreadable  # type: ignore[method-assign]
+    events.events.clear()
+    engine.repair(fresh=False, recent_only=True)
+    [told] = [e for e in events.events if e.name == "rotation.secret_at_risk"]
+    assert told.key_id == key_id and 0 < (told.details or {})["time_left_s"] <= DAY + 700  # its clock is 600 s ahead
+    assert sink.writes == 2 and len(emulator.ledger) == 2  # replayed from the slot's generation, and written
+
+
+def test_a_persons_repair_during_an_outage_does_not_turn_the_sweeps_false_alarms_on(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState
+) -> None:
+    key_id = next(iter(emulator.add_client("acme", created_at=emulator.now() - 400 * DAY).keys))
+    sink = CountingSink()
+    engine, events = engine_at(keyservice, state, [sink])
+    assert engine.rotate(KeyRef("acme", key_id), trigger="test").status == "succeeded"
+    sink.read_state = unreadable  # type: ignore[method-assign]
+    assert [r.status for r in engine.repair()[1]] == ["failed"]  # `reconcile --repair`: a failed line
+    events.events.clear()
+    engine.repair(fresh=False, recent_only=True)
+    assert events.names() == [] and state.attempts() == [] and sink.writes == 1
+
+
+def test_a_sink_added_since_the_last_rotation_gets_the_secret(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState
+) -> None:
+    """What Redis says was stored everywhere names the sinks of that day: a sink added since (its
+    role may write but not read) is written by the sweep, not taken for one that holds it."""
+    key_id = next(iter(emulator.add_client("acme", created_at=emulator.now() - 400 * DAY).keys))
+    first = registry.build("memory", {}, FP)
+    engine, _ = engine_at(keyservice, state, [first])
+    assert engine.rotate(KeyRef("acme", key_id), trigger="test").status == "succeeded"
+    added = CountingSink()
+    added.inner = registry.build("memory", {"name": "added"}, FP)
+    added.read_state = unreadable  # type: ignore[method-assign]
+    later, _ = engine_at(keyservice, state, [first, added])
+    later.repair(fresh=False, recent_only=True)
+    assert added.writes == 1 and len(emulator.ledger) == 1

@@ -68,10 +68,10 @@ def audit_export(
     if from_time is not None:  # from the first entry at or after it, every later one (writers' clocks differ)
         start = next((n for n, e in enumerate(chained) if float(e.get("time") or 0) >= from_time), len(chained))
         chained = chained[start:]
-    count, digest = head if head is not None else (0, "0" * 64)
+    count, digest, alg = head if head is not None else (0, "0" * 64, "")
     origin = settings.audit.origin or f"rotator/{settings.state.namespace}"
     first = int(chained[0]["seq"]) if chained else count + 1
-    keyed = bool(chained) and chained[-1].get("alg") == KEYED
+    keyed = alg == KEYED  # the head's, whatever this export holds (none, with --since)
     note = Checkpoint(origin, count, digest, first, keyed).sign(signer.name, signer.key)
     text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in chained) + json.dumps({"checkpoint": note}) + "\n"
     if output is None:

@@ -16,10 +16,9 @@ from rotator.domain import (
     Replay,
     utc_iso,
 )
-from rotator.engine import attempt, flow, report, store
+from rotator.engine import attempt, flow, report, sinkio, store
 from rotator.engine.context import Context
 from rotator.engine.values import (
-    CLOCK_ROOM_S,
     REPLAY_LOOKBACK_S,
     Derived,
     Drift,
@@ -189,12 +188,13 @@ def repair_locked(ctx: Context, ref: KeyRef, lease: Any, fresh: bool = True, qui
 
 
 def stored_per_history(ctx: Context, key: ApiKey) -> bool:
-    """Whether the history says a rotation stored the key's current secret in every sink: a sink
-    that cannot be read then is a read that failed, not a secret at risk. Without that word (a
-    wiped Redis, an outside reset) an unreadable sink may be missing it, and the repair goes on."""
-    last = ctx.state.last_rotation(key.ref)
-    return bool(last and last.get("status") in ("succeeded", "recovered")
-                and float(last.get("time") or 0) >= key.born_at - CLOCK_ROOM_S)
+    """Whether Redis says a rotation stored the key's current secret (this very generation) in
+    every one of today's sinks: a sink that cannot be read then is a read that failed, not a secret
+    at risk. Without that word (a wiped Redis, an outside reset, a sink added since, a slot an
+    older release wrote) an unreadable sink may be missing it, and the repair goes on."""
+    slot = ctx.state.stored_rotation(key.ref)
+    return bool(slot and slot.get("generation") == str(key.generation)
+                and sorted(slot.get("sinks") or []) == sinkio.names(ctx))
 
 
 def told(ctx: Context, drifted: list[Drift]) -> None:
@@ -248,6 +248,14 @@ def replay_lost(ctx: Context, key: ApiKey) -> Lookup:
     what the sinks say the previous generation was (or the key's creation); `unknown` says why
     it could not be told (a replay failed), which is never read as "not there"."""
     candidates = {Generation(key.created_at, key.created_at)}
+    slot = ctx.state.stored_rotation(key.ref)  # the generation rotator last stored, while Redis has it
+    if slot and isinstance(slot.get("generation"), str):
+        try:
+            stored_last = Generation.parse(slot["generation"])
+        except ValueError:
+            stored_last = None
+        if stored_last is not None and stored_last.born_at < key.born_at:
+            candidates.add(stored_last)
     for sink in ctx.sinks:
         try:
             stored = sink.read_state(key)

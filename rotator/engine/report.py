@@ -151,13 +151,23 @@ def unsettled(ctx: Context, record: AttemptRecord, reason: str, key: ApiKey | No
             log.error("rotation.stuck", client_id=record.client_id, key_id=record.key_id, reason=reason)
     text = (f"attempt {record.attempt_id} ({record.phase}): {reason}; "
             "the record is kept and nothing is reset until it is settled")
-    if getattr(ctx.call, "sweep", False):  # every 5 or 15 minutes: the history would fill with the same line
+    if getattr(ctx.call, "sweep", False) and not _first_sweep_today(ctx, record):
+        # A sweep runs every 5 or 15 minutes: the history gets this attempt once a day, not every run.
         outcome = RotationResult(record.client_id, record.key_id, status, text, record.attempt_id, record.trigger)
     else:
         outcome = result(ctx, record.ref, record, status, text)
     log.warning("rotation.unsettled", client_id=record.client_id, key_id=record.key_id, status=status,
                 reason=text)
     return outcome
+
+
+def _first_sweep_today(ctx: Context, record: AttemptRecord) -> bool:
+    """Whether this sweep is the first in a day to find this attempt unsettled (a claim in the
+    state store); a state store that cannot say: yes (a line twice beats none)."""
+    try:
+        return bool(ctx.state.once(f"unsettled:{record.attempt_id}", STUCK_S))
+    except Exception:
+        return True
 
 
 def secret_issued(record: AttemptRecord, key: ApiKey) -> bool:

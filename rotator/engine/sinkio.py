@@ -25,6 +25,11 @@ from rotator.protocols import (
 log = logs.get("rotator.engine")
 
 
+def names(ctx: Context) -> list[str]:
+    """Every sink by its name, sorted: what the stored-rotation slot records as holding a secret."""
+    return sorted(sink.describe() for sink in ctx.sinks)
+
+
 def prepare(ctx: Context, key: ApiKey) -> dict[int, object] | str:
     """Every sink must be able to take the write before the key is reset: what each prepared,
     or why one is not ready."""

@@ -107,7 +107,8 @@ def stored(ctx: Context, issued: IssuedKey, record: AttemptRecord, lease: Any, s
     counts = bool(record.generation) and not problems and record.action != "create"
     if record.action == "create":  # the grace counts from here: every sink holds the successor
         lineage.mark_successor_stored(ctx, record, issued.key)
-    ctx.state.delete_attempt(record, lease, stored_at=ctx.clock() if counts else None)
+    ctx.state.delete_attempt(record, lease, stored_at=ctx.clock() if counts else None,
+                             held=(str(issued.key.generation), sinkio.names(ctx)) if counts else None)
     status = "failed" if problems else "recovered" if success_event == "rotation.recovered" else "succeeded"
     if problems:
         report.emit(ctx, "rotation.failed", issued.key, record, "; ".join(problems))
