@@ -182,10 +182,8 @@ def verify(lines: list[str], trusted: Mapping[str, Iterable[Ed25519PublicKey]], 
             raise AuditError(f"line {number}: not JSON") from None
     if checkpoint.first is None:
         raise AuditError("the checkpoint does not say where the export starts")
-    if after is not None and after.keyed and not checkpoint.keyed:
-        raise AuditError(f"the head is unkeyed (seq {checkpoint.count}) after the previous export's keyed head "
-                         f"(seq {after.count}): rewritten without the HMAC key")
     if not entries:
+        downgraded(checkpoint, after)
         if checkpoint.first <= checkpoint.count:
             raise AuditError(f"every entry deleted: the checkpoint says the export starts at seq {checkpoint.first}")
         if after is not None and (checkpoint.count, checkpoint.head) != (after.count, after.head):
@@ -223,6 +221,7 @@ def verify(lines: list[str], trusted: Mapping[str, Iterable[Ed25519PublicKey]], 
             raise AuditError(f"{where}: edited (its hash does not match its content){hint}")
         previous = entry
     assert previous is not None
+    downgraded(checkpoint, after)
     if previous["seq"] != checkpoint.count:
         raise AuditError(f"deleted entries at the end: the file ends at seq {previous['seq']}, the checkpoint "
                          f"counts {checkpoint.count}")
@@ -232,6 +231,13 @@ def verify(lines: list[str], trusted: Mapping[str, Iterable[Ed25519PublicKey]], 
     if key is not None and keyed_from is None:
         unkeyed = len(entries)
     return Verified(len(entries), entries[0]["seq"], previous["seq"], previous["hash"], signer, unkeyed)
+
+
+def downgraded(checkpoint: Checkpoint, after: Checkpoint | None) -> None:
+    """A head keyed at the previous export is keyed for good: an unkeyed one now was rewritten."""
+    if after is not None and after.keyed and not checkpoint.keyed:
+        raise AuditError(f"the head is unkeyed (seq {checkpoint.count}) after the previous export's keyed head "
+                         f"(seq {after.count}): rewritten without the HMAC key")
 
 
 def follows(where: str, number: int, entry: dict[str, Any], previous: dict[str, Any],
