@@ -96,7 +96,9 @@ class CeleryPublisher:
                     raise
                 # No broker and no outbox here (a CLI run): this process delivers it itself, once.
                 log.error("alert.broker_unreachable", event_name=event.name, error_type=type(exc).__name__)
-                DirectPublisher(settings(), engine().state, [route]).publish(event)
+                from rotator.runtime import build_state
+
+                DirectPublisher(settings(), build_state(settings(), timeout_s=2.0), [route]).publish(event)
 
 
 _in_worker = False  # a worker's process (its children included); a CLI process sends through the broker

@@ -92,20 +92,8 @@ class Outbox:
         mid-write) is skipped; it was never acknowledged to anyone."""
         if not self.path.exists():
             return []
-        added: dict[str, Pending] = {}
-        finished: set[str] = set()
         with self._locked() as handle:
-            handle.seek(0)
-            for line in handle:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if "done" in entry:
-                    finished.add(str(entry["done"]))
-                elif "id" in entry:
-                    added.setdefault(str(entry["id"]), Pending(str(entry["id"]), int(entry["route"]), entry["event"]))
-        return [p for ident, p in added.items() if ident not in finished]
+            return [Pending(str(e["id"]), int(e["route"]), e["event"]) for e, _ in _unfinished(handle)]
 
     def compact(self, rewrite_at_bytes: int = 256 * 1024) -> None:
         """Empty the file once nothing in it is pending; past `rewrite_at_bytes`, rewrite it in place
@@ -113,25 +101,30 @@ class Outbox:
         if not self.path.exists():
             return
         with self._locked() as handle:
-            handle.seek(0)
-            kept: dict[str, str] = {}
-            finished: set[str] = set()
-            for line in handle:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if "done" in entry:
-                    finished.add(str(entry["done"]))
-                elif "id" in entry:
-                    kept.setdefault(str(entry["id"]), line if line.endswith("\n") else line + "\n")
-            pending = [line for ident, line in kept.items() if ident not in finished]
+            pending = [line if line.endswith("\n") else line + "\n" for _, line in _unfinished(handle)]
             if pending and os.fstat(handle.fileno()).st_size < rewrite_at_bytes:
                 return
             handle.truncate(0)  # appenders write at the end (O_APPEND) and wait for this lock
             handle.write("".join(pending))
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _unfinished(handle: IO[str]) -> list[tuple[dict[str, Any], str]]:
+    """The entries of the file without a `done` line (each once, as first added), with their line."""
+    handle.seek(0)
+    added: dict[str, tuple[dict[str, Any], str]] = {}
+    finished: set[str] = set()
+    for line in handle:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if "done" in entry:
+            finished.add(str(entry["done"]))
+        elif "id" in entry:
+            added.setdefault(str(entry["id"]), (entry, line))
+    return [found for ident, found in added.items() if ident not in finished]
 
 
 class Deliverer:
