@@ -186,7 +186,7 @@ class RedisState:
         self.ns = namespace
         self.history_max = history_max
         self.audit_key = audit_key
-        self._head = ""  # the audit chain's head as this process last saw it ("seq:hash")
+        self._head = ""  # the audit chain's head as this process last saw it ("seq:hash:alg")
         self._head_lock = threading.Lock()
 
     @classmethod
@@ -314,7 +314,6 @@ class RedisState:
         from rotator.audit import GENESIS, KEYED, chained
 
         keys = [self._k("history", "head"), self._k("history")]
-        args: list[Any] = []
         increments: list[Any] = []
         if entry.get("client_id") and entry.get("key_id") and entry.get("kind") == "rotation":
             keys.append(self._k("last", f"{entry['client_id']}/{entry['key_id']}"))
@@ -330,12 +329,12 @@ class RedisState:
             for tries in range(200):
                 if tries >= 3:  # writers racing: let the others through
                     time.sleep(random.uniform(0, 0.001 * min(tries, 20)))
-                seq_text, prev, alg = ([*self._head.split(":"), "", "", ""])[:3]
+                seen, prev, alg = parse_head(self._head) or (0, GENESIS, "")
                 if alg == KEYED and self.audit_key is None:  # an unkeyed entry here would read as forged
-                    log.error("audit.key_missing", head_seq=seq_text)
+                    log.error("audit.key_missing", head_seq=seen)
                     raise RotatorError("the audit history is keyed (audit.hmac_key_file) and this process has no "
                                        "key: the entry was not written; give it the same audit.hmac_key_file")
-                stored = chained(entry, int(seq_text or 0) + 1, prev or GENESIS, self.audit_key)
+                stored = chained(entry, seen + 1, prev, self.audit_key)
                 head = f"{stored['seq']}:{stored['hash']}:{stored['alg']}"
                 args = [self._head, json.dumps(stored, sort_keys=True), head, self.history_max, last, *increments]
                 done, current = self.client.eval(_APPEND_CHAINED, len(keys), *keys, *args)
@@ -423,7 +422,10 @@ class RedisState:
 
     def audit_keyed(self) -> bool:
         """Whether the audit chain's head entry is keyed with the HMAC key."""
-        return str(self.client.get(self._k("history", "head")) or "").endswith(":hmac-sha256")
+        from rotator.audit import KEYED
+
+        head = parse_head(self.client.get(self._k("history", "head")))
+        return head is not None and head[2] == KEYED
 
     def audit_snapshot(self) -> tuple[list[dict[str, Any]], tuple[int, str, str] | None]:
         """The whole history Redis keeps (newest first) and the audit chain's head (`seq`, hash,
@@ -433,8 +435,7 @@ class RedisState:
         pipe.get(self._k("history", "head"))
         pipe.lrange(self._k("history"), 0, -1)
         raw_head, raw_entries = pipe.execute()
-        seq, digest, alg, *_ = [*str(raw_head or "").split(":"), "", ""]
-        head = (int(seq), digest, alg) if seq.isdigit() and digest else None
+        head = parse_head(raw_head)
         entries = [json.loads(x) for x in raw_entries]
         last = head[0] if head is not None else 0
         return [e for e in entries if not isinstance(e.get("seq"), int) or e["seq"] <= last], head
@@ -442,6 +443,12 @@ class RedisState:
     def last_rotation(self, ref: KeyRef) -> dict[str, Any] | None:
         raw = self.client.get(self._k("last", str(ref)))
         return json.loads(raw) if raw else None
+
+
+def parse_head(raw: object) -> tuple[int, str, str] | None:
+    """The audit chain's head as stored (`seq:hash:alg`): `seq`, hash, `alg`; None when there is none."""
+    seq, digest, alg, *_ = [*str(raw or "").split(":"), "", ""]
+    return (int(seq), digest, alg) if seq.isdigit() and digest else None
 
 
 def _stored_slot(replaced: str, when: float, held: tuple[str, list[str]] | None = None) -> str:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,21 @@ class Trail:
 
     def verify(self, path: Path, *more: str) -> subprocess.CompletedProcess[str]:
         return self.cli("verify", str(path), *more)
+
+    def rewrite(self, stored: list[dict[str, Any]], prev: str,
+                edit: Callable[[int, dict[str, Any]], dict[str, Any]]) -> None:
+        """What whoever can write Redis but lacks the HMAC key can do: edit `stored` (oldest first),
+        recompute the chain without a key from `prev`, and put it in place of the history and its head."""
+        forged = []
+        for i, old in enumerate(stored):
+            body = edit(i, {k: v for k, v in old.items() if k not in ("seq", "prev", "alg", "hash")})
+            forged.append(chained(body, old["seq"], prev))
+            prev = forged[-1]["hash"]
+        pipe = self.state.client.pipeline()
+        pipe.delete(f"{self.ns}:history")
+        pipe.lpush(f"{self.ns}:history", *[json.dumps(e) for e in forged])
+        pipe.set(f"{self.ns}:history:head", f"{forged[-1]['seq']}:{prev}:sha256")
+        pipe.execute()
 
 
 def entry(i: int) -> dict[str, Any]:
@@ -157,17 +173,7 @@ def test_a_trimmed_history_is_proven_against_the_previous_export(tmp_path: Path,
     # Whoever writes Redis rewrites entry 11 and recomputes the chain after it (no HMAC key here).
     stored = trail.state.history(limit=10)[::-1]
     prev = stored[0]["prev"]
-    rewritten = []
-    for i, old in enumerate(stored):
-        body = {k: v for k, v in old.items() if k not in ("seq", "prev", "hash")}
-        body = body | ({"status": "failed"} if i == 0 else {})
-        rewritten.append(chained(body, old["seq"], prev))
-        prev = rewritten[-1]["hash"]
-    pipe = trail.state.client.pipeline()
-    pipe.delete(f"{trail.ns}:history")
-    pipe.lpush(f"{trail.ns}:history", *[json.dumps(e) for e in rewritten])
-    pipe.set(f"{trail.ns}:history:head", f"20:{prev}")
-    pipe.execute()
+    trail.rewrite(stored, prev, lambda i, body: body | ({"status": "failed"} if i == 0 else {}))
     third = trail.export("third.jsonl")
     assert trail.verify(third).returncode == 0  # on its own it looks intact ...
     caught = trail.verify(third, "--after", str(second))
@@ -297,16 +303,8 @@ def test_a_keyed_trail_rewritten_without_the_key_after_an_export_is_caught(tmp_p
     for i in range(5, 9):
         trail.state.record(entry(i) | {"actor": "mallory"})
     stored = [e for e in trail.state.history(limit=100)[::-1] if e["seq"] > 5]
-    prev, forged = json.loads(lines(first)[-2])["hash"], []
-    for old in stored:
-        body = {k: v for k, v in old.items() if k not in ("seq", "prev", "alg", "hash") and k != "actor"}
-        forged.append(chained(body, old["seq"], prev))  # no key: plain SHA-256
-        prev = forged[-1]["hash"]
-    pipe = trail.state.client.pipeline()
-    pipe.delete(f"{trail.ns}:history")
-    pipe.lpush(f"{trail.ns}:history", *[json.dumps(e) for e in forged])
-    pipe.set(f"{trail.ns}:history:head", f"9:{prev}:sha256")
-    pipe.execute()
+    trail.rewrite(stored, json.loads(lines(first)[-2])["hash"],
+                  lambda _, body: {k: v for k, v in body.items() if k != "actor"})
     second = trail.export("second.jsonl")
     done = trail.verify(second, "--after", str(first))
     assert done.returncode == 1, done.stdout

@@ -51,7 +51,7 @@ def audit_export(
     the chain (`seq`, `prev`, `hash`), and a last line with a checkpoint signed by this process's
     signing key (the count of entries chained so far and the head hash). Keep each export: the next
     one is verified against it (`audit verify --after`), so entries Redis trimmed since stay proven."""
-    from rotator.audit import KEYED, Checkpoint
+    from rotator.audit import GENESIS, KEYED, Checkpoint
     from rotator.runtime import build_state
 
     settings = use_config(config)
@@ -68,7 +68,7 @@ def audit_export(
     if from_time is not None:  # from the first entry at or after it, every later one (writers' clocks differ)
         start = next((n for n, e in enumerate(chained) if float(e.get("time") or 0) >= from_time), len(chained))
         chained = chained[start:]
-    count, digest, alg = head if head is not None else (0, "0" * 64, "")
+    count, digest, alg = head if head is not None else (0, GENESIS, "")
     origin = settings.audit.origin or f"rotator/{settings.state.namespace}"
     first = int(chained[0]["seq"]) if chained else count + 1
     keyed = alg == KEYED  # the head's, whatever this export holds (none, with --since)

@@ -217,8 +217,9 @@ def settle(ctx: Context, record: AttemptRecord, lease: Any, why: str = "", succe
     try:
         advance(judged.phase, step)
     except ProtocolViolation as exc:
-        report.emit(ctx, "rotation.secret_at_risk", key, record, f"the key service contradicts itself: {exc}")
-        return report.unsettled(ctx, record, f"protocol violation ({exc}); a person must look", key)
+        report.emit(ctx, "rotation.secret_at_risk", key, record, f"the key service contradicts itself: {exc}",
+                    report.replay_left(ctx, key))
+        return report.unsettled(ctx, record, f"protocol violation ({exc}); a person must look", key, told=True)
     if step is Step.ANSWERED and replay.issued is not None:
         return store.store(ctx, replay.issued, record, lease, success_event, prepared=None)
     if step is Step.NO_ANSWER:

@@ -163,9 +163,9 @@ def settle_orphaned_create(ctx: Context, record: AttemptRecord, lease: Any, succ
     if finished is not None:
         return finished
     report.emit(ctx, "rotation.secret_at_risk", successor, record,
-                "its replaced key was revoked and its secret is not in every sink")
+                "its replaced key was revoked and its secret is not in every sink", report.replay_left(ctx, successor))
     return report.unsettled(ctx, record, f"the replaced key is gone and successor {named} is not in every sink",
-                            successor)
+                            successor, told=True)
 
 
 def finish_from_sinks(ctx: Context, successor: ApiKey, record: AttemptRecord, lease: Any, holding: list[str],

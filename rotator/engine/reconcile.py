@@ -161,7 +161,7 @@ def repair_locked(ctx: Context, ref: KeyRef, lease: Any, fresh: bool = True, qui
                                derived_generation=str(derived.generation))
         ctx.state.save_attempt(record, lease)
         return store.store(ctx, issued, record, lease, "rotation.recovered", prepared=None)
-    drifted = drift_of(ctx, key)
+    drifted = seen  # read under this lease a moment ago: not read again
     if not drifted:
         return report.skipped(ctx, key, trigger, "no drift any more")
     doubts = [f"{d.sink}: {d.reason}" for d in drifted if not d.certain]

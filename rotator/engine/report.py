@@ -139,12 +139,14 @@ def out_of_scope(ctx: Context, key: ApiKey, trigger: str, scope: str) -> Rotatio
     return result
 
 
-def unsettled(ctx: Context, record: AttemptRecord, reason: str, key: ApiKey | None = None) -> RotationResult:
+def unsettled(ctx: Context, record: AttemptRecord, reason: str, key: ApiKey | None = None,
+              told: bool = False) -> RotationResult:
+    """`told`: the caller raised the critical event itself, in its own words (not twice)."""
     status = "at_risk" if record.phase == Phase.STORING.value else "in_doubt"
     began = record.doubt_since or record.since  # sending it again keeps the first doubt
-    if key is not None and secret_issued(record, key):  # told on every sweep, with the time left to replay it
+    if not told and key is not None and secret_issued(record, key):  # on every sweep, with the time left
         emit(ctx, "rotation.secret_at_risk", key, record, f"not settled: {reason}", replay_left(ctx, key))
-    elif ctx.state.now() - began > STUCK_S:  # a replay that never settles (or a key always blocked) needs a person
+    elif not told and ctx.state.now() - began > STUCK_S:  # never settles (or a key always blocked): a person
         if key is not None:
             emit(ctx, "rotation.secret_at_risk", key, record, f"unsettled for over a day: {reason}")
         else:
