@@ -11,9 +11,10 @@ or at once when the leader was a process of this machine that is gone (`RedisSta
 A Redis error never makes a leader: the leader goes on only while its last extension still
 covers it, a standby stays one. A SIGTERM releases the lease, so a standby takes over at once.
 
-What a leader frozen between its extension and the publish may still send after it wakes (one
-message) is claimed once per interval by the task itself (`RedisState.once`), as every scheduled
-task is, so an interval's scan, repair or reconcile runs once whatever two beats send.
+Right before it sends an entry, the leader checks again, by its own clock, that its lease still
+holds; what a leader frozen between that check and the socket write may still send after it wakes
+(one message) is claimed once per interval by the task itself (`RedisState.once`), as every
+scheduled task is, so an interval's scan, repair or reconcile runs once whatever two beats send.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import redis
 from celery.beat import PersistentScheduler
 
 from rotator import logs
-from rotator.state import Lease, RedisState
+from rotator.state import Lease, LeaseLostError, RedisState
 
 log = logs.get("rotator.beat")
 LEASE = "beat-leader"
@@ -57,6 +58,21 @@ class LeaderScheduler(PersistentScheduler):  # type: ignore[misc]
         if not self.leading():
             return standby_poll_s(self.ttl_s)
         return float(min(super().tick(*args, **kwargs), self.ttl_s / 3))
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
+        """Send a due entry only while the lease still surely holds by this process's own clock
+        (no Redis call): a beat frozen after its extension, for longer than the lease, sends
+        nothing when it wakes. What is left is a freeze between this check and the socket write."""
+        lease = self.lease
+        try:
+            if lease is None:
+                raise LeaseLostError("no lease")
+            lease.check()
+        except LeaseLostError:
+            self.lease = None
+            log.warning("beat.standby", reason="its lease may have expired before this entry was sent")
+            return None
+        return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
 
     def leading(self) -> bool:
         """Whether this beat may apply the next due entry now (taking the lease if it is free)."""
