@@ -78,10 +78,17 @@ class ApiKey:
     replaces: str | None = None  # the key id this key succeeds, while that key is not revoked (overlap)
     replaced_by: str | None = None  # this key's successor: it is retiring, and revoked after the grace
     provider: str = ""  # "aws-iam": the stored document also carries access_key_id/secret_access_key
+    lineage_base: str | None = None  # the alias-template mode: the proved base alias of its lineage
 
     @property
     def ref(self) -> KeyRef:
         return KeyRef(self.client_id, self.key_id)
+
+    @property
+    def base_alias(self) -> str:
+        """The alias that names the key's place in the sinks: its lineage's base (`payouts` for
+        `payouts--r3`, once proved), else its own alias."""
+        return self.lineage_base or self.alias
 
     @property
     def born_at(self) -> int:

@@ -149,5 +149,9 @@ class StaleWriteError(PermanentError):
     """A sink already holds a newer rotation than the one being written."""
 
 
+class OtherKeyError(PermanentError):
+    """A sink's place holds the document of another key than the one read or written."""
+
+
 class WriteConflictError(TransientError):
     """Someone wrote between our read and our write (check-and-set); read again and retry."""

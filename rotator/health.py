@@ -8,6 +8,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import redis
 
+from rotator.aliases import AliasTemplate
 from rotator.config import REDIS_SCHEMES, Settings
 from rotator.errors import RotatorError
 from rotator.protocols import KeyService, SecretSink
@@ -107,8 +108,10 @@ def overlap_mode(service: KeyService) -> str:
     """Which mode of the overlap strategy applies with this key service (`check-config --ping`)."""
     if getattr(service, "cannot_reset", None) is not None:
         return "the key service's own new keys (it cannot reset)"
-    if getattr(service, "cannot_create_successor", None) is not None:
-        return "not available (keyservice.successors = false); keys are reset"
+    template = getattr(service, "alias_template", None)
+    if isinstance(template, AliasTemplate):
+        return (f"alias template {template.text!r} (keyservice.successors = false): a new key under a derived alias, "
+                "found at its base alias ({base_alias})")
     return "successors (Replaces)"
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from rotator.aliases import AliasTemplate
 from rotator.domain import ApiKey, KeyRef, utc_iso
 from rotator.errors import BudgetSpent, NotFoundError, PermanentError, RotatorError
 from rotator.places import due_with_places
@@ -105,11 +106,16 @@ def step_for(key: ApiKey, now: float, engine: Engine, force: bool, include_out_o
                     "--force --include-out-of-scope rotates it anyway", generation, round(age, 2))
     cannot = getattr(engine.keyservice, "cannot_reset", None)
     how = strategy_for(key, engine.policy, strategy, can_reset=cannot is None)
-    no_successor = getattr(engine.keyservice, "cannot_create_successor", None)
-    if how == "overlap" and no_successor is not None:
-        return Step(key.ref, "refuse", f"overlap: {no_successor}", generation, round(age, 2))
-    by = "" if how == "reset" else (f"; overlap: a successor with its alias and scopes, this key revoked "
-                                    f"{engine.policy.overlap_grace_s / DAY:g} d after it is stored")
+    template = getattr(engine.keyservice, "template", None)
+    if how == "reset":
+        by = ""
+    elif isinstance(template, AliasTemplate):
+        by = (f"; overlap (alias template {template.text!r}): a new key of lineage {key.base_alias!r} with its "
+              f"scopes, read at the place of {key.base_alias!r}, this key revoked "
+              f"{engine.policy.overlap_grace_s / DAY:g} d after it is stored")
+    else:
+        by = (f"; overlap: a successor with its alias and scopes, this key revoked "
+              f"{engine.policy.overlap_grace_s / DAY:g} d after it is stored")
     if is_due(key, now, engine.policy):
         return Step(key.ref, "rotate", f"due (age {age:.1f} d){by}", generation, round(age, 2))
     due = utc_iso(due_at(key, engine.policy))

@@ -48,7 +48,7 @@ class KeyService(Protocol):
         key is not revoked). Raises like `reset_key`; the answer names a key that `replaces` it."""
         ...
 
-    def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
+    def replay_create(self, client_id: str, replaces: str | None, idempotency_key: str) -> ReplayAnswer:
         """The stored answer of the create of `replaces`' successor sent with `idempotency_key`
         (Replay.ANSWER only for a 200 naming a key that replaces it); never raises."""
         ...
@@ -94,6 +94,7 @@ class StoredState:
     key_reset_at: int | None
     version: str | None = None
     key_id: str | None = None  # the key the document names (a successor's, at its predecessor's place)
+    replaces: str | None = None  # the key the document's key took the place of (overlap), as it says
 
 
 @runtime_checkable
@@ -240,6 +241,12 @@ class StateStore(Protocol):
         ...
 
     def stored_rotation(self, ref: KeyRef) -> dict[str, Any] | None: ...
+
+    def lineage_links(self, client_id: str) -> dict[str, dict[str, Any]]: ...
+
+    def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]]) -> None: ...
+
+    def drop_lineage_links(self, client_id: str, key_ids: list[str]) -> None: ...
 
     def last_rotation(self, ref: KeyRef) -> dict[str, Any] | None: ...
 

@@ -8,6 +8,7 @@ import hmac
 import os
 from typing import TYPE_CHECKING
 
+from rotator.aliases import AliasTemplate
 from rotator.config import KeyServiceConfig, Settings, read_credential
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.events import LogPublisher
@@ -94,11 +95,6 @@ def _whoami() -> str:
         return str(os.getuid())
 
 
-#: Why the overlap strategy is refused against a key service without successors (keyservice.successors).
-NO_SUCCESSORS = ("the key service has no successors (keyservice.successors = false: aliases unique per Client ID, "
-                 "no Replaces), and the overlap strategy's alias-template mode is not built yet; rotate it by reset")
-
-
 def build_keyservice(config: KeyServiceConfig, grace_s: float = 7 * 86_400,
                      budget: RateBudget | None = None) -> KeyService:
     """The adapter a configuration names (`kind`, through `rotator.keyservice.registry`). `grace_s`
@@ -111,7 +107,8 @@ def build_keyservice(config: KeyServiceConfig, grace_s: float = 7 * 86_400,
         if budget is not None and hasattr(service, "budget"):
             service.budget = budget
         if not config.successors and config.kind in ("http", "emulator"):
-            service.cannot_create_successor = NO_SUCCESSORS  # type: ignore[attr-defined]
+            # The engine wraps it (`rotator.engine.successors`): the overlap strategy's alias-template mode.
+            service.alias_template = AliasTemplate(config.alias_template)  # type: ignore[attr-defined]
         return service
     except KeyError as exc:
         if config.kind in keyservices.BUILTIN:

@@ -353,6 +353,30 @@ class RedisState:
         raw = self.client.get(self._k("stored", str(ref)))
         return json.loads(raw) if raw else None
 
+    def lineage_links(self, client_id: str) -> dict[str, dict[str, Any]]:
+        """The alias-template mode's proved lineage of a Client ID's keys: key id -> {"base",
+        "replaces", "replaced_by"} (`rotator.engine.successors`); a cache of what the sinks and the
+        creates' answers prove, rebuilt from them when lost."""
+        raw = self.client.hgetall(self._k("lineage", client_id))
+        links: dict[str, dict[str, Any]] = {}
+        for key_id, value in raw.items():
+            try:
+                entry = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                links[key_id.decode() if isinstance(key_id, bytes) else str(key_id)] = entry
+        return links
+
+    def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]]) -> None:
+        if links:
+            self.client.hset(self._k("lineage", client_id),
+                             mapping={key_id: json.dumps(entry, sort_keys=True) for key_id, entry in links.items()})
+
+    def drop_lineage_links(self, client_id: str, key_ids: list[str]) -> None:
+        if key_ids:
+            self.client.hdel(self._k("lineage", client_id), *key_ids)
+
     def metrics(self) -> dict[str, Any]:
         """Shared counters every worker process adds to (so a scrape sees all of them)."""
         pipe = self.client.pipeline(transaction=False)  # reads: a read-only user may not MULTI

@@ -93,8 +93,8 @@ def test_every_transition_is_performed_by_one_linked_function() -> None:
 
 
 #: The rotation core's floors, lowest first, as rotator/engine/__init__.py and docs/protocol.md list them.
-ENGINE_ORDER = ["values", "context", "report", "sinkio", "lineage", "records", "store", "overlap", "attempt", "flow",
-                "reconcile"]
+ENGINE_ORDER = ["values", "context", "successors", "report", "sinkio", "lineage", "records", "store", "overlap",
+                "attempt", "flow", "reconcile"]
 
 
 def test_the_rotation_core_imports_only_the_floors_below() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rotator.config import settings_from_mapping
+from rotator.config import ConfigError, settings_from_mapping
 from rotator.domain import KeyRef
 from rotator.engine import Engine
 from rotator.events import CapturePublisher
@@ -73,30 +73,37 @@ def test_the_emulator_serves_the_contract_as_published_when_told(
     assert successor.status_code == 200 and successor.json()["Replaces"] == linked.id
 
 
-def test_overlap_against_the_published_contract_creates_nothing_and_says_why(
+def test_overlap_against_the_published_contract_plans_the_alias_template_at_the_base_alias_place(
     published: tuple[Emulator, EmulatorServer], state: RedisState, env: pytest.MonkeyPatch
 ) -> None:
-    """With `keyservice.successors = false` the plan refuses the overlap strategy and the engine
-    sends nothing for a revocable key (no create, no reset); the Auto-generated key, which can
-    only be reset, is reset."""
+    """With `keyservice.successors = false` a sink path must not name the alias (the new key's
+    differs): check-config refuses `{alias}`, and so does the engine before anything is sent. With
+    `{base_alias}` the plan says the alias-template mode; the Auto-generated key is reset."""
     strict, server = published
     now = strict.now()
     auto = next(iter(strict.add_client("acme", created_at=now - 400 * DAY).keys))
     user = strict.add_key("acme", "payouts", created_at=now - 100 * DAY).id
     env.setenv("ROTATOR_KEYSERVICE_TOKEN", TOKEN)
     env.setenv("ROTATOR_FINGERPRINT_KEY", FP_KEY)
-    settings = settings_from_mapping({"keyservice": {"url": server.url, "successors": False},
-                                      "policy": {"strategy": "overlap"},
-                                      "sinks": [{"kind": "memory", "path": "{client_id}/{alias}"}]})
-    service = build_keyservice(settings.keyservice)
+    config = {"keyservice": {"url": server.url, "successors": False}, "policy": {"strategy": "overlap"},
+              "sinks": [{"kind": "memory", "path": "{client_id}/{alias}"}]}
+    with pytest.raises(ConfigError) as refused_config:
+        settings_from_mapping(config)
+    assert "sinks[0].path" in str(refused_config.value) and "{base_alias}" in str(refused_config.value)
+    config["sinks"] = [{"kind": "memory", "path": "{client_id}/{base_alias}"}]
+    service = build_keyservice(settings_from_mapping(config).keyservice)
     assert isinstance(service, HttpKeyService)
-    engine = Engine(service, [registry.build("memory", {}, FP)], state, CapturePublisher(), FP,
-                    Policy(strategy="overlap"))
-    step = plan_one(engine, "acme", user, False, False)
-    assert step.action == "refuse" and "keyservice.successors = false" in step.why
-    result = engine.rotate(KeyRef("acme", user), trigger="schedule")
-    assert result.status == "failed" and "nothing was created" in result.reason
+    engine = Engine(service, [registry.build("memory", {"path": "{client_id}/{alias}"}, FP)], state,
+                    CapturePublisher(), FP, Policy(strategy="overlap"))
+    refused = engine.rotate(KeyRef("acme", user), trigger="schedule")
+    assert refused.status == "failed" and "use {base_alias}" in refused.reason, refused.reason
+    assert "nothing was created" in refused.reason
     assert strict.ledger == [] and strict.keys_page("acme", 1, 100)[1] == 2  # nothing reset, nothing created
+
+    engine = Engine(service, [registry.build("memory", {"path": "{client_id}/{base_alias}"}, FP)], state,
+                    CapturePublisher(), FP, Policy(strategy="overlap"))
+    step = plan_one(engine, "acme", user, False, False)
+    assert step.action == "rotate" and "alias template '{alias}--r{n}'" in step.why and "'payouts'" in step.why
     assert engine.rotate(KeyRef("acme", auto), trigger="schedule").status == "succeeded"
     assert [e.key_id for e in strict.ledger] == [auto]
     service.close()
@@ -107,8 +114,8 @@ def test_check_config_ping_says_which_overlap_mode_applies(
 ) -> None:
     env = {**__import__("os").environ, "ROTATOR_KEYSERVICE_TOKEN": TOKEN, "ROTATOR_FINGERPRINT_KEY": FP_KEY}
     for server, successors, said in ((emulator_server, True, "overlap strategy: successors (Replaces)"),
-                                     (published[1], False, "overlap strategy: not available (keyservice.successors "
-                                                           "= false); keys are reset")):
+                                     (published[1], False, "overlap strategy: alias template '{alias}--r{n}' "
+                                                           "(keyservice.successors = false)")):
         config = write_config(tmp_path / f"{successors}.toml", server.url, redis_server)
         config.write_text(config.read_text().replace("[state]", f"successors = {json.dumps(successors)}\n[state]"))
         done = subprocess.run([sys.executable, "-m", "rotator.cli", "check-config", "--ping", "--config", str(config)],

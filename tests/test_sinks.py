@@ -281,7 +281,8 @@ def test_ping_succeeds_on_a_healthy_sink(harness: Harness) -> None:
     harness.sink.ping()
 
 
-COMMON_FIELDS = {"client_id", "key_id", "alias", "environment", "api_key", "rotated_at", "key_reset_at", "attempt_id"}
+COMMON_FIELDS = {"client_id", "key_id", "alias", "base_alias", "environment", "api_key", "rotated_at", "key_reset_at",
+                 "attempt_id"}
 
 
 def successor(key: ApiKey) -> ApiKey:

@@ -122,13 +122,7 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         for key, reason in registry.check(sink.kind, sink.options, env):
             problems.append(ConfigProblem(source, f"sinks[{index}].{key}", reason))
     if s.policy.strategy == "overlap" or s.keyservice.kind == "aws-iam":
-        why = "aws-iam keys rotate by the overlap strategy" if s.keyservice.kind == "aws-iam" else "strategy = overlap"
-        for index, sink in enumerate(s.sinks):
-            for key, template in registry.key_id_templates(sink.kind, sink.options):
-                suggestion = template.replace("{key_id}", "{alias}")
-                problems.append(ConfigProblem(source, f"sinks[{index}].{key}", (
-                    f"{template!r} names the key id, which changes with every rotation ({why}): consumers "
-                    f"would not find the successor's secret; use {{alias}}, e.g. {suggestion!r}")))
+        problems += _overlap_place_problems(s, source)
     for index, alert in enumerate(s.alerts):
         problems += _alert_problems(f"alerts[{index}]", alert, source, env, need)
     return problems
@@ -416,3 +410,27 @@ def _model_in(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
+
+
+def _overlap_place_problems(s: Settings, source: str) -> list[ConfigProblem]:
+    """The overlap strategy's new key must be found where the old one was: a sink path may not name
+    the key id, nor, in the alias-template mode (`keyservice.successors = false`), the alias."""
+    from rotator.sinks import registry  # the registry imports sink modules only when asked
+
+    why = "aws-iam keys rotate by the overlap strategy" if s.keyservice.kind == "aws-iam" else "strategy = overlap"
+    by_alias = not s.keyservice.successors and s.keyservice.kind in ("http", "emulator")
+    moving = ("key_id", "alias") if by_alias else ("key_id",)
+    problems = []
+    for index, sink in enumerate(s.sinks):
+        for key, template in registry.key_id_templates(sink.kind, sink.options, moving):
+            if by_alias:
+                suggestion = template.replace("{key_id}", "{base_alias}").replace("{alias}", "{base_alias}")
+                what = (f"names the key id or alias, which change with every rotation ({why}, alias template "
+                        f"{s.keyservice.alias_template!r})")
+            else:
+                suggestion = template.replace("{key_id}", "{alias}")
+                what = f"names the key id, which changes with every rotation ({why})"
+            problems.append(ConfigProblem(source, f"sinks[{index}].{key}", (
+                f"{template!r} {what}: consumers would not find the new key's secret; use "
+                f"{{{'base_alias' if by_alias else 'alias'}}}, e.g. {suggestion!r}")))
+    return problems

@@ -20,6 +20,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from rotator.aliases import DEFAULT_TEMPLATE as DEFAULT_ALIAS_TEMPLATE
+from rotator.aliases import template_problem
 from rotator.config.credentials import (
     credential_value,
     read_credential,
@@ -131,10 +133,15 @@ class KeyServiceConfig(Section):
     burst: int = Field(10, ge=1, le=10_000, description="Calls that may go at once under `requests_per_second`.")
     seed: Path | None = Field(None, description="Seed file for the emulator kind.")
     successors: bool = Field(
-        True, description=("The key service creates successors (`Replaces`/`ReplacedBy`, docs/keyservice-api.md), "
-                           "which the overlap strategy needs. false: the contract as the payment API publishes it "
-                           "(aliases unique per Client ID, no links): the overlap strategy is refused before "
-                           "anything is created, and keys are reset. http and emulator kinds."))
+        True, description=("The key service creates successors (`Replaces`/`ReplacedBy`, docs/keyservice-api.md). "
+                           "false: the contract as the payment API publishes it (aliases unique per Client ID, no "
+                           "links): the overlap strategy's alias-template mode, a new key under a derived alias "
+                           "(`alias_template`) whose sinks' place is its base alias (`{base_alias}` in sink paths). "
+                           "http and emulator kinds."))
+    alias_template: str = Field(
+        DEFAULT_ALIAS_TEMPLATE, description=("successors = false: the alias of a lineage's next key, from its base "
+                                             "alias and the rotation number (`payouts`, `payouts--r1`, "
+                                             "`payouts--r2`…); `{alias}` first, literal text, then `{n}`."))
     clock_skew_s: float = Field(
         86_400, ge=0, description="A date from the key service may be this far ahead of this host's clock."
     )
@@ -167,6 +174,14 @@ class KeyServiceConfig(Section):
         except PermanentError as exc:
             raise ValueError(str(exc)) from None
         return kind
+
+    @field_validator("alias_template")
+    @classmethod
+    def _derivable(cls, template: str) -> str:
+        problem = template_problem(template)
+        if problem is not None:
+            raise ValueError(f"{template!r} {problem}")
+        return template
 
     @field_validator("options")
     @classmethod

@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
+from rotator.aliases import AliasTemplate
 from rotator.domain import ApiKey, AttemptRecord, KeyRef
 from rotator.engine import attempt, flow, lineage, reconcile, records, report, store
 from rotator.engine.context import Context
+from rotator.engine.successors import AliasSuccessors
 from rotator.engine.values import (
     INLINE,
     LOCKED,
@@ -101,6 +103,9 @@ class Engine:
         # Every process that builds an engine holds the same `idempotency_secret` (engine.idempotency_key_*);
         # without one, the keys come from the fingerprint key, as before there was a setting.
         mac = idempotency_secret or fingerprint.derive(b"idempotency-key")
+        template = getattr(keyservice, "alias_template", None)
+        if isinstance(template, AliasTemplate) and not isinstance(keyservice, AliasSuccessors):
+            keyservice = AliasSuccessors(keyservice, template, state, sinks)  # no successors: derived aliases
         self.ctx = Context(
             keyservice=keyservice, sinks=sinks, state=state, publisher=publisher, fingerprint=fingerprint,
             policy=policy, sink_retry_s=sink_retry_s, verify=verify, lock_ttl_s=lock_ttl_s, clock=clock, actor=actor,

@@ -62,15 +62,13 @@ def reset(ctx: Context, key: ApiKey, lease: Any, trigger: str, new_key: bool = F
         action = "reset"  # its predecessor still lives: a successor of a successor is refused
     if action == "reset" and cannot is not None:  # nothing is sent, nothing recorded
         return report.failed(ctx, key, None, f"{cannot}; nothing was sent", trigger=trigger)
-    no_successor = getattr(ctx.keyservice, "cannot_create_successor", None)
-    if action == "create" and no_successor is not None:  # nothing is sent, nothing recorded
-        return report.failed(ctx, key, None, f"overlap: {no_successor}; nothing was created", trigger=trigger)
     if action == "create":
         moving = lineage.places_moving_with_key_id(ctx, key)
         if moving:
-            return report.failed(ctx, key, None, f"overlap: {moving} names the key id, so consumers would not find "
-                                                 "the successor; use {alias} in its path; nothing was created",
-                                 trigger=trigger)
+            field = "{base_alias}" if lineage.by_alias(ctx) else "{alias}"
+            return report.failed(ctx, key, None, f"overlap: {moving} names the key id or alias, so consumers would "
+                                                 f"not find the new key; use {field} in its path; nothing was "
+                                                 "created", trigger=trigger)
     prepared = sinkio.prepare(ctx, key)
     if isinstance(prepared, str):
         return report.failed(ctx, key, None, f"{prepared}; the key was not reset", trigger=trigger)

@@ -13,6 +13,7 @@ from rotator.domain import (
     utc_iso,
 )
 from rotator.engine.context import Context
+from rotator.engine.successors import AliasSuccessors
 from rotator.engine.values import (
     CLOCK_ROOM_S,
     STORED_SUCCESSOR,
@@ -79,9 +80,9 @@ def successor(ctx: Context, key: ApiKey) -> ApiKey | None:
         successor = ctx.keyservice.get_key(key.client_id, key.replaced_by)
     except NotFoundError:
         return None
-    # Only a key that names this one as the key it replaces, with its alias, is its successor (a
+    # Only a key that names this one as the key it replaces, with its (base) alias, is its successor (a
     # key service that links an unrelated key must not get that key revoked, or this one).
-    if successor.replaces != key.key_id or successor.alias != key.alias:
+    if successor.replaces != key.key_id or successor.base_alias != key.base_alias:
         return None
     return successor
 
@@ -100,9 +101,15 @@ def holders(ctx: Context, key: ApiKey) -> tuple[list[str], list[str]]:
     return holding, unreadable
 
 
+def by_alias(ctx: Context) -> bool:
+    """The overlap strategy's alias-template mode: the new key has an alias of its own."""
+    return isinstance(ctx.keyservice, AliasSuccessors)
+
+
 def places_moving_with_key_id(ctx: Context, key: ApiKey) -> str:
-    """The sinks whose place for a key changes with its id (the overlap strategy needs one that
-    stays put), as a printable list; "" when there is none."""
+    """The sinks whose place for a key changes with its id (or, in the alias-template mode, with
+    its alias: the new key's differs), as a printable list; "" when there is none. The overlap
+    strategy needs one that stays put."""
     moving = []
     for sink in ctx.sinks:
         other = key.key_id[:-1] + ("1" if key.key_id[-1:] == "0" else "0")  # a valid id of the same length
@@ -110,8 +117,9 @@ def places_moving_with_key_id(ctx: Context, key: ApiKey) -> str:
             here = sink.location(key)
         except RotatorError:
             continue  # an id no path may be built from: prepare refuses it
+        renamed = f"{key.alias}-x" if by_alias(ctx) else key.alias
         try:
-            moved = sink.location(replace(key, key_id=other)) != here
+            moved = sink.location(replace(key, key_id=other, alias=renamed, lineage_base=key.base_alias)) != here
         except RotatorError:
             moved = True  # cannot tell: refuse
         if moved:

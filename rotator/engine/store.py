@@ -99,7 +99,7 @@ def stored(ctx: Context, issued: IssuedKey, record: AttemptRecord, lease: Any, s
     timings = written.timings
     timings["verify_s"] = round(ctx.monotonic() - written.stored_at, 4)
     timings["total_s"] = round(ctx.monotonic() - written.started, 4)
-    if before is not None and (issued.key.alias, issued.key.scopes) != (before.alias, before.scopes):
+    if before is not None and (issued.key.base_alias, issued.key.scopes) != (before.base_alias, before.scopes):
         problems.append("the key service changed the key's alias or scopes on reset")
     stale_dates = bool(record.generation) and not issued.key.generation > Generation.parse(record.generation)
     advance(Phase.STORING, Step.STORED)

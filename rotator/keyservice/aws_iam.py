@@ -171,7 +171,7 @@ class AwsIamKeyService:
     def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
         return ReplayAnswer(Replay.EMPTY)  # IAM stores no answers
 
-    def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
+    def replay_create(self, client_id: str, replaces: str | None, idempotency_key: str) -> ReplayAnswer:
         return ReplayAnswer(Replay.EMPTY)  # IAM stores no answers: the engine settles from the listing
 
     def create_key(self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,

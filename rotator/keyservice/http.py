@@ -195,12 +195,14 @@ class HttpKeyService:
         return self._write_once(path, _create_judge(client_id, alias, replaces), client_id, idempotency_key,
                                 json=payload)
 
-    def replay_create(self, client_id: str, replaces: str, idempotency_key: str) -> ReplayAnswer:
+    def replay_create(self, client_id: str, replaces: str | None, idempotency_key: str) -> ReplayAnswer:
         """The stored answer of the create of `replaces`' successor sent with `idempotency_key`: the
-        answer only when it names a key of this client that `Replaces` it."""
+        answer only when it names a key of this client that `Replaces` it (None: a create without
+        `Replaces`, the alias-template mode's, whose key the caller links)."""
         try:
             wanted = _path("POST", "{ClientId}/apikeys", ("client id", client_id), "apikeys")
-            _checked_id(replaces, "Replaces", f"POST {wanted}")
+            if replaces is not None:
+                _checked_id(replaces, "Replaces", f"POST {wanted}")
         except ProtocolError as exc:
             return ReplayAnswer(Replay.UNKNOWN, reason=f"replay not sent: {exc}")
         return self._replay(client_id, wanted, idempotency_key, _create_judge(client_id, None, replaces))

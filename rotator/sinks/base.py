@@ -11,11 +11,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from rotator.domain import ApiKey, KeyRef, Secret, slug, utc_iso
-from rotator.errors import PermanentError, ProtocolError, StaleWriteError
+from rotator.errors import OtherKeyError, PermanentError, ProtocolError, StaleWriteError
 from rotator.protocols import SecretRecord, StoredState
 from rotator.safety import ID_RULE, UNSAFE_TEXT_RE, excerpt, is_id, variable_named
 
-TEMPLATE_FIELDS = ("client_id", "key_id", "alias", "environment")
+TEMPLATE_FIELDS = ("client_id", "key_id", "alias", "base_alias", "environment")
 
 
 class SinkSettings(BaseModel):
@@ -41,12 +41,12 @@ class SinkSettings(BaseModel):
 
 MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 1024
-_SAMPLE = {"client_id": "client", "key_id": "key", "alias": "alias", "environment": "production"}
+_SAMPLE = {"client_id": "client", "key_id": "key", "alias": "alias", "base_alias": "alias", "environment": "production"}
 
 
 def render(template: str, key: ApiKey) -> str:
-    """The one function every sink path goes through: fill `{client_id}`, `{key_id}`, `{alias}`
-    (slugged) and `{environment}`, then refuse what could leave the sink's place.
+    """The one function every sink path goes through: fill `{client_id}`, `{key_id}`, `{alias}` and
+    `{base_alias}` (slugged; `ApiKey.base_alias`) and `{environment}`, then refuse what could leave the sink's place.
 
     Ids must pass the id rule (so each fills exactly its own segment: no `/`, `..`, `%`, NUL); the
     result must be relative, without empty, `.` or `..` segments, NUL or control characters, at most
@@ -58,7 +58,7 @@ def render(template: str, key: ApiKey) -> str:
             raise PermanentError(f"{where}: {field} {excerpt(value)} is not an id ({ID_RULE}); "
                                  "no path is built from it")
     path = template.format(
-        client_id=key.client_id, key_id=key.key_id, alias=slug(key.alias),
+        client_id=key.client_id, key_id=key.key_id, alias=slug(key.alias), base_alias=slug(key.base_alias),
         environment=key.environment.value.lower(),
     )
     problem = path_problem(path, template)
@@ -100,14 +100,14 @@ def check_template(template: str) -> str:
         sample = template.format(**_SAMPLE)
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError(
-            f"template {template!r} may only use {{client_id}}, {{key_id}}, {{alias}}, "
+            f"template {template!r} may only use {{client_id}}, {{key_id}}, {{alias}}, {{base_alias}}, "
             f"{{environment}} ({type(exc).__name__}: {exc})"
         ) from None
     problem = path_problem(sample, template)
     if problem is not None:
         raise ValueError(f"template {template!r}: a path built from it {problem}")
-    if "{key_id}" not in template and "{alias}" not in template:
-        raise ValueError(f"template {template!r} must use {{key_id}} or {{alias}}: one path per key")
+    if not any(f"{{{name}}}" in template for name in ("key_id", "alias", "base_alias")):
+        raise ValueError(f"template {template!r} must use {{key_id}}, {{alias}} or {{base_alias}}: one path per key")
     return template
 
 
@@ -115,11 +115,14 @@ DOCUMENT_FIELDS: dict[str, str] = {
     "client_id": "the key's Client ID",
     "key_id": "the key's id",
     "alias": "the key's alias",
+    "base_alias": "the alias that names the place: its lineage's base alias (`payouts` for `payouts--r3`), "
+                  "else `alias`",
     "environment": "`PRODUCTION` (or `SANDBOX`)",
     "api_key": "the secret: what applications read",
     "rotated_at": "when rotator stored it (ISO 8601, UTC, ending in `Z`)",
     "key_reset_at": "the key service's `LastResetDate` of this secret (Unix seconds)",
     "attempt_id": "the rotation that stored it (as in the history and the events)",
+    "replaces": "overlap strategy: the key this one took the place of (absent for a reset)",
 }
 
 
@@ -131,12 +134,15 @@ def document(record: SecretRecord) -> dict[str, Any]:
         "client_id": key.client_id,
         "key_id": key.key_id,
         "alias": key.alias,
+        "base_alias": key.base_alias,
         "environment": key.environment.value,
         "api_key": record.secret.reveal(),
         "rotated_at": utc_iso(record.rotated_at),
         "key_reset_at": record.key_reset_at,
         "attempt_id": record.attempt_id,
     }
+    if key.replaces is not None:
+        doc["replaces"] = key.replaces
     if key.provider == "aws-iam":
         doc["access_key_id"] = key.key_id
         doc["secret_access_key"] = record.secret.reveal()
@@ -181,7 +187,7 @@ def holder(doc: Any, where: str, key: ApiKey) -> Holder:
             return "predecessor"
         if key.replaced_by is not None and key_id == key.replaced_by:
             return "successor"
-    raise PermanentError(
+    raise OtherKeyError(
         f"{where}: holds the secret of another key ({excerpt(client_id)}/{excerpt(key_id)}), not of "
         f"{key.client_id}/{key.key_id}: two keys render to one path (aliases that slug alike?); not "
         "overwritten. Put {key_id} in the path template"
@@ -201,7 +207,7 @@ def state_from_document(doc: Any, fingerprint: Any, where: str, version: str | N
             raise StaleWriteError(f"{where}: holds the secret of {key.ref}'s successor "
                                   f"{excerpt(doc.get('key_id'))}; never overwritten with the replaced key's")
         return None
-    reset, key_id = doc.get("key_reset_at"), doc.get("key_id")
+    reset, key_id, replaces = doc.get("key_reset_at"), doc.get("key_id"), doc.get("replaces")
     return StoredState(
         fingerprint=fingerprint(doc["api_key"]),
         attempt_id=doc.get("attempt_id"),
@@ -209,6 +215,7 @@ def state_from_document(doc: Any, fingerprint: Any, where: str, version: str | N
         key_reset_at=reset if isinstance(reset, int) else None,
         version=version,
         key_id=key_id if isinstance(key_id, str) else None,
+        replaces=replaces if is_id(replaces) else None,
     )
 
 

@@ -66,22 +66,24 @@ def check(kind: str, options: Mapping[str, Any], env: Mapping[str, str]) -> list
     return list(config.credential_problems(env))
 
 
-def key_id_templates(kind: str, options: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The sink's path templates that name `{key_id}`, as (option, template), defaults included:
-    the overlap strategy needs a place that stays put when the key id changes."""
+def key_id_templates(kind: str, options: Mapping[str, Any],
+                     fields: tuple[str, ...] = ("key_id",)) -> list[tuple[str, str]]:
+    """The sink's path templates that name `{key_id}` (or another of `fields`), as (option,
+    template), defaults included: the overlap strategy needs a place that stays put when the key
+    id (and, in the alias-template mode, the alias) changes."""
     try:
         config = resolve(kind).Config(**options)
     except (PermanentError, ImportError, ValidationError):
         return []  # reported by `check`
-    return [(name, value) for name, value in config if isinstance(value, str) and _names_key_id(value)]
+    return [(name, value) for name, value in config if isinstance(value, str) and _names(value, fields)]
 
 
-def _names_key_id(template: str) -> bool:
-    """`{key_id}` in any spelling (`{key_id!s}`, `{key_id:s}`)."""
+def _names(template: str, fields: tuple[str, ...]) -> bool:
+    """One of `fields` in any spelling (`{key_id!s}`, `{key_id:s}`)."""
     try:
-        return any(field == "key_id" for _, field, _, _ in string.Formatter().parse(template) if field)
+        return any(field in fields for _, field, _, _ in string.Formatter().parse(template) if field)
     except ValueError:
-        return "key_id" in template
+        return any(field in template for field in fields)
 
 
 def build(kind: str, options: Mapping[str, Any], fingerprint: Fingerprinter) -> SecretSink:

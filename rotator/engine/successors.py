@@ -1,0 +1,220 @@
+"""The overlap strategy against a key service without successors (the contract as the payment API
+publishes it: aliases unique per Client ID, no `Replaces`/`ReplacedBy`): the alias-template mode.
+
+`AliasSuccessors` wraps such a key service so that the rest of the engine sees the links it would
+see from one with successors. A successor is created under a derived alias (`payouts--r3`, from the
+lineage's base alias and `keyservice.alias_template`), and a key is linked to another only by proof:
+
+- the create's own answer (sent, or replayed under its Idempotency-Key, which only this rotation of
+  that key derives), which names the new key as the successor of the key it was created for;
+- the sinks' documents: the place of base alias `B` names the key that serves it, its `base_alias`
+  and the key it `replaces`.
+
+A listing alone proves nothing: a person's key named `payouts--r2` is its own base. What is proved
+is kept in the state store (`lineage_links`) and rebuilt from the sinks when it is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from rotator import logs
+from rotator.aliases import AliasTemplate
+from rotator.domain import ApiKey, ClientInfo, IssuedKey, Replay, ReplayAnswer, Scope, Secret
+from rotator.errors import NotFoundError, OtherKeyError, ProtocolError, RotatorError, TransientError
+from rotator.protocols import KeyService, SecretSink, StateStore
+
+log = logs.get("rotator.engine")
+Links = dict[str, dict[str, Any]]
+
+
+class AliasSuccessors:
+    """A key service without successors, seen as one with them (see the module)."""
+
+    def __init__(self, inner: KeyService, template: AliasTemplate, state: StateStore,
+                 sinks: list[SecretSink]) -> None:
+        self.inner, self.template, self.state, self.sinks = inner, template, state, sinks
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else the adapter offers (its budget, `stores_answers`, `verify_timeout_s`, …)."""
+        if name in ("inner", "template", "state", "sinks") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def list_clients(self) -> Iterator[ClientInfo]:
+        return self.inner.list_clients()
+
+    def list_keys(self, client_id: str) -> Iterator[ApiKey]:
+        """The listing, with the links the state store holds (a listing costs no sink read)."""
+        keys = list(self.inner.list_keys(client_id))
+        links = self.state.lineage_links(client_id)
+        present = {key.key_id for key in keys}
+        return iter([linked(key, links, present) for key in keys])
+
+    def get_key(self, client_id: str, key_id: str) -> ApiKey:
+        """The key with its proved lineage: from the state store, else proved from the sinks now
+        (and kept). A linked key that is gone (a person revoked it) unlinks."""
+        key = self.inner.get_key(client_id, key_id)
+        links = self.state.lineage_links(client_id)
+        if key_id not in links:
+            links = self.prove(client_id, key)
+        entry = links.get(key_id, {})
+        present = {key_id}
+        for other in (entry.get("replaces"), entry.get("replaced_by")):
+            if isinstance(other, str) and self._lives(client_id, other):
+                present.add(other)
+        return linked(key, links, present)
+
+    def _lives(self, client_id: str, key_id: str) -> bool:
+        try:
+            self.inner.get_key(client_id, key_id)
+        except NotFoundError:
+            self.unlink(client_id, key_id)
+            return False
+        return True
+
+    # -- proof from the sinks ------------------------------------------------------------------
+
+    def prove(self, client_id: str, key: ApiKey) -> Links:
+        """Which lineage `key` belongs to, as the sinks' documents prove it, kept in the state store.
+        Its proposed base (its alias parsed by the template) first, then its own alias. A sink that
+        cannot be read proves nothing either way: TransientError, nothing kept."""
+        keys = {k.key_id: k for k in self.inner.list_keys(client_id)}
+        keys.setdefault(key.key_id, key)
+        parsed = self.template.parse(key.alias)
+        for base in ([parsed[0]] if parsed else []) + [key.alias]:
+            proved = self._held_at(base, keys)
+            if key.key_id in proved:
+                break
+        else:
+            proved = {key.key_id: {"base": key.alias}}
+        self.state.put_lineage_links(client_id, proved)
+        return {**self.state.lineage_links(client_id), **proved}
+
+    def _held_at(self, base: str, keys: dict[str, ApiKey]) -> Links:
+        """The links the documents at base alias `base`'s place prove: the key each sink's document
+        names (a key of that lineage's aliases only), and the key that document says it replaces."""
+        members = [k for k in keys.values() if self.template.number(k.alias, base) is not None]
+        proved: Links = {}
+        for sink in self.sinks:
+            for member in members:
+                probe = replace(member, lineage_base=base, replaces=None, replaced_by=None)
+                try:
+                    stored = sink.read_state(probe)
+                except OtherKeyError:
+                    continue  # another key's document: maybe the next member's
+                except RotatorError as exc:
+                    raise TransientError(f"cannot prove the lineage of alias {base!r}: {sink.describe()} "
+                                         f"cannot be read ({exc})") from None
+                if stored is None:
+                    break  # nothing at the place
+                proved.setdefault(member.key_id, {"base": base})
+                if stored.replaces in keys and stored.replaces != member.key_id:
+                    proved[member.key_id]["replaces"] = stored.replaces
+                    proved.setdefault(stored.replaces, {"base": base})["replaced_by"] = member.key_id
+                break
+        return proved
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def create_key(self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,
+                   replaces: str | None = None) -> IssuedKey:
+        """With `replaces`: that key's successor, under the lineage's next free alias, with the same
+        scopes. The link is kept before the answer is returned (a crash after it leaves the
+        create's replay, which links again)."""
+        if replaces is None:
+            return self.inner.create_key(client_id, alias, scopes, idempotency_key)
+        entry = self.state.lineage_links(client_id).get(replaces) or self.prove(
+            client_id, self.inner.get_key(client_id, replaces)).get(replaces, {})
+        base = str(entry.get("base") or alias)
+        taken = {key.alias for key in self.inner.list_keys(client_id)}
+        wanted = self.template.next_free(base, alias, taken)
+        issued = self.inner.create_key(client_id, wanted, scopes, idempotency_key)
+        if issued.key.alias != wanted:
+            raise ProtocolError(f"the create answered alias {issued.key.alias!r}, not {wanted!r}")
+        return IssuedKey(self._link_created(client_id, issued.key, replaces, base), issued.secret)
+
+    def replay_create(self, client_id: str, replaces: str | None, idempotency_key: str) -> ReplayAnswer:
+        """The stored answer of the create for `replaces`: only that key's rotation derives this
+        Idempotency-Key, so the key it names is `replaces`' successor, proved."""
+        answer = self.inner.replay_create(client_id, None, idempotency_key)
+        if replaces is None or answer.kind is not Replay.ANSWER or answer.issued is None:
+            return answer
+        created = answer.issued.key
+        entry = self.state.lineage_links(client_id).get(replaces, {})
+        parsed = self.template.parse(created.alias)
+        base = entry.get("base") or (parsed[0] if parsed else None)
+        if not isinstance(base, str) or self.template.number(created.alias, base) is None:
+            return ReplayAnswer(Replay.UNKNOWN, reason=f"the stored create answered alias {created.alias!r}, "
+                                                       "which the alias template does not derive")
+        key = self._link_created(client_id, created, replaces, base)
+        return ReplayAnswer(answer.kind, IssuedKey(key, answer.issued.secret), answer.reason)
+
+    def _link_created(self, client_id: str, created: ApiKey, replaces: str, base: str) -> ApiKey:
+        self.state.put_lineage_links(client_id, {
+            created.key_id: {"base": base, "replaces": replaces},
+            replaces: {"base": base, "replaced_by": created.key_id}})
+        log.info("lineage.linked", client_id=client_id, key_id=created.key_id, replaces=replaces)
+        return replace(created, lineage_base=None if base == created.alias else base, replaces=replaces)
+
+    def reset_key(self, client_id: str, key_id: str, idempotency_key: str) -> IssuedKey:
+        issued = self.inner.reset_key(client_id, key_id, idempotency_key)
+        return IssuedKey(self._as_linked(client_id, issued.key), issued.secret)
+
+    def replay(self, client_id: str, key_id: str, idempotency_key: str) -> ReplayAnswer:
+        answer = self.inner.replay(client_id, key_id, idempotency_key)
+        if answer.issued is None:
+            return answer
+        return ReplayAnswer(answer.kind, IssuedKey(self._as_linked(client_id, answer.issued.key),
+                                                   answer.issued.secret), answer.reason)
+
+    def _as_linked(self, client_id: str, key: ApiKey) -> ApiKey:
+        """A reset's answer keeps the key's place: its base from the links (no sink read here:
+        the rotation read the key, and proved it, just before)."""
+        return linked(key, self.state.lineage_links(client_id), {key.key_id})
+
+    def revoke_key(self, client_id: str, key_id: str) -> None:
+        try:
+            self.inner.revoke_key(client_id, key_id)
+        finally:
+            self.unlink(client_id, key_id)
+
+    def unlink(self, client_id: str, key_id: str) -> None:
+        """`key_id` is gone: its entry goes, and so does its partner's link to it (the partner keeps
+        its base: its place does not move)."""
+        links = self.state.lineage_links(client_id)
+        entry = links.get(key_id)
+        if entry is None:
+            return
+        changed: Links = {}
+        for other in (entry.get("replaces"), entry.get("replaced_by")):
+            if isinstance(other, str) and other in links:
+                changed[other] = {name: value for name, value in links[other].items() if value != key_id}
+        self.state.put_lineage_links(client_id, changed)
+        self.state.drop_lineage_links(client_id, [key_id])
+
+    def verify_secret(self, client_id: str, secret: Secret, key_id: str | None = None) -> bool:
+        return self.inner.verify_secret(client_id, secret, key_id=key_id)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def linked(key: ApiKey, links: Links, present: set[str]) -> ApiKey:
+    """`key` with the lineage `links` hold for it: its base, and its links to keys in `present`
+    only (a link to a revoked key is no link), each confirmed from both ends."""
+    entry = links.get(key.key_id)
+    if not entry:
+        return key
+    base = entry.get("base")
+    replaces, replaced_by = entry.get("replaces"), entry.get("replaced_by")
+    if replaces not in present or links.get(str(replaces), {}).get("replaced_by") != key.key_id:
+        replaces = None
+    if replaced_by not in present or links.get(str(replaced_by), {}).get("replaces") != key.key_id:
+        replaced_by = None
+    return replace(key, lineage_base=base if isinstance(base, str) and base != key.alias else None,
+                   replaces=replaces, replaced_by=replaced_by)

@@ -1,0 +1,275 @@
+"""The overlap strategy's alias-template mode, against the contract as the payment API publishes it
+(the emulator over HTTP with unique aliases and no `Replaces`), a real Redis, a real OpenBao and the
+encrypted file sink: a due revocable key gets a new key `payouts--r1` with its scopes, stored at the
+base alias's place and verified before the old key is revoked after its grace; the lineage is
+proved from the create's answer and the sinks, never from a listing, and survives a wiped Redis, a
+person's look-alike key, a person's revoke and a worker killed between create and store."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from rotator.aliases import AliasTemplate
+from rotator.config import settings_from_mapping
+from rotator.domain import KeyRef, slug
+from rotator.engine import Engine
+from rotator.errors import NotFoundError
+from rotator.events import CapturePublisher
+from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.emulator_http import EmulatorServer
+from rotator.keyservice.http import HttpKeyService
+from rotator.policy import Policy
+from rotator.runtime import build_keyservice
+from rotator.sinks import registry
+from rotator.state import RedisState
+from tests.conftest import FP_KEY, TOKEN
+from tests.test_engine import FP
+
+DAY = 86_400
+GRACE = 7 * DAY
+SCOPES = [{"Scope": "Payins", "Read": True, "Write": True}, {"Scope": "Users", "Read": True, "Write": False}]
+
+
+class Crash(BaseException):
+    """The process dies here (nothing below the engine catches a BaseException)."""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.shift = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.shift
+
+
+@pytest.fixture
+def published() -> Iterator[tuple[Emulator, EmulatorServer]]:
+    emulator = Emulator(token=TOKEN, successors=False)
+    with EmulatorServer(emulator) as server:
+        yield emulator, server
+
+
+@pytest.fixture
+def service(published: tuple[Emulator, EmulatorServer], env: pytest.MonkeyPatch) -> Iterator[HttpKeyService]:
+    env.setenv("ROTATOR_KEYSERVICE_TOKEN", TOKEN)
+    env.setenv("ROTATOR_FINGERPRINT_KEY", FP_KEY)
+    settings = settings_from_mapping({"keyservice": {"url": published[1].url, "successors": False},
+                                      "policy": {"strategy": "overlap"},
+                                      "sinks": [{"kind": "memory", "path": "{client_id}/{base_alias}"}]})
+    built = build_keyservice(settings.keyservice)
+    assert isinstance(built, HttpKeyService) and isinstance(getattr(built, "alias_template", None), AliasTemplate)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def sinks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bao_sink: dict[str, object]) -> list[Any]:
+    monkeypatch.setenv("ROTATOR_FILE_KEY", Fernet.generate_key().decode())
+    return [registry.build("file", {"dir": str(tmp_path / "secrets"), "path": "{client_id}/{base_alias}.secret"}, FP),
+            registry.build("vault", {**bao_sink, "path": "rotator/{client_id}/{base_alias}"}, FP)]
+
+
+@pytest.fixture
+def payouts(published: tuple[Emulator, EmulatorServer]) -> str:
+    emulator = published[0]
+    now = emulator.now()
+    emulator.add_client("acme", "Acme", created_at=now - 400 * DAY)
+    return emulator.add_key("acme", "payouts", SCOPES, created_at=now - 100 * DAY).id
+
+
+def engine_of(service: HttpKeyService, state: RedisState, sinks: list[Any], clock: Clock | None = None,
+              ) -> tuple[Engine, CapturePublisher]:
+    events = CapturePublisher()
+    return Engine(service, sinks, state, events, FP, Policy(strategy="overlap", overlap_grace_s=GRACE),
+                  clock=clock or Clock()), events
+
+
+def aliases(emulator: Emulator) -> dict[str, str]:
+    """alias -> key id of every live key of acme."""
+    rows, _ = emulator.keys_page("acme", 1, 100)
+    return {row["Alias"]: row["Id"] for row in rows}
+
+
+def document(sink: Any, key: Any) -> dict[str, Any]:
+    """The stored document at the key's place, read as a consumer reads it (by base alias)."""
+    if sink.kind == "vault":
+        client = sink._client_or_login()
+        path = f"rotator/acme/{slug(key)}"
+        return dict(client.secrets.kv.v2.read_secret_version(path=path, mount_point=sink.config.mount,
+                                                             raise_on_deleted_version=True)["data"]["data"])
+    return json.loads(Fernet(__import__("os").environ["ROTATOR_FILE_KEY"]).decrypt(
+        (Path(sink.config.dir) / "acme" / f"{slug(key)}.secret").read_bytes()))
+
+
+def serving(emulator: Emulator, sinks: list[Any], base: str) -> str:
+    """The key id every sink's document at `base` names, checked to hold that key's live secret."""
+    docs = [document(sink, base) for sink in sinks]
+    assert len({d["key_id"] for d in docs}) == 1, docs
+    assert all(d["base_alias"] == base and d["api_key"] == emulator.current_secret("acme", d["key_id"])
+               for d in docs)
+    return str(docs[0]["key_id"])
+
+
+def test_a_due_key_gets_a_new_key_under_a_derived_alias_and_is_revoked_after_its_grace(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    emulator, _ = published
+    old_secret = emulator.current_secret("acme", payouts)
+    clock = Clock()
+    engine, events = engine_of(service, state, sinks, clock)
+
+    first = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert first.status == "succeeded", first.reason
+    new = aliases(emulator)["payouts--r1"]
+    assert serving(emulator, sinks, "payouts") == new
+    assert document(sinks[0], "payouts")["alias"] == "payouts--r1" and document(sinks[0], "payouts")["replaces"] == payouts
+    assert emulator.get_key("acme", new)["Scopes"] == emulator.get_key("acme", payouts)["Scopes"]
+    assert emulator.check_secret("acme", old_secret) and emulator.ledger == []  # a create, not a reset
+    assert events.names() == ["rotation.succeeded", "key.retiring"]
+    listed = {k.key_id: k for k in engine.keyservice.list_keys("acme")}
+    assert listed[payouts].replaced_by == new and listed[new].replaces == payouts
+    assert listed[new].base_alias == "payouts"
+
+    clock.shift = GRACE - 60
+    waiting = engine.rotate(KeyRef("acme", payouts), trigger="manual", force=True)
+    assert waiting.status == "skipped" and "retiring" in waiting.reason and emulator.check_secret("acme", old_secret)
+    clock.shift = GRACE + 60
+    revoked = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert revoked.status == "succeeded" and "revoked" in revoked.reason, revoked.reason
+    assert "payouts" not in aliases(emulator) and not emulator.check_secret("acme", old_secret)
+
+    # Ninety days on, the lineage moves on to --r2 (never payouts--r1--r1), at the same place.
+    clock.shift += 95 * DAY
+    second = engine.rotate(KeyRef("acme", new), trigger="schedule")
+    assert second.status == "succeeded", second.reason
+    newer = aliases(emulator)["payouts--r2"]
+    assert serving(emulator, sinks, "payouts") == newer
+    clock.shift += GRACE + 60
+    assert "revoked" in engine.rotate(KeyRef("acme", new), trigger="schedule").reason
+    assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts--r2"]
+
+
+def test_a_persons_look_alike_keys_are_passed_by_and_never_revoked(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    """A person's `payouts--r1` (made before the first rotation) is no part of the lineage: the new
+    key is `payouts--r2`; the person's key is never revoked, and rotated as its own base."""
+    emulator, _ = published
+    now = emulator.now()
+    mine = emulator.add_key("acme", "payouts--r1", SCOPES, created_at=now - 100 * DAY).id
+    clock = Clock()
+    engine, _ = engine_of(service, state, sinks, clock)
+    assert engine.rotate(KeyRef("acme", payouts), trigger="schedule").status == "succeeded"
+    new = aliases(emulator)["payouts--r2"]
+    assert serving(emulator, sinks, "payouts") == new
+    assert engine.keyservice.get_key("acme", mine).replaces is None
+
+    rotated = engine.rotate(KeyRef("acme", mine), trigger="schedule")  # due too: its own lineage
+    assert rotated.status == "succeeded", rotated.reason
+    own = aliases(emulator)["payouts--r1--r1"]
+    assert serving(emulator, sinks, "payouts--r1") == own and serving(emulator, sinks, "payouts") == new
+
+    clock.shift = GRACE + 60
+    assert "revoked" in engine.rotate(KeyRef("acme", payouts), trigger="schedule").reason
+    assert "revoked" in engine.rotate(KeyRef("acme", mine), trigger="schedule").reason
+    assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts--r1--r1", "payouts--r2"]
+
+
+def wipe(state: RedisState) -> None:
+    for entry in state.client.scan_iter(f"{state.ns}:*"):
+        state.client.delete(entry)
+
+
+def test_a_wiped_redis_mid_lineage_rebuilds_it_from_the_sinks_and_creates_nothing_twice(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    emulator, _ = published
+    clock = Clock()
+    engine, _ = engine_of(service, state, sinks, clock)
+    assert engine.rotate(KeyRef("acme", payouts), trigger="schedule").status == "succeeded"
+    new = aliases(emulator)["payouts--r1"]
+    wipe(state)
+
+    again = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert again.status == "skipped" and "retiring" in again.reason, again.reason
+    assert len(aliases(emulator)) == 3  # no second create
+    assert state.lineage_links("acme")[new] == {"base": "payouts", "replaces": payouts}
+
+    wipe(state)
+    clock.shift = GRACE + 60
+    assert "revoked" in engine.rotate(KeyRef("acme", payouts), trigger="schedule").reason
+    wipe(state)  # the new key alone: proved to be of lineage payouts by the sinks, not by its name
+    clock.shift += 95 * DAY
+    assert engine.rotate(KeyRef("acme", new), trigger="schedule").status == "succeeded"
+    assert serving(emulator, sinks, "payouts") == aliases(emulator)["payouts--r2"]
+
+
+class Dies:
+    """The first write kills the process: the create ran and its answer is only in memory."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink, self.died = sink, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)
+
+    def write(self, record: Any, prepared: Any = None) -> Any:
+        if not self.died:
+            self.died = True
+            raise Crash()
+        return self.sink.write(record, prepared)
+
+
+@pytest.mark.parametrize("lost", ["nothing", "redis"])
+def test_a_worker_killed_between_create_and_store_is_finished_from_the_creates_answer(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str, lost: str,
+) -> None:
+    """The create ran; the worker died before any sink held the new key. With the record (recovery)
+    or without it (a wiped Redis: the next rotation sends the same Idempotency-Key, gets the 409 and
+    replays), the same new key is stored: one create."""
+    emulator, _ = published
+    engine, _ = engine_of(service, state, [Dies(sink) for sink in sinks])
+    with pytest.raises(Crash):
+        engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    new = aliases(emulator)["payouts--r1"]
+    if lost == "redis":
+        wipe(state)
+    survivor, events = engine_of(service, state, sinks)
+    if lost == "redis":
+        result = survivor.rotate(KeyRef("acme", payouts), trigger="schedule")
+    else:
+        [result] = survivor.recover_all()
+    assert result.status in ("succeeded", "recovered"), result.reason
+    assert serving(emulator, sinks, "payouts") == new
+    assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts", "payouts--r1"]  # one create
+    assert "key.retiring" in events.names() and state.attempts() == []
+
+
+def test_a_person_revoking_the_old_key_before_the_store_still_gets_the_new_key_stored(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    emulator, _ = published
+    engine, _ = engine_of(service, state, [Dies(sink) for sink in sinks])
+    with pytest.raises(Crash):
+        engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    new = aliases(emulator)["payouts--r1"]
+    emulator.revoke_key("acme", payouts)
+    survivor, _ = engine_of(service, state, sinks)
+    [result] = survivor.recover_all()
+    assert result.status in ("succeeded", "recovered"), result.reason
+    assert serving(emulator, sinks, "payouts") == new
+    with pytest.raises(NotFoundError):
+        service.get_key("acme", payouts)
+    assert survivor.keyservice.get_key("acme", new).replaces is None  # the link to a revoked key is gone
