@@ -24,6 +24,8 @@ class ScanRow:
             "client_id": self.key.client_id,
             "key_id": self.key.key_id,
             "alias": self.key.alias,
+            "base_alias": self.key.base_alias,  # its lineage's (the overlap strategy's alias-template mode)
+            "replaces": self.key.replaces,  # the retiring key whose place it took (overlap), if any
             "environment": self.key.environment.value,
             "age_days": round(self.age_days, 2),
             "state": self.state.value,

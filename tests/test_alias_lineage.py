@@ -22,7 +22,7 @@ from rotator.domain import KeyRef, slug
 from rotator.engine import Engine
 from rotator.errors import NotFoundError
 from rotator.events import CapturePublisher
-from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.emulator import Emulator, Fault
 from rotator.keyservice.emulator_http import EmulatorServer
 from rotator.keyservice.http import HttpKeyService
 from rotator.policy import Policy
@@ -153,7 +153,7 @@ def test_a_due_key_gets_a_new_key_under_a_derived_alias_and_is_revoked_after_its
     newer = aliases(emulator)["payouts--r2"]
     assert serving(emulator, sinks, "payouts") == newer
     clock.shift += GRACE + 60
-    assert "revoked" in engine.rotate(KeyRef("acme", new), trigger="schedule").reason
+    assert was_revoked(engine.rotate(KeyRef("acme", new), trigger="schedule"))
     assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts--r2"]
 
 
@@ -179,9 +179,14 @@ def test_a_persons_look_alike_keys_are_passed_by_and_never_revoked(
     assert serving(emulator, sinks, "payouts--r1") == own and serving(emulator, sinks, "payouts") == new
 
     clock.shift = GRACE + 60
-    assert "revoked" in engine.rotate(KeyRef("acme", payouts), trigger="schedule").reason
-    assert "revoked" in engine.rotate(KeyRef("acme", mine), trigger="schedule").reason
+    assert was_revoked(engine.rotate(KeyRef("acme", payouts), trigger="schedule"))
+    assert was_revoked(engine.rotate(KeyRef("acme", mine), trigger="schedule"))
     assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts--r1--r1", "payouts--r2"]
+
+
+def was_revoked(result: Any) -> bool:
+    assert result.status == "succeeded" and result.reason.startswith("revoked"), result.reason
+    return True
 
 
 def wipe(state: RedisState) -> None:
@@ -207,7 +212,7 @@ def test_a_wiped_redis_mid_lineage_rebuilds_it_from_the_sinks_and_creates_nothin
 
     wipe(state)
     clock.shift = GRACE + 60
-    assert "revoked" in engine.rotate(KeyRef("acme", payouts), trigger="schedule").reason
+    assert was_revoked(engine.rotate(KeyRef("acme", payouts), trigger="schedule"))
     wipe(state)  # the new key alone: proved to be of lineage payouts by the sinks, not by its name
     clock.shift += 95 * DAY
     assert engine.rotate(KeyRef("acme", new), trigger="schedule").status == "succeeded"
@@ -273,3 +278,113 @@ def test_a_person_revoking_the_old_key_before_the_store_still_gets_the_new_key_s
     with pytest.raises(NotFoundError):
         service.get_key("acme", payouts)
     assert survivor.keyservice.get_key("acme", new).replaces is None  # the link to a revoked key is gone
+
+
+def test_an_alias_taken_at_the_last_moment_is_refused_and_the_next_one_used(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A person creates `payouts--r1` between the listing and the create: the create gets `409`, which
+    the key service stores under its Idempotency-Key (refused: nothing ran); the next rotation uses
+    the next epoch's key and `payouts--r2`. The person's key is never touched."""
+    emulator, _ = published
+    create = service.create_key
+    taken: list[str] = []
+
+    def taken_then_create(client_id: str, alias: str, *args: Any, **kwargs: Any) -> Any:
+        if not taken:
+            taken.append(emulator.add_key("acme", alias, SCOPES).id)
+        return create(client_id, alias, *args, **kwargs)
+
+    monkeypatch.setattr(service, "create_key", taken_then_create)
+    engine, _ = engine_of(service, state, sinks)
+    first = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert first.status == "failed" and "refused" in first.reason, first.reason
+    assert state.attempts() == [] and sorted(aliases(emulator)) == ["Auto-generated key", "payouts", "payouts--r1"]
+    second = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert second.status == "succeeded", second.reason
+    assert serving(emulator, sinks, "payouts") == aliases(emulator)["payouts--r2"]
+    assert aliases(emulator)["payouts--r1"] == taken[0]
+    assert engine.keyservice.get_key("acme", taken[0]).replaces is None
+
+
+def test_a_lost_create_answer_never_revokes_a_key_it_cannot_prove_it_made(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    """The create ran, its answer was cut, and its stored response expired (24 h): nothing proves
+    that `payouts--r1` is the key it made (a listing is no proof), so it is never revoked; the
+    create is sent again (its Idempotency-Key expired too) and makes `payouts--r2`, which is stored."""
+    emulator, _ = published
+    emulator.add_fault(Fault(method="POST", path=r"/acme/apikeys$", drop="after", times=1))
+    engine = Engine(service, sinks, state, CapturePublisher(), FP, Policy(strategy="overlap", overlap_grace_s=GRACE),
+                    horizon_s=0.0)
+    emulator.add_fault(Fault(method="GET", path=r"/responses/", status=404, times=-1))
+    first = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert first.status == "in_doubt", first.reason
+    unheld = aliases(emulator)["payouts--r1"]
+    emulator.clear_faults()
+    emulator._stored.clear()  # 24 hours on: the stored answer, and the key's block, are gone
+    second = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert second.status == "recovered", second.reason  # the attempt, settled by sending it again
+    assert serving(emulator, sinks, "payouts") == aliases(emulator)["payouts--r2"]
+    assert aliases(emulator)["payouts--r1"] == unheld  # never revoked: not proved to be rotator's
+    assert engine.keyservice.get_key("acme", unheld).replaces is None
+
+
+def test_a_person_revoking_either_key_during_the_grace(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    """The old key revoked by a person: the new one stands alone in the lineage and moves on to
+    `--r2` when due. The new key revoked by a person: its document still holds the place, so the old
+    key's next rotation creates nothing and overwrites nothing, and nothing is revoked."""
+    emulator, _ = published
+    clock = Clock()
+    engine, _ = engine_of(service, state, sinks, clock)
+    assert engine.rotate(KeyRef("acme", payouts), trigger="schedule").status == "succeeded"
+    new = aliases(emulator)["payouts--r1"]
+    emulator.revoke_key("acme", payouts)
+    alone = engine.keyservice.get_key("acme", new)
+    assert alone.replaces is None and alone.base_alias == "payouts"
+    clock.shift = 95 * DAY
+    assert engine.rotate(KeyRef("acme", new), trigger="schedule").status == "succeeded"
+    newer = aliases(emulator)["payouts--r2"]
+    assert serving(emulator, sinks, "payouts") == newer
+
+    emulator.revoke_key("acme", newer)  # a person revokes the key that serves the place
+    clock.shift += GRACE + 60
+    result = engine.rotate(KeyRef("acme", new), trigger="schedule")
+    assert result.status == "failed" and "another key" in result.reason, result.reason
+    assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts--r1"]  # nothing created, nothing revoked
+
+
+def test_a_partial_store_and_a_wiped_redis_are_finished_by_the_repair_from_the_sink_that_holds_it(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    """OpenBao got the new key, the worker died before the file sink did, and Redis was lost: the
+    OpenBao document proves the lineage (the old key is retiring, no second create), the repair
+    copies the new key's secret to the file sink once it authenticates, and the old key is revoked
+    only a whole grace after that."""
+    emulator, _ = published
+    engine, _ = engine_of(service, state, [Dies(sinks[0]), sinks[1]])
+    with pytest.raises(Crash):
+        engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    new = aliases(emulator)["payouts--r1"]
+    deadline = time.monotonic() + 5
+    while sinks[1].read_state(engine.keyservice.get_key("acme", new)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    wipe(state)
+    clock = Clock()
+    survivor, _ = engine_of(service, state, sinks, clock)
+    waiting = survivor.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert waiting.status == "skipped" and "retiring" in waiting.reason, waiting.reason
+    clock.shift = GRACE + 60
+    refused = survivor.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert refused.status == "failed" and "does not hold successor" in refused.reason, refused.reason
+    survivor.repair(fresh=False)
+    assert serving(emulator, sinks, "payouts") == new
+    clock.shift += GRACE + 60  # the file sink's consumers get the whole grace too
+    assert was_revoked(survivor.rotate(KeyRef("acme", payouts), trigger="schedule"))
+    assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts--r1"]

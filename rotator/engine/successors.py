@@ -92,8 +92,16 @@ class AliasSuccessors:
                 break
         else:
             proved = {key.key_id: {"base": key.alias}}
-        self.state.put_lineage_links(client_id, proved)
+        self._keep(client_id, proved)
         return {**self.state.lineage_links(client_id), **proved}
+
+    def _keep(self, client_id: str, links: Links) -> None:
+        """Keep what is proved. Only a cache: a state store that refuses the write (a read-only
+        user's status page, Redis down) costs a proof from the sinks next time, nothing more."""
+        try:
+            self.state.put_lineage_links(client_id, links)
+        except Exception as exc:  # any store's error: the proof stands without it
+            log.warning("lineage.not_kept", client_id=client_id, error=type(exc).__name__)
 
     def _held_at(self, base: str, keys: dict[str, ApiKey]) -> Links:
         """The links the documents at base alias `base`'s place prove: the key each sink's document
@@ -155,7 +163,7 @@ class AliasSuccessors:
         return ReplayAnswer(answer.kind, IssuedKey(key, answer.issued.secret), answer.reason)
 
     def _link_created(self, client_id: str, created: ApiKey, replaces: str, base: str) -> ApiKey:
-        self.state.put_lineage_links(client_id, {
+        self._keep(client_id, {
             created.key_id: {"base": base, "replaces": replaces},
             replaces: {"base": base, "replaced_by": created.key_id}})
         log.info("lineage.linked", client_id=client_id, key_id=created.key_id, replaces=replaces)
