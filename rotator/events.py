@@ -23,6 +23,7 @@ SEVERITY: Final = {
     "key.deactivated": "info",
     "key.revoked": "info",
     "key.still_in_use": "error",
+    "reload.failed": "error",
     "security.forged_message": "critical",
 }
 MAX_ERROR_LEN = 500

@@ -79,7 +79,7 @@ def render() -> str:
     out = [INTRO]
     for name, field in Settings.model_fields.items():
         annotation = field.annotation
-        if name in ("sinks", "alerts"):
+        if name in ("sinks", "alerts", "reload"):
             continue
         assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
         out += [f"## `[{name}]`", "", *_table(annotation), ""]
@@ -99,8 +99,10 @@ def render() -> str:
         summary = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         out += [f"### `kind = \"{kind}\"`", "", summary, "",
                 *_table(cls.Config), ""]
-    from rotator.config import AlertConfig
+    from rotator.config import AlertConfig, ReloadConfig
 
     out += ["## `[[alerts]]`", "", "One entry per channel: an Apprise URL, or `webhook+https://…` for the signed",
             "webhook (docs/operations.md shows how a receiver verifies it).", "", *_table(AlertConfig), ""]
+    out += ["## `[[reload]]`", "", "One entry per reload hook, run once every sink holds a key's new secret",
+            "(docs/strategies.md, \"Telling consumers\").", "", *_table(ReloadConfig), ""]
     return "\n".join(out).rstrip() + "\n"

@@ -6,10 +6,12 @@ import getpass
 import hashlib
 import hmac
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rotator.aliases import AliasTemplate
 from rotator.config import KeyServiceConfig, Settings, read_credential
+from rotator.domain import ApiKey
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.events import LogPublisher
 from rotator.fingerprint import Fingerprinter
@@ -84,8 +86,19 @@ def build_engine(settings: Settings, publisher: EventPublisher | None = None, ac
         lock_ttl_s=settings.state.lock_ttl_s, actor=actor or _whoami(), clients=settings.keyservice.clients,
         horizon_s=settings.engine.in_doubt_horizon_s, window=settings.policy.rotation_window(),
         idempotency_secret=build_idempotency_secret(settings),
+        reload=build_reload(settings),
     )
     return engine
+
+
+def build_reload(settings: Settings) -> Callable[[ApiKey, dict[str, Any]], dict[str, str]] | None:
+    """`[[reload]]`'s hooks, run by the engine once every sink holds a new secret (None: none)."""
+    if not settings.reload:
+        return None
+    from rotator import reload
+
+    hooks = reload.build(settings.reload)
+    return lambda key, told: reload.run_all(hooks, key, told)
 
 
 def _whoami() -> str:

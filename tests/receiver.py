@@ -81,3 +81,5 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    do_PATCH = do_POST  # the Kubernetes API's verb of a rollout restart

@@ -137,6 +137,10 @@ def test_a_due_key_gets_a_new_key_under_a_derived_alias_and_is_revoked_after_its
     listed = {k.key_id: k for k in engine.keyservice.list_keys("acme")}
     assert listed[payouts].replaced_by == new and listed[new].replaces == payouts
     assert listed[new].base_alias == "payouts"
+    from tests.test_reload_hooks import key_page
+
+    assert f"base alias payouts; replaces {payouts}" in key_page(engine, new)  # the status page shows the lineage
+    assert f"replaced by {new}; revoked after" in key_page(engine, payouts)
 
     clock.shift = GRACE - 60
     waiting = engine.rotate(KeyRef("acme", payouts), trigger="manual", force=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from rotator.config import AlertConfig, Settings
+from rotator.config import AlertConfig, ReloadConfig, Settings
 from rotator.reference import render
 from rotator.sinks import registry
 
@@ -26,10 +26,10 @@ def test_configuration_reference_is_current() -> None:
 
 
 def test_every_setting_is_in_the_reference() -> None:
-    """Every key of every section, sink kind and alert entry appears in the reference."""
+    """Every key of every section, sink kind, alert entry and reload hook appears in the reference."""
     text = (ROOT / "docs" / "configuration.md").read_text()
-    models = [f.annotation for n, f in Settings.model_fields.items() if n not in ("sinks", "alerts")]
-    models += [registry.resolve(k).Config for k in registry.BUILTIN] + [AlertConfig]
+    models = [f.annotation for n, f in Settings.model_fields.items() if n not in ("sinks", "alerts", "reload")]
+    models += [registry.resolve(k).Config for k in registry.BUILTIN] + [AlertConfig, ReloadConfig]
     for model in models:
         for name in model.model_fields:  # type: ignore[union-attr]
             assert f"| `{name}` |" in text, f"{model.__name__}.{name} missing"  # type: ignore[union-attr]

@@ -99,22 +99,28 @@ class SignedWebhook:
 
     def send(self, event: Event) -> None:
         body = json.dumps(event.to_dict(), sort_keys=True, separators=(",", ":")).encode()
-        ts = int(time.time())
-        msg_id = message_id(body)
-        headers = {"Content-Type": "application/json", WEBHOOK_ID: msg_id, WEBHOOK_TIMESTAMP: str(ts),
-                   WEBHOOK_SIGNATURE: standard_signature(self._key, msg_id, ts, body),
-                   TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: sign(self._secret, ts, body),
-                   EVENT_HEADER: event.name, "User-Agent": "rotator"}
-        try:
-            answer = httpx.post(self.url, content=body, headers=headers, timeout=self._timeout_s)
-        except httpx.TimeoutException:
-            raise TransientError(f"{self.describe()}: no answer within {self._timeout_s:g}s") from None
-        except httpx.TransportError as exc:
-            raise TransientError(f"{self.describe()}: {type(exc).__name__}") from None
-        if answer.status_code in (408, 429) or answer.status_code >= 500:
-            raise TransientError(f"{self.describe()}: {answer.status_code}")
-        if answer.status_code >= 400:
-            raise PermanentError(f"{self.describe()}: {answer.status_code}")
-        if not 200 <= answer.status_code < 300:  # a redirect is not followed: the event did not arrive
-            raise PermanentError(f"{self.describe()}: {answer.status_code} (only a 2xx answer is a delivery; "
-                                 "redirects are not followed)")
+        post_signed(self.url, self._secret, body, event.name, self._timeout_s, self.describe())
+
+
+def post_signed(url: str, secret: str, body: bytes, event: str, timeout_s: float, described: str) -> None:
+    """POST `body` signed both ways (module docstring); only a 2xx answer is a delivery. A time-out,
+    a dropped connection, 408, 429 and 5xx are TransientError; anything else PermanentError."""
+    ts = int(time.time())
+    msg_id = message_id(body)
+    headers = {"Content-Type": "application/json", WEBHOOK_ID: msg_id, WEBHOOK_TIMESTAMP: str(ts),
+               WEBHOOK_SIGNATURE: standard_signature(signing_key(secret), msg_id, ts, body),
+               TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: sign(secret, ts, body),
+               EVENT_HEADER: event, "User-Agent": "rotator"}
+    try:
+        answer = httpx.post(url, content=body, headers=headers, timeout=timeout_s)
+    except httpx.TimeoutException:
+        raise TransientError(f"{described}: no answer within {timeout_s:g}s") from None
+    except httpx.TransportError as exc:
+        raise TransientError(f"{described}: {type(exc).__name__}") from None
+    if answer.status_code in (408, 429) or answer.status_code >= 500:
+        raise TransientError(f"{described}: {answer.status_code}")
+    if answer.status_code >= 400:
+        raise PermanentError(f"{described}: {answer.status_code}")
+    if not 200 <= answer.status_code < 300:  # a redirect is not followed: the event did not arrive
+        raise PermanentError(f"{described}: {answer.status_code} (only a 2xx answer is a delivery; "
+                             "redirects are not followed)")

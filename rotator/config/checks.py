@@ -125,6 +125,12 @@ def _semantic_problems(s: Settings, source: str, env: Mapping[str, str]) -> list
         problems += _overlap_place_problems(s, source)
     for index, alert in enumerate(s.alerts):
         problems += _alert_problems(f"alerts[{index}]", alert, source, env, need)
+    for index, hook in enumerate(s.reload):
+        if hook.kind == "http":
+            need(f"reload[{index}].secret_env", hook.secret_env, hook.secret_file, "reload hook secret")
+            if _holds_credential(str(hook.url)):
+                problems.append(ConfigProblem(source, f"reload[{index}].url", (
+                    "holds a credential; the call is signed with secret_env or secret_file, so the URL needs none")))
     return problems
 
 

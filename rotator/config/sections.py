@@ -523,6 +523,51 @@ class AuditConfig(Section):
         description="The checkpoint's origin line, the trail's name; omitted: `rotator/<state.namespace>`.")
 
 
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"  # a DNS-1123 label: a namespace's or a Deployment's name
+K8S_SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class ReloadConfig(Section):
+    """A hook run once every sink holds a key's new secret (any strategy): tells its consumers to
+    read it again. Never the secret; a failing hook is the event `reload.failed`, not a failed
+    rotation (the secret is stored)."""
+
+    kind: Literal["http", "kubernetes"] = Field(description=(
+        "http: a signed POST to an application's reload endpoint (signed as the webhooks are); kubernetes: a "
+        "rollout restart of `deployments` through the Kubernetes API."))
+    clients: list[str] | None = Field(None, description="Only for keys of these Client IDs; omitted: every one.")
+    aliases: list[str] | None = Field(None, description=(
+        "Only for keys of these base aliases (a lineage's, see `keyservice.alias_template`); omitted: every key."))
+    url: str | None = Field(None, description="http: the reload endpoint, http(s)://…, without credentials.")
+    secret_env: EnvName | None = Field(None, description="http: the variable holding the signing secret.")
+    secret_file: Path | None = Field(None, description="http: the file holding the signing secret.")
+    namespace: str | None = Field(None, pattern=_K8S_NAME, description="kubernetes: the Deployments' namespace.")
+    deployments: list[Annotated[str, Field(pattern=_K8S_NAME)]] = Field(
+        default_factory=list, description="kubernetes: the Deployments restarted (`kubectl rollout restart`).")
+    api_url: str | None = Field(None, description=(
+        "kubernetes: the API server; omitted: the in-cluster one (KUBERNETES_SERVICE_HOST and _PORT)."))
+    token_file: Path = Field(K8S_SERVICE_ACCOUNT / "token", description=(
+        "kubernetes: the service account token, read again at every call (projected tokens rotate)."))
+    ca_file: Path | None = Field(K8S_SERVICE_ACCOUNT / "ca.crt", description=(
+        "kubernetes: the API server's CA bundle (the in-cluster one by default)."))
+    timeout_s: float = Field(10.0, gt=0, le=120, description="Each call's time-out.")
+    tries: int = Field(3, ge=1, le=10, description="Calls before the hook counts as failed (1 s, then doubling).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ReloadConfig:
+        if self.kind == "http":
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ValueError("an http reload hook needs url = \"http(s)://…\"")
+            if (self.secret_env is None) == (self.secret_file is None):
+                raise ValueError("an http reload hook is signed: give exactly one of secret_env or secret_file")
+        elif not self.namespace or not self.deployments:
+            raise ValueError("a kubernetes reload hook needs namespace and deployments")
+        return self
+
+    def signing_secret(self) -> str:
+        return read_credential(self.secret_env, self.secret_file, "reload hook secret")
+
+
 class Settings(BaseSettings):
     """The whole configuration. Environment variables override the file."""
 
@@ -544,6 +589,7 @@ class Settings(BaseSettings):
     audit: AuditConfig = AuditConfig()
     sinks: list[SinkConfig] = Field(default_factory=list)
     alerts: list[AlertConfig] = Field(default_factory=list)
+    reload: list[ReloadConfig] = Field(default_factory=list)
 
     @property
     def reader_only(self) -> bool:

@@ -97,6 +97,7 @@ class Engine:
         window: RotationWindow | None = None, executor: Executor | None = None,
         sleep: Callable[[float], None] = time.sleep, monotonic: Callable[[], float] = time.monotonic,
         idempotency_secret: bytes | None = None,
+        reload: Callable[[ApiKey, dict[str, Any]], dict[str, str]] | None = None,
     ) -> None:
         if not sinks:
             raise PermanentError("at least one sink is needed")
@@ -110,7 +111,7 @@ class Engine:
             keyservice=keyservice, sinks=sinks, state=state, publisher=publisher, fingerprint=fingerprint,
             policy=policy, sink_retry_s=sink_retry_s, verify=verify, lock_ttl_s=lock_ttl_s, clock=clock, actor=actor,
             clients=clients, horizon_s=horizon_s, window=window, sleep=sleep, monotonic=monotonic, ik_mac=mac,
-            ik_id=derivation_id(mac), call=threading.local(),
+            ik_id=derivation_id(mac), call=threading.local(), reload=reload,
             pool=executor or ThreadPoolExecutor(max_workers=len(sinks) + 1, thread_name_prefix="sink"))
 
     def __getattr__(self, name: str) -> Any:

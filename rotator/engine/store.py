@@ -122,9 +122,27 @@ def stored(ctx: Context, issued: IssuedKey, record: AttemptRecord, lease: Any, s
         report.emit(ctx, "keyservice.protocol_error", issued.key, record, why)
         problems.append(why)
     result = RotationResult(record.client_id, record.key_id, status, "; ".join(problems), record.attempt_id,
-                            record.trigger, written.statuses, timings, generation=record.generation)
+                            record.trigger, written.statuses, timings, generation=record.generation,
+                            reload=tell_consumers(ctx, issued.key, record))
     report.history(ctx, result)
     return result
+
+
+def tell_consumers(ctx: Context, key: ApiKey, record: AttemptRecord) -> dict[str, str]:
+    """Every sink holds `key`'s new secret: the reload hooks tell its consumers (never the secret).
+    A hook that fails is `reload.failed`; the rotation stands."""
+    if ctx.reload is None:
+        return {}
+    told = {"client_id": key.client_id, "key_id": key.key_id, "alias": key.alias, "base_alias": key.base_alias,
+            "environment": key.environment.value, "key_reset_at": key.born_at, "attempt_id": record.attempt_id,
+            "replaces": (record.replaces or record.key_id) if record.action == "create" else None,
+            "stored_at": utc_iso(ctx.clock())}
+    outcomes = ctx.reload(key, told)
+    for hook, outcome in outcomes.items():
+        if outcome != "ok":
+            report.emit(ctx, "reload.failed", key, record, f"{hook}: {outcome.removeprefix('failed: ')}",
+                        {"hook": hook})
+    return outcomes
 
 
 def retiring(ctx: Context, issued: IssuedKey, record: AttemptRecord, before: ApiKey | None) -> str:

@@ -55,6 +55,7 @@ class RotationResult:
     note: str = ""  # the operator's --reason, kept in the audit history
     generation: str = ""  # the key's generation this rotation replaced (the key service's dates)
     deferred_until: float | None = None  # deferred: when the rate budget returns (Unix time)
+    reload: dict[str, str] = field(default_factory=dict)  # each reload hook run: "ok" or "failed: why"
 
     @property
     def ok(self) -> bool:
@@ -65,7 +66,8 @@ class RotationResult:
                 "reason": self.reason, "attempt_id": self.attempt_id, "trigger": self.trigger,
                 "sinks": dict(self.sinks), "timings": dict(self.timings), "note": self.note,
                 "generation": self.generation,
-                **({"deferred_until": self.deferred_until} if self.deferred_until is not None else {})}
+                **({"deferred_until": self.deferred_until} if self.deferred_until is not None else {}),
+                **({"reload": dict(self.reload)} if self.reload else {})}
 
 
 @dataclass

@@ -1,0 +1,216 @@
+"""Reload hooks: once every sink holds a key's new secret, its consumers are told. After a reset of
+the Auto-generated key (which cannot overlap: its old secret dies at once), a signed POST reaches a
+real HTTP receiver and a rollout restart reaches a real HTTP server standing in for the Kubernetes
+API, whose patch applied to a Deployment, and the RBAC that allows it, validate offline against the
+Kubernetes schemas. A failing hook is `reload.failed`, never a failed rotation or a lost secret."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography.fernet import Fernet
+
+from rotator import reload
+from rotator.config import ConfigError, settings_from_mapping
+from rotator.domain import KeyRef
+from rotator.engine import Engine
+from rotator.events import CapturePublisher
+from rotator.keyservice.emulator import Emulator
+from rotator.keyservice.http import HttpKeyService
+from rotator.policy import Policy
+from rotator.sinks import registry
+from rotator.state import RedisState
+from tests.conftest import redis_text
+from tests.receiver import Receiver
+from tests.test_engine import FP
+
+DAY = 86_400
+HOOK_SECRET = "reload-hook-secret-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as server:
+        yield server
+
+
+@pytest.fixture
+def auto(emulator: Emulator) -> str:
+    now = emulator.now()
+    client = emulator.add_client("acme", "Acme", created_at=now - 100 * DAY)
+    return next(iter(client.keys))
+
+
+@pytest.fixture
+def file_sink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("ROTATOR_FILE_KEY", Fernet.generate_key().decode())
+    return registry.build("file", {"dir": str(tmp_path / "secrets"), "path": "{client_id}/{base_alias}.secret"}, FP)
+
+
+def engine_with(hooks: list[Any], keyservice: HttpKeyService, state: RedisState, sink: Any,
+                ) -> tuple[Engine, CapturePublisher, list[float]]:
+    events, slept = CapturePublisher(), []
+    engine = Engine(keyservice, [sink], state, events, FP, Policy(strategy="overlap"),
+                    reload=lambda key, told: reload.run_all(hooks, key, told, sleep=slept.append))
+    return engine, events, slept
+
+
+def test_a_signed_reload_call_follows_the_reset_of_the_auto_generated_key(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
+) -> None:
+    from standardwebhooks import Webhook
+
+    hook = reload.HttpReload(f"{receiver.url}/admin/reload", HOOK_SECRET, 5, aliases=["Auto-generated key"])
+    other = reload.HttpReload(f"{receiver.url}/other", HOOK_SECRET, 5, clients=["another-client"])
+    engine, events, _ = engine_with([hook, other], keyservice, state, file_sink)
+    result = engine.rotate(KeyRef("acme", auto), trigger="schedule")
+    assert result.status == "succeeded", result.reason
+    assert result.reload == {f"reload {receiver.url}/admin/reload": "ok"}  # the other hook is for another client
+    [call] = receiver.wait_for(1)
+    secret = emulator.current_secret("acme", auto)
+    told = Webhook(HOOK_SECRET.encode()).verify(call.body, call.headers)
+    assert call.path == "/admin/reload" and call.headers["X-Rotator-Event"] == "secret.stored"
+    assert (told["client_id"], told["key_id"], told["base_alias"], told["replaces"]) == \
+        ("acme", auto, "Auto-generated key", None)
+    assert told["key_reset_at"] == emulator.get_key("acme", auto)["LastResetDate"]
+    assert file_sink.read_secret(engine.keyservice.get_key("acme", auto)).reveal() == secret  # stored before told
+    [entry] = [e for e in state.history() if e.get("kind") == "rotation"]
+    assert entry["reload"] == result.reload
+    everything = [call.body.decode(), json.dumps(call.headers), json.dumps(result.to_dict()),
+                  json.dumps([e.to_dict() for e in events.events]), redis_text(state.client)]
+    assert not any(secret in text for text in everything)
+
+
+def test_a_failing_hook_is_an_alert_and_the_rotation_stands(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
+) -> None:
+    """503 three times (tried with 1 s, then 2 s between), or a 404 (not tried again): the rotation
+    succeeded, the secret is in the sink, and `reload.failed` says which hook and why."""
+    receiver.answers = [503, 503, 503, 404]
+    flaky = reload.HttpReload(f"{receiver.url}/flaky", HOOK_SECRET, 5)
+    gone = reload.HttpReload(f"{receiver.url}/gone", HOOK_SECRET, 5)
+    engine, events, slept = engine_with([flaky, gone], keyservice, state, file_sink)
+    result = engine.rotate(KeyRef("acme", auto), trigger="schedule")
+    assert result.status == "succeeded", result.reason
+    assert result.reload == {f"reload {receiver.url}/flaky": f"failed: reload {receiver.url}/flaky: 503",
+                             f"reload {receiver.url}/gone": f"failed: reload {receiver.url}/gone: 404"}
+    assert slept == [1.0, 2.0] and len(receiver.attempts) == 4
+    failed = [e for e in events.events if e.name == "reload.failed"]
+    assert [e.details["hook"] for e in failed] == [f"reload {receiver.url}/flaky", f"reload {receiver.url}/gone"]
+    assert all(e.severity == "error" and e.key_id == auto for e in failed)
+    key = engine.keyservice.get_key("acme", auto)
+    assert file_sink.read_secret(key).reveal() == emulator.current_secret("acme", auto)
+    assert state.attempts() == []
+    page = key_page(engine, auto)  # the status page's key view: each hook's outcome in the history
+    assert f"reload {receiver.url}/flaky: failed: reload {receiver.url}/flaky: 503" in page
+
+
+def key_page(engine: Engine, key_id: str) -> str:
+    from rotator.web.app import create_app
+    from rotator.web.source import FleetSource
+    from tests.test_web import running
+
+    with running(create_app(FleetSource(engine, cache_s=0))) as client:
+        answer = client.get(f"/keys/acme/{key_id}")
+        assert answer.status_code == 200, answer.text
+        return answer.text
+
+
+def deployment() -> dict[str, Any]:
+    """An application's Deployment, as the cluster holds it (the worker's manifest stands in)."""
+    [doc] = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/worker.yaml").read_text())
+             if d and d["kind"] == "Deployment"]
+    return dict(doc)
+
+
+def strategic_merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Maps merge key by key (all a rollout restart's patch holds)."""
+    merged = copy.deepcopy(target)
+    for name, value in patch.items():
+        merged[name] = strategic_merge(merged.get(name) or {}, value) if isinstance(value, dict) else value
+    return merged
+
+
+def test_a_rollout_restart_reaches_the_kubernetes_api_with_a_patch_that_validates_offline(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
+    tmp_path: Path,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("service-account-token\n")
+    hook = reload.KubernetesRollout("payments", ["payouts-api"], receiver.url, token, None, 5)
+    engine, _, _ = engine_with([hook], keyservice, state, file_sink)
+    result = engine.rotate(KeyRef("acme", auto), trigger="schedule")
+    assert result.reload == {"rollout payments/payouts-api": "ok"}, result.reload
+    [call] = receiver.wait_for(1)
+    assert call.path == "/apis/apps/v1/namespaces/payments/deployments/payouts-api"
+    assert call.headers["Authorization"] == "Bearer service-account-token"
+    assert call.headers["Content-Type"] == "application/strategic-merge-patch+json"
+    patched = strategic_merge(deployment(), call.json())
+    annotations = patched["spec"]["template"]["metadata"]["annotations"]
+    assert set(call.json()) == {"spec"} and annotations[reload.RESTARTED_AT].endswith("Z")
+    for version in ("1.30.0", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(patched, version, strict=True)
+
+    # The RBAC the manifests ship allows exactly this call, for the worker's service account.
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/reload/rbac.yaml").read_text()) if d]
+    [role] = [d for d in docs if d["kind"] == "Role"]
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding"]
+    [rule] = role["rules"]
+    assert (rule["apiGroups"], rule["resources"], rule["resourceNames"], sorted(rule["verbs"])) == \
+        (["apps"], ["deployments"], ["payouts-api"], ["get", "patch"])
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "payments"
+    [account] = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/serviceaccount.yaml").read_text()) if d]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": "rotator"}]
+
+    receiver.answers = [403]
+    again = engine.rotate(KeyRef("acme", auto), trigger="manual", force=True)
+    assert again.status == "succeeded" and "reload-rbac.yaml" in again.reload["rollout payments/payouts-api"]
+
+
+def test_reload_hooks_are_configured_completely(env: pytest.MonkeyPatch) -> None:
+    base = {"sinks": [{"kind": "memory"}]}
+    for hook, said in (({"kind": "http", "url": "https://app/reload"}, "secret_env or secret_file"),
+                       ({"kind": "http", "url": "ftp://app", "secret_env": "S"}, "http(s)://"),
+                       ({"kind": "kubernetes", "namespace": "payments"}, "namespace and deployments"),
+                       ({"kind": "kubernetes", "namespace": "Payments", "deployments": ["a"]}, "namespace"),
+                       ({"kind": "http", "url": "https://app/reload", "secret_env": "RELOAD_SECRET_UNSET"},
+                        "reload[0].secret_env"),
+                       ({"kind": "http", "url": "https://u:pw@app/reload", "secret_file": "/nonexistent"},
+                        "reload[0].url")):
+        with pytest.raises(ConfigError) as refused:
+            settings_from_mapping({**base, "reload": [hook]})
+        assert said in str(refused.value), (hook, str(refused.value))
+    settings = settings_from_mapping({**base, "reload": [
+        {"kind": "kubernetes", "namespace": "payments", "deployments": ["payouts-api"], "aliases": ["payouts"]}]})
+    [rollout] = reload.build(settings.reload, {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"})
+    assert isinstance(rollout, reload.KubernetesRollout) and rollout.api_url == "https://10.0.0.1:443"
+
+
+def test_the_documented_api_token_mount_merged_into_the_worker_validates_offline() -> None:
+    """docs/kubernetes.md's volume and mount for the hook's token, merged into worker.yaml as a
+    strategic merge would (lists by name), is a valid Deployment, and the paths it mounts are the
+    ones its `[[reload]]` example reads."""
+    text = (ROOT / "docs/kubernetes.md").read_text().split("<!-- reload-token -->", 1)[1]
+    snippet = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    worker = deployment()
+    pod, extra = worker["spec"]["template"]["spec"], snippet["spec"]["template"]["spec"]
+    pod["volumes"] = [*pod["volumes"], *extra["volumes"]]
+    [container] = [c for c in pod["containers"] if c["name"] == extra["containers"][0]["name"]]
+    container["volumeMounts"] = [*container["volumeMounts"], *extra["containers"][0]["volumeMounts"]]
+    for version in ("1.30.0", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(worker, version, strict=True)
+    mount = extra["containers"][0]["volumeMounts"][0]["mountPath"]
+    import tomllib
+
+    [hook] = tomllib.loads(example)["reload"]
+    assert hook["token_file"] == f"{mount}/token" and hook["ca_file"] == f"{mount}/ca.crt"
