@@ -368,10 +368,19 @@ class RedisState:
                 links[key_id.decode() if isinstance(key_id, bytes) else str(key_id)] = entry
         return links
 
-    def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]]) -> None:
-        if links:
-            self.client.hset(self._k("lineage", client_id),
-                             mapping={key_id: json.dumps(entry, sort_keys=True) for key_id, entry in links.items()})
+    def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]], only_new: bool = False) -> None:
+        """`only_new`: a proof read from the sinks, which a link written since (a create's) must win
+        over: each entry is written only where none is (HSETNX)."""
+        if not links:
+            return
+        name = self._k("lineage", client_id)
+        if only_new:
+            pipe = self.client.pipeline(transaction=False)
+            for key_id, entry in links.items():
+                pipe.hsetnx(name, key_id, json.dumps(entry, sort_keys=True))
+            pipe.execute()
+            return
+        self.client.hset(name, mapping={key_id: json.dumps(entry, sort_keys=True) for key_id, entry in links.items()})
 
     def drop_lineage_links(self, client_id: str, key_ids: list[str]) -> None:
         if key_ids:

@@ -174,7 +174,7 @@ def daily_checks(run: LongRun) -> None:
             raise Violation(f"seed {sim.seed}: {key_id} is {overrun:.1f} days past max_age_days "
                             f"(bound {AGE_BOUND_DAYS})")
     for key_id, key in heads(sim):
-        if all(s.holds(key.alias, key.secret) for s in sim.sinks):
+        if all(s.holds(key.base, key.secret) for s in sim.sinks):
             continue
         since = key.generation.born_at
         if sim.now - since < 2 * REPAIR_EVERY_H * 3600:

@@ -10,7 +10,9 @@ call misbehave. The same seed replays the same run, step for step.
     python -m tests.sim --seed 1234 --trace   # replay one seed with its event trace
 
 After the chaos, every fault is healed, the clock moves past the horizon and recovery runs until
-quiet; then the invariants are checked (see `check`).
+quiet; then the invariants are checked (see `check`). Half the runs rotate by the overlap strategy,
+and half of those against the contract as published (no successor links on the wire, unique
+aliases): the alias-template mode.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from rotator.aliases import AliasTemplate
 from rotator.domain import (
     ApiKey,
     AttemptRecord,
@@ -42,6 +45,7 @@ from rotator.domain import (
     Secret,
 )
 from rotator.engine import INLINE, Engine
+from rotator.engine.successors import AliasSuccessors, creates_of
 from rotator.errors import BudgetSpent, InDoubtError, NotFoundError, PermanentError, TransientError
 from rotator.events import CapturePublisher
 from rotator.fingerprint import Fingerprinter
@@ -211,6 +215,7 @@ class FakeKey:
     replaces: str | None = None  # the overlap strategy's links, as the contract's Replaces/ReplacedBy
     replaced_by: str | None = None
     client_id: str = "sim"
+    base: str = ""  # the lineage's base alias, as the oracle knows it (the place consumers read)
 
     @property
     def generation(self) -> Generation:
@@ -239,16 +244,23 @@ class FakeKeyService:
         self.faulty = True
         self.spent_until: dict[str, float] = {}  # Client ID -> until when its rate budget is spent
         self.client_of: dict[str, str] = {}  # key id -> its Client ID (revoked keys' too)
+        # Without the successor extension (the contract as published), the wire carries no links and
+        # aliases are unique; the links above are the oracle's truth, from what each create was for.
+        self.successors = True
+        self.intent: dict[str, str] = {}  # Idempotency-Key -> the key its create replaces (the engine's intent)
         self.http = HttpKeyService("https://keys.example.com", "sim-token", max_attempts=1, timeout_s=3600,
                                    clock_skew_s=10 * 365 * DAY, transport=httpx.MockTransport(self._wire))
 
     def add(self, key_id: str, created_at: int, client_id: str = "sim") -> None:
-        self.keys[key_id] = FakeKey(created_at, None, f"seed-secret-{key_id}", f"alias {key_id}", client_id=client_id)
+        self.keys[key_id] = FakeKey(created_at, None, f"seed-secret-{key_id}", f"alias {key_id}", client_id=client_id,
+                                    base=f"alias {key_id}")
         self.client_of[key_id] = client_id
 
     def _api_key(self, key_id: str, replaced_by: str | bool | None = False) -> ApiKey:
         k = self.keys[key_id]
         link = k.replaced_by if replaced_by is False else replaced_by
+        if not self.successors:  # the published contract: no links on the wire
+            return ApiKey(k.client_id, key_id, k.alias, Environment.PRODUCTION, (), k.created_at, k.last_reset_at)
         return ApiKey(k.client_id, key_id, k.alias, Environment.PRODUCTION, (), k.created_at, k.last_reset_at,
                       replaces=k.replaces, replaced_by=link if isinstance(link, str) else None)
 
@@ -354,7 +366,7 @@ class FakeKeyService:
             seen = self.keys[key_id].generation if key_id in self.keys else Generation(0, 0)
             return self._post(ik, key_id, lambda: self._run_reset(key_id, ik, seen))
         body = json.loads(request.content)
-        replaces, alias = body["Replaces"], body["Alias"]
+        replaces, alias = body.get("Replaces") if self.successors else self.intent[ik], body["Alias"]
         seen = self.keys[replaces].generation if replaces in self.keys else Generation(0, 0)
         return self._post(ik, f"create:{replaces}", lambda: self._run_create(replaces, ik, seen, alias))
 
@@ -410,14 +422,21 @@ class FakeKeyService:
         """The origin creates the successor once per Idempotency-Key (the contract's rules: one live
         successor, no chains, the same alias); a conflict is a stored 409."""
         old = self.keys.get(replaces)
-        if old is None or old.replaced_by is not None or (old.replaces is not None and old.replaces in self.keys) \
-                or alias != old.alias:
+        if self.successors:
+            refused = old is None or old.replaced_by is not None or alias != old.alias or (
+                old.replaces is not None and old.replaces in self.keys)
+        else:  # the published contract knows no successors: an alias taken is all it refuses
+            refused = old is None or any(k.alias == alias for k in self.keys.values())
+        if refused:
             self.stored[ik] = (self.sim.now, f"create:{replaces}", 409, None)
             return 409, None
+        assert old is not None
         new_id = f"{replaces.split('.')[0]}.s{len(self.creates) + 1}"
         created = max(int(self.sim.now), old.created_at + 1)
         secret = f"live-secret-{self.sim.seed}-c{len(self.creates)}-{self.sim.rng.randrange(10**9)}"
-        self.keys[new_id] = FakeKey(created, None, secret, old.alias, replaces=replaces)
+        self.keys[new_id] = FakeKey(created, None, secret, alias, replaces=replaces, client_id=old.client_id,
+                                    base=old.base)
+        self.client_of[new_id] = old.client_id
         self.links_before[replaces] = (old.replaced_by, self.sim.now)
         old.replaced_by = new_id
         self.creates.append((replaces, seen, ik, new_id))
@@ -437,9 +456,11 @@ class FakeKeyService:
         if key is None:
             raise NotFoundError("no such key")
         successor = self.keys.get(key.replaced_by) if key.replaced_by else None
+        if self.unproved(key_id):
+            raise Violation(f"seed {self.sim.seed}: {key_id} revoked, a key no answer ever proved rotator made")
         for sink in self.sinks:
-            if sink.holds_doc_of(key.alias, key_id, key.secret) or (
-                    successor is not None and not sink.holds(key.alias, successor.secret)):
+            if sink.holds_doc_of(key.base, key_id, key.secret) or (
+                    successor is not None and not sink.holds(key.base, successor.secret)):
                 raise Violation(f"seed {self.sim.seed}: {key_id} revoked while {sink.name} still holds it "
                                 "(or not its successor)")
         if successor is not None and self.sim.now < successor.created_at + self.grace_s:
@@ -476,11 +497,27 @@ class FakeKeyService:
             self.keys[key.replaced_by].replaces = None
         self.sim.log(f"ks PERSON REVOKES {key_id}")
 
+    def unproved(self, key_id: str) -> bool:
+        """Without successors: a key a create made that nothing durable ever named (no link in
+        Redis, no attempt record, no sink document) and whose stored answer is gone (a day passed):
+        nothing can prove it rotator's, so it is never revoked, and nobody holds its secret."""
+        if self.successors or key_id in self.sim.state.known:
+            return False
+        return any(new == key_id and not self._answers(ik, key_id) for *_, ik, new in self.creates)
+
+    def _answers(self, ik: str, key_id: str) -> bool:
+        """The key service still keeps, under `ik`, the answer that created `key_id`."""
+        if not self._live(ik):
+            return False
+        answer = self.stored[ik][3]
+        return answer is not None and answer.key.key_id == key_id
+
     def lineages(self) -> dict[str, list[str]]:
-        """Live keys by alias (the overlap strategy's successor shares its predecessor's)."""
+        """Live keys by base alias (the overlap strategy's successor shares its predecessor's place)."""
         found: dict[str, list[str]] = {}
         for key_id in sorted(self.keys):
-            found.setdefault(self.keys[key_id].alias, []).append(key_id)
+            if not self.unproved(key_id):
+                found.setdefault(self.keys[key_id].base, []).append(key_id)
         return found
 
     def close(self) -> None:
@@ -514,7 +551,7 @@ class FakeSink:
     def __init__(self, sim: Sim, name: str) -> None:
         self.sim = sim
         self.name = name
-        self.docs: dict[str, list[str]] = {}  # by alias: a successor takes its predecessor's place
+        self.docs: dict[str, list[str]] = {}  # by base alias: a successor takes its predecessor's place
         self.first_held: dict[str, float] = {}  # secret -> when this place first served it
         self.down_until = 0.0  # an outage: every write fails until then
         self.faulty = True
@@ -526,7 +563,7 @@ class FakeSink:
         return f"{self.name}" + (f" [{ref}]" if ref else "")
 
     def location(self, key: ApiKey) -> str:
-        return f"{self.name}:{key.alias}"
+        return f"{self.name}:{key.base_alias}"
 
     def prepare(self, key: ApiKey) -> None:
         self.sim.point(f"{self.name} prepare {key.key_id}")
@@ -542,7 +579,7 @@ class FakeSink:
             raise TransientError(f"{self.name}: 503")
         if self._p(0.02):
             raise PermanentError(f"{self.name}: 400")
-        versions = self.docs.setdefault(record.key.alias, [])
+        versions = self.docs.setdefault(record.key.base_alias, [])
         current = self._state(versions, record.key, writing=True)
         if refuse_if_stale(current, record, self.name):
             assert current is not None
@@ -552,6 +589,7 @@ class FakeSink:
         else:
             versions.append(encode(record))
             self.first_held.setdefault(record.secret.reveal(), self.sim.now)
+            self.sim.state.known.add(record.key.key_id)
         self.sim.point(f"{self.name} write acknowledged {record.key.key_id}")
         return StoredState(record.fingerprint, record.attempt_id, None, record.key_reset_at)
 
@@ -562,7 +600,7 @@ class FakeSink:
         self.sim.point(f"{self.name} read {key.key_id}")
         if self._p(0.02):
             raise TransientError(f"{self.name}: read 503")
-        return self._state(self.docs.get(key.alias, []), key)
+        return self._state(self.docs.get(key.base_alias, []), key)
 
     def read_secret(self, key: ApiKey) -> Secret | None:
         import json
@@ -570,7 +608,7 @@ class FakeSink:
         self.sim.point(f"{self.name} read secret {key.key_id}")
         if self._p(0.02):
             raise TransientError(f"{self.name}: read 503")
-        versions = self.docs.get(key.alias, [])
+        versions = self.docs.get(key.base_alias, [])
         return secret_from_document(json.loads(versions[-1]), self.name, key) if versions else None
 
     def holds(self, alias: str, secret: str) -> bool:
@@ -649,6 +687,8 @@ class FakeState:
         self.epochs: dict[KeyRef, tuple[str, int]] = {}
         self.last: dict[KeyRef, dict[str, Any]] = {}
         self.stored_slots: dict[KeyRef, dict[str, Any]] = {}
+        self.links: dict[str, dict[str, dict[str, Any]]] = {}  # the alias-template mode's proved lineages
+        self.known: set[str] = set()  # key ids a link or a record ever named durably (and the sinks' documents)
         self.entries: list[dict[str, Any]] = []
         self.marks: set[str] = set()
         self.faulty = True
@@ -665,6 +705,7 @@ class FakeState:
         self.epochs.clear()
         self.last.clear()
         self.stored_slots.clear()
+        self.links.clear()
         self.marks.clear()
 
     def _lose(self) -> bool:
@@ -707,6 +748,7 @@ class FakeState:
         if not self._lose():
             stored = json.dumps(attempt.to_dict())  # what Redis holds; read back as a worker would
             self.written.append(stored)
+            self.known.update([attempt.issued_key_id] if attempt.issued_key_id else [])
             self.records[attempt.ref] = AttemptRecord.from_dict(json.loads(stored))
 
     def get_attempt(self, ref: KeyRef) -> AttemptRecord | None:
@@ -760,6 +802,24 @@ class FakeState:
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         return self.entries[-limit:]
 
+    def lineage_links(self, client_id: str) -> dict[str, dict[str, Any]]:
+        self.sim.point(f"redis lineage {client_id}")
+        return {key_id: dict(entry) for key_id, entry in self.links.get(client_id, {}).items()}
+
+    def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]], only_new: bool = False) -> None:
+        self.sim.point(f"redis link {sorted(links)}")
+        if not self._lose():
+            held = self.links.setdefault(client_id, {})
+            for key_id, entry in links.items():
+                if not (only_new and key_id in held):
+                    held[key_id] = dict(entry)
+            self.known.update(k for k, v in links.items() if v.get("replaces"))  # linked as a successor
+
+    def drop_lineage_links(self, client_id: str, key_ids: list[str]) -> None:
+        self.sim.point(f"redis unlink {key_ids}")
+        for key_id in key_ids:
+            self.links.get(client_id, {}).pop(key_id, None)
+
 
 # --- one run -------------------------------------------------------------------------------------
 def key_of(sim: Sim, record: AttemptRecord) -> str:
@@ -767,9 +827,24 @@ def key_of(sim: Sim, record: AttemptRecord) -> str:
     return engine_for(sim, "invariants")._key_of(record)
 
 
+class IntentRecorded(AliasSuccessors):
+    """The alias-template mode as the engine runs it, telling the fake key service (the oracle)
+    which key each create replaces: the published contract's create carries no such field."""
+
+    def create_key(self, client_id: str, alias: str, scopes: tuple[Scope, ...], idempotency_key: str,
+                   replaces: str | None = None) -> IssuedKey:
+        if replaces is not None:
+            self.inner.intent[idempotency_key] = replaces  # type: ignore[attr-defined]
+        return super().create_key(client_id, alias, scopes, idempotency_key, replaces)
+
+
 def engine_for(sim: Sim, actor: str) -> Engine:
     policy = Policy(strategy="overlap", overlap_grace_s=GRACE_S) if sim.overlap else Policy()
-    return Engine(sim.service, list(sim.sinks), sim.state, sim.events, FP, policy, sink_retry_s=5.0,
+    service: Any = sim.service
+    if not sim.service.successors:
+        service = IntentRecorded(sim.service, AliasTemplate(), sim.state, list(sim.sinks),  # type: ignore[arg-type]
+                                 creates_of(FP.derive(b"idempotency-key")))
+    return Engine(service, list(sim.sinks), sim.state, sim.events, FP, policy, sink_retry_s=5.0,
                   lock_ttl_s=TTL_S, clock=lambda: sim.now, actor=actor, clients=["sim"], horizon_s=HORIZON_S,
                   executor=INLINE, sleep=sim.sleep, monotonic=lambda: sim.now)
 
@@ -795,6 +870,9 @@ def _run(sim: Sim, durable: bool) -> Sim:
     rng = sim.rng
     keys = [f"k{i}" for i in range(rng.randint(1, 3))]
     sim.overlap = rng.random() < 0.5
+    # Half the overlap runs against the contract as published (no successors: derived aliases),
+    # drawn apart from the run's own stream so that every other draw of a seed stays as it was.
+    sim.service.successors = not (sim.overlap and random.Random(seed * 7 + 1).random() < 0.5)
     for key_id in keys:
         sim.service.add(key_id, int(sim.now - 400 * DAY))
     sim.state.on_delete = lambda record: check_delete(sim, record)
@@ -895,7 +973,8 @@ def heads(sim: Sim) -> list[tuple[str, FakeKey]]:
     issued (by a reset, or as a successor)."""
     created = {new for *_, new in sim.service.creates}
     return [(key_id, key) for key_id, key in sim.service.keys.items()
-            if key.replaced_by is None and (key.last_reset_at is not None or key_id in created)]
+            if key.replaced_by is None and (key.last_reset_at is not None or key_id in created)
+            and not sim.service.unproved(key_id)]
 
 
 def covered_or_alarmed(sim: Sim) -> None:
@@ -903,7 +982,7 @@ def covered_or_alarmed(sim: Sim) -> None:
     the key that issued it: its own, or its predecessor's for a successor), or a critical event was
     raised for its key."""
     for key_id, key in heads(sim):
-        if all(s.holds(key.alias, key.secret) for s in sim.sinks):
+        if all(s.holds(key.base, key.secret) for s in sim.sinks):
             continue
         issuers = {ik for ik, (_, kid, status, answer) in sim.service.issued.items()
                    if kid == key_id and status == 200 and answer is not None and answer.secret.reveal() == key.secret}
@@ -919,7 +998,7 @@ def unstored(sim: Sim) -> list[str]:
     """Keys whose live secret (issued by a reset or a create) consumers cannot read in every sink."""
     missing = []
     for key_id, key in heads(sim):
-        missing.extend(f"{key_id} not in {s.name}" for s in sim.sinks if not s.holds(key.alias, key.secret))
+        missing.extend(f"{key_id} not in {s.name}" for s in sim.sinks if not s.holds(key.base, key.secret))
     return missing
 
 
@@ -935,7 +1014,7 @@ def check_delete(sim: Sim, record: AttemptRecord) -> None:
     if key is None:
         return  # revoked since: its secret is dead
     issued = found[3].secret.reveal()
-    if issued == key.secret and not all(s.holds(key.alias, issued) for s in sim.sinks):
+    if issued == key.secret and not all(s.holds(key.base, issued) for s in sim.sinks):
         raise Violation(f"seed {sim.seed}: record of {record.key_id} deleted while its live secret is unstored")
 
 
@@ -958,7 +1037,7 @@ def check(sim: Sim) -> None:
         for replaced_key, generation, _, new in sim.service.creates:
             created.setdefault((replaced_key, generation), []).append(new)
         for (replaced_key, _), news in created.items():
-            if [n for n in news[:-1] if n not in sim.service.revoked]:
+            if [n for n in news[:-1] if n not in sim.service.revoked and not sim.service.unproved(n)]:
                 raise Violation(f"seed {sim.seed}: {replaced_key} got two live successors: {news}")
         for alias, live in sim.service.lineages().items():
             if len(live) != 1:

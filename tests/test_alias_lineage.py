@@ -392,3 +392,38 @@ def test_a_partial_store_and_a_wiped_redis_are_finished_by_the_repair_from_the_s
     clock.shift += GRACE + 60  # the file sink's consumers get the whole grace too
     assert was_revoked(survivor.rotate(KeyRef("acme", payouts), trigger="schedule"))
     assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts--r1"]
+
+
+def test_the_cli_plans_rotates_and_shows_a_lineage_without_successors(
+    tmp_path: Path, env: pytest.MonkeyPatch, redis_server: str, published: tuple[Emulator, EmulatorServer],
+    payouts: str,
+) -> None:
+    """An operator's view of the alias-template mode, through the real CLI: the plan names the mode
+    and the base alias, `--apply` creates `payouts--r1`, and `status` shows the lineage (base alias,
+    the serving key, the retiring key and its revoke time)."""
+    import uuid
+
+    from typer.testing import CliRunner
+
+    from rotator.cli import app
+    from tests.conftest import write_config
+
+    emulator, server = published
+    env.setenv("ROTATOR_STATE__NAMESPACE", f"alias-{uuid.uuid4().hex[:8]}")
+    path = write_config(tmp_path / "rotator.toml", server.url, redis_server, clients=["acme"],
+                        sinks='kind = "memory"\npath = "{client_id}/{base_alias}"')
+    path.write_text(path.read_text().replace("[state]", "successors = false\n[policy]\nstrategy = \"overlap\"\n[state]"))
+    runner = CliRunner()
+    one = ["--client-id", "acme", "--key-id", payouts, "--config", str(path)]
+    plan = runner.invoke(app, ["rotate", *one])
+    assert plan.exit_code == 0 and "alias template" in plan.stdout and "'payouts'" in plan.stdout, plan.output
+    applied = runner.invoke(app, ["rotate", *one, "--apply", "--json"])
+    assert applied.exit_code == 0, applied.output
+    new = aliases(emulator)["payouts--r1"]
+    status = runner.invoke(app, ["status", "--json", "--config", str(path)])
+    rows = {r["key_id"]: r for r in json.loads(status.stdout)["keys"]}
+    assert rows[payouts]["state"] == "retiring" and rows[payouts]["retiring"]["successor"] == new
+    assert rows[payouts]["retiring"]["revoke_at"]
+    assert (rows[new]["alias"], rows[new]["base_alias"], rows[new]["replaces"]) == ("payouts--r1", "payouts", payouts)
+    text = runner.invoke(app, ["status", "--config", str(path)]).stdout
+    assert "payouts--r1 (lineage payouts)" in text and f"retiring -> {new}, revoked after" in text, text

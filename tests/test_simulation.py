@@ -31,7 +31,7 @@ def test_thousands_of_adversarial_schedules_keep_every_invariant() -> None:
     record is deleted while its live secret is unstored, and after recovery every sink holds every
     live secret (ROTATOR_SIM_SEEDS seeds; a failure names the seed to replay)."""
     started = time.monotonic()
-    resets = in_doubt = creates = revoked = 0
+    resets = in_doubt = creates = revoked = by_alias = 0
     for seed in range(SEEDS):
         try:
             run = sim.run_seed(seed)
@@ -43,10 +43,12 @@ def test_thousands_of_adversarial_schedules_keep_every_invariant() -> None:
         in_doubt += sum(1 for e in run.events.events if e.name == "rotation.in_doubt")
         creates += len(run.service.creates)
         revoked += len(run.service.revoked)
-    print(f"\n{SEEDS} seeds, {resets} resets, {creates} successors created, {revoked} keys revoked, "
-          f"{in_doubt} in doubt, {time.monotonic() - started:.1f}s")
+        by_alias += not run.service.successors and bool(run.service.creates)
+    print(f"\n{SEEDS} seeds, {resets} resets, {creates} successors created ({by_alias} runs under derived aliases), "
+          f"{revoked} keys revoked, {in_doubt} in doubt, {time.monotonic() - started:.1f}s")
     assert resets > SEEDS // 4 and in_doubt > SEEDS // 20  # the schedules did reset, and did get in doubt
     assert creates > SEEDS // 4 and revoked > SEEDS // 4  # half the runs rotate by overlap, to the end
+    assert by_alias > SEEDS // 8  # half of those against the contract as published (no successors)
 
 
 def test_seeds_past_the_default_run_that_once_lost_a_secret() -> None:
@@ -165,3 +167,37 @@ def test_it_catches_a_grace_counted_from_the_creation(monkeypatch: pytest.Monkey
     while they have only just been able to move over."""
     monkeypatch.setattr(lineage, "stored_at", lambda ctx, successor: float(successor.created_at))
     assert first_violation(3000, "counted from when every sink held it") is not None
+
+
+def test_it_catches_a_lineage_guessed_from_a_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without successors, a lineage is proved by the create's answer or the sinks. Proving it
+    from the listing instead (any older key of the alias's base is taken for the one replaced)
+    links keys that are no successors of each other, and the sweeps revoke or store on that guess."""
+    from rotator.engine import successors
+
+    def guessed(self: Any, client_id: str, key: Any, listing: Any = None) -> Any:
+        keys = list(self.inner.list_keys(client_id)) if listing is None else listing
+        parsed = self.template.parse(key.alias)
+        older = [k for k in keys if parsed and k.alias == parsed[0] and k.key_id != key.key_id]
+        if not older:
+            return {**self.state.lineage_links(client_id), key.key_id: {"base": key.alias}}
+        links = {key.key_id: {"base": parsed[0], "replaces": older[0].key_id},
+                 older[0].key_id: {"base": parsed[0], "replaced_by": key.key_id}}
+        self.state.put_lineage_links(client_id, links)
+        return {**self.state.lineage_links(client_id), **links}
+
+    monkeypatch.setattr(successors.AliasSuccessors, "prove", guessed)
+    assert first_violation(3000) is not None
+
+
+def test_it_catches_an_alias_lineage_lost_with_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without successors, what Redis held of a lineage must be rebuilt from the sinks and the
+    stored create answers: a key the store no longer links, taken for its own base, is created
+    again (a second live successor) or never retired."""
+    from rotator.engine import successors
+
+    def own_base(self: Any, client_id: str, key: Any, listing: Any = None) -> Any:
+        return {**self.state.lineage_links(client_id), key.key_id: {"base": key.alias}}
+
+    monkeypatch.setattr(successors.AliasSuccessors, "prove", own_base)
+    assert first_violation(3000) is not None

@@ -95,7 +95,12 @@ def status(config: ConfigOption = None, as_json: JsonOption = False,
     for r in rows:
         last = r["last_rotation"]
         text = f"{last['status']} ({last['trigger']}) {utc_iso(last['time'])}" if last else "-"
-        table.append((f"{r['client_id']}/{r['key_id']}", r["alias"], r["state"], f"{r['age_days']:.1f}",
+        base = r.get("base_alias") or r["alias"]
+        alias = r["alias"] if base == r["alias"] else f"{r['alias']} (lineage {base})"
+        state = r["state"]
+        if r.get("retiring"):
+            state += f" -> {r['retiring']['successor']}, revoked after {r['retiring']['revoke_at'] or 'its grace'}"
+        table.append((f"{r['client_id']}/{r['key_id']}", alias, state, f"{r['age_days']:.1f}",
                       r["next_due"], text, r["in_flight"] or ""))
     print_table(("key", "alias", "state", "age_days", "next_due", "last rotation", "in flight"), table)
     for d in drift:

@@ -27,7 +27,7 @@ from rotator.aliases import AliasTemplate
 from rotator.domain import ApiKey, AttemptRecord, KeyRef
 from rotator.engine import attempt, flow, lineage, reconcile, records, report, store
 from rotator.engine.context import Context
-from rotator.engine.successors import AliasSuccessors
+from rotator.engine.successors import AliasSuccessors, creates_of
 from rotator.engine.values import (
     INLINE,
     LOCKED,
@@ -106,7 +106,7 @@ class Engine:
         mac = idempotency_secret or fingerprint.derive(b"idempotency-key")
         template = getattr(keyservice, "alias_template", None)
         if isinstance(template, AliasTemplate) and not isinstance(keyservice, AliasSuccessors):
-            keyservice = AliasSuccessors(keyservice, template, state, sinks)  # no successors: derived aliases
+            keyservice = AliasSuccessors(keyservice, template, state, sinks, creates_of(mac))  # derived aliases
         self.ctx = Context(
             keyservice=keyservice, sinks=sinks, state=state, publisher=publisher, fingerprint=fingerprint,
             policy=policy, sink_retry_s=sink_retry_s, verify=verify, lock_ttl_s=lock_ttl_s, clock=clock, actor=actor,

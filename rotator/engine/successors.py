@@ -8,7 +8,10 @@ lineage's base alias and `keyservice.alias_template`), and a key is linked to an
 - the create's own answer (sent, or replayed under its Idempotency-Key, which only this rotation of
   that key derives), which names the new key as the successor of the key it was created for;
 - the sinks' documents: the place of base alias `B` names the key that serves it, its `base_alias`
-  and the key it `replaces`.
+  and the key it `replaces`;
+- for a key no document names yet (its create's store never finished, and the state store was
+  lost), the create's stored answer, replayed under each Idempotency-Key the create for one of its
+  lineage's older keys may have used.
 
 A listing alone proves nothing: a person's key named `payouts--r2` is its own base. What is proved
 is kept in the state store (`lineage_links`) and rebuilt from the sinks when it is lost.
@@ -16,7 +19,7 @@ is kept in the state store (`lineage_links`) and rebuilt from the sinks when it 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +27,7 @@ from rotator import logs
 from rotator.aliases import AliasTemplate
 from rotator.domain import ApiKey, ClientInfo, IssuedKey, Replay, ReplayAnswer, Scope, Secret
 from rotator.errors import NotFoundError, OtherKeyError, ProtocolError, RotatorError, TransientError
+from rotator.protocol import MAX_EPOCHS, idempotency_key
 from rotator.protocols import KeyService, SecretSink, StateStore
 
 log = logs.get("rotator.engine")
@@ -34,12 +38,14 @@ class AliasSuccessors:
     """A key service without successors, seen as one with them (see the module)."""
 
     def __init__(self, inner: KeyService, template: AliasTemplate, state: StateStore,
-                 sinks: list[SecretSink]) -> None:
-        self.inner, self.template, self.state, self.sinks = inner, template, state, sinks
+                 sinks: list[SecretSink], creates: Callable[[ApiKey], Iterator[str]] | None = None) -> None:
+        """`creates`: the Idempotency-Keys, epoch by epoch, of a create of a key's successor
+        (`creates_of`); without it, a key no document names is never proved from its create's answer."""
+        self.inner, self.template, self.state, self.sinks, self.creates = inner, template, state, sinks, creates
 
     def __getattr__(self, name: str) -> Any:
         """Everything else the adapter offers (its budget, `stores_answers`, `verify_timeout_s`, …)."""
-        if name in ("inner", "template", "state", "sinks") or name.startswith("__"):
+        if name in ("inner", "template", "state", "sinks", "creates") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -49,9 +55,18 @@ class AliasSuccessors:
         return self.inner.list_clients()
 
     def list_keys(self, client_id: str) -> Iterator[ApiKey]:
-        """The listing, with the links the state store holds (a listing costs no sink read)."""
+        """The listing, with the links the state store holds. A key named like a derived alias that
+        the store knows nothing of (it was lost) is proved from the sinks here, once: a sweep or a
+        repair must see a lineage as the rotations do. A sink that cannot be read leaves it unlinked
+        for now; the listing never fails for it."""
         keys = list(self.inner.list_keys(client_id))
         links = self.state.lineage_links(client_id)
+        for key in keys:
+            if key.key_id not in links and self.template.parse(key.alias) is not None:
+                try:
+                    links = self.prove(client_id, key, keys)
+                except TransientError as exc:
+                    log.warning("lineage.unproved", client_id=client_id, key_id=key.key_id, error=str(exc))
         present = {key.key_id for key in keys}
         return iter([linked(key, links, present) for key in keys])
 
@@ -79,11 +94,11 @@ class AliasSuccessors:
 
     # -- proof from the sinks ------------------------------------------------------------------
 
-    def prove(self, client_id: str, key: ApiKey) -> Links:
+    def prove(self, client_id: str, key: ApiKey, listing: list[ApiKey] | None = None) -> Links:
         """Which lineage `key` belongs to, as the sinks' documents prove it, kept in the state store.
         Its proposed base (its alias parsed by the template) first, then its own alias. A sink that
         cannot be read proves nothing either way: TransientError, nothing kept."""
-        keys = {k.key_id: k for k in self.inner.list_keys(client_id)}
+        keys = {k.key_id: k for k in (self.inner.list_keys(client_id) if listing is None else listing)}
         keys.setdefault(key.key_id, key)
         parsed = self.template.parse(key.alias)
         for base in ([parsed[0]] if parsed else []) + [key.alias]:
@@ -91,15 +106,17 @@ class AliasSuccessors:
             if key.key_id in proved:
                 break
         else:
-            proved = {key.key_id: {"base": key.alias}}
-        self._keep(client_id, proved)
-        return {**self.state.lineage_links(client_id), **proved}
+            proved = self._created_for(client_id, key, keys) or {key.key_id: {"base": key.alias}}
+        self._keep(client_id, proved, only_new=True)
+        return {**proved, **self.state.lineage_links(client_id)}
 
-    def _keep(self, client_id: str, links: Links) -> None:
+    def _keep(self, client_id: str, links: Links, only_new: bool = False) -> None:
         """Keep what is proved. Only a cache: a state store that refuses the write (a read-only
-        user's status page, Redis down) costs a proof from the sinks next time, nothing more."""
+        user's status page, Redis down) costs a proof from the sinks next time, nothing more. A
+        proof from the sinks (`only_new`) never overwrites an entry written since it was read (a
+        create's link, from the create's own answer)."""
         try:
-            self.state.put_lineage_links(client_id, links)
+            self.state.put_lineage_links(client_id, links, only_new)
         except Exception as exc:  # any store's error: the proof stands without it
             log.warning("lineage.not_kept", client_id=client_id, error=type(exc).__name__)
 
@@ -126,6 +143,29 @@ class AliasSuccessors:
                     proved.setdefault(stored.replaces, {"base": base})["replaced_by"] = member.key_id
                 break
         return proved
+
+    def _created_for(self, client_id: str, key: ApiKey, keys: dict[str, ApiKey]) -> Links:
+        """The links the create that made `key` proves, when its stored answer is still kept: tried
+        for each older live key of the lineage its alias proposes, epoch by epoch, until the key
+        service has nothing stored. A replay that fails proves nothing either way: TransientError."""
+        parsed = self.template.parse(key.alias)
+        if parsed is None or self.creates is None:
+            return {}
+        base, n = parsed
+        older = [k for k in keys.values() if k.key_id != key.key_id and k.created_at <= key.created_at
+                 and (self.template.number(k.alias, base) or 0) < n and self.template.number(k.alias, base) is not None]
+        for predecessor in older:
+            for ik in self.creates(predecessor):
+                answer = self.inner.replay_create(client_id, None, ik)
+                if answer.kind is Replay.UNKNOWN:
+                    raise TransientError(f"cannot prove the lineage of {key.key_id}: {answer.reason}")
+                if answer.kind is Replay.EMPTY:
+                    break
+                if answer.kind is Replay.ANSWER and answer.issued is not None and \
+                        answer.issued.key.key_id == key.key_id:
+                    return {key.key_id: {"base": base, "replaces": predecessor.key_id},
+                            predecessor.key_id: {"base": base, "replaced_by": key.key_id}}
+        return {}
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -226,3 +266,9 @@ def linked(key: ApiKey, links: Links, present: set[str]) -> ApiKey:
         replaced_by = None
     return replace(key, lineage_base=base if isinstance(base, str) and base != key.alias else None,
                    replaces=replaces, replaced_by=replaced_by)
+
+
+def creates_of(mac: bytes) -> Callable[[ApiKey], Iterator[str]]:
+    """The Idempotency-Keys a create of `key`'s successor may have been sent with, epoch by epoch
+    (`protocol.idempotency_key`, derived with the workers' secret `mac`)."""
+    return lambda key: (idempotency_key(mac, key.ref, key.generation, epoch, "create") for epoch in range(MAX_EPOCHS))
