@@ -62,6 +62,21 @@ return 1
 # was hashed after. KEYS = head, history, then the keys the increments name; ARGV = expected head
 # ("" for none), entry, new head, history length, the index in KEYS of the key's last-rotation slot
 # (0: none), then per increment: KEYS index, field, amount, 1 for a float.
+_PUT_LINKS = """
+local how = ARGV[1]
+for i = 2, #ARGV, 2 do
+  local field, entry = ARGV[i], ARGV[i + 1]
+  local current = redis.call('HGET', KEYS[1], field)
+  if how == 'merge' and current then
+    local merged = cjson.decode(current)
+    for name, value in pairs(cjson.decode(entry)) do merged[name] = value end
+    entry = cjson.encode(merged)
+  end
+  if how ~= 'new' or not current then redis.call('HSET', KEYS[1], field, entry) end
+end
+return 1
+"""
+
 _APPEND_CHAINED = """
 local head = redis.call('get', KEYS[1]) or ''
 if head ~= ARGV[1] then return {0, head} end
@@ -368,19 +383,14 @@ class RedisState:
                 links[key_id.decode() if isinstance(key_id, bytes) else str(key_id)] = entry
         return links
 
-    def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]], only_new: bool = False) -> None:
-        """`only_new`: a proof read from the sinks, which a link written since (a create's) must win
-        over: each entry is written only where none is (HSETNX)."""
+    def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]], how: str = "merge") -> None:
+        """`merge`: each entry's fields over the stored ones, the others kept (a proof never drops a
+        link written since it was read); `new`: only where no entry is (a key proved to be its own
+        base); `replace`: the whole entry (an unlink)."""
         if not links:
             return
-        name = self._k("lineage", client_id)
-        if only_new:
-            pipe = self.client.pipeline(transaction=False)
-            for key_id, entry in links.items():
-                pipe.hsetnx(name, key_id, json.dumps(entry, sort_keys=True))
-            pipe.execute()
-            return
-        self.client.hset(name, mapping={key_id: json.dumps(entry, sort_keys=True) for key_id, entry in links.items()})
+        args = [how] + [part for key_id, entry in links.items() for part in (key_id, json.dumps(entry, sort_keys=True))]
+        self.client.eval(_PUT_LINKS, 1, self._k("lineage", client_id), *args)
 
     def drop_lineage_links(self, client_id: str, key_ids: list[str]) -> None:
         if key_ids:

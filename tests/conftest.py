@@ -56,7 +56,7 @@ def redis_text(client: Any, match: str = "*") -> str:
 
 @pytest.fixture
 def emulator() -> Iterator[Emulator]:
-    emu = Emulator(token=TOKEN)
+    emu = Emulator(token=TOKEN, successors=True)  # the successor extension: tests/test_alias_lineage.py runs without
     yield emu
 
 

@@ -806,12 +806,14 @@ class FakeState:
         self.sim.point(f"redis lineage {client_id}")
         return {key_id: dict(entry) for key_id, entry in self.links.get(client_id, {}).items()}
 
-    def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]], only_new: bool = False) -> None:
+    def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]], how: str = "merge") -> None:
         self.sim.point(f"redis link {sorted(links)}")
         if not self._lose():
             held = self.links.setdefault(client_id, {})
             for key_id, entry in links.items():
-                if not (only_new and key_id in held):
+                if how == "merge" and key_id in held:
+                    held[key_id] = {**held[key_id], **entry}
+                elif how != "new" or key_id not in held:
                     held[key_id] = dict(entry)
             self.known.update(k for k, v in links.items() if v.get("replaces"))  # linked as a successor
 

@@ -51,7 +51,9 @@ def test_the_emulator_serves_the_contract_as_published_when_told(
     published: tuple[Emulator, EmulatorServer], emulator_server: EmulatorServer, emulator: Emulator
 ) -> None:
     """Off: a key's answer has no `Replaces`/`ReplacedBy`, a create's `Replaces` is ignored, and an
-    alias stays unique (409). On (the default, until the alias-template mode lands): as before."""
+    alias stays unique (409): the default, as the docs recommend against the payment API. On
+    (`--successors`): the successor extension."""
+    assert Emulator().successors is False
     strict, server = published
     now = strict.now()
     strict.add_client("acme", created_at=now - 400 * DAY)

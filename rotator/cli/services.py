@@ -41,8 +41,8 @@ def emulator(
     = "2300,4500,8800,105600",
     successors: Annotated[bool, Flag(
         "--successors/--no-successors",
-        help="This project's successor extension (Replaces/ReplacedBy); --no-successors serves the contract as "
-             "the payment API publishes it (unique aliases, no links).")] = True,
+        help="This project's successor extension (Replaces/ReplacedBy); without it (the default) the contract "
+             "as the payment API publishes it (unique aliases, no links).")] = False,
 ) -> None:
     """Serve the key-service API (docs/keyservice-api.md) for development and tests."""
     from rotator.keyservice.emulator import Emulator

@@ -106,17 +106,19 @@ class AliasSuccessors:
             if key.key_id in proved:
                 break
         else:
-            proved = self._created_for(client_id, key, keys) or {key.key_id: {"base": key.alias}}
-        self._keep(client_id, proved, only_new=True)
+            proved = self._created_for(client_id, key, keys)
+        how = "merge" if proved else "new"  # its own base: kept only where nothing is known of it
+        proved = proved or {key.key_id: {"base": key.alias}}
+        self._keep(client_id, proved, how)
         return {**proved, **self.state.lineage_links(client_id)}
 
-    def _keep(self, client_id: str, links: Links, only_new: bool = False) -> None:
-        """Keep what is proved. Only a cache: a state store that refuses the write (a read-only
-        user's status page, Redis down) costs a proof from the sinks next time, nothing more. A
-        proof from the sinks (`only_new`) never overwrites an entry written since it was read (a
-        create's link, from the create's own answer)."""
+    def _keep(self, client_id: str, links: Links, how: str = "merge") -> None:
+        """Keep what is proved, merged into what is kept (a link written since the proof was read,
+        a create's, is never dropped); a key found to be its own base is kept only where nothing is.
+        Only a cache: a state store that refuses the write (a read-only user's status page, Redis
+        down) costs a proof from the sinks next time, nothing more."""
         try:
-            self.state.put_lineage_links(client_id, links, only_new)
+            self.state.put_lineage_links(client_id, links, how)
         except Exception as exc:  # any store's error: the proof stands without it
             log.warning("lineage.not_kept", client_id=client_id, error=type(exc).__name__)
 
@@ -242,7 +244,7 @@ class AliasSuccessors:
         for other in (entry.get("replaces"), entry.get("replaced_by")):
             if isinstance(other, str) and other in links:
                 changed[other] = {name: value for name, value in links[other].items() if value != key_id}
-        self.state.put_lineage_links(client_id, changed)
+        self.state.put_lineage_links(client_id, changed, "replace")
         self.state.drop_lineage_links(client_id, [key_id])
 
     def verify_secret(self, client_id: str, secret: Secret, key_id: str | None = None) -> bool:

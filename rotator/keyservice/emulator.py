@@ -162,7 +162,7 @@ class Emulator:
     """The whole key service in memory. Thread-safe: one lock around every operation."""
 
     def __init__(self, token: str = "dev-token", clock: Callable[[], float] = time.time, *,
-                 wire: str = "published", public_url: str = PUBLIC_URL, successors: bool = True) -> None:
+                 wire: str = "published", public_url: str = PUBLIC_URL, successors: bool = False) -> None:
         """`successors`: this project's successor extension (`Replaces`/`ReplacedBy`,
         docs/keyservice-api.md); off, the contract as the payment API publishes it: aliases unique
         within a Client ID, a create's `Replaces` ignored, no links in any answer."""

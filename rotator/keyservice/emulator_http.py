@@ -494,7 +494,7 @@ class EmulatorServer(ThreadingHTTPServer):
         self.stop()
 
 
-def start_in_process(seed: Path | None, successors: bool = True) -> EmulatorServer:
+def start_in_process(seed: Path | None, successors: bool = False) -> EmulatorServer:
     """An emulator for `kind = "emulator"`: seeded, on a free loopback port, in this process."""
     emulator = Emulator(token=secrets.token_urlsafe(16), successors=successors)
     if seed is not None:
