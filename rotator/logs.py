@@ -61,9 +61,11 @@ _REDACT = RedactUrls()
 
 
 def _stderr_logger(*_: Any) -> Any:
+    """One write per line (the line and its newline together): prefork children share the worker's
+    stderr, and a line written in two parts can take another process's line between them."""
     import structlog
 
-    return structlog.PrintLogger(sys.stderr)
+    return structlog.WriteLogger(sys.stderr)
 
 
 _wanted: tuple[int, bool] | None = None  # level and JSON-or-not, applied to structlog on first use

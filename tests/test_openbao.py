@@ -347,33 +347,43 @@ def documented_metadata() -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["reset", "overlap"])
+@pytest.mark.parametrize("strategy", ["reset", "overlap", "overlap-published"])
 def test_one_rotation_per_strategy_through_celery_workers_into_openbao(
     strategy: str, tmp_path: Path, redis_server: str, emulator: Emulator, emulator_server: EmulatorServer,
     keyservice: HttpKeyService, openbao: PrivateOpenBao, bao_sink: dict[str, Any],
 ) -> None:
     """A real worker and beat, the private Redis, the emulator and OpenBao under AppRole and the
     doc's policy: the due key is rotated by the strategy (overlap: a successor, the old key revoked
-    after a 3 s grace), and `bao kv get` reads back a document whose fields and metadata are the
-    ones docs/configuration.md lists, holding the secret the key service accepts now."""
+    after a 3 s grace; overlap-published: the same against the contract as published, the new key
+    `payouts--r1` at the base alias's place; reset: a signed reload call reaches the application),
+    and `bao kv get` reads back a document whose fields and metadata are the ones
+    docs/configuration.md lists, holding the secret the key service accepts now."""
+    from tests.receiver import Receiver
     from tests.test_celery import Cluster, wait_for
 
-    overlap = strategy == "overlap"
+    overlap, published = strategy.startswith("overlap"), strategy == "overlap-published"
+    emulator.successors = not published
     now = emulator.now()
     emulator.add_client("acme-prod", "Acme", created_at=now - 10 * DAY)
     old = emulator.add_key("acme-prod", "payouts", created_at=now - 95 * DAY).id
-    path = "rotator/{client_id}/{alias}" if overlap else "rotator/{client_id}/{key_id}"
+    field = "{base_alias}" if published else "{alias}"
+    path = f"rotator/{{client_id}}/{field}" if overlap else "rotator/{client_id}/{key_id}"
+    app = Receiver().__enter__()
     cluster = Cluster(tmp_path, redis_server, emulator_server.url, openbao.url, "unused",
                       vault={**bao_sink, "path": path},
                       policy='strategy = "overlap"\noverlap_grace_s = 3' if overlap else "",
-                      file_path="{client_id}/{alias}.secret" if overlap else "{client_id}/{key_id}.secret")
+                      file_path=f"{{client_id}}/{field}.secret" if overlap else "{client_id}/{key_id}.secret",
+                      extra="" if overlap else f'[[reload]]\nkind = "http"\nurl = "{app.url}/reload"\n'
+                                                'secret_env = "HOOK_SECRET"')
+    cluster.env["ROTATOR_KEYSERVICE__SUCCESSORS"] = "false" if published else "true"
 
     def current() -> str:
-        keys = [k for k in keyservice.list_keys("acme-prod") if k.alias == "payouts"]
+        keys = [k for k in keyservice.list_keys("acme-prod") if k.alias.startswith("payouts")]
         return keys[0].key_id if len(keys) == 1 else ""
 
     def bao_get(*args: str) -> dict[str, Any]:
-        where = path.replace("{client_id}", "acme-prod").replace("{alias}", "payouts").replace("{key_id}", current())
+        where = path.replace("{client_id}", "acme-prod").replace("{alias}", "payouts").replace(
+            "{base_alias}", "payouts").replace("{key_id}", current())
         out = openbao.cli("kv", *args, "-format=json", f"-mount={bao_sink['mount']}", where)
         answer: dict[str, Any] = json.loads(out.stdout)["data"]
         return answer
@@ -392,13 +402,17 @@ def test_one_rotation_per_strategy_through_celery_workers_into_openbao(
         cluster.worker()
         cluster.start("beat", "--schedule", str(tmp_path / "beat"))
         wait_for(done, 60, f"the {strategy} rotation stored in OpenBao")
+        if not overlap:  # the reload hook ran once the secret was in every sink
+            [told] = app.wait_for(1)
+            assert told.json()["key_id"] == old and told.headers["X-Rotator-Event"] == "secret.stored"
     finally:
         cluster.stop()
+        app.__exit__()
     stored = bao_get("get")
     assert set(stored["data"]) == documented_fields() - (set() if overlap else {"replaces"})  # a reset replaces none
     doc = stored["data"]
-    assert (doc["client_id"], doc["key_id"], doc["alias"], doc["environment"]) == (
-        "acme-prod", current(), "payouts", "PRODUCTION")
+    assert (doc["client_id"], doc["key_id"], doc["alias"], doc["base_alias"], doc["environment"]) == (
+        "acme-prod", current(), "payouts--r1" if published else "payouts", "payouts", "PRODUCTION")
     assert doc["rotated_at"].endswith("Z")
     assert set(stored["metadata"]["custom_metadata"]) == documented_metadata()
     assert stored["metadata"]["custom_metadata"]["fingerprint"] == FP(emulator.current_secret("acme-prod", current()))
@@ -407,4 +421,5 @@ def test_one_rotation_per_strategy_through_celery_workers_into_openbao(
     assert (current() != old) is overlap
     written = cluster.everything_written()
     assert emulator.current_secret("acme-prod", current()) not in written
+    assert not [r for r in app.attempts if emulator.current_secret("acme-prod", current()) in r.body.decode()]
     assert not [s for s in credentials(openbao) if s in written]

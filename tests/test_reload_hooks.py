@@ -214,3 +214,15 @@ def test_the_documented_api_token_mount_merged_into_the_worker_validates_offline
 
     [hook] = tomllib.loads(example)["reload"]
     assert hook["token_file"] == f"{mount}/token" and hook["ca_file"] == f"{mount}/ca.crt"
+
+
+def test_the_longest_rotation_counts_its_hooks(env: pytest.MonkeyPatch) -> None:
+    """The bound the worker's grace period and the task's time limit are checked against grows with
+    each hook's tries and time-outs (a hook runs after each store: a recovery and a fresh rotation)."""
+    from rotator.config import longest_rotation_s
+
+    base = {"sinks": [{"kind": "memory"}]}
+    plain = longest_rotation_s(settings_from_mapping(base))
+    hooked = longest_rotation_s(settings_from_mapping({**base, "reload": [
+        {"kind": "kubernetes", "namespace": "payments", "deployments": ["a", "b"], "timeout_s": 10, "tries": 3}]}))
+    assert hooked - plain == 2 * (3 * 2 * 10 + 1 + 2)

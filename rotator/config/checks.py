@@ -356,11 +356,13 @@ def _holds_credential(url: str) -> bool:
 def longest_rotation_s(s: Settings) -> float:
     """An upper bound of one `rotate_key` task: settling an earlier attempt (read, replay, store with
     the sink bound, verify) and then a fresh one (read, reset, store, verify), every key-service call
-    with all its retries."""
+    with all its retries, and after each store the reload hooks, every try timing out."""
     ks = s.keyservice
     call = min(ks.max_attempts * (ks.timeout_s + ks.retry_max_wait_s), ks.call_deadline_s + ks.timeout_s)
-    recovery = 3 * call + s.engine.sink_retry_s
-    fresh = 3 * call + s.engine.sink_retry_s
+    hooks = sum(hook.tries * (len(hook.deployments) if hook.kind == "kubernetes" else 1) * hook.timeout_s
+                + 2 ** (hook.tries - 1) - 1 for hook in s.reload)  # the back-off between tries: 1 s, doubling
+    recovery = 3 * call + s.engine.sink_retry_s + hooks
+    fresh = 3 * call + s.engine.sink_retry_s + hooks
     return recovery + fresh
 
 
