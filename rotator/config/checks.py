@@ -359,8 +359,8 @@ def longest_rotation_s(s: Settings) -> float:
     with all its retries, and after each store the reload hooks, every try timing out."""
     ks = s.keyservice
     call = min(ks.max_attempts * (ks.timeout_s + ks.retry_max_wait_s), ks.call_deadline_s + ks.timeout_s)
-    hooks = sum(hook.tries * (len(hook.deployments) if hook.kind == "kubernetes" else 1) * hook.timeout_s
-                + 2 ** (hook.tries - 1) - 1 for hook in s.reload)  # the back-off between tries: 1 s, doubling
+    hooks = sum(float(hook.tries * (len(hook.deployments) if hook.kind == "kubernetes" else 1) * hook.timeout_s
+                      + 2 ** (hook.tries - 1) - 1) for hook in s.reload)  # the back-off between tries: 1 s, doubling
     recovery = 3 * call + s.engine.sink_retry_s + hooks
     fresh = 3 * call + s.engine.sink_retry_s + hooks
     return recovery + fresh
