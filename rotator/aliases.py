@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 DEFAULT_TEMPLATE = "{alias}--r{n}"
+_LITERAL_RE = re.compile(r"[A-Za-z0-9 ._~+#-]{1,16}")  # what a template adds: plain text an alias may hold
 
 
 def template_problem(template: str) -> str | None:
@@ -19,9 +20,11 @@ def template_problem(template: str) -> str | None:
         return "must use {alias} and {n} once each"
     if not template.startswith("{alias}"):
         return "must start with {alias} (the lineage's base alias)"
-    middle, _, _ = template[len("{alias}"):].partition("{n}")
-    if not middle or "{" in template.replace("{alias}", "").replace("{n}", "") or "}" in middle:
+    middle, _, suffix = template[len("{alias}"):].partition("{n}")
+    if not middle or "{" in template.replace("{alias}", "").replace("{n}", "") or "}" in middle + suffix:
         return "needs literal text between {alias} and {n}, and no other placeholder"
+    if not _LITERAL_RE.fullmatch(middle + suffix):
+        return "may add at most 16 characters of letters, digits, space, '.', '_', '-', '~', '+' or '#' to an alias"
     return None
 
 

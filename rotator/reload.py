@@ -7,7 +7,7 @@ fail until they re-read the sink; a hook shortens that to the time the hook take
   Webhooks, `rotator.alerts.webhook`), event `secret.stored`, naming the key, never its secret;
 - `KubernetesRollout`: `kubectl rollout restart` of named Deployments through the Kubernetes API
   (a strategic-merge PATCH of the pod template's `kubectl.kubernetes.io/restartedAt` annotation,
-  which needs `get` and `patch` on those Deployments only: deploy/kubernetes/reload-rbac.yaml).
+  which needs `get` and `patch` on those Deployments only: deploy/kubernetes/reload/rbac.yaml).
 
 A hook runs after the rotation is settled: its failure is the event `reload.failed`, never a
 rotation that failed or a secret at risk.
@@ -27,16 +27,16 @@ import httpx
 
 from rotator.alerts.webhook import post_signed
 from rotator.config import ReloadConfig
-from rotator.domain import ApiKey, utc_iso
 from rotator.errors import PermanentError, RotatorError, TransientError
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"  # what `kubectl rollout restart` sets
+RBAC = "deploy/kubernetes/reload/rbac.yaml"
 
 
 class ReloadHook(Protocol):
     def describe(self) -> str: ...
 
-    def wants(self, key: ApiKey) -> bool: ...
+    def wants(self, told: dict[str, Any]) -> bool: ...
 
     def run(self, told: dict[str, Any]) -> None:
         """Tell; RotatorError (TransientError: worth another try) when it was not done."""
@@ -52,9 +52,9 @@ class Selected:
         self.clients = None if clients is None else frozenset(clients)
         self.aliases = None if aliases is None else frozenset(aliases)
 
-    def wants(self, key: ApiKey) -> bool:
-        return (self.clients is None or key.client_id in self.clients) and \
-            (self.aliases is None or key.base_alias in self.aliases)
+    def wants(self, told: dict[str, Any]) -> bool:
+        return (self.clients is None or told.get("client_id") in self.clients) and \
+            (self.aliases is None or told.get("base_alias") in self.aliases)
 
 
 class HttpReload(Selected):
@@ -84,8 +84,11 @@ class KubernetesRollout(Selected):
         return f"rollout {self.namespace}/{','.join(self.deployments)}"
 
     def patch(self) -> dict[str, Any]:
-        """The strategic-merge patch `kubectl rollout restart` sends."""
-        return {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: utc_iso(self.clock())}}}}}
+        """The strategic-merge patch `kubectl rollout restart` sends; to the microsecond, so that two
+        keys stored within one second restart the pods twice, the second time with both secrets."""
+        now = self.clock()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1e6) % 1_000_000:06d}Z"
+        return {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: stamp}}}}}
 
     def run(self, told: dict[str, Any]) -> None:
         try:
@@ -95,7 +98,11 @@ class KubernetesRollout(Selected):
                                  f"{self.token_file} ({exc.strerror})") from None
         verify: ssl.SSLContext | bool = True
         if self.ca_file is not None and self.api_url.startswith("https://"):
-            verify = ssl.create_default_context(cafile=str(self.ca_file))
+            try:
+                verify = ssl.create_default_context(cafile=str(self.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise PermanentError(f"{self.describe()}: cannot read the API server's CA bundle {self.ca_file} "
+                                     f"({type(exc).__name__})") from None
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/strategic-merge-patch+json",
                    "Accept": "application/json", "User-Agent": "rotator"}
         with httpx.Client(base_url=self.api_url, headers=headers, verify=verify, timeout=self.timeout_s) as client:
@@ -103,23 +110,36 @@ class KubernetesRollout(Selected):
                 self._restart(client, name)
 
     def _restart(self, client: httpx.Client, name: str) -> None:
+        """As `kubectl rollout restart`: a paused Deployment is refused (its pods would not restart)."""
         where = f"{self.describe()}: deployment {self.namespace}/{name}"
         path = f"/apis/apps/v1/namespaces/{self.namespace}/deployments/{name}"
+        found = self._call(client, "GET", path, where)
         try:
-            answer = client.patch(path, content=json.dumps(self.patch()).encode())
+            paused = bool(found.json().get("spec", {}).get("paused"))
+        except (ValueError, AttributeError):
+            raise PermanentError(f"{where}: the API server's answer is not a Deployment") from None
+        if paused:
+            raise PermanentError(f"{where}: paused; run `kubectl rollout resume` first")
+        self._call(client, "PATCH", path, where, json.dumps(self.patch()).encode())
+
+    def _call(self, client: httpx.Client, method: str, path: str, where: str, body: bytes | None = None
+              ) -> httpx.Response:
+        try:
+            answer = client.request(method, path, content=body)
         except httpx.TimeoutException:
             raise TransientError(f"{where}: no answer within {self.timeout_s:g}s") from None
         except httpx.TransportError as exc:
             raise TransientError(f"{where}: {type(exc).__name__}") from None
         if answer.status_code in (401, 403):
             raise PermanentError(f"{where}: {answer.status_code}; the worker's service account needs get and patch "
-                                 "on it (deploy/kubernetes/reload-rbac.yaml)")
+                                 f"on it ({RBAC})")
         if answer.status_code == 404:
             raise PermanentError(f"{where}: not found")
         if answer.status_code in (408, 409, 429) or answer.status_code >= 500:
             raise TransientError(f"{where}: {answer.status_code}")
         if not 200 <= answer.status_code < 300:
             raise PermanentError(f"{where}: {answer.status_code}")
+        return answer
 
 
 def build(configs: Iterable[ReloadConfig], environ: dict[str, str] | None = None) -> list[ReloadHook]:
@@ -141,26 +161,32 @@ def build(configs: Iterable[ReloadConfig], environ: dict[str, str] | None = None
     return hooks
 
 
-def run_all(hooks: Iterable[ReloadHook], key: ApiKey, told: dict[str, Any],
+def run_all(hooks: Iterable[ReloadHook], told: dict[str, Any],
             sleep: Callable[[float], None] = time.sleep) -> dict[str, str]:
-    """Each hook that wants `key`, tried up to its `tries` times (1 s, then doubling) while it
+    """Each hook that wants the key `told` names, tried up to its `tries` times (1 s, then doubling) while it
     fails transiently: its description -> "ok" or "failed: why"."""
     outcomes: dict[str, str] = {}
     for hook in hooks:
-        if not hook.wants(key):
+        if not hook.wants(told):
             continue
+        name = hook.describe()
+        if name in outcomes:  # two hooks that show alike (URLs that differ in their query) stay apart
+            name = f"{name} #{sum(n.startswith(name) for n in outcomes) + 1}"
         wait, tries = 1.0, int(getattr(hook, "tries", 3))
         for attempt in range(1, tries + 1):
             try:
                 hook.run(told)
-                outcomes[hook.describe()] = "ok"
+                outcomes[name] = "ok"
                 break
             except TransientError as exc:
-                outcomes[hook.describe()] = f"failed: {exc}"
+                outcomes[name] = f"failed: {exc}"
                 if attempt < tries:
                     sleep(wait)
                     wait *= 2
             except RotatorError as exc:
-                outcomes[hook.describe()] = f"failed: {exc}"
+                outcomes[name] = f"failed: {exc}"
+                break
+            except Exception as exc:  # a hook's own fault must not undo a stored rotation's outcome
+                outcomes[name] = f"failed: {type(exc).__name__}"
                 break
     return outcomes

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from rotator.aliases import AliasTemplate
 from rotator.config import KeyServiceConfig, Settings, read_credential
-from rotator.domain import ApiKey
 from rotator.errors import ConfigError, ConfigProblem, PermanentError
 from rotator.events import LogPublisher
 from rotator.fingerprint import Fingerprinter
@@ -91,14 +90,14 @@ def build_engine(settings: Settings, publisher: EventPublisher | None = None, ac
     return engine
 
 
-def build_reload(settings: Settings) -> Callable[[ApiKey, dict[str, Any]], dict[str, str]] | None:
+def build_reload(settings: Settings) -> Callable[[dict[str, Any]], dict[str, str]] | None:
     """`[[reload]]`'s hooks, run by the engine once every sink holds a new secret (None: none)."""
     if not settings.reload:
         return None
     from rotator import reload
 
     hooks = reload.build(settings.reload)
-    return lambda key, told: reload.run_all(hooks, key, told)
+    return lambda told: reload.run_all(hooks, told)
 
 
 def _whoami() -> str:

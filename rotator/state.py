@@ -77,6 +77,25 @@ end
 return 1
 """
 
+_DROP_IF_SAME = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+_DROP_LINKS = """
+local gone = {}
+for _, key_id in ipairs(ARGV) do gone[key_id] = true; redis.call('HDEL', KEYS[1], key_id) end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local entry, changed = cjson.decode(all[i + 1]), false
+  for _, name in ipairs({'replaces', 'replaced_by'}) do
+    if entry[name] and gone[entry[name]] then entry[name] = nil; changed = true end
+  end
+  if changed then redis.call('HSET', KEYS[1], all[i], cjson.encode(entry)) end
+end
+return 1
+"""
+
 _APPEND_CHAINED = """
 local head = redis.call('get', KEYS[1]) or ''
 if head ~= ARGV[1] then return {0, head} end
@@ -368,6 +387,27 @@ class RedisState:
         raw = self.client.get(self._k("stored", str(ref)))
         return json.loads(raw) if raw else None
 
+    def put_pending_reload(self, told: dict[str, Any]) -> None:
+        """The reload hooks are about to be told of a stored rotation (`told`, no secret): kept until
+        they were, so that a worker that dies meanwhile leaves them to the recovery sweep."""
+        self.client.hset(self._k("reload"), f"{told['client_id']}/{told['key_id']}", json.dumps(told, sort_keys=True))
+
+    def pending_reloads(self) -> list[dict[str, Any]]:
+        found = []
+        for raw in self.client.hvals(self._k("reload")):
+            try:
+                told = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(told, dict) and all(isinstance(told.get(name), str) for name in ("client_id", "key_id")):
+                found.append(told)
+        return found
+
+    def drop_pending_reload(self, told: dict[str, Any]) -> None:
+        """Only that rotation's: a later one of the same key, pending meanwhile, stays."""
+        self.client.eval(_DROP_IF_SAME, 1, self._k("reload"), f"{told['client_id']}/{told['key_id']}",
+                         json.dumps(told, sort_keys=True))
+
     def lineage_links(self, client_id: str) -> dict[str, dict[str, Any]]:
         """The alias-template mode's proved lineage of a Client ID's keys: key id -> {"base",
         "replaces", "replaced_by"} (`rotator.engine.successors`); a cache of what the sinks and the
@@ -386,15 +426,17 @@ class RedisState:
     def put_lineage_links(self, client_id: str, links: dict[str, dict[str, Any]], how: str = "merge") -> None:
         """`merge`: each entry's fields over the stored ones, the others kept (a proof never drops a
         link written since it was read); `new`: only where no entry is (a key proved to be its own
-        base); `replace`: the whole entry (an unlink)."""
+        base)."""
         if not links:
             return
         args = [how] + [part for key_id, entry in links.items() for part in (key_id, json.dumps(entry, sort_keys=True))]
         self.client.eval(_PUT_LINKS, 1, self._k("lineage", client_id), *args)
 
     def drop_lineage_links(self, client_id: str, key_ids: list[str]) -> None:
+        """Forget keys that are gone: their entries, and every other entry's link to them (atomic:
+        a link written meanwhile is never undone by a stale read)."""
         if key_ids:
-            self.client.hdel(self._k("lineage", client_id), *key_ids)
+            self.client.eval(_DROP_LINKS, 1, self._k("lineage", client_id), *key_ids)
 
     def metrics(self) -> dict[str, Any]:
         """Shared counters every worker process adds to (so a scrape sees all of them)."""

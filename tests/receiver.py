@@ -29,6 +29,7 @@ class Receiver(ThreadingHTTPServer):
         self.answers: list[int] = []  # statuses to give first, then 200
         self.attempts: list[Received] = []  # every request, whatever it was answered
         self.hang_s = 0.0
+        self.get_body = b'{"kind": "Deployment", "spec": {"paused": false}}'
         self.lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
@@ -83,3 +84,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     do_PATCH = do_POST  # the Kubernetes API's verb of a rollout restart
+
+    def do_GET(self) -> None:
+        """The object asked for (`get_body`): the Kubernetes API's Deployment read before a restart."""
+        with self.server.lock:
+            self.server.attempts.append(Received(self.path, dict(self.headers.items()), b""))
+            status = self.server.answers.pop(0) if self.server.answers else 200
+        body = self.server.get_body if status == 200 else b"{}"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

@@ -819,8 +819,13 @@ class FakeState:
 
     def drop_lineage_links(self, client_id: str, key_ids: list[str]) -> None:
         self.sim.point(f"redis unlink {key_ids}")
+        held = self.links.get(client_id, {})
         for key_id in key_ids:
-            self.links.get(client_id, {}).pop(key_id, None)
+            held.pop(key_id, None)
+        for entry in held.values():
+            for name in ("replaces", "replaced_by"):
+                if entry.get(name) in key_ids:
+                    del entry[name]
 
 
 # --- one run -------------------------------------------------------------------------------------

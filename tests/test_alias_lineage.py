@@ -427,3 +427,107 @@ def test_the_cli_plans_rotates_and_shows_a_lineage_without_successors(
     assert (rows[new]["alias"], rows[new]["base_alias"], rows[new]["replaces"]) == ("payouts--r1", "payouts", payouts)
     text = runner.invoke(app, ["status", "--config", str(path)]).stdout
     assert "payouts--r1 (lineage payouts)" in text and f"retiring -> {new}, revoked after" in text, text
+
+
+def test_an_alias_the_key_service_would_refuse_is_never_sent(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+) -> None:
+    """A base alias so long that its next alias breaks the contract's 200 characters: the rotation
+    fails saying so before any attempt is recorded (nothing sent, nothing in doubt), every time;
+    a template that would add control characters is refused by the configuration."""
+    emulator, _ = published
+    now = emulator.now()
+    emulator.add_client("acme", "Acme", created_at=now - 400 * DAY)
+    long = emulator.add_key("acme", "p" * 197, SCOPES, created_at=now - 100 * DAY).id
+    engine, events = engine_of(service, state, sinks)
+    for _ in range(2):
+        result = engine.rotate(KeyRef("acme", long), trigger="schedule")
+        assert result.status == "failed" and "is longer than 200 characters" in result.reason, result.reason
+        assert "nothing was created" in result.reason
+    assert state.attempts() == [] and len(aliases(emulator)) == 2 and "rotation.in_doubt" not in events.names()
+    for template in ("{alias}\t{n}", "{alias}" + "-" * 17 + "{n}", "{alias}\u202e{n}"):
+        with pytest.raises(ValueError, match="at most 16 characters"):
+            AliasTemplate(template)
+
+
+def test_a_document_naming_a_key_outside_the_lineage_links_nothing(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    """One sink's document at the place of `payouts` edited to say it `replaces` a person's key
+    `billing` (in no lineage), then Redis lost: only an older key of the lineage's own aliases can
+    be the key a document's key replaced, so `billing` is never linked, never revoked, and the real
+    old key is still retired after the grace."""
+    emulator, _ = published
+    billing = emulator.add_key("acme", "billing", SCOPES, created_at=emulator.now() - 10 * DAY).id
+    clock = Clock()
+    engine, _ = engine_of(service, state, sinks, clock)
+    assert engine.rotate(KeyRef("acme", payouts), trigger="schedule").status == "succeeded"
+    vault = sinks[1]
+    client = vault._client_or_login()
+    doc = document(vault, "payouts")
+    client.secrets.kv.v2.create_or_update_secret(path="rotator/acme/payouts", secret={**doc, "replaces": billing},
+                                                 mount_point=vault.config.mount)
+    wipe(state)
+    listed = {k.key_id: k for k in engine.keyservice.list_keys("acme")}
+    assert listed[billing].replaced_by is None and listed[billing].base_alias == "billing"
+    clock.shift = GRACE + 60
+    assert engine.rotate(KeyRef("acme", billing), trigger="schedule").status != "succeeded" or "billing" in aliases(
+        emulator)
+    assert "billing" in aliases(emulator)
+    assert was_revoked(engine.rotate(KeyRef("acme", payouts), trigger="schedule"))
+
+
+def test_a_reset_of_the_new_key_during_the_grace_keeps_the_proof_of_its_lineage(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    """`rotate --force` on `payouts--r1` during the grace resets it in place; its new document still
+    names the key it replaces, so after a lost Redis the old key is still retired."""
+    emulator, _ = published
+    clock = Clock()
+    engine, _ = engine_of(service, state, sinks, clock)
+    assert engine.rotate(KeyRef("acme", payouts), trigger="schedule").status == "succeeded"
+    new = aliases(emulator)["payouts--r1"]
+    forced = engine.rotate(KeyRef("acme", new), trigger="manual", force=True)
+    assert forced.status == "succeeded" and [e.key_id for e in emulator.ledger] == [new], forced.reason
+    assert document(sinks[0], "payouts")["replaces"] == payouts
+    wipe(state)
+    clock.shift = GRACE + 60
+    assert was_revoked(engine.rotate(KeyRef("acme", payouts), trigger="schedule"))
+    assert serving(emulator, sinks, "payouts") == new
+
+
+class RefusesWrites:
+    """The state store as a read-only Redis user has it: every write refused."""
+
+    def __init__(self, state: RedisState) -> None:
+        self.state = state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.state, name)
+
+    def put_lineage_links(self, *args: Any, **kwargs: Any) -> None:
+        import redis
+
+        raise redis.exceptions.NoPermissionError("no permissions to run the 'evalsha' command")
+
+    drop_lineage_links = put_lineage_links
+
+
+def test_a_store_that_refuses_writes_still_reads_a_lineage(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    """The lineage links are a cache: a reader whose store refuses writes (the status page's user)
+    reads a key whose partner a person revoked, and proves an unknown one, without failing."""
+    from rotator.engine.successors import AliasSuccessors
+
+    emulator, _ = published
+    engine, _ = engine_of(service, state, sinks)
+    assert engine.rotate(KeyRef("acme", payouts), trigger="schedule").status == "succeeded"
+    emulator.revoke_key("acme", aliases(emulator)["payouts--r1"])
+    reader = AliasSuccessors(service, AliasTemplate(), RefusesWrites(state), sinks)  # type: ignore[arg-type]
+    assert reader.get_key("acme", payouts).replaced_by is None
+    wipe(state)
+    assert reader.get_key("acme", payouts).base_alias == "payouts"

@@ -59,7 +59,7 @@ def engine_with(hooks: list[Any], keyservice: HttpKeyService, state: RedisState,
                 ) -> tuple[Engine, CapturePublisher, list[float]]:
     events, slept = CapturePublisher(), []
     engine = Engine(keyservice, [sink], state, events, FP, Policy(strategy="overlap"),
-                    reload=lambda key, told: reload.run_all(hooks, key, told, sleep=slept.append))
+                    reload=lambda told: reload.run_all(hooks, told, sleep=slept.append))
     return engine, events, slept
 
 
@@ -82,8 +82,9 @@ def test_a_signed_reload_call_follows_the_reset_of_the_auto_generated_key(
         ("acme", auto, "Auto-generated key", None)
     assert told["key_reset_at"] == emulator.get_key("acme", auto)["LastResetDate"]
     assert file_sink.read_secret(engine.keyservice.get_key("acme", auto)).reveal() == secret  # stored before told
-    [entry] = [e for e in state.history() if e.get("kind") == "rotation"]
-    assert entry["reload"] == result.reload
+    [entry] = [e for e in state.history() if e.get("kind") == "reload"]  # after the rotation's own entry
+    assert (entry["reload"], entry["attempt_id"], entry["status"]) == (result.reload, result.attempt_id, "succeeded")
+    assert [e["kind"] for e in state.history()][:2] == ["reload", "rotation"]  # newest first
     everything = [call.body.decode(), json.dumps(call.headers), json.dumps(result.to_dict()),
                   json.dumps([e.to_dict() for e in events.events]), redis_text(state.client)]
     assert not any(secret in text for text in everything)
@@ -150,6 +151,9 @@ def test_a_rollout_restart_reaches_the_kubernetes_api_with_a_patch_that_validate
     result = engine.rotate(KeyRef("acme", auto), trigger="schedule")
     assert result.reload == {"rollout payments/payouts-api": "ok"}, result.reload
     [call] = receiver.wait_for(1)
+    assert [(r.path, "GET" if not r.body else "PATCH") for r in receiver.attempts] == [
+        ("/apis/apps/v1/namespaces/payments/deployments/payouts-api", "GET"),
+        ("/apis/apps/v1/namespaces/payments/deployments/payouts-api", "PATCH")]  # read first: a paused one is refused
     assert call.path == "/apis/apps/v1/namespaces/payments/deployments/payouts-api"
     assert call.headers["Authorization"] == "Bearer service-account-token"
     assert call.headers["Content-Type"] == "application/strategic-merge-patch+json"
@@ -171,9 +175,12 @@ def test_a_rollout_restart_reaches_the_kubernetes_api_with_a_patch_that_validate
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
                                     "namespace": "rotator"}]
 
+    receiver.get_body = b'{"kind": "Deployment", "spec": {"paused": true}}'
+    paused = engine.rotate(KeyRef("acme", auto), trigger="manual", force=True)
+    assert "paused" in paused.reload["rollout payments/payouts-api"] and len(receiver.received) == 1
     receiver.answers = [403]
     again = engine.rotate(KeyRef("acme", auto), trigger="manual", force=True)
-    assert again.status == "succeeded" and "reload-rbac.yaml" in again.reload["rollout payments/payouts-api"]
+    assert again.status == "succeeded" and "deploy/kubernetes/reload/rbac.yaml" in again.reload["rollout payments/payouts-api"]
 
 
 def test_reload_hooks_are_configured_completely(env: pytest.MonkeyPatch) -> None:
@@ -185,7 +192,9 @@ def test_reload_hooks_are_configured_completely(env: pytest.MonkeyPatch) -> None
                        ({"kind": "http", "url": "https://app/reload", "secret_env": "RELOAD_SECRET_UNSET"},
                         "reload[0].secret_env"),
                        ({"kind": "http", "url": "https://u:pw@app/reload", "secret_file": "/nonexistent"},
-                        "reload[0].url")):
+                        "reload[0].url"),
+                       ({"kind": "kubernetes", "namespace": "payments", "deployments": ["a"],
+                         "api_url": "http://10.0.0.1:6443"}, "https://")):
         with pytest.raises(ConfigError) as refused:
             settings_from_mapping({**base, "reload": [hook]})
         assert said in str(refused.value), (hook, str(refused.value))
@@ -226,3 +235,55 @@ def test_the_longest_rotation_counts_its_hooks(env: pytest.MonkeyPatch) -> None:
     hooked = longest_rotation_s(settings_from_mapping({**base, "reload": [
         {"kind": "kubernetes", "namespace": "payments", "deployments": ["a", "b"], "timeout_s": 10, "tries": 3}]}))
     assert hooked - plain == 2 * (3 * 2 * 10 + 1 + 2)
+
+
+class Crash(BaseException):
+    """The worker dies here (SIGKILL, a pod's termination)."""
+
+
+def test_a_worker_that_dies_in_a_hook_leaves_it_to_the_recovery_sweep(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, auto: str, receiver: Receiver,
+) -> None:
+    """The rotation is in the history before any hook runs; a worker killed inside a hook leaves it
+    pending, and the next recovery sweep tells the application, with the very same signed body (its
+    `webhook-id` lets the application drop a repeat); a later rotation of the key supersedes it."""
+    hook = reload.HttpReload(f"{receiver.url}/admin/reload", HOOK_SECRET, 5)
+    engine, events, _ = engine_with([hook], keyservice, state, file_sink)
+
+    def dies(told: dict[str, Any]) -> dict[str, str]:
+        reload.run_all([hook], told)  # the call went out; the worker died before it noted the answer
+        raise Crash()
+
+    engine.ctx.reload = dies
+    with pytest.raises(Crash):
+        engine.rotate(KeyRef("acme", auto), trigger="schedule")
+    assert [e["kind"] for e in state.history()] == ["rotation"] and len(state.pending_reloads()) == 1
+    survivor, events, _ = engine_with([hook], keyservice, state, file_sink)
+    survivor.recover_all()
+    first, again = receiver.wait_for(2)
+    assert first.body == again.body and first.headers["webhook-id"] == again.headers["webhook-id"]
+    assert state.pending_reloads() == [] and state.history()[0]["kind"] == "reload"
+    survivor.recover_all()
+    assert len(receiver.received) == 2  # told once more, not on every sweep
+
+
+def test_a_hooks_own_fault_and_two_hooks_that_show_alike(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, auto: str, receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    """A CA bundle that is not there is a failed hook, not a rotation that raises; two endpoints
+    that differ only in their query keep their own outcomes, and the failed one is told."""
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    missing_ca = reload.KubernetesRollout("payments", ["payouts-api"], "https://127.0.0.1:1", token,
+                                          tmp_path / "not-mounted" / "ca.crt", 1)
+    receiver.answers = [404]
+    first = reload.HttpReload(f"{receiver.url}/reload?app=payouts", HOOK_SECRET, 5)
+    second = reload.HttpReload(f"{receiver.url}/reload?app=ledger", HOOK_SECRET, 5)
+    engine, events, _ = engine_with([missing_ca, first, second], keyservice, state, file_sink)
+    result = engine.rotate(KeyRef("acme", auto), trigger="schedule")
+    assert result.status == "succeeded", result.reason
+    assert "cannot read the API server's CA bundle" in result.reload["rollout payments/payouts-api"]
+    assert result.reload[f"reload {receiver.url}/reload"].endswith("404")
+    assert result.reload[f"reload {receiver.url}/reload #2"] == "ok"
+    assert len([e for e in events.events if e.name == "reload.failed"]) == 2

@@ -123,7 +123,8 @@ def _audit_row(entry: dict[str, Any]) -> tuple[str, ...]:
     keys = (f"{entry.get('client_id')}/{entry.get('key_id')}" if entry.get("client_id")
             else ", ".join(entry.get("keys", [])))
     sinks = ", ".join(f"{k}: {v}" for k, v in (entry.get("sinks") or {}).items())
+    hooks = ", ".join(f"{k}: {v}" for k, v in (entry.get("reload") or {}).items())
     detail = "; ".join(str(part) for part in dict.fromkeys(
-        (entry.get("note"), entry.get("reason"), sinks and f"sinks {sinks}")) if part)
+        (entry.get("note"), entry.get("reason"), sinks and f"sinks {sinks}", hooks and f"reload {hooks}")) if part)
     return (utc_iso(entry["time"]), str(entry.get("actor", "")), str(entry.get("kind", "")), keys,
             str(entry.get("trigger", entry.get("action", ""))), str(entry.get("status", "")), detail)

@@ -562,6 +562,9 @@ class ReloadConfig(Section):
                 raise ValueError("an http reload hook is signed: give exactly one of secret_env or secret_file")
         elif not self.namespace or not self.deployments:
             raise ValueError("a kubernetes reload hook needs namespace and deployments")
+        elif self.api_url is not None and not (self.api_url.startswith("https://") or re.match(
+                r"http://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?(/|$)", self.api_url)):
+            raise ValueError("api_url is https://… (the service account token goes with every call)")
         return self
 
     def signing_secret(self) -> str:

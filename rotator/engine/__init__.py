@@ -97,7 +97,7 @@ class Engine:
         window: RotationWindow | None = None, executor: Executor | None = None,
         sleep: Callable[[float], None] = time.sleep, monotonic: Callable[[], float] = time.monotonic,
         idempotency_secret: bytes | None = None,
-        reload: Callable[[ApiKey, dict[str, Any]], dict[str, str]] | None = None,
+        reload: Callable[[dict[str, Any]], dict[str, str]] | None = None,
     ) -> None:
         if not sinks:
             raise PermanentError("at least one sink is needed")

@@ -64,6 +64,9 @@ def reset(ctx: Context, key: ApiKey, lease: Any, trigger: str, new_key: bool = F
         return report.failed(ctx, key, None, f"{cannot}; nothing was sent", trigger=trigger)
     if action == "create":
         moving = lineage.places_moving_with_key_id(ctx, key)
+        unsendable = lineage.alias_problem(ctx, key)
+        if unsendable:
+            return report.failed(ctx, key, None, f"overlap: {unsendable}; nothing was created", trigger=trigger)
         if moving:
             field = "{base_alias}" if lineage.by_alias(ctx) else "{alias}"
             return report.failed(ctx, key, None, f"overlap: {moving} names the key id or alias, so consumers would "

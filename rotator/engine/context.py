@@ -10,7 +10,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from rotator.domain import ApiKey
 from rotator.fingerprint import Fingerprinter
 from rotator.policy import (
     Policy,
@@ -48,6 +47,6 @@ class Context:
     ik_id: str  # its public name (`protocol.derivation_id`)
     pool: Executor  # one thread per sink plus one for the token check
     call: threading.local  # who asked and why, for the rotation running in this thread
-    # Reload hooks (`rotator.reload.run_all` over `[[reload]]`): the key just stored and what they
-    # are told -> each hook's outcome. None: no hook.
-    reload: Callable[[ApiKey, dict[str, Any]], dict[str, str]] | None = None
+    # Reload hooks (`rotator.reload.run_all` over `[[reload]]`): what they are told of a stored
+    # rotation -> each hook's outcome. None: no hook.
+    reload: Callable[[dict[str, Any]], dict[str, str]] | None = None

@@ -22,7 +22,7 @@ from rotator.engine.values import (
     Outcome,
     RotationResult,
 )
-from rotator.errors import BudgetSpent
+from rotator.errors import BudgetSpent, NotFoundError, RotatorError
 from rotator.policy import (
     is_due,
     scope_problem,
@@ -52,8 +52,30 @@ def recover_all(ctx: Context) -> list[RotationResult]:
     report.begin(ctx, "recovery", None, sweep=True)
     # Each is tried, whatever the rate budget held back before: settling an attempt goes past the
     # share (a held one costs a state-store round trip, no call to the key service).
-    return [leased(ctx, pending.ref, pending.trigger, partial(recover_locked, ctx, pending.ref))
-            for pending in ctx.state.attempts()]
+    results = [leased(ctx, pending.ref, pending.trigger, partial(recover_locked, ctx, pending.ref))
+               for pending in ctx.state.attempts()]
+    reload_left(ctx)
+    return results
+
+
+def reload_left(ctx: Context) -> None:
+    """Reload hooks a worker did not finish telling (it died in one): told again, with the same
+    body (a receiver can drop the repeat by its `webhook-id`)."""
+    if ctx.reload is None:
+        return
+    for told in ctx.state.pending_reloads():
+        try:
+            key = ctx.keyservice.get_key(str(told["client_id"]), str(told["key_id"]))
+        except NotFoundError:  # revoked since: nobody reads its secret any more
+            ctx.state.drop_pending_reload(told)
+            continue
+        except RotatorError as exc:  # the next sweep tries again
+            log.warning("reload.pending", client_id=told["client_id"], key_id=told["key_id"], error=str(exc))
+            continue
+        if key.born_at != told.get("key_reset_at"):  # rotated since: that rotation told its own
+            ctx.state.drop_pending_reload(told)
+            continue
+        report.reloaded(ctx, key, told, ctx.reload(told))
 
 
 def leased(ctx: Context, ref: KeyRef, trigger: str, work: Callable[[Any], RotationResult]) -> RotationResult:

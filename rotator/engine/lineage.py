@@ -106,6 +106,11 @@ def by_alias(ctx: Context) -> bool:
     return isinstance(ctx.keyservice, AliasSuccessors)
 
 
+def alias_problem(ctx: Context, key: ApiKey) -> str | None:
+    """In the alias-template mode, why the lineage's next alias could not be sent; else None."""
+    return ctx.keyservice.alias_problem(key) if isinstance(ctx.keyservice, AliasSuccessors) else None
+
+
 def places_moving_with_key_id(ctx: Context, key: ApiKey) -> str:
     """The sinks whose place for a key changes with its id (or, in the alias-template mode, with
     its alias: the new key's differs), as a printable list; "" when there is none. The overlap

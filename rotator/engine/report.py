@@ -198,6 +198,27 @@ def failed(ctx: Context, key: ApiKey, record: AttemptRecord | None, reason: str,
     return result
 
 
+def reloaded(ctx: Context, key: ApiKey, told: dict[str, Any], outcomes: dict[str, str]) -> dict[str, str]:
+    """What the reload hooks answered of a stored rotation (`told`): `reload.failed` for each that
+    failed, a history entry of its own (the rotation's was written before they ran), and the
+    pending mark gone. Returns `outcomes`."""
+    for hook, outcome in outcomes.items():
+        if outcome != "ok":
+            emit(ctx, "reload.failed", key, None, f"{hook}: {outcome.removeprefix('failed: ')}",
+                 {"hook": hook, "attempt_id": told.get("attempt_id")})
+    try:
+        if outcomes:
+            ctx.state.record({"kind": "reload", "time": ctx.clock(), "actor": actor(ctx), "client_id": key.client_id,
+                              "key_id": key.key_id, "attempt_id": told.get("attempt_id"),
+                              "trigger": told.get("trigger", ""),
+                              "status": "succeeded" if all(o == "ok" for o in outcomes.values()) else "failed",
+                              "reload": dict(outcomes)})
+        ctx.state.drop_pending_reload(told)
+    except Exception as exc:  # history is for people; it must not undo a rotation's outcome
+        log.error("history.write_failed", error_type=type(exc).__name__)
+    return outcomes
+
+
 def history(ctx: Context, result: RotationResult) -> None:
     call = ctx.call
     result.note = result.note or getattr(call, "note", "")

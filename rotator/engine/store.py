@@ -122,27 +122,28 @@ def stored(ctx: Context, issued: IssuedKey, record: AttemptRecord, lease: Any, s
         report.emit(ctx, "keyservice.protocol_error", issued.key, record, why)
         problems.append(why)
     result = RotationResult(record.client_id, record.key_id, status, "; ".join(problems), record.attempt_id,
-                            record.trigger, written.statuses, timings, generation=record.generation,
-                            reload=tell_consumers(ctx, issued.key, record))
-    report.history(ctx, result)
+                            record.trigger, written.statuses, timings, generation=record.generation)
+    report.history(ctx, result)  # first: a process that dies in a hook has still said what it stored
+    if not (problems and record.action == "create"):  # a new key found broken: consumers stay on the old
+        result.reload = tell_consumers(ctx, issued.key, record)
     return result
 
 
 def tell_consumers(ctx: Context, key: ApiKey, record: AttemptRecord) -> dict[str, str]:
-    """Every sink holds `key`'s new secret: the reload hooks tell its consumers (never the secret).
-    A hook that fails is `reload.failed`; the rotation stands."""
+    """Every sink holds `key`'s new secret: the reload hooks tell its consumers (never the secret),
+    and what each answered goes into the history. A hook that fails is `reload.failed`; the
+    rotation stands."""
     if ctx.reload is None:
         return {}
     told = {"client_id": key.client_id, "key_id": key.key_id, "alias": key.alias, "base_alias": key.base_alias,
             "environment": key.environment.value, "key_reset_at": key.born_at, "attempt_id": record.attempt_id,
             "replaces": (record.replaces or record.key_id) if record.action == "create" else None,
-            "stored_at": utc_iso(ctx.clock())}
-    outcomes = ctx.reload(key, told)
-    for hook, outcome in outcomes.items():
-        if outcome != "ok":
-            report.emit(ctx, "reload.failed", key, record, f"{hook}: {outcome.removeprefix('failed: ')}",
-                        {"hook": hook})
-    return outcomes
+            "trigger": record.trigger, "stored_at": utc_iso(ctx.clock())}
+    try:
+        ctx.state.put_pending_reload(told)  # a worker that dies in a hook leaves it to the recovery sweep
+    except Exception as exc:  # the hooks still run; only a death meanwhile would go untold
+        log.error("reload.not_kept", client_id=key.client_id, key_id=key.key_id, error_type=type(exc).__name__)
+    return report.reloaded(ctx, key, told, ctx.reload(told))
 
 
 def retiring(ctx: Context, issued: IssuedKey, record: AttemptRecord, before: ApiKey | None) -> str:

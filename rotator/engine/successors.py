@@ -26,9 +26,10 @@ from typing import Any
 from rotator import logs
 from rotator.aliases import AliasTemplate
 from rotator.domain import ApiKey, ClientInfo, IssuedKey, Replay, ReplayAnswer, Scope, Secret
-from rotator.errors import NotFoundError, OtherKeyError, ProtocolError, RotatorError, TransientError
+from rotator.errors import NotFoundError, OtherKeyError, ProtocolError, RefusedError, RotatorError, TransientError
 from rotator.protocol import MAX_EPOCHS, idempotency_key
 from rotator.protocols import KeyService, SecretSink, StateStore
+from rotator.safety import text_problem
 
 log = logs.get("rotator.engine")
 Links = dict[str, dict[str, Any]]
@@ -118,6 +119,12 @@ class AliasSuccessors:
         Only a cache: a state store that refuses the write (a read-only user's status page, Redis
         down) costs a proof from the sinks next time, nothing more."""
         try:
+            if how == "merge":  # a key proved once to be of one lineage is never moved to another
+                kept = self.state.lineage_links(client_id)
+                moved = [k for k, v in links.items() if k in kept and kept[k].get("base") not in (None, v.get("base"))]
+                for key_id in moved:
+                    log.warning("lineage.conflict", client_id=client_id, key_id=key_id)
+                links = {k: v for k, v in links.items() if k not in moved}
             self.state.put_lineage_links(client_id, links, how)
         except Exception as exc:  # any store's error: the proof stands without it
             log.warning("lineage.not_kept", client_id=client_id, error=type(exc).__name__)
@@ -139,10 +146,15 @@ class AliasSuccessors:
                                          f"cannot be read ({exc})") from None
                 if stored is None:
                     break  # nothing at the place
-                proved.setdefault(member.key_id, {"base": base})
-                if stored.replaces in keys and stored.replaces != member.key_id:
-                    proved[member.key_id]["replaces"] = stored.replaces
-                    proved.setdefault(stored.replaces, {"base": base})["replaced_by"] = member.key_id
+                entry = proved.setdefault(member.key_id, {"base": base})
+                replaced = keys.get(stored.replaces or "")
+                rank = None if replaced is None else self.template.number(replaced.alias, base)
+                if replaced is not None and rank is not None and rank < (self.template.number(member.alias, base) or 0):
+                    if entry.get("replaces", replaced.key_id) != replaced.key_id:
+                        raise TransientError(f"cannot prove the lineage of alias {base!r}: the sinks' documents "
+                                             f"name different keys that {member.key_id} replaces")
+                    entry["replaces"] = replaced.key_id
+                    proved.setdefault(replaced.key_id, {"base": base})["replaced_by"] = member.key_id
                 break
         return proved
 
@@ -183,6 +195,10 @@ class AliasSuccessors:
         base = str(entry.get("base") or alias)
         taken = {key.alias for key in self.inner.list_keys(client_id)}
         wanted = self.template.next_free(base, alias, taken)
+        problem = text_problem(wanted)
+        if problem is not None:  # refused here, before it is sent: certain not to have run
+            raise RefusedError(f"the next alias of lineage {base!r} {problem}; nothing was sent", status=None,
+                               stored=True)
         issued = self.inner.create_key(client_id, wanted, scopes, idempotency_key)
         if issued.key.alias != wanted:
             raise ProtocolError(f"the create answered alias {issued.key.alias!r}, not {wanted!r}")
@@ -204,6 +220,13 @@ class AliasSuccessors:
         key = self._link_created(client_id, created, replaces, base)
         return ReplayAnswer(answer.kind, IssuedKey(key, answer.issued.secret), answer.reason)
 
+    def alias_problem(self, key: ApiKey) -> str | None:
+        """Why the lineage's next key could not be created (its alias breaks the key service's rules),
+        or None: asked before an attempt is recorded, so nothing is sent."""
+        wanted = self.template.next_free(key.base_alias, key.alias, set())
+        problem = text_problem(wanted)
+        return None if problem is None else f"the next alias of lineage {key.base_alias!r} ({wanted[:40]!r}…) {problem}"
+
     def _link_created(self, client_id: str, created: ApiKey, replaces: str, base: str) -> ApiKey:
         self._keep(client_id, {
             created.key_id: {"base": base, "replaces": replaces},
@@ -223,9 +246,12 @@ class AliasSuccessors:
                                                    answer.issued.secret), answer.reason)
 
     def _as_linked(self, client_id: str, key: ApiKey) -> ApiKey:
-        """A reset's answer keeps the key's place: its base from the links (no sink read here:
-        the rotation read the key, and proved it, just before)."""
-        return linked(key, self.state.lineage_links(client_id), {key.key_id})
+        """A reset's answer keeps the key's place and its links (its document goes on naming the key
+        it replaces: after a lost Redis, that is the proof). No read here: the rotation read the key,
+        and proved it, just before."""
+        links = self.state.lineage_links(client_id)
+        entry = links.get(key.key_id, {})
+        return linked(key, links, {key.key_id, *(str(v) for n, v in entry.items() if n in ("replaces", "replaced_by"))})
 
     def revoke_key(self, client_id: str, key_id: str) -> None:
         try:
@@ -234,18 +260,12 @@ class AliasSuccessors:
             self.unlink(client_id, key_id)
 
     def unlink(self, client_id: str, key_id: str) -> None:
-        """`key_id` is gone: its entry goes, and so does its partner's link to it (the partner keeps
-        its base: its place does not move)."""
-        links = self.state.lineage_links(client_id)
-        entry = links.get(key_id)
-        if entry is None:
-            return
-        changed: Links = {}
-        for other in (entry.get("replaces"), entry.get("replaced_by")):
-            if isinstance(other, str) and other in links:
-                changed[other] = {name: value for name, value in links[other].items() if value != key_id}
-        self.state.put_lineage_links(client_id, changed, "replace")
-        self.state.drop_lineage_links(client_id, [key_id])
+        """`key_id` is gone: its entry goes, and so does every link to it (its partner keeps its base:
+        its place does not move). One atomic step in the store; like every write here, a cache's."""
+        try:
+            self.state.drop_lineage_links(client_id, [key_id])
+        except Exception as exc:  # any store's error: a link to a gone key counts for nothing (`linked`)
+            log.warning("lineage.not_kept", client_id=client_id, error=type(exc).__name__)
 
     def verify_secret(self, client_id: str, secret: Secret, key_id: str | None = None) -> bool:
         return self.inner.verify_secret(client_id, secret, key_id=key_id)
