@@ -248,7 +248,7 @@ def test_a_worker_that_dies_in_a_hook_leaves_it_to_the_recovery_sweep(
     pending, and the next recovery sweep tells the application, with the very same signed body (its
     `webhook-id` lets the application drop a repeat); a later rotation of the key supersedes it."""
     hook = reload.HttpReload(f"{receiver.url}/admin/reload", HOOK_SECRET, 5)
-    engine, events, _ = engine_with([hook], keyservice, state, file_sink)
+    engine, _, _ = engine_with([hook], keyservice, state, file_sink)
 
     def dies(told: dict[str, Any]) -> dict[str, str]:
         reload.run_all([hook], told)  # the call went out; the worker died before it noted the answer
@@ -258,7 +258,7 @@ def test_a_worker_that_dies_in_a_hook_leaves_it_to_the_recovery_sweep(
     with pytest.raises(Crash):
         engine.rotate(KeyRef("acme", auto), trigger="schedule")
     assert [e["kind"] for e in state.history()] == ["rotation"] and len(state.pending_reloads()) == 1
-    survivor, events, _ = engine_with([hook], keyservice, state, file_sink)
+    survivor, _, _ = engine_with([hook], keyservice, state, file_sink)
     survivor.recover_all()
     first, again = receiver.wait_for(2)
     assert first.body == again.body and first.headers["webhook-id"] == again.headers["webhook-id"]
