@@ -531,3 +531,24 @@ def test_a_store_that_refuses_writes_still_reads_a_lineage(
     assert reader.get_key("acme", payouts).replaced_by is None
     wipe(state)
     assert reader.get_key("acme", payouts).base_alias == "payouts"
+
+
+def test_a_revoke_that_fails_keeps_the_old_key_retiring(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    """The key service answers the revoke with 503 (nothing revoked): the lineage is kept, so the
+    old key is still retiring, nothing is created again, and the next run revokes it."""
+    emulator, _ = published
+    clock = Clock()
+    engine, _ = engine_of(service, state, sinks, clock)
+    assert engine.rotate(KeyRef("acme", payouts), trigger="schedule").status == "succeeded"
+    clock.shift = GRACE + 60
+    emulator.add_fault(Fault(method="DELETE", path=r"/apikeys/", status=503, times=-1))
+    failed = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert failed.status == "failed" and "revoking failed" in failed.reason, failed.reason
+    emulator.clear_faults()
+    listed = {k.key_id: k for k in engine.keyservice.list_keys("acme")}  # as a scan or a repair sees it
+    assert listed[payouts].replaced_by == aliases(emulator)["payouts--r1"]
+    assert was_revoked(engine.rotate(KeyRef("acme", payouts), trigger="schedule"))
+    assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts--r1"]

@@ -254,10 +254,14 @@ class AliasSuccessors:
         return linked(key, links, {key.key_id, *(str(v) for n, v in entry.items() if n in ("replaces", "replaced_by"))})
 
     def revoke_key(self, client_id: str, key_id: str) -> None:
+        """Revoke, then forget the key's links: only once it is surely gone (a revoke that failed,
+        or whose answer was lost, leaves them; a link to a key that is gone counts for nothing)."""
         try:
             self.inner.revoke_key(client_id, key_id)
-        finally:
+        except NotFoundError:
             self.unlink(client_id, key_id)
+            raise
+        self.unlink(client_id, key_id)
 
     def unlink(self, client_id: str, key_id: str) -> None:
         """`key_id` is gone: its entry goes, and so does every link to it (its partner keeps its base:
