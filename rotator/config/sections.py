@@ -141,8 +141,8 @@ class KeyServiceConfig(Section):
     alias_template: str = Field(
         DEFAULT_ALIAS_TEMPLATE, description=("successors = false: the alias of a lineage's next key, from its base "
                                              "alias and the rotation number (`payouts`, `payouts--r1`, "
-                                             "`payouts--r2`…); `{alias}` first, then at most 16 characters of letters, digits, space and "
-                                             "`._~+#-`, then `{n}`."))
+                                             "`payouts--r2`…); `{alias}` first, then at most 16 characters "
+                                             "of letters, digits, space and `._~+#-`, then `{n}`."))
     clock_skew_s: float = Field(
         86_400, ge=0, description="A date from the key service may be this far ahead of this host's clock."
     )
