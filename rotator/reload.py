@@ -64,8 +64,11 @@ class HttpReload(Selected):
         self.url, self._secret, self.timeout_s = url, secret, timeout_s
 
     def describe(self) -> str:
-        shown = httpx.URL(self.url).copy_with(query=None, username=None, password=None)
-        return f"reload {shown}"
+        """Scheme, host and port only: a path may hold a token (results, the history and the page
+        show this); two hooks on one host are told apart by their order (`run_all`)."""
+        url = httpx.URL(self.url)
+        port = f":{url.port}" if url.port else ""
+        return f"reload {url.scheme}://{url.host}{port}" + ("/…" if url.path not in ("", "/") else "")
 
     def run(self, told: dict[str, Any]) -> None:
         body = json.dumps({"event": "secret.stored", **told}, sort_keys=True, separators=(",", ":")).encode()
@@ -79,6 +82,7 @@ class KubernetesRollout(Selected):
         super().__init__(clients, aliases)
         self.namespace, self.deployments, self.api_url = namespace, deployments, api_url.rstrip("/")
         self.token_file, self.ca_file, self.timeout_s, self.clock = token_file, ca_file, timeout_s, clock
+        self._restarted: dict[str, set[str]] = {}  # per rotation told: the Deployments already restarted
 
     def describe(self) -> str:
         return f"rollout {self.namespace}/{','.join(self.deployments)}"
@@ -105,9 +109,27 @@ class KubernetesRollout(Selected):
                                      f"({type(exc).__name__})") from None
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/strategic-merge-patch+json",
                    "Accept": "application/json", "User-Agent": "rotator"}
+        if len(self._restarted) > 256:  # rotations whose tries ran out: forgotten
+            self._restarted.clear()
+        done = self._restarted.setdefault(str(told.get("attempt_id")), set())  # a try again skips these
+        failed: list[RotatorError] = []
         with httpx.Client(base_url=self.api_url, headers=headers, verify=verify, timeout=self.timeout_s) as client:
-            for name in self.deployments:
-                self._restart(client, name)
+            for name in self.deployments:  # one that is gone or paused holds back none of the others
+                if name in done:
+                    continue
+                try:
+                    self._restart(client, name)
+                    done.add(name)
+                except RotatorError as exc:
+                    failed.append(exc)
+        if not failed:
+            self._restarted.pop(str(told.get("attempt_id")), None)
+            return
+        why = "; ".join(str(exc) for exc in failed)
+        if any(isinstance(exc, TransientError) for exc in failed):
+            raise TransientError(why)
+        self._restarted.pop(str(told.get("attempt_id")), None)
+        raise PermanentError(why)
 
     def _restart(self, client: httpx.Client, name: str) -> None:
         """As `kubectl rollout restart`: a paused Deployment is refused (its pods would not restart)."""

@@ -456,8 +456,9 @@ def test_a_document_naming_a_key_outside_the_lineage_links_nothing(
 ) -> None:
     """One sink's document at the place of `payouts` edited to say it `replaces` a person's key
     `billing` (in no lineage), then Redis lost: only an older key of the lineage's own aliases can
-    be the key a document's key replaced, so `billing` is never linked, never revoked, and the real
-    old key is still retired after the grace."""
+    be the key a document's key replaced, and sinks that disagree prove nothing, so `billing` is
+    never linked nor revoked, the lineage waits (loudly) until the document is put right, and the
+    real old key is retired after that."""
     emulator, _ = published
     billing = emulator.add_key("acme", "billing", SCOPES, created_at=emulator.now() - 10 * DAY).id
     clock = Clock()
@@ -472,10 +473,13 @@ def test_a_document_naming_a_key_outside_the_lineage_links_nothing(
     listed = {k.key_id: k for k in engine.keyservice.list_keys("acme")}
     assert listed[billing].replaced_by is None and listed[billing].base_alias == "billing"
     clock.shift = GRACE + 60
-    assert engine.rotate(KeyRef("acme", billing), trigger="schedule").status != "succeeded" or "billing" in aliases(
-        emulator)
-    assert "billing" in aliases(emulator)
+    engine.rotate(KeyRef("acme", billing), trigger="schedule")
+    waiting = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert waiting.status == "failed" and "disagree" in waiting.reason, waiting.reason
+    assert "billing" in aliases(emulator) and "payouts" in aliases(emulator)
+    client.secrets.kv.v2.create_or_update_secret(path="rotator/acme/payouts", secret=doc, mount_point=vault.config.mount)
     assert was_revoked(engine.rotate(KeyRef("acme", payouts), trigger="schedule"))
+    assert "billing" in aliases(emulator)
 
 
 def test_a_reset_of_the_new_key_during_the_grace_keeps_the_proof_of_its_lineage(
@@ -552,3 +556,56 @@ def test_a_revoke_that_fails_keeps_the_old_key_retiring(
     assert listed[payouts].replaced_by == aliases(emulator)["payouts--r1"]
     assert was_revoked(engine.rotate(KeyRef("acme", payouts), trigger="schedule"))
     assert sorted(aliases(emulator)) == ["Auto-generated key", "payouts--r1"]
+
+
+def test_a_forged_replaces_naming_a_look_alike_revokes_nothing(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str,
+) -> None:
+    """A person's `payouts--r1` (passed by: the lineage went to `--r2`), the real predecessor
+    retired, then one sink's document edited to say `payouts--r2` replaces the person's key and
+    Redis lost: the other sink's document says otherwise, so nothing is proved and the person's
+    key is neither linked nor revoked."""
+    emulator, _ = published
+    mine = emulator.add_key("acme", "payouts--r1", SCOPES, created_at=emulator.now() - 100 * DAY).id
+    clock = Clock()
+    engine, _ = engine_of(service, state, sinks, clock)
+    assert engine.rotate(KeyRef("acme", payouts), trigger="schedule").status == "succeeded"
+    new = aliases(emulator)["payouts--r2"]
+    clock.shift = GRACE + 60
+    assert was_revoked(engine.rotate(KeyRef("acme", payouts), trigger="schedule"))
+    vault = sinks[1]
+    doc = document(vault, "payouts")
+    vault._client_or_login().secrets.kv.v2.create_or_update_secret(
+        path="rotator/acme/payouts", secret={**doc, "replaces": mine}, mount_point=vault.config.mount)
+    wipe(state)
+    engine.rotate(KeyRef("acme", mine), trigger="schedule")
+    assert aliases(emulator)["payouts--r1"] == mine and aliases(emulator)["payouts--r2"] == new
+
+
+def test_a_proof_the_store_did_not_keep_still_places_a_reset(
+    published: tuple[Emulator, EmulatorServer], service: HttpKeyService, state: RedisState, sinks: list[Any],
+    payouts: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis lost its links and refuses the write of the proof read from the sinks: the forced
+    reset of `payouts--r1` is still stored at the place `payouts` that consumers read."""
+    import redis
+
+    emulator, _ = published
+    engine, _ = engine_of(service, state, sinks)
+    assert engine.rotate(KeyRef("acme", payouts), trigger="schedule").status == "succeeded"
+    new = aliases(emulator)["payouts--r1"]
+    wipe(state)
+    put, refused = state.put_lineage_links, []
+
+    def blip(*args: Any, **kwargs: Any) -> None:
+        if not refused:
+            refused.append(1)
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+        put(*args, **kwargs)
+
+    monkeypatch.setattr(state, "put_lineage_links", blip)
+    fresh, _ = engine_of(service, state, sinks)  # another worker: nothing proved in its memory yet
+    forced = fresh.rotate(KeyRef("acme", new), trigger="manual", force=True)
+    assert forced.status == "succeeded" and refused, forced.reason
+    assert serving(emulator, sinks, "payouts") == new  # the live secret, at the base alias's place

@@ -18,6 +18,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from rotator import reload
+from rotator.budget import RateBudget
 from rotator.config import ConfigError, settings_from_mapping
 from rotator.domain import KeyRef
 from rotator.engine import Engine
@@ -73,7 +74,7 @@ def test_a_signed_reload_call_follows_the_reset_of_the_auto_generated_key(
     engine, events, _ = engine_with([hook, other], keyservice, state, file_sink)
     result = engine.rotate(KeyRef("acme", auto), trigger="schedule")
     assert result.status == "succeeded", result.reason
-    assert result.reload == {f"reload {receiver.url}/admin/reload": "ok"}  # the other hook is for another client
+    assert result.reload == {f"reload {receiver.url}/…": "ok"}  # the other hook is for another client; no path shown
     [call] = receiver.wait_for(1)
     secret = emulator.current_secret("acme", auto)
     told = Webhook(HOOK_SECRET.encode()).verify(call.body, call.headers)
@@ -101,17 +102,17 @@ def test_a_failing_hook_is_an_alert_and_the_rotation_stands(
     engine, events, slept = engine_with([flaky, gone], keyservice, state, file_sink)
     result = engine.rotate(KeyRef("acme", auto), trigger="schedule")
     assert result.status == "succeeded", result.reason
-    assert result.reload == {f"reload {receiver.url}/flaky": f"failed: reload {receiver.url}/flaky: 503",
-                             f"reload {receiver.url}/gone": f"failed: reload {receiver.url}/gone: 404"}
+    shown = f"reload {receiver.url}/…"  # a path may hold a token: never shown
+    assert result.reload == {shown: f"failed: {shown}: 503", f"{shown} #2": f"failed: {shown}: 404"}
     assert slept == [1.0, 2.0] and len(receiver.attempts) == 4
     failed = [e for e in events.events if e.name == "reload.failed"]
-    assert [e.details["hook"] for e in failed] == [f"reload {receiver.url}/flaky", f"reload {receiver.url}/gone"]
+    assert [e.details["hook"] for e in failed] == [shown, f"{shown} #2"]
     assert all(e.severity == "error" and e.key_id == auto for e in failed)
     key = engine.keyservice.get_key("acme", auto)
     assert file_sink.read_secret(key).reveal() == emulator.current_secret("acme", auto)
     assert state.attempts() == []
     page = key_page(engine, auto)  # the status page's key view: each hook's outcome in the history
-    assert f"reload {receiver.url}/flaky: failed: reload {receiver.url}/flaky: 503" in page
+    assert f"{shown}: failed: {shown}: 503" in page
 
 
 def key_page(engine: Engine, key_id: str) -> str:
@@ -284,6 +285,150 @@ def test_a_hooks_own_fault_and_two_hooks_that_show_alike(
     result = engine.rotate(KeyRef("acme", auto), trigger="schedule")
     assert result.status == "succeeded", result.reason
     assert "cannot read the API server's CA bundle" in result.reload["rollout payments/payouts-api"]
-    assert result.reload[f"reload {receiver.url}/reload"].endswith("404")
-    assert result.reload[f"reload {receiver.url}/reload #2"] == "ok"
+    assert result.reload[f"reload {receiver.url}/…"].endswith("404")
+    assert result.reload[f"reload {receiver.url}/… #2"] == "ok"
     assert len([e for e in events.events if e.name == "reload.failed"]) == 2
+
+
+class Dies:
+    """A sink whose first write kills the worker: the reset ran, nothing is stored yet."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink, self.died = sink, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)
+
+    def write(self, record: Any, prepared: Any = None) -> Any:
+        if not self.died:
+            self.died = True
+            raise Crash()
+        return self.sink.write(record, prepared)
+
+
+def test_a_spent_budget_of_one_pending_reload_breaks_the_whole_recovery_sweep(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
+) -> None:
+    """acme: a worker died in a hook (a pending reload). beta: a worker died between reset and
+    store (an attempt whose secret is in no sink). acme's rate budget is spent (a 429's pause):
+    the sweep still settles beta's attempt and returns it; acme's hooks wait."""
+    beta = next(iter(emulator.add_client("beta", "Beta", created_at=emulator.now() - 100 * DAY).keys))
+    hook = reload.HttpReload(f"{receiver.url}/admin/reload", HOOK_SECRET, 5)
+
+    dying, _, _ = engine_with([hook], keyservice, state, file_sink)
+
+    def dies(told: dict[str, Any]) -> dict[str, str]:
+        raise Crash()
+
+    dying.ctx.reload = dies
+    with pytest.raises(Crash):
+        dying.rotate(KeyRef("acme", auto), trigger="schedule")
+    assert len(state.pending_reloads()) == 1
+
+    storing, _, _ = engine_with([hook], keyservice, state, Dies(file_sink))
+    with pytest.raises(Crash):
+        storing.rotate(KeyRef("beta", beta), trigger="schedule")
+    assert [str(a.ref) for a in state.attempts()] == [f"beta/{beta}"]
+
+    RateBudget(state.client, state.ns).observe("acme", pause_s=600, pause_why="429")
+    keyservice.budget = RateBudget(state.client, state.ns, longest_wait_s=0.2)
+    survivor, _, _ = engine_with([hook], keyservice, state, file_sink)
+    results = survivor.recover_all()
+    assert [r.key_id for r in results] == [beta] and len(state.pending_reloads()) == 1
+
+
+def test_one_deployment_that_is_gone_or_paused_keeps_the_others_from_restarting(
+    receiver: Receiver, tmp_path: Path,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    hook = reload.KubernetesRollout("payments", ["old-api", "payouts-api"], receiver.url, token, None, 5)
+    receiver.answers = [404]  # GET old-api: deleted since the hook was configured
+    outcome = reload.run_all([hook], {"client_id": "acme", "key_id": "k"}, sleep=lambda s: None)
+    assert "not found" in outcome["rollout payments/old-api,payouts-api"]
+    patched = [r.path.rsplit("/", 1)[-1] for r in receiver.attempts if r.body]
+    assert "payouts-api" in patched, "payouts-api, which exists and is not paused, was never restarted"
+
+
+def test_a_transient_failure_of_the_second_deployment_restarts_the_first_again(
+    receiver: Receiver, tmp_path: Path,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    hook = reload.KubernetesRollout("payments", ["ledger-api", "payouts-api"], receiver.url, token, None, 5)
+    receiver.answers = [200, 200, 503]  # GET ledger, PATCH ledger, GET payouts: 503 once
+    outcome = reload.run_all([hook], {"client_id": "acme", "key_id": "k"}, sleep=lambda s: None)
+    calls = [(r.path.rsplit("/", 1)[-1], "PATCH" if r.body else "GET") for r in receiver.attempts]
+    assert outcome == {"rollout payments/ledger-api,payouts-api": "ok"}
+    assert calls.count(("ledger-api", "PATCH")) == 1, "ledger-api's pods were restarted twice for one secret"
+
+
+def test_a_spent_budget_of_one_pending_reload_stops_the_repair_of_every_other_client(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
+) -> None:
+    """beat's repair (`repair(fresh=False)`) waits only for a Client ID whose budget is spent and
+    repairs the others; a pending reload of that Client ID's key makes it repair nobody."""
+    beta = next(iter(emulator.add_client("beta", "Beta", created_at=emulator.now() - 100 * DAY).keys))
+    hook = reload.HttpReload(f"{receiver.url}/admin/reload", HOOK_SECRET, 5)
+    engine, _, _ = engine_with([hook], keyservice, state, file_sink)
+    assert engine.rotate(KeyRef("beta", beta), trigger="schedule").status == "succeeded"
+    key = keyservice.get_key("acme", auto)
+    state.put_pending_reload({"client_id": "acme", "key_id": auto, "alias": key.alias, "base_alias": key.base_alias,
+                              "environment": "PRODUCTION", "key_reset_at": key.born_at, "attempt_id": "a",
+                              "replaces": None, "trigger": "schedule", "stored_at": "2026-12-07T00:00:00Z"})
+    [lost] = list((Path(file_sink.config.dir) / "beta").iterdir())
+    lost.unlink()  # beta's sink lost its secret: the repair replays the reset and writes it back
+
+    RateBudget(state.client, state.ns).observe("acme", pause_s=600, pause_why="429")
+    keyservice.budget = RateBudget(state.client, state.ns, longest_wait_s=0.2)
+    from rotator.engine.reconcile import Stopped
+
+    with pytest.raises(Stopped):  # as designed: acme waits for its budget, the others are repaired
+        engine.repair(fresh=False)
+    assert lost.exists()
+
+
+def test_a_sweep_tells_again_while_the_worker_is_still_in_its_hook(
+    emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
+) -> None:
+    """A slow hook is not a dead worker: a recovery sweep running meanwhile finds the key's lease held
+    (its worker is still telling) and tells nobody a second time."""
+    import threading
+    import time
+
+    hook = reload.HttpReload(f"{receiver.url}/admin/reload", HOOK_SECRET, 5)
+    engine, _, _ = engine_with([hook], keyservice, state, file_sink)
+    receiver.hang_s = 1.0
+    worker = threading.Thread(target=engine.rotate, args=(KeyRef("acme", auto),), kwargs={"trigger": "schedule"})
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not state.pending_reloads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    survivor, _, _ = engine_with([hook], keyservice, state, file_sink)
+    survivor.recover_all()  # the beat's sweep, on another worker
+    worker.join()
+    assert len(receiver.received) == 1
+
+
+@pytest.mark.parametrize("successors", [True, False])
+def test_an_overlap_rotation_tells_its_reload_hooks(
+    keyservice: HttpKeyService, emulator: Emulator, state: RedisState, file_sink: Any, receiver: Receiver,
+    successors: bool,
+) -> None:
+    """docs/strategies.md: hooks run once every sink holds the new secret, 'any strategy, every
+    trigger; not for an overlap key whose new key failed its checks'. A clean overlap rotation
+    (successor created, stored, verified: `succeeded`) tells them, in either mode."""
+    from rotator.aliases import AliasTemplate
+
+    emulator.successors = successors
+    if not successors:
+        keyservice.alias_template = AliasTemplate()  # what build_keyservice sets for successors = false
+    now = emulator.now()
+    emulator.add_client("acme", "Acme", created_at=now - 400 * DAY)
+    payouts = emulator.add_key("acme", "payouts", [{"Scope": "Payins", "Read": True, "Write": True}],
+                               created_at=now - 100 * DAY).id
+    hook = reload.HttpReload(f"{receiver.url}/admin/reload", HOOK_SECRET, 5)
+    engine, _, _ = engine_with([hook], keyservice, state, file_sink)
+    result = engine.rotate(KeyRef("acme", payouts), trigger="schedule")
+    assert result.status == "succeeded", result.reason
+    assert result.reload == {f"reload {receiver.url}/…": "ok"}

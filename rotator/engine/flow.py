@@ -54,28 +54,35 @@ def recover_all(ctx: Context) -> list[RotationResult]:
     # share (a held one costs a state-store round trip, no call to the key service).
     results = [leased(ctx, pending.ref, pending.trigger, partial(recover_locked, ctx, pending.ref))
                for pending in ctx.state.attempts()]
-    reload_left(ctx)
+    if ctx.reload is not None:
+        try:
+            pending = ctx.state.pending_reloads()
+        except Exception as exc:  # the attempts above are what recovery is for; hooks wait for the next sweep
+            log.error("reload.pending_unread", error_type=type(exc).__name__)
+            pending = []
+        for told in pending:
+            ref = KeyRef(str(told["client_id"]), str(told["key_id"]))
+            leased(ctx, ref, "recovery", partial(reload_left, ctx, told))  # busy: its worker is still telling
     return results
 
 
-def reload_left(ctx: Context) -> None:
-    """Reload hooks a worker did not finish telling (it died in one): told again, with the same
-    body (a receiver can drop the repeat by its `webhook-id`)."""
-    if ctx.reload is None:
-        return
-    for told in ctx.state.pending_reloads():
-        try:
-            key = ctx.keyservice.get_key(str(told["client_id"]), str(told["key_id"]))
-        except NotFoundError:  # revoked since: nobody reads its secret any more
-            ctx.state.drop_pending_reload(told)
-            continue
-        except RotatorError as exc:  # the next sweep tries again
-            log.warning("reload.pending", client_id=told["client_id"], key_id=told["key_id"], error=str(exc))
-            continue
-        if key.born_at != told.get("key_reset_at"):  # rotated since: that rotation told its own
-            ctx.state.drop_pending_reload(told)
-            continue
+def reload_left(ctx: Context, told: dict[str, Any], lease: Any) -> RotationResult:
+    """Reload hooks a worker did not finish telling (it died in one): told again, under the key's
+    lease (the worker that rotated it held it while telling), with the same body (a receiver can
+    drop the repeat by its `webhook-id`). Anything in the way leaves it for the next sweep."""
+    ref = KeyRef(str(told["client_id"]), str(told["key_id"]))
+    try:
+        key = ctx.keyservice.get_key(ref.client_id, ref.key_id)
+    except NotFoundError:  # revoked since: nobody reads its secret any more
+        key = None
+    except (RotatorError, BudgetSpent) as exc:
+        log.warning("reload.pending", client_id=ref.client_id, key_id=ref.key_id, error=str(exc))
+        return RotationResult(ref.client_id, ref.key_id, "skipped", "reload hooks pending")
+    if key is None or key.born_at != told.get("key_reset_at"):  # gone, or rotated since: told its own
+        ctx.state.drop_pending_reload(told)
+    elif ctx.reload is not None:
         report.reloaded(ctx, key, told, ctx.reload(told))
+    return RotationResult(ref.client_id, ref.key_id, "skipped", "reload hooks told")
 
 
 def leased(ctx: Context, ref: KeyRef, trigger: str, work: Callable[[Any], RotationResult]) -> RotationResult:

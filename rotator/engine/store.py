@@ -124,7 +124,7 @@ def stored(ctx: Context, issued: IssuedKey, record: AttemptRecord, lease: Any, s
     result = RotationResult(record.client_id, record.key_id, status, "; ".join(problems), record.attempt_id,
                             record.trigger, written.statuses, timings, generation=record.generation)
     report.history(ctx, result)  # first: a process that dies in a hook has still said what it stored
-    if not (problems and record.action == "create"):  # a new key found broken: consumers stay on the old
+    if status != "failed" or record.action != "create":  # a new key found broken: consumers stay on the old
         result.reload = tell_consumers(ctx, issued.key, record)
     return result
 

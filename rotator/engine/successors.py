@@ -43,10 +43,13 @@ class AliasSuccessors:
         """`creates`: the Idempotency-Keys, epoch by epoch, of a create of a key's successor
         (`creates_of`); without it, a key no document names is never proved from its create's answer."""
         self.inner, self.template, self.state, self.sinks, self.creates = inner, template, state, sinks, creates
+        # What this process proved, beside what the store kept: a proof whose write failed still
+        # places the rotation that made it (a reset's answer is read back a moment later).
+        self._proved: dict[str, Links] = {}
 
     def __getattr__(self, name: str) -> Any:
         """Everything else the adapter offers (its budget, `stores_answers`, `verify_timeout_s`, …)."""
-        if name in ("inner", "template", "state", "sinks", "creates") or name.startswith("__"):
+        if name in ("inner", "template", "state", "sinks", "creates", "_proved") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -113,11 +116,18 @@ class AliasSuccessors:
         self._keep(client_id, proved, how)
         return {**proved, **self.state.lineage_links(client_id)}
 
+    def _links(self, client_id: str) -> Links:
+        """The links kept in the store, over what this process proved (the store's are the newer):
+        what places a create's or a reset's answer, a moment after the rotation proved its key. A
+        key read anew is proved from the store and the sinks, never from this memory."""
+        return {**self._proved.get(client_id, {}), **self.state.lineage_links(client_id)}
+
     def _keep(self, client_id: str, links: Links, how: str = "merge") -> None:
         """Keep what is proved, merged into what is kept (a link written since the proof was read,
         a create's, is never dropped); a key found to be its own base is kept only where nothing is.
         Only a cache: a state store that refuses the write (a read-only user's status page, Redis
-        down) costs a proof from the sinks next time, nothing more."""
+        down) costs a proof from the sinks next time, nothing more. `create`: the create's own
+        answer, which wins over any proof read before it (it merges whatever was kept)."""
         try:
             if how == "merge":  # a key proved once to be of one lineage is never moved to another
                 kept = self.state.lineage_links(client_id)
@@ -125,15 +135,22 @@ class AliasSuccessors:
                 for key_id in moved:
                     log.warning("lineage.conflict", client_id=client_id, key_id=key_id)
                 links = {k: v for k, v in links.items() if k not in moved}
-            self.state.put_lineage_links(client_id, links, how)
+            memory = self._proved.setdefault(client_id, {})
+            for key_id, entry in links.items():
+                if how != "new" or key_id not in memory:
+                    memory[key_id] = {**memory.get(key_id, {}), **entry}
+            self.state.put_lineage_links(client_id, links, "merge" if how == "create" else how)
         except Exception as exc:  # any store's error: the proof stands without it
             log.warning("lineage.not_kept", client_id=client_id, error=type(exc).__name__)
 
     def _held_at(self, base: str, keys: dict[str, ApiKey]) -> Links:
         """The links the documents at base alias `base`'s place prove: the key each sink's document
-        names (a key of that lineage's aliases only), and the key that document says it replaces."""
+        names (a key of that lineage's aliases only), and the key that document says it replaces,
+        when every document naming that key says the same (a key gone since counts as none) and it
+        is an older key of the lineage's own aliases."""
         members = [k for k in keys.values() if self.template.number(k.alias, base) is not None]
         proved: Links = {}
+        claims: dict[str, set[str | None]] = {}
         for sink in self.sinks:
             for member in members:
                 probe = replace(member, lineage_base=base, replaces=None, replaced_by=None)
@@ -144,18 +161,20 @@ class AliasSuccessors:
                 except RotatorError as exc:
                     raise TransientError(f"cannot prove the lineage of alias {base!r}: {sink.describe()} "
                                          f"cannot be read ({exc})") from None
-                if stored is None:
-                    break  # nothing at the place
-                entry = proved.setdefault(member.key_id, {"base": base})
-                replaced = keys.get(stored.replaces or "")
-                rank = None if replaced is None else self.template.number(replaced.alias, base)
-                if replaced is not None and rank is not None and rank < (self.template.number(member.alias, base) or 0):
-                    if entry.get("replaces", replaced.key_id) != replaced.key_id:
-                        raise TransientError(f"cannot prove the lineage of alias {base!r}: the sinks' documents "
-                                             f"name different keys that {member.key_id} replaces")
-                    entry["replaces"] = replaced.key_id
-                    proved.setdefault(replaced.key_id, {"base": base})["replaced_by"] = member.key_id
-                break
+                if stored is not None:
+                    proved.setdefault(member.key_id, {"base": base})
+                    claims.setdefault(member.key_id, set()).add(stored.replaces if stored.replaces in keys else None)
+                break  # the place holds this member's document, or nothing
+        for member_id, said in claims.items():
+            if len(said) > 1:
+                raise TransientError(f"cannot prove the lineage of alias {base!r}: the sinks' documents disagree on "
+                                     f"the key {member_id} replaces")
+            replaced = keys.get(next(iter(said)) or "")
+            rank = None if replaced is None else self.template.number(replaced.alias, base)
+            if replaced is not None and rank is not None and rank < (self.template.number(
+                    keys[member_id].alias, base) or 0):
+                proved[member_id]["replaces"] = replaced.key_id
+                proved.setdefault(replaced.key_id, {"base": base})["replaced_by"] = member_id
         return proved
 
     def _created_for(self, client_id: str, key: ApiKey, keys: dict[str, ApiKey]) -> Links:
@@ -190,7 +209,7 @@ class AliasSuccessors:
         create's replay, which links again)."""
         if replaces is None:
             return self.inner.create_key(client_id, alias, scopes, idempotency_key)
-        entry = self.state.lineage_links(client_id).get(replaces) or self.prove(
+        entry = self._links(client_id).get(replaces) or self.prove(
             client_id, self.inner.get_key(client_id, replaces)).get(replaces, {})
         base = str(entry.get("base") or alias)
         taken = {key.alias for key in self.inner.list_keys(client_id)}
@@ -211,7 +230,7 @@ class AliasSuccessors:
         if replaces is None or answer.kind is not Replay.ANSWER or answer.issued is None:
             return answer
         created = answer.issued.key
-        entry = self.state.lineage_links(client_id).get(replaces, {})
+        entry = self._links(client_id).get(replaces, {})
         parsed = self.template.parse(created.alias)
         base = entry.get("base") or (parsed[0] if parsed else None)
         if not isinstance(base, str) or self.template.number(created.alias, base) is None:
@@ -223,14 +242,15 @@ class AliasSuccessors:
     def alias_problem(self, key: ApiKey) -> str | None:
         """Why the lineage's next key could not be created (its alias breaks the key service's rules),
         or None: asked before an attempt is recorded, so nothing is sent."""
-        wanted = self.template.next_free(key.base_alias, key.alias, set())
+        taken = {listed.alias for listed in self.inner.list_keys(key.client_id)}
+        wanted = self.template.next_free(key.base_alias, key.alias, taken)
         problem = text_problem(wanted)
         return None if problem is None else f"the next alias of lineage {key.base_alias!r} ({wanted[:40]!r}…) {problem}"
 
     def _link_created(self, client_id: str, created: ApiKey, replaces: str, base: str) -> ApiKey:
         self._keep(client_id, {
             created.key_id: {"base": base, "replaces": replaces},
-            replaces: {"base": base, "replaced_by": created.key_id}})
+            replaces: {"base": base, "replaced_by": created.key_id}}, "create")
         log.info("lineage.linked", client_id=client_id, key_id=created.key_id, replaces=replaces)
         return replace(created, lineage_base=None if base == created.alias else base, replaces=replaces)
 
@@ -249,7 +269,7 @@ class AliasSuccessors:
         """A reset's answer keeps the key's place and its links (its document goes on naming the key
         it replaces: after a lost Redis, that is the proof). No read here: the rotation read the key,
         and proved it, just before."""
-        links = self.state.lineage_links(client_id)
+        links = self._links(client_id)
         entry = links.get(key.key_id, {})
         return linked(key, links, {key.key_id, *(str(v) for n, v in entry.items() if n in ("replaces", "replaced_by"))})
 
@@ -266,6 +286,12 @@ class AliasSuccessors:
     def unlink(self, client_id: str, key_id: str) -> None:
         """`key_id` is gone: its entry goes, and so does every link to it (its partner keeps its base:
         its place does not move). One atomic step in the store; like every write here, a cache's."""
+        memory = self._proved.get(client_id, {})
+        memory.pop(key_id, None)
+        for entry in memory.values():
+            for name in ("replaces", "replaced_by"):
+                if entry.get(name) == key_id:
+                    del entry[name]
         try:
             self.state.drop_lineage_links(client_id, [key_id])
         except Exception as exc:  # any store's error: a link to a gone key counts for nothing (`linked`)
