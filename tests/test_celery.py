@@ -230,9 +230,14 @@ def test_worker_killed_after_reset_recovers_by_replay(
     wait_for(lambda: not cluster.db.smembers(b"rotator:attempts"), 90, "recovery to finish the attempt")
     assert settled(cluster, emulator, keyservice, [keys["due1"]])
     assert reset_counts(emulator) == {keys["due1"]: 1}
-    history = [json.loads(x) for x in cluster.db.lrange("rotator:history", 0, -1)]
-    assert [h["status"] for h in history if h["kind"] == "rotation"] == ["recovered"]
-    assert [h["action"] for h in history if h["kind"] == "manual"] == ["enqueue"]
+
+    def history() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in cluster.db.lrange("rotator:history", 0, -1)]
+
+    # The record goes first, then the history entry is written: wait for the entry, not the record.
+    wait_for(lambda: any(h["kind"] == "rotation" for h in history()), 30, "the rotation's history entry")
+    assert [h["status"] for h in history() if h["kind"] == "rotation"] == ["recovered"]
+    assert [h["action"] for h in history() if h["kind"] == "manual"] == ["enqueue"]
 
 
 def test_two_beats_and_a_manual_apply_rotate_each_key_once(
