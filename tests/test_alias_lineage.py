@@ -30,23 +30,13 @@ from rotator.runtime import build_keyservice
 from rotator.sinks import registry
 from rotator.state import RedisState
 from tests.conftest import FP_KEY, TOKEN
+from tests.crashes import Crash, Dies
 from tests.test_engine import FP
+from tests.test_overlap import Clock
 
 DAY = 86_400
 GRACE = 7 * DAY
 SCOPES = [{"Scope": "Payins", "Read": True, "Write": True}, {"Scope": "Users", "Read": True, "Write": False}]
-
-
-class Crash(BaseException):
-    """The process dies here (nothing below the engine catches a BaseException)."""
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.shift = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.shift
 
 
 @pytest.fixture
@@ -221,22 +211,6 @@ def test_a_wiped_redis_mid_lineage_rebuilds_it_from_the_sinks_and_creates_nothin
     clock.shift += 95 * DAY
     assert engine.rotate(KeyRef("acme", new), trigger="schedule").status == "succeeded"
     assert serving(emulator, sinks, "payouts") == aliases(emulator)["payouts--r2"]
-
-
-class Dies:
-    """The first write kills the process: the create ran and its answer is only in memory."""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink, self.died = sink, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sink, name)
-
-    def write(self, record: Any, prepared: Any = None) -> Any:
-        if not self.died:
-            self.died = True
-            raise Crash()
-        return self.sink.write(record, prepared)
 
 
 @pytest.mark.parametrize("lost", ["nothing", "redis"])

@@ -26,16 +26,13 @@ from rotator.protocols import SecretRecord
 from rotator.scan import ScanRow
 from rotator.sinks import registry
 from rotator.state import RedisState
+from tests.crashes import Crash, Dies
 from tests.test_engine import FP
 from tests.vault_server import VaultTestServer
 
 DAY = 86_400
 GRACE = 7 * DAY
 SCOPES = [{"Scope": "Payins", "Read": True, "Write": True}, {"Scope": "Users", "Read": True, "Write": False}]
-
-
-class Crash(BaseException):
-    """The process dies here (nothing below the engine catches a BaseException)."""
 
 
 @pytest.fixture
@@ -186,21 +183,6 @@ def test_nothing_is_revoked_while_a_sink_holds_the_old_key(
 def test_a_crash_between_create_and_store_is_finished_by_recovery(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, keys: dict[str, str], file_sink: Any,
 ) -> None:
-    class Dies:
-        """The first write kills the process: the create ran and its answer is only in memory."""
-
-        def __init__(self, sink: Any) -> None:
-            self.sink, self.died = sink, False
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.sink, name)
-
-        def write(self, record: Any, prepared: Any = None) -> Any:
-            if not self.died:
-                self.died = True
-                raise Crash()
-            return self.sink.write(record, prepared)
-
     old = keys["payments"]
     engine, _ = overlap_engine(keyservice, state, [Dies(file_sink)])
     with pytest.raises(Crash):

@@ -29,6 +29,7 @@ from rotator.policy import Policy
 from rotator.sinks import registry
 from rotator.state import RedisState
 from tests.conftest import redis_text
+from tests.crashes import Crash, Dies
 from tests.receiver import Receiver
 from tests.test_engine import FP
 
@@ -133,6 +134,14 @@ def deployment() -> dict[str, Any]:
     return dict(doc)
 
 
+def rollout(tmp_path: Path, api_url: str, deployments: list[str], ca_file: Path | None = None
+            ) -> reload.KubernetesRollout:
+    """A rollout-restart hook of namespace `payments`, with a service account token of its own."""
+    token = tmp_path / "token"
+    token.write_text("service-account-token\n")
+    return reload.KubernetesRollout("payments", deployments, api_url, token, ca_file, 5)
+
+
 def strategic_merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """Maps merge key by key (all a rollout restart's patch holds)."""
     merged = copy.deepcopy(target)
@@ -145,9 +154,7 @@ def test_a_rollout_restart_reaches_the_kubernetes_api_with_a_patch_that_validate
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
     tmp_path: Path,
 ) -> None:
-    token = tmp_path / "token"
-    token.write_text("service-account-token\n")
-    hook = reload.KubernetesRollout("payments", ["payouts-api"], receiver.url, token, None, 5)
+    hook = rollout(tmp_path, receiver.url, ["payouts-api"])
     engine, _, _ = engine_with([hook], keyservice, state, file_sink)
     result = engine.rotate(KeyRef("acme", auto), trigger="schedule")
     assert result.reload == {"rollout payments/payouts-api": "ok"}, result.reload
@@ -238,10 +245,6 @@ def test_the_longest_rotation_counts_its_hooks(env: pytest.MonkeyPatch) -> None:
     assert hooked - plain == 2 * (3 * 2 * 10 + 1 + 2)
 
 
-class Crash(BaseException):
-    """The worker dies here (SIGKILL, a pod's termination)."""
-
-
 def test_a_worker_that_dies_in_a_hook_leaves_it_to_the_recovery_sweep(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, auto: str, receiver: Receiver,
 ) -> None:
@@ -274,10 +277,7 @@ def test_a_hooks_own_fault_and_two_hooks_that_show_alike(
 ) -> None:
     """A CA bundle that is not there is a failed hook, not a rotation that raises; two endpoints
     that differ only in their query keep their own outcomes, and the failed one is told."""
-    token = tmp_path / "token"
-    token.write_text("t\n")
-    missing_ca = reload.KubernetesRollout("payments", ["payouts-api"], "https://127.0.0.1:1", token,
-                                          tmp_path / "not-mounted" / "ca.crt", 1)
+    missing_ca = rollout(tmp_path, "https://127.0.0.1:1", ["payouts-api"], tmp_path / "not-mounted" / "ca.crt")
     receiver.answers = [404]
     first = reload.HttpReload(f"{receiver.url}/reload?app=payouts", HOOK_SECRET, 5)
     second = reload.HttpReload(f"{receiver.url}/reload?app=ledger", HOOK_SECRET, 5)
@@ -290,23 +290,7 @@ def test_a_hooks_own_fault_and_two_hooks_that_show_alike(
     assert len([e for e in events.events if e.name == "reload.failed"]) == 2
 
 
-class Dies:
-    """A sink whose first write kills the worker: the reset ran, nothing is stored yet."""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink, self.died = sink, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sink, name)
-
-    def write(self, record: Any, prepared: Any = None) -> Any:
-        if not self.died:
-            self.died = True
-            raise Crash()
-        return self.sink.write(record, prepared)
-
-
-def test_a_spent_budget_of_one_pending_reload_breaks_the_whole_recovery_sweep(
+def test_a_spent_budget_of_one_pending_reload_holds_back_only_its_hooks(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
 ) -> None:
     """acme: a worker died in a hook (a pending reload). beta: a worker died between reset and
@@ -337,12 +321,10 @@ def test_a_spent_budget_of_one_pending_reload_breaks_the_whole_recovery_sweep(
     assert [r.key_id for r in results] == [beta] and len(state.pending_reloads()) == 1
 
 
-def test_one_deployment_that_is_gone_or_paused_keeps_the_others_from_restarting(
+def test_a_deployment_that_is_gone_holds_back_none_of_the_others(
     receiver: Receiver, tmp_path: Path,
 ) -> None:
-    token = tmp_path / "token"
-    token.write_text("t\n")
-    hook = reload.KubernetesRollout("payments", ["old-api", "payouts-api"], receiver.url, token, None, 5)
+    hook = rollout(tmp_path, receiver.url, ["old-api", "payouts-api"])
     receiver.answers = [404]  # GET old-api: deleted since the hook was configured
     outcome = reload.run_all([hook], {"client_id": "acme", "key_id": "k"}, sleep=lambda s: None)
     assert "not found" in outcome["rollout payments/old-api,payouts-api"]
@@ -350,12 +332,10 @@ def test_one_deployment_that_is_gone_or_paused_keeps_the_others_from_restarting(
     assert "payouts-api" in patched, "payouts-api, which exists and is not paused, was never restarted"
 
 
-def test_a_transient_failure_of_the_second_deployment_restarts_the_first_again(
+def test_a_try_again_restarts_only_the_deployments_not_yet_restarted(
     receiver: Receiver, tmp_path: Path,
 ) -> None:
-    token = tmp_path / "token"
-    token.write_text("t\n")
-    hook = reload.KubernetesRollout("payments", ["ledger-api", "payouts-api"], receiver.url, token, None, 5)
+    hook = rollout(tmp_path, receiver.url, ["ledger-api", "payouts-api"])
     receiver.answers = [200, 200, 503]  # GET ledger, PATCH ledger, GET payouts: 503 once
     outcome = reload.run_all([hook], {"client_id": "acme", "key_id": "k"}, sleep=lambda s: None)
     calls = [(r.path.rsplit("/", 1)[-1], "PATCH" if r.body else "GET") for r in receiver.attempts]
@@ -363,7 +343,7 @@ def test_a_transient_failure_of_the_second_deployment_restarts_the_first_again(
     assert calls.count(("ledger-api", "PATCH")) == 1, "ledger-api's pods were restarted twice for one secret"
 
 
-def test_a_spent_budget_of_one_pending_reload_stops_the_repair_of_every_other_client(
+def test_a_spent_budget_of_one_pending_reload_leaves_the_other_clients_repaired(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
 ) -> None:
     """beat's repair (`repair(fresh=False)`) waits only for a Client ID whose budget is spent and
@@ -388,7 +368,7 @@ def test_a_spent_budget_of_one_pending_reload_stops_the_repair_of_every_other_cl
     assert lost.exists()
 
 
-def test_a_sweep_tells_again_while_the_worker_is_still_in_its_hook(
+def test_a_sweep_tells_nobody_twice_while_a_worker_is_still_in_its_hook(
     emulator: Emulator, keyservice: HttpKeyService, state: RedisState, file_sink: Any, receiver: Receiver, auto: str,
 ) -> None:
     """A slow hook is not a dead worker: a recovery sweep running meanwhile finds the key's lease held
