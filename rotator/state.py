@@ -58,10 +58,8 @@ if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('set', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
 """
-# The audit chain's append (rotator.audit): only when the chain's head is still the one the entry
-# was hashed after. KEYS = head, history, then the keys the increments name; ARGV = expected head
-# ("" for none), entry, new head, history length, the index in KEYS of the key's last-rotation slot
-# (0: none), then per increment: KEYS index, field, amount, 1 for a float.
+
+# The alias-template mode's lineage links (rotator.engine.successors) and the reload hooks' pending marks.
 _PUT_LINKS = """
 local how = ARGV[1]
 for i = 2, #ARGV, 2 do
@@ -96,6 +94,10 @@ end
 return 1
 """
 
+# The audit chain's append (rotator.audit): only when the chain's head is still the one the entry
+# was hashed after. KEYS = head, history, then the keys the increments name; ARGV = expected head
+# ("" for none), entry, new head, history length, the index in KEYS of the key's last-rotation slot
+# (0: none), then per increment: KEYS index, field, amount, 1 for a float.
 _APPEND_CHAINED = """
 local head = redis.call('get', KEYS[1]) or ''
 if head ~= ARGV[1] then return {0, head} end

@@ -171,8 +171,8 @@ class AliasSuccessors:
                                      f"the key {member_id} replaces")
             replaced = keys.get(next(iter(said)) or "")
             rank = None if replaced is None else self.template.number(replaced.alias, base)
-            if replaced is not None and rank is not None and rank < (self.template.number(
-                    keys[member_id].alias, base) or 0):
+            serving = self.template.number(keys[member_id].alias, base) or 0  # a member: never None
+            if replaced is not None and rank is not None and rank < serving:
                 proved[member_id]["replaces"] = replaced.key_id
                 proved.setdefault(replaced.key_id, {"base": base})["replaced_by"] = member_id
         return proved
@@ -186,7 +186,7 @@ class AliasSuccessors:
             return {}
         base, n = parsed
         older = [k for k in keys.values() if k.key_id != key.key_id and k.created_at <= key.created_at
-                 and (self.template.number(k.alias, base) or 0) < n and self.template.number(k.alias, base) is not None]
+                 and (rank := self.template.number(k.alias, base)) is not None and rank < n]
         for predecessor in older:
             for ik in self.creates(predecessor):
                 answer = self.inner.replay_create(client_id, None, ik)
